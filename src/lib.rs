@@ -1,0 +1,14 @@
+//! acgi-bridge: lets asynchronous servers call synchronous code through pools of long-lived
+//! worker processes, handing requests over in shared-memory slots.
+//!
+//! - [`proto`]: the wire format (frame header, kinds, error codes), shared by everyone.
+//! - [`shm`]: the slot layout and state machine shared by the bridge and its workers.
+//! - [`client`]: the caller SDK (async with tokio, and blocking).
+//! - [`worker`]: the worker SDK (`serve(|request| reply)`).
+//! - [`config`]: the daemon's configuration and its validation.
+//! - `engine` and `pool`: the daemon itself (one io_uring event loop per core).
+
+pub mod client;
+pub mod proto;
+pub mod shm;
+pub mod worker;

@@ -1,0 +1,228 @@
+//! The worker SDK: turn a plain synchronous function into an acgi-bridge worker.
+//!
+//! ```no_run
+//! fn main() {
+//!     acgi_bridge::worker::serve(|request: &[u8]| request.to_vec()).unwrap();
+//! }
+//! ```
+//!
+//! The bridge starts the worker with two inherited descriptors: the control socket (a Unix
+//! stream, fd named by `ACGI_CONTROL_FD`) and the worker's slot (a memfd, `ACGI_SLOT_FD`). The SDK
+//! hides both: it says `Hello`, then for each `Job` takes the request from the slot (or, when it
+//! was too big for the slot, from the socket), runs the handler, and puts the reply back in the
+//! slot (or, when too big, on the socket). No async runtime, no threads. `docs/protocol.md`
+//! ("Worker protocol") is the normative description.
+//!
+//! The handler owns nothing of the SDK's state, and the SDK never panics on the bridge's bytes:
+//! a protocol error ends `serve` with [`WorkerError`] and the process should exit.
+
+use std::fmt::Display;
+use std::io::{self, Read, Write};
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+
+use crate::proto::{self, Header, Hello, Kind, FLAG_IN_SLOT, HEADER_BYTES};
+use crate::shm::{Slot, SlotError, SLOT_ABI_VERSION};
+
+/// Environment variable naming the control socket's descriptor number.
+pub const ENV_CONTROL_FD: &str = "ACGI_CONTROL_FD";
+/// Environment variable naming the slot memfd's descriptor number.
+pub const ENV_SLOT_FD: &str = "ACGI_SLOT_FD";
+/// Environment variable with the bridge's payload bound in bytes.
+pub const ENV_MAX_PAYLOAD: &str = "ACGI_MAX_PAYLOAD_BYTES";
+/// Environment variable with the service's name.
+pub const ENV_SERVICE: &str = "ACGI_SERVICE";
+/// Environment variable with the bridge's `state_dir`.
+pub const ENV_STATE_DIR: &str = "ACGI_STATE_DIR";
+
+/// Why a worker loop ended other than by the bridge closing the control socket.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("not started by acgi-bridge: {0} is not set or not a descriptor number")]
+    NotUnderBridge(&'static str),
+    #[error("control socket: {0}")]
+    Io(#[from] io::Error),
+    #[error("slot: {0}")]
+    Slot(#[from] SlotError),
+    #[error("bridge sent a malformed frame: {0}")]
+    Frame(#[from] proto::FrameError),
+    #[error("bridge sent an unexpected {0:?} frame")]
+    UnexpectedKind(Kind),
+}
+
+/// What a handler may return: bytes for a reply, or an error message for the caller.
+pub trait IntoReply {
+    fn into_reply(self) -> Result<Vec<u8>, String>;
+}
+
+impl IntoReply for Vec<u8> {
+    fn into_reply(self) -> Result<Vec<u8>, String> {
+        Ok(self)
+    }
+}
+
+impl IntoReply for String {
+    fn into_reply(self) -> Result<Vec<u8>, String> {
+        Ok(self.into_bytes())
+    }
+}
+
+impl IntoReply for &'static str {
+    fn into_reply(self) -> Result<Vec<u8>, String> {
+        Ok(self.as_bytes().to_vec())
+    }
+}
+
+impl<T: IntoReply, E: Display> IntoReply for Result<T, E> {
+    fn into_reply(self) -> Result<Vec<u8>, String> {
+        match self {
+            Ok(value) => value.into_reply(),
+            Err(error) => Err(error.to_string()),
+        }
+    }
+}
+
+/// Run the worker loop with `handler` until the bridge closes the control socket.
+///
+/// Returns `Ok(())` when the bridge hangs up (it is stopping this worker), an error when the
+/// worker was not started by a bridge or the bridge broke the protocol.
+pub fn serve<F, R>(mut handler: F) -> Result<(), WorkerError>
+where
+    F: FnMut(&[u8]) -> R,
+    R: IntoReply,
+{
+    let mut session = Session::from_env()?;
+    session.hello()?;
+    loop {
+        let Some(job) = session.next_job()? else { return Ok(()) };
+        let reply = match job {
+            JobPayload::InSlot(len) => {
+                // SAFETY: next_job took the slot (state Taken) and returned this length.
+                let request = unsafe { session.slot.request_bytes(len) };
+                handler(request).into_reply()
+            }
+            JobPayload::Inline => handler(&session.inline).into_reply(),
+        };
+        session.finish(reply)?;
+    }
+}
+
+enum JobPayload {
+    InSlot(usize),
+    Inline,
+}
+
+/// The worker side of one control connection.
+struct Session {
+    control: UnixStream,
+    slot: Slot,
+    sequence: u64,
+    inline: Vec<u8>,
+    payload_bytes_max: u32,
+}
+
+fn env_fd(name: &'static str) -> Result<RawFd, WorkerError> {
+    std::env::var(name)
+        .ok()
+        .and_then(|value| value.parse::<RawFd>().ok())
+        .filter(|fd| *fd >= 0)
+        .ok_or(WorkerError::NotUnderBridge(name))
+}
+
+impl Session {
+    fn from_env() -> Result<Session, WorkerError> {
+        let control_fd = env_fd(ENV_CONTROL_FD)?;
+        let slot_fd = env_fd(ENV_SLOT_FD)?;
+        if rustix::io::fcntl_getfd(
+            // SAFETY: only used to probe that the descriptor exists, not retained.
+            unsafe { std::os::fd::BorrowedFd::borrow_raw(control_fd) },
+        )
+        .is_err()
+        {
+            return Err(WorkerError::NotUnderBridge(ENV_CONTROL_FD));
+        }
+        // SAFETY: the bridge passes these two descriptors to this process alone, for the SDK to
+        // own; they are taken once, here.
+        let (control, slot_fd) = unsafe {
+            (UnixStream::from_raw_fd(control_fd), OwnedFd::from_raw_fd(slot_fd))
+        };
+        let slot = Slot::attach(slot_fd)?;
+        let payload_bytes_max = std::env::var(ENV_MAX_PAYLOAD)
+            .ok()
+            .and_then(|value| value.parse().ok())
+            .unwrap_or(proto::PAYLOAD_BYTES_MAX_DEFAULT);
+        Ok(Session { control, slot, sequence: 0, inline: Vec::new(), payload_bytes_max })
+    }
+
+    fn hello(&mut self) -> Result<(), WorkerError> {
+        let hello = Hello { slot_abi_version: SLOT_ABI_VERSION, pid: std::process::id() };
+        let header = Header::new(Kind::Hello, 0, 0, Hello::BYTES as u32);
+        let mut frame = Vec::with_capacity(HEADER_BYTES + Hello::BYTES);
+        proto::encode_frame(&mut frame, &header, &hello.encode());
+        self.control.write_all(&frame)?;
+        Ok(())
+    }
+
+    /// Wait for the next job; `None` when the bridge closed the socket.
+    fn next_job(&mut self) -> Result<Option<JobPayload>, WorkerError> {
+        let mut bytes = [0u8; HEADER_BYTES];
+        match self.control.read_exact(&mut bytes) {
+            Ok(()) => {}
+            Err(error) if error.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+            Err(error) => return Err(error.into()),
+        }
+        let header = Header::decode(&bytes, self.payload_bytes_max)?;
+        if header.kind != Kind::Job {
+            return Err(WorkerError::UnexpectedKind(header.kind));
+        }
+        self.sequence = header.request_id;
+        let in_slot = self.slot.take_job(self.sequence)?;
+        if header.in_slot() {
+            let len = in_slot.ok_or(SlotError::BadHeader("in-slot job with inline length"))?;
+            if header.payload_len != 0 {
+                return Err(SlotError::BadHeader("in-slot job with a socket payload").into());
+            }
+            Ok(Some(JobPayload::InSlot(len)))
+        } else {
+            self.inline.clear();
+            self.inline.resize(header.payload_len as usize, 0);
+            self.control.read_exact(&mut self.inline)?;
+            Ok(Some(JobPayload::Inline))
+        }
+    }
+
+    fn finish(&mut self, reply: Result<Vec<u8>, String>) -> Result<(), WorkerError> {
+        let mut frame = Vec::new();
+        match reply {
+            Ok(bytes) if bytes.len() > self.payload_bytes_max as usize => {
+                self.slot.publish_reply(None)?;
+                let message = format!(
+                    "reply of {} bytes is over the bridge's maximum of {} bytes",
+                    bytes.len(),
+                    self.payload_bytes_max
+                );
+                let header = Header::new(Kind::Fail, 0, self.sequence, message.len() as u32);
+                proto::encode_frame(&mut frame, &header, message.as_bytes());
+            }
+            Ok(bytes) if bytes.len() <= self.slot.capacity() as usize => {
+                self.slot.publish_reply(Some(&bytes))?;
+                let mut header = Header::new(Kind::Done, 0, self.sequence, 0);
+                header.flags = FLAG_IN_SLOT;
+                frame.extend_from_slice(&header.encode());
+            }
+            Ok(bytes) => {
+                self.slot.publish_reply(None)?;
+                let header = Header::new(Kind::Done, 0, self.sequence, bytes.len() as u32);
+                proto::encode_frame(&mut frame, &header, &bytes);
+            }
+            Err(message) => {
+                self.slot.publish_reply(None)?;
+                let message = &message.as_bytes()[..message.len().min(64 * 1024)];
+                let header = Header::new(Kind::Fail, 0, self.sequence, message.len() as u32);
+                proto::encode_frame(&mut frame, &header, message);
+            }
+        }
+        self.control.write_all(&frame)?;
+        Ok(())
+    }
+}
