@@ -9,6 +9,9 @@
 //! - `engine` and `pool`: the daemon itself (one io_uring event loop per core).
 
 pub mod client;
+pub mod config;
+pub mod engine;
+pub mod pool;
 pub mod proto;
 pub mod shm;
 pub mod worker;

@@ -189,7 +189,9 @@ impl Client {
         payload: impl AsRef<[u8]>,
     ) -> Result<Vec<u8>, CallError> {
         let service_id = self.service_id(service.into()).await?;
-        self.exchange(Kind::Request, service_id, payload.as_ref()).await?.into_result()
+        self.exchange(Kind::Request, service_id, payload.as_ref())
+            .await?
+            .into_result()
     }
 
     /// The numeric id of `service`, asking the bridge on first use of a name.
@@ -204,7 +206,11 @@ impl Client {
         let answer = self.exchange(Kind::Resolve, 0, name.as_bytes()).await?;
         let id = answer.header.service_id;
         answer.into_result()?;
-        self.inner.services.lock().expect("not poisoned").insert(name.to_string(), id);
+        self.inner
+            .services
+            .lock()
+            .expect("not poisoned")
+            .insert(name.to_string(), id);
         Ok(id)
     }
 
@@ -216,7 +222,11 @@ impl Client {
     ) -> Result<Answer, CallError> {
         let request_id = self.inner.next_request_id.fetch_add(1, Ordering::Relaxed);
         let (sender, receiver) = oneshot::channel();
-        self.inner.pending.lock().expect("not poisoned").insert(request_id, sender);
+        self.inner
+            .pending
+            .lock()
+            .expect("not poisoned")
+            .insert(request_id, sender);
         let header = Header::new(kind, service_id, request_id, payload.len() as u32);
         let written = {
             let mut writer = self.inner.writer.lock().await;
@@ -227,7 +237,11 @@ impl Client {
             result
         };
         if let Err(error) = written {
-            self.inner.pending.lock().expect("not poisoned").remove(&request_id);
+            self.inner
+                .pending
+                .lock()
+                .expect("not poisoned")
+                .remove(&request_id);
             return Err(error.into());
         }
         receiver.await.map_err(|_| CallError::Closed)
@@ -240,12 +254,17 @@ async fn read_answers<R: AsyncRead + Unpin>(mut read: R, pending: Pending) {
         if read.read_exact(&mut bytes).await.is_err() {
             break;
         }
-        let Ok(header) = Header::decode(&bytes, proto::PAYLOAD_BYTES_MAX_CEILING) else { break };
+        let Ok(header) = Header::decode(&bytes, proto::PAYLOAD_BYTES_MAX_CEILING) else {
+            break;
+        };
         let mut payload = vec![0u8; header.payload_len as usize];
         if read.read_exact(&mut payload).await.is_err() {
             break;
         }
-        let waiter = pending.lock().expect("not poisoned").remove(&header.request_id);
+        let waiter = pending
+            .lock()
+            .expect("not poisoned")
+            .remove(&header.request_id);
         if let Some(waiter) = waiter {
             let _ = waiter.send(Answer { header, payload });
         }
@@ -292,14 +311,20 @@ pub struct BlockingClient {
 impl BlockingClient {
     pub fn connect(addr: &str) -> Result<BlockingClient, CallError> {
         let stream = match Addr::parse(addr) {
-            Addr::Unix(path) => BlockingStream::Unix(std::os::unix::net::UnixStream::connect(path)?),
+            Addr::Unix(path) => {
+                BlockingStream::Unix(std::os::unix::net::UnixStream::connect(path)?)
+            }
             Addr::Tcp(host_port) => {
                 let stream = std::net::TcpStream::connect(host_port)?;
                 stream.set_nodelay(true)?;
                 BlockingStream::Tcp(stream)
             }
         };
-        Ok(BlockingClient { stream, next_request_id: 1, services: HashMap::new() })
+        Ok(BlockingClient {
+            stream,
+            next_request_id: 1,
+            services: HashMap::new(),
+        })
     }
 
     /// Call `service` and wait for its answer. Do not mix with outstanding `send`s.

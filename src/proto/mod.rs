@@ -182,7 +182,14 @@ pub struct Header {
 
 impl Header {
     pub fn new(kind: Kind, service_id: u32, request_id: u64, payload_len: u32) -> Header {
-        Header { kind, flags: 0, code: 0, service_id, payload_len, request_id }
+        Header {
+            kind,
+            flags: 0,
+            code: 0,
+            service_id,
+            payload_len,
+            request_id,
+        }
     }
 
     pub fn error(request_id: u64, service_id: u32, code: ErrorCode, message_len: u32) -> Header {
@@ -236,9 +243,19 @@ impl Header {
         if kind != Kind::Error && code != 0 {
             return Err(FrameError::CodeOnNonError { kind, code });
         }
-        let header = Header { kind, flags, code, service_id, payload_len, request_id };
+        let header = Header {
+            kind,
+            flags,
+            code,
+            service_id,
+            payload_len,
+            request_id,
+        };
         if payload_len > payload_bytes_max {
-            return Err(FrameError::PayloadTooLarge { header, max: payload_bytes_max });
+            return Err(FrameError::PayloadTooLarge {
+                header,
+                max: payload_bytes_max,
+            });
         }
         Ok(header)
     }
@@ -375,25 +392,46 @@ mod tests {
         // Proves each malformed case decodes to its own typed error, never a panic.
         let good = valid();
         for have in 0..HEADER_BYTES {
-            assert_eq!(Header::decode(&good[..have], 100), Err(FrameError::Truncated { have }));
+            assert_eq!(
+                Header::decode(&good[..have], 100),
+                Err(FrameError::Truncated { have })
+            );
         }
         let mut bad = good;
         bad[0] = 0;
-        assert!(matches!(Header::decode(&bad, 100), Err(FrameError::BadMagic { .. })));
+        assert!(matches!(
+            Header::decode(&bad, 100),
+            Err(FrameError::BadMagic { .. })
+        ));
         let mut bad = good;
         bad[2] = 2;
-        assert_eq!(Header::decode(&bad, 100), Err(FrameError::UnsupportedVersion { found: 2 }));
+        assert_eq!(
+            Header::decode(&bad, 100),
+            Err(FrameError::UnsupportedVersion { found: 2 })
+        );
         let mut bad = good;
         bad[3] = 0;
-        assert_eq!(Header::decode(&bad, 100), Err(FrameError::UnknownKind { found: 0 }));
+        assert_eq!(
+            Header::decode(&bad, 100),
+            Err(FrameError::UnknownKind { found: 0 })
+        );
         bad[3] = 200;
-        assert_eq!(Header::decode(&bad, 100), Err(FrameError::UnknownKind { found: 200 }));
+        assert_eq!(
+            Header::decode(&bad, 100),
+            Err(FrameError::UnknownKind { found: 200 })
+        );
         let mut bad = good;
         bad[4] = 0x80;
-        assert_eq!(Header::decode(&bad, 100), Err(FrameError::UnknownFlags { found: 0x80 }));
+        assert_eq!(
+            Header::decode(&bad, 100),
+            Err(FrameError::UnknownFlags { found: 0x80 })
+        );
         let mut bad = good;
         bad[6] = 3;
-        assert!(matches!(Header::decode(&bad, 100), Err(FrameError::CodeOnNonError { .. })));
+        assert!(matches!(
+            Header::decode(&bad, 100),
+            Err(FrameError::CodeOnNonError { .. })
+        ));
         match Header::decode(&good, 4) {
             Err(e @ FrameError::PayloadTooLarge { header, max: 4 }) => {
                 assert_eq!(header.request_id, 0x0102_0304_0506_0708);
@@ -436,7 +474,10 @@ mod tests {
     #[test]
     fn hello_round_trips_and_rejects_wrong_length() {
         // Proves the worker handshake payload is exactly 8 bytes.
-        let hello = Hello { slot_abi_version: 1, pid: 4242 };
+        let hello = Hello {
+            slot_abi_version: 1,
+            pid: 4242,
+        };
         assert_eq!(Hello::decode(&hello.encode()), Some(hello));
         assert_eq!(Hello::decode(&[0; 7]), None);
         assert_eq!(Hello::decode(&[0; 9]), None);

@@ -154,9 +154,13 @@ impl Slot {
         let slot = Slot::map(fd, map_bytes, capacity)?;
         let header = slot.header();
         header.magic.store(SLOT_MAGIC, Ordering::Relaxed);
-        header.abi_version.store(SLOT_ABI_VERSION, Ordering::Relaxed);
+        header
+            .abi_version
+            .store(SLOT_ABI_VERSION, Ordering::Relaxed);
         header.capacity.store(capacity, Ordering::Relaxed);
-        header.state.store(SlotState::Free as u32, Ordering::Release);
+        header
+            .state
+            .store(SlotState::Free as u32, Ordering::Release);
         Ok(slot)
     }
 
@@ -177,7 +181,9 @@ impl Slot {
             return Err(SlotError::BadHeader("unsupported slot ABI version"));
         }
         if header.capacity.load(Ordering::Relaxed) != capacity {
-            return Err(SlotError::BadHeader("capacity does not match the memfd size"));
+            return Err(SlotError::BadHeader(
+                "capacity does not match the memfd size",
+            ));
         }
         Ok(slot)
     }
@@ -197,7 +203,12 @@ impl Slot {
         }
         .map_err(|e| SlotError::Map(e.into()))?;
         let base = NonNull::new(ptr.cast::<u8>()).ok_or(SlotError::BadHeader("null mapping"))?;
-        Ok(Slot { base, map_bytes, capacity, fd })
+        Ok(Slot {
+            base,
+            map_bytes,
+            capacity,
+            fd,
+        })
     }
 
     pub fn header(&self) -> &SlotHeader {
@@ -216,7 +227,10 @@ impl Slot {
 
     /// Address and length of the whole mapping (for fixed-buffer registration).
     pub fn as_iovec(&self) -> libc::iovec {
-        libc::iovec { iov_base: self.base.as_ptr().cast(), iov_len: self.map_bytes }
+        libc::iovec {
+            iov_base: self.base.as_ptr().cast(),
+            iov_len: self.map_bytes,
+        }
     }
 
     fn data_ptr(&self) -> *mut u8 {
@@ -239,12 +253,18 @@ impl Slot {
         let header = self.header();
         let state = header.state.load(Ordering::Acquire);
         if state != SlotState::Free as u32 {
-            return Err(SlotError::WrongState { found: state, expected: SlotState::Free });
+            return Err(SlotError::WrongState {
+                found: state,
+                expected: SlotState::Free,
+            });
         }
         let request_len = match payload {
             Some(bytes) => {
                 if bytes.len() > self.capacity as usize {
-                    return Err(SlotError::DoesNotFit { len: bytes.len(), capacity: self.capacity });
+                    return Err(SlotError::DoesNotFit {
+                        len: bytes.len(),
+                        capacity: self.capacity,
+                    });
                 }
                 // SAFETY: the slot is Free, so the bridge owns the data area; bytes.len() is
                 // within capacity; the source is our own memory and cannot overlap the mapping.
@@ -258,8 +278,12 @@ impl Slot {
         header.request_len.store(request_len, Ordering::Relaxed);
         header.reply_len.store(0, Ordering::Relaxed);
         header.job_sequence.store(job_sequence, Ordering::Relaxed);
-        header.deadline_remaining_ms.store(deadline_remaining_ms, Ordering::Relaxed);
-        header.state.store(SlotState::Filled as u32, Ordering::Release);
+        header
+            .deadline_remaining_ms
+            .store(deadline_remaining_ms, Ordering::Relaxed);
+        header
+            .state
+            .store(SlotState::Filled as u32, Ordering::Release);
         Ok(())
     }
 
@@ -274,17 +298,26 @@ impl Slot {
         let header = self.header();
         let state = header.state.load(Ordering::Acquire);
         if state != SlotState::Replied as u32 {
-            return Err(SlotError::WrongState { found: state, expected: SlotState::Replied });
+            return Err(SlotError::WrongState {
+                found: state,
+                expected: SlotState::Replied,
+            });
         }
         let found = header.job_sequence.load(Ordering::Relaxed);
         if found != job_sequence {
-            return Err(SlotError::WrongSequence { found, expected: job_sequence });
+            return Err(SlotError::WrongSequence {
+                found,
+                expected: job_sequence,
+            });
         }
         let mut len = 0;
         if in_slot {
             let reply_len = header.reply_len.load(Ordering::Relaxed);
             if reply_len > self.capacity {
-                return Err(SlotError::ReplyTooLong { len: reply_len, capacity: self.capacity });
+                return Err(SlotError::ReplyTooLong {
+                    len: reply_len,
+                    capacity: self.capacity,
+                });
             }
             len = reply_len as usize;
             out.reserve(len);
@@ -300,13 +333,17 @@ impl Slot {
                 out.set_len(out.len() + len);
             }
         }
-        header.state.store(SlotState::Free as u32, Ordering::Release);
+        header
+            .state
+            .store(SlotState::Free as u32, Ordering::Release);
         Ok(len)
     }
 
     /// Bridge: force the slot back to Free (after its worker died or was killed).
     pub fn reset(&self) {
-        self.header().state.store(SlotState::Free as u32, Ordering::Release);
+        self.header()
+            .state
+            .store(SlotState::Free as u32, Ordering::Release);
     }
 
     /// Worker: take the job the bridge filled. Returns the in-slot request length, or `None`
@@ -319,16 +356,25 @@ impl Slot {
             Ordering::AcqRel,
             Ordering::Acquire,
         ) {
-            return Err(SlotError::WrongState { found, expected: SlotState::Filled });
+            return Err(SlotError::WrongState {
+                found,
+                expected: SlotState::Filled,
+            });
         }
         let found = header.job_sequence.load(Ordering::Relaxed);
         if found != job_sequence {
-            return Err(SlotError::WrongSequence { found, expected: job_sequence });
+            return Err(SlotError::WrongSequence {
+                found,
+                expected: job_sequence,
+            });
         }
         match header.request_len.load(Ordering::Relaxed) {
             REQUEST_LEN_INLINE => Ok(None),
             len if len <= self.capacity => Ok(Some(len as usize)),
-            len => Err(SlotError::DoesNotFit { len: len as usize, capacity: self.capacity }),
+            len => Err(SlotError::DoesNotFit {
+                len: len as usize,
+                capacity: self.capacity,
+            }),
         }
     }
 
@@ -349,12 +395,18 @@ impl Slot {
         let header = self.header();
         let state = header.state.load(Ordering::Acquire);
         if state != SlotState::Taken as u32 {
-            return Err(SlotError::WrongState { found: state, expected: SlotState::Taken });
+            return Err(SlotError::WrongState {
+                found: state,
+                expected: SlotState::Taken,
+            });
         }
         let len = match reply {
             Some(bytes) => {
                 if bytes.len() > self.capacity as usize {
-                    return Err(SlotError::DoesNotFit { len: bytes.len(), capacity: self.capacity });
+                    return Err(SlotError::DoesNotFit {
+                        len: bytes.len(),
+                        capacity: self.capacity,
+                    });
                 }
                 // SAFETY: Taken means the worker owns the data area. `bytes` may alias it (a
                 // handler replying with its own request): use an overlapping copy.
@@ -364,7 +416,9 @@ impl Slot {
             None => 0,
         };
         header.reply_len.store(len, Ordering::Relaxed);
-        header.state.store(SlotState::Replied as u32, Ordering::Release);
+        header
+            .state
+            .store(SlotState::Replied as u32, Ordering::Release);
         Ok(())
     }
 
@@ -423,13 +477,31 @@ mod tests {
         let bridge = Slot::create("test", 64).unwrap();
         let worker = Slot::attach(bridge.fd().try_clone_to_owned().unwrap()).unwrap();
         let mut out = Vec::new();
-        assert!(matches!(worker.take_job(1), Err(SlotError::WrongState { found: 0, .. })));
-        assert!(matches!(worker.publish_reply(None), Err(SlotError::WrongState { .. })));
-        assert!(matches!(bridge.take_reply(1, true, &mut out), Err(SlotError::WrongState { .. })));
+        assert!(matches!(
+            worker.take_job(1),
+            Err(SlotError::WrongState { found: 0, .. })
+        ));
+        assert!(matches!(
+            worker.publish_reply(None),
+            Err(SlotError::WrongState { .. })
+        ));
+        assert!(matches!(
+            bridge.take_reply(1, true, &mut out),
+            Err(SlotError::WrongState { .. })
+        ));
         bridge.fill(1, None, 0).unwrap();
-        assert!(matches!(bridge.fill(2, None, 0), Err(SlotError::WrongState { found: 1, .. })));
-        assert!(matches!(bridge.take_reply(1, true, &mut out), Err(SlotError::WrongState { .. })));
-        assert!(matches!(worker.take_job(2), Err(SlotError::WrongSequence { .. })));
+        assert!(matches!(
+            bridge.fill(2, None, 0),
+            Err(SlotError::WrongState { found: 1, .. })
+        ));
+        assert!(matches!(
+            bridge.take_reply(1, true, &mut out),
+            Err(SlotError::WrongState { .. })
+        ));
+        assert!(matches!(
+            worker.take_job(2),
+            Err(SlotError::WrongSequence { .. })
+        ));
     }
 
     #[test]
@@ -440,18 +512,36 @@ mod tests {
         bridge.fill(9, Some(&[1; 64]), 0).unwrap();
         worker.take_job(9).unwrap();
         worker.publish_reply(Some(&[2; 10])).unwrap();
-        worker.header_for_tests().reply_len.store(65, Ordering::Relaxed);
+        worker
+            .header_for_tests()
+            .reply_len
+            .store(65, Ordering::Relaxed);
         let mut out = Vec::new();
         assert!(matches!(
             bridge.take_reply(9, true, &mut out),
-            Err(SlotError::ReplyTooLong { len: 65, capacity: 64 })
+            Err(SlotError::ReplyTooLong {
+                len: 65,
+                capacity: 64
+            })
         ));
-        worker.header_for_tests().reply_len.store(10, Ordering::Relaxed);
-        assert!(matches!(bridge.take_reply(8, true, &mut out), Err(SlotError::WrongSequence { .. })));
+        worker
+            .header_for_tests()
+            .reply_len
+            .store(10, Ordering::Relaxed);
+        assert!(matches!(
+            bridge.take_reply(8, true, &mut out),
+            Err(SlotError::WrongSequence { .. })
+        ));
         assert!(out.is_empty());
-        assert!(matches!(bridge.fill(1, Some(&[0; 65]), 0), Err(SlotError::WrongState { .. })));
+        assert!(matches!(
+            bridge.fill(1, Some(&[0; 65]), 0),
+            Err(SlotError::WrongState { .. })
+        ));
         bridge.reset();
-        assert!(matches!(bridge.fill(1, Some(&[0; 65]), 0), Err(SlotError::DoesNotFit { .. })));
+        assert!(matches!(
+            bridge.fill(1, Some(&[0; 65]), 0),
+            Err(SlotError::DoesNotFit { .. })
+        ));
     }
 
     #[test]
@@ -459,6 +549,9 @@ mod tests {
         // Proves a worker refuses memory that is not a slot.
         let fd = rustix::fs::memfd_create("foreign", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
         rustix::fs::ftruncate(&fd, 4096).unwrap();
-        assert!(matches!(Slot::attach(fd), Err(SlotError::BadHeader("bad magic"))));
+        assert!(matches!(
+            Slot::attach(fd),
+            Err(SlotError::BadHeader("bad magic"))
+        ));
     }
 }

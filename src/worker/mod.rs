@@ -1,9 +1,8 @@
 //! The worker SDK: turn a plain synchronous function into an acgi-bridge worker.
 //!
 //! ```no_run
-//! fn main() {
-//!     acgi_bridge::worker::serve(|request: &[u8]| request.to_vec()).unwrap();
-//! }
+//! // The whole of a worker's `main`:
+//! acgi_bridge::worker::serve(|request: &[u8]| request.to_vec()).unwrap();
 //! ```
 //!
 //! The bridge starts the worker with two inherited descriptors: the control socket (a Unix
@@ -94,7 +93,9 @@ where
     let mut session = Session::from_env()?;
     session.hello()?;
     loop {
-        let Some(job) = session.next_job()? else { return Ok(()) };
+        let Some(job) = session.next_job()? else {
+            return Ok(());
+        };
         let reply = match job {
             JobPayload::InSlot(len) => {
                 // SAFETY: next_job took the slot (state Taken) and returned this length.
@@ -144,18 +145,30 @@ impl Session {
         // SAFETY: the bridge passes these two descriptors to this process alone, for the SDK to
         // own; they are taken once, here.
         let (control, slot_fd) = unsafe {
-            (UnixStream::from_raw_fd(control_fd), OwnedFd::from_raw_fd(slot_fd))
+            (
+                UnixStream::from_raw_fd(control_fd),
+                OwnedFd::from_raw_fd(slot_fd),
+            )
         };
         let slot = Slot::attach(slot_fd)?;
         let payload_bytes_max = std::env::var(ENV_MAX_PAYLOAD)
             .ok()
             .and_then(|value| value.parse().ok())
             .unwrap_or(proto::PAYLOAD_BYTES_MAX_DEFAULT);
-        Ok(Session { control, slot, sequence: 0, inline: Vec::new(), payload_bytes_max })
+        Ok(Session {
+            control,
+            slot,
+            sequence: 0,
+            inline: Vec::new(),
+            payload_bytes_max,
+        })
     }
 
     fn hello(&mut self) -> Result<(), WorkerError> {
-        let hello = Hello { slot_abi_version: SLOT_ABI_VERSION, pid: std::process::id() };
+        let hello = Hello {
+            slot_abi_version: SLOT_ABI_VERSION,
+            pid: std::process::id(),
+        };
         let header = Header::new(Kind::Hello, 0, 0, Hello::BYTES as u32);
         let mut frame = Vec::with_capacity(HEADER_BYTES + Hello::BYTES);
         proto::encode_frame(&mut frame, &header, &hello.encode());
@@ -184,6 +197,9 @@ impl Session {
             }
             Ok(Some(JobPayload::InSlot(len)))
         } else {
+            if in_slot.is_some() {
+                return Err(SlotError::BadHeader("socket job with an in-slot length").into());
+            }
             self.inline.clear();
             self.inline.resize(header.payload_len as usize, 0);
             self.control.read_exact(&mut self.inline)?;
@@ -217,7 +233,11 @@ impl Session {
             }
             Err(message) => {
                 self.slot.publish_reply(None)?;
-                let message = &message.as_bytes()[..message.len().min(64 * 1024)];
+                let mut end = message.len().min(64 * 1024);
+                while !message.is_char_boundary(end) {
+                    end -= 1;
+                }
+                let message = &message.as_bytes()[..end];
                 let header = Header::new(Kind::Fail, 0, self.sequence, message.len() as u32);
                 proto::encode_frame(&mut frame, &header, message);
             }

@@ -1,0 +1,520 @@
+//! The daemon's configuration: a TOML file, parsed strictly and validated as a whole.
+//!
+//! Parsing rejects unknown keys (a typo is an error, not a silent default). Validation collects
+//! every problem at once, each naming its key (`service[1].max_workers`) and the reason, so that
+//! `acgi-bridge check` can print them all. Relative paths are resolved against the directory of
+//! the config file, so a config works from any working directory.
+
+#![forbid(unsafe_code)]
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::proto::{PAYLOAD_BYTES_MAX_CEILING, PAYLOAD_BYTES_MAX_DEFAULT};
+use crate::shm::{SLOT_CAPACITY_BYTES_DEFAULT, SLOT_CAPACITY_BYTES_MIN};
+
+/// The whole configuration file.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where services keep state (databases, caches). Created at startup. Workers get it in
+    /// `ACGI_STATE_DIR`.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// Largest request or reply payload, in bytes.
+    #[serde(default = "default_max_payload_bytes")]
+    pub max_payload_bytes: u32,
+    /// Bytes of answers queued for one caller before the bridge disconnects it.
+    #[serde(default = "default_write_queue_max_bytes")]
+    pub write_queue_max_bytes: u64,
+    /// Most caller connections open at once; further connections are closed at accept.
+    #[serde(default = "default_connections_max")]
+    pub connections_max: u32,
+    /// How long SIGTERM waits for requests in flight before failing them, in milliseconds.
+    #[serde(default = "default_shutdown_timeout_ms")]
+    pub shutdown_timeout_ms: u64,
+    /// How long a stopping worker has between SIGTERM and SIGKILL, in milliseconds.
+    #[serde(default = "default_kill_grace_ms")]
+    pub kill_grace_ms: u64,
+    /// How long a new worker has to finish its handshake before it is killed, in milliseconds.
+    #[serde(default = "default_startup_timeout_ms")]
+    pub startup_timeout_ms: u64,
+    /// Where to listen.
+    pub listen: Listen,
+    /// The services, at least one.
+    #[serde(default, rename = "service")]
+    pub services: Vec<ServiceConfig>,
+    /// Directory of the config file; relative paths were resolved against it.
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+}
+
+/// Listening sockets. At least one of `unix` and `tcp` must be set.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listen {
+    /// Path of the Unix stream socket. A stale socket file at the path is replaced.
+    pub unix: Option<PathBuf>,
+    /// Permission bits of the Unix socket file, as an octal string (e.g. "0660").
+    #[serde(default = "default_unix_mode")]
+    pub unix_mode: String,
+    /// TCP `host:port` to listen on; port 0 picks a free port (printed at startup).
+    pub tcp: Option<String>,
+}
+
+/// One service: a pool of worker processes running `exec`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    /// Numeric id used on the wire; unique, 1 or more.
+    pub id: u32,
+    /// Name callers resolve; unique, 1-64 characters of [A-Za-z0-9_.-].
+    pub name: String,
+    /// Worker executable.
+    pub exec: PathBuf,
+    /// Arguments passed to the worker.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Extra environment variables for the worker (the bridge's own environment is inherited).
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Workers kept running even when idle.
+    #[serde(default = "default_min_workers")]
+    pub min_workers: u32,
+    /// Most workers running at once.
+    #[serde(default = "default_max_workers")]
+    pub max_workers: u32,
+    /// Data bytes of each worker's shared-memory slot; larger payloads take the copy path.
+    #[serde(default = "default_slot_size_bytes")]
+    pub slot_size_bytes: u32,
+    /// Requests waiting for a worker before new ones get `overloaded`.
+    #[serde(default = "default_backlog_max")]
+    pub backlog_max: u32,
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("state")
+}
+fn default_max_payload_bytes() -> u32 {
+    PAYLOAD_BYTES_MAX_DEFAULT
+}
+fn default_write_queue_max_bytes() -> u64 {
+    64 * 1024 * 1024
+}
+fn default_connections_max() -> u32 {
+    10_000
+}
+fn default_shutdown_timeout_ms() -> u64 {
+    30_000
+}
+fn default_kill_grace_ms() -> u64 {
+    5_000
+}
+fn default_startup_timeout_ms() -> u64 {
+    10_000
+}
+fn default_unix_mode() -> String {
+    "0660".to_string()
+}
+fn default_min_workers() -> u32 {
+    1
+}
+fn default_max_workers() -> u32 {
+    8
+}
+fn default_slot_size_bytes() -> u32 {
+    SLOT_CAPACITY_BYTES_DEFAULT
+}
+fn default_backlog_max() -> u32 {
+    1024
+}
+
+/// One problem with a config: the key and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    pub key: String,
+    pub reason: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.reason)
+    }
+}
+
+/// Why a config could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: {} problem(s):\n{}", problems.len(), list(problems))]
+    Invalid {
+        path: PathBuf,
+        problems: Vec<Problem>,
+    },
+}
+
+fn list(problems: &[Problem]) -> String {
+    problems
+        .iter()
+        .map(|p| format!("  {p}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Highest value accepted for `max_workers` of one service.
+pub const WORKERS_MAX_PER_SERVICE: u32 = 4096;
+/// Highest value accepted for `backlog_max`.
+pub const BACKLOG_MAX_CEILING: u32 = 1 << 20;
+
+impl Config {
+    /// Read, parse and validate the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let base_dir = if base_dir.as_os_str().is_empty() {
+            PathBuf::from(".")
+        } else {
+            base_dir
+        };
+        let mut config = Config::parse(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message,
+        })?;
+        config.resolve_paths(&base_dir);
+        let problems = config.problems();
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                problems,
+            })
+        }
+    }
+
+    /// Parse TOML text without validating it.
+    pub fn parse(text: &str) -> Result<Config, String> {
+        toml::from_str(text).map_err(|e| e.to_string().trim_end().to_string())
+    }
+
+    fn resolve_paths(&mut self, base_dir: &Path) {
+        let resolve = |path: &Path| -> PathBuf {
+            if path.is_absolute() {
+                path.to_path_buf()
+            } else {
+                base_dir.join(path)
+            }
+        };
+        self.base_dir = base_dir.to_path_buf();
+        self.state_dir = resolve(&self.state_dir);
+        if let Some(unix) = &self.listen.unix {
+            self.listen.unix = Some(resolve(unix));
+        }
+        for service in &mut self.services {
+            // A bare command name (no slash) is left for PATH lookup, like a shell does.
+            if service.exec.components().count() > 1 || service.exec.starts_with(".") {
+                service.exec = resolve(&service.exec);
+            }
+        }
+    }
+
+    /// Every problem in the config, each naming its key.
+    pub fn problems(&self) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        let mut problem = |key: String, reason: String| problems.push(Problem { key, reason });
+        if self.max_payload_bytes == 0 || self.max_payload_bytes > PAYLOAD_BYTES_MAX_CEILING {
+            problem(
+                "max_payload_bytes".into(),
+                format!("must be between 1 and {PAYLOAD_BYTES_MAX_CEILING}"),
+            );
+        }
+        let frame_bytes_max = self.max_payload_bytes as u64 + crate::proto::HEADER_BYTES as u64;
+        if self.write_queue_max_bytes < frame_bytes_max {
+            problem(
+                "write_queue_max_bytes".into(),
+                format!("must hold at least one whole answer ({frame_bytes_max} bytes)"),
+            );
+        }
+        if self.connections_max == 0 {
+            problem("connections_max".into(), "must be at least 1".into());
+        }
+        if self.listen.unix.is_none() && self.listen.tcp.is_none() {
+            problem(
+                "listen".into(),
+                "set at least one of listen.unix and listen.tcp".into(),
+            );
+        }
+        if parse_mode(&self.listen.unix_mode).is_none() {
+            problem(
+                "listen.unix_mode".into(),
+                format!(
+                    "{:?} is not an octal permission like \"0660\"",
+                    self.listen.unix_mode
+                ),
+            );
+        }
+        if let Some(tcp) = &self.listen.tcp {
+            if tcp.parse::<std::net::SocketAddr>().is_err() {
+                problem(
+                    "listen.tcp".into(),
+                    format!("{tcp:?} is not an ip:port address like \"127.0.0.1:7878\""),
+                );
+            }
+        }
+        if self.services.is_empty() {
+            problem("service".into(), "define at least one [[service]]".into());
+        }
+        let mut ids = HashSet::new();
+        let mut names = HashSet::new();
+        for (index, service) in self.services.iter().enumerate() {
+            let key = |field: &str| format!("service[{index}].{field}");
+            if service.id == 0 {
+                problem(
+                    key("id"),
+                    "must be 1 or more (0 means no service on the wire)".into(),
+                );
+            }
+            if !ids.insert(service.id) {
+                problem(
+                    key("id"),
+                    format!("{} is used by another service", service.id),
+                );
+            }
+            if service.name.is_empty()
+                || service.name.len() > 64
+                || !service
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+            {
+                problem(
+                    key("name"),
+                    format!("{:?} must be 1-64 of [A-Za-z0-9_.-]", service.name),
+                );
+            }
+            if !names.insert(service.name.clone()) {
+                problem(
+                    key("name"),
+                    format!("{:?} is used by another service", service.name),
+                );
+            }
+            if let Err(reason) = check_executable(&service.exec) {
+                problem(key("exec"), reason);
+            }
+            if service.max_workers == 0 || service.max_workers > WORKERS_MAX_PER_SERVICE {
+                problem(
+                    key("max_workers"),
+                    format!("must be 1 to {WORKERS_MAX_PER_SERVICE}"),
+                );
+            }
+            if service.min_workers > service.max_workers {
+                problem(
+                    key("min_workers"),
+                    format!(
+                        "{} is over max_workers ({})",
+                        service.min_workers, service.max_workers
+                    ),
+                );
+            }
+            if service.slot_size_bytes < SLOT_CAPACITY_BYTES_MIN
+                || service.slot_size_bytes > self.max_payload_bytes.max(SLOT_CAPACITY_BYTES_MIN)
+            {
+                problem(
+                    key("slot_size_bytes"),
+                    format!(
+                        "must be between {SLOT_CAPACITY_BYTES_MIN} and max_payload_bytes ({})",
+                        self.max_payload_bytes
+                    ),
+                );
+            }
+            if service.backlog_max > BACKLOG_MAX_CEILING {
+                problem(
+                    key("backlog_max"),
+                    format!("must be at most {BACKLOG_MAX_CEILING}"),
+                );
+            }
+            for name in service.env.keys() {
+                if name.is_empty() || name.contains('=') || name.contains('\0') {
+                    problem(key("env"), format!("{name:?} is not a valid variable name"));
+                }
+                if name.starts_with("ACGI_") {
+                    problem(key("env"), format!("{name} is reserved for the bridge"));
+                }
+            }
+        }
+        problems
+    }
+
+    pub fn service_by_id(&self, id: u32) -> Option<&ServiceConfig> {
+        self.services.iter().find(|s| s.id == id)
+    }
+}
+
+/// Parse an octal permission string such as "0660" or "660".
+pub fn parse_mode(text: &str) -> Option<u32> {
+    let mode = u32::from_str_radix(text.trim_start_matches("0o"), 8).ok()?;
+    (mode <= 0o7777).then_some(mode)
+}
+
+/// Is `exec` something we can start? Bare names are looked up on PATH.
+fn check_executable(exec: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let candidates: Vec<PathBuf> = if exec.components().count() > 1 || exec.is_absolute() {
+        vec![exec.to_path_buf()]
+    } else {
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        std::env::split_paths(&path)
+            .map(|dir| dir.join(exec))
+            .collect()
+    };
+    for candidate in &candidates {
+        if let Ok(meta) = std::fs::metadata(candidate) {
+            if meta.is_file() && meta.permissions().mode() & 0o111 != 0 {
+                return Ok(());
+            }
+            if candidates.len() == 1 {
+                return Err(format!("{} is not an executable file", candidate.display()));
+            }
+        }
+    }
+    if candidates.len() == 1 {
+        Err(format!("{} does not exist", exec.display()))
+    } else {
+        Err(format!("{} is not found on PATH", exec.display()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn minimal() -> String {
+        r#"
+            [listen]
+            unix = "/tmp/x.sock"
+            [[service]]
+            id = 1
+            name = "echo"
+            exec = "/bin/cat"
+        "#
+        .to_string()
+    }
+
+    #[test]
+    fn minimal_config_takes_documented_defaults() {
+        // Proves every default matches the README's config reference.
+        let config = Config::parse(&minimal()).unwrap();
+        assert!(config.problems().is_empty(), "{:?}", config.problems());
+        let service = &config.services[0];
+        assert_eq!(config.max_payload_bytes, 16 * 1024 * 1024);
+        assert_eq!(config.write_queue_max_bytes, 64 * 1024 * 1024);
+        assert_eq!(config.connections_max, 10_000);
+        assert_eq!(config.shutdown_timeout_ms, 30_000);
+        assert_eq!(config.kill_grace_ms, 5_000);
+        assert_eq!(config.startup_timeout_ms, 10_000);
+        assert_eq!(config.listen.unix_mode, "0660");
+        assert_eq!(service.min_workers, 1);
+        assert_eq!(service.max_workers, 8);
+        assert_eq!(service.slot_size_bytes, 65536);
+        assert_eq!(service.backlog_max, 1024);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        // Proves a typo is an error naming the key, not a silently ignored line.
+        let text = minimal() + "max_wrokers = 3\n";
+        let error = Config::parse(&text).unwrap_err();
+        assert!(error.contains("max_wrokers"), "{error}");
+    }
+
+    #[test]
+    fn every_bad_value_is_named_with_its_reason() {
+        // Proves validation reports all problems at once, each with its key.
+        let text = r#"
+            max_payload_bytes = 0
+            connections_max = 0
+            [listen]
+            unix_mode = "99"
+            tcp = "localhost"
+            [[service]]
+            id = 0
+            name = "bad name"
+            exec = "/nonexistent/worker"
+            min_workers = 5
+            max_workers = 2
+            slot_size_bytes = 10
+            env = { ACGI_X = "1" }
+            [[service]]
+            id = 0
+            name = "bad name"
+            exec = "/bin/cat"
+        "#;
+        let config = Config::parse(text).unwrap();
+        let keys: Vec<String> = config.problems().into_iter().map(|p| p.key).collect();
+        for expected in [
+            "max_payload_bytes",
+            "connections_max",
+            "listen.unix_mode",
+            "listen.tcp",
+            "service[0].id",
+            "service[0].name",
+            "service[0].exec",
+            "service[0].min_workers",
+            "service[0].slot_size_bytes",
+            "service[0].env",
+            "service[1].id",
+            "service[1].name",
+        ] {
+            assert!(
+                keys.iter().any(|k| k == expected),
+                "{expected} missing from {keys:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn missing_executable_names_the_path() {
+        // Proves the exec problem names the exact path the user wrote.
+        let text = minimal().replace("/bin/cat", "/no/such/worker");
+        let problems = Config::parse(&text).unwrap().problems();
+        assert_eq!(problems.len(), 1);
+        assert_eq!(problems[0].key, "service[0].exec");
+        assert!(problems[0].reason.contains("/no/such/worker"));
+    }
+
+    #[test]
+    fn relative_paths_resolve_against_the_config_directory() {
+        // Proves a config works from any working directory.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bridge.toml");
+        let text = format!(
+            "state_dir = \"st\"\n{}",
+            minimal().replace("/tmp/x.sock", "run/x.sock")
+        );
+        std::fs::write(&path, text).unwrap();
+        let config = Config::load(&path).unwrap();
+        assert_eq!(config.listen.unix.unwrap(), dir.path().join("run/x.sock"));
+        assert_eq!(config.state_dir, dir.path().join("st"));
+    }
+
+    #[test]
+    fn octal_modes_parse() {
+        // Proves unix_mode accepts the usual spellings and rejects non-octal.
+        assert_eq!(parse_mode("0660"), Some(0o660));
+        assert_eq!(parse_mode("600"), Some(0o600));
+        assert_eq!(parse_mode("0o600"), Some(0o600));
+        assert_eq!(parse_mode("0999"), None);
+    }
+}

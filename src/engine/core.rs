@@ -1,0 +1,1696 @@
+//! One core's event loop: its io_uring, its caller connections, its workers and its shard of
+//! every service pool.
+//!
+//! The loop is a shell around pure parts: it turns completions into events for the pool policy
+//! ([`crate::pool::Pool`]) and the policy's actions into submissions. One `submit_and_wait` per
+//! turn; completions are drained into a local batch first, then handled, so no handler ever
+//! re-enters the ring.
+//!
+//! Ownership of in-flight memory: every buffer or descriptor named by a submitted entry belongs
+//! to a connection, a worker or the core itself, and that owner is not dropped until each of its
+//! ops has completed (the `*_in_flight` flags). `user_data` is a checked token, op kind + slab
+//! index + generation ([`Token`]), never a pointer; a completion for an owner that no longer
+//! exists is a bug caught by a debug assertion and otherwise ignored.
+//!
+//! Request path: caller frame -> `Request` entry -> `Pool::on_request` -> `Dispatch` -> the
+//! payload goes into the worker's slot (or inline on its control socket when larger) and a `Job`
+//! frame rings the worker -> `Done`/`Fail` -> the reply is copied from the slot into the caller's
+//! write queue -> `Pool::on_job_done`.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use io_uring::{cqueue, opcode, squeue, types, IoUring};
+use slab::Slab;
+
+use super::buffer::{Parsed, ReadBuffer};
+use super::spawn::{SpawnRequest, SpawnResult, Spawned, Spawner};
+use crate::config::Config;
+use crate::pool::{self, Action, Exit, Pool};
+use crate::proto::{self, ErrorCode, FrameError, Header, Hello, Kind, FLAG_IN_SLOT, HEADER_BYTES};
+use crate::shm::{Slot, SLOT_ABI_VERSION};
+
+/// Base read-buffer size of a caller connection.
+const CONN_READ_BYTES: usize = 16 * 1024;
+/// Base read-buffer size of a worker's control socket.
+const WORKER_READ_BYTES: usize = 4 * 1024;
+/// Read size for worker stdout/stderr; also the longest log line kept.
+const PIPE_READ_BYTES: usize = 4096;
+/// Completions handled per loop turn at most before submitting again.
+const COMPLETIONS_BATCH_MAX: usize = 1024;
+/// Delay before re-arming an accept that failed (e.g. out of descriptors).
+const ACCEPT_RETRY_DELAY: Duration = Duration::from_millis(100);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+enum OpKind {
+    Accept = 1,
+    ConnRecv = 2,
+    ConnSend = 3,
+    WorkerRecv = 4,
+    WorkerSend = 5,
+    WorkerStdout = 6,
+    WorkerStderr = 7,
+    WorkerWait = 8,
+    Signal = 9,
+    SpawnWake = 10,
+    Cancel = 11,
+}
+
+impl OpKind {
+    fn from_u8(value: u8) -> Option<OpKind> {
+        Some(match value {
+            1 => OpKind::Accept,
+            2 => OpKind::ConnRecv,
+            3 => OpKind::ConnSend,
+            4 => OpKind::WorkerRecv,
+            5 => OpKind::WorkerSend,
+            6 => OpKind::WorkerStdout,
+            7 => OpKind::WorkerStderr,
+            8 => OpKind::WorkerWait,
+            9 => OpKind::Signal,
+            10 => OpKind::SpawnWake,
+            11 => OpKind::Cancel,
+            _ => return None,
+        })
+    }
+}
+
+/// `user_data` layout: kind (8 bits) | generation (24 bits) | index (32 bits).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Token {
+    kind: OpKind,
+    generation: u32,
+    index: u32,
+}
+
+const GENERATION_MASK: u32 = (1 << 24) - 1;
+
+impl Token {
+    fn new(kind: OpKind, index: usize, generation: u32) -> Token {
+        assert!(index <= u32::MAX as usize);
+        Token {
+            kind,
+            generation: generation & GENERATION_MASK,
+            index: index as u32,
+        }
+    }
+
+    fn encode(self) -> u64 {
+        ((self.kind as u64) << 56) | ((self.generation as u64) << 32) | self.index as u64
+    }
+
+    fn decode(user_data: u64) -> Option<Token> {
+        Some(Token {
+            kind: OpKind::from_u8((user_data >> 56) as u8)?,
+            generation: ((user_data >> 32) as u32) & GENERATION_MASK,
+            index: user_data as u32,
+        })
+    }
+}
+
+/// A pool handle: slab index in the low 32 bits, generation above.
+fn handle(index: usize, generation: u32) -> u64 {
+    ((generation as u64) << 32) | index as u64
+}
+
+fn handle_index(handle: u64) -> usize {
+    handle as u32 as usize
+}
+
+fn handle_generation(handle: u64) -> u32 {
+    (handle >> 32) as u32
+}
+
+struct Listener {
+    fd: OwnedFd,
+    tcp: bool,
+    accept_in_flight: bool,
+    rearm_at: Option<Instant>,
+}
+
+struct Conn {
+    generation: u32,
+    fd: OwnedFd,
+    read: ReadBuffer,
+    recv_in_flight: bool,
+    /// Answers queued behind the one being sent.
+    out: Vec<u8>,
+    /// The bytes the in-flight send owns.
+    sending: Vec<u8>,
+    sent: usize,
+    send_in_flight: bool,
+    /// Payload bytes still to skip after an oversized frame.
+    discard: u64,
+    /// Requests accepted and not yet answered.
+    requests_in_flight: u32,
+    /// The caller shut down its side: answer what is in flight, then close.
+    read_closed: bool,
+    /// Stop reading; close once the queued answers are sent.
+    close_when_flushed: bool,
+    /// Closed: waiting for in-flight ops to complete before the entry is dropped.
+    closing: bool,
+}
+
+impl Conn {
+    fn queued_bytes(&self) -> usize {
+        self.out.len() + self.sending.len() - self.sent
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum WorkerState {
+    /// Spawned, no handshake yet.
+    Starting,
+    Idle,
+    Busy {
+        request: u64,
+        sequence: u64,
+    },
+    /// Stopped by the policy; waiting for it to exit.
+    Stopping,
+    /// Failed or exited: out of the pool, waiting to be reaped and for its ops to finish.
+    Dead,
+}
+
+struct PipeLog {
+    fd: OwnedFd,
+    buf: Box<[u8; PIPE_READ_BYTES]>,
+    line: Vec<u8>,
+    in_flight: bool,
+    open: bool,
+}
+
+impl PipeLog {
+    fn new(fd: OwnedFd) -> PipeLog {
+        PipeLog {
+            fd,
+            buf: Box::new([0; PIPE_READ_BYTES]),
+            line: Vec::new(),
+            in_flight: false,
+            open: true,
+        }
+    }
+}
+
+struct Worker {
+    generation: u32,
+    service: usize,
+    pid: i32,
+    control: OwnedFd,
+    slot: Slot,
+    state: WorkerState,
+    read: ReadBuffer,
+    recv_in_flight: bool,
+    out: Vec<u8>,
+    sending: Vec<u8>,
+    sent: usize,
+    send_in_flight: bool,
+    stdout: PipeLog,
+    stderr: PipeLog,
+    siginfo: Box<libc::siginfo_t>,
+    wait_in_flight: bool,
+    reaped: bool,
+    /// Send SIGKILL at this instant (stop grace or startup timeout).
+    kill_at: Option<Instant>,
+    /// Why the worker left, for the exit log line.
+    fate: Option<String>,
+}
+
+impl Worker {
+    fn ops_in_flight(&self) -> bool {
+        self.recv_in_flight
+            || self.send_in_flight
+            || self.stdout.in_flight
+            || self.stderr.in_flight
+            || self.wait_in_flight
+    }
+}
+
+struct Request {
+    generation: u32,
+    conn: u64,
+    caller_request_id: u64,
+    service: usize,
+    payload: Vec<u8>,
+}
+
+struct Service {
+    id: u32,
+    name: String,
+    pool: Pool,
+    slot_capacity: u32,
+}
+
+/// The outcome counters this core keeps (read at exit and, later, by status).
+#[derive(Default, Debug)]
+pub struct Counters {
+    pub requests_ok: u64,
+    pub requests_failed: u64,
+    pub malformed_frames: u64,
+    pub connections_refused: u64,
+    pub slow_callers_disconnected: u64,
+}
+
+pub struct Core {
+    ring: IoUring,
+    config: Arc<Config>,
+    services: Vec<Service>,
+    service_by_id: HashMap<u32, usize>,
+    service_by_name: HashMap<String, usize>,
+    listeners: Vec<Listener>,
+    conns: Slab<Conn>,
+    workers: Slab<Worker>,
+    requests: Slab<Request>,
+    next_generation: u32,
+    job_sequence: u64,
+    signal_fd: OwnedFd,
+    signal_buf: Box<[u8; 128]>,
+    signal_in_flight: bool,
+    spawner: Spawner,
+    wake_buf: Box<[u8; 8]>,
+    wake_in_flight: bool,
+    spawn_results: Vec<SpawnResult>,
+    completions: Vec<(u64, i32, u32)>,
+    spare_payloads: Vec<Vec<u8>>,
+    scratch: Vec<u8>,
+    /// Set by SIGTERM/SIGINT: when in-flight work must be done.
+    shutdown_deadline: Option<Instant>,
+    now: Instant,
+    pub counters: Counters,
+}
+
+/// What `Core::new` needs from the process setup.
+pub struct CoreSetup {
+    pub config: Arc<Config>,
+    pub listeners: Vec<(OwnedFd, bool)>,
+    pub signal_fd: OwnedFd,
+    pub spawner: Spawner,
+}
+
+impl Core {
+    pub fn new(setup: CoreSetup) -> io::Result<Core> {
+        let config = setup.config;
+        let ring = IoUring::builder()
+            .setup_single_issuer()
+            .setup_defer_taskrun()
+            .setup_coop_taskrun()
+            .setup_cqsize(8192)
+            .dontfork()
+            .build(2048)?;
+        let now = Instant::now();
+        let mut services = Vec::new();
+        let mut service_by_id = HashMap::new();
+        let mut service_by_name = HashMap::new();
+        for (index, service) in config.services.iter().enumerate() {
+            service_by_id.insert(service.id, index);
+            service_by_name.insert(service.name.clone(), index);
+            services.push(Service {
+                id: service.id,
+                name: service.name.clone(),
+                pool: Pool::new(pool::Limits {
+                    min_workers: service.min_workers,
+                    max_workers: service.max_workers,
+                    backlog_max: service.backlog_max,
+                }),
+                slot_capacity: service.slot_size_bytes,
+            });
+        }
+        let listeners = setup
+            .listeners
+            .into_iter()
+            .map(|(fd, tcp)| Listener {
+                fd,
+                tcp,
+                accept_in_flight: false,
+                rearm_at: None,
+            })
+            .collect();
+        let mut core = Core {
+            ring,
+            config,
+            services,
+            service_by_id,
+            service_by_name,
+            listeners,
+            conns: Slab::with_capacity(1024),
+            workers: Slab::with_capacity(64),
+            requests: Slab::with_capacity(1024),
+            next_generation: 1,
+            job_sequence: 0,
+            signal_fd: setup.signal_fd,
+            signal_buf: Box::new([0; 128]),
+            signal_in_flight: false,
+            spawner: setup.spawner,
+            wake_buf: Box::new([0; 8]),
+            wake_in_flight: false,
+            spawn_results: Vec::new(),
+            completions: Vec::with_capacity(COMPLETIONS_BATCH_MAX),
+            spare_payloads: Vec::new(),
+            scratch: Vec::new(),
+            shutdown_deadline: None,
+            now,
+            counters: Counters::default(),
+        };
+        for index in 0..core.listeners.len() {
+            core.arm_accept(index);
+        }
+        core.arm_signal();
+        core.arm_spawn_wake();
+        for service in 0..core.services.len() {
+            core.run_pool_actions(service);
+        }
+        Ok(core)
+    }
+
+    fn generation(&mut self) -> u32 {
+        self.next_generation = (self.next_generation + 1) & GENERATION_MASK;
+        self.next_generation
+    }
+
+    /// Queue one SQE, submitting first if the queue is full.
+    fn push(&mut self, entry: squeue::Entry) {
+        loop {
+            // SAFETY: every entry built in this module names memory and descriptors owned by a
+            // connection, worker, listener or the core itself, and each owner outlives its op:
+            // owners are only dropped once their `*_in_flight` flags are all clear.
+            let pushed = unsafe { self.ring.submission().push(&entry) };
+            if pushed.is_ok() {
+                return;
+            }
+            if let Err(error) = self.ring.submit() {
+                tracing::error!(%error, "io_uring submit failed while the queue was full");
+            }
+        }
+    }
+
+    fn cancel(&mut self, token: Token) {
+        let entry = opcode::AsyncCancel::new(token.encode())
+            .build()
+            .user_data(Token::new(OpKind::Cancel, 0, 0).encode());
+        self.push(entry);
+    }
+
+    // ----- the loop -------------------------------------------------------------------------
+
+    /// Run until shutdown completes.
+    pub fn run(&mut self) -> io::Result<()> {
+        loop {
+            let deadline = self.next_deadline();
+            let waited = match deadline {
+                Some(deadline) => {
+                    let timeout = deadline.saturating_duration_since(Instant::now());
+                    let timespec = types::Timespec::from(timeout);
+                    let args = types::SubmitArgs::new().timespec(&timespec);
+                    self.ring.submitter().submit_with_args(1, &args)
+                }
+                None => self.ring.submit_and_wait(1),
+            };
+            match waited {
+                Ok(_) => {}
+                Err(error)
+                    if matches!(
+                        error.raw_os_error(),
+                        Some(libc::ETIME | libc::EINTR | libc::EBUSY)
+                    ) => {}
+                Err(error) => return Err(error),
+            }
+            self.now = Instant::now();
+            loop {
+                self.completions.clear();
+                for cqe in self.ring.completion().take(COMPLETIONS_BATCH_MAX) {
+                    self.completions
+                        .push((cqe.user_data(), cqe.result(), cqe.flags()));
+                }
+                if self.completions.is_empty() {
+                    break;
+                }
+                for index in 0..self.completions.len() {
+                    let (user_data, result, flags) = self.completions[index];
+                    self.complete(user_data, result, flags);
+                }
+            }
+            self.on_timers();
+            if self.finished() {
+                return Ok(());
+            }
+        }
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        let mut deadline = self.shutdown_deadline;
+        let mut consider = |at: Option<Instant>| {
+            if let Some(at) = at {
+                deadline = Some(deadline.map_or(at, |d| d.min(at)));
+            }
+        };
+        for service in &self.services {
+            consider(service.pool.next_deadline());
+        }
+        for (_, worker) in &self.workers {
+            consider(worker.kill_at);
+        }
+        for listener in &self.listeners {
+            consider(listener.rearm_at);
+        }
+        deadline
+    }
+
+    fn on_timers(&mut self) {
+        let now = self.now;
+        for service in 0..self.services.len() {
+            if self.services[service]
+                .pool
+                .next_deadline()
+                .is_some_and(|t| t <= now)
+            {
+                self.services[service].pool.tick(now);
+                self.run_pool_actions(service);
+            }
+        }
+        let due: Vec<usize> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| w.kill_at.is_some_and(|t| t <= now))
+            .map(|(index, _)| index)
+            .collect();
+        for index in due {
+            let worker = &mut self.workers[index];
+            worker.kill_at = None;
+            match worker.state {
+                WorkerState::Starting => {
+                    self.fail_worker(index, "did not finish its handshake in time")
+                }
+                _ => {
+                    tracing::warn!(pid = worker.pid, "worker did not stop in time; killing it");
+                    kill(worker, libc::SIGKILL);
+                }
+            }
+        }
+        for index in 0..self.listeners.len() {
+            if self.listeners[index].rearm_at.is_some_and(|t| t <= now) {
+                self.listeners[index].rearm_at = None;
+                self.arm_accept(index);
+            }
+        }
+        if self.shutdown_deadline.is_some_and(|t| t <= now) {
+            self.shutdown_deadline = Some(now + Duration::from_secs(3600));
+            self.force_shutdown();
+        }
+    }
+
+    fn complete(&mut self, user_data: u64, result: i32, flags: u32) {
+        let Some(token) = Token::decode(user_data) else {
+            debug_assert!(false, "completion with a foreign user_data {user_data:#x}");
+            return;
+        };
+        match token.kind {
+            OpKind::Accept => self.on_accept(token.index as usize, result, flags),
+            OpKind::ConnRecv | OpKind::ConnSend => {
+                let index = token.index as usize;
+                let live = self
+                    .conns
+                    .get(index)
+                    .is_some_and(|c| c.generation == token.generation);
+                debug_assert!(live, "stale connection completion {token:?}");
+                if !live {
+                    return;
+                }
+                if token.kind == OpKind::ConnRecv {
+                    self.on_conn_recv(index, result);
+                } else {
+                    self.on_conn_send(index, result);
+                }
+            }
+            OpKind::WorkerRecv
+            | OpKind::WorkerSend
+            | OpKind::WorkerStdout
+            | OpKind::WorkerStderr
+            | OpKind::WorkerWait => {
+                let index = token.index as usize;
+                let live = self
+                    .workers
+                    .get(index)
+                    .is_some_and(|w| w.generation == token.generation);
+                debug_assert!(live, "stale worker completion {token:?}");
+                if !live {
+                    return;
+                }
+                match token.kind {
+                    OpKind::WorkerRecv => self.on_worker_recv(index, result),
+                    OpKind::WorkerSend => self.on_worker_send(index, result),
+                    OpKind::WorkerStdout => self.on_worker_pipe(index, false, result),
+                    OpKind::WorkerStderr => self.on_worker_pipe(index, true, result),
+                    _ => self.on_worker_reaped(index, result),
+                }
+                self.free_worker_if_done(index);
+            }
+            OpKind::Signal => self.on_signal(result),
+            OpKind::SpawnWake => self.on_spawn_wake(result),
+            OpKind::Cancel => {}
+        }
+    }
+
+    // ----- listeners and signals -------------------------------------------------------------
+
+    fn arm_accept(&mut self, index: usize) {
+        if self.shutdown_deadline.is_some() {
+            return;
+        }
+        let listener = &mut self.listeners[index];
+        debug_assert!(!listener.accept_in_flight);
+        listener.accept_in_flight = true;
+        let entry = opcode::AcceptMulti::new(types::Fd(listener.fd.as_raw_fd()))
+            .flags(libc::SOCK_CLOEXEC)
+            .build()
+            .user_data(Token::new(OpKind::Accept, index, 0).encode());
+        self.push(entry);
+    }
+
+    fn on_accept(&mut self, index: usize, result: i32, flags: u32) {
+        if !cqueue::more(flags) {
+            self.listeners[index].accept_in_flight = false;
+        }
+        if result < 0 {
+            if result != -libc::ECANCELED {
+                let error = io::Error::from_raw_os_error(-result);
+                tracing::warn!(%error, "accept failed; retrying shortly");
+            }
+        } else {
+            // SAFETY: a successful accept CQE's result is a new descriptor that nothing else
+            // owns; we take it exactly once.
+            let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(result) };
+            self.on_new_connection(fd, self.listeners[index].tcp);
+        }
+        let listener = &mut self.listeners[index];
+        if !listener.accept_in_flight && self.shutdown_deadline.is_none() {
+            if result < 0 && result != -libc::ECANCELED {
+                listener.rearm_at = Some(self.now + ACCEPT_RETRY_DELAY);
+            } else {
+                self.arm_accept(index);
+            }
+        }
+    }
+
+    fn on_new_connection(&mut self, fd: OwnedFd, tcp: bool) {
+        if self.shutdown_deadline.is_some()
+            || self.conns.len() >= self.config.connections_max as usize
+        {
+            self.counters.connections_refused += 1;
+            tracing::debug!(connections = self.conns.len(), "refusing a connection");
+            return;
+        }
+        if tcp {
+            let _ = rustix::net::sockopt::set_tcp_nodelay(&fd, true);
+        }
+        let generation = self.generation();
+        let index = self.conns.insert(Conn {
+            generation,
+            fd,
+            read: ReadBuffer::new(CONN_READ_BYTES),
+            recv_in_flight: false,
+            out: Vec::new(),
+            sending: Vec::new(),
+            sent: 0,
+            send_in_flight: false,
+            discard: 0,
+            requests_in_flight: 0,
+            read_closed: false,
+            close_when_flushed: false,
+            closing: false,
+        });
+        self.arm_conn_recv(index);
+    }
+
+    fn arm_signal(&mut self) {
+        self.signal_in_flight = true;
+        let entry = opcode::Read::new(
+            types::Fd(self.signal_fd.as_raw_fd()),
+            self.signal_buf.as_mut_ptr(),
+            self.signal_buf.len() as u32,
+        )
+        .offset(u64::MAX)
+        .build()
+        .user_data(Token::new(OpKind::Signal, 0, 0).encode());
+        self.push(entry);
+    }
+
+    fn on_signal(&mut self, result: i32) {
+        self.signal_in_flight = false;
+        if result >= 4 {
+            let signo = u32::from_ne_bytes(self.signal_buf[0..4].try_into().expect("4 bytes"));
+            if self.shutdown_deadline.is_none() {
+                tracing::info!(signal = signo, "stopping: finishing requests in flight");
+                self.begin_shutdown();
+            } else {
+                tracing::warn!(signal = signo, "second signal: stopping now");
+                self.shutdown_deadline = Some(self.now);
+            }
+        }
+        self.arm_signal();
+    }
+
+    fn arm_spawn_wake(&mut self) {
+        self.wake_in_flight = true;
+        let entry = opcode::Read::new(
+            types::Fd(self.spawner.wake.as_raw_fd()),
+            self.wake_buf.as_mut_ptr(),
+            8,
+        )
+        .offset(u64::MAX)
+        .build()
+        .user_data(Token::new(OpKind::SpawnWake, 0, 0).encode());
+        self.push(entry);
+    }
+
+    fn on_spawn_wake(&mut self, _result: i32) {
+        self.wake_in_flight = false;
+        let mut results = std::mem::take(&mut self.spawn_results);
+        self.spawner.take_results(&mut results);
+        for result in results.drain(..) {
+            self.on_spawned(result);
+        }
+        self.spawn_results = results;
+        self.arm_spawn_wake();
+    }
+
+    // ----- caller connections ----------------------------------------------------------------
+
+    fn arm_conn_recv(&mut self, index: usize) {
+        let max = self.config.max_payload_bytes;
+        let conn = &mut self.conns[index];
+        if conn.recv_in_flight || conn.closing || conn.read_closed || conn.close_when_flushed {
+            return;
+        }
+        let needed = if conn.discard > 0 {
+            0
+        } else {
+            conn.read.frame_bytes_needed(max)
+        };
+        conn.read.prepare_read(needed);
+        let spare = conn.read.spare();
+        let entry = opcode::Recv::new(
+            types::Fd(conn.fd.as_raw_fd()),
+            spare.as_mut_ptr(),
+            spare.len().min(u32::MAX as usize) as u32,
+        )
+        .build()
+        .user_data(Token::new(OpKind::ConnRecv, index, conn.generation).encode());
+        conn.recv_in_flight = true;
+        self.push(entry);
+    }
+
+    fn on_conn_recv(&mut self, index: usize, result: i32) {
+        let conn = &mut self.conns[index];
+        conn.recv_in_flight = false;
+        if conn.closing {
+            self.free_conn_if_done(index);
+            return;
+        }
+        if result < 0 {
+            let error = io::Error::from_raw_os_error(-result);
+            tracing::debug!(%error, "caller connection failed");
+            self.close_conn(index);
+            return;
+        }
+        if result == 0 {
+            conn.read_closed = true;
+            self.close_conn_if_finished(index);
+            return;
+        }
+        conn.read.commit(result as usize);
+        self.handle_frames(index);
+        if self.conns.get(index).is_some_and(|c| !c.closing) {
+            self.arm_conn_recv(index);
+        }
+    }
+
+    /// Handle every whole frame at the front of the connection's buffer.
+    fn handle_frames(&mut self, index: usize) {
+        let max = self.config.max_payload_bytes;
+        loop {
+            let conn = &mut self.conns[index];
+            if conn.closing || conn.close_when_flushed {
+                return;
+            }
+            if conn.discard > 0 {
+                let n = conn.discard.min(conn.read.len() as u64);
+                conn.read.consume(n as usize);
+                conn.discard -= n;
+                if conn.discard > 0 {
+                    return;
+                }
+                continue;
+            }
+            match conn.read.parse(max) {
+                Parsed::NeedMore => return,
+                Parsed::Frame(header) => {
+                    if !header.kind.is_caller_to_bridge() {
+                        let error = FrameError::UnknownKind {
+                            found: header.kind as u8,
+                        };
+                        self.malformed(index, header.request_id, &error);
+                        return;
+                    }
+                    if header.flags != 0 {
+                        // Every flag defined so far is for workers only.
+                        let error = FrameError::UnknownFlags {
+                            found: header.flags,
+                        };
+                        self.malformed(index, header.request_id, &error);
+                        return;
+                    }
+                    let mut payload = self.spare_payloads.pop().unwrap_or_default();
+                    payload.clear();
+                    payload.extend_from_slice(conn.read.payload(&header));
+                    conn.read
+                        .consume(HEADER_BYTES + header.payload_len as usize);
+                    self.on_caller_frame(index, header, payload);
+                }
+                Parsed::Bad(FrameError::PayloadTooLarge { header, max })
+                    if header.kind.is_caller_to_bridge() =>
+                {
+                    conn.read.consume(HEADER_BYTES);
+                    conn.discard = header.payload_len as u64;
+                    self.counters.requests_failed += 1;
+                    let message = format!(
+                        "payload of {} bytes is over the maximum of {max} bytes",
+                        header.payload_len
+                    );
+                    self.answer_error(
+                        index,
+                        header.request_id,
+                        header.service_id,
+                        ErrorCode::PayloadTooLarge,
+                        &message,
+                    );
+                }
+                Parsed::Bad(error) => {
+                    let filled = conn.read.filled();
+                    let request_id = u64::from_le_bytes(filled[16..24].try_into().expect("8"));
+                    self.malformed(index, request_id, &error);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Answer a malformed frame, then close the connection: frame boundaries are lost.
+    fn malformed(&mut self, index: usize, request_id: u64, error: &FrameError) {
+        self.counters.malformed_frames += 1;
+        tracing::debug!(%error, "malformed frame from a caller; closing the connection");
+        let message = error.to_string();
+        self.answer_error(index, request_id, 0, ErrorCode::MalformedFrame, &message);
+        if let Some(conn) = self.conns.get_mut(index) {
+            conn.close_when_flushed = true;
+            if conn.recv_in_flight {
+                let token = Token::new(OpKind::ConnRecv, index, conn.generation);
+                self.cancel(token);
+            }
+        }
+        self.close_conn_if_finished(index);
+    }
+
+    fn on_caller_frame(&mut self, index: usize, header: Header, payload: Vec<u8>) {
+        match header.kind {
+            Kind::Ping => {
+                let reply = Header::new(Kind::Pong, 0, header.request_id, payload.len() as u32);
+                self.answer(index, &reply, &payload);
+            }
+            Kind::Resolve => {
+                let name = String::from_utf8_lossy(&payload);
+                match self.service_by_name.get(name.as_ref()) {
+                    Some(&service) => {
+                        let id = self.services[service].id;
+                        let reply = Header::new(Kind::Resolved, id, header.request_id, 0);
+                        self.answer(index, &reply, &[]);
+                    }
+                    None => {
+                        let message = format!("no service is named {name:?}");
+                        self.answer_error(
+                            index,
+                            header.request_id,
+                            0,
+                            ErrorCode::UnknownService,
+                            &message,
+                        );
+                    }
+                }
+            }
+            Kind::Request => {
+                let Some(&service) = self.service_by_id.get(&header.service_id) else {
+                    self.counters.requests_failed += 1;
+                    let message = format!("no service has id {}", header.service_id);
+                    self.answer_error(
+                        index,
+                        header.request_id,
+                        header.service_id,
+                        ErrorCode::UnknownService,
+                        &message,
+                    );
+                    self.spare_payloads.push(payload);
+                    return;
+                };
+                let conn = &mut self.conns[index];
+                conn.requests_in_flight += 1;
+                let conn_handle = handle(index, conn.generation);
+                let generation = self.generation();
+                let request = self.requests.insert(Request {
+                    generation,
+                    conn: conn_handle,
+                    caller_request_id: header.request_id,
+                    service,
+                    payload,
+                });
+                let now = self.now;
+                self.services[service]
+                    .pool
+                    .on_request(now, handle(request, generation));
+                self.run_pool_actions(service);
+                return;
+            }
+            _ => unreachable!("checked by is_caller_to_bridge"),
+        }
+        self.spare_payloads.push(payload);
+    }
+
+    /// Queue a whole answer frame for the caller, disconnecting a caller that does not read.
+    fn answer(&mut self, index: usize, header: &Header, payload: &[u8]) {
+        let conn = &mut self.conns[index];
+        if conn.closing {
+            return;
+        }
+        proto::encode_frame(&mut conn.out, header, payload);
+        self.after_queueing(index);
+    }
+
+    fn answer_error(
+        &mut self,
+        index: usize,
+        request_id: u64,
+        service_id: u32,
+        code: ErrorCode,
+        message: &str,
+    ) {
+        let header = Header::error(request_id, service_id, code, message.len() as u32);
+        self.answer(index, &header, message.as_bytes());
+    }
+
+    fn after_queueing(&mut self, index: usize) {
+        let conn = &mut self.conns[index];
+        if conn.queued_bytes() as u64 > self.config.write_queue_max_bytes {
+            self.counters.slow_callers_disconnected += 1;
+            tracing::warn!(
+                queued_bytes = conn.queued_bytes(),
+                "caller is not reading its answers; disconnecting it"
+            );
+            self.close_conn(index);
+            return;
+        }
+        self.arm_conn_send(index);
+    }
+
+    fn arm_conn_send(&mut self, index: usize) {
+        let conn = &mut self.conns[index];
+        if conn.send_in_flight || conn.closing {
+            return;
+        }
+        if conn.sent == conn.sending.len() {
+            if conn.out.is_empty() {
+                return;
+            }
+            conn.sending.clear();
+            conn.sent = 0;
+            std::mem::swap(&mut conn.out, &mut conn.sending);
+        }
+        let rest = &conn.sending[conn.sent..];
+        let entry = opcode::Send::new(
+            types::Fd(conn.fd.as_raw_fd()),
+            rest.as_ptr(),
+            rest.len().min(u32::MAX as usize) as u32,
+        )
+        .flags(libc::MSG_NOSIGNAL)
+        .build()
+        .user_data(Token::new(OpKind::ConnSend, index, conn.generation).encode());
+        conn.send_in_flight = true;
+        self.push(entry);
+    }
+
+    fn on_conn_send(&mut self, index: usize, result: i32) {
+        let conn = &mut self.conns[index];
+        conn.send_in_flight = false;
+        if conn.closing {
+            self.free_conn_if_done(index);
+            return;
+        }
+        if result <= 0 {
+            let error = io::Error::from_raw_os_error(-result);
+            tracing::debug!(%error, "sending to a caller failed");
+            self.close_conn(index);
+            return;
+        }
+        conn.sent += result as usize;
+        debug_assert!(conn.sent <= conn.sending.len());
+        if conn.sent == conn.sending.len() && conn.sending.capacity() > 1 << 20 {
+            conn.sending = Vec::new();
+            conn.sent = 0;
+        }
+        self.arm_conn_send(index);
+        self.close_conn_if_finished(index);
+    }
+
+    /// Close a connection whose caller is done (read side closed or protocol error) once every
+    /// accepted request is answered and every answer sent.
+    fn close_conn_if_finished(&mut self, index: usize) {
+        let Some(conn) = self.conns.get(index) else {
+            return;
+        };
+        if conn.closing {
+            return;
+        }
+        let flushed = conn.queued_bytes() == 0 && !conn.send_in_flight;
+        let caller_done =
+            conn.close_when_flushed || (conn.read_closed && conn.requests_in_flight == 0);
+        let stopping_and_idle = self.shutdown_deadline.is_some()
+            && self.pools_stopped()
+            && conn.requests_in_flight == 0;
+        if flushed && (caller_done || stopping_and_idle) {
+            self.close_conn(index);
+        }
+    }
+
+    /// Close now: cancel its ops; the entry goes once they complete. Answers still owed to its
+    /// requests are dropped when they arrive (the generation no longer matches).
+    fn close_conn(&mut self, index: usize) {
+        let conn = &mut self.conns[index];
+        if conn.closing {
+            return;
+        }
+        conn.closing = true;
+        let generation = conn.generation;
+        let (recv, send) = (conn.recv_in_flight, conn.send_in_flight);
+        if recv {
+            self.cancel(Token::new(OpKind::ConnRecv, index, generation));
+        }
+        if send {
+            self.cancel(Token::new(OpKind::ConnSend, index, generation));
+        }
+        self.free_conn_if_done(index);
+    }
+
+    fn free_conn_if_done(&mut self, index: usize) {
+        let conn = &self.conns[index];
+        if conn.closing && !conn.recv_in_flight && !conn.send_in_flight {
+            self.conns.remove(index);
+        }
+    }
+
+    /// The live connection behind a request's handle, if the caller is still there.
+    fn live_conn(&self, conn_handle: u64) -> Option<usize> {
+        let index = handle_index(conn_handle);
+        self.conns
+            .get(index)
+            .filter(|c| c.generation == handle_generation(conn_handle) && !c.closing)
+            .map(|_| index)
+    }
+
+    // ----- requests ----------------------------------------------------------------------------
+
+    fn request_index(&self, request: u64) -> usize {
+        let index = handle_index(request);
+        assert!(
+            self.requests
+                .get(index)
+                .is_some_and(|r| r.generation == handle_generation(request)),
+            "pool named an unknown request"
+        );
+        index
+    }
+
+    /// Remove a finished request and account for it on its connection.
+    fn finish_request(&mut self, request: u64, ok: bool) -> Option<usize> {
+        let index = self.request_index(request);
+        let entry = self.requests.remove(index);
+        if ok {
+            self.counters.requests_ok += 1;
+        } else {
+            self.counters.requests_failed += 1;
+        }
+        let mut payload = entry.payload;
+        if payload.capacity() <= 64 * 1024 && self.spare_payloads.len() < 1024 {
+            payload.clear();
+            self.spare_payloads.push(payload);
+        }
+        let conn_index = handle_index(entry.conn);
+        if let Some(conn) = self.conns.get_mut(conn_index) {
+            if conn.generation == handle_generation(entry.conn) {
+                conn.requests_in_flight -= 1;
+            }
+        }
+        self.live_conn(entry.conn)
+    }
+
+    fn fail_request(&mut self, request: u64, code: ErrorCode, message: &str) {
+        let index = self.request_index(request);
+        let (caller_request_id, service) = {
+            let entry = &self.requests[index];
+            (entry.caller_request_id, entry.service)
+        };
+        let service_id = self.services[service].id;
+        if let Some(conn) = self.finish_request(request, false) {
+            self.answer_error(conn, caller_request_id, service_id, code, message);
+            self.close_conn_if_finished(conn);
+        }
+    }
+
+    // ----- pools -------------------------------------------------------------------------------
+
+    fn run_pool_actions(&mut self, service: usize) {
+        while let Some(action) = self.services[service].pool.next_action() {
+            match action {
+                Action::Spawn => self.request_spawn(service),
+                Action::Dispatch { request, worker } => self.dispatch(request, worker),
+                Action::Reject { request, code } => {
+                    let name = &self.services[service].name;
+                    let message = match code {
+                        ErrorCode::Overloaded => {
+                            format!("service {name} is at max_workers and its backlog is full")
+                        }
+                        ErrorCode::ShuttingDown => "the bridge is shutting down".to_string(),
+                        ErrorCode::WorkerFailed => {
+                            format!("service {name} cannot start workers (see the bridge log)")
+                        }
+                        other => format!("service {name}: {other}"),
+                    };
+                    self.fail_request(request, code, &message);
+                }
+                Action::Stop { worker } => self.stop_worker(handle_index(worker)),
+            }
+        }
+    }
+
+    fn pools_stopped(&self) -> bool {
+        self.services.iter().all(|s| s.pool.is_stopped())
+    }
+
+    fn request_spawn(&mut self, service: usize) {
+        let config = &self.config.services[service];
+        self.spawner.request(SpawnRequest {
+            service_index: service,
+            service_name: config.name.clone(),
+            service_id: config.id,
+            exec: config.exec.clone(),
+            args: config.args.clone(),
+            env: config.env.clone(),
+            slot_capacity: config.slot_size_bytes,
+            max_payload_bytes: self.config.max_payload_bytes,
+            state_dir: self.config.state_dir.clone(),
+        });
+    }
+
+    fn dispatch(&mut self, request: u64, worker: u64) {
+        let request_index = self.request_index(request);
+        let worker_index = handle_index(worker);
+        self.job_sequence += 1;
+        let sequence = self.job_sequence;
+        let payload = std::mem::take(&mut self.requests[request_index].payload);
+        let w = &mut self.workers[worker_index];
+        assert_eq!(
+            w.generation,
+            handle_generation(worker),
+            "dispatch to a stale worker"
+        );
+        assert_eq!(
+            w.state,
+            WorkerState::Idle,
+            "dispatch to a worker that is not idle"
+        );
+        w.state = WorkerState::Busy { request, sequence };
+        let in_slot = payload.len() <= w.slot.capacity() as usize;
+        let filled = w.slot.fill(sequence, in_slot.then_some(&payload[..]), 0);
+        let mut header = Header::new(Kind::Job, 0, sequence, 0);
+        if in_slot {
+            header.flags = FLAG_IN_SLOT;
+            w.out.extend_from_slice(&header.encode());
+        } else {
+            header.payload_len = payload.len() as u32;
+            proto::encode_frame(&mut w.out, &header, &payload);
+        }
+        self.requests[request_index].payload = payload;
+        match filled {
+            Ok(()) => self.arm_worker_send(worker_index),
+            Err(error) => self.fail_worker(worker_index, &format!("corrupted its slot: {error}")),
+        }
+    }
+
+    // ----- workers -----------------------------------------------------------------------------
+
+    fn on_spawned(&mut self, result: SpawnResult) {
+        let service = result.service_index;
+        let name = self.services[service].name.clone();
+        let spawned: Spawned = match result.result {
+            Ok(spawned) => spawned,
+            Err(message) => {
+                tracing::error!(service = %name, "{message}");
+                let now = self.now;
+                self.services[service].pool.on_start_failed(now);
+                self.run_pool_actions(service);
+                return;
+            }
+        };
+        tracing::info!(service = %name, pid = spawned.pid, "worker spawned");
+        debug_assert_eq!(
+            spawned.slot.capacity(),
+            self.services[service].slot_capacity
+        );
+        let generation = self.generation();
+        let startup_timeout = Duration::from_millis(self.config.startup_timeout_ms);
+        let index = self.workers.insert(Worker {
+            generation,
+            service,
+            pid: spawned.pid,
+            control: spawned.control,
+            slot: spawned.slot,
+            state: WorkerState::Starting,
+            read: ReadBuffer::new(WORKER_READ_BYTES),
+            recv_in_flight: false,
+            out: Vec::new(),
+            sending: Vec::new(),
+            sent: 0,
+            send_in_flight: false,
+            stdout: PipeLog::new(spawned.stdout),
+            stderr: PipeLog::new(spawned.stderr),
+            // SAFETY: siginfo_t is plain data; all-zero is a valid value.
+            siginfo: Box::new(unsafe { std::mem::zeroed() }),
+            wait_in_flight: false,
+            reaped: false,
+            kill_at: Some(self.now + startup_timeout),
+            fate: None,
+        });
+        self.arm_worker_wait(index);
+        self.arm_worker_recv(index);
+        self.arm_worker_pipe(index, false);
+        self.arm_worker_pipe(index, true);
+    }
+
+    fn arm_worker_wait(&mut self, index: usize) {
+        let worker = &mut self.workers[index];
+        worker.wait_in_flight = true;
+        let siginfo: *mut libc::siginfo_t = &mut *worker.siginfo;
+        let entry = opcode::WaitId::new(libc::P_PID, worker.pid as libc::id_t, libc::WEXITED)
+            .infop(siginfo.cast_const())
+            .build()
+            .user_data(Token::new(OpKind::WorkerWait, index, worker.generation).encode());
+        self.push(entry);
+    }
+
+    fn arm_worker_recv(&mut self, index: usize) {
+        let max = self.config.max_payload_bytes;
+        let worker = &mut self.workers[index];
+        if worker.recv_in_flight || worker.state == WorkerState::Dead {
+            return;
+        }
+        let needed = worker.read.frame_bytes_needed(max);
+        worker.read.prepare_read(needed);
+        let spare = worker.read.spare();
+        let entry = opcode::Recv::new(
+            types::Fd(worker.control.as_raw_fd()),
+            spare.as_mut_ptr(),
+            spare.len().min(u32::MAX as usize) as u32,
+        )
+        .build()
+        .user_data(Token::new(OpKind::WorkerRecv, index, worker.generation).encode());
+        worker.recv_in_flight = true;
+        self.push(entry);
+    }
+
+    fn arm_worker_send(&mut self, index: usize) {
+        let worker = &mut self.workers[index];
+        if worker.send_in_flight || worker.state == WorkerState::Dead {
+            return;
+        }
+        if worker.sent == worker.sending.len() {
+            if worker.out.is_empty() {
+                return;
+            }
+            worker.sending.clear();
+            worker.sent = 0;
+            std::mem::swap(&mut worker.out, &mut worker.sending);
+        }
+        let rest = &worker.sending[worker.sent..];
+        let entry = opcode::Send::new(
+            types::Fd(worker.control.as_raw_fd()),
+            rest.as_ptr(),
+            rest.len().min(u32::MAX as usize) as u32,
+        )
+        .flags(libc::MSG_NOSIGNAL)
+        .build()
+        .user_data(Token::new(OpKind::WorkerSend, index, worker.generation).encode());
+        worker.send_in_flight = true;
+        self.push(entry);
+    }
+
+    fn arm_worker_pipe(&mut self, index: usize, stderr: bool) {
+        let worker = &mut self.workers[index];
+        let kind = if stderr {
+            OpKind::WorkerStderr
+        } else {
+            OpKind::WorkerStdout
+        };
+        let token = Token::new(kind, index, worker.generation).encode();
+        let pipe = if stderr {
+            &mut worker.stderr
+        } else {
+            &mut worker.stdout
+        };
+        if pipe.in_flight || !pipe.open {
+            return;
+        }
+        pipe.in_flight = true;
+        let entry = opcode::Read::new(
+            types::Fd(pipe.fd.as_raw_fd()),
+            pipe.buf.as_mut_ptr(),
+            PIPE_READ_BYTES as u32,
+        )
+        .offset(u64::MAX)
+        .build()
+        .user_data(token);
+        self.push(entry);
+    }
+
+    fn on_worker_pipe(&mut self, index: usize, stderr: bool, result: i32) {
+        let worker = &mut self.workers[index];
+        let service = &self.services[worker.service].name;
+        let pid = worker.pid;
+        let stream = if stderr { "stderr" } else { "stdout" };
+        let pipe = if stderr {
+            &mut worker.stderr
+        } else {
+            &mut worker.stdout
+        };
+        pipe.in_flight = false;
+        if result <= 0 {
+            pipe.open = false;
+            if !pipe.line.is_empty() {
+                log_worker_line(service, pid, stream, &pipe.line);
+                pipe.line.clear();
+            }
+            return;
+        }
+        let data = &pipe.buf[..result as usize];
+        for piece in data.split_inclusive(|b| *b == b'\n') {
+            if let Some(line) = piece.strip_suffix(b"\n") {
+                pipe.line.extend_from_slice(line);
+                log_worker_line(service, pid, stream, &pipe.line);
+                pipe.line.clear();
+            } else {
+                pipe.line.extend_from_slice(piece);
+                if pipe.line.len() >= PIPE_READ_BYTES {
+                    log_worker_line(service, pid, stream, &pipe.line);
+                    pipe.line.clear();
+                }
+            }
+        }
+        self.arm_worker_pipe(index, stderr);
+    }
+
+    fn on_worker_send(&mut self, index: usize, result: i32) {
+        let worker = &mut self.workers[index];
+        worker.send_in_flight = false;
+        if worker.state == WorkerState::Dead {
+            return;
+        }
+        if result <= 0 {
+            let error = io::Error::from_raw_os_error(-result);
+            self.fail_worker(index, &format!("control socket send failed: {error}"));
+            return;
+        }
+        worker.sent += result as usize;
+        self.arm_worker_send(index);
+    }
+
+    fn on_worker_recv(&mut self, index: usize, result: i32) {
+        let worker = &mut self.workers[index];
+        worker.recv_in_flight = false;
+        if worker.state == WorkerState::Dead {
+            return;
+        }
+        if result < 0 {
+            let error = io::Error::from_raw_os_error(-result);
+            self.fail_worker(index, &format!("control socket failed: {error}"));
+            return;
+        }
+        if result == 0 {
+            if worker.state != WorkerState::Stopping {
+                self.fail_worker(index, "closed its control socket");
+            }
+            return;
+        }
+        worker.read.commit(result as usize);
+        let max = self.config.max_payload_bytes;
+        loop {
+            let Some(worker) = self.workers.get_mut(index) else {
+                return;
+            };
+            if worker.state == WorkerState::Dead {
+                return;
+            }
+            match worker.read.parse(max) {
+                Parsed::NeedMore => break,
+                Parsed::Bad(error) => {
+                    self.fail_worker(index, &format!("sent a bad frame: {error}"));
+                    return;
+                }
+                Parsed::Frame(header) => {
+                    self.on_worker_frame(index, header);
+                    if let Some(worker) = self.workers.get_mut(index) {
+                        if worker.state != WorkerState::Dead {
+                            worker
+                                .read
+                                .consume(HEADER_BYTES + header.payload_len as usize);
+                        }
+                    }
+                }
+            }
+        }
+        self.arm_worker_recv(index);
+    }
+
+    fn on_worker_frame(&mut self, index: usize, header: Header) {
+        let worker = &mut self.workers[index];
+        let service = worker.service;
+        match (worker.state, header.kind) {
+            (WorkerState::Starting, Kind::Hello) => {
+                let hello = Hello::decode(worker.read.payload(&header));
+                match hello {
+                    Some(hello) if hello.slot_abi_version == SLOT_ABI_VERSION => {
+                        worker.state = WorkerState::Idle;
+                        worker.kill_at = None;
+                        let id = handle(index, worker.generation);
+                        tracing::debug!(pid = worker.pid, "worker ready");
+                        self.services[service].pool.on_worker_ready(id);
+                        self.run_pool_actions(service);
+                    }
+                    Some(hello) => self.fail_worker(
+                        index,
+                        &format!(
+                            "speaks slot ABI {}, this bridge speaks {SLOT_ABI_VERSION}",
+                            hello.slot_abi_version
+                        ),
+                    ),
+                    None => self.fail_worker(index, "sent a malformed Hello"),
+                }
+            }
+            (WorkerState::Busy { request, sequence }, Kind::Done | Kind::Fail) => {
+                if header.request_id != sequence {
+                    let message = format!(
+                        "answered job {} while holding job {sequence}",
+                        header.request_id
+                    );
+                    self.fail_worker(index, &message);
+                    return;
+                }
+                self.on_job_answer(index, request, sequence, header);
+            }
+            (state, kind) => {
+                let message = format!("sent an unexpected {kind:?} frame while {state:?}");
+                self.fail_worker(index, &message);
+            }
+        }
+    }
+
+    /// The busy worker answered its job: validate the slot, forward the reply, free the worker.
+    fn on_job_answer(&mut self, index: usize, request: u64, sequence: u64, header: Header) {
+        let request_index = self.request_index(request);
+        let (conn_handle, caller_request_id, service) = {
+            let entry = &self.requests[request_index];
+            (entry.conn, entry.caller_request_id, entry.service)
+        };
+        let service_id = self.services[service].id;
+        let conn = self.live_conn(conn_handle);
+        let worker = &mut self.workers[index];
+        let in_slot = header.kind == Kind::Done && header.in_slot();
+        if in_slot && header.payload_len != 0 {
+            self.fail_worker(index, "sent an in-slot reply with a socket payload");
+            return;
+        }
+        let mut target = match conn {
+            Some(conn) => std::mem::take(&mut self.conns[conn].out),
+            None => std::mem::take(&mut self.scratch),
+        };
+        let start = target.len();
+        target.extend_from_slice(&[0; HEADER_BYTES]);
+        let taken = worker.slot.take_reply(sequence, in_slot, &mut target);
+        let reply_header = match (&taken, header.kind) {
+            (Err(_), _) => None,
+            (Ok(_), Kind::Done) => {
+                if !in_slot {
+                    target.extend_from_slice(worker.read.payload(&header));
+                }
+                let len = (target.len() - start - HEADER_BYTES) as u32;
+                Some(Header::new(Kind::Reply, service_id, caller_request_id, len))
+            }
+            (Ok(_), _) => {
+                target.extend_from_slice(worker.read.payload(&header));
+                let len = (target.len() - start - HEADER_BYTES) as u32;
+                Some(Header::error(
+                    caller_request_id,
+                    service_id,
+                    ErrorCode::ServiceError,
+                    len,
+                ))
+            }
+        };
+        match reply_header {
+            Some(reply_header) => {
+                target[start..start + HEADER_BYTES].copy_from_slice(&reply_header.encode());
+            }
+            None => target.truncate(start),
+        }
+        match conn {
+            Some(conn) => self.conns[conn].out = target,
+            None => {
+                target.clear();
+                self.scratch = target;
+            }
+        }
+        if let Err(error) = taken {
+            self.fail_worker(index, &format!("broke the slot protocol: {error}"));
+            return;
+        }
+        let ok = header.kind == Kind::Done;
+        let conn = self.finish_request(request, ok);
+        if let Some(conn) = conn {
+            self.after_queueing(conn);
+            self.close_conn_if_finished(conn);
+        }
+        let worker = &mut self.workers[index];
+        worker.state = WorkerState::Idle;
+        let id = handle(index, worker.generation);
+        let service = worker.service;
+        self.services[service].pool.on_job_done(id);
+        self.run_pool_actions(service);
+    }
+
+    /// A worker broke the protocol, failed or vanished: kill it, take it out of the pool, and
+    /// answer the request it held with `worker failed`.
+    fn fail_worker(&mut self, index: usize, reason: &str) {
+        let worker = &mut self.workers[index];
+        let previous = worker.state;
+        if previous == WorkerState::Dead {
+            return;
+        }
+        worker.state = WorkerState::Dead;
+        worker.kill_at = None;
+        worker.fate.get_or_insert_with(|| reason.to_string());
+        let service = worker.service;
+        let id = handle(index, worker.generation);
+        let pid = worker.pid;
+        if !worker.reaped {
+            kill(worker, libc::SIGKILL);
+        }
+        worker.slot.reset();
+        let name = &self.services[service].name;
+        let now = self.now;
+        match previous {
+            WorkerState::Starting => {
+                tracing::warn!(service = %name, pid, "worker failed to start: {reason}");
+                self.services[service].pool.on_start_failed(now);
+            }
+            WorkerState::Idle | WorkerState::Busy { .. } => {
+                tracing::warn!(service = %name, pid, "worker failed: {reason}");
+                let held = self.services[service]
+                    .pool
+                    .on_worker_exit(now, id, Exit::Died);
+                if let Some(request) = held {
+                    let message = format!("the worker (pid {pid}) failed: {reason}");
+                    self.fail_request(request, ErrorCode::WorkerFailed, &message);
+                }
+            }
+            WorkerState::Stopping | WorkerState::Dead => {}
+        }
+        self.run_pool_actions(service);
+    }
+
+    /// The policy stopped an idle worker: close its control socket (the SDK exits on EOF),
+    /// send SIGTERM, and SIGKILL after the grace period.
+    fn stop_worker(&mut self, index: usize) {
+        let grace = Duration::from_millis(self.config.kill_grace_ms);
+        let worker = &mut self.workers[index];
+        assert!(matches!(
+            worker.state,
+            WorkerState::Idle | WorkerState::Starting
+        ));
+        worker.state = WorkerState::Stopping;
+        worker.fate = Some("stopped".to_string());
+        let _ = rustix::net::shutdown(&worker.control, rustix::net::Shutdown::Write);
+        kill(worker, libc::SIGTERM);
+        worker.kill_at = Some(self.now + grace);
+    }
+
+    fn on_worker_reaped(&mut self, index: usize, result: i32) {
+        let worker = &mut self.workers[index];
+        worker.wait_in_flight = false;
+        if result < 0 {
+            let error = io::Error::from_raw_os_error(-result);
+            tracing::error!(pid = worker.pid, %error, "waitid failed; retrying");
+            self.arm_worker_wait(index);
+            return;
+        }
+        worker.reaped = true;
+        worker.kill_at = None;
+        let status = describe_exit(&worker.siginfo);
+        if !matches!(worker.state, WorkerState::Dead | WorkerState::Stopping) {
+            self.fail_worker(index, &status);
+        }
+        let worker = &mut self.workers[index];
+        let service = &self.services[worker.service].name;
+        let fate = worker.fate.as_deref().unwrap_or("exited");
+        tracing::info!(service = %service, pid = worker.pid, reason = fate, "worker exited: {status}");
+        if worker.state == WorkerState::Stopping {
+            worker.state = WorkerState::Dead;
+        }
+        // The process is gone: nothing more will come on its descriptors except EOF; cancel
+        // reads that a surviving grandchild could keep open.
+        let generation = worker.generation;
+        let (recv, out, err) = (
+            worker.recv_in_flight,
+            worker.stdout.in_flight,
+            worker.stderr.in_flight,
+        );
+        if recv {
+            self.cancel(Token::new(OpKind::WorkerRecv, index, generation));
+        }
+        if out {
+            self.cancel(Token::new(OpKind::WorkerStdout, index, generation));
+        }
+        if err {
+            self.cancel(Token::new(OpKind::WorkerStderr, index, generation));
+        }
+    }
+
+    fn free_worker_if_done(&mut self, index: usize) {
+        let Some(worker) = self.workers.get(index) else {
+            return;
+        };
+        if worker.reaped && !worker.ops_in_flight() {
+            debug_assert_eq!(worker.state, WorkerState::Dead);
+            self.workers.remove(index);
+        }
+    }
+
+    // ----- shutdown ----------------------------------------------------------------------------
+
+    fn begin_shutdown(&mut self) {
+        let timeout = Duration::from_millis(self.config.shutdown_timeout_ms);
+        self.shutdown_deadline = Some(self.now + timeout);
+        for index in 0..self.listeners.len() {
+            self.listeners[index].rearm_at = None;
+            if self.listeners[index].accept_in_flight {
+                self.cancel(Token::new(OpKind::Accept, index, 0));
+            }
+        }
+        if let Some(path) = &self.config.listen.unix {
+            let _ = std::fs::remove_file(path);
+        }
+        for service in 0..self.services.len() {
+            self.services[service].pool.begin_stop();
+            self.run_pool_actions(service);
+        }
+        let conns: Vec<usize> = self.conns.iter().map(|(index, _)| index).collect();
+        for index in conns {
+            self.close_conn_if_finished(index);
+        }
+    }
+
+    /// The shutdown timeout passed: fail what is still queued or running and kill every worker.
+    fn force_shutdown(&mut self) {
+        tracing::warn!("shutdown timeout passed: failing requests still in flight");
+        for service in 0..self.services.len() {
+            self.services[service]
+                .pool
+                .reject_backlog(ErrorCode::ShuttingDown);
+            self.run_pool_actions(service);
+        }
+        let workers: Vec<usize> = self.workers.iter().map(|(index, _)| index).collect();
+        for index in workers {
+            self.fail_worker(index, "killed: the bridge's shutdown timeout passed");
+        }
+        let conns: Vec<usize> = self.conns.iter().map(|(index, _)| index).collect();
+        for index in conns {
+            self.close_conn(index);
+        }
+    }
+
+    fn finished(&mut self) -> bool {
+        if self.shutdown_deadline.is_none() || !self.pools_stopped() || !self.workers.is_empty() {
+            return false;
+        }
+        let conns: Vec<usize> = self.conns.iter().map(|(index, _)| index).collect();
+        for index in conns {
+            self.close_conn_if_finished(index);
+        }
+        self.conns.is_empty() && self.listeners.iter().all(|l| !l.accept_in_flight)
+    }
+}
+
+fn kill(worker: &Worker, signal: i32) {
+    // Never signal a reaped pid: it may belong to another process by now.
+    if !worker.reaped {
+        // SAFETY: kill(2) with a pid we spawned and have not reaped yet.
+        unsafe { libc::kill(worker.pid, signal) };
+    }
+}
+
+fn describe_exit(info: &libc::siginfo_t) -> String {
+    // SAFETY: waitid filled `info` for a CLD_* event; si_status is valid for those.
+    let status = unsafe { info.si_status() };
+    match info.si_code {
+        libc::CLD_EXITED => format!("exit status {status}"),
+        libc::CLD_KILLED => format!("killed by signal {status}"),
+        libc::CLD_DUMPED => format!("killed by signal {status} (core dumped)"),
+        code => format!("ended (si_code {code}, status {status})"),
+    }
+}
+
+fn log_worker_line(service: &str, pid: i32, stream: &str, line: &[u8]) {
+    let text = String::from_utf8_lossy(line);
+    tracing::info!(target: "acgi_bridge::worker_output", service, pid, stream, "{}", text.trim_end());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_round_trip_and_reject_unknown_kinds() {
+        // Proves user_data carries kind, index and generation without loss.
+        let token = Token::new(OpKind::WorkerWait, 123_456, 0xABCDEF);
+        assert_eq!(Token::decode(token.encode()), Some(token));
+        assert_eq!(Token::decode(0), None);
+        assert_eq!(Token::new(OpKind::Accept, 1, 0x1_000_001).generation, 1);
+    }
+}
