@@ -69,10 +69,11 @@ fn init_logging(filter: &str) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
 }
 
-fn serve(path: &PathBuf, log: &str) -> ExitCode {
+fn serve(path: &std::path::Path, log: &str) -> ExitCode {
     init_logging(log);
     let config = match Config::load(path) {
         Ok(config) => config,
@@ -128,7 +129,7 @@ fn call(connect: &str, service: &str, payload: Option<String>) -> ExitCode {
     }
 }
 
-fn check(path: &PathBuf) -> ExitCode {
+fn check(path: &std::path::Path) -> ExitCode {
     match Config::load(path) {
         Ok(config) => {
             println!(

@@ -1,0 +1,332 @@
+//! Test harness: start the real `acgi-bridge` binary with real worker executables, on a
+//! temporary Unix socket and an ephemeral loopback TCP port, and wait for its `ready` line.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use acgi_bridge::client::BlockingClient;
+
+/// Path of an example executable built next to the test binary (`cargo test` builds examples).
+pub fn example(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>");
+    let path = profile_dir.join("examples").join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --examples`",
+        path.display()
+    );
+    path
+}
+
+pub fn bridge_exe() -> &'static str {
+    env!("CARGO_BIN_EXE_acgi-bridge")
+}
+
+/// One `[[service]]` of a test config.
+#[derive(Clone)]
+pub struct ServiceSpec {
+    pub id: u32,
+    pub name: String,
+    pub exec: PathBuf,
+    pub args: Vec<String>,
+    pub min_workers: u32,
+    pub max_workers: u32,
+    pub slot_size_bytes: u32,
+    pub backlog_max: u32,
+    pub extra: String,
+}
+
+impl ServiceSpec {
+    pub fn new(id: u32, name: &str, exec: PathBuf) -> ServiceSpec {
+        ServiceSpec {
+            id,
+            name: name.to_string(),
+            exec,
+            args: Vec::new(),
+            min_workers: 1,
+            max_workers: 4,
+            slot_size_bytes: 65536,
+            backlog_max: 100_000,
+            extra: String::new(),
+        }
+    }
+
+    pub fn echo() -> ServiceSpec {
+        ServiceSpec::new(1, "echo", example("echo"))
+    }
+
+    pub fn faulty() -> ServiceSpec {
+        ServiceSpec::new(3, "faulty", example("faulty"))
+    }
+
+    pub fn kv() -> ServiceSpec {
+        ServiceSpec::new(2, "kv", example("kv"))
+    }
+
+    pub fn workers(mut self, min: u32, max: u32) -> ServiceSpec {
+        self.min_workers = min;
+        self.max_workers = max;
+        self
+    }
+
+    pub fn backlog(mut self, backlog_max: u32) -> ServiceSpec {
+        self.backlog_max = backlog_max;
+        self
+    }
+
+    pub fn args(mut self, args: &[&str]) -> ServiceSpec {
+        self.args = args.iter().map(|a| a.to_string()).collect();
+        self
+    }
+
+    fn toml(&self) -> String {
+        let args: Vec<String> = self.args.iter().map(|a| format!("{a:?}")).collect();
+        format!(
+            "[[service]]\nid = {}\nname = {:?}\nexec = {:?}\nargs = [{}]\nmin_workers = {}\n\
+             max_workers = {}\nslot_size_bytes = {}\nbacklog_max = {}\n{}\n",
+            self.id,
+            self.name,
+            self.exec.display().to_string(),
+            args.join(", "),
+            self.min_workers,
+            self.max_workers,
+            self.slot_size_bytes,
+            self.backlog_max,
+            self.extra,
+        )
+    }
+}
+
+/// A running bridge in a temporary directory. Dropping it stops it (SIGTERM, then SIGKILL).
+pub struct Bridge {
+    child: Option<Child>,
+    _stdout: BufReader<ChildStdout>,
+    pub dir: PathBuf,
+    pub unix: String,
+    pub tcp: String,
+    _temp: Option<tempfile::TempDir>,
+}
+
+pub struct BridgeBuilder {
+    services: Vec<ServiceSpec>,
+    top: String,
+    state_dir: Option<PathBuf>,
+}
+
+impl BridgeBuilder {
+    pub fn service(mut self, service: ServiceSpec) -> BridgeBuilder {
+        self.services.push(service);
+        self
+    }
+
+    /// Extra top-level config lines (e.g. `max_payload_bytes = 1048576`).
+    pub fn top(mut self, line: &str) -> BridgeBuilder {
+        self.top.push_str(line);
+        self.top.push('\n');
+        self
+    }
+
+    /// Use this state directory (to restart a bridge on the same data).
+    pub fn state_dir(mut self, dir: &Path) -> BridgeBuilder {
+        self.state_dir = Some(dir.to_path_buf());
+        self
+    }
+
+    pub fn config_text(&self, dir: &Path) -> String {
+        let state_dir = self.state_dir.clone().unwrap_or_else(|| dir.join("state"));
+        let mut text = format!("state_dir = {:?}\n", state_dir.display().to_string());
+        text.push_str(&self.top);
+        text.push_str(&format!(
+            "[listen]\nunix = {:?}\ntcp = \"127.0.0.1:0\"\n",
+            dir.join("bridge.sock").display().to_string()
+        ));
+        for service in &self.services {
+            text.push_str(&service.toml());
+        }
+        text
+    }
+
+    pub fn start(self) -> Bridge {
+        let temp = tempfile::tempdir().expect("tempdir");
+        let dir = temp.path().to_path_buf();
+        let config = dir.join("bridge.toml");
+        std::fs::write(&config, self.config_text(&dir)).expect("write config");
+        let log = std::fs::File::create(dir.join("bridge.log")).expect("log file");
+        let mut child = Command::new(bridge_exe())
+            .args(["serve", "--config"])
+            .arg(&config)
+            .args(["--log", "info"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("start acgi-bridge");
+        let mut stdout = BufReader::new(child.stdout.take().expect("piped"));
+        let mut line = String::new();
+        stdout.read_line(&mut line).expect("read the ready line");
+        if !line.starts_with("acgi-bridge ready") {
+            let status = child.wait().expect("wait");
+            let log = std::fs::read_to_string(dir.join("bridge.log")).unwrap_or_default();
+            panic!("bridge did not start ({status}); stdout {line:?}; log:\n{log}");
+        }
+        let field = |name: &str| {
+            line.split_whitespace()
+                .find_map(|word| word.strip_prefix(name))
+                .expect("field in the ready line")
+                .to_string()
+        };
+        let unix = field("unix=");
+        let tcp = field("tcp=");
+        Bridge {
+            child: Some(child),
+            _stdout: stdout,
+            dir,
+            unix,
+            tcp,
+            _temp: Some(temp),
+        }
+    }
+}
+
+pub fn bridge() -> BridgeBuilder {
+    BridgeBuilder {
+        services: Vec::new(),
+        top: String::new(),
+        state_dir: None,
+    }
+}
+
+impl Bridge {
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().expect("running").id() as i32
+    }
+
+    pub fn client(&self) -> BlockingClient {
+        BlockingClient::connect(&self.unix).expect("connect to the bridge")
+    }
+
+    pub fn tcp_client(&self) -> BlockingClient {
+        BlockingClient::connect(&self.tcp).expect("connect to the bridge over TCP")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("bridge.log")).unwrap_or_default()
+    }
+
+    /// Send a signal to the bridge.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on the pid of our own child, which has not been reaped.
+        unsafe { libc::kill(self.pid(), signal) };
+    }
+
+    /// SIGTERM, then wait for the exit (bounded).
+    pub fn stop(&mut self) -> ExitStatus {
+        self.signal(libc::SIGTERM);
+        self.wait_exit(Duration::from_secs(30))
+            .expect("bridge exits after SIGTERM")
+    }
+
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let child = self.child.as_mut().expect("running");
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                self.child = None;
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Pids of the bridge's child processes, with their /proc state letter.
+    pub fn children(&self) -> Vec<(i32, char)> {
+        children_of(self.pid())
+    }
+
+    /// Wait until the bridge has no zombie children (reaping is asynchronous), bounded.
+    pub fn assert_no_zombies(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let zombies: Vec<_> = self
+                .children()
+                .into_iter()
+                .filter(|(_, s)| *s == 'Z')
+                .collect();
+            if zombies.is_empty() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "zombie children remain: {zombies:?}"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl Drop for Bridge {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            self.signal(libc::SIGTERM);
+            if self.wait_exit(Duration::from_secs(10)).is_none() {
+                if let Some(child) = self.child.as_mut() {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                }
+            }
+        }
+    }
+}
+
+/// Children of `pid` (all of its threads), with their state letters.
+pub fn children_of(pid: i32) -> Vec<(i32, char)> {
+    let mut children = Vec::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return children;
+    };
+    for task in tasks.flatten() {
+        let list = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+        for child in list
+            .split_whitespace()
+            .filter_map(|p| p.parse::<i32>().ok())
+        {
+            let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
+            let state = stat
+                .rsplit_once(") ")
+                .and_then(|(_, rest)| rest.chars().next());
+            children.push((child, state.unwrap_or('?')));
+        }
+    }
+    children
+}
+
+/// Count open descriptors of a process.
+#[allow(dead_code)]
+pub fn fd_count(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// A payload that names its request, so a reply can be matched to it.
+pub fn tagged_payload(tag: u64, len: usize) -> Vec<u8> {
+    let mut payload = format!("req-{tag}-").into_bytes();
+    let mut state = tag.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    while payload.len() < len {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        payload.push(state as u8);
+    }
+    payload.truncate(len);
+    payload
+}

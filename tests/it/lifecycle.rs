@@ -1,0 +1,106 @@
+//! Startup and graceful stop of the whole bridge.
+
+use std::collections::HashSet;
+
+use acgi_bridge::proto::Kind;
+
+use crate::common::{bridge, children_of, ServiceSpec};
+
+#[test]
+fn sigterm_answers_requests_in_flight_then_exits_zero() {
+    // Proves a graceful stop: requests accepted before SIGTERM are answered, then exit 0 with
+    // every worker gone and the socket file removed.
+    let mut bridge = bridge()
+        .service(ServiceSpec::faulty().workers(2, 4))
+        .start();
+    let mut client = bridge.client();
+    let mut ids = HashSet::new();
+    for _ in 0..8 {
+        ids.insert(client.send(3, b"sleep 300").unwrap());
+    }
+    // A ping is answered only after every frame before it was taken in: a barrier, not a sleep.
+    let ping = client.send_frame(Kind::Ping, 0, b"barrier").unwrap();
+    let mut answers = Vec::new();
+    loop {
+        let answer = client.receive().unwrap();
+        if answer.header.request_id == ping {
+            break;
+        }
+        answers.push(answer);
+    }
+    let workers: Vec<i32> = bridge.children().into_iter().map(|(pid, _)| pid).collect();
+    assert!(!workers.is_empty());
+    bridge.signal(libc::SIGTERM);
+    while answers.len() < 8 {
+        answers.push(client.receive().unwrap());
+    }
+    for answer in answers {
+        assert!(ids.remove(&answer.header.request_id));
+        assert_eq!(answer.into_result().unwrap(), b"slept");
+    }
+    let status = bridge
+        .wait_exit(std::time::Duration::from_secs(30))
+        .expect("exits");
+    assert!(status.success(), "{status}");
+    assert!(
+        !std::path::Path::new(&bridge.unix).exists(),
+        "socket file removed"
+    );
+    for pid in workers {
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "worker {pid} outlived the bridge"
+        );
+    }
+}
+
+#[test]
+fn the_bridge_keeps_min_workers_running_and_spawns_up_to_max() {
+    // Proves the pool starts min_workers, grows under concurrent load, and never exceeds max.
+    let bridge = bridge()
+        .service(ServiceSpec::faulty().workers(2, 5))
+        .start();
+    let mut client = bridge.client();
+    assert_eq!(client.call("faulty", b"echo x").unwrap(), b"x");
+    let pids = |bridge: &crate::common::Bridge| children_of(bridge.pid()).len();
+    assert!(pids(&bridge) >= 2);
+    let mut ids = Vec::new();
+    for _ in 0..12 {
+        ids.push(client.send(3, b"sleep 100").unwrap());
+    }
+    let mut max_seen = 0;
+    for _ in 0..12 {
+        max_seen = max_seen.max(pids(&bridge));
+        assert_eq!(client.receive().unwrap().into_result().unwrap(), b"slept");
+    }
+    assert!(max_seen <= 5, "pool exceeded max_workers: {max_seen}");
+    assert!(max_seen > 2, "pool did not grow under load");
+}
+
+#[test]
+fn overload_beyond_the_backlog_is_answered_at_once() {
+    // Proves that with every worker busy and the backlog full, a request gets `overloaded`
+    // immediately instead of waiting.
+    let bridge = bridge()
+        .service(ServiceSpec::faulty().workers(1, 1).backlog(2))
+        .start();
+    let mut client = bridge.client();
+    assert_eq!(client.call("faulty", b"echo warm").unwrap(), b"warm");
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(client.send(3, b"sleep 300").unwrap());
+    }
+    let extra = client.send(3, b"echo too many").unwrap();
+    let first = client.receive().unwrap();
+    assert_eq!(
+        first.header.request_id, extra,
+        "the overloaded answer comes first"
+    );
+    assert_eq!(
+        first.header.error_code(),
+        Some(acgi_bridge::proto::ErrorCode::Overloaded)
+    );
+    for _ in 0..3 {
+        assert_eq!(client.receive().unwrap().into_result().unwrap(), b"slept");
+    }
+}

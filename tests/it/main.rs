@@ -1,0 +1,9 @@
+//! Integration tests: the real `acgi-bridge` binary, real worker processes, temporary sockets.
+
+mod bad_input;
+mod common;
+mod conformance;
+mod faults;
+mod kv;
+mod lifecycle;
+mod roundtrip;
