@@ -125,6 +125,9 @@ impl Answer {
     }
 }
 
+/// Payloads up to this size are sent in the same write as their header.
+const SMALL_FRAME_BYTES: usize = 4096;
+
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Answer>>>>;
 
 /// A pipelined async connection to a bridge. Cheap to clone; clones share the connection.
@@ -228,7 +231,14 @@ impl Client {
             .expect("not poisoned")
             .insert(request_id, sender);
         let header = Header::new(kind, service_id, request_id, payload.len() as u32);
-        let written = {
+        let written = if payload.len() <= SMALL_FRAME_BYTES {
+            // One write per call: header and payload together.
+            let mut frame = [0u8; HEADER_BYTES + SMALL_FRAME_BYTES];
+            frame[..HEADER_BYTES].copy_from_slice(&header.encode());
+            frame[HEADER_BYTES..HEADER_BYTES + payload.len()].copy_from_slice(payload);
+            let frame = &frame[..HEADER_BYTES + payload.len()];
+            self.inner.writer.lock().await.write_all(frame).await
+        } else {
             let mut writer = self.inner.writer.lock().await;
             let mut result = writer.write_all(&header.encode()).await;
             if result.is_ok() {
