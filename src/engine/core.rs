@@ -41,6 +41,11 @@ const WORKER_READ_BYTES: usize = 4 * 1024;
 const PIPE_READ_BYTES: usize = 4096;
 /// Completions handled per loop turn at most before submitting again.
 const COMPLETIONS_BATCH_MAX: usize = 1024;
+/// In-slot replies at least this long are sent straight from the slot (a registered buffer)
+/// when the caller's write queue is empty, instead of being copied into it.
+const SLOT_SEND_BYTES_MIN: u32 = 4096;
+/// Most entries of the ring's registered-buffer table (the kernel's limit).
+const FIXED_BUFFERS_MAX: u32 = 1 << 14;
 /// Delay before re-arming an accept that failed (e.g. out of descriptors).
 const ACCEPT_RETRY_DELAY: Duration = Duration::from_millis(100);
 
@@ -58,6 +63,10 @@ enum OpKind {
     Signal = 9,
     SpawnWake = 10,
     Cancel = 11,
+    /// The reply header of a send from a slot (linked to `ConnSendFixed`).
+    ConnSendHeader = 12,
+    /// The reply payload, written from the worker's slot (a registered buffer).
+    ConnSendFixed = 13,
 }
 
 impl OpKind {
@@ -74,6 +83,8 @@ impl OpKind {
             9 => OpKind::Signal,
             10 => OpKind::SpawnWake,
             11 => OpKind::Cancel,
+            12 => OpKind::ConnSendHeader,
+            13 => OpKind::ConnSendFixed,
             _ => return None,
         })
     }
@@ -153,6 +164,18 @@ struct Conn {
     close_when_flushed: bool,
     /// Closed: waiting for in-flight ops to complete before the entry is dropped.
     closing: bool,
+    /// A reply being sent straight from a worker's slot (header + fixed write, linked).
+    slot_send: Option<SlotSend>,
+}
+
+/// A reply sent from a slot: the header (in `Conn::sending`) and the payload (in the slot) go
+/// out as two linked ops; the worker is lent to the connection until both complete.
+struct SlotSend {
+    worker: usize,
+    worker_generation: u32,
+    len: u32,
+    header_result: Option<i32>,
+    payload_result: Option<i32>,
 }
 
 impl Conn {
@@ -170,6 +193,8 @@ enum WorkerState {
         request: u64,
         sequence: u64,
     },
+    /// Its reply is being sent from its slot; back to Idle when the send completes.
+    Lending,
     /// Stopped by the policy; waiting for it to exit.
     Stopping,
     /// Failed or exited: out of the pool, waiting to be reaped and for its ops to finish.
@@ -218,6 +243,10 @@ struct Worker {
     kill_at: Option<Instant>,
     /// Why the worker left, for the exit log line.
     fate: Option<String>,
+    /// Index of its slot in the ring's registered-buffer table, if registered.
+    buffer_index: Option<u16>,
+    /// A connection is sending from its slot.
+    lent: bool,
 }
 
 impl Worker {
@@ -227,6 +256,7 @@ impl Worker {
             || self.stdout.in_flight
             || self.stderr.in_flight
             || self.wait_in_flight
+            || self.lent
     }
 }
 
@@ -253,6 +283,10 @@ pub struct Counters {
     pub malformed_frames: u64,
     pub connections_refused: u64,
     pub slow_callers_disconnected: u64,
+    pub replies_sent_from_slot: u64,
+    /// Sends from a slot that fell short and were finished from a copy.
+    pub slot_sends_spilled: u64,
+    fixed_buffer_warning_logged: bool,
 }
 
 pub struct Core {
@@ -277,6 +311,8 @@ pub struct Core {
     completions: Vec<(u64, i32, u32)>,
     spare_payloads: Vec<Vec<u8>>,
     scratch: Vec<u8>,
+    /// Free entries of the registered-buffer table (empty when registration is unavailable).
+    fixed_buffers_free: Vec<u16>,
     /// Set by SIGTERM/SIGINT: when in-flight work must be done.
     shutdown_deadline: Option<Instant>,
     now: Instant,
@@ -319,6 +355,7 @@ impl Core {
                 slot_capacity: service.slot_size_bytes,
             });
         }
+        let fixed_buffers_free = register_buffer_table(&ring, &config);
         let listeners = setup
             .listeners
             .into_iter()
@@ -351,6 +388,7 @@ impl Core {
             completions: Vec::with_capacity(COMPLETIONS_BATCH_MAX),
             spare_payloads: Vec::new(),
             scratch: Vec::new(),
+            fixed_buffers_free,
             shutdown_deadline: None,
             now,
             counters: Counters::default(),
@@ -509,7 +547,10 @@ impl Core {
         };
         match token.kind {
             OpKind::Accept => self.on_accept(token.index as usize, result, flags),
-            OpKind::ConnRecv | OpKind::ConnSend => {
+            OpKind::ConnRecv
+            | OpKind::ConnSend
+            | OpKind::ConnSendHeader
+            | OpKind::ConnSendFixed => {
                 let index = token.index as usize;
                 let live = self
                     .conns
@@ -519,10 +560,10 @@ impl Core {
                 if !live {
                     return;
                 }
-                if token.kind == OpKind::ConnRecv {
-                    self.on_conn_recv(index, result);
-                } else {
-                    self.on_conn_send(index, result);
+                match token.kind {
+                    OpKind::ConnRecv => self.on_conn_recv(index, result),
+                    OpKind::ConnSend => self.on_conn_send(index, result),
+                    kind => self.on_slot_send(index, kind == OpKind::ConnSendHeader, result),
                 }
             }
             OpKind::WorkerRecv
@@ -621,6 +662,7 @@ impl Core {
             read_closed: false,
             close_when_flushed: false,
             closing: false,
+            slot_send: None,
         });
         self.arm_conn_recv(index);
     }
@@ -992,10 +1034,14 @@ impl Core {
         conn.closing = true;
         let generation = conn.generation;
         let (recv, send) = (conn.recv_in_flight, conn.send_in_flight);
+        let from_slot = conn.slot_send.is_some();
         if recv {
             self.cancel(Token::new(OpKind::ConnRecv, index, generation));
         }
-        if send {
+        if send && from_slot {
+            self.cancel(Token::new(OpKind::ConnSendHeader, index, generation));
+            self.cancel(Token::new(OpKind::ConnSendFixed, index, generation));
+        } else if send {
             self.cancel(Token::new(OpKind::ConnSend, index, generation));
         }
         self.free_conn_if_done(index);
@@ -1166,6 +1212,7 @@ impl Core {
             spawned.slot.capacity(),
             self.services[service].slot_capacity
         );
+        let buffer_index = self.register_slot(&spawned.slot);
         let generation = self.generation();
         let startup_timeout = Duration::from_millis(self.config.startup_timeout_ms);
         let index = self.workers.insert(Worker {
@@ -1189,6 +1236,8 @@ impl Core {
             reaped: false,
             kill_at: Some(self.now + startup_timeout),
             fate: None,
+            buffer_index,
+            lent: false,
         });
         self.arm_worker_wait(index);
         self.arm_worker_recv(index);
@@ -1431,12 +1480,18 @@ impl Core {
         };
         let service_id = self.services[service].id;
         let conn = self.live_conn(conn_handle);
-        let worker = &mut self.workers[index];
         let in_slot = header.kind == Kind::Done && header.in_slot();
         if in_slot && header.payload_len != 0 {
             self.fail_worker(index, "sent an in-slot reply with a socket payload");
             return;
         }
+        if in_slot {
+            let reply = Header::new(Kind::Reply, service_id, caller_request_id, 0);
+            if self.try_send_from_slot(index, request, sequence, conn, reply) {
+                return;
+            }
+        }
+        let worker = &mut self.workers[index];
         let mut target = match conn {
             Some(conn) => std::mem::take(&mut self.conns[conn].out),
             None => std::mem::take(&mut self.scratch),
@@ -1495,6 +1550,225 @@ impl Core {
         self.run_pool_actions(service);
     }
 
+    /// Send an in-slot reply straight from the worker's slot (a registered buffer) when that
+    /// saves a copy: the reply is large, the slot is registered and the caller's queue is empty.
+    /// The worker is lent to the connection until the send completes. Returns false to let the
+    /// caller copy the reply instead (also when the slot does not validate: the copying path
+    /// reports that).
+    fn try_send_from_slot(
+        &mut self,
+        index: usize,
+        request: u64,
+        sequence: u64,
+        conn: Option<usize>,
+        mut reply: Header,
+    ) -> bool {
+        let Some(conn) = conn else { return false };
+        let worker = &self.workers[index];
+        let Some(buffer_index) = worker.buffer_index else {
+            return false;
+        };
+        let caller = &self.conns[conn];
+        if caller.send_in_flight || caller.queued_bytes() != 0 {
+            return false;
+        }
+        let Ok(len) = worker.slot.peek_reply(sequence) else {
+            return false;
+        };
+        if len < SLOT_SEND_BYTES_MIN {
+            return false;
+        }
+        reply.payload_len = len;
+        let fd = types::Fd(caller.fd.as_raw_fd());
+        let generation = caller.generation;
+        let payload = worker.slot.data_address(0);
+        let worker_generation = worker.generation;
+        let caller = &mut self.conns[conn];
+        caller.sending.clear();
+        caller.sending.extend_from_slice(&reply.encode());
+        caller.sent = 0;
+        caller.send_in_flight = true;
+        caller.slot_send = Some(SlotSend {
+            worker: index,
+            worker_generation,
+            len,
+            header_result: None,
+            payload_result: None,
+        });
+        // Neither op may wait for the caller to read: the worker is lent until both complete.
+        // DONTWAIT/NOWAIT make them return what fitted (or EAGAIN) at once, and the rest is
+        // spilled into the queue. WAITALL makes a short header a failure, which breaks the
+        // link, so the payload never follows a partial header.
+        let header_entry = opcode::Send::new(fd, caller.sending.as_ptr(), HEADER_BYTES as u32)
+            .flags(libc::MSG_NOSIGNAL | libc::MSG_WAITALL | libc::MSG_DONTWAIT)
+            .build()
+            .flags(squeue::Flags::IO_LINK)
+            .user_data(Token::new(OpKind::ConnSendHeader, conn, generation).encode());
+        let payload_entry = opcode::WriteFixed::new(fd, payload, len, buffer_index)
+            .offset(u64::MAX)
+            .rw_flags(libc::RWF_NOWAIT)
+            .build()
+            .user_data(Token::new(OpKind::ConnSendFixed, conn, generation).encode());
+        let worker = &mut self.workers[index];
+        worker.state = WorkerState::Lending;
+        worker.lent = true;
+        self.push_linked_pair(header_entry, payload_entry);
+        self.counters.replies_sent_from_slot += 1;
+        if let Some(conn) = self.finish_request(request, true) {
+            self.close_conn_if_finished(conn);
+        }
+        true
+    }
+
+    /// Queue two linked SQEs in one submission (a link must not straddle two submits).
+    fn push_linked_pair(&mut self, first: squeue::Entry, second: squeue::Entry) {
+        let room = {
+            let submission = self.ring.submission();
+            submission.capacity() - submission.len()
+        };
+        if room < 2 {
+            if let Err(error) = self.ring.submit() {
+                tracing::error!(%error, "io_uring submit failed while making room for a link");
+            }
+        }
+        self.push(first);
+        self.push(second);
+    }
+
+    /// One of the two ops of a send from a slot completed. When both have, spill whatever did
+    /// not go out into the connection's queue and give the worker back to its pool.
+    fn on_slot_send(&mut self, index: usize, is_header: bool, result: i32) {
+        let conn = &mut self.conns[index];
+        let send = conn
+            .slot_send
+            .as_mut()
+            .expect("a send from a slot is in flight");
+        if is_header {
+            send.header_result = Some(result);
+        } else {
+            send.payload_result = Some(result);
+        }
+        let (Some(header_result), Some(payload_result)) = (send.header_result, send.payload_result)
+        else {
+            return;
+        };
+        let send = conn.slot_send.take().expect("checked above");
+        conn.send_in_flight = false;
+        // Nothing sent, not an error: the link was broken, or the socket was full.
+        let unsent = |result: i32| result == -libc::ECANCELED || result == -libc::EAGAIN;
+        let header_sent = header_result.max(0) as usize;
+        let mut failed = (header_result < 0 && !unsent(header_result))
+            || (payload_result < 0 && !unsent(payload_result));
+        if header_sent < HEADER_BYTES && payload_result > 0 {
+            // The payload went out after a partial header: the stream is corrupt. The link
+            // rules forbid this; if a kernel ever allowed it, drop the caller, never mislead it.
+            tracing::error!(
+                header_result,
+                payload_result,
+                "send from a slot broke its link"
+            );
+            failed = true;
+        }
+        let payload_sent = if header_sent == HEADER_BYTES {
+            payload_result.max(0) as usize
+        } else {
+            0
+        };
+        let worker = &self.workers[send.worker];
+        assert_eq!(
+            worker.generation, send.worker_generation,
+            "a lent worker was freed"
+        );
+        let mut rest = std::mem::take(&mut conn.sending);
+        conn.sent = 0;
+        if conn.closing || failed {
+            rest.clear();
+        } else {
+            rest.drain(..header_sent.min(rest.len()));
+            let len = send.len as usize;
+            if payload_sent < len {
+                worker
+                    .slot
+                    .copy_data(payload_sent, len - payload_sent, &mut rest);
+                self.counters.slot_sends_spilled += 1;
+            }
+        }
+        conn.sending = rest;
+        self.return_lent_worker(send.worker);
+        let conn = &self.conns[index];
+        if conn.closing {
+            self.free_conn_if_done(index);
+        } else if failed {
+            tracing::debug!(header_result, payload_result, "sending to a caller failed");
+            self.close_conn(index);
+        } else {
+            self.arm_conn_send(index);
+            self.close_conn_if_finished(index);
+        }
+    }
+
+    /// A connection finished sending from this worker's slot.
+    fn return_lent_worker(&mut self, index: usize) {
+        let worker = &mut self.workers[index];
+        assert!(worker.lent);
+        worker.lent = false;
+        if worker.state == WorkerState::Lending {
+            worker.slot.release_reply();
+            worker.state = WorkerState::Idle;
+            let id = handle(index, worker.generation);
+            let service = worker.service;
+            self.services[service].pool.on_job_done(id);
+            self.run_pool_actions(service);
+        }
+        self.free_worker_if_done(index);
+    }
+
+    /// Register a new worker's slot in the ring's buffer table, when there is room and the
+    /// memory-lock limit allows; without it, replies are copied instead of sent from the slot.
+    fn register_slot(&mut self, slot: &Slot) -> Option<u16> {
+        let index = self.fixed_buffers_free.pop()?;
+        // SAFETY: the slot's mapping outlives the registration: the worker entry that owns the
+        // slot clears this table entry (unregister_slot) before it is dropped.
+        let registered = unsafe {
+            self.ring
+                .submitter()
+                .register_buffers_update(index as u32, &[slot.as_iovec()], None)
+        };
+        match registered {
+            Ok(()) => Some(index),
+            Err(error) => {
+                self.fixed_buffers_free.push(index);
+                if !self.counters.fixed_buffer_warning_logged {
+                    self.counters.fixed_buffer_warning_logged = true;
+                    tracing::warn!(
+                        %error,
+                        memlock_limit_bytes = memlock_limit(),
+                        "cannot register a slot as an io_uring fixed buffer; its replies are copied \
+                         instead (raise RLIMIT_MEMLOCK or grant CAP_IPC_LOCK)"
+                    );
+                }
+                None
+            }
+        }
+    }
+
+    fn unregister_slot(&mut self, index: u16) {
+        let empty = libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        };
+        // SAFETY: an empty entry refers to no memory.
+        let cleared = unsafe {
+            self.ring
+                .submitter()
+                .register_buffers_update(index as u32, &[empty], None)
+        };
+        match cleared {
+            Ok(()) => self.fixed_buffers_free.push(index),
+            Err(error) => tracing::error!(%error, index, "cannot clear a fixed-buffer entry"),
+        }
+    }
+
     /// A worker broke the protocol, failed or vanished: kill it, take it out of the pool, and
     /// answer the request it held with `worker failed`.
     fn fail_worker(&mut self, index: usize, reason: &str) {
@@ -1529,6 +1803,14 @@ impl Core {
                     let message = format!("the worker (pid {pid}) failed: {reason}");
                     self.fail_request(request, ErrorCode::WorkerFailed, &message);
                 }
+            }
+            WorkerState::Lending => {
+                // Its reply is already answered and being sent from the slot, which stays
+                // mapped until the send completes (the `lent` flag keeps the entry alive).
+                tracing::warn!(service = %name, pid, "worker failed: {reason}");
+                let _answered = self.services[service]
+                    .pool
+                    .on_worker_exit(now, id, Exit::Died);
             }
             WorkerState::Stopping | WorkerState::Dead => {}
         }
@@ -1598,7 +1880,10 @@ impl Core {
         };
         if worker.reaped && !worker.ops_in_flight() {
             debug_assert_eq!(worker.state, WorkerState::Dead);
-            self.workers.remove(index);
+            let worker = self.workers.remove(index);
+            if let Some(buffer_index) = worker.buffer_index {
+                self.unregister_slot(buffer_index);
+            }
         }
     }
 
@@ -1655,6 +1940,26 @@ impl Core {
         }
         self.conns.is_empty() && self.listeners.iter().all(|l| !l.accept_in_flight)
     }
+}
+
+/// Reserve the ring's registered-buffer table: one entry per worker the config allows.
+fn register_buffer_table(ring: &IoUring, config: &Config) -> Vec<u16> {
+    let wanted: u32 = config.services.iter().map(|s| s.max_workers).sum();
+    let wanted = wanted.min(FIXED_BUFFERS_MAX);
+    match ring.submitter().register_buffers_sparse(wanted) {
+        Ok(()) => (0..wanted as u16).rev().collect(),
+        Err(error) => {
+            tracing::warn!(%error, "no io_uring fixed-buffer table; replies will be copied");
+            Vec::new()
+        }
+    }
+}
+
+/// RLIMIT_MEMLOCK's soft limit in bytes (for messages).
+fn memlock_limit() -> u64 {
+    rustix::process::getrlimit(rustix::process::Resource::Memlock)
+        .current
+        .unwrap_or(u64::MAX)
 }
 
 fn kill(worker: &Worker, signal: i32) {

@@ -339,6 +339,68 @@ impl Slot {
         Ok(len)
     }
 
+    /// Bridge: validate a Done's in-slot reply like [`Slot::take_reply`], but leave the bytes in
+    /// the slot (state stays Replied) so that they can be sent from it; returns their length.
+    /// The bridge then owns the data area until [`Slot::release_reply`].
+    pub fn peek_reply(&self, job_sequence: u64) -> Result<u32, SlotError> {
+        let header = self.header();
+        let state = header.state.load(Ordering::Acquire);
+        if state != SlotState::Replied as u32 {
+            return Err(SlotError::WrongState {
+                found: state,
+                expected: SlotState::Replied,
+            });
+        }
+        let found = header.job_sequence.load(Ordering::Relaxed);
+        if found != job_sequence {
+            return Err(SlotError::WrongSequence {
+                found,
+                expected: job_sequence,
+            });
+        }
+        let reply_len = header.reply_len.load(Ordering::Relaxed);
+        if reply_len > self.capacity {
+            return Err(SlotError::ReplyTooLong {
+                len: reply_len,
+                capacity: self.capacity,
+            });
+        }
+        Ok(reply_len)
+    }
+
+    /// Bridge: append `len` data bytes from `offset` to `out` (a reply being sent from the slot
+    /// whose send fell short).
+    pub fn copy_data(&self, offset: usize, len: usize, out: &mut Vec<u8>) {
+        assert!(offset
+            .checked_add(len)
+            .is_some_and(|end| end <= self.capacity as usize));
+        out.reserve(len);
+        // SAFETY: the range is inside the data area (checked above); the bridge owns it while
+        // the slot is Replied; `out` has room for len more bytes.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.data_ptr().add(offset),
+                out.as_mut_ptr().add(out.len()),
+                len,
+            );
+            out.set_len(out.len() + len);
+        }
+    }
+
+    /// Address of data byte `offset`, for a fixed-buffer write from the slot.
+    pub fn data_address(&self, offset: usize) -> *const u8 {
+        assert!(offset <= self.capacity as usize);
+        // SAFETY: offset is within the data area, which is inside the mapping.
+        unsafe { self.data_ptr().add(offset) }
+    }
+
+    /// Bridge: a reply sent from the slot is done with; the slot is Free again.
+    pub fn release_reply(&self) {
+        self.header()
+            .state
+            .store(SlotState::Free as u32, Ordering::Release);
+    }
+
     /// Bridge: force the slot back to Free (after its worker died or was killed).
     pub fn reset(&self) {
         self.header()

@@ -165,3 +165,52 @@ fn call_command_prints_the_reply() {
     let output = run(&["--connect", &bridge.unix, "nosuch", "x"]);
     assert!(String::from_utf8_lossy(&output.stderr).contains("unknown service"));
 }
+
+#[test]
+fn slot_sized_replies_to_a_caller_that_reads_late_arrive_whole_and_in_place() {
+    // Proves replies sent straight from worker slots (registered buffers) stay intact and
+    // correctly framed when the caller's socket fills up and the bridge must spill the rest
+    // into its queue: every reply still matches its own request.
+    // One worker: each reply is made while the previous one has been handed to the socket, so
+    // most go out from the slot until the caller's socket buffer is full and one falls short.
+    let bridge = bridge().service(ServiceSpec::echo().workers(1, 1)).start();
+    let mut client = bridge.client();
+    let mut sent = HashMap::new();
+    // 300 x up to 60 KiB = 9 MiB of replies, far more than the socket buffers.
+    for tag in 0..300u64 {
+        let len = 4096 + (tag as usize * 193) % (60 * 1024);
+        let payload = tagged_payload(tag, len);
+        let id = client.send(1, &payload).unwrap();
+        sent.insert(id, payload);
+    }
+    for _ in 0..300 {
+        let answer = client.receive().unwrap();
+        let expected = sent
+            .remove(&answer.header.request_id)
+            .expect("one answer per request");
+        assert_eq!(answer.header.kind, Kind::Reply);
+        assert!(
+            answer.payload == expected,
+            "reply {} changed",
+            answer.header.request_id
+        );
+    }
+    let mut bridge = bridge;
+    assert!(bridge.stop().success());
+    let log = bridge.log();
+    let counter = |name: &str| -> u64 {
+        log.split(&format!("{name}: "))
+            .nth(1)
+            .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in the exit counters:\n{log}"))
+    };
+    assert!(
+        counter("replies_sent_from_slot") > 0,
+        "no reply was sent from a slot"
+    );
+    assert!(
+        counter("slot_sends_spilled") > 0,
+        "the full-socket path was not taken"
+    );
+}
