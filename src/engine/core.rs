@@ -859,7 +859,12 @@ impl Core {
     fn on_caller_frame(&mut self, index: usize, header: Header, payload: Vec<u8>) {
         match header.kind {
             Kind::Ping => {
-                let reply = Header::new(Kind::Pong, 0, header.request_id, payload.len() as u32);
+                let reply = Header::new(
+                    Kind::Pong,
+                    header.service_id,
+                    header.request_id,
+                    payload.len() as u32,
+                );
                 self.answer(index, &reply, &payload);
             }
             Kind::Resolve => {
@@ -1126,9 +1131,9 @@ impl Core {
                             format!("service {name} is at max_workers and its backlog is full")
                         }
                         ErrorCode::ShuttingDown => "the bridge is shutting down".to_string(),
-                        ErrorCode::WorkerFailed => {
-                            format!("service {name} cannot start workers (see the bridge log)")
-                        }
+                        ErrorCode::ServiceUnavailable => format!(
+                            "service {name} cannot start workers (see the bridge log); retry later"
+                        ),
                         other => format!("service {name}: {other}"),
                     };
                     self.fail_request(request, code, &message);

@@ -174,7 +174,7 @@ impl Pool {
             self.stats.rejected_unavailable += 1;
             self.actions.push_back(Action::Reject {
                 request,
-                code: ErrorCode::WorkerFailed,
+                code: ErrorCode::ServiceUnavailable,
             });
             return;
         }
@@ -209,7 +209,7 @@ impl Pool {
                 self.stats.rejected_unavailable += 1;
                 self.actions.push_back(Action::Reject {
                     request,
-                    code: ErrorCode::WorkerFailed,
+                    code: ErrorCode::ServiceUnavailable,
                 });
             }
         }
@@ -491,11 +491,11 @@ mod tests {
             vec![
                 Action::Reject {
                     request: 1,
-                    code: ErrorCode::WorkerFailed
+                    code: ErrorCode::ServiceUnavailable
                 },
                 Action::Reject {
                     request: 2,
-                    code: ErrorCode::WorkerFailed
+                    code: ErrorCode::ServiceUnavailable
                 }
             ]
         );
@@ -504,7 +504,7 @@ mod tests {
             drain(&mut pool),
             vec![Action::Reject {
                 request: 3,
-                code: ErrorCode::WorkerFailed
+                code: ErrorCode::ServiceUnavailable
             }]
         );
         let deadline = pool.next_deadline().expect("backoff deadline");

@@ -94,8 +94,8 @@ fn replies_larger_than_the_slot_take_the_copy_path() {
 
 #[test]
 fn workers_that_fail_their_handshake_do_not_hang_requests() {
-    // Proves requests to a service whose workers cannot start are answered with code 4
-    // instead of waiting forever, and the bridge keeps serving other services.
+    // Proves requests to a service whose workers cannot start are answered with code 9
+    // (service unavailable) instead of waiting forever, and the bridge keeps serving others.
     for args in [&["--no-hello"][..], &["--garbage"][..]] {
         let bridge = bridge()
             .service(ServiceSpec::echo())
@@ -105,7 +105,7 @@ fn workers_that_fail_their_handshake_do_not_hang_requests() {
         let error = client.call("faulty", b"pid").unwrap_err();
         assert_eq!(
             error.code(),
-            Some(ErrorCode::WorkerFailed),
+            Some(ErrorCode::ServiceUnavailable),
             "{args:?}: {error}"
         );
         assert_eq!(client.call("echo", b"alive").unwrap(), b"alive");
