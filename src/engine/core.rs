@@ -774,7 +774,11 @@ impl Core {
     fn handle_frames(&mut self, index: usize) {
         let max = self.config.max_payload_bytes;
         loop {
-            let conn = &mut self.conns[index];
+            // Handling a frame can close and free this very connection (a reply that overflows
+            // its queue): look it up afresh every time.
+            let Some(conn) = self.conns.get_mut(index) else {
+                return;
+            };
             if conn.closing || conn.close_when_flushed {
                 return;
             }
@@ -926,7 +930,9 @@ impl Core {
 
     /// Queue a whole answer frame for the caller, disconnecting a caller that does not read.
     fn answer(&mut self, index: usize, header: &Header, payload: &[u8]) {
-        let conn = &mut self.conns[index];
+        let Some(conn) = self.conns.get_mut(index) else {
+            return;
+        };
         if conn.closing {
             return;
         }
@@ -1700,7 +1706,10 @@ impl Core {
         }
         conn.sending = rest;
         self.return_lent_worker(send.worker);
-        let conn = &self.conns[index];
+        // Returning the worker runs pool actions that may have closed and freed this caller.
+        let Some(conn) = self.conns.get(index) else {
+            return;
+        };
         if conn.closing {
             self.free_conn_if_done(index);
         } else if failed {
