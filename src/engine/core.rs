@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use slab::Slab;
 
-use super::buffer::{Parsed, ReadBuffer};
+use super::buffer::{Parsed, ReadBuffer, SendQueue};
 use super::spawn::{SpawnRequest, SpawnResult, Spawned, Spawner};
 use crate::config::Config;
 use crate::pool::{self, Action, Exit, Pool};
@@ -148,12 +148,8 @@ struct Conn {
     fd: OwnedFd,
     read: ReadBuffer,
     recv_in_flight: bool,
-    /// Answers queued behind the one being sent.
-    out: Vec<u8>,
-    /// The bytes the in-flight send owns.
-    sending: Vec<u8>,
-    sent: usize,
-    send_in_flight: bool,
+    /// Answers queued for the caller.
+    send: SendQueue,
     /// Payload bytes still to skip after an oversized frame.
     discard: u64,
     /// Requests accepted and not yet answered.
@@ -168,7 +164,7 @@ struct Conn {
     slot_send: Option<SlotSend>,
 }
 
-/// A reply sent from a slot: the header (in `Conn::sending`) and the payload (in the slot) go
+/// A reply sent from a slot: the header (the front of `Conn::send`) and the payload (in the slot) go
 /// out as two linked ops; the worker is lent to the connection until both complete.
 struct SlotSend {
     worker: usize,
@@ -176,12 +172,6 @@ struct SlotSend {
     len: u32,
     header_result: Option<i32>,
     payload_result: Option<i32>,
-}
-
-impl Conn {
-    fn queued_bytes(&self) -> usize {
-        self.out.len() + self.sending.len() - self.sent
-    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -230,10 +220,8 @@ struct Worker {
     state: WorkerState,
     read: ReadBuffer,
     recv_in_flight: bool,
-    out: Vec<u8>,
-    sending: Vec<u8>,
-    sent: usize,
-    send_in_flight: bool,
+    /// Job frames (and copy-path payloads) for the worker.
+    send: SendQueue,
     stdout: PipeLog,
     stderr: PipeLog,
     siginfo: Box<libc::siginfo_t>,
@@ -252,7 +240,7 @@ struct Worker {
 impl Worker {
     fn ops_in_flight(&self) -> bool {
         self.recv_in_flight
-            || self.send_in_flight
+            || self.send.in_flight
             || self.stdout.in_flight
             || self.stderr.in_flight
             || self.wait_in_flight
@@ -653,10 +641,7 @@ impl Core {
             fd,
             read: ReadBuffer::new(CONN_READ_BYTES),
             recv_in_flight: false,
-            out: Vec::new(),
-            sending: Vec::new(),
-            sent: 0,
-            send_in_flight: false,
+            send: SendQueue::default(),
             discard: 0,
             requests_in_flight: 0,
             read_closed: false,
@@ -936,7 +921,7 @@ impl Core {
         if conn.closing {
             return;
         }
-        proto::encode_frame(&mut conn.out, header, payload);
+        proto::encode_frame(conn.send.tail(), header, payload);
         self.after_queueing(index);
     }
 
@@ -954,10 +939,10 @@ impl Core {
 
     fn after_queueing(&mut self, index: usize) {
         let conn = &mut self.conns[index];
-        if conn.queued_bytes() as u64 > self.config.write_queue_max_bytes {
+        if conn.send.queued_bytes() as u64 > self.config.write_queue_max_bytes {
             self.counters.slow_callers_disconnected += 1;
             tracing::warn!(
-                queued_bytes = conn.queued_bytes(),
+                queued_bytes = conn.send.queued_bytes(),
                 "caller is not reading its answers; disconnecting it"
             );
             self.close_conn(index);
@@ -968,33 +953,18 @@ impl Core {
 
     fn arm_conn_send(&mut self, index: usize) {
         let conn = &mut self.conns[index];
-        if conn.send_in_flight || conn.closing {
+        if conn.closing {
             return;
         }
-        if conn.sent == conn.sending.len() {
-            if conn.out.is_empty() {
-                return;
-            }
-            conn.sending.clear();
-            conn.sent = 0;
-            std::mem::swap(&mut conn.out, &mut conn.sending);
+        let token = Token::new(OpKind::ConnSend, index, conn.generation);
+        if let Some(entry) = send_entry(&mut conn.send, &conn.fd, token) {
+            self.push(entry);
         }
-        let rest = &conn.sending[conn.sent..];
-        let entry = opcode::Send::new(
-            types::Fd(conn.fd.as_raw_fd()),
-            rest.as_ptr(),
-            rest.len().min(u32::MAX as usize) as u32,
-        )
-        .flags(libc::MSG_NOSIGNAL)
-        .build()
-        .user_data(Token::new(OpKind::ConnSend, index, conn.generation).encode());
-        conn.send_in_flight = true;
-        self.push(entry);
     }
 
     fn on_conn_send(&mut self, index: usize, result: i32) {
         let conn = &mut self.conns[index];
-        conn.send_in_flight = false;
+        conn.send.complete(result.max(0) as usize);
         if conn.closing {
             self.free_conn_if_done(index);
             return;
@@ -1004,12 +974,6 @@ impl Core {
             tracing::debug!(%error, "sending to a caller failed");
             self.close_conn(index);
             return;
-        }
-        conn.sent += result as usize;
-        debug_assert!(conn.sent <= conn.sending.len());
-        if conn.sent == conn.sending.len() && conn.sending.capacity() > 1 << 20 {
-            conn.sending = Vec::new();
-            conn.sent = 0;
         }
         self.arm_conn_send(index);
         self.close_conn_if_finished(index);
@@ -1024,7 +988,7 @@ impl Core {
         if conn.closing {
             return;
         }
-        let flushed = conn.queued_bytes() == 0 && !conn.send_in_flight;
+        let flushed = conn.send.queued_bytes() == 0 && !conn.send.in_flight;
         let caller_done =
             conn.close_when_flushed || (conn.read_closed && conn.requests_in_flight == 0);
         let stopping_and_idle = self.shutdown_deadline.is_some()
@@ -1044,7 +1008,7 @@ impl Core {
         }
         conn.closing = true;
         let generation = conn.generation;
-        let (recv, send) = (conn.recv_in_flight, conn.send_in_flight);
+        let (recv, send) = (conn.recv_in_flight, conn.send.in_flight);
         let from_slot = conn.slot_send.is_some();
         if recv {
             self.cancel(Token::new(OpKind::ConnRecv, index, generation));
@@ -1060,7 +1024,7 @@ impl Core {
 
     fn free_conn_if_done(&mut self, index: usize) {
         let conn = &self.conns[index];
-        if conn.closing && !conn.recv_in_flight && !conn.send_in_flight {
+        if conn.closing && !conn.recv_in_flight && !conn.send.in_flight {
             self.conns.remove(index);
         }
     }
@@ -1191,10 +1155,10 @@ impl Core {
         let mut header = Header::new(Kind::Job, 0, sequence, 0);
         if in_slot {
             header.flags = FLAG_IN_SLOT;
-            w.out.extend_from_slice(&header.encode());
+            w.send.tail().extend_from_slice(&header.encode());
         } else {
             header.payload_len = payload.len() as u32;
-            proto::encode_frame(&mut w.out, &header, &payload);
+            proto::encode_frame(w.send.tail(), &header, &payload);
         }
         self.requests[request_index].payload = payload;
         match filled {
@@ -1235,10 +1199,7 @@ impl Core {
             state: WorkerState::Starting,
             read: ReadBuffer::new(WORKER_READ_BYTES),
             recv_in_flight: false,
-            out: Vec::new(),
-            sending: Vec::new(),
-            sent: 0,
-            send_in_flight: false,
+            send: SendQueue::default(),
             stdout: PipeLog::new(spawned.stdout),
             stderr: PipeLog::new(spawned.stderr),
             // SAFETY: siginfo_t is plain data; all-zero is a valid value.
@@ -1289,28 +1250,13 @@ impl Core {
 
     fn arm_worker_send(&mut self, index: usize) {
         let worker = &mut self.workers[index];
-        if worker.send_in_flight || worker.state == WorkerState::Dead {
+        if worker.state == WorkerState::Dead {
             return;
         }
-        if worker.sent == worker.sending.len() {
-            if worker.out.is_empty() {
-                return;
-            }
-            worker.sending.clear();
-            worker.sent = 0;
-            std::mem::swap(&mut worker.out, &mut worker.sending);
+        let token = Token::new(OpKind::WorkerSend, index, worker.generation);
+        if let Some(entry) = send_entry(&mut worker.send, &worker.control, token) {
+            self.push(entry);
         }
-        let rest = &worker.sending[worker.sent..];
-        let entry = opcode::Send::new(
-            types::Fd(worker.control.as_raw_fd()),
-            rest.as_ptr(),
-            rest.len().min(u32::MAX as usize) as u32,
-        )
-        .flags(libc::MSG_NOSIGNAL)
-        .build()
-        .user_data(Token::new(OpKind::WorkerSend, index, worker.generation).encode());
-        worker.send_in_flight = true;
-        self.push(entry);
     }
 
     fn arm_worker_pipe(&mut self, index: usize, stderr: bool) {
@@ -1379,7 +1325,7 @@ impl Core {
 
     fn on_worker_send(&mut self, index: usize, result: i32) {
         let worker = &mut self.workers[index];
-        worker.send_in_flight = false;
+        worker.send.complete(result.max(0) as usize);
         if worker.state == WorkerState::Dead {
             return;
         }
@@ -1388,7 +1334,6 @@ impl Core {
             self.fail_worker(index, &format!("control socket send failed: {error}"));
             return;
         }
-        worker.sent += result as usize;
         self.arm_worker_send(index);
     }
 
@@ -1504,7 +1449,7 @@ impl Core {
         }
         let worker = &mut self.workers[index];
         let mut target = match conn {
-            Some(conn) => std::mem::take(&mut self.conns[conn].out),
+            Some(conn) => std::mem::take(self.conns[conn].send.tail()),
             None => std::mem::take(&mut self.scratch),
         };
         let start = target.len();
@@ -1537,7 +1482,7 @@ impl Core {
             None => target.truncate(start),
         }
         match conn {
-            Some(conn) => self.conns[conn].out = target,
+            Some(conn) => *self.conns[conn].send.tail() = target,
             None => {
                 target.clear();
                 self.scratch = target;
@@ -1580,7 +1525,7 @@ impl Core {
             return false;
         };
         let caller = &self.conns[conn];
-        if caller.send_in_flight || caller.queued_bytes() != 0 {
+        if caller.send.in_flight || caller.send.queued_bytes() != 0 {
             return false;
         }
         let Ok(len) = worker.slot.peek_reply(sequence) else {
@@ -1595,10 +1540,8 @@ impl Core {
         let payload = worker.slot.data_address(0);
         let worker_generation = worker.generation;
         let caller = &mut self.conns[conn];
-        caller.sending.clear();
-        caller.sending.extend_from_slice(&reply.encode());
-        caller.sent = 0;
-        caller.send_in_flight = true;
+        let header = caller.send.set_front(&reply.encode());
+        caller.send.in_flight = true;
         caller.slot_send = Some(SlotSend {
             worker: index,
             worker_generation,
@@ -1610,7 +1553,7 @@ impl Core {
         // DONTWAIT/NOWAIT make them return what fitted (or EAGAIN) at once, and the rest is
         // spilled into the queue. WAITALL makes a short header a failure, which breaks the
         // link, so the payload never follows a partial header.
-        let header_entry = opcode::Send::new(fd, caller.sending.as_ptr(), HEADER_BYTES as u32)
+        let header_entry = opcode::Send::new(fd, header, HEADER_BYTES as u32)
             .flags(libc::MSG_NOSIGNAL | libc::MSG_WAITALL | libc::MSG_DONTWAIT)
             .build()
             .flags(squeue::Flags::IO_LINK)
@@ -1664,7 +1607,7 @@ impl Core {
             return;
         };
         let send = conn.slot_send.take().expect("checked above");
-        conn.send_in_flight = false;
+        conn.send.in_flight = false;
         // Nothing sent, not an error: the link was broken, or the socket was full.
         let unsent = |result: i32| result == -libc::ECANCELED || result == -libc::EAGAIN;
         let header_sent = header_result.max(0) as usize;
@@ -1690,21 +1633,20 @@ impl Core {
             worker.generation, send.worker_generation,
             "a lent worker was freed"
         );
-        let mut rest = std::mem::take(&mut conn.sending);
-        conn.sent = 0;
         if conn.closing || failed {
-            rest.clear();
+            conn.send.clear();
         } else {
-            rest.drain(..header_sent.min(rest.len()));
             let len = send.len as usize;
-            if payload_sent < len {
-                worker
-                    .slot
-                    .copy_data(payload_sent, len - payload_sent, &mut rest);
-                self.counters.slot_sends_spilled += 1;
-            }
+            let short = payload_sent < len;
+            conn.send.settle_front(header_sent, |rest| {
+                if short {
+                    worker
+                        .slot
+                        .copy_data(payload_sent, len - payload_sent, rest);
+                }
+            });
+            self.counters.slot_sends_spilled += u64::from(short);
         }
-        conn.sending = rest;
         self.return_lent_worker(send.worker);
         // Returning the worker runs pool actions that may have closed and freed this caller.
         let Some(conn) = self.conns.get(index) else {
@@ -1974,6 +1916,21 @@ fn memlock_limit() -> u64 {
     rustix::process::getrlimit(rustix::process::Resource::Memlock)
         .current
         .unwrap_or(u64::MAX)
+}
+
+/// The send op for the next chunk of `queue`, if one is due; marks the queue in flight.
+fn send_entry(queue: &mut SendQueue, fd: &OwnedFd, token: Token) -> Option<squeue::Entry> {
+    let chunk = queue.next_chunk()?;
+    let entry = opcode::Send::new(
+        types::Fd(fd.as_raw_fd()),
+        chunk.as_ptr(),
+        chunk.len().min(u32::MAX as usize) as u32,
+    )
+    .flags(libc::MSG_NOSIGNAL)
+    .build()
+    .user_data(token.encode());
+    queue.in_flight = true;
+    Some(entry)
 }
 
 fn kill(worker: &Worker, signal: i32) {

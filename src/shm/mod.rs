@@ -295,47 +295,10 @@ impl Slot {
         in_slot: bool,
         out: &mut Vec<u8>,
     ) -> Result<usize, SlotError> {
-        let header = self.header();
-        let state = header.state.load(Ordering::Acquire);
-        if state != SlotState::Replied as u32 {
-            return Err(SlotError::WrongState {
-                found: state,
-                expected: SlotState::Replied,
-            });
-        }
-        let found = header.job_sequence.load(Ordering::Relaxed);
-        if found != job_sequence {
-            return Err(SlotError::WrongSequence {
-                found,
-                expected: job_sequence,
-            });
-        }
-        let mut len = 0;
-        if in_slot {
-            let reply_len = header.reply_len.load(Ordering::Relaxed);
-            if reply_len > self.capacity {
-                return Err(SlotError::ReplyTooLong {
-                    len: reply_len,
-                    capacity: self.capacity,
-                });
-            }
-            len = reply_len as usize;
-            out.reserve(len);
-            // SAFETY: state Replied means the worker handed the data area back; len is within
-            // capacity (checked above, read once); `out` has room for len more bytes. A lying
-            // worker can at worst change the bytes we copy, never their bounds.
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    self.data_ptr(),
-                    out.as_mut_ptr().add(out.len()),
-                    len,
-                );
-                out.set_len(out.len() + len);
-            }
-        }
-        header
-            .state
-            .store(SlotState::Free as u32, Ordering::Release);
+        let len = self.peek_reply(job_sequence)? as usize;
+        let len = if in_slot { len } else { 0 };
+        self.copy_data(0, len, out);
+        self.release_reply();
         Ok(len)
     }
 
