@@ -10,9 +10,11 @@
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::pool::{Mode, Policy};
 use crate::proto::{PAYLOAD_BYTES_MAX_CEILING, PAYLOAD_BYTES_MAX_DEFAULT};
 use crate::shm::{SLOT_CAPACITY_BYTES_DEFAULT, SLOT_CAPACITY_BYTES_MIN};
 
@@ -36,12 +38,11 @@ pub struct Config {
     /// How long SIGTERM waits for requests in flight before failing them, in milliseconds.
     #[serde(default = "default_shutdown_timeout_ms")]
     pub shutdown_timeout_ms: u64,
-    /// How long a stopping worker has between SIGTERM and SIGKILL, in milliseconds.
-    #[serde(default = "default_kill_grace_ms")]
-    pub kill_grace_ms: u64,
-    /// How long a new worker has to finish its handshake before it is killed, in milliseconds.
-    #[serde(default = "default_startup_timeout_ms")]
-    pub startup_timeout_ms: u64,
+    /// Path of the admin socket (`acgi-bridge status`). Default: `admin.sock` in `state_dir`.
+    pub admin_socket: Option<PathBuf>,
+    /// Permission bits of the admin socket, as an octal string.
+    #[serde(default = "default_admin_socket_mode")]
+    pub admin_socket_mode: String,
     /// Where to listen.
     pub listen: Listen,
     /// The services, at least one.
@@ -81,18 +82,105 @@ pub struct ServiceConfig {
     /// Extra environment variables for the worker (the bridge's own environment is inherited).
     #[serde(default)]
     pub env: BTreeMap<String, String>,
-    /// Workers kept running even when idle.
+    /// How the pool sizes itself: `static`, `dynamic` or `ondemand` (PHP-FPM's meanings).
+    #[serde(default = "default_mode")]
+    pub mode: Mode,
+    /// Workers kept running even when idle (dynamic, ondemand).
     #[serde(default = "default_min_workers")]
     pub min_workers: u32,
-    /// Most workers running at once.
+    /// Most workers running at once (in static mode: always running).
     #[serde(default = "default_max_workers")]
     pub max_workers: u32,
+    /// Workers started with the bridge (dynamic); default: the larger of min_workers and
+    /// spare_min.
+    pub start_workers: Option<u32>,
+    /// Idle workers kept ready (dynamic): below it the pool spawns.
+    #[serde(default = "default_spare_min")]
+    pub spare_min: u32,
+    /// Most idle workers (dynamic): above it the longest-idle are stopped each second.
+    #[serde(default = "default_spare_max")]
+    pub spare_max: u32,
+    /// Fastest growth, in spawns per second; a burst ramps 1, 2, 4, ... up to it.
+    #[serde(default = "default_spawn_rate_max")]
+    pub spawn_rate_max: u32,
+    /// Idle workers above the spare/min floor are stopped after this long idle.
+    #[serde(default = "default_idle_timeout_ms")]
+    pub idle_timeout_ms: u64,
+    /// Recycle a worker after this many requests; 0 = never.
+    #[serde(default)]
+    pub max_requests: u64,
+    /// Add a random 0..=this to each worker's max_requests, so a pool does not recycle at once.
+    #[serde(default)]
+    pub max_requests_jitter: u64,
+    /// Recycle a worker this long after it started; 0 = never.
+    #[serde(default)]
+    pub max_lifetime_ms: u64,
+    /// Recycle a worker whose resident memory is over this after a request; 0 = never.
+    #[serde(default)]
+    pub max_rss_bytes: u64,
+    /// A request running longer is answered `timed out` and its worker replaced; 0 = never.
+    #[serde(default = "default_request_timeout_ms")]
+    pub request_timeout_ms: u64,
+    /// A new worker that has not finished its handshake by then is killed (a failed start).
+    #[serde(default = "default_startup_timeout_ms")]
+    pub startup_timeout_ms: u64,
+    /// Between SIGTERM and SIGKILL when stopping a worker.
+    #[serde(default = "default_kill_grace_ms")]
+    pub kill_grace_ms: u64,
+    /// Crashes or failed starts within crash_window_ms that turn the service `failing`.
+    #[serde(default = "default_crash_limit")]
+    pub crash_limit: u32,
+    #[serde(default = "default_crash_window_ms")]
+    pub crash_window_ms: u64,
+    /// Longest wait between restart attempts of a failing service (the backoff doubles from
+    /// 100 ms up to this).
+    #[serde(default = "default_restart_backoff_max_ms")]
+    pub restart_backoff_max_ms: u64,
     /// Data bytes of each worker's shared-memory slot; larger payloads take the copy path.
     #[serde(default = "default_slot_size_bytes")]
     pub slot_size_bytes: u32,
     /// Requests waiting for a worker before new ones get `overloaded`.
     #[serde(default = "default_backlog_max")]
     pub backlog_max: u32,
+    /// A request waiting longer than this for a worker gets `overloaded`; 0 = no limit.
+    #[serde(default)]
+    pub backlog_timeout_ms: u64,
+}
+
+impl ServiceConfig {
+    /// The pool policy this service's keys describe.
+    pub fn policy(&self) -> Policy {
+        let optional = |ms: u64| (ms > 0).then(|| Duration::from_millis(ms));
+        Policy {
+            mode: self.mode,
+            min_workers: if self.mode == Mode::Static {
+                self.max_workers
+            } else {
+                self.min_workers
+            },
+            max_workers: self.max_workers,
+            start_workers: self
+                .start_workers
+                .unwrap_or(self.min_workers.max(self.spare_min))
+                .min(self.max_workers),
+            spare_min: self.spare_min.min(self.spare_max),
+            spare_max: self.spare_max,
+            spawn_rate_max: self.spawn_rate_max,
+            idle_timeout: Duration::from_millis(self.idle_timeout_ms),
+            max_requests: self.max_requests,
+            max_requests_jitter: self.max_requests_jitter,
+            max_lifetime: optional(self.max_lifetime_ms),
+            max_rss_bytes: (self.max_rss_bytes > 0).then_some(self.max_rss_bytes),
+            request_timeout: optional(self.request_timeout_ms),
+            startup_timeout: Duration::from_millis(self.startup_timeout_ms),
+            kill_grace: Duration::from_millis(self.kill_grace_ms),
+            crash_limit: self.crash_limit,
+            crash_window: Duration::from_millis(self.crash_window_ms),
+            restart_backoff_max: Duration::from_millis(self.restart_backoff_max_ms),
+            backlog_max: self.backlog_max,
+            backlog_timeout: optional(self.backlog_timeout_ms),
+        }
+    }
 }
 
 fn default_state_dir() -> PathBuf {
@@ -108,6 +196,36 @@ fn default_connections_max() -> u32 {
     10_000
 }
 fn default_shutdown_timeout_ms() -> u64 {
+    30_000
+}
+fn default_admin_socket_mode() -> String {
+    "0600".to_string()
+}
+fn default_mode() -> Mode {
+    Mode::Dynamic
+}
+fn default_spare_min() -> u32 {
+    1
+}
+fn default_spare_max() -> u32 {
+    4
+}
+fn default_spawn_rate_max() -> u32 {
+    32
+}
+fn default_idle_timeout_ms() -> u64 {
+    10_000
+}
+fn default_request_timeout_ms() -> u64 {
+    60_000
+}
+fn default_crash_limit() -> u32 {
+    5
+}
+fn default_crash_window_ms() -> u64 {
+    10_000
+}
+fn default_restart_backoff_max_ms() -> u64 {
     30_000
 }
 fn default_kill_grace_ms() -> u64 {
@@ -172,6 +290,8 @@ fn list(problems: &[Problem]) -> String {
 
 /// Highest value accepted for `max_workers` of one service.
 pub const WORKERS_MAX_PER_SERVICE: u32 = 4096;
+/// Longest duration accepted for any `*_ms` key: one day.
+pub const DURATION_MS_MAX: u64 = 86_400_000;
 /// Highest value accepted for `backlog_max`.
 pub const BACKLOG_MAX_CEILING: u32 = 1 << 20;
 
@@ -219,6 +339,9 @@ impl Config {
         };
         self.base_dir = base_dir.to_path_buf();
         self.state_dir = resolve(&self.state_dir);
+        if let Some(admin) = &self.admin_socket {
+            self.admin_socket = Some(resolve(admin));
+        }
         if let Some(unix) = &self.listen.unix {
             self.listen.unix = Some(resolve(unix));
         }
@@ -254,6 +377,15 @@ impl Config {
             problem(
                 "listen".into(),
                 "set at least one of listen.unix and listen.tcp".into(),
+            );
+        }
+        if parse_mode(&self.admin_socket_mode).is_none() {
+            problem(
+                "admin_socket_mode".into(),
+                format!(
+                    "{:?} is not an octal permission like \"0600\"",
+                    self.admin_socket_mode
+                ),
             );
         }
         if parse_mode(&self.listen.unix_mode).is_none() {
@@ -328,6 +460,63 @@ impl Config {
                     ),
                 );
             }
+            let start = service.start_workers.unwrap_or(service.min_workers);
+            if service.mode == Mode::Dynamic
+                && (start < service.min_workers || start > service.max_workers)
+            {
+                problem(
+                    key("start_workers"),
+                    format!(
+                        "{start} must be between min_workers ({}) and max_workers ({})",
+                        service.min_workers, service.max_workers
+                    ),
+                );
+            }
+            if service.spare_min > service.spare_max {
+                problem(
+                    key("spare_min"),
+                    format!(
+                        "{} is over spare_max ({})",
+                        service.spare_min, service.spare_max
+                    ),
+                );
+            }
+            if service.spare_min > service.max_workers {
+                problem(
+                    key("spare_min"),
+                    format!(
+                        "{} is over max_workers ({})",
+                        service.spare_min, service.max_workers
+                    ),
+                );
+            }
+            if service.spawn_rate_max == 0 || service.spawn_rate_max > 1024 {
+                problem(
+                    key("spawn_rate_max"),
+                    "must be 1 to 1024 spawns per second".into(),
+                );
+            }
+            if service.crash_limit == 0 {
+                problem(key("crash_limit"), "must be at least 1".into());
+            }
+            for (name, value, min) in [
+                ("idle_timeout_ms", service.idle_timeout_ms, 1),
+                ("max_lifetime_ms", service.max_lifetime_ms, 0),
+                ("request_timeout_ms", service.request_timeout_ms, 0),
+                ("startup_timeout_ms", service.startup_timeout_ms, 1),
+                ("kill_grace_ms", service.kill_grace_ms, 0),
+                ("crash_window_ms", service.crash_window_ms, 1),
+                (
+                    "restart_backoff_max_ms",
+                    service.restart_backoff_max_ms,
+                    100,
+                ),
+                ("backlog_timeout_ms", service.backlog_timeout_ms, 0),
+            ] {
+                if value < min || value > DURATION_MS_MAX {
+                    problem(key(name), format!("must be {min} to {DURATION_MS_MAX} ms"));
+                }
+            }
             if service.slot_size_bytes < SLOT_CAPACITY_BYTES_MIN
                 || service.slot_size_bytes > self.max_payload_bytes.max(SLOT_CAPACITY_BYTES_MIN)
             {
@@ -355,6 +544,13 @@ impl Config {
             }
         }
         problems
+    }
+
+    /// Where the admin socket lives.
+    pub fn admin_socket_path(&self) -> PathBuf {
+        self.admin_socket
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("admin.sock"))
     }
 
     pub fn service_by_id(&self, id: u32) -> Option<&ServiceConfig> {
@@ -422,8 +618,20 @@ mod tests {
         assert_eq!(config.write_queue_max_bytes, 64 * 1024 * 1024);
         assert_eq!(config.connections_max, 10_000);
         assert_eq!(config.shutdown_timeout_ms, 30_000);
-        assert_eq!(config.kill_grace_ms, 5_000);
-        assert_eq!(config.startup_timeout_ms, 10_000);
+        assert_eq!(config.admin_socket_mode, "0600");
+        assert_eq!(service.mode, Mode::Dynamic);
+        assert_eq!(service.start_workers, None);
+        assert_eq!((service.spare_min, service.spare_max), (1, 4));
+        assert_eq!(service.spawn_rate_max, 32);
+        assert_eq!(service.idle_timeout_ms, 10_000);
+        assert_eq!((service.max_requests, service.max_requests_jitter), (0, 0));
+        assert_eq!((service.max_lifetime_ms, service.max_rss_bytes), (0, 0));
+        assert_eq!(service.request_timeout_ms, 60_000);
+        assert_eq!(service.kill_grace_ms, 5_000);
+        assert_eq!(service.startup_timeout_ms, 10_000);
+        assert_eq!((service.crash_limit, service.crash_window_ms), (5, 10_000));
+        assert_eq!(service.restart_backoff_max_ms, 30_000);
+        assert_eq!(service.backlog_timeout_ms, 0);
         assert_eq!(config.listen.unix_mode, "0660");
         assert_eq!(service.min_workers, 1);
         assert_eq!(service.max_workers, 8);

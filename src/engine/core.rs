@@ -29,8 +29,11 @@ use slab::Slab;
 use super::buffer::{Parsed, ReadBuffer, SendQueue};
 use super::spawn::{SpawnRequest, SpawnResult, Spawned, Spawner};
 use crate::config::Config;
-use crate::pool::{self, Action, Exit, Pool};
-use crate::proto::{self, ErrorCode, FrameError, Header, Hello, Kind, FLAG_IN_SLOT, HEADER_BYTES};
+use crate::pool::{Action, Gone, Pool, RejectReason, StopReason};
+use crate::proto::{
+    self, ErrorCode, FrameError, Header, Hello, Kind, FLAG_IN_SLOT, FLAG_TIMEOUT, HEADER_BYTES,
+    TIMEOUT_PREFIX_BYTES,
+};
 use crate::shm::{Slot, SLOT_ABI_VERSION};
 
 /// Base read-buffer size of a caller connection.
@@ -227,8 +230,8 @@ struct Worker {
     siginfo: Box<libc::siginfo_t>,
     wait_in_flight: bool,
     reaped: bool,
-    /// Send SIGKILL at this instant (stop grace or startup timeout).
-    kill_at: Option<Instant>,
+    /// The pool has been told this worker is gone (exactly once).
+    gone_reported: bool,
     /// Why the worker left, for the exit log line.
     fate: Option<String>,
     /// Index of its slot in the ring's registered-buffer table, if registered.
@@ -254,6 +257,9 @@ struct Request {
     caller_request_id: u64,
     service: usize,
     payload: Vec<u8>,
+    /// The caller's deadline (FLAG_TIMEOUT), if any.
+    deadline: Option<Instant>,
+    arrived: Instant,
 }
 
 struct Service {
@@ -261,6 +267,15 @@ struct Service {
     name: String,
     pool: Pool,
     slot_capacity: u32,
+    counters: ServiceCounters,
+}
+
+/// Requests of one service by outcome (for status).
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct ServiceCounters {
+    pub ok: u64,
+    /// Indexed by error code (1..=10); index 0 unused.
+    pub errors: [u64; 11],
 }
 
 /// The outcome counters this core keeps (read at exit and, later, by status).
@@ -335,11 +350,8 @@ impl Core {
             services.push(Service {
                 id: service.id,
                 name: service.name.clone(),
-                pool: Pool::new(pool::Limits {
-                    min_workers: service.min_workers,
-                    max_workers: service.max_workers,
-                    backlog_max: service.backlog_max,
-                }),
+                pool: Pool::new(now, service.policy(), seed_from(index)),
+                counters: ServiceCounters::default(),
                 slot_capacity: service.slot_size_bytes,
             });
         }
@@ -476,9 +488,6 @@ impl Core {
         for service in &self.services {
             consider(service.pool.next_deadline());
         }
-        for (_, worker) in &self.workers {
-            consider(worker.kill_at);
-        }
         for listener in &self.listeners {
             consider(listener.rearm_at);
         }
@@ -495,25 +504,6 @@ impl Core {
             {
                 self.services[service].pool.tick(now);
                 self.run_pool_actions(service);
-            }
-        }
-        let due: Vec<usize> = self
-            .workers
-            .iter()
-            .filter(|(_, w)| w.kill_at.is_some_and(|t| t <= now))
-            .map(|(index, _)| index)
-            .collect();
-        for index in due {
-            let worker = &mut self.workers[index];
-            worker.kill_at = None;
-            match worker.state {
-                WorkerState::Starting => {
-                    self.fail_worker(index, "did not finish its handshake in time")
-                }
-                _ => {
-                    tracing::warn!(pid = worker.pid, "worker did not stop in time; killing it");
-                    kill(worker, libc::SIGKILL);
-                }
             }
         }
         for index in 0..self.listeners.len() {
@@ -786,8 +776,15 @@ impl Core {
                         self.malformed(index, header.request_id, &error);
                         return;
                     }
-                    if header.flags != 0 {
-                        // Every flag defined so far is for workers only.
+                    let allowed = if header.kind == Kind::Request {
+                        FLAG_TIMEOUT
+                    } else {
+                        0
+                    };
+                    let short_timeout = header.flags & FLAG_TIMEOUT != 0
+                        && (header.payload_len as usize) < TIMEOUT_PREFIX_BYTES;
+                    if header.flags & !allowed != 0 || short_timeout {
+                        // IN_SLOT is for workers; TIMEOUT needs its 4-byte prefix.
                         let error = FrameError::UnknownFlags {
                             found: header.flags,
                         };
@@ -890,6 +887,19 @@ impl Core {
                     self.spare_payloads.push(payload);
                     return;
                 };
+                let now = self.now;
+                let mut payload = payload;
+                let mut deadline = None;
+                if header.flags & FLAG_TIMEOUT != 0 {
+                    let prefix: [u8; TIMEOUT_PREFIX_BYTES] = payload[..TIMEOUT_PREFIX_BYTES]
+                        .try_into()
+                        .expect("checked length");
+                    let timeout_ms = u32::from_le_bytes(prefix);
+                    payload.drain(..TIMEOUT_PREFIX_BYTES);
+                    if timeout_ms > 0 {
+                        deadline = Some(now + Duration::from_millis(timeout_ms as u64));
+                    }
+                }
                 let conn = &mut self.conns[index];
                 conn.requests_in_flight += 1;
                 let conn_handle = handle(index, conn.generation);
@@ -900,11 +910,12 @@ impl Core {
                     caller_request_id: header.request_id,
                     service,
                     payload,
+                    deadline,
+                    arrived: now,
                 });
-                let now = self.now;
                 self.services[service]
                     .pool
-                    .on_request(now, handle(request, generation));
+                    .on_request(now, handle(request, generation), deadline);
                 self.run_pool_actions(service);
                 return;
             }
@@ -1052,13 +1063,20 @@ impl Core {
     }
 
     /// Remove a finished request and account for it on its connection.
-    fn finish_request(&mut self, request: u64, ok: bool) -> Option<usize> {
+    /// `outcome` is `None` for a reply, else the error code it was answered with.
+    fn finish_request(&mut self, request: u64, outcome: Option<ErrorCode>) -> Option<usize> {
         let index = self.request_index(request);
         let entry = self.requests.remove(index);
-        if ok {
-            self.counters.requests_ok += 1;
-        } else {
-            self.counters.requests_failed += 1;
+        let counters = &mut self.services[entry.service].counters;
+        match outcome {
+            None => {
+                self.counters.requests_ok += 1;
+                counters.ok += 1;
+            }
+            Some(code) => {
+                self.counters.requests_failed += 1;
+                counters.errors[code as usize] += 1;
+            }
         }
         let mut payload = entry.payload;
         if payload.capacity() <= 64 * 1024 && self.spare_payloads.len() < 1024 {
@@ -1081,7 +1099,7 @@ impl Core {
             (entry.caller_request_id, entry.service)
         };
         let service_id = self.services[service].id;
-        if let Some(conn) = self.finish_request(request, false) {
+        if let Some(conn) = self.finish_request(request, Some(code)) {
             self.answer_error(conn, caller_request_id, service_id, code, message);
             self.close_conn_if_finished(conn);
         }
@@ -1094,23 +1112,65 @@ impl Core {
             match action {
                 Action::Spawn => self.request_spawn(service),
                 Action::Dispatch { request, worker } => self.dispatch(request, worker),
-                Action::Reject { request, code } => {
-                    let name = &self.services[service].name;
-                    let message = match code {
-                        ErrorCode::Overloaded => {
-                            format!("service {name} is at max_workers and its backlog is full")
-                        }
-                        ErrorCode::ShuttingDown => "the bridge is shutting down".to_string(),
-                        ErrorCode::ServiceUnavailable => format!(
-                            "service {name} cannot start workers (see the bridge log); retry later"
-                        ),
-                        other => format!("service {name}: {other}"),
-                    };
+                Action::Reject {
+                    request,
+                    code,
+                    reason,
+                } => {
+                    if !self.request_is_live(request) {
+                        // Answered already: a reply sent from a slot can race its timeout.
+                        continue;
+                    }
+                    let message = self.reject_message(service, request, reason);
                     self.fail_request(request, code, &message);
                 }
-                Action::Stop { worker } => self.stop_worker(handle_index(worker)),
+                Action::Stop { worker, reason } => self.stop_worker(handle_index(worker), reason),
+                Action::Kill { worker } => {
+                    let worker = &self.workers[handle_index(worker)];
+                    tracing::debug!(pid = worker.pid, "killing a worker");
+                    kill(worker, libc::SIGKILL);
+                }
             }
         }
+    }
+
+    fn reject_message(&self, service: usize, request: u64, reason: RejectReason) -> String {
+        let name = &self.services[service].name;
+        let policy = self.services[service].pool.policy();
+        let waited = self
+            .now
+            .saturating_duration_since(self.requests[handle_index(request)].arrived);
+        match reason {
+            RejectReason::BacklogFull => format!(
+                "service {name} is at max_workers ({}) and its backlog is full ({})",
+                policy.max_workers, policy.backlog_max
+            ),
+            RejectReason::BacklogTimeout => {
+                format!(
+                    "service {name}: waited {} ms for a worker",
+                    waited.as_millis()
+                )
+            }
+            RejectReason::DeadlineExceeded => format!(
+                "service {name}: the caller's deadline passed after {} ms waiting for a worker",
+                waited.as_millis()
+            ),
+            RejectReason::RequestTimeout => format!(
+                "service {name}: the request ran longer than {} ms; its worker is being replaced",
+                policy.request_timeout.unwrap_or_default().as_millis()
+            ),
+            RejectReason::Failing => format!(
+                "service {name} cannot keep workers running (crash loop; see the bridge log); \
+                 retry later"
+            ),
+            RejectReason::ShuttingDown => "the bridge is shutting down".to_string(),
+        }
+    }
+
+    fn request_is_live(&self, request: u64) -> bool {
+        self.requests
+            .get(handle_index(request))
+            .is_some_and(|r| r.generation == handle_generation(request))
     }
 
     fn pools_stopped(&self) -> bool {
@@ -1137,7 +1197,12 @@ impl Core {
         let worker_index = handle_index(worker);
         self.job_sequence += 1;
         let sequence = self.job_sequence;
-        let payload = std::mem::take(&mut self.requests[request_index].payload);
+        let entry = &mut self.requests[request_index];
+        let payload = std::mem::take(&mut entry.payload);
+        let remaining_ms = entry
+            .deadline
+            .map(|d| d.saturating_duration_since(self.now).as_millis().max(1) as u64)
+            .unwrap_or(0);
         let w = &mut self.workers[worker_index];
         assert_eq!(
             w.generation,
@@ -1151,7 +1216,9 @@ impl Core {
         );
         w.state = WorkerState::Busy { request, sequence };
         let in_slot = payload.len() <= w.slot.capacity() as usize;
-        let filled = w.slot.fill(sequence, in_slot.then_some(&payload[..]), 0);
+        let filled = w
+            .slot
+            .fill(sequence, in_slot.then_some(&payload[..]), remaining_ms);
         let mut header = Header::new(Kind::Job, 0, sequence, 0);
         if in_slot {
             header.flags = FLAG_IN_SLOT;
@@ -1177,7 +1244,7 @@ impl Core {
             Err(message) => {
                 tracing::error!(service = %name, "{message}");
                 let now = self.now;
-                self.services[service].pool.on_start_failed(now);
+                self.services[service].pool.on_spawn_failed(now);
                 self.run_pool_actions(service);
                 return;
             }
@@ -1189,7 +1256,6 @@ impl Core {
         );
         let buffer_index = self.register_slot(&spawned.slot);
         let generation = self.generation();
-        let startup_timeout = Duration::from_millis(self.config.startup_timeout_ms);
         let index = self.workers.insert(Worker {
             generation,
             service,
@@ -1206,7 +1272,7 @@ impl Core {
             siginfo: Box::new(unsafe { std::mem::zeroed() }),
             wait_in_flight: false,
             reaped: false,
-            kill_at: Some(self.now + startup_timeout),
+            gone_reported: false,
             fate: None,
             buffer_index,
             lent: false,
@@ -1215,6 +1281,11 @@ impl Core {
         self.arm_worker_recv(index);
         self.arm_worker_pipe(index, false);
         self.arm_worker_pipe(index, true);
+        let now = self.now;
+        self.services[service]
+            .pool
+            .on_worker_started(now, handle(index, generation));
+        self.run_pool_actions(service);
     }
 
     fn arm_worker_wait(&mut self, index: usize) {
@@ -1331,7 +1402,7 @@ impl Core {
         }
         if result <= 0 {
             let error = io::Error::from_raw_os_error(-result);
-            self.fail_worker(index, &format!("control socket send failed: {error}"));
+            self.lose_worker(index, &format!("control socket send failed: {error}"));
             return;
         }
         self.arm_worker_send(index);
@@ -1345,12 +1416,12 @@ impl Core {
         }
         if result < 0 {
             let error = io::Error::from_raw_os_error(-result);
-            self.fail_worker(index, &format!("control socket failed: {error}"));
+            self.lose_worker(index, &format!("control socket failed: {error}"));
             return;
         }
         if result == 0 {
             if worker.state != WorkerState::Stopping {
-                self.fail_worker(index, "closed its control socket");
+                self.lose_worker(index, "closed its control socket");
             }
             return;
         }
@@ -1393,10 +1464,10 @@ impl Core {
                 match hello {
                     Some(hello) if hello.slot_abi_version == SLOT_ABI_VERSION => {
                         worker.state = WorkerState::Idle;
-                        worker.kill_at = None;
                         let id = handle(index, worker.generation);
                         tracing::debug!(pid = worker.pid, "worker ready");
-                        self.services[service].pool.on_worker_ready(id);
+                        let now = self.now;
+                        self.services[service].pool.on_worker_ready(now, id);
                         self.run_pool_actions(service);
                     }
                     Some(hello) => self.fail_worker(
@@ -1420,6 +1491,8 @@ impl Core {
                 }
                 self.on_job_answer(index, request, sequence, header);
             }
+            // Being stopped (after a timeout, say): whatever it says no longer matters.
+            (WorkerState::Stopping, _) => {}
             (state, kind) => {
                 let message = format!("sent an unexpected {kind:?} frame while {state:?}");
                 self.fail_worker(index, &message);
@@ -1493,16 +1566,29 @@ impl Core {
             return;
         }
         let ok = header.kind == Kind::Done;
-        let conn = self.finish_request(request, ok);
+        let outcome = (!ok).then_some(ErrorCode::ServiceError);
+        let conn = self.finish_request(request, outcome);
         if let Some(conn) = conn {
             self.after_queueing(conn);
             self.close_conn_if_finished(conn);
         }
-        let worker = &mut self.workers[index];
-        worker.state = WorkerState::Idle;
+        self.workers[index].state = WorkerState::Idle;
+        self.job_done(index);
+    }
+
+    /// Tell the pool the worker finished its job (measuring its memory when the policy
+    /// recycles on it).
+    fn job_done(&mut self, index: usize) {
+        let worker = &self.workers[index];
         let id = handle(index, worker.generation);
         let service = worker.service;
-        self.services[service].pool.on_job_done(id);
+        let rss = self.services[service]
+            .pool
+            .policy()
+            .max_rss_bytes
+            .and_then(|_| rss_bytes(worker.pid));
+        let now = self.now;
+        self.services[service].pool.on_job_done(now, id, rss);
         self.run_pool_actions(service);
     }
 
@@ -1568,7 +1654,7 @@ impl Core {
         worker.lent = true;
         self.push_linked_pair(header_entry, payload_entry);
         self.counters.replies_sent_from_slot += 1;
-        if let Some(conn) = self.finish_request(request, true) {
+        if let Some(conn) = self.finish_request(request, None) {
             self.close_conn_if_finished(conn);
         }
         true
@@ -1671,10 +1757,7 @@ impl Core {
         if worker.state == WorkerState::Lending {
             worker.slot.release_reply();
             worker.state = WorkerState::Idle;
-            let id = handle(index, worker.generation);
-            let service = worker.service;
-            self.services[service].pool.on_job_done(id);
-            self.run_pool_actions(service);
+            self.job_done(index);
         }
         self.free_worker_if_done(index);
     }
@@ -1725,16 +1808,33 @@ impl Core {
         }
     }
 
-    /// A worker broke the protocol, failed or vanished: kill it, take it out of the pool, and
-    /// answer the request it held with `worker failed`.
+    /// A worker broke the protocol: kill it, take it out of the pool, and answer the request
+    /// it held with `worker failed`.
     fn fail_worker(&mut self, index: usize, reason: &str) {
+        self.retire_worker(index, reason, Gone::Violation);
+    }
+
+    /// The worker closed its control socket (or it broke): it is dying or hostile. Kill it to
+    /// be sure and let the reap (which then comes at once) retire it with its exit status.
+    fn lose_worker(&mut self, index: usize, reason: &str) {
         let worker = &mut self.workers[index];
-        let previous = worker.state;
-        if previous == WorkerState::Dead {
+        if matches!(worker.state, WorkerState::Dead | WorkerState::Stopping) {
             return;
         }
+        worker.fate.get_or_insert_with(|| reason.to_string());
+        kill(worker, libc::SIGKILL);
+    }
+
+    /// Take a worker out of service for good and tell the pool (once). The request it held, if
+    /// any and not yet answered, gets `worker failed`.
+    fn retire_worker(&mut self, index: usize, reason: &str, how: Gone) {
+        let worker = &mut self.workers[index];
+        let previous = worker.state;
+        if worker.gone_reported {
+            return;
+        }
+        worker.gone_reported = true;
         worker.state = WorkerState::Dead;
-        worker.kill_at = None;
         worker.fate.get_or_insert_with(|| reason.to_string());
         let service = worker.service;
         let id = handle(index, worker.generation);
@@ -1744,49 +1844,49 @@ impl Core {
         }
         worker.slot.reset();
         let name = &self.services[service].name;
-        let now = self.now;
         match previous {
             WorkerState::Starting => {
-                tracing::warn!(service = %name, pid, "worker failed to start: {reason}");
-                self.services[service].pool.on_start_failed(now);
+                tracing::warn!(service = %name, pid, "worker failed to start: {reason}")
             }
-            WorkerState::Idle | WorkerState::Busy { .. } => {
-                tracing::warn!(service = %name, pid, "worker failed: {reason}");
-                let held = self.services[service]
-                    .pool
-                    .on_worker_exit(now, id, Exit::Died);
-                if let Some(request) = held {
-                    let message = format!("the worker (pid {pid}) failed: {reason}");
-                    self.fail_request(request, ErrorCode::WorkerFailed, &message);
-                }
-            }
-            WorkerState::Lending => {
-                // Its reply is already answered and being sent from the slot, which stays
-                // mapped until the send completes (the `lent` flag keeps the entry alive).
-                tracing::warn!(service = %name, pid, "worker failed: {reason}");
-                let _answered = self.services[service]
-                    .pool
-                    .on_worker_exit(now, id, Exit::Died);
+            WorkerState::Idle | WorkerState::Busy { .. } | WorkerState::Lending => {
+                tracing::warn!(service = %name, pid, "worker failed: {reason}")
             }
             WorkerState::Stopping | WorkerState::Dead => {}
         }
+        let now = self.now;
+        let held = self.services[service].pool.on_worker_gone(now, id, how);
+        if let (Some(request), WorkerState::Busy { request: busy, .. }) = (held, previous) {
+            assert_eq!(
+                request, busy,
+                "the pool and the engine disagree on the held request"
+            );
+            let message = format!("the worker (pid {pid}) failed: {reason}");
+            self.fail_request(request, ErrorCode::WorkerFailed, &message);
+        }
+        // (A Lending worker's request is already answered: its reply is being sent.)
         self.run_pool_actions(service);
     }
 
-    /// The policy stopped an idle worker: close its control socket (the SDK exits on EOF),
-    /// send SIGTERM, and SIGKILL after the grace period.
-    fn stop_worker(&mut self, index: usize) {
-        let grace = Duration::from_millis(self.config.kill_grace_ms);
+    /// The policy stopped a worker: close its control socket (the SDK exits on EOF) and send
+    /// SIGTERM; the policy sends `Kill` after the grace period if it is still there.
+    fn stop_worker(&mut self, index: usize, reason: StopReason) {
         let worker = &mut self.workers[index];
-        assert!(matches!(
-            worker.state,
-            WorkerState::Idle | WorkerState::Starting
-        ));
+        if matches!(worker.state, WorkerState::Dead | WorkerState::Stopping) {
+            return;
+        }
         worker.state = WorkerState::Stopping;
-        worker.fate = Some("stopped".to_string());
+        worker.fate = Some(
+            match reason {
+                StopReason::Idle => "stopped: idle",
+                StopReason::Recycled => "recycled",
+                StopReason::TimedOut => "stopped: request timed out",
+                StopReason::StartupTimeout => "stopped: no handshake in time",
+                StopReason::Shutdown => "stopped: shutdown",
+            }
+            .to_string(),
+        );
         let _ = rustix::net::shutdown(&worker.control, rustix::net::Shutdown::Write);
         kill(worker, libc::SIGTERM);
-        worker.kill_at = Some(self.now + grace);
     }
 
     fn on_worker_reaped(&mut self, index: usize, result: i32) {
@@ -1799,18 +1899,16 @@ impl Core {
             return;
         }
         worker.reaped = true;
-        worker.kill_at = None;
         let status = describe_exit(&worker.siginfo);
-        if !matches!(worker.state, WorkerState::Dead | WorkerState::Stopping) {
-            self.fail_worker(index, &status);
-        }
+        let reason = match &worker.fate {
+            Some(fate) => format!("{fate} ({status})"),
+            None => status.clone(),
+        };
+        self.retire_worker(index, &reason, Gone::Exited);
         let worker = &mut self.workers[index];
         let service = &self.services[worker.service].name;
         let fate = worker.fate.as_deref().unwrap_or("exited");
         tracing::info!(service = %service, pid = worker.pid, reason = fate, "worker exited: {status}");
-        if worker.state == WorkerState::Stopping {
-            worker.state = WorkerState::Dead;
-        }
         // The process is gone: nothing more will come on its descriptors except EOF; cancel
         // reads that a surviving grandchild could keep open.
         let generation = worker.generation;
@@ -1858,7 +1956,8 @@ impl Core {
             let _ = std::fs::remove_file(path);
         }
         for service in 0..self.services.len() {
-            self.services[service].pool.begin_stop();
+            let now = self.now;
+            self.services[service].pool.begin_stop(now);
             self.run_pool_actions(service);
         }
         let conns: Vec<usize> = self.conns.iter().map(|(index, _)| index).collect();
@@ -1870,15 +1969,14 @@ impl Core {
     /// The shutdown timeout passed: fail what is still queued or running and kill every worker.
     fn force_shutdown(&mut self) {
         tracing::warn!("shutdown timeout passed: failing requests still in flight");
-        for service in 0..self.services.len() {
-            self.services[service]
-                .pool
-                .reject_backlog(ErrorCode::ShuttingDown);
-            self.run_pool_actions(service);
+        for (_, worker) in self.workers.iter_mut() {
+            worker
+                .fate
+                .get_or_insert_with(|| "killed: the bridge's shutdown timeout passed".into());
         }
-        let workers: Vec<usize> = self.workers.iter().map(|(index, _)| index).collect();
-        for index in workers {
-            self.fail_worker(index, "killed: the bridge's shutdown timeout passed");
+        for service in 0..self.services.len() {
+            self.services[service].pool.abort(ErrorCode::ShuttingDown);
+            self.run_pool_actions(service);
         }
         let conns: Vec<usize> = self.conns.iter().map(|(index, _)| index).collect();
         for index in conns {
@@ -1931,6 +2029,22 @@ fn send_entry(queue: &mut SendQueue, fd: &OwnedFd, token: Token) -> Option<squeu
     .user_data(token.encode());
     queue.in_flight = true;
     Some(entry)
+}
+
+/// A per-service seed for the pool's recycling jitter (any value will do).
+fn seed_from(service: usize) -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    nanos ^ (service as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
+/// Resident memory of a process, from /proc/PID/statm (pages × page size).
+fn rss_bytes(pid: i32) -> Option<u64> {
+    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * rustix::param::page_size() as u64)
 }
 
 fn kill(worker: &Worker, signal: i32) {

@@ -1,22 +1,40 @@
-//! The pool policy of one service: a pure state machine, no syscalls, no clocks of its own.
+//! The pool policy of one service: a pure state machine, no syscalls, no clock of its own.
 //!
-//! The engine feeds it events (a request arrived, a worker became ready, a job finished, a
-//! worker exited, the time passed) with the current time, and drains the resulting [`Action`]s
-//! (spawn a worker, dispatch a request to a worker, reject a request, stop a worker) with
-//! [`Pool::next_action`]. [`Pool::next_deadline`] says when it next wants a `tick`. Because it
-//! never touches the outside world, it is tested exhaustively and driven in simulations.
+//! The engine feeds it events with the current time (a request arrived, a worker process
+//! started, finished its handshake, finished a job, is gone; time passed) and drains the
+//! resulting [`Action`]s with [`Pool::next_action`]: spawn a worker, dispatch a request, reject
+//! a request, stop a worker (SIGTERM), kill a worker (SIGKILL). [`Pool::next_deadline`] says
+//! when it next needs `tick`. Every timer of the pool lives here (startup, request and backlog
+//! timeouts, caller deadlines, kill grace, idle reaping, spawn pacing, restart backoff), so the
+//! whole lifecycle is tested exhaustively and simulated with a virtual clock
+//! (`tests::simulation`).
 //!
-//! Workers are counted in three disjoint sets: starting (spawned, no handshake yet), idle, and
-//! busy (holding exactly one request). Requests wait in a bounded FIFO backlog while no worker is
-//! idle. Invariants (checked by [`Pool::check_invariants`]):
-//! - starting + idle + busy <= max_workers;
-//! - the backlog is empty whenever a worker is idle;
-//! - backlog length <= backlog_max;
-//! - no worker is both idle and busy, and a request is held by at most one worker.
+//! Modes, as in PHP-FPM:
+//! - `static`: `max_workers` workers, always.
+//! - `dynamic`: `start_workers` at start; at least `min_workers`; spawn while fewer than
+//!   `spare_min` are idle; stop idle workers above `spare_max` (each reap interval) and those
+//!   idle longer than `idle_timeout` while more than `spare_min` are idle.
+//! - `ondemand`: `min_workers` (often 0) at start; spawn on demand; stop workers idle longer
+//!   than `idle_timeout`.
+//!
+//! In every mode a request that finds no idle worker waits in a FIFO backlog and, below
+//! `max_workers`, makes the pool grow; growth is paced 1, 2, 4, ... spawns per second up to
+//! `spawn_rate_max` (Apache's ramp), so a spike cannot fork-bomb the machine. Refilling up to
+//! the floor (`min_workers`, or all of them in static mode) is not paced.
+//!
+//! The crash-loop breaker: `crash_limit` crashes or failed starts within `crash_window` turn the
+//! pool `failing`: requests are answered at once with `service unavailable`, the backlog is
+//! flushed, and one worker at a time is started after an exponential backoff; the first worker
+//! that finishes its handshake brings the pool back to `ok`.
+//!
+//! Invariants ([`Pool::check_invariants`]): starting + idle + busy + stopping workers <=
+//! `max_workers`; the idle list is exactly the idle workers; no idle worker while requests wait
+//! (unless stopping); the backlog within `backlog_max`; a request is queued or held by one
+//! worker, never both, never by two.
 
 #![forbid(unsafe_code)]
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use crate::proto::ErrorCode;
@@ -26,91 +44,271 @@ pub type WorkerId = u64;
 /// The engine's handle for a request (opaque to the policy).
 pub type RequestId = u64;
 
-/// The pool's bounds, from the service's config.
-#[derive(Clone, Copy, Debug)]
-pub struct Limits {
+/// How the pool sizes itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Static,
+    Dynamic,
+    #[serde(rename = "ondemand")]
+    OnDemand,
+}
+
+/// The pool's configuration (validated by `config`).
+#[derive(Clone, Debug)]
+pub struct Policy {
+    pub mode: Mode,
     pub min_workers: u32,
     pub max_workers: u32,
+    pub start_workers: u32,
+    pub spare_min: u32,
+    pub spare_max: u32,
+    pub spawn_rate_max: u32,
+    pub idle_timeout: Duration,
+    /// Recycle a worker after this many requests (0: never), plus a random 0..=jitter.
+    pub max_requests: u64,
+    pub max_requests_jitter: u64,
+    pub max_lifetime: Option<Duration>,
+    pub max_rss_bytes: Option<u64>,
+    pub request_timeout: Option<Duration>,
+    pub startup_timeout: Duration,
+    pub kill_grace: Duration,
+    pub crash_limit: u32,
+    pub crash_window: Duration,
+    pub restart_backoff_max: Duration,
     pub backlog_max: u32,
+    pub backlog_timeout: Option<Duration>,
+}
+
+impl Policy {
+    /// A plain dynamic policy with the documented defaults (tests and examples).
+    pub fn with_workers(min_workers: u32, max_workers: u32, backlog_max: u32) -> Policy {
+        Policy {
+            mode: Mode::Dynamic,
+            min_workers,
+            max_workers,
+            start_workers: min_workers,
+            spare_min: 0,
+            spare_max: max_workers,
+            spawn_rate_max: 32,
+            idle_timeout: Duration::from_secs(10),
+            max_requests: 0,
+            max_requests_jitter: 0,
+            max_lifetime: None,
+            max_rss_bytes: None,
+            request_timeout: None,
+            startup_timeout: Duration::from_secs(10),
+            kill_grace: Duration::from_secs(5),
+            crash_limit: 5,
+            crash_window: Duration::from_secs(10),
+            restart_backoff_max: Duration::from_secs(30),
+            backlog_max,
+            backlog_timeout: None,
+        }
+    }
+
+    /// Workers always kept (refilled without pacing).
+    pub fn floor(&self) -> u32 {
+        match self.mode {
+            Mode::Static => self.max_workers,
+            Mode::Dynamic | Mode::OnDemand => self.min_workers,
+        }
+    }
+
+    fn initial(&self) -> u32 {
+        match self.mode {
+            Mode::Static => self.max_workers,
+            Mode::Dynamic => self.start_workers.max(self.min_workers),
+            Mode::OnDemand => self.min_workers,
+        }
+    }
+}
+
+/// Why the policy stopped a worker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopReason {
+    /// Idle above the spare/min floor, or longer than `idle_timeout`.
+    Idle,
+    /// `max_requests`, `max_lifetime` or `max_rss_bytes` reached.
+    Recycled,
+    /// Its request ran past `request_timeout`.
+    TimedOut,
+    /// No handshake within `startup_timeout`.
+    StartupTimeout,
+    /// The bridge is shutting down.
+    Shutdown,
+}
+
+/// How the engine learnt a worker is gone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Gone {
+    /// The process exited or died (the engine saw EOF or reaped it).
+    Exited,
+    /// It broke the worker protocol; the engine killed it.
+    Violation,
 }
 
 /// What the engine must do.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Action {
-    /// Start one worker. The policy already counts it as starting; the engine answers with
-    /// `on_worker_ready(id)` or `on_start_failed()`.
+    /// Start one worker process; answer with `on_worker_started(id)` or `on_spawn_failed()`.
     Spawn,
     /// Hand `request` to the idle `worker`, which is now busy.
     Dispatch {
         request: RequestId,
         worker: WorkerId,
     },
-    /// Answer `request` with an error without running it.
-    Reject { request: RequestId, code: ErrorCode },
-    /// Stop this (idle) worker; it has left the pool.
-    Stop { worker: WorkerId },
+    /// Answer `request` with an error without running it (or, for `TimedOut`, instead of
+    /// waiting for the worker that holds it, which is being stopped).
+    Reject {
+        request: RequestId,
+        code: ErrorCode,
+        reason: RejectReason,
+    },
+    /// Stop the worker gracefully: close its control socket and send SIGTERM. It is out of
+    /// service; a `Kill` follows after `kill_grace` unless it is gone by then.
+    Stop {
+        worker: WorkerId,
+        reason: StopReason,
+    },
+    /// SIGKILL the worker.
+    Kill { worker: WorkerId },
 }
 
-/// Why a worker left the pool (reported by the engine).
+/// Why a request was rejected, for messages and counters.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Exit {
-    /// It exited or was killed while idle or busy.
-    Died,
-    /// The engine stopped it on the policy's `Stop`.
-    Stopped,
+pub enum RejectReason {
+    BacklogFull,
+    BacklogTimeout,
+    DeadlineExceeded,
+    RequestTimeout,
+    Failing,
+    ShuttingDown,
 }
 
 /// Counters for status and tests.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Stats {
     pub spawns: u64,
-    pub start_failures: u64,
-    pub deaths: u64,
+    pub failed_starts: u64,
     pub dispatched: u64,
     pub rejected_overloaded: u64,
-    pub rejected_shutting_down: u64,
+    pub rejected_backlog_timeout: u64,
+    pub rejected_deadline: u64,
     pub rejected_unavailable: u64,
+    pub rejected_shutting_down: u64,
+    pub timed_out: u64,
+    pub exits_recycled: u64,
+    pub exits_idle: u64,
+    pub exits_crashed: u64,
+    pub exits_timed_out: u64,
+    pub exits_killed: u64,
+    pub exits_shutdown: u64,
     pub backlog_len_max: u32,
 }
 
-/// First delay before retrying after a failed start; doubles per failure up to the maximum.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    Starting {
+        deadline: Instant,
+    },
+    Idle {
+        since: Instant,
+    },
+    Busy {
+        request: RequestId,
+        deadline: Option<Instant>,
+    },
+    Stopping {
+        reason: StopReason,
+        kill_at: Option<Instant>,
+    },
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Worker {
+    state: State,
+    started_at: Instant,
+    served: u64,
+    recycle_after: u64,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Queued {
+    /// When it must leave the backlog: the earlier of the caller's deadline and the backlog
+    /// timeout, and which of the two that is.
+    expires: Option<(Instant, RejectReason)>,
+}
+
+/// Length of the idle-reaping interval.
+pub const REAP_INTERVAL: Duration = Duration::from_secs(1);
 const RESTART_BACKOFF_FIRST: Duration = Duration::from_millis(100);
-const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(5);
+const SPAWN_WINDOW: Duration = Duration::from_secs(1);
 
 pub struct Pool {
-    limits: Limits,
-    starting: u32,
+    policy: Policy,
+    workers: BTreeMap<WorkerId, Worker>,
+    /// Spawn actions issued whose process has not been reported yet.
+    pending_spawns: u32,
+    /// Idle workers, longest idle at the front.
     idle: VecDeque<WorkerId>,
-    busy: BTreeMap<WorkerId, RequestId>,
+    /// FIFO of waiting requests; ids no longer in `queued` are skipped (removed by expiry).
     backlog: VecDeque<RequestId>,
+    queued: HashMap<RequestId, Queued>,
+    expiries: BTreeSet<(Instant, RequestId)>,
     actions: VecDeque<Action>,
     stopping: bool,
-    /// Failed starts since the last clean one.
-    start_failures_in_a_row: u32,
-    /// No spawn before this instant (restart backoff).
+    failing: bool,
+    /// Crashes and failed starts within the crash window.
+    crashes: VecDeque<Instant>,
+    backoff: Duration,
     spawn_not_before: Option<Instant>,
+    spawn_rate: u32,
+    spawn_window_start: Instant,
+    spawned_in_window: u32,
+    next_reap: Instant,
+    rng: u64,
     stats: Stats,
 }
 
 impl Pool {
-    /// A pool that immediately asks for `min_workers` spawns.
-    pub fn new(limits: Limits) -> Pool {
-        assert!(limits.max_workers >= 1);
-        assert!(limits.min_workers <= limits.max_workers);
+    /// A pool that immediately asks for its initial workers. `seed` drives the recycling
+    /// jitter (any value; the engine uses the clock, simulations a fixed seed).
+    pub fn new(now: Instant, policy: Policy, seed: u64) -> Pool {
+        assert!(policy.max_workers >= 1);
+        assert!(policy.min_workers <= policy.max_workers);
+        assert!(policy.spare_min <= policy.spare_max);
+        assert!(policy.spawn_rate_max >= 1);
+        let initial = policy.initial();
         let mut pool = Pool {
-            limits,
-            starting: 0,
+            policy,
+            workers: BTreeMap::new(),
+            pending_spawns: 0,
             idle: VecDeque::new(),
-            busy: BTreeMap::new(),
             backlog: VecDeque::new(),
+            queued: HashMap::new(),
+            expiries: BTreeSet::new(),
             actions: VecDeque::new(),
             stopping: false,
-            start_failures_in_a_row: 0,
+            failing: false,
+            crashes: VecDeque::new(),
+            backoff: RESTART_BACKOFF_FIRST,
             spawn_not_before: None,
+            spawn_rate: 1,
+            spawn_window_start: now,
+            spawned_in_window: 0,
+            next_reap: now + REAP_INTERVAL,
+            rng: seed | 1,
             stats: Stats::default(),
         };
-        pool.refill();
+        for _ in 0..initial.min(pool.policy.max_workers) {
+            pool.spawn();
+        }
         pool
+    }
+
+    pub fn policy(&self) -> &Policy {
+        &self.policy
     }
 
     pub fn next_action(&mut self) -> Option<Action> {
@@ -121,12 +319,22 @@ impl Pool {
         self.stats
     }
 
+    pub fn is_failing(&self) -> bool {
+        self.failing
+    }
+
+    /// Spawns per second the pacing allows right now.
+    pub fn spawn_rate(&self) -> u32 {
+        self.spawn_rate
+    }
+
+    /// Every worker process the pool accounts for, including ones being stopped.
     pub fn workers_total(&self) -> u32 {
-        self.starting + self.idle.len() as u32 + self.busy.len() as u32
+        self.pending_spawns + self.workers.len() as u32
     }
 
     pub fn starting(&self) -> u32 {
-        self.starting
+        self.pending_spawns + self.count(|s| matches!(s, State::Starting { .. }))
     }
 
     pub fn idle(&self) -> u32 {
@@ -134,513 +342,637 @@ impl Pool {
     }
 
     pub fn busy(&self) -> u32 {
-        self.busy.len() as u32
+        self.count(|s| matches!(s, State::Busy { .. }))
+    }
+
+    pub fn stopping_count(&self) -> u32 {
+        self.count(|s| matches!(s, State::Stopping { .. }))
     }
 
     pub fn backlog_len(&self) -> u32 {
-        self.backlog.len() as u32
+        self.queued.len() as u32
     }
 
-    /// When the policy next wants `tick` (a restart backoff expiring).
+    fn count(&self, predicate: impl Fn(&State) -> bool) -> u32 {
+        self.workers
+            .values()
+            .filter(|w| predicate(&w.state))
+            .count() as u32
+    }
+
+    /// Workers that serve or will serve: starting, idle or busy (not stopping).
+    pub fn serving(&self) -> u32 {
+        self.pending_spawns + self.workers.len() as u32 - self.stopping_count()
+    }
+
+    /// The earliest instant at which `tick` has something to do.
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.spawn_not_before
+        let mut deadline: Option<Instant> = None;
+        let mut consider = |at: Instant| deadline = Some(deadline.map_or(at, |d| d.min(at)));
+        if let Some((at, _)) = self.expiries.first() {
+            consider(*at);
+        }
+        for worker in self.workers.values() {
+            match worker.state {
+                State::Starting { deadline } => consider(deadline),
+                State::Busy {
+                    deadline: Some(deadline),
+                    ..
+                } => consider(deadline),
+                State::Stopping {
+                    kill_at: Some(kill_at),
+                    ..
+                } => consider(kill_at),
+                _ => {}
+            }
+        }
+        if let Some(at) = self.spawn_not_before {
+            consider(at);
+        }
+        if self.wants_growth() {
+            consider(self.spawn_window_start + SPAWN_WINDOW);
+        }
+        let reap_useful = !self.idle.is_empty()
+            || (self.policy.max_lifetime.is_some() && !self.workers.is_empty());
+        if reap_useful && !self.stopping {
+            consider(self.next_reap);
+        }
+        deadline
     }
 
-    /// A request arrived for this service.
-    pub fn on_request(&mut self, now: Instant, request: RequestId) {
+    // ----- events ------------------------------------------------------------------------------
+
+    /// A request arrived. `deadline` is the caller's, if it set one.
+    pub fn on_request(&mut self, now: Instant, request: RequestId, deadline: Option<Instant>) {
         if self.stopping {
             self.stats.rejected_shutting_down += 1;
-            self.actions.push_back(Action::Reject {
+            self.reject(request, ErrorCode::ShuttingDown, RejectReason::ShuttingDown);
+            return;
+        }
+        if self.failing {
+            self.stats.rejected_unavailable += 1;
+            self.reject(
                 request,
-                code: ErrorCode::ShuttingDown,
-            });
+                ErrorCode::ServiceUnavailable,
+                RejectReason::Failing,
+            );
+            return;
+        }
+        if deadline.is_some_and(|d| d <= now) {
+            self.stats.rejected_deadline += 1;
+            self.reject(
+                request,
+                ErrorCode::DeadlineExceeded,
+                RejectReason::DeadlineExceeded,
+            );
             return;
         }
         if let Some(worker) = self.idle.pop_back() {
-            self.dispatch(request, worker);
+            self.dispatch(now, request, worker);
+            if self.policy.mode == Mode::Dynamic && self.policy.spare_min > 0 {
+                // Taking an idle worker may leave fewer spares than spare_min.
+                self.maintain(now);
+            }
             return;
         }
-        if self.backlog.len() as u32 >= self.limits.backlog_max {
+        if self.queued.len() as u32 >= self.policy.backlog_max {
             self.stats.rejected_overloaded += 1;
-            self.actions.push_back(Action::Reject {
-                request,
-                code: ErrorCode::Overloaded,
-            });
+            self.reject(request, ErrorCode::Overloaded, RejectReason::BacklogFull);
             return;
         }
-        if self.workers_total() == 0 && self.spawn_not_before.is_some_and(|t| now < t) {
-            // Nothing runs and the last starts failed: fail fast instead of queueing into a
-            // pool that cannot serve.
-            self.stats.rejected_unavailable += 1;
-            self.actions.push_back(Action::Reject {
-                request,
-                code: ErrorCode::ServiceUnavailable,
-            });
-            return;
+        let backlog_expiry = self
+            .policy
+            .backlog_timeout
+            .map(|t| (now + t, RejectReason::BacklogTimeout));
+        let caller_expiry = deadline.map(|d| (d, RejectReason::DeadlineExceeded));
+        let expires = match (backlog_expiry, caller_expiry) {
+            (Some(a), Some(b)) => Some(if b.0 <= a.0 { b } else { a }),
+            (a, b) => a.or(b),
+        };
+        if let Some((at, _)) = expires {
+            self.expiries.insert((at, request));
         }
+        self.queued.insert(request, Queued { expires });
         self.backlog.push_back(request);
-        self.stats.backlog_len_max = self.stats.backlog_len_max.max(self.backlog.len() as u32);
-        self.grow(now);
+        self.stats.backlog_len_max = self.stats.backlog_len_max.max(self.queued.len() as u32);
+        self.maintain(now);
+    }
+
+    /// The engine started a worker process for one of our `Spawn`s.
+    pub fn on_worker_started(&mut self, now: Instant, worker: WorkerId) {
+        assert!(self.pending_spawns > 0, "a start without a spawn");
+        assert!(!self.workers.contains_key(&worker), "worker id reused");
+        self.pending_spawns -= 1;
+        let recycle_after = match self.policy.max_requests {
+            0 => u64::MAX,
+            n => n + self.random(self.policy.max_requests_jitter + 1),
+        };
+        let state = State::Starting {
+            deadline: now + self.policy.startup_timeout,
+        };
+        self.workers.insert(
+            worker,
+            Worker {
+                state,
+                started_at: now,
+                served: 0,
+                recycle_after,
+            },
+        );
+        if self.stopping && self.queued.is_empty() {
+            self.stop(now, worker, StopReason::Shutdown);
+        }
+    }
+
+    /// A `Spawn` could not start a process (exec failed).
+    pub fn on_spawn_failed(&mut self, now: Instant) {
+        assert!(self.pending_spawns > 0, "a failed spawn without a spawn");
+        self.pending_spawns -= 1;
+        self.stats.failed_starts += 1;
+        self.on_crash(now);
+        self.maintain(now);
+        self.finish_stop_if_drained(now);
     }
 
     /// A worker finished its handshake.
-    pub fn on_worker_ready(&mut self, worker: WorkerId) {
-        assert!(self.starting > 0, "ready without a start");
-        self.starting -= 1;
-        self.start_failures_in_a_row = 0;
-        self.spawn_not_before = None;
-        self.release(worker);
-    }
-
-    /// A start failed (exec failed, or the worker died or misbehaved before its handshake).
-    pub fn on_start_failed(&mut self, now: Instant) {
-        assert!(self.starting > 0, "start failure without a start");
-        self.starting -= 1;
-        self.stats.start_failures += 1;
-        self.start_failures_in_a_row += 1;
-        let shift = self.start_failures_in_a_row.saturating_sub(1).min(16);
-        let delay = RESTART_BACKOFF_FIRST
-            .saturating_mul(1 << shift)
-            .min(RESTART_BACKOFF_MAX);
-        self.spawn_not_before = Some(now + delay);
-        if self.workers_total() == 0 {
-            // Nobody can serve the backlog until a start succeeds: answer it now.
-            while let Some(request) = self.backlog.pop_front() {
-                self.stats.rejected_unavailable += 1;
-                self.actions.push_back(Action::Reject {
-                    request,
-                    code: ErrorCode::ServiceUnavailable,
-                });
-            }
+    pub fn on_worker_ready(&mut self, now: Instant, worker: WorkerId) {
+        let Some(entry) = self.workers.get_mut(&worker) else {
+            panic!("ready from an unknown worker {worker}")
+        };
+        match entry.state {
+            State::Starting { .. } => {}
+            // Stopped before it was ready (shutdown): it stays stopping.
+            State::Stopping { .. } => return,
+            other => panic!("ready from a worker in {other:?}"),
         }
-        self.finish_stop_if_drained();
+        entry.state = State::Idle { since: now };
+        if self.failing {
+            self.failing = false;
+            self.crashes.clear();
+        }
+        self.backoff = RESTART_BACKOFF_FIRST;
+        self.spawn_not_before = None;
+        self.release(now, worker);
+        self.maintain(now);
     }
 
-    /// The busy `worker` finished its request (replied, or failed it without dying).
-    pub fn on_job_done(&mut self, worker: WorkerId) {
-        assert!(
-            self.busy.remove(&worker).is_some(),
-            "job done by a worker that was not busy"
-        );
-        self.release(worker);
+    /// The busy `worker` answered its request. `rss_bytes` is its resident size now, when the
+    /// engine measured it (only when `max_rss_bytes` is set).
+    pub fn on_job_done(&mut self, now: Instant, worker: WorkerId, rss_bytes: Option<u64>) {
+        let policy_rss = self.policy.max_rss_bytes;
+        let lifetime = self.policy.max_lifetime;
+        let entry = self
+            .workers
+            .get_mut(&worker)
+            .expect("job done by an unknown worker");
+        match entry.state {
+            State::Busy { .. } => {}
+            // Timed out meanwhile: already answered and being stopped.
+            State::Stopping { .. } => return,
+            other => panic!("job done by a worker in {other:?}"),
+        }
+        entry.served += 1;
+        let recycle = entry.served >= entry.recycle_after
+            || lifetime.is_some_and(|l| now.saturating_duration_since(entry.started_at) >= l)
+            || rss_bytes
+                .zip(policy_rss)
+                .is_some_and(|(rss, max)| rss > max);
+        entry.state = State::Idle { since: now };
+        if recycle {
+            self.stop(now, worker, StopReason::Recycled);
+            self.maintain(now);
+        } else {
+            self.release(now, worker);
+        }
     }
 
-    /// A worker that had finished its handshake left: it died, or was stopped on our `Stop`.
-    /// Returns the request it held, which the engine must answer with `worker failed`.
-    pub fn on_worker_exit(
+    /// A worker is gone (exited, died, or killed for breaking the protocol). Returns the
+    /// request it held, which the engine must answer with `worker failed`.
+    pub fn on_worker_gone(
         &mut self,
         now: Instant,
         worker: WorkerId,
-        exit: Exit,
+        how: Gone,
     ) -> Option<RequestId> {
-        let held = self.busy.remove(&worker);
-        if let Some(position) = self.idle.iter().position(|w| *w == worker) {
-            self.idle.remove(position);
+        let entry = self.workers.remove(&worker).expect("gone: unknown worker");
+        let mut held = None;
+        match entry.state {
+            State::Starting { .. } => {
+                self.stats.failed_starts += 1;
+                self.on_crash(now);
+            }
+            State::Idle { .. } | State::Busy { .. } => {
+                if let State::Busy { request, .. } = entry.state {
+                    held = Some(request);
+                }
+                if let Some(position) = self.idle.iter().position(|w| *w == worker) {
+                    self.idle.remove(position);
+                }
+                match how {
+                    Gone::Exited => self.stats.exits_crashed += 1,
+                    Gone::Violation => self.stats.exits_killed += 1,
+                }
+                self.on_crash(now);
+            }
+            State::Stopping { reason, .. } => match reason {
+                StopReason::Idle => self.stats.exits_idle += 1,
+                StopReason::Recycled => self.stats.exits_recycled += 1,
+                StopReason::TimedOut => self.stats.exits_timed_out += 1,
+                // Counted as a failed start when it timed out.
+                StopReason::StartupTimeout => {}
+                StopReason::Shutdown => self.stats.exits_shutdown += 1,
+            },
         }
-        if exit == Exit::Died {
-            self.stats.deaths += 1;
-        }
-        self.grow(now);
-        self.refill();
-        self.finish_stop_if_drained();
+        self.maintain(now);
+        self.finish_stop_if_drained(now);
         held
     }
 
-    /// Time passed: a restart backoff may have expired.
+    /// Time passed: fire every timer that is due.
     pub fn tick(&mut self, now: Instant) {
-        if self.spawn_not_before.is_some_and(|t| now >= t) {
+        // Requests whose caller deadline or backlog timeout passed while queued.
+        while let Some(&(at, request)) = self.expiries.first() {
+            if at > now {
+                break;
+            }
+            self.expiries.pop_first();
+            if let Some(queued) = self.queued.remove(&request) {
+                let reason = queued
+                    .expires
+                    .map(|(_, r)| r)
+                    .expect("expiring entries expire");
+                match reason {
+                    RejectReason::DeadlineExceeded => {
+                        self.stats.rejected_deadline += 1;
+                        self.reject(request, ErrorCode::DeadlineExceeded, reason);
+                    }
+                    _ => {
+                        self.stats.rejected_backlog_timeout += 1;
+                        self.reject(request, ErrorCode::Overloaded, reason);
+                    }
+                }
+            }
+        }
+        let mut starting_late = Vec::new();
+        let mut busy_late = Vec::new();
+        let mut kill_due = Vec::new();
+        for (id, worker) in &self.workers {
+            match worker.state {
+                State::Starting { deadline } if deadline <= now => starting_late.push(*id),
+                State::Busy {
+                    request,
+                    deadline: Some(deadline),
+                } if deadline <= now => busy_late.push((*id, request)),
+                State::Stopping {
+                    kill_at: Some(at), ..
+                } if at <= now => kill_due.push(*id),
+                _ => {}
+            }
+        }
+        for worker in starting_late {
+            self.stats.failed_starts += 1;
+            self.on_crash(now);
+            let entry = self.workers.get_mut(&worker).expect("listed above");
+            entry.state = State::Stopping {
+                reason: StopReason::StartupTimeout,
+                kill_at: None,
+            };
+            self.actions.push_back(Action::Kill { worker });
+        }
+        for (worker, request) in busy_late {
+            self.stats.timed_out += 1;
+            self.stop(now, worker, StopReason::TimedOut);
+            self.reject(request, ErrorCode::TimedOut, RejectReason::RequestTimeout);
+        }
+        for worker in kill_due {
+            let entry = self.workers.get_mut(&worker).expect("listed above");
+            if let State::Stopping { reason, .. } = entry.state {
+                entry.state = State::Stopping {
+                    reason,
+                    kill_at: None,
+                };
+            }
+            self.actions.push_back(Action::Kill { worker });
+        }
+        if self.spawn_not_before.is_some_and(|t| t <= now) {
             self.spawn_not_before = None;
-            self.grow(now);
-            self.refill();
+        }
+        if now >= self.next_reap {
+            self.next_reap = now + REAP_INTERVAL;
+            self.reap(now);
+        }
+        self.maintain(now);
+        self.finish_stop_if_drained(now);
+    }
+
+    /// Stop taking requests; requests already accepted (busy or queued) are still served, then
+    /// every worker is stopped (starting ones once they are ready, if nothing waits for them).
+    pub fn begin_stop(&mut self, now: Instant) {
+        self.stopping = true;
+        if self.queued.is_empty() {
+            let starting: Vec<WorkerId> = self
+                .workers
+                .iter()
+                .filter(|(_, w)| matches!(w.state, State::Starting { .. }))
+                .map(|(id, _)| *id)
+                .collect();
+            for worker in starting {
+                self.stop(now, worker, StopReason::Shutdown);
+            }
+        }
+        self.finish_stop_if_drained(now);
+    }
+
+    /// The shutdown timeout passed: reject what is queued and kill every worker.
+    pub fn abort(&mut self, code: ErrorCode) {
+        while let Some(request) = self.backlog.pop_front() {
+            if self.queued.remove(&request).is_some() {
+                self.reject(request, code, RejectReason::ShuttingDown);
+            }
+        }
+        self.expiries.clear();
+        let workers: Vec<WorkerId> = self.workers.keys().copied().collect();
+        for worker in workers {
+            self.actions.push_back(Action::Kill { worker });
         }
     }
 
-    /// Stop taking requests; requests already accepted (busy or in the backlog) are still
-    /// served, then every worker is stopped.
-    pub fn begin_stop(&mut self) {
-        self.stopping = true;
-        self.finish_stop_if_drained();
-    }
-
-    /// True once stopping and nothing is held, queued or starting.
+    /// Stopping, and nothing is held, queued or starting any more.
     pub fn is_stopped(&self) -> bool {
         self.stopping
-            && self.busy.is_empty()
-            && self.backlog.is_empty()
-            && self.idle.is_empty()
-            && self.starting == 0
+            && self.workers.is_empty()
+            && self.pending_spawns == 0
+            && self.queued.is_empty()
     }
 
-    /// Give up on everything queued (shutdown timeout): reject the backlog.
-    pub fn reject_backlog(&mut self, code: ErrorCode) {
-        while let Some(request) = self.backlog.pop_front() {
-            self.actions.push_back(Action::Reject { request, code });
-        }
-        self.finish_stop_if_drained();
+    // ----- internals -----------------------------------------------------------------------------
+
+    fn reject(&mut self, request: RequestId, code: ErrorCode, reason: RejectReason) {
+        self.actions.push_back(Action::Reject {
+            request,
+            code,
+            reason,
+        });
     }
 
-    fn dispatch(&mut self, request: RequestId, worker: WorkerId) {
-        assert!(!self.busy.contains_key(&worker));
-        self.busy.insert(worker, request);
+    fn dispatch(&mut self, now: Instant, request: RequestId, worker: WorkerId) {
+        let deadline = self.policy.request_timeout.map(|t| now + t);
+        let entry = self
+            .workers
+            .get_mut(&worker)
+            .expect("dispatch to a known worker");
+        assert!(
+            matches!(entry.state, State::Idle { .. }),
+            "dispatch to a non-idle worker"
+        );
+        entry.state = State::Busy { request, deadline };
         self.stats.dispatched += 1;
         self.actions.push_back(Action::Dispatch { request, worker });
     }
 
-    /// A worker is free: give it the oldest waiting request, else make it idle.
-    fn release(&mut self, worker: WorkerId) {
-        if let Some(request) = self.backlog.pop_front() {
-            self.dispatch(request, worker);
+    /// Pop the oldest live queued request.
+    fn pop_backlog(&mut self) -> Option<RequestId> {
+        while let Some(request) = self.backlog.pop_front() {
+            if let Some(queued) = self.queued.remove(&request) {
+                if let Some((at, _)) = queued.expires {
+                    self.expiries.remove(&(at, request));
+                }
+                return Some(request);
+            }
+        }
+        None
+    }
+
+    /// A worker is free (`Idle` state): give it the oldest waiting request, else park it.
+    fn release(&mut self, now: Instant, worker: WorkerId) {
+        if let Some(request) = self.pop_backlog() {
+            self.dispatch(now, request, worker);
         } else if self.stopping {
-            self.actions.push_back(Action::Stop { worker });
-            self.finish_stop_if_drained();
+            self.stop(now, worker, StopReason::Shutdown);
         } else {
             self.idle.push_back(worker);
         }
     }
 
-    fn may_spawn(&self, now: Instant) -> bool {
-        !self.stopping
-            && self.workers_total() < self.limits.max_workers
-            && self.spawn_not_before.is_none_or(|t| now >= t)
+    fn stop(&mut self, now: Instant, worker: WorkerId, reason: StopReason) {
+        if let Some(position) = self.idle.iter().position(|w| *w == worker) {
+            self.idle.remove(position);
+        }
+        let entry = self.workers.get_mut(&worker).expect("stop a known worker");
+        entry.state = State::Stopping {
+            reason,
+            kill_at: Some(now + self.policy.kill_grace),
+        };
+        self.actions.push_back(Action::Stop { worker, reason });
     }
 
-    /// Start workers for waiting requests that no starting worker will take.
-    fn grow(&mut self, now: Instant) {
-        while (self.starting as usize) < self.backlog.len() && self.may_spawn(now) {
-            self.spawn();
+    fn on_crash(&mut self, now: Instant) {
+        self.crashes.push_back(now);
+        while self
+            .crashes
+            .front()
+            .is_some_and(|t| now.saturating_duration_since(*t) > self.policy.crash_window)
+        {
+            self.crashes.pop_front();
+        }
+        if self.failing {
+            // Still failing: back off further before the next attempt.
+            self.backoff = (self.backoff * 2).min(self.policy.restart_backoff_max);
+            self.spawn_not_before = Some(now + self.backoff);
+            return;
+        }
+        if self.crashes.len() as u32 >= self.policy.crash_limit && !self.stopping {
+            self.failing = true;
+            self.spawn_not_before = Some(now + self.backoff);
+            while let Some(request) = self.pop_backlog() {
+                self.stats.rejected_unavailable += 1;
+                self.reject(
+                    request,
+                    ErrorCode::ServiceUnavailable,
+                    RejectReason::Failing,
+                );
+            }
         }
     }
 
-    /// Keep at least `min_workers` (unless a restart backoff is running).
-    fn refill(&mut self) {
+    /// Whether demand or spares want more workers than the floor provides. While stopping,
+    /// only requests already accepted count: they are still served.
+    fn wants_growth(&self) -> bool {
+        if self.failing || self.serving() >= self.policy.max_workers {
+            return false;
+        }
+        let starting = self.starting();
+        let backlog_short = (starting as usize) < self.queued.len();
+        if self.stopping {
+            return backlog_short;
+        }
+        let spare_short =
+            self.policy.mode == Mode::Dynamic && self.idle() + starting < self.policy.spare_min;
+        backlog_short || spare_short
+    }
+
+    /// Spawn what the floor, the backlog and the spares call for, within max and pacing.
+    fn maintain(&mut self, now: Instant) {
+        if self.failing {
+            // One probe at a time, after the backoff (and none once stopping: a failing pool
+            // has nothing queued to serve).
+            if !self.stopping
+                && self.spawn_not_before.is_none()
+                && self.starting() == 0
+                && self.workers_total() < self.policy.max_workers
+            {
+                self.spawn();
+                self.spawn_not_before = Some(now + self.backoff);
+            }
+            return;
+        }
+        if self.spawn_not_before.is_some_and(|t| now < t) {
+            return;
+        }
         while !self.stopping
-            && self.workers_total() < self.limits.min_workers
-            && self.spawn_not_before.is_none()
+            && self.serving() < self.policy.floor()
+            && self.workers_total() < self.policy.max_workers
+        {
+            self.spawn();
+        }
+        while self.wants_growth()
+            && self.workers_total() < self.policy.max_workers
+            && self.pace(now)
         {
             self.spawn();
         }
     }
 
+    /// Spawn pacing: may one more paced spawn happen now? Windows of one second; a window that
+    /// used its whole allowance doubles the next one's, up to `spawn_rate_max`.
+    fn pace(&mut self, now: Instant) -> bool {
+        if now >= self.spawn_window_start + SPAWN_WINDOW {
+            let saturated = self.spawned_in_window >= self.spawn_rate;
+            self.spawn_rate = if saturated {
+                (self.spawn_rate * 2).min(self.policy.spawn_rate_max)
+            } else {
+                1
+            };
+            self.spawn_window_start = now;
+            self.spawned_in_window = 0;
+        }
+        if self.spawned_in_window < self.spawn_rate {
+            self.spawned_in_window += 1;
+            true
+        } else {
+            false
+        }
+    }
+
     fn spawn(&mut self) {
-        self.starting += 1;
+        self.pending_spawns += 1;
         self.stats.spawns += 1;
         self.actions.push_back(Action::Spawn);
     }
 
-    fn finish_stop_if_drained(&mut self) {
-        if self.stopping && self.busy.is_empty() && self.backlog.is_empty() {
-            while let Some(worker) = self.idle.pop_front() {
-                self.actions.push_back(Action::Stop { worker });
+    /// Idle reaping and lifetime recycling, once per reap interval.
+    fn reap(&mut self, now: Instant) {
+        if let Some(lifetime) = self.policy.max_lifetime {
+            let old: Vec<WorkerId> = self
+                .idle
+                .iter()
+                .copied()
+                .filter(|id| now.saturating_duration_since(self.workers[id].started_at) >= lifetime)
+                .collect();
+            for worker in old {
+                self.stop(now, worker, StopReason::Recycled);
             }
         }
+        let floor = self.policy.floor();
+        let (keep_idle, timeout_floor) = match self.policy.mode {
+            Mode::Static => return,
+            Mode::Dynamic => (self.policy.spare_max, self.policy.spare_min),
+            Mode::OnDemand => (u32::MAX, 0),
+        };
+        // Above spare_max: stop the longest idle first, down to spare_max.
+        while self.idle() > keep_idle && self.serving() > floor {
+            let worker = self.idle.front().copied().expect("idle is not empty");
+            self.stop(now, worker, StopReason::Idle);
+        }
+        // Idle longer than idle_timeout: stop while above both floors.
+        while self.idle() > timeout_floor && self.serving() > floor {
+            let worker = self.idle.front().copied().expect("idle is not empty");
+            let State::Idle { since } = self.workers[&worker].state else {
+                unreachable!()
+            };
+            if now.saturating_duration_since(since) < self.policy.idle_timeout {
+                break;
+            }
+            self.stop(now, worker, StopReason::Idle);
+        }
+    }
+
+    fn finish_stop_if_drained(&mut self, now: Instant) {
+        if self.stopping && self.queued.is_empty() {
+            while let Some(&worker) = self.idle.front() {
+                self.stop(now, worker, StopReason::Shutdown);
+            }
+        }
+    }
+
+    fn random(&mut self, bound: u64) -> u64 {
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        self.rng % bound.max(1)
     }
 
     /// Panics when an invariant is broken (debug builds and tests).
     pub fn check_invariants(&self) {
         assert!(
-            self.workers_total() <= self.limits.max_workers,
+            self.workers_total() <= self.policy.max_workers,
             "over max_workers"
         );
-        assert!(
-            self.idle.is_empty() || self.backlog.is_empty(),
-            "idle worker while requests wait"
-        );
-        assert!(
-            self.backlog.len() as u32 <= self.limits.backlog_max,
-            "backlog over its bound"
+        let idle_states = self.count(|s| matches!(s, State::Idle { .. }));
+        assert_eq!(
+            idle_states as usize,
+            self.idle.len(),
+            "idle list out of step"
         );
         for worker in &self.idle {
+            assert!(matches!(self.workers[worker].state, State::Idle { .. }));
+        }
+        if !self.stopping {
             assert!(
-                !self.busy.contains_key(worker),
-                "worker {worker} idle and busy"
+                self.idle.is_empty() || self.queued.is_empty(),
+                "idle worker while requests wait"
             );
         }
-        let mut held: Vec<RequestId> = self.busy.values().copied().collect();
+        assert!(
+            self.queued.len() as u32 <= self.policy.backlog_max,
+            "backlog over its bound"
+        );
+        let mut held: Vec<RequestId> = self
+            .workers
+            .values()
+            .filter_map(|w| match w.state {
+                State::Busy { request, .. } => Some(request),
+                _ => None,
+            })
+            .collect();
+        let busy = held.len();
         held.sort_unstable();
         held.dedup();
-        assert_eq!(held.len(), self.busy.len(), "a request held by two workers");
-        for request in &self.backlog {
-            assert!(!held.contains(request), "request {request} queued and held");
+        assert_eq!(held.len(), busy, "a request held by two workers");
+        for request in &held {
+            assert!(
+                !self.queued.contains_key(request),
+                "request {request} queued and held"
+            );
+        }
+        if self.failing {
+            assert!(
+                self.queued.is_empty(),
+                "requests queued into a failing pool"
+            );
         }
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn limits(min: u32, max: u32, backlog: u32) -> Limits {
-        Limits {
-            min_workers: min,
-            max_workers: max,
-            backlog_max: backlog,
-        }
-    }
-
-    fn drain(pool: &mut Pool) -> Vec<Action> {
-        let mut actions = Vec::new();
-        while let Some(action) = pool.next_action() {
-            actions.push(action);
-        }
-        pool.check_invariants();
-        actions
-    }
-
-    #[test]
-    fn starts_min_workers_and_reuses_idle_ones() {
-        // Proves the pool spawns min_workers up front and dispatches to an idle worker.
-        let now = Instant::now();
-        let mut pool = Pool::new(limits(2, 4, 10));
-        assert_eq!(drain(&mut pool), vec![Action::Spawn, Action::Spawn]);
-        pool.on_worker_ready(100);
-        pool.on_worker_ready(101);
-        assert!(drain(&mut pool).is_empty());
-        pool.on_request(now, 1);
-        assert_eq!(
-            drain(&mut pool),
-            vec![Action::Dispatch {
-                request: 1,
-                worker: 101
-            }]
-        );
-        pool.on_job_done(101);
-        pool.on_request(now, 2);
-        assert_eq!(
-            drain(&mut pool),
-            vec![Action::Dispatch {
-                request: 2,
-                worker: 101
-            }]
-        );
-    }
-
-    #[test]
-    fn grows_to_max_then_queues_then_rejects() {
-        // Proves growth stops at max_workers, the backlog is bounded, and beyond it: overloaded.
-        let now = Instant::now();
-        let mut pool = Pool::new(limits(0, 2, 2));
-        assert!(drain(&mut pool).is_empty());
-        pool.on_request(now, 1);
-        pool.on_request(now, 2);
-        assert_eq!(drain(&mut pool), vec![Action::Spawn, Action::Spawn]);
-        pool.on_request(now, 3);
-        assert_eq!(
-            drain(&mut pool),
-            vec![Action::Reject {
-                request: 3,
-                code: ErrorCode::Overloaded
-            }]
-        );
-        pool.on_worker_ready(10);
-        assert_eq!(
-            drain(&mut pool),
-            vec![Action::Dispatch {
-                request: 1,
-                worker: 10
-            }]
-        );
-        pool.on_request(now, 4);
-        assert!(
-            drain(&mut pool).is_empty(),
-            "queued behind the starting worker"
-        );
-        pool.on_job_done(10);
-        assert_eq!(
-            drain(&mut pool),
-            vec![Action::Dispatch {
-                request: 2,
-                worker: 10
-            }]
-        );
-        assert_eq!(pool.backlog_len(), 1);
-    }
-
-    #[test]
-    fn a_dead_busy_worker_returns_its_request_and_is_replaced() {
-        // Proves the engine learns which request to fail, and the pool refills to min.
-        let now = Instant::now();
-        let mut pool = Pool::new(limits(1, 1, 4));
-        drain(&mut pool);
-        pool.on_worker_ready(7);
-        pool.on_request(now, 1);
-        drain(&mut pool);
-        assert_eq!(pool.on_worker_exit(now, 7, Exit::Died), Some(1));
-        assert_eq!(drain(&mut pool), vec![Action::Spawn]);
-        assert_eq!(pool.stats().deaths, 1);
-    }
-
-    #[test]
-    fn failed_starts_back_off_and_fail_the_backlog_fast() {
-        // Proves a pool that cannot start workers answers waiting requests instead of hanging,
-        // and retries only after the backoff.
-        let now = Instant::now();
-        let mut pool = Pool::new(limits(1, 2, 4));
-        drain(&mut pool);
-        pool.on_request(now, 1);
-        assert!(
-            drain(&mut pool).is_empty(),
-            "the min worker already starting will take it"
-        );
-        pool.on_request(now, 2);
-        assert_eq!(drain(&mut pool), vec![Action::Spawn]);
-        pool.on_start_failed(now);
-        pool.on_start_failed(now);
-        let actions = drain(&mut pool);
-        assert_eq!(
-            actions,
-            vec![
-                Action::Reject {
-                    request: 1,
-                    code: ErrorCode::ServiceUnavailable
-                },
-                Action::Reject {
-                    request: 2,
-                    code: ErrorCode::ServiceUnavailable
-                }
-            ]
-        );
-        pool.on_request(now, 3);
-        assert_eq!(
-            drain(&mut pool),
-            vec![Action::Reject {
-                request: 3,
-                code: ErrorCode::ServiceUnavailable
-            }]
-        );
-        let deadline = pool.next_deadline().expect("backoff deadline");
-        assert!(deadline > now);
-        pool.tick(deadline);
-        assert_eq!(drain(&mut pool), vec![Action::Spawn]);
-        pool.on_worker_ready(3);
-        assert_eq!(pool.next_deadline(), None);
-    }
-
-    #[test]
-    fn stopping_serves_the_backlog_then_stops_every_worker() {
-        // Proves graceful stop: accepted requests finish, new ones are refused, workers stop.
-        let now = Instant::now();
-        let mut pool = Pool::new(limits(2, 2, 4));
-        drain(&mut pool);
-        pool.on_worker_ready(1);
-        pool.on_worker_ready(2);
-        pool.on_request(now, 10);
-        pool.on_request(now, 11);
-        pool.on_request(now, 12);
-        drain(&mut pool);
-        pool.begin_stop();
-        pool.on_request(now, 13);
-        assert_eq!(
-            drain(&mut pool),
-            vec![Action::Reject {
-                request: 13,
-                code: ErrorCode::ShuttingDown
-            }]
-        );
-        pool.on_job_done(2);
-        assert_eq!(
-            drain(&mut pool),
-            vec![Action::Dispatch {
-                request: 12,
-                worker: 2
-            }]
-        );
-        pool.on_job_done(1);
-        assert_eq!(drain(&mut pool), vec![Action::Stop { worker: 1 }]);
-        assert!(!pool.is_stopped());
-        pool.on_job_done(2);
-        assert_eq!(drain(&mut pool), vec![Action::Stop { worker: 2 }]);
-        assert!(pool.is_stopped());
-        assert_eq!(pool.on_worker_exit(now, 1, Exit::Stopped), None);
-        assert!(drain(&mut pool).is_empty(), "no refill while stopping");
-    }
-
-    #[test]
-    fn seeded_random_walk_keeps_invariants_and_answers_every_request_once() {
-        // Proves, over many random event orders, that every request is dispatched or rejected
-        // exactly once and the invariants hold after every step.
-        for seed in 1..=200u64 {
-            let mut rng = seed;
-            let mut next = move |bound: u64| {
-                rng ^= rng << 13;
-                rng ^= rng >> 7;
-                rng ^= rng << 17;
-                rng % bound
-            };
-            let mut now = Instant::now();
-            let max = 1 + next(4) as u32;
-            let mut pool = Pool::new(limits(next(max as u64 + 1) as u32, max, next(5) as u32));
-            let mut starting = 0u32;
-            let mut idle_or_busy: Vec<(WorkerId, Option<RequestId>)> = Vec::new();
-            let mut answered: BTreeMap<RequestId, u32> = BTreeMap::new();
-            let mut next_worker = 1000;
-            let mut sent = 0u64;
-            for _ in 0..400 {
-                match next(6) {
-                    0 | 1 => {
-                        sent += 1;
-                        pool.on_request(now, sent);
-                    }
-                    2 if starting > 0 => {
-                        starting -= 1;
-                        if next(4) == 0 {
-                            pool.on_start_failed(now);
-                        } else {
-                            next_worker += 1;
-                            idle_or_busy.push((next_worker, None));
-                            pool.on_worker_ready(next_worker);
-                        }
-                    }
-                    3 => {
-                        if let Some(i) = idle_or_busy.iter().position(|(_, r)| r.is_some()) {
-                            let (worker, request) = idle_or_busy[i];
-                            *answered.entry(request.unwrap()).or_default() += 1;
-                            idle_or_busy[i].1 = None;
-                            pool.on_job_done(worker);
-                        }
-                    }
-                    4 if !idle_or_busy.is_empty() => {
-                        let i = next(idle_or_busy.len() as u64) as usize;
-                        let (worker, held) = idle_or_busy.remove(i);
-                        let returned = pool.on_worker_exit(now, worker, Exit::Died);
-                        assert_eq!(returned, held);
-                        if let Some(request) = held {
-                            *answered.entry(request).or_default() += 1;
-                        }
-                    }
-                    _ => {
-                        now += Duration::from_millis(next(300));
-                        pool.tick(now);
-                    }
-                }
-                while let Some(action) = pool.next_action() {
-                    match action {
-                        Action::Spawn => starting += 1,
-                        Action::Dispatch { request, worker } => {
-                            let entry = idle_or_busy.iter_mut().find(|(w, _)| *w == worker);
-                            let entry = entry.expect("dispatch to a known worker");
-                            assert_eq!(entry.1, None, "seed {seed}: dispatch to a busy worker");
-                            entry.1 = Some(request);
-                        }
-                        Action::Reject { request, .. } => {
-                            *answered.entry(request).or_default() += 1;
-                        }
-                        Action::Stop { .. } => unreachable!("no stop without begin_stop"),
-                    }
-                }
-                pool.check_invariants();
-                assert_eq!(pool.starting(), starting, "seed {seed}");
-            }
-            assert!(
-                answered.values().all(|n| *n == 1),
-                "seed {seed}: answered twice"
-            );
-            let queued = pool.backlog_len() as u64;
-            let held = idle_or_busy.iter().filter(|(_, r)| r.is_some()).count() as u64;
-            assert_eq!(
-                answered.len() as u64 + queued + held,
-                sent,
-                "seed {seed}: lost a request"
-            );
-        }
-    }
-}
+mod tests;

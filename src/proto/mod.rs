@@ -89,8 +89,14 @@ impl Kind {
 
 /// Job / Done flag: the payload is in the worker's shared-memory slot, not on the socket.
 pub const FLAG_IN_SLOT: u16 = 1 << 0;
+/// Request flag: the payload starts with a u32 LE timeout in milliseconds (0: none) that the
+/// bridge strips. A request still waiting for a worker when it expires is answered
+/// `deadline exceeded`; a worker can read the time left.
+pub const FLAG_TIMEOUT: u16 = 1 << 1;
+/// Bytes of the timeout prefix a `FLAG_TIMEOUT` request carries.
+pub const TIMEOUT_PREFIX_BYTES: usize = 4;
 /// Flags defined by this version; any other bit set is a malformed frame.
-pub const FLAGS_KNOWN: u16 = FLAG_IN_SLOT;
+pub const FLAGS_KNOWN: u16 = FLAG_IN_SLOT | FLAG_TIMEOUT;
 
 /// Stable numeric error codes carried in `code` of an `Error` frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
