@@ -1,49 +1,123 @@
-//! `faulty`: a worker for tests that misbehaves on request. Each request is a command:
+//! `faulty`: a worker for fault-injection tests. It speaks the worker protocol by hand (not
+//! through the SDK) so that it can break it on request. Each request is a command:
 //!
-//! - `pid`: reply with this worker's pid (so a test can signal it).
-//! - `sleep MS`: sleep MS milliseconds, then reply `slept`.
-//! - `echo BYTES`: reply with BYTES.
-//! - `fail MESSAGE`: the handler returns an error with MESSAGE.
-//! - `abort`: abort the process mid-request.
-//! - `exit`: exit(3) mid-request.
-//! - `sigkill`: SIGKILL itself mid-request.
+//! - `pid`: reply with this worker's pid. `echo BYTES`: reply with BYTES.
+//! - `sleep MS`: sleep, then reply `slept`. `hang`: never answer.
+//! - `fail MESSAGE`: answer with a handler error (`Fail`).
+//! - `abort`, `exit`, `sigkill`: die mid-request (abort, exit status 3, SIGKILL itself).
 //! - `big N`: reply with N bytes of `x` (the copy path when N is over the slot).
 //! - `stderr N`: write N lines to stderr, then reply `ok`.
+//! - `grow MIB`: allocate and touch MIB more mebibytes (kept), then reply `grew`.
+//! - `remaining`: reply with the deadline milliseconds the bridge put in the slot header.
+//! - Lies: `garbage-done` (garbage bytes instead of a Done frame), `lie-len` (a reply length
+//!   over the slot's capacity), `wrong-seq` (a Done for another job), `extra-hello` (a Hello
+//!   instead of a Done).
 //!
-//! With `--no-hello` as its first argument it exits before the handshake; with `--garbage` it
-//! writes garbage on its control socket instead of a handshake.
+//! Flags (first arguments): `--no-hello` exits before the handshake, `--garbage` writes garbage
+//! instead of a Hello, `--slow-start MS` sleeps before the Hello, `--crash-on N` aborts on its
+//! Nth request, `--ignore-sigterm` ignores SIGTERM, `--fail-if-exists PATH` exits before the
+//! handshake while PATH exists.
 
-use std::io::Write;
-use std::os::fd::FromRawFd;
+use std::io::{Read, Write};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use acgi_bridge::proto::{self, Header, Hello, Kind, FLAG_IN_SLOT, HEADER_BYTES};
+use acgi_bridge::shm::{Slot, SLOT_ABI_VERSION};
+use acgi_bridge::worker::{ENV_CONTROL_FD, ENV_SLOT_FD};
+
+fn env_fd(name: &str) -> i32 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .expect("started by acgi-bridge")
+}
+
+fn send(control: &mut UnixStream, header: Header, payload: &[u8]) {
+    let mut frame = Vec::new();
+    proto::encode_frame(&mut frame, &header, payload);
+    control.write_all(&frame).expect("control socket");
+}
 
 fn main() {
-    let mode = std::env::args().nth(1).unwrap_or_default();
-    match mode.as_str() {
-        "--no-hello" => std::process::exit(4),
-        "--garbage" => {
-            let fd: i32 = std::env::var(acgi_bridge::worker::ENV_CONTROL_FD)
-                .unwrap()
-                .parse()
-                .unwrap();
-            // SAFETY: the descriptor was passed to this process by the bridge.
-            let mut control = unsafe { std::os::unix::net::UnixStream::from_raw_fd(fd) };
-            control.write_all(&[0xEE; 64]).unwrap();
-            std::thread::sleep(std::time::Duration::from_secs(60));
-            return;
-        }
-        _ => {}
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let flag = |name: &str| args.iter().position(|a| a == name);
+    let value = |name: &str| {
+        flag(name)
+            .and_then(|i| args.get(i + 1))
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    if flag("--ignore-sigterm").is_some() {
+        // SAFETY: setting a signal disposition to SIG_IGN.
+        unsafe { libc::signal(libc::SIGTERM, libc::SIG_IGN) };
     }
-    let result = acgi_bridge::worker::serve(|request: &[u8]| -> Result<Vec<u8>, String> {
-        let text = String::from_utf8_lossy(request);
+    if flag("--no-hello").is_some() {
+        std::process::exit(4);
+    }
+    let fail_marker = flag("--fail-if-exists").and_then(|i| args.get(i + 1));
+    if fail_marker.is_some_and(|path| std::path::Path::new(path).exists()) {
+        std::process::exit(5);
+    }
+    if let Some(ms) = value("--slow-start") {
+        std::thread::sleep(Duration::from_millis(ms));
+    }
+    let crash_on = value("--crash-on");
+    // SAFETY: the bridge passed these descriptors to this process; each is taken once.
+    let mut control = unsafe { UnixStream::from_raw_fd(env_fd(ENV_CONTROL_FD)) };
+    let slot = Slot::attach(unsafe { OwnedFd::from_raw_fd(env_fd(ENV_SLOT_FD)) }).expect("slot");
+    if flag("--garbage").is_some() {
+        control.write_all(&[0xEE; 64]).expect("control socket");
+        std::thread::sleep(Duration::from_secs(3600));
+        return;
+    }
+    let hello = Hello {
+        slot_abi_version: SLOT_ABI_VERSION,
+        pid: std::process::id(),
+    };
+    send(
+        &mut control,
+        Header::new(Kind::Hello, 0, 0, Hello::BYTES as u32),
+        &hello.encode(),
+    );
+
+    let mut memory: Vec<Vec<u8>> = Vec::new();
+    let mut served = 0u64;
+    loop {
+        let mut bytes = [0u8; HEADER_BYTES];
+        if control.read_exact(&mut bytes).is_err() {
+            return; // The bridge closed the socket: stop.
+        }
+        let header = Header::decode(&bytes, u32::MAX).expect("a valid Job header");
+        assert_eq!(header.kind, Kind::Job);
+        let sequence = header.request_id;
+        let in_slot = slot.take_job(sequence).expect("a job in the slot");
+        let request = match in_slot {
+            // SAFETY: take_job moved the slot to Taken with this length.
+            Some(len) => unsafe { slot.request_bytes(len) }.to_vec(),
+            None => {
+                let mut payload = vec![0; header.payload_len as usize];
+                control.read_exact(&mut payload).expect("inline payload");
+                payload
+            }
+        };
+        served += 1;
+        if crash_on == Some(served) {
+            std::process::abort();
+        }
+        let text = String::from_utf8_lossy(&request).into_owned();
         let (command, argument) = text.split_once(' ').unwrap_or((&text, ""));
-        match command {
+        let reply: Result<Vec<u8>, String> = match command {
             "pid" => Ok(std::process::id().to_string().into_bytes()),
+            "echo" => Ok(request[5.min(request.len())..].to_vec()),
             "sleep" => {
-                let ms: u64 = argument.parse().map_err(|_| "sleep needs milliseconds")?;
-                std::thread::sleep(std::time::Duration::from_millis(ms));
+                std::thread::sleep(Duration::from_millis(argument.parse().unwrap_or(0)));
                 Ok(b"slept".to_vec())
             }
-            "echo" => Ok(request[5.min(request.len())..].to_vec()),
+            "hang" => loop {
+                std::thread::sleep(Duration::from_secs(3600));
+            },
             "fail" => Err(argument.to_string()),
             "abort" => std::process::abort(),
             "exit" => std::process::exit(3),
@@ -52,22 +126,74 @@ fn main() {
                 unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
                 unreachable!("SIGKILL cannot be caught")
             }
-            "big" => Ok(vec![
-                b'x';
-                argument.parse().map_err(|_| "big needs a length")?
-            ]),
+            "big" => Ok(vec![b'x'; argument.parse().unwrap_or(0)]),
             "stderr" => {
-                let lines: usize = argument.parse().map_err(|_| "stderr needs a count")?;
-                for line in 0..lines {
+                for line in 0..argument.parse::<usize>().unwrap_or(0) {
                     eprintln!("faulty worker stderr line {line}");
                 }
                 Ok(b"ok".to_vec())
             }
+            "grow" => {
+                let mib: usize = argument.parse().unwrap_or(0);
+                memory.push(vec![1u8; mib << 20]);
+                Ok(b"grew".to_vec())
+            }
+            "remaining" => {
+                let ms = slot.header().deadline_remaining_ms.load(Ordering::Relaxed);
+                Ok(ms.to_string().into_bytes())
+            }
+            "garbage-done" => {
+                control.write_all(&[0x5A; 24]).expect("control socket");
+                std::thread::sleep(Duration::from_secs(3600));
+                continue;
+            }
+            "lie-len" => {
+                slot.publish_reply(Some(b"short")).expect("slot");
+                slot.header()
+                    .reply_len
+                    .store(slot.capacity() + 100, Ordering::Relaxed);
+                let mut done = Header::new(Kind::Done, 0, sequence, 0);
+                done.flags = FLAG_IN_SLOT;
+                send(&mut control, done, &[]);
+                continue;
+            }
+            "wrong-seq" => {
+                slot.publish_reply(Some(b"wrong")).expect("slot");
+                let mut done = Header::new(Kind::Done, 0, sequence + 1000, 0);
+                done.flags = FLAG_IN_SLOT;
+                send(&mut control, done, &[]);
+                continue;
+            }
+            "extra-hello" => {
+                send(
+                    &mut control,
+                    Header::new(Kind::Hello, 0, 0, Hello::BYTES as u32),
+                    &hello.encode(),
+                );
+                continue;
+            }
             other => Err(format!("unknown command {other:?}")),
+        };
+        match reply {
+            Ok(bytes) if bytes.len() <= slot.capacity() as usize => {
+                slot.publish_reply(Some(&bytes)).expect("slot");
+                let mut done = Header::new(Kind::Done, 0, sequence, 0);
+                done.flags = FLAG_IN_SLOT;
+                send(&mut control, done, &[]);
+            }
+            Ok(bytes) => {
+                slot.publish_reply(None).expect("slot");
+                send(
+                    &mut control,
+                    Header::new(Kind::Done, 0, sequence, bytes.len() as u32),
+                    &bytes,
+                );
+            }
+            Err(message) => {
+                slot.publish_reply(None).expect("slot");
+                let header = Header::new(Kind::Fail, 0, sequence, message.len() as u32);
+                send(&mut control, header, message.as_bytes());
+            }
         }
-    });
-    if let Err(error) = result {
-        eprintln!("faulty worker: {error}");
-        std::process::exit(1);
     }
 }

@@ -14,4 +14,5 @@ pub mod engine;
 pub mod pool;
 pub mod proto;
 pub mod shm;
+pub mod status;
 pub mod worker;

@@ -44,6 +44,18 @@ enum Command {
         /// The payload; `-` reads it from stdin; omitted means empty.
         payload: Option<String>,
     },
+    /// Print each service's pool state and counters, from the admin socket.
+    Status {
+        /// The admin socket; default: the one named by --config.
+        #[arg(long, conflicts_with = "config")]
+        admin: Option<PathBuf>,
+        /// Find the admin socket from this config file.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Print the JSON document instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Validate a config file and name each bad key with the reason.
     Check {
         #[arg(long, short)]
@@ -60,6 +72,11 @@ fn main() -> ExitCode {
             payload,
         } => call(&connect, &service, payload),
         Command::Check { config } => check(&config),
+        Command::Status {
+            admin,
+            config,
+            json,
+        } => status(admin, config, json),
     }
 }
 
@@ -124,6 +141,40 @@ fn call(connect: &str, service: &str, payload: Option<String>) -> ExitCode {
         }
         Err(error) => {
             eprintln!("error: {connect}: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn status(admin: Option<PathBuf>, config: Option<PathBuf>, json: bool) -> ExitCode {
+    let path = match (admin, config) {
+        (Some(path), _) => path,
+        (None, Some(config)) => match Config::load(&config) {
+            Ok(config) => config.admin_socket_path(),
+            Err(error) => {
+                eprintln!("{error}");
+                return ExitCode::from(78);
+            }
+        },
+        (None, None) => {
+            eprintln!("error: give --admin SOCKET or --config FILE");
+            return ExitCode::from(64);
+        }
+    };
+    match acgi_bridge::status::query(&path) {
+        Ok(status) if json => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&status).expect("serializes")
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(status) => {
+            print!("{}", status.render());
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("error: {}: {error}", path.display());
             ExitCode::FAILURE
         }
     }

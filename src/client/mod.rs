@@ -197,6 +197,22 @@ impl Client {
             .into_result()
     }
 
+    /// Call with a deadline: if no worker has taken the request within `timeout`, the bridge
+    /// answers `deadline exceeded` (code 10) without running it. The worker can read the time
+    /// left. Resolves when the reply arrives (a request already running is not interrupted).
+    pub async fn call_with_timeout<'a>(
+        &self,
+        service: impl Into<Service<'a>>,
+        payload: impl AsRef<[u8]>,
+        timeout: std::time::Duration,
+    ) -> Result<Vec<u8>, CallError> {
+        let service_id = self.service_id(service.into()).await?;
+        let framed = with_timeout_prefix(payload.as_ref(), timeout);
+        self.exchange_flags(Kind::Request, proto::FLAG_TIMEOUT, service_id, &framed)
+            .await?
+            .into_result()
+    }
+
     /// The numeric id of `service`, asking the bridge on first use of a name.
     pub async fn service_id(&self, service: Service<'_>) -> Result<u32, CallError> {
         let name = match service {
@@ -223,6 +239,16 @@ impl Client {
         service_id: u32,
         payload: &[u8],
     ) -> Result<Answer, CallError> {
+        self.exchange_flags(kind, 0, service_id, payload).await
+    }
+
+    async fn exchange_flags(
+        &self,
+        kind: Kind,
+        flags: u16,
+        service_id: u32,
+        payload: &[u8],
+    ) -> Result<Answer, CallError> {
         let request_id = self.inner.next_request_id.fetch_add(1, Ordering::Relaxed);
         let (sender, receiver) = oneshot::channel();
         self.inner
@@ -230,7 +256,8 @@ impl Client {
             .lock()
             .expect("not poisoned")
             .insert(request_id, sender);
-        let header = Header::new(kind, service_id, request_id, payload.len() as u32);
+        let mut header = Header::new(kind, service_id, request_id, payload.len() as u32);
+        header.flags = flags;
         let written = if payload.len() <= SMALL_FRAME_BYTES {
             // One write per call: header and payload together.
             let mut frame = [0u8; HEADER_BYTES + SMALL_FRAME_BYTES];
@@ -281,6 +308,16 @@ async fn read_answers<R: AsyncRead + Unpin>(mut read: R, pending: Pending) {
     }
     // Dropping the senders wakes every waiting call with `Closed`.
     pending.lock().expect("not poisoned").clear();
+}
+
+/// The payload of a `FLAG_TIMEOUT` request: the timeout in ms (u32 LE, at least 1), then the
+/// payload.
+fn with_timeout_prefix(payload: &[u8], timeout: std::time::Duration) -> Vec<u8> {
+    let ms = timeout.as_millis().clamp(1, u32::MAX as u128) as u32;
+    let mut framed = Vec::with_capacity(proto::TIMEOUT_PREFIX_BYTES + payload.len());
+    framed.extend_from_slice(&ms.to_le_bytes());
+    framed.extend_from_slice(payload);
+    framed
 }
 
 enum BlockingStream {
@@ -377,6 +414,24 @@ impl BlockingClient {
     /// Send a request without waiting; returns its request id.
     pub fn send(&mut self, service_id: u32, payload: &[u8]) -> Result<u64, CallError> {
         self.send_frame(Kind::Request, service_id, payload)
+    }
+
+    /// Send a request with a deadline (see [`Client::call_with_timeout`]); returns its id.
+    pub fn send_with_timeout(
+        &mut self,
+        service_id: u32,
+        payload: &[u8],
+        timeout: std::time::Duration,
+    ) -> Result<u64, CallError> {
+        let framed = with_timeout_prefix(payload, timeout);
+        let request_id = self.next_request_id;
+        self.next_request_id += 1;
+        let mut header = Header::new(Kind::Request, service_id, request_id, framed.len() as u32);
+        header.flags = proto::FLAG_TIMEOUT;
+        let mut frame = Vec::with_capacity(HEADER_BYTES + framed.len());
+        proto::encode_frame(&mut frame, &header, &framed);
+        self.stream.write_all(&frame)?;
+        Ok(request_id)
     }
 
     /// Send any caller frame kind; returns its request id.

@@ -35,6 +35,7 @@ use crate::proto::{
     TIMEOUT_PREFIX_BYTES,
 };
 use crate::shm::{Slot, SLOT_ABI_VERSION};
+use crate::status::{ServiceStatus, Status};
 
 /// Base read-buffer size of a caller connection.
 const CONN_READ_BYTES: usize = 16 * 1024;
@@ -49,6 +50,10 @@ const COMPLETIONS_BATCH_MAX: usize = 1024;
 const SLOT_SEND_BYTES_MIN: u32 = 4096;
 /// Most entries of the ring's registered-buffer table (the kernel's limit).
 const FIXED_BUFFERS_MAX: u32 = 1 << 14;
+/// Admin connections open at once at most.
+const ADMIN_CONNECTIONS_MAX: usize = 16;
+/// Longest admin command line.
+const ADMIN_LINE_BYTES_MAX: usize = 256;
 /// Delay before re-arming an accept that failed (e.g. out of descriptors).
 const ACCEPT_RETRY_DELAY: Duration = Duration::from_millis(100);
 
@@ -139,9 +144,20 @@ fn handle_generation(handle: u64) -> u32 {
     (handle >> 32) as u32
 }
 
+/// What a listener accepts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ListenerKind {
+    /// Callers, on a Unix socket.
+    Unix,
+    /// Callers, on TCP.
+    Tcp,
+    /// The admin socket (`status`): served apart from the pools and `connections_max`.
+    Admin,
+}
+
 struct Listener {
     fd: OwnedFd,
-    tcp: bool,
+    kind: ListenerKind,
     accept_in_flight: bool,
     rearm_at: Option<Instant>,
 }
@@ -165,6 +181,8 @@ struct Conn {
     closing: bool,
     /// A reply being sent straight from a worker's slot (header + fixed write, linked).
     slot_send: Option<SlotSend>,
+    /// An admin connection: line commands, not frames.
+    admin: bool,
 }
 
 /// A reply sent from a slot: the header (the front of `Conn::send`) and the payload (in the slot) go
@@ -318,6 +336,9 @@ pub struct Core {
     fixed_buffers_free: Vec<u16>,
     /// Set by SIGTERM/SIGINT: when in-flight work must be done.
     shutdown_deadline: Option<Instant>,
+    /// Connections in `conns` that are admin connections.
+    admin_conns: usize,
+    started: Instant,
     now: Instant,
     pub counters: Counters,
 }
@@ -325,7 +346,7 @@ pub struct Core {
 /// What `Core::new` needs from the process setup.
 pub struct CoreSetup {
     pub config: Arc<Config>,
-    pub listeners: Vec<(OwnedFd, bool)>,
+    pub listeners: Vec<(OwnedFd, ListenerKind)>,
     pub signal_fd: OwnedFd,
     pub spawner: Spawner,
 }
@@ -359,9 +380,9 @@ impl Core {
         let listeners = setup
             .listeners
             .into_iter()
-            .map(|(fd, tcp)| Listener {
+            .map(|(fd, kind)| Listener {
                 fd,
-                tcp,
+                kind,
                 accept_in_flight: false,
                 rearm_at: None,
             })
@@ -390,6 +411,8 @@ impl Core {
             scratch: Vec::new(),
             fixed_buffers_free,
             shutdown_deadline: None,
+            admin_conns: 0,
+            started: now,
             now,
             counters: Counters::default(),
         };
@@ -602,7 +625,7 @@ impl Core {
             // SAFETY: a successful accept CQE's result is a new descriptor that nothing else
             // owns; we take it exactly once.
             let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(result) };
-            self.on_new_connection(fd, self.listeners[index].tcp);
+            self.on_new_connection(fd, self.listeners[index].kind);
         }
         let listener = &mut self.listeners[index];
         if !listener.accept_in_flight && self.shutdown_deadline.is_none() {
@@ -614,17 +637,21 @@ impl Core {
         }
     }
 
-    fn on_new_connection(&mut self, fd: OwnedFd, tcp: bool) {
+    fn on_new_connection(&mut self, fd: OwnedFd, kind: ListenerKind) {
+        let admin = kind == ListenerKind::Admin;
+        let callers = self.conns.len() - self.admin_conns;
         if self.shutdown_deadline.is_some()
-            || self.conns.len() >= self.config.connections_max as usize
+            || (!admin && callers >= self.config.connections_max as usize)
+            || (admin && self.admin_conns >= ADMIN_CONNECTIONS_MAX)
         {
             self.counters.connections_refused += 1;
             tracing::debug!(connections = self.conns.len(), "refusing a connection");
             return;
         }
-        if tcp {
+        if kind == ListenerKind::Tcp {
             let _ = rustix::net::sockopt::set_tcp_nodelay(&fd, true);
         }
+        self.admin_conns += usize::from(admin);
         let generation = self.generation();
         let index = self.conns.insert(Conn {
             generation,
@@ -638,6 +665,7 @@ impl Core {
             close_when_flushed: false,
             closing: false,
             slot_send: None,
+            admin,
         });
         self.arm_conn_recv(index);
     }
@@ -739,7 +767,11 @@ impl Core {
             return;
         }
         conn.read.commit(result as usize);
-        self.handle_frames(index);
+        if conn.admin {
+            self.handle_admin(index);
+        } else {
+            self.handle_frames(index);
+        }
         if self.conns.get(index).is_some_and(|c| !c.closing) {
             self.arm_conn_recv(index);
         }
@@ -823,6 +855,108 @@ impl Core {
                     return;
                 }
             }
+        }
+    }
+
+    /// An admin connection sent bytes: answer its one command line, then close.
+    fn handle_admin(&mut self, index: usize) {
+        let conn = &mut self.conns[index];
+        let filled = conn.read.filled();
+        let Some(end) = filled.iter().position(|b| *b == b'\n') else {
+            if filled.len() > ADMIN_LINE_BYTES_MAX {
+                conn.send
+                    .tail()
+                    .extend_from_slice(b"error: command line too long\n");
+                conn.close_when_flushed = true;
+                self.arm_conn_send(index);
+            }
+            return;
+        };
+        let command = String::from_utf8_lossy(&filled[..end]).trim().to_string();
+        let reply = match command.as_str() {
+            "status" => {
+                let mut json = serde_json::to_vec(&self.status()).expect("status serializes");
+                json.push(b'\n');
+                json
+            }
+            other => format!("error: unknown command {other:?} (try \"status\")\n").into_bytes(),
+        };
+        let conn = &mut self.conns[index];
+        conn.read.consume(conn.read.len());
+        conn.send.tail().extend_from_slice(&reply);
+        conn.close_when_flushed = true;
+        self.arm_conn_send(index);
+    }
+
+    /// The status report (see `crate::status`).
+    fn status(&self) -> Status {
+        let mut pids_by_service: Vec<Vec<i32>> = vec![Vec::new(); self.services.len()];
+        for (_, worker) in &self.workers {
+            pids_by_service[worker.service].push(worker.pid);
+        }
+        let services = self
+            .services
+            .iter()
+            .zip(pids_by_service)
+            .map(|(service, pids)| {
+                let pool = &service.pool;
+                let stats = pool.stats();
+                let policy = pool.policy();
+                let requests_failed = (1..service.counters.errors.len())
+                    .filter(|code| service.counters.errors[*code] > 0)
+                    .map(|code| {
+                        let name = ErrorCode::from_u16(code as u16)
+                            .map(|c| c.as_str().to_string())
+                            .unwrap_or_else(|| format!("code {code}"));
+                        (name, service.counters.errors[code])
+                    })
+                    .collect();
+                ServiceStatus {
+                    id: service.id,
+                    name: service.name.clone(),
+                    mode: format!("{:?}", policy.mode).to_lowercase(),
+                    state: if pool.is_failing() { "failing" } else { "ok" }.to_string(),
+                    workers_starting: pool.starting(),
+                    workers_idle: pool.idle(),
+                    workers_busy: pool.busy(),
+                    workers_stopping: pool.stopping_count(),
+                    min_workers: policy.min_workers,
+                    max_workers: policy.max_workers,
+                    backlog: pool.backlog_len(),
+                    backlog_max_seen: stats.backlog_len_max,
+                    requests_ok: service.counters.ok,
+                    requests_failed,
+                    spawns: stats.spawns,
+                    failed_starts: stats.failed_starts,
+                    exits_recycled: stats.exits_recycled,
+                    exits_idle: stats.exits_idle,
+                    exits_crashed: stats.exits_crashed,
+                    exits_timed_out: stats.exits_timed_out,
+                    exits_killed: stats.exits_killed,
+                    exits_shutdown: stats.exits_shutdown,
+                    spawn_rate: pool.spawn_rate(),
+                    pids,
+                }
+            })
+            .collect();
+        Status {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            pid: std::process::id(),
+            uptime_ms: self.now.saturating_duration_since(self.started).as_millis() as u64,
+            connections: (self.conns.len() - self.admin_conns) as u64,
+            slots_registered: self
+                .workers
+                .iter()
+                .filter(|(_, w)| w.buffer_index.is_some())
+                .count() as u64,
+            worker_processes: self.workers.len() as u64,
+            requests_ok: self.counters.requests_ok,
+            requests_failed: self.counters.requests_failed,
+            malformed_frames: self.counters.malformed_frames,
+            connections_refused: self.counters.connections_refused,
+            slow_callers_disconnected: self.counters.slow_callers_disconnected,
+            replies_sent_from_slot: self.counters.replies_sent_from_slot,
+            services,
         }
     }
 
@@ -1036,7 +1170,8 @@ impl Core {
     fn free_conn_if_done(&mut self, index: usize) {
         let conn = &self.conns[index];
         if conn.closing && !conn.recv_in_flight && !conn.send.in_flight {
-            self.conns.remove(index);
+            let conn = self.conns.remove(index);
+            self.admin_conns -= usize::from(conn.admin);
         }
     }
 
@@ -1955,6 +2090,7 @@ impl Core {
         if let Some(path) = &self.config.listen.unix {
             let _ = std::fs::remove_file(path);
         }
+        let _ = std::fs::remove_file(self.config.admin_socket_path());
         for service in 0..self.services.len() {
             let now = self.now;
             self.services[service].pool.begin_stop(now);

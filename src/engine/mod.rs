@@ -16,6 +16,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 
+use self::core::ListenerKind;
 use crate::config::{self, Config};
 
 /// Block the stop signals for this thread (and every thread it starts) and return a signalfd
@@ -71,7 +72,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     let mut ready = String::from("acgi-bridge ready");
     if let Some(path) = &config.listen.unix {
         let mode = config::parse_mode(&config.listen.unix_mode).expect("validated");
-        listeners.push((bind_unix(path, mode)?, false));
+        listeners.push((bind_unix(path, mode)?, ListenerKind::Unix));
         ready.push_str(&format!(" unix={}", path.display()));
         tracing::info!(path = %path.display(), "listening on a Unix socket");
     }
@@ -80,10 +81,14 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             std::net::TcpListener::bind(addr).with_context(|| format!("binding TCP {addr}"))?;
         let local = listener.local_addr()?;
         rustix::net::listen(&listener, 4096)?;
-        listeners.push((listener.into(), true));
+        listeners.push((listener.into(), ListenerKind::Tcp));
         ready.push_str(&format!(" tcp={local}"));
         tracing::info!(addr = %local, "listening on TCP");
     }
+    let admin = config.admin_socket_path();
+    let admin_mode = config::parse_mode(&config.admin_socket_mode).expect("validated");
+    listeners.push((bind_unix(&admin, admin_mode)?, ListenerKind::Admin));
+    ready.push_str(&format!(" admin={}", admin.display()));
     let spawner = self::spawn::Spawner::start().context("starting the spawner thread")?;
     let mut core = self::core::Core::new(self::core::CoreSetup {
         config: Arc::clone(&config),

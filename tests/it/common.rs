@@ -110,6 +110,7 @@ pub struct Bridge {
     pub dir: PathBuf,
     pub unix: String,
     pub tcp: String,
+    pub admin: PathBuf,
     _temp: Option<tempfile::TempDir>,
 }
 
@@ -183,12 +184,14 @@ impl BridgeBuilder {
         };
         let unix = field("unix=");
         let tcp = field("tcp=");
+        let admin = PathBuf::from(field("admin="));
         Bridge {
             child: Some(child),
             _stdout: stdout,
             dir,
             unix,
             tcp,
+            admin,
             _temp: Some(temp),
         }
     }
@@ -213,6 +216,41 @@ impl Bridge {
 
     pub fn tcp_client(&self) -> BlockingClient {
         BlockingClient::connect(&self.tcp).expect("connect to the bridge over TCP")
+    }
+
+    /// The bridge's status report, from its admin socket.
+    pub fn status(&self) -> acgi_bridge::status::Status {
+        acgi_bridge::status::query(&self.admin).expect("status from the admin socket")
+    }
+
+    /// The status of one service.
+    pub fn service_status(&self, name: &str) -> acgi_bridge::status::ServiceStatus {
+        self.status()
+            .services
+            .into_iter()
+            .find(|s| s.name == name)
+            .expect("service in status")
+    }
+
+    /// Poll the status (bounded) until `done` holds: for pool changes that happen on their own
+    /// schedule (reaping, respawns), which no reply can signal.
+    pub fn wait_status(
+        &self,
+        what: &str,
+        done: impl Fn(&acgi_bridge::status::Status) -> bool,
+    ) -> acgi_bridge::status::Status {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let status = self.status();
+            if done(&status) {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}: {status:#?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     pub fn log(&self) -> String {
@@ -310,11 +348,28 @@ pub fn children_of(pid: i32) -> Vec<(i32, char)> {
 }
 
 /// Count open descriptors of a process.
-#[allow(dead_code)]
 pub fn fd_count(pid: i32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count())
-        .unwrap_or(0)
+    fd_list(pid).len()
+}
+
+/// What each open descriptor of a process points at (for leak messages).
+pub fn fd_list(pid: i32) -> Vec<String> {
+    let mut list: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|dir| {
+            dir.flatten()
+                .map(|entry| {
+                    let target = std::fs::read_link(entry.path()).unwrap_or_default();
+                    format!(
+                        "{} -> {}",
+                        entry.file_name().to_string_lossy(),
+                        target.display()
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    list.sort();
+    list
 }
 
 /// A payload that names its request, so a reply can be matched to it.

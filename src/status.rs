@@ -1,0 +1,151 @@
+//! The bridge's status report: what the admin socket answers to `status`, and how
+//! `acgi-bridge status` prints it.
+//!
+//! Admin protocol: connect to the admin Unix socket, send one line `status\n`, read the JSON
+//! document (one object, then `\n`) until the bridge closes the connection. The admin socket is
+//! served by the event loop itself, apart from the pools, so it answers even when every pool is
+//! saturated.
+
+#![forbid(unsafe_code)]
+
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+
+/// The whole report.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Status {
+    pub version: String,
+    pub pid: u32,
+    pub uptime_ms: u64,
+    /// Caller connections open now.
+    pub connections: u64,
+    /// Worker slots registered as io_uring fixed buffers now.
+    pub slots_registered: u64,
+    /// Worker processes the bridge holds (any state, until reaped).
+    pub worker_processes: u64,
+    pub requests_ok: u64,
+    pub requests_failed: u64,
+    pub malformed_frames: u64,
+    pub connections_refused: u64,
+    pub slow_callers_disconnected: u64,
+    pub replies_sent_from_slot: u64,
+    pub services: Vec<ServiceStatus>,
+}
+
+/// One service.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ServiceStatus {
+    pub id: u32,
+    pub name: String,
+    pub mode: String,
+    /// `ok` or `failing` (crash loop: requests are refused until a worker starts cleanly).
+    pub state: String,
+    pub workers_starting: u32,
+    pub workers_idle: u32,
+    pub workers_busy: u32,
+    pub workers_stopping: u32,
+    pub min_workers: u32,
+    pub max_workers: u32,
+    pub backlog: u32,
+    pub backlog_max_seen: u32,
+    pub requests_ok: u64,
+    /// Requests answered with an error, by error name (`overloaded`, `timed out`, ...).
+    pub requests_failed: std::collections::BTreeMap<String, u64>,
+    pub spawns: u64,
+    pub failed_starts: u64,
+    pub exits_recycled: u64,
+    pub exits_idle: u64,
+    pub exits_crashed: u64,
+    pub exits_timed_out: u64,
+    pub exits_killed: u64,
+    pub exits_shutdown: u64,
+    /// Spawns per second the pacing allows right now.
+    pub spawn_rate: u32,
+    pub pids: Vec<i32>,
+}
+
+impl Status {
+    /// The human-readable table `acgi-bridge status` prints.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "acgi-bridge {} pid {} up {:.1}s: {} connections, {} worker processes, {} slots \
+             registered; requests {} ok, {} failed",
+            self.version,
+            self.pid,
+            self.uptime_ms as f64 / 1000.0,
+            self.connections,
+            self.worker_processes,
+            self.slots_registered,
+            self.requests_ok,
+            self.requests_failed,
+        );
+        for s in &self.services {
+            let _ = writeln!(out);
+            let _ = writeln!(
+                out,
+                "service {} (id {}): {} mode, {}",
+                s.name, s.id, s.mode, s.state
+            );
+            let _ = writeln!(
+                out,
+                "  workers   {} starting, {} idle, {} busy, {} stopping (min {}, max {})",
+                s.workers_starting,
+                s.workers_idle,
+                s.workers_busy,
+                s.workers_stopping,
+                s.min_workers,
+                s.max_workers
+            );
+            let _ = writeln!(
+                out,
+                "  backlog   {} now, {} max seen",
+                s.backlog, s.backlog_max_seen
+            );
+            let failed: Vec<String> = s
+                .requests_failed
+                .iter()
+                .map(|(name, n)| format!("{name} {n}"))
+                .collect();
+            let failed = if failed.is_empty() {
+                "none failed".to_string()
+            } else {
+                failed.join(", ")
+            };
+            let _ = writeln!(out, "  requests  {} ok; {failed}", s.requests_ok);
+            let _ = writeln!(
+                out,
+                "  spawns    {} ({} failed starts), spawn rate {}/s",
+                s.spawns, s.failed_starts, s.spawn_rate
+            );
+            let _ = writeln!(
+                out,
+                "  exits     {} recycled, {} idle, {} crashed, {} timed out, {} killed, {} shutdown",
+                s.exits_recycled,
+                s.exits_idle,
+                s.exits_crashed,
+                s.exits_timed_out,
+                s.exits_killed,
+                s.exits_shutdown
+            );
+        }
+        out
+    }
+}
+
+/// Ask the bridge behind the admin socket at `path` for its status.
+pub fn query(path: &std::path::Path) -> std::io::Result<Status> {
+    use std::io::{Read, Write};
+    let mut stream = std::os::unix::net::UnixStream::connect(path)?;
+    stream.write_all(b"status\n")?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text)?;
+    serde_json::from_str(text.trim()).map_err(|e| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("bad status reply: {e}"),
+        )
+    })
+}
