@@ -15,10 +15,12 @@
 //! The handler owns nothing of the SDK's state, and the SDK never panics on the bridge's bytes:
 //! a protocol error ends `serve` with [`WorkerError`] and the process should exit.
 
+use std::cell::Cell;
 use std::fmt::Display;
 use std::io::{self, Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::proto::{self, Header, Hello, Kind, FLAG_IN_SLOT, HEADER_BYTES};
 use crate::shm::{Slot, SlotError, SLOT_ABI_VERSION};
@@ -33,6 +35,64 @@ pub const ENV_MAX_PAYLOAD: &str = "ACGI_MAX_PAYLOAD_BYTES";
 pub const ENV_SERVICE: &str = "ACGI_SERVICE";
 /// Environment variable with the bridge's `state_dir`.
 pub const ENV_STATE_DIR: &str = "ACGI_STATE_DIR";
+
+/// Set by SIGTERM: finish the job in hand, then return from `serve`.
+static STOP_REQUESTED: AtomicBool = AtomicBool::new(false);
+
+thread_local! {
+    static DEADLINE: Cell<Option<std::time::Instant>> = const { Cell::new(None) };
+}
+
+/// Time left before the current request's caller deadline, when the caller set one
+/// (`Client::call_with_timeout`). Call it from inside the handler; `None` means no deadline.
+pub fn remaining() -> Option<std::time::Duration> {
+    DEADLINE
+        .with(|cell| cell.get())
+        .map(|d| d.saturating_duration_since(std::time::Instant::now()))
+}
+
+/// Whether the bridge asked this worker to stop (SIGTERM). A long handler may check it.
+pub fn stop_requested() -> bool {
+    STOP_REQUESTED.load(Ordering::Relaxed)
+}
+
+extern "C" fn on_sigterm(_signal: libc::c_int) {
+    STOP_REQUESTED.store(true, Ordering::Relaxed);
+}
+
+/// SIGTERM sets a flag instead of killing the process, without SA_RESTART, so that a worker
+/// blocked waiting for its next job wakes (EINTR) and exits cleanly, and one in a job finishes
+/// and answers it first. The bridge sends SIGKILL after its grace period if that takes too long.
+fn install_sigterm_handler() {
+    // SAFETY: installing an async-signal-safe handler (one atomic store) for SIGTERM.
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = on_sigterm as *const () as libc::sighandler_t;
+        libc::sigemptyset(&mut action.sa_mask);
+        action.sa_flags = 0;
+        libc::sigaction(libc::SIGTERM, &action, std::ptr::null_mut());
+    }
+}
+
+/// Read exactly `buf.len()` bytes, giving up (`Ok(false)`) on EOF at the start or when SIGTERM
+/// interrupted the wait before anything arrived.
+fn read_job_bytes(control: &mut UnixStream, buf: &mut [u8]) -> io::Result<bool> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match control.read(&mut buf[filled..]) {
+            Ok(0) if filled == 0 => return Ok(false),
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => filled += n,
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => {
+                if filled == 0 && STOP_REQUESTED.load(Ordering::Relaxed) {
+                    return Ok(false);
+                }
+            }
+            Err(error) => return Err(error),
+        }
+    }
+    Ok(true)
+}
 
 /// Why a worker loop ended other than by the bridge closing the control socket.
 #[derive(Debug, thiserror::Error)]
@@ -91,11 +151,25 @@ where
     R: IntoReply,
 {
     let mut session = Session::from_env()?;
+    install_sigterm_handler();
     session.hello()?;
     loop {
+        // SIGTERM between jobs: stop now. (During a job it only sets the flag: the job is
+        // finished and answered first.)
+        if STOP_REQUESTED.load(Ordering::Relaxed) {
+            return Ok(());
+        }
         let Some(job) = session.next_job()? else {
             return Ok(());
         };
+        let remaining_ms = session
+            .slot
+            .header()
+            .deadline_remaining_ms
+            .load(Ordering::Relaxed);
+        let deadline = (remaining_ms > 0)
+            .then(|| std::time::Instant::now() + std::time::Duration::from_millis(remaining_ms));
+        DEADLINE.with(|cell| cell.set(deadline));
         let reply = match job {
             JobPayload::InSlot(len) => {
                 // SAFETY: next_job took the slot (state Taken) and returned this length.
@@ -179,10 +253,8 @@ impl Session {
     /// Wait for the next job; `None` when the bridge closed the socket.
     fn next_job(&mut self) -> Result<Option<JobPayload>, WorkerError> {
         let mut bytes = [0u8; HEADER_BYTES];
-        match self.control.read_exact(&mut bytes) {
-            Ok(()) => {}
-            Err(error) if error.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
-            Err(error) => return Err(error.into()),
+        if !read_job_bytes(&mut self.control, &mut bytes)? {
+            return Ok(None);
         }
         let header = Header::decode(&bytes, self.payload_bytes_max)?;
         if header.kind != Kind::Job {

@@ -104,3 +104,55 @@ fn overload_beyond_the_backlog_is_answered_at_once() {
         assert_eq!(client.receive().unwrap().into_result().unwrap(), b"slept");
     }
 }
+
+#[test]
+fn sdk_workers_exit_cleanly_when_the_bridge_stops() {
+    // Proves the graceful stop of SDK workers: closing the control socket plus SIGTERM makes
+    // them exit with status 0 (not die by the signal).
+    let mut bridge = bridge().service(ServiceSpec::echo().workers(2, 2)).start();
+    assert_eq!(bridge.client().call("echo", b"x").unwrap(), b"x");
+    assert!(bridge.stop().success());
+    let log = bridge.log();
+    let exits: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("worker exited"))
+        .collect();
+    assert_eq!(exits.len(), 2, "{log}");
+    for line in exits {
+        assert!(line.contains("exit status 0"), "{line}");
+        assert!(line.contains("stopped: shutdown"), "{line}");
+    }
+}
+
+#[test]
+fn workers_never_outlive_a_killed_bridge() {
+    // Proves the parent-death signal: SIGKILL to the bridge takes its workers with it.
+    let mut bridge = bridge()
+        .service(ServiceSpec::faulty().workers(3, 3))
+        .start();
+    let status = bridge.wait_status("3 workers", |s| s.services[0].workers_idle == 3);
+    let pids = status.services[0].pids.clone();
+    assert_eq!(pids.len(), 3);
+    bridge.signal(libc::SIGKILL);
+    bridge
+        .wait_exit(std::time::Duration::from_secs(10))
+        .expect("the bridge died");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    for pid in pids {
+        // Gone, or a zombie waiting for init to reap it: either way no longer running.
+        loop {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let state = stat
+                .rsplit_once(") ")
+                .and_then(|(_, rest)| rest.chars().next());
+            if state.is_none() || state == Some('Z') || state == Some('X') {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "worker {pid} outlived the bridge"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+}
