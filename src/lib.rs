@@ -11,6 +11,7 @@
 pub mod client;
 pub mod config;
 pub mod engine;
+pub mod metrics;
 pub mod pool;
 pub mod proto;
 pub mod shm;

@@ -12,6 +12,8 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::metrics::Percentiles;
+
 /// The whole report.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Status {
@@ -63,6 +65,21 @@ pub struct ServiceStatus {
     /// Spawns per second the pacing allows right now.
     pub spawn_rate: u32,
     pub pids: Vec<i32>,
+    /// Latency percentiles since start and over the last complete interval
+    /// (`histogram_log_interval_ms`).
+    pub latency_since_start: Latency,
+    pub latency_last_interval: Latency,
+}
+
+/// Percentiles of the three latencies the bridge records per service.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Latency {
+    /// Arrival to answer.
+    pub total: Percentiles,
+    /// Arrival to hand-over to a worker.
+    pub queue_wait: Percentiles,
+    /// Hand-over to the worker's answer.
+    pub service: Percentiles,
 }
 
 impl Status {
@@ -130,6 +147,23 @@ impl Status {
                 s.exits_killed,
                 s.exits_shutdown
             );
+            for (label, latency) in [
+                ("last interval", &s.latency_last_interval),
+                ("since start", &s.latency_since_start),
+            ] {
+                for (name, p) in [
+                    ("total", &latency.total),
+                    ("queue wait", &latency.queue_wait),
+                    ("service", &latency.service),
+                ] {
+                    let _ = writeln!(
+                        out,
+                        "  latency   {label:<13} {name:<10} n={:<8} p50 {} us  p99 {} us  \
+                         p99.9 {} us  max {} us",
+                        p.count, p.p50_us, p.p99_us, p.p999_us, p.max_us
+                    );
+                }
+            }
         }
         out
     }

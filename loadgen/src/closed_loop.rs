@@ -1,53 +1,40 @@
 //! Closed-loop load: `connections` clients, each with `depth` tasks that loop call -> record, so
 //! exactly `connections x depth` requests are in flight at any time and the offered load follows
-//! the service's speed.
-//!
-//! ```text
-//!  setup (connect, resolve)  |  warm-up: calls not recorded  |  measured window  | drain
-//!  -------------------------- t0 ---------------------- t0+warmup ------ t0+warmup+duration --
-//!                                                                  no new calls ^   ^ hard stop
-//! ```
+//! the service's speed. (The window and connecting are in [`crate::workload`].)
 //!
 //! A call is measured when it starts inside the window; calls in flight at the window's end are
 //! allowed to finish until the hard stop (`drain_grace` later), after which they are counted as
-//! `unanswered` and the run ends anyway. Connecting and resolving the service happen before `t0`,
-//! so their cost is not in the numbers, and an unknown service or a dead bridge fails the run
-//! before any load. A task whose connection fails stops (counted), rather than spinning on a
-//! dead socket.
+//! `unanswered` and the run ends anyway. A task whose connection fails stops (counted), rather
+//! than spinning on a dead socket.
+//!
+//! Latency here is from each call's actual start: a closed loop never sends a request while its
+//! previous one is outstanding, so when the service stalls, the requests that would have arrived
+//! meanwhile are never sent and never measured (coordinated omission). That is the right number
+//! for "how fast is one request", the wrong one for "what do users see at rate R": use the open
+//! loop ([`crate::open_loop`]) for that.
 //!
 //! The driver only orchestrates: tasks record into their own [`Recorder`], returned through the
 //! join set and merged once.
 
 use std::time::Duration;
 
-use acgi_bridge::client::{CallError, Client, Service};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+use crate::mix::Rng;
 use crate::payload::{first_difference, Payload};
-use crate::stats::{ErrorClass, Mismatch, Recorder};
+use crate::stats::{CallTiming, ErrorClass, Mismatch, Recorder};
+use crate::workload::{connect_all, Connection, RunError, Window, Workload};
 
-/// How long calls in flight at the end of the window may take before the run gives up on them.
-pub const DRAIN_GRACE_DEFAULT: Duration = Duration::from_secs(5);
+pub use crate::workload::DRAIN_GRACE_DEFAULT;
 
 /// What to run.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Plan {
-    /// Bridge address, in the client SDK's forms.
-    pub connect: String,
-    pub service: String,
+    pub workload: Workload,
     pub connections: u32,
     /// Requests in flight per connection.
     pub depth: u32,
-    /// The measured window.
-    pub duration: Duration,
-    /// Load before the window, not recorded.
-    pub warmup: Duration,
-    pub payload_bytes: u32,
-    /// Check every reply equals its request.
-    pub verify: bool,
-    /// See [`DRAIN_GRACE_DEFAULT`].
-    pub drain_grace: Duration,
 }
 
 /// What a run measured.
@@ -56,38 +43,21 @@ pub struct Outcome {
     pub recorder: Recorder,
     /// Length of the measured window (the denominator of the request rate).
     pub measured: Duration,
+    /// Requests the open loop scheduled inside the window (0 for a closed loop).
+    pub scheduled: u64,
+    /// From the window's start to the last completion of a measured request (open loop; zero
+    /// for a closed loop, whose measured calls all start and so mostly end inside the window).
+    pub completed_within: Duration,
 }
 
 impl Outcome {
+    /// Successful measured requests per second. An open loop past saturation finishes its
+    /// window's requests late, during the drain, so the denominator runs to the last of them:
+    /// the rate the service really sustained, not the rate offered.
     pub fn requests_per_second(&self) -> f64 {
-        self.recorder.requests_ok() as f64 / self.measured.as_secs_f64()
+        let span = self.measured.max(self.completed_within);
+        self.recorder.requests_ok() as f64 / span.as_secs_f64()
     }
-}
-
-/// Why a run could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum RunError {
-    #[error("connection {index} of {count} to {addr} failed: {error}")]
-    Connect {
-        addr: String,
-        index: u32,
-        count: u32,
-        error: CallError,
-    },
-    #[error("the bridge at {addr} could not resolve service `{service}`: {error}")]
-    Resolve {
-        addr: String,
-        service: String,
-        error: CallError,
-    },
-}
-
-/// The phase boundaries every task follows.
-#[derive(Clone, Copy, Debug)]
-struct Window {
-    measure_start: Instant,
-    measure_end: Instant,
-    hard_stop: Instant,
 }
 
 /// Run `plan` on the current tokio runtime.
@@ -96,52 +66,29 @@ pub async fn run(plan: &Plan) -> Result<Outcome, RunError> {
         plan.connections >= 1 && plan.depth >= 1,
         "plan has no load: {plan:?}"
     );
-    assert!(!plan.duration.is_zero(), "plan has an empty window");
-
-    // One client per connection; the service is resolved on each, since ids are per connection.
-    let mut clients = Vec::with_capacity(plan.connections as usize);
-    for index in 0..plan.connections {
-        let client = Client::connect(&plan.connect)
-            .await
-            .map_err(|error| RunError::Connect {
-                addr: plan.connect.clone(),
-                index: index + 1,
-                count: plan.connections,
-                error,
-            })?;
-        let service_id = client
-            .service_id(Service::Name(&plan.service))
-            .await
-            .map_err(|error| RunError::Resolve {
-                addr: plan.connect.clone(),
-                service: plan.service.clone(),
-                error,
-            })?;
-        clients.push((client, service_id));
-    }
-
-    let started = Instant::now();
-    let measure_start = started + plan.warmup;
-    let measure_end = measure_start + plan.duration;
-    let window = Window {
-        measure_start,
-        measure_end,
-        hard_stop: measure_end + plan.drain_grace,
-    };
+    plan.workload.check();
+    let connections = connect_all(&plan.workload, plan.connections).await?;
+    let window = plan.workload.window_from(Instant::now());
 
     let mut tasks = JoinSet::new();
-    for (connection, (client, service_id)) in clients.into_iter().enumerate() {
+    for (index, connection) in connections.into_iter().enumerate() {
         for task in 0..plan.depth {
-            let payload = Payload::new(plan.payload_bytes as usize, connection as u32, task);
+            let stream = u64::from(index as u32) << 32 | u64::from(task);
+            let payloads = plan
+                .workload
+                .payloads
+                .values()
+                .map(|kind| Payload::of_kind(kind, index as u32, task))
+                .collect();
             let driver = Driver {
-                client: client.clone(),
-                service_id,
-                connection: connection as u32,
+                connection: connection.clone(),
+                index: index as u32,
                 task,
-                verify: plan.verify,
+                workload: plan.workload.clone(),
+                rng: Rng::for_stream(plan.workload.seed, stream),
                 window,
             };
-            tasks.spawn(driver.drive(payload));
+            tasks.spawn(driver.drive(payloads));
         }
     }
     assert_eq!(tasks.len(), (plan.connections * plan.depth) as usize);
@@ -157,22 +104,24 @@ pub async fn run(plan: &Plan) -> Result<Outcome, RunError> {
     }
     Ok(Outcome {
         recorder,
-        measured: plan.duration,
+        measured: plan.workload.duration,
+        scheduled: 0,
+        completed_within: Duration::ZERO,
     })
 }
 
 /// One in-flight slot of load: a loop of calls on one connection.
 struct Driver {
-    client: Client,
-    service_id: u32,
-    connection: u32,
+    connection: Connection,
+    index: u32,
     task: u32,
-    verify: bool,
+    workload: Workload,
+    rng: Rng,
     window: Window,
 }
 
 impl Driver {
-    async fn drive(self, mut payload: Payload) -> Recorder {
+    async fn drive(mut self, mut payloads: Vec<Payload>) -> Recorder {
         let mut recorder = Recorder::new();
         let mut sequence: u64 = 0;
         loop {
@@ -181,20 +130,30 @@ impl Driver {
                 break;
             }
             let measured = started >= self.window.measure_start;
+            let service = self.workload.services.pick(&mut self.rng);
+            let payload = &mut payloads[self.workload.payloads.pick(&mut self.rng)];
             sequence += 1;
             payload.stamp(sequence);
-            let call = self.client.call(self.service_id, payload.as_bytes());
+            let call = self
+                .connection
+                .client
+                .call(self.connection.service_ids[service], payload.as_bytes());
             let result = tokio::time::timeout_at(self.window.hard_stop, call).await;
             let latency = started.elapsed();
             let class = match result {
                 Ok(Ok(reply)) => {
                     if measured {
-                        recorder.record_ok(latency);
+                        recorder.record_call(CallTiming {
+                            service,
+                            latency,
+                            uncorrected: latency,
+                            send_lag: Duration::ZERO,
+                        });
                     }
-                    if self.verify {
+                    if self.workload.verify[service] {
                         if let Some(offset) = first_difference(payload.as_bytes(), &reply) {
                             recorder.record_mismatch(Mismatch {
-                                connection: self.connection,
+                                connection: self.index,
                                 task: self.task,
                                 sequence,
                                 request_bytes: payload.as_bytes().len(),
@@ -209,7 +168,7 @@ impl Driver {
                 Err(_elapsed) => ErrorClass::Unanswered,
             };
             if measured {
-                recorder.record_error(class);
+                recorder.record_service_error(service, class);
             } else {
                 recorder.record_warmup_error();
             }

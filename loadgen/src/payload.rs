@@ -13,7 +13,10 @@
 //!  +----------+----------+------------------+------------------------------
 //! ```
 //!
-//! Payloads shorter than 16 bytes carry a prefix of the stamp.
+//! Payloads shorter than 16 bytes carry a prefix of the stamp. A literal payload
+//! ([`PayloadKind::Text`], such as the command `sleep 3`) is sent as given, never stamped.
+
+use crate::mix::PayloadKind;
 
 /// Bytes of the identity stamp at the start of a payload.
 pub const STAMP_BYTES: usize = 16;
@@ -24,6 +27,8 @@ pub struct Payload {
     bytes: Vec<u8>,
     connection: u32,
     task: u32,
+    /// False for literal payloads.
+    stamped: bool,
 }
 
 impl Payload {
@@ -36,13 +41,35 @@ impl Payload {
             bytes,
             connection,
             task,
+            stamped: true,
         };
         payload.stamp(0);
         payload
     }
 
-    /// Write the stamp for call number `sequence` into the buffer.
+    /// A literal payload, sent unchanged by every call.
+    pub fn literal(bytes: &[u8]) -> Payload {
+        Payload {
+            bytes: bytes.to_vec(),
+            connection: 0,
+            task: 0,
+            stamped: false,
+        }
+    }
+
+    /// The buffer for `kind`: stamped bytes, or the literal text.
+    pub fn of_kind(kind: &PayloadKind, connection: u32, task: u32) -> Payload {
+        match kind {
+            PayloadKind::Bytes(len) => Payload::new(*len as usize, connection, task),
+            PayloadKind::Text(text) => Payload::literal(text.as_bytes()),
+        }
+    }
+
+    /// Write the stamp for call number `sequence` into the buffer (literal payloads: nothing).
     pub fn stamp(&mut self, sequence: u64) {
+        if !self.stamped {
+            return;
+        }
         let mut stamp = [0u8; STAMP_BYTES];
         stamp[0..4].copy_from_slice(&self.connection.to_le_bytes());
         stamp[4..8].copy_from_slice(&self.task.to_le_bytes());
@@ -97,6 +124,17 @@ mod tests {
         let mut empty = Payload::new(0, 1, 1);
         empty.stamp(1);
         assert!(empty.as_bytes().is_empty());
+    }
+
+    #[test]
+    fn literal_payloads_are_never_stamped() {
+        // Proves a command payload goes out byte for byte, whatever the call number.
+        let mut command = Payload::of_kind(&PayloadKind::Text("sleep 3".into()), 4, 5);
+        command.stamp(77);
+        assert_eq!(command.as_bytes(), b"sleep 3");
+        let sized = Payload::of_kind(&PayloadKind::Bytes(20), 4, 5);
+        assert_eq!(sized.as_bytes().len(), 20);
+        assert_eq!(&sized.as_bytes()[0..4], &4u32.to_le_bytes());
     }
 
     #[test]

@@ -2,45 +2,87 @@
 //!
 //! One [`Report`] renders either as text for a person or as one JSON object (one line) for
 //! scripts; both carry the same numbers. The verdict is computed here, once: a run fails when no
-//! request succeeded or when any reply differed from its request.
+//! request succeeded or when any reply differed from its request. Open-loop reports add the
+//! offered rate, the uncorrected latency (from actual sends) beside the corrected one, and the
+//! generator's send lag; a mix of services adds one line per service.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use crate::closed_loop::{Outcome, Plan};
+use crate::closed_loop::{self, Outcome};
 use crate::machine::Machine;
+use crate::open_loop::{self, Arrival};
 use crate::stats::{LatencySummary, Mismatch};
+use crate::workload::Workload;
 
 /// The knobs of the run, as given.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Parameters {
     pub connect: String,
+    /// The services called, with weights when they differ (`echo`, `echo:1, faulty:3`).
     pub service: String,
+    /// The payloads sent (`64 B`, `"sleep 3"`, `64 B:8, 1024 B:1`).
+    pub payloads: String,
     pub connections: u32,
-    pub depth: u32,
+    /// Closed loop: requests in flight per connection.
+    pub depth: Option<u32>,
+    /// Open loop: requests per second offered.
+    pub rate: Option<f64>,
+    pub arrival: Option<Arrival>,
+    pub in_flight_max: Option<u32>,
     pub duration_s: f64,
     pub warmup_s: f64,
-    pub payload_bytes: u32,
     pub threads: u32,
+    /// Whether any service's replies are checked.
     pub verify: bool,
+    pub seed: u64,
 }
 
 impl Parameters {
-    pub fn of(plan: &Plan, threads: u32) -> Parameters {
+    fn of_workload(workload: &Workload, connections: u32, threads: u32) -> Parameters {
         Parameters {
-            connect: plan.connect.clone(),
-            service: plan.service.clone(),
-            connections: plan.connections,
-            depth: plan.depth,
-            duration_s: plan.duration.as_secs_f64(),
-            warmup_s: plan.warmup.as_secs_f64(),
-            payload_bytes: plan.payload_bytes,
+            connect: workload.connect.clone(),
+            service: workload.services_label(),
+            payloads: workload.payloads_label(),
+            connections,
+            depth: None,
+            rate: None,
+            arrival: None,
+            in_flight_max: None,
+            duration_s: workload.duration.as_secs_f64(),
+            warmup_s: workload.warmup.as_secs_f64(),
             threads,
-            verify: plan.verify,
+            verify: workload.verify.iter().any(|verify| *verify),
+            seed: workload.seed,
         }
     }
+
+    pub fn of(plan: &closed_loop::Plan, threads: u32) -> Parameters {
+        Parameters {
+            depth: Some(plan.depth),
+            ..Parameters::of_workload(&plan.workload, plan.connections, threads)
+        }
+    }
+
+    pub fn of_open(plan: &open_loop::Plan, threads: u32) -> Parameters {
+        Parameters {
+            rate: Some(plan.rate),
+            arrival: Some(plan.arrival),
+            in_flight_max: Some(plan.in_flight_max),
+            ..Parameters::of_workload(&plan.workload, plan.connections, threads)
+        }
+    }
+}
+
+/// One service's share of a mixed run.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ServiceReport {
+    pub service: String,
+    pub requests_completed: u64,
+    pub errors_total: u64,
+    pub latency_us: Option<LatencySummary>,
 }
 
 /// Everything a run prints.
@@ -49,9 +91,11 @@ pub struct Report {
     pub mode: &'static str,
     pub machine: Machine,
     pub parameters: Parameters,
-    /// Successful calls started in the measured window.
+    /// Successful calls started (open loop: intended) in the measured window.
     pub requests_completed: u64,
     pub requests_per_second: f64,
+    /// Open loop: requests scheduled in the window per second (the load actually offered).
+    pub offered_per_second: Option<f64>,
     pub errors_total: u64,
     /// Measured errors by [`crate::stats::ErrorClass::label`].
     pub errors: BTreeMap<String, u64>,
@@ -59,8 +103,15 @@ pub struct Report {
     pub tasks_stopped_early: u64,
     pub verify_mismatches: u64,
     pub first_mismatch: Option<Mismatch>,
-    /// Percentiles of successful calls in microseconds; `null` when none succeeded.
+    /// Percentiles of successful calls in microseconds; `null` when none succeeded. Open loop:
+    /// from each call's intended send time (corrected for coordinated omission).
     pub latency_us: Option<LatencySummary>,
+    /// Open loop: from each call's actual send (what a generator without correction reports).
+    pub latency_uncorrected_us: Option<LatencySummary>,
+    /// Open loop: how late the generator sent, behind its schedule.
+    pub send_lag_us: Option<LatencySummary>,
+    /// Per service, when the run mixed several.
+    pub services: Vec<ServiceReport>,
     pub passed: bool,
     /// Why the run failed, one reason per entry; empty when it passed.
     pub failures: Vec<String>,
@@ -68,7 +119,30 @@ pub struct Report {
 
 impl Report {
     pub fn closed_loop(machine: Machine, parameters: Parameters, outcome: &Outcome) -> Report {
+        Report::new("closed_loop", machine, parameters, outcome, &[])
+    }
+
+    /// An open-loop report; `services` names the mix's services in order.
+    pub fn open_loop(
+        machine: Machine,
+        parameters: Parameters,
+        outcome: &Outcome,
+        services: &[String],
+    ) -> Report {
+        Report::new("open_loop", machine, parameters, outcome, services)
+    }
+
+    /// A report of `mode`; `services` names the mix's services (a per-service breakdown is kept
+    /// when there are several).
+    pub fn new(
+        mode: &'static str,
+        machine: Machine,
+        parameters: Parameters,
+        outcome: &Outcome,
+        services: &[String],
+    ) -> Report {
         let recorder = &outcome.recorder;
+        let open = mode == "open_loop";
         let mut failures = Vec::new();
         if recorder.requests_ok() == 0 {
             failures.push(if recorder.errors_total() == 0 {
@@ -83,12 +157,31 @@ impl Report {
                 recorder.mismatches()
             ));
         }
+        let per_service = if services.len() > 1 {
+            services
+                .iter()
+                .enumerate()
+                .map(|(index, name)| {
+                    let share = recorder.services().get(index);
+                    ServiceReport {
+                        service: name.clone(),
+                        requests_completed: share.map_or(0, |s| s.latency_us.len()),
+                        errors_total: share.map_or(0, |s| s.errors),
+                        latency_us: share.and_then(|s| LatencySummary::of(&s.latency_us)),
+                    }
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let seconds = outcome.measured.as_secs_f64();
         Report {
-            mode: "closed_loop",
+            mode,
             machine,
             parameters,
             requests_completed: recorder.requests_ok(),
             requests_per_second: outcome.requests_per_second(),
+            offered_per_second: open.then(|| outcome.scheduled as f64 / seconds),
             errors_total: recorder.errors_total(),
             errors: recorder.errors_by_label(),
             warmup_errors: recorder.warmup_errors(),
@@ -96,6 +189,13 @@ impl Report {
             verify_mismatches: recorder.mismatches(),
             first_mismatch: recorder.first_mismatch().cloned(),
             latency_us: recorder.latency(),
+            latency_uncorrected_us: if open {
+                recorder.latency_uncorrected()
+            } else {
+                None
+            },
+            send_lag_us: if open { recorder.send_lag() } else { None },
+            services: per_service,
             passed: failures.is_empty(),
             failures,
         }
@@ -123,19 +223,40 @@ impl Report {
             "target      {} service {} (verify {verify})",
             p.connect, p.service
         );
-        let _ = writeln!(
-            out,
-            "load        {} connections x {} in flight, {}-byte payloads, {} thread(s)",
-            p.connections, p.depth, p.payload_bytes, p.threads
-        );
+        match (p.depth, p.rate) {
+            (Some(depth), _) => {
+                let _ = writeln!(
+                    out,
+                    "load        {} connections x {} in flight, payloads {}, {} thread(s)",
+                    p.connections, depth, p.payloads, p.threads
+                );
+            }
+            (None, Some(rate)) => {
+                let arrival = p.arrival.unwrap_or(Arrival::Constant).name();
+                let _ = writeln!(
+                    out,
+                    "load        {rate} req/s {arrival} over {} connections (at most {} in \
+                     flight), payloads {}, {} thread(s)",
+                    p.connections,
+                    p.in_flight_max.unwrap_or(0),
+                    p.payloads,
+                    p.threads
+                );
+            }
+            (None, None) => {}
+        }
         let _ = writeln!(
             out,
             "time        {} s warm-up, {} s measured",
             p.warmup_s, p.duration_s
         );
+        let offered = match self.offered_per_second {
+            Some(offered) => format!(" (offered {offered:.1} req/s)"),
+            None => String::new(),
+        };
         let _ = writeln!(
             out,
-            "requests    {} completed, {:.1} req/s",
+            "requests    {} completed, {:.1} req/s{offered}",
             self.requests_completed, self.requests_per_second
         );
         let errors = if self.errors.is_empty() {
@@ -161,7 +282,7 @@ impl Report {
                 out,
                 "stopped     {} of {} tasks lost their connection before the end",
                 self.tasks_stopped_early,
-                p.connections * p.depth
+                p.connections * p.depth.unwrap_or(1)
             );
         }
         if p.verify {
@@ -180,18 +301,30 @@ impl Report {
                 first.first_difference
             );
         }
-        let latency = match &self.latency_us {
-            Some(summary) => {
-                let cells: Vec<String> = summary
-                    .rows()
-                    .iter()
-                    .map(|(label, us)| format!("{label} {us}"))
-                    .collect();
-                cells.join("  ")
-            }
-            None => "n/a (no successful request)".to_string(),
-        };
-        let _ = writeln!(out, "latency_us  {latency}");
+        let _ = writeln!(out, "latency_us  {}", summary_cells(&self.latency_us));
+        if self.mode == "open_loop" {
+            let _ = writeln!(
+                out,
+                "            (from each request's intended send time: coordinated omission \
+                 corrected)"
+            );
+            let _ = writeln!(
+                out,
+                "uncorrected {}",
+                summary_cells(&self.latency_uncorrected_us)
+            );
+            let _ = writeln!(out, "send_lag_us {}", summary_cells(&self.send_lag_us));
+        }
+        for share in &self.services {
+            let _ = writeln!(
+                out,
+                "  {:<9} {} completed, {} errors, {}",
+                share.service,
+                share.requests_completed,
+                share.errors_total,
+                summary_cells(&share.latency_us)
+            );
+        }
         let result = if self.passed {
             "ok".to_string()
         } else {
@@ -202,24 +335,42 @@ impl Report {
     }
 }
 
+/// `p50 500  p90 900  ...  max 1000`, or the reason there is none.
+pub fn summary_cells(summary: &Option<LatencySummary>) -> String {
+    match summary {
+        Some(summary) => {
+            let cells: Vec<String> = summary
+                .rows()
+                .iter()
+                .map(|(label, us)| format!("{label} {us}"))
+                .collect();
+            cells.join("  ")
+        }
+        None => "n/a (no successful request)".to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::stats::{ErrorClass, Recorder};
+    use crate::mix::{PayloadKind, Weighted};
+    use crate::stats::{CallTiming, ErrorClass, Recorder};
 
-    fn plan() -> Plan {
-        Plan {
-            connect: "unix:/tmp/b.sock".to_string(),
-            service: "echo".to_string(),
+    fn workload() -> Workload {
+        let mut workload = Workload::simple("unix:/tmp/b.sock", "echo", PayloadKind::Bytes(64));
+        workload.duration = Duration::from_secs(2);
+        workload.warmup = Duration::from_millis(500);
+        workload.drain_grace = Duration::from_secs(1);
+        workload
+    }
+
+    fn plan() -> closed_loop::Plan {
+        closed_loop::Plan {
+            workload: workload(),
             connections: 2,
             depth: 3,
-            duration: Duration::from_secs(2),
-            warmup: Duration::from_millis(500),
-            payload_bytes: 64,
-            verify: true,
-            drain_grace: Duration::from_secs(1),
         }
     }
 
@@ -235,6 +386,8 @@ mod tests {
         let outcome = Outcome {
             recorder,
             measured: Duration::from_secs(2),
+            scheduled: 0,
+            completed_within: Duration::ZERO,
         };
         Report::closed_loop(machine(), Parameters::of(&plan(), 1), &outcome)
     }
@@ -305,5 +458,80 @@ mod tests {
         assert!(mismatched.to_text().contains("first difference at byte 63"));
 
         assert_eq!(report(Recorder::new()).failures, ["no request completed"]);
+    }
+
+    #[test]
+    fn open_loop_reports_offered_load_both_latencies_and_services() {
+        // Proves an open-loop report carries the offered rate, the uncorrected latency, the send
+        // lag, and a line per service of a mix.
+        let mut recorder = Recorder::new();
+        for (service, us) in [(0, 100), (1, 3_000), (1, 3_100)] {
+            recorder.record_call(CallTiming {
+                service,
+                latency: Duration::from_micros(us + 50),
+                uncorrected: Duration::from_micros(us),
+                send_lag: Duration::from_micros(50),
+            });
+        }
+        let mut workload = workload();
+        workload.services =
+            Weighted::new(vec![("echo".to_string(), 1), ("faulty".to_string(), 2)]).unwrap();
+        workload.verify = vec![true, false];
+        let plan = open_loop::Plan {
+            workload,
+            connections: 4,
+            rate: 1.5,
+            arrival: Arrival::Poisson,
+            in_flight_max: 10,
+        };
+        let outcome = Outcome {
+            recorder,
+            measured: Duration::from_secs(2),
+            scheduled: 3,
+            completed_within: Duration::ZERO,
+        };
+        let names = ["echo".to_string(), "faulty".to_string()];
+        let report = Report::open_loop(machine(), Parameters::of_open(&plan, 1), &outcome, &names);
+        assert_eq!(report.offered_per_second, Some(1.5));
+        assert_eq!(report.services.len(), 2);
+        assert_eq!(report.services[1].requests_completed, 2);
+        let text = report.to_text();
+        assert!(text.contains("acgi-loadgen open loop"), "{text}");
+        assert!(
+            text.contains("1.5 req/s Poisson over 4 connections"),
+            "{text}"
+        );
+        assert!(text.contains("(offered 1.5 req/s)"), "{text}");
+        assert!(text.contains("uncorrected p50 3001"), "{text}");
+        assert!(text.contains("send_lag_us p50 50"), "{text}");
+        assert!(
+            text.contains("  faulty    2 completed, 0 errors, p50 3051"),
+            "{text}"
+        );
+        assert!(text.contains("service echo:1, faulty:2"), "{text}");
+        let json: serde_json::Value = serde_json::from_str(&report.to_json()).unwrap();
+        assert_eq!(json["parameters"]["arrival"], "poisson");
+        assert_eq!(json["latency_uncorrected_us"]["max"], 3_101);
+        assert_eq!(json["services"][0]["service"], "echo");
+        assert!(json["parameters"]["depth"].is_null());
+    }
+
+    #[test]
+    fn a_late_drain_lowers_the_achieved_rate() {
+        // Proves an open loop whose window's requests finish after it is credited with the
+        // rate it sustained (requests over the time to the last completion), not the offered.
+        let mut recorder = Recorder::new();
+        for _ in 0..100 {
+            recorder.record_ok(Duration::from_millis(1));
+        }
+        let mut outcome = Outcome {
+            recorder,
+            measured: Duration::from_secs(2),
+            scheduled: 100,
+            completed_within: Duration::from_secs(4),
+        };
+        assert_eq!(outcome.requests_per_second(), 25.0);
+        outcome.completed_within = Duration::from_millis(1900);
+        assert_eq!(outcome.requests_per_second(), 50.0);
     }
 }

@@ -3,8 +3,14 @@
 //! Each load task owns one [`Recorder`] and records into it without locks; the driver merges the
 //! recorders once, when the tasks end. Latencies are whole microseconds in an HdrHistogram with 3
 //! significant figures (values up to an hour; anything longer saturates at the top). Only
-//! successful calls are in the histogram: an error answered at once (say `overloaded`) would
+//! successful calls are in the histograms: an error answered at once (say `overloaded`) would
 //! otherwise make the service look faster than it is. Errors are counted by [`ErrorClass`].
+//!
+//! Open-loop runs keep three histograms per call (see [`CallTiming`]): the latency from the
+//! call's *intended* send time (corrected for coordinated omission: the number reported), the
+//! latency from the moment it was actually sent (uncorrected, what a naive generator reports),
+//! and the lag between the two (how far the generator itself fell behind). In a closed loop the
+//! three coincide (lag 0). Each service of a mix also gets its own latency histogram.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -35,6 +41,8 @@ pub enum ErrorClass {
     Closed,
     /// No answer before the run's drain deadline; the load generator gave up on the call.
     Unanswered,
+    /// Never sent: the open-loop generator already had its limit of calls in flight.
+    InFlightLimit,
 }
 
 impl ErrorClass {
@@ -52,7 +60,7 @@ impl ErrorClass {
 
     /// Whether the connection is unusable after this error, so its tasks should stop.
     pub fn ends_connection(self) -> bool {
-        !matches!(self, ErrorClass::Remote(_))
+        !matches!(self, ErrorClass::Remote(_) | ErrorClass::InFlightLimit)
     }
 
     /// A stable snake_case label: the error code's name (`overloaded`, `worker_failed`),
@@ -67,6 +75,7 @@ impl ErrorClass {
             ErrorClass::Protocol => "protocol".to_string(),
             ErrorClass::Closed => "closed".to_string(),
             ErrorClass::Unanswered => "unanswered".to_string(),
+            ErrorClass::InFlightLimit => "in_flight_limit".to_string(),
         }
     }
 }
@@ -83,10 +92,27 @@ pub struct Mismatch {
     pub first_difference: usize,
 }
 
+/// The times of one successful call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CallTiming {
+    /// Index of the service in the run's mix.
+    pub service: usize,
+    /// From the intended send time to the reply (corrected for coordinated omission).
+    pub latency: Duration,
+    /// From the actual send to the reply.
+    pub uncorrected: Duration,
+    /// From the intended to the actual send: the generator's own lateness.
+    pub send_lag: Duration,
+}
+
 /// One task's measurements (and, after [`Recorder::merge`], a whole run's).
 #[derive(Clone, Debug)]
 pub struct Recorder {
     latency_us: Histogram<u64>,
+    uncorrected_us: Histogram<u64>,
+    send_lag_us: Histogram<u64>,
+    /// Per service of the mix: latency and error count.
+    services: Vec<ServiceRecorder>,
     errors: BTreeMap<ErrorClass, u64>,
     /// Errors during the warm-up: not part of the results, reported so they are not hidden.
     warmup_errors: u64,
@@ -103,12 +129,30 @@ impl Default for Recorder {
     }
 }
 
+/// One service's share of a run.
+#[derive(Clone, Debug)]
+pub struct ServiceRecorder {
+    pub latency_us: Histogram<u64>,
+    pub errors: u64,
+}
+
+/// An empty latency histogram with the crate's bounds.
+pub fn new_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, LATENCY_US_MAX, LATENCY_SIGNIFICANT_FIGURES)
+        .expect("constant histogram bounds are valid")
+}
+
+fn whole_us(duration: Duration) -> u64 {
+    u64::try_from(duration.as_micros()).unwrap_or(u64::MAX)
+}
+
 impl Recorder {
     pub fn new() -> Recorder {
-        let latency_us = Histogram::new_with_bounds(1, LATENCY_US_MAX, LATENCY_SIGNIFICANT_FIGURES)
-            .expect("constant histogram bounds are valid");
         Recorder {
-            latency_us,
+            latency_us: new_histogram(),
+            uncorrected_us: new_histogram(),
+            send_lag_us: new_histogram(),
+            services: Vec::new(),
             errors: BTreeMap::new(),
             warmup_errors: 0,
             mismatches: 0,
@@ -117,15 +161,52 @@ impl Recorder {
         }
     }
 
-    /// A call succeeded after `latency`.
+    /// A call to the first (or only) service succeeded after `latency`, sent on time.
     pub fn record_ok(&mut self, latency: Duration) {
-        let latency_us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
-        self.latency_us.saturating_record(latency_us);
+        self.record_call(CallTiming {
+            service: 0,
+            latency,
+            uncorrected: latency,
+            send_lag: Duration::ZERO,
+        });
     }
 
-    /// A measured call failed.
+    /// A measured call succeeded.
+    pub fn record_call(&mut self, timing: CallTiming) {
+        assert!(
+            timing.uncorrected <= timing.latency,
+            "the uncorrected latency is part of the corrected one: {timing:?}"
+        );
+        let latency_us = whole_us(timing.latency);
+        self.latency_us.saturating_record(latency_us);
+        self.uncorrected_us
+            .saturating_record(whole_us(timing.uncorrected));
+        self.send_lag_us
+            .saturating_record(whole_us(timing.send_lag));
+        self.service(timing.service)
+            .latency_us
+            .saturating_record(latency_us);
+    }
+
+    fn service(&mut self, index: usize) -> &mut ServiceRecorder {
+        while self.services.len() <= index {
+            self.services.push(ServiceRecorder {
+                latency_us: new_histogram(),
+                errors: 0,
+            });
+        }
+        &mut self.services[index]
+    }
+
+    /// A measured call failed (service unknown or irrelevant).
     pub fn record_error(&mut self, class: ErrorClass) {
         *self.errors.entry(class).or_insert(0) += 1;
+    }
+
+    /// A measured call to service `service` of the mix failed.
+    pub fn record_service_error(&mut self, service: usize, class: ErrorClass) {
+        self.record_error(class);
+        self.service(service).errors += 1;
     }
 
     /// A warm-up call failed.
@@ -146,9 +227,20 @@ impl Recorder {
 
     /// Fold `other` into `self`.
     pub fn merge(&mut self, other: &Recorder) {
-        self.latency_us
-            .add(&other.latency_us)
-            .expect("histograms share their bounds");
+        for (mine, theirs) in [
+            (&mut self.latency_us, &other.latency_us),
+            (&mut self.uncorrected_us, &other.uncorrected_us),
+            (&mut self.send_lag_us, &other.send_lag_us),
+        ] {
+            mine.add(theirs).expect("histograms share their bounds");
+        }
+        for (index, theirs) in other.services.iter().enumerate() {
+            let mine = self.service(index);
+            mine.latency_us
+                .add(&theirs.latency_us)
+                .expect("histograms share their bounds");
+            mine.errors += theirs.errors;
+        }
         for (class, count) in &other.errors {
             *self.errors.entry(*class).or_insert(0) += count;
         }
@@ -194,21 +286,35 @@ impl Recorder {
         self.tasks_stopped_early
     }
 
-    /// The latency summary, or `None` when no call succeeded.
+    /// The latency summary (corrected, from intended send times), or `None` when no call
+    /// succeeded.
     pub fn latency(&self) -> Option<LatencySummary> {
-        if self.latency_us.is_empty() {
-            return None;
-        }
-        let at = |quantile: f64| self.latency_us.value_at_quantile(quantile);
-        Some(LatencySummary {
-            min: self.latency_us.min(),
-            mean: self.latency_us.mean(),
-            p50: at(QUANTILES[0]),
-            p90: at(QUANTILES[1]),
-            p99: at(QUANTILES[2]),
-            p99_9: at(QUANTILES[3]),
-            max: self.latency_us.max(),
-        })
+        LatencySummary::of(&self.latency_us)
+    }
+
+    /// The summary of latencies from the actual sends (uncorrected).
+    pub fn latency_uncorrected(&self) -> Option<LatencySummary> {
+        LatencySummary::of(&self.uncorrected_us)
+    }
+
+    /// The summary of the generator's lag behind its schedule.
+    pub fn send_lag(&self) -> Option<LatencySummary> {
+        LatencySummary::of(&self.send_lag_us)
+    }
+
+    /// The corrected latency histogram, microseconds.
+    pub fn latency_histogram(&self) -> &Histogram<u64> {
+        &self.latency_us
+    }
+
+    /// The uncorrected latency histogram, microseconds.
+    pub fn uncorrected_histogram(&self) -> &Histogram<u64> {
+        &self.uncorrected_us
+    }
+
+    /// Per service of the mix, in mix order (services never called are missing at the end).
+    pub fn services(&self) -> &[ServiceRecorder] {
+        &self.services
     }
 }
 
@@ -225,6 +331,23 @@ pub struct LatencySummary {
 }
 
 impl LatencySummary {
+    /// The summary of `histogram`, or `None` when it is empty.
+    pub fn of(histogram: &Histogram<u64>) -> Option<LatencySummary> {
+        if histogram.is_empty() {
+            return None;
+        }
+        let at = |quantile: f64| histogram.value_at_quantile(quantile);
+        Some(LatencySummary {
+            min: histogram.min(),
+            mean: histogram.mean(),
+            p50: at(QUANTILES[0]),
+            p90: at(QUANTILES[1]),
+            p99: at(QUANTILES[2]),
+            p99_9: at(QUANTILES[3]),
+            max: histogram.max(),
+        })
+    }
+
     /// The [`QUANTILES`] with their values, then `max`, in print order.
     pub fn rows(&self) -> [(String, u64); 5] {
         [
@@ -332,6 +455,31 @@ mod tests {
         };
         assert_eq!(ErrorClass::of(&unknown).label(), "code_4242");
         assert_eq!(ErrorClass::Unanswered.label(), "unanswered");
+    }
+
+    #[test]
+    fn open_loop_calls_keep_three_histograms_and_per_service_shares() {
+        // Proves corrected, uncorrected and lag are recorded apart, per service, and merge.
+        let mut a = Recorder::new();
+        a.record_call(CallTiming {
+            service: 1,
+            latency: Duration::from_micros(5_000),
+            uncorrected: Duration::from_micros(1_000),
+            send_lag: Duration::from_micros(4_000),
+        });
+        let mut b = Recorder::new();
+        b.record_ok(Duration::from_micros(100));
+        b.record_service_error(1, ErrorClass::InFlightLimit);
+        b.merge(&a);
+        assert_eq!(b.latency().unwrap().max, 5_003);
+        assert_eq!(b.latency_uncorrected().unwrap().max, 1_000);
+        assert_eq!(b.send_lag().unwrap().max, 4_001);
+        assert_eq!(b.services().len(), 2);
+        assert_eq!(b.services()[0].latency_us.len(), 1);
+        assert_eq!(b.services()[1].latency_us.len(), 1);
+        assert_eq!(b.services()[1].errors, 1);
+        assert_eq!(b.errors_by_label()["in_flight_limit"], 1);
+        assert!(!ErrorClass::InFlightLimit.ends_connection());
     }
 
     #[test]

@@ -38,6 +38,17 @@ pub struct Config {
     /// How long SIGTERM waits for requests in flight before failing them, in milliseconds.
     #[serde(default = "default_shutdown_timeout_ms")]
     pub shutdown_timeout_ms: u64,
+    /// TCP `ip:port` of the Prometheus endpoint (`GET /metrics`); none by default. Port 0
+    /// picks a free port (printed in the ready line).
+    pub metrics_listen: Option<String>,
+    /// Directory for HdrHistogram interval logs (`latency.hlog`); none by default.
+    pub histogram_log_dir: Option<PathBuf>,
+    /// Length of a latency interval: interval logs and status's "last interval".
+    #[serde(default = "default_histogram_log_interval_ms")]
+    pub histogram_log_interval_ms: u64,
+    /// Rotate the interval log when it passes this size.
+    #[serde(default = "default_histogram_log_rotate_bytes")]
+    pub histogram_log_rotate_bytes: u64,
     /// Path of the admin socket (`acgi-bridge status`). Default: `admin.sock` in `state_dir`.
     pub admin_socket: Option<PathBuf>,
     /// Permission bits of the admin socket, as an octal string.
@@ -198,6 +209,12 @@ fn default_connections_max() -> u32 {
 fn default_shutdown_timeout_ms() -> u64 {
     30_000
 }
+fn default_histogram_log_interval_ms() -> u64 {
+    10_000
+}
+fn default_histogram_log_rotate_bytes() -> u64 {
+    64 * 1024 * 1024
+}
 fn default_admin_socket_mode() -> String {
     "0600".to_string()
 }
@@ -342,6 +359,9 @@ impl Config {
         if let Some(admin) = &self.admin_socket {
             self.admin_socket = Some(resolve(admin));
         }
+        if let Some(dir) = &self.histogram_log_dir {
+            self.histogram_log_dir = Some(resolve(dir));
+        }
         if let Some(unix) = &self.listen.unix {
             self.listen.unix = Some(resolve(unix));
         }
@@ -377,6 +397,26 @@ impl Config {
             problem(
                 "listen".into(),
                 "set at least one of listen.unix and listen.tcp".into(),
+            );
+        }
+        if let Some(addr) = &self.metrics_listen {
+            if addr.parse::<std::net::SocketAddr>().is_err() {
+                problem(
+                    "metrics_listen".into(),
+                    format!("{addr:?} is not an ip:port address like \"127.0.0.1:9464\""),
+                );
+            }
+        }
+        if !(100..=DURATION_MS_MAX).contains(&self.histogram_log_interval_ms) {
+            problem(
+                "histogram_log_interval_ms".into(),
+                format!("must be 100 to {DURATION_MS_MAX} ms"),
+            );
+        }
+        if self.histogram_log_rotate_bytes < 4096 {
+            problem(
+                "histogram_log_rotate_bytes".into(),
+                "must be at least 4096".into(),
             );
         }
         if parse_mode(&self.admin_socket_mode).is_none() {

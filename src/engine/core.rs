@@ -29,6 +29,7 @@ use slab::Slab;
 use super::buffer::{Parsed, ReadBuffer, SendQueue};
 use super::spawn::{SpawnRequest, SpawnResult, Spawned, Spawner};
 use crate::config::Config;
+use crate::metrics::{self, IntervalLogger, LatencyHistograms, MetricsSnapshot, ServiceMetrics};
 use crate::pool::{Action, Gone, Pool, RejectReason, StopReason};
 use crate::proto::{
     self, ErrorCode, FrameError, Header, Hello, Kind, FLAG_IN_SLOT, FLAG_TIMEOUT, HEADER_BYTES,
@@ -50,8 +51,8 @@ const COMPLETIONS_BATCH_MAX: usize = 1024;
 const SLOT_SEND_BYTES_MIN: u32 = 4096;
 /// Most entries of the ring's registered-buffer table (the kernel's limit).
 const FIXED_BUFFERS_MAX: u32 = 1 << 14;
-/// Admin connections open at once at most.
-const ADMIN_CONNECTIONS_MAX: usize = 16;
+/// Admin and metrics connections open at once at most.
+const AUX_CONNECTIONS_MAX: usize = 64;
 /// Longest admin command line.
 const ADMIN_LINE_BYTES_MAX: usize = 256;
 /// Delay before re-arming an accept that failed (e.g. out of descriptors).
@@ -153,6 +154,14 @@ pub enum ListenerKind {
     Tcp,
     /// The admin socket (`status`): served apart from the pools and `connections_max`.
     Admin,
+    /// The Prometheus endpoint (HTTP `GET /metrics`), also apart from the pools.
+    Metrics,
+}
+
+impl ListenerKind {
+    fn is_caller(self) -> bool {
+        matches!(self, ListenerKind::Unix | ListenerKind::Tcp)
+    }
 }
 
 struct Listener {
@@ -181,8 +190,8 @@ struct Conn {
     closing: bool,
     /// A reply being sent straight from a worker's slot (header + fixed write, linked).
     slot_send: Option<SlotSend>,
-    /// An admin connection: line commands, not frames.
-    admin: bool,
+    /// Which listener it came from: callers speak frames, admin lines, metrics HTTP.
+    kind: ListenerKind,
 }
 
 /// A reply sent from a slot: the header (the front of `Conn::send`) and the payload (in the slot) go
@@ -278,6 +287,8 @@ struct Request {
     /// The caller's deadline (FLAG_TIMEOUT), if any.
     deadline: Option<Instant>,
     arrived: Instant,
+    /// When a worker took it.
+    dispatched: Option<Instant>,
 }
 
 struct Service {
@@ -286,6 +297,10 @@ struct Service {
     pool: Pool,
     slot_capacity: u32,
     counters: ServiceCounters,
+    /// Latency since start, in the interval running now, and in the last complete interval.
+    latency: LatencyHistograms,
+    latency_interval: LatencyHistograms,
+    latency_last_interval: LatencyHistograms,
 }
 
 /// Requests of one service by outcome (for status).
@@ -294,6 +309,11 @@ pub struct ServiceCounters {
     pub ok: u64,
     /// Indexed by error code (1..=10); index 0 unused.
     pub errors: [u64; 11],
+    /// Payload bytes of requests handed to workers, and of replies sent back.
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// Requests and replies that were larger than the slot (the copy path).
+    pub copy_path: u64,
 }
 
 /// The outcome counters this core keeps (read at exit and, later, by status).
@@ -336,8 +356,12 @@ pub struct Core {
     fixed_buffers_free: Vec<u16>,
     /// Set by SIGTERM/SIGINT: when in-flight work must be done.
     shutdown_deadline: Option<Instant>,
-    /// Connections in `conns` that are admin connections.
-    admin_conns: usize,
+    /// When the current latency interval ends, when it started, and its log (if configured).
+    interval_end: Instant,
+    interval_start_wall: std::time::SystemTime,
+    interval_logger: Option<IntervalLogger>,
+    /// Connections in `conns` that are admin or metrics connections.
+    aux_conns: usize,
     started: Instant,
     now: Instant,
     pub counters: Counters,
@@ -373,10 +397,25 @@ impl Core {
                 name: service.name.clone(),
                 pool: Pool::new(now, service.policy(), seed_from(index)),
                 counters: ServiceCounters::default(),
+                latency: LatencyHistograms::new(),
+                latency_interval: LatencyHistograms::new(),
+                latency_last_interval: LatencyHistograms::new(),
                 slot_capacity: service.slot_size_bytes,
             });
         }
         let fixed_buffers_free = register_buffer_table(&ring, &config);
+        let interval = Duration::from_millis(config.histogram_log_interval_ms);
+        let interval_logger = match &config.histogram_log_dir {
+            Some(dir) => {
+                std::fs::create_dir_all(dir)?;
+                Some(IntervalLogger::new(
+                    dir,
+                    interval,
+                    config.histogram_log_rotate_bytes,
+                )?)
+            }
+            None => None,
+        };
         let listeners = setup
             .listeners
             .into_iter()
@@ -411,7 +450,10 @@ impl Core {
             scratch: Vec::new(),
             fixed_buffers_free,
             shutdown_deadline: None,
-            admin_conns: 0,
+            aux_conns: 0,
+            interval_end: now + interval,
+            interval_start_wall: std::time::SystemTime::now(),
+            interval_logger,
             started: now,
             now,
             counters: Counters::default(),
@@ -502,7 +544,10 @@ impl Core {
     }
 
     fn next_deadline(&self) -> Option<Instant> {
-        let mut deadline = self.shutdown_deadline;
+        let mut deadline = Some(
+            self.shutdown_deadline
+                .map_or(self.interval_end, |d| d.min(self.interval_end)),
+        );
         let mut consider = |at: Option<Instant>| {
             if let Some(at) = at {
                 deadline = Some(deadline.map_or(at, |d| d.min(at)));
@@ -539,6 +584,35 @@ impl Core {
             self.shutdown_deadline = Some(now + Duration::from_secs(3600));
             self.force_shutdown();
         }
+        if now >= self.interval_end {
+            self.end_interval();
+        }
+    }
+
+    /// A latency interval ended: keep it as "last interval" for status and append it to the
+    /// interval log.
+    fn end_interval(&mut self) {
+        let interval = Duration::from_millis(self.config.histogram_log_interval_ms);
+        let wall_now = std::time::SystemTime::now();
+        for service in &mut self.services {
+            std::mem::swap(
+                &mut service.latency_last_interval,
+                &mut service.latency_interval,
+            );
+            service.latency_interval.reset();
+        }
+        if let Some(logger) = &mut self.interval_logger {
+            let histograms: Vec<(&str, &LatencyHistograms)> = self
+                .services
+                .iter()
+                .map(|s| (s.name.as_str(), &s.latency_last_interval))
+                .collect();
+            if let Err(error) = logger.append(wall_now, self.interval_start_wall, &histograms) {
+                tracing::warn!(%error, "cannot append to the histogram log");
+            }
+        }
+        self.interval_start_wall = wall_now;
+        self.interval_end = self.now + interval;
     }
 
     fn complete(&mut self, user_data: u64, result: i32, flags: u32) {
@@ -638,11 +712,11 @@ impl Core {
     }
 
     fn on_new_connection(&mut self, fd: OwnedFd, kind: ListenerKind) {
-        let admin = kind == ListenerKind::Admin;
-        let callers = self.conns.len() - self.admin_conns;
+        let aux = !kind.is_caller();
+        let callers = self.conns.len() - self.aux_conns;
         if self.shutdown_deadline.is_some()
-            || (!admin && callers >= self.config.connections_max as usize)
-            || (admin && self.admin_conns >= ADMIN_CONNECTIONS_MAX)
+            || (!aux && callers >= self.config.connections_max as usize)
+            || (aux && self.aux_conns >= AUX_CONNECTIONS_MAX)
         {
             self.counters.connections_refused += 1;
             tracing::debug!(connections = self.conns.len(), "refusing a connection");
@@ -651,7 +725,7 @@ impl Core {
         if kind == ListenerKind::Tcp {
             let _ = rustix::net::sockopt::set_tcp_nodelay(&fd, true);
         }
-        self.admin_conns += usize::from(admin);
+        self.aux_conns += usize::from(aux);
         let generation = self.generation();
         let index = self.conns.insert(Conn {
             generation,
@@ -665,7 +739,7 @@ impl Core {
             close_when_flushed: false,
             closing: false,
             slot_send: None,
-            admin,
+            kind,
         });
         self.arm_conn_recv(index);
     }
@@ -767,10 +841,10 @@ impl Core {
             return;
         }
         conn.read.commit(result as usize);
-        if conn.admin {
-            self.handle_admin(index);
-        } else {
-            self.handle_frames(index);
+        match conn.kind {
+            ListenerKind::Admin => self.handle_admin(index),
+            ListenerKind::Metrics => self.handle_metrics(index),
+            ListenerKind::Unix | ListenerKind::Tcp => self.handle_frames(index),
         }
         if self.conns.get(index).is_some_and(|c| !c.closing) {
             self.arm_conn_recv(index);
@@ -858,6 +932,73 @@ impl Core {
         }
     }
 
+    /// A metrics connection sent bytes: answer its HTTP request, then close.
+    fn handle_metrics(&mut self, index: usize) {
+        let request = self.conns[index].read.filled().to_vec();
+        let Some(response) = metrics::http_response(&request, || self.metrics_snapshot()) else {
+            return;
+        };
+        let conn = &mut self.conns[index];
+        conn.read.consume(conn.read.len());
+        conn.send.tail().extend_from_slice(&response);
+        conn.close_when_flushed = true;
+        self.arm_conn_send(index);
+    }
+
+    fn metrics_snapshot(&self) -> MetricsSnapshot {
+        let services = self
+            .services
+            .iter()
+            .map(|service| {
+                let pool = &service.pool;
+                let stats = pool.stats();
+                let counters = &service.counters;
+                let requests_failed = (1..counters.errors.len())
+                    .filter_map(|code| {
+                        let name = ErrorCode::from_u16(code as u16)?.metric_name();
+                        Some((name, counters.errors[code]))
+                    })
+                    .collect();
+                ServiceMetrics {
+                    name: service.name.clone(),
+                    id: service.id,
+                    requests_ok: counters.ok,
+                    requests_failed,
+                    bytes_in: counters.bytes_in,
+                    bytes_out: counters.bytes_out,
+                    copy_path: counters.copy_path,
+                    spawns: stats.spawns,
+                    exits: vec![
+                        ("recycled", stats.exits_recycled),
+                        ("idle", stats.exits_idle),
+                        ("crashed", stats.exits_crashed),
+                        ("timed_out", stats.exits_timed_out),
+                        ("killed", stats.exits_killed),
+                        ("shutdown", stats.exits_shutdown),
+                        ("failed_start", stats.failed_starts),
+                    ],
+                    workers: vec![
+                        ("starting", pool.starting() as u64),
+                        ("idle", pool.idle() as u64),
+                        ("busy", pool.busy() as u64),
+                        ("stopping", pool.stopping_count() as u64),
+                    ],
+                    backlog: pool.backlog_len() as u64,
+                    latency: service.latency.clone(),
+                }
+            })
+            .collect();
+        MetricsSnapshot {
+            connections: (self.conns.len() - self.aux_conns) as u64,
+            slots_in_use: self
+                .workers
+                .iter()
+                .filter(|(_, w)| w.buffer_index.is_some())
+                .count() as u64,
+            services,
+        }
+    }
+
     /// An admin connection sent bytes: answer its one command line, then close.
     fn handle_admin(&mut self, index: usize) {
         let conn = &mut self.conns[index];
@@ -936,14 +1077,16 @@ impl Core {
                     exits_shutdown: stats.exits_shutdown,
                     spawn_rate: pool.spawn_rate(),
                     pids,
+                    latency_since_start: latency_summary(&service.latency),
+                    latency_last_interval: latency_summary(&service.latency_last_interval),
                 }
             })
             .collect();
         Status {
             version: env!("CARGO_PKG_VERSION").to_string(),
             pid: std::process::id(),
-            uptime_ms: self.now.saturating_duration_since(self.started).as_millis() as u64,
-            connections: (self.conns.len() - self.admin_conns) as u64,
+            uptime_ms: self.started.elapsed().as_millis() as u64,
+            connections: (self.conns.len() - self.aux_conns) as u64,
             slots_registered: self
                 .workers
                 .iter()
@@ -1046,6 +1189,7 @@ impl Core {
                     payload,
                     deadline,
                     arrived: now,
+                    dispatched: None,
                 });
                 self.services[service]
                     .pool
@@ -1134,6 +1278,11 @@ impl Core {
             return;
         }
         let flushed = conn.send.queued_bytes() == 0 && !conn.send.in_flight;
+        if flushed && conn.close_when_flushed && !conn.kind.is_caller() {
+            // HTTP and admin answers end with the connection: send FIN before closing so that
+            // a client's unread bytes cannot turn the close into a reset that eats the answer.
+            let _ = rustix::net::shutdown(&conn.fd, rustix::net::Shutdown::Write);
+        }
         let caller_done =
             conn.close_when_flushed || (conn.read_closed && conn.requests_in_flight == 0);
         let stopping_and_idle = self.shutdown_deadline.is_some()
@@ -1171,7 +1320,7 @@ impl Core {
         let conn = &self.conns[index];
         if conn.closing && !conn.recv_in_flight && !conn.send.in_flight {
             let conn = self.conns.remove(index);
-            self.admin_conns -= usize::from(conn.admin);
+            self.aux_conns -= usize::from(!conn.kind.is_caller());
         }
     }
 
@@ -1202,7 +1351,19 @@ impl Core {
     fn finish_request(&mut self, request: u64, outcome: Option<ErrorCode>) -> Option<usize> {
         let index = self.request_index(request);
         let entry = self.requests.remove(index);
-        let counters = &mut self.services[entry.service].counters;
+        let now = self.now;
+        let queue_wait = entry
+            .dispatched
+            .unwrap_or(now)
+            .saturating_duration_since(entry.arrived);
+        let service_time = entry.dispatched.map(|d| now.saturating_duration_since(d));
+        let total = now.saturating_duration_since(entry.arrived);
+        let service = &mut self.services[entry.service];
+        service.latency.record(queue_wait, service_time, total);
+        service
+            .latency_interval
+            .record(queue_wait, service_time, total);
+        let counters = &mut service.counters;
         match outcome {
             None => {
                 self.counters.requests_ok += 1;
@@ -1351,6 +1512,10 @@ impl Core {
         );
         w.state = WorkerState::Busy { request, sequence };
         let in_slot = payload.len() <= w.slot.capacity() as usize;
+        let counters = &mut self.services[w.service].counters;
+        counters.bytes_in += payload.len() as u64;
+        counters.copy_path += u64::from(!in_slot);
+        self.requests[request_index].dispatched = Some(self.now);
         let filled = w
             .slot
             .fill(sequence, in_slot.then_some(&payload[..]), remaining_ms);
@@ -1645,6 +1810,8 @@ impl Core {
         let service_id = self.services[service].id;
         let conn = self.live_conn(conn_handle);
         let in_slot = header.kind == Kind::Done && header.in_slot();
+        let counters = &mut self.services[service].counters;
+        counters.copy_path += u64::from(header.kind == Kind::Done && !in_slot);
         if in_slot && header.payload_len != 0 {
             self.fail_worker(index, "sent an in-slot reply with a socket payload");
             return;
@@ -1670,6 +1837,7 @@ impl Core {
                     target.extend_from_slice(worker.read.payload(&header));
                 }
                 let len = (target.len() - start - HEADER_BYTES) as u32;
+                self.services[service].counters.bytes_out += len as u64;
                 Some(Header::new(Kind::Reply, service_id, caller_request_id, len))
             }
             (Ok(_), _) => {
@@ -1789,6 +1957,8 @@ impl Core {
         worker.lent = true;
         self.push_linked_pair(header_entry, payload_entry);
         self.counters.replies_sent_from_slot += 1;
+        let service = self.workers[index].service;
+        self.services[service].counters.bytes_out += len as u64;
         if let Some(conn) = self.finish_request(request, None) {
             self.close_conn_if_finished(conn);
         }
@@ -2132,10 +2302,20 @@ impl Core {
     }
 }
 
+fn latency_summary(histograms: &LatencyHistograms) -> crate::status::Latency {
+    crate::status::Latency {
+        total: metrics::percentiles(&histograms.total),
+        queue_wait: metrics::percentiles(&histograms.queue_wait),
+        service: metrics::percentiles(&histograms.service),
+    }
+}
+
 /// Reserve the ring's registered-buffer table: one entry per worker the config allows.
 fn register_buffer_table(ring: &IoUring, config: &Config) -> Vec<u16> {
+    // Twice the workers the config allows: a worker killed for a protocol violation leaves the
+    // pool at once (so its replacement starts) but keeps its entry until it is reaped.
     let wanted: u32 = config.services.iter().map(|s| s.max_workers).sum();
-    let wanted = wanted.min(FIXED_BUFFERS_MAX);
+    let wanted = (wanted * 2 + 8).min(FIXED_BUFFERS_MAX);
     match ring.submitter().register_buffers_sparse(wanted) {
         Ok(()) => (0..wanted as u16).rev().collect(),
         Err(error) => {

@@ -85,6 +85,15 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         ready.push_str(&format!(" tcp={local}"));
         tracing::info!(addr = %local, "listening on TCP");
     }
+    if let Some(addr) = &config.metrics_listen {
+        let listener = std::net::TcpListener::bind(addr)
+            .with_context(|| format!("binding the metrics endpoint {addr}"))?;
+        let local = listener.local_addr()?;
+        rustix::net::listen(&listener, 128)?;
+        listeners.push((listener.into(), ListenerKind::Metrics));
+        ready.push_str(&format!(" metrics={local}"));
+        tracing::info!(addr = %local, "serving Prometheus metrics at /metrics");
+    }
     let admin = config.admin_socket_path();
     let admin_mode = config::parse_mode(&config.admin_socket_mode).expect("validated");
     listeners.push((bind_unix(&admin, admin_mode)?, ListenerKind::Admin));

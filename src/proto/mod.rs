@@ -169,6 +169,24 @@ impl ErrorCode {
     }
 }
 
+impl ErrorCode {
+    /// The name as a metric label value (snake_case).
+    pub fn metric_name(self) -> &'static str {
+        match self {
+            ErrorCode::UnknownService => "unknown_service",
+            ErrorCode::PayloadTooLarge => "payload_too_large",
+            ErrorCode::Overloaded => "overloaded",
+            ErrorCode::WorkerFailed => "worker_failed",
+            ErrorCode::TimedOut => "timed_out",
+            ErrorCode::ShuttingDown => "shutting_down",
+            ErrorCode::MalformedFrame => "malformed_frame",
+            ErrorCode::ServiceError => "service_error",
+            ErrorCode::ServiceUnavailable => "service_unavailable",
+            ErrorCode::DeadlineExceeded => "deadline_exceeded",
+        }
+    }
+}
+
 impl fmt::Display for ErrorCode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())

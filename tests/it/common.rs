@@ -111,6 +111,8 @@ pub struct Bridge {
     pub unix: String,
     pub tcp: String,
     pub admin: PathBuf,
+    /// The metrics endpoint's address, when the config has `metrics_listen`.
+    pub metrics: Option<String>,
     _temp: Option<tempfile::TempDir>,
 }
 
@@ -185,6 +187,10 @@ impl BridgeBuilder {
         let unix = field("unix=");
         let tcp = field("tcp=");
         let admin = PathBuf::from(field("admin="));
+        let metrics = line
+            .split_whitespace()
+            .find_map(|word| word.strip_prefix("metrics="))
+            .map(str::to_string);
         Bridge {
             child: Some(child),
             _stdout: stdout,
@@ -192,6 +198,7 @@ impl BridgeBuilder {
             unix,
             tcp,
             admin,
+            metrics,
             _temp: Some(temp),
         }
     }
@@ -345,6 +352,29 @@ pub fn children_of(pid: i32) -> Vec<(i32, char)> {
         }
     }
     children
+}
+
+/// A minimal HTTP/1.1 GET: returns the status code and the body.
+pub fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
 }
 
 /// Count open descriptors of a process.

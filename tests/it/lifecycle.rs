@@ -110,6 +110,8 @@ fn sdk_workers_exit_cleanly_when_the_bridge_stops() {
     // Proves the graceful stop of SDK workers: closing the control socket plus SIGTERM makes
     // them exit with status 0 (not die by the signal).
     let mut bridge = bridge().service(ServiceSpec::echo().workers(2, 2)).start();
+    // Both ready (a worker stopped before its handshake may die by the signal: that is fine).
+    bridge.wait_status("2 ready workers", |s| s.services[0].workers_idle == 2);
     assert_eq!(bridge.client().call("echo", b"x").unwrap(), b"x");
     assert!(bridge.stop().success());
     let log = bridge.log();

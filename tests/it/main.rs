@@ -6,5 +6,6 @@ mod conformance;
 mod faults;
 mod kv;
 mod lifecycle;
+mod metrics;
 mod pool;
 mod roundtrip;

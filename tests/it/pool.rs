@@ -31,6 +31,11 @@ fn assert_settled(bridge: &Bridge, workers: u64, fds_before: usize) {
         "a slot leaked: {status:#?}"
     );
     bridge.assert_no_zombies();
+    // The status connection just used closes right after its answer: allow it that moment.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while fd_count(bridge.pid()) != fds_before && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let fds_after = fd_count(bridge.pid());
     assert_eq!(
         fds_after,
@@ -44,7 +49,18 @@ fn fds_when_settled(bridge: &Bridge, workers: u64) -> usize {
     bridge.wait_status("the pool to start", |status| {
         status.worker_processes == workers && status.services[0].workers_idle as u64 == workers
     });
-    fd_count(bridge.pid())
+    // Let the status connection close (see assert_settled) before counting.
+    let mut count = fd_count(bridge.pid());
+    let deadline = Instant::now() + Duration::from_millis(500);
+    while Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        let now = fd_count(bridge.pid());
+        if now == count {
+            break;
+        }
+        count = now;
+    }
+    count
 }
 
 #[test]

@@ -1,0 +1,623 @@
+//! Prometheus text exposition (format 0.0.4) of a [`MetricsSnapshot`].
+//!
+//! Owns the metric names, their help texts and the histogram bucket bounds. It never keeps
+//! state between scrapes: each scrape turns an owned snapshot into a small owned exposition
+//! (labels, counts, per-bucket counts) that a `prometheus-client` collector encodes, so the big
+//! HdrHistograms are read once and never cloned. Invariants: every family has HELP and TYPE and
+//! its samples are contiguous; bucket counts are cumulative, end with `+Inf` equal to `_count`.
+//!
+//! A Prometheus bucket `le=B` counts the HdrHistogram buckets whose lowest equivalent value is at
+//! most `B` microseconds, like the crate's own `count_between(0, B)`: exact below 2048 µs, and
+//! above it a value within the histogram's 0.1 % of `B` may count in `B`'s bucket.
+
+use std::fmt;
+use std::io::Write as _;
+use std::process::{Command, Stdio};
+
+use hdrhistogram::Histogram;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::{Registry, Unit};
+
+use super::{MetricsSnapshot, ServiceMetrics};
+
+/// The `Content-Type` of the exposition: `text/plain; version=0.0.4; charset=utf-8`.
+pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
+
+/// Upper bounds of the Prometheus histogram buckets, in microseconds (10 µs to 60 s; `+Inf`
+/// is implicit).
+pub const BUCKET_BOUNDS_US: [u64; 21] = [
+    10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000,
+    500_000, 1_000_000, 2_500_000, 5_000_000, 10_000_000, 30_000_000, 60_000_000,
+];
+
+const PREFIX: &str = "acgi_bridge";
+const MICROS_PER_SECOND: f64 = 1_000_000.0;
+
+/// Encode a snapshot as Prometheus text (format 0.0.4), every family with HELP and TYPE.
+pub fn encode_prometheus(snapshot: &MetricsSnapshot) -> String {
+    let mut registry = Registry::with_prefix(PREFIX);
+    registry.register_collector(Box::new(Exposition::from_snapshot(snapshot)));
+    let mut text = String::with_capacity(4096 + 8192 * snapshot.services.len());
+    // Writing into a String cannot fail and the collector returns no error of its own.
+    prometheus_client::encoding::prometheus_text::encode(&mut text, &registry)
+        .expect("encoding metrics into a String cannot fail");
+    text
+}
+
+/// Per-bucket (not cumulative) counts of `h` at [`BUCKET_BOUNDS_US`], then the overflow past
+/// the last bound (the `+Inf` bucket's share). Their sum is `h.len()`.
+pub fn prometheus_buckets(h: &Histogram<u64>) -> [u64; BUCKET_BOUNDS_US.len() + 1] {
+    let mut counts = [0u64; BUCKET_BOUNDS_US.len() + 1];
+    let mut bucket = 0;
+    for value in h.iter_recorded() {
+        let lowest = h.lowest_equivalent(value.value_iterated_to());
+        // iter_recorded walks values upwards, so the bucket index only moves forward.
+        while bucket < BUCKET_BOUNDS_US.len() && lowest > BUCKET_BOUNDS_US[bucket] {
+            bucket += 1;
+        }
+        counts[bucket] = counts[bucket].saturating_add(value.count_since_last_iteration());
+    }
+    debug_assert_eq!(
+        counts.iter().fold(0u64, |a, b| a.saturating_add(*b)),
+        h.len()
+    );
+    counts
+}
+
+/// One histogram as Prometheus sees it.
+#[derive(Debug)]
+struct HistogramExposition {
+    /// `(upper bound in seconds, count in that bucket alone)`, finite bounds only.
+    buckets: Vec<(f64, u64)>,
+    sum_seconds: f64,
+    count: u64,
+}
+
+impl HistogramExposition {
+    fn new(h: &Histogram<u64>, sum: std::time::Duration) -> Self {
+        let counts = prometheus_buckets(h);
+        let buckets = BUCKET_BOUNDS_US
+            .iter()
+            .zip(counts)
+            .map(|(bound_us, count)| (*bound_us as f64 / MICROS_PER_SECOND, count))
+            .collect();
+        Self {
+            buckets,
+            sum_seconds: sum.as_secs_f64(),
+            count: h.len(),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct ServiceExposition {
+    name: String,
+    /// `("ok", n)` first, then the failures.
+    requests: Vec<(&'static str, u64)>,
+    bytes_in: u64,
+    bytes_out: u64,
+    copy_path: u64,
+    spawns: u64,
+    exits: Vec<(&'static str, u64)>,
+    workers: Vec<(&'static str, u64)>,
+    backlog: u64,
+    queue_wait: HistogramExposition,
+    service: HistogramExposition,
+    total: HistogramExposition,
+}
+
+impl ServiceExposition {
+    fn new(s: &ServiceMetrics) -> Self {
+        let mut requests = Vec::with_capacity(1 + s.requests_failed.len());
+        requests.push(("ok", s.requests_ok));
+        requests.extend(s.requests_failed.iter().copied());
+        // A repeated label value would be a duplicate series, which Prometheus rejects whole.
+        debug_assert!(distinct(&requests), "{}: outcomes repeat", s.name);
+        debug_assert!(distinct(&s.exits), "{}: exit reasons repeat", s.name);
+        debug_assert!(distinct(&s.workers), "{}: worker states repeat", s.name);
+        Self {
+            name: s.name.clone(),
+            requests,
+            bytes_in: s.bytes_in,
+            bytes_out: s.bytes_out,
+            copy_path: s.copy_path,
+            spawns: s.spawns,
+            exits: s.exits.clone(),
+            workers: s.workers.clone(),
+            backlog: s.backlog,
+            queue_wait: HistogramExposition::new(&s.latency.queue_wait, s.latency.queue_wait_sum),
+            service: HistogramExposition::new(&s.latency.service, s.latency.service_sum),
+            total: HistogramExposition::new(&s.latency.total, s.latency.total_sum),
+        }
+    }
+}
+
+/// Whether the label values of `pairs` are all different.
+fn distinct(pairs: &[(&str, u64)]) -> bool {
+    pairs
+        .iter()
+        .enumerate()
+        .all(|(i, (name, _))| pairs[..i].iter().all(|(other, _)| other != name))
+}
+
+/// The whole scrape, owned, as a `prometheus-client` collector.
+#[derive(Debug)]
+struct Exposition {
+    connections: u64,
+    slots_in_use: u64,
+    services: Vec<ServiceExposition>,
+}
+
+type Counter = fn(&ServiceExposition) -> u64;
+type ByLabel = fn(&ServiceExposition) -> &[(&'static str, u64)];
+type Latency = fn(&ServiceExposition) -> &HistogramExposition;
+
+impl Exposition {
+    fn from_snapshot(snapshot: &MetricsSnapshot) -> Self {
+        Self {
+            connections: snapshot.connections,
+            slots_in_use: snapshot.slots_in_use,
+            services: snapshot
+                .services
+                .iter()
+                .map(ServiceExposition::new)
+                .collect(),
+        }
+    }
+
+    /// A family with one sample per service, labelled `service`.
+    fn per_service(
+        &self,
+        encoder: &mut DescriptorEncoder,
+        name: &str,
+        help: &str,
+        metric_type: MetricType,
+        value: Counter,
+    ) -> fmt::Result {
+        let mut family = encoder.encode_descriptor(name, help, None, metric_type)?;
+        for s in &self.services {
+            let labels = [("service", s.name.as_str())];
+            let mut metric = family.encode_family(&labels)?;
+            match metric_type {
+                MetricType::Counter => {
+                    metric.encode_counter::<NoLabelSet, _, u64>(&value(s), None)?
+                }
+                _ => metric.encode_gauge(&value(s))?,
+            }
+        }
+        Ok(())
+    }
+
+    /// A family with one sample per service and value of `label`.
+    fn per_service_by(
+        &self,
+        encoder: &mut DescriptorEncoder,
+        name: &str,
+        help: &str,
+        metric_type: MetricType,
+        label: &'static str,
+        values: ByLabel,
+    ) -> fmt::Result {
+        let mut family = encoder.encode_descriptor(name, help, None, metric_type)?;
+        for s in &self.services {
+            for (label_value, value) in values(s) {
+                let labels = [("service", s.name.as_str()), (label, label_value)];
+                let mut metric = family.encode_family(&labels)?;
+                match metric_type {
+                    MetricType::Counter => {
+                        metric.encode_counter::<NoLabelSet, _, u64>(value, None)?
+                    }
+                    _ => metric.encode_gauge(value)?,
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn latency(
+        &self,
+        encoder: &mut DescriptorEncoder,
+        name: &str,
+        help: &str,
+        histogram: Latency,
+    ) -> fmt::Result {
+        let mut family =
+            encoder.encode_descriptor(name, help, Some(&Unit::Seconds), MetricType::Histogram)?;
+        for s in &self.services {
+            let labels = [("service", s.name.as_str())];
+            let h = histogram(s);
+            family
+                .encode_family(&labels)?
+                .encode_histogram::<NoLabelSet>(h.sum_seconds, h.count, &h.buckets, None)?;
+        }
+        Ok(())
+    }
+}
+
+impl Collector for Exposition {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
+        use MetricType::{Counter, Gauge};
+        let e = &mut encoder;
+        self.per_service_by(
+            e,
+            "requests",
+            "Requests answered, by outcome (ok, or the error they were answered with).",
+            Counter,
+            "outcome",
+            |s| &s.requests,
+        )?;
+        self.per_service(
+            e,
+            "request_bytes",
+            "Request payload bytes received from callers.",
+            Counter,
+            |s| s.bytes_in,
+        )?;
+        self.per_service(
+            e,
+            "reply_bytes",
+            "Reply payload bytes sent to callers.",
+            Counter,
+            |s| s.bytes_out,
+        )?;
+        self.per_service(
+            e,
+            "copy_path",
+            "Requests or replies that were copied instead of handed over in a slot.",
+            Counter,
+            |s| s.copy_path,
+        )?;
+        self.per_service(
+            e,
+            "worker_spawns",
+            "Worker processes spawned.",
+            Counter,
+            |s| s.spawns,
+        )?;
+        self.per_service_by(
+            e,
+            "worker_exits",
+            "Worker processes that exited, by reason.",
+            Counter,
+            "reason",
+            |s| &s.exits,
+        )?;
+        self.per_service_by(
+            e,
+            "workers",
+            "Worker processes now, by state.",
+            Gauge,
+            "state",
+            |s| &s.workers,
+        )?;
+        self.per_service(
+            e,
+            "backlog",
+            "Requests waiting for a worker now.",
+            Gauge,
+            |s| s.backlog,
+        )?;
+        e.encode_descriptor("connections", "Caller connections open now.", None, Gauge)?
+            .encode_gauge(&self.connections)?;
+        e.encode_descriptor("slots_in_use", "Worker slots in use now.", None, Gauge)?
+            .encode_gauge(&self.slots_in_use)?;
+        self.latency(
+            e,
+            "queue_wait",
+            "Time from a request's arrival to its hand-over to a worker (or rejection).",
+            |s| &s.queue_wait,
+        )?;
+        self.latency(
+            e,
+            "service",
+            "Time from a request's hand-over to a worker to the worker's answer.",
+            |s| &s.service,
+        )?;
+        self.latency(
+            e,
+            "request_duration",
+            "Time from a request's arrival to its answer (the whole time in the bridge).",
+            |s| &s.total,
+        )
+    }
+}
+
+/// Why [`check_with_promtool`] could not vouch for a text.
+#[derive(Debug, thiserror::Error)]
+pub enum PromtoolError {
+    /// `promtool` is not on `PATH` (Debian: `apt-get install prometheus`).
+    #[error("promtool is not installed (apt-get install prometheus)")]
+    Missing,
+    #[error("running promtool failed: {0}")]
+    Io(#[from] std::io::Error),
+    /// promtool rejected the text; its report.
+    #[error("promtool check metrics rejected the exposition: {0}")]
+    Rejected(String),
+}
+
+/// Run `promtool check metrics` on `text` (for tests: unit tests here, integration tests on a
+/// real scrape). `Err(Missing)` when promtool is not installed, so callers decide to skip.
+pub fn check_with_promtool(text: &str) -> Result<(), PromtoolError> {
+    let mut child = match Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+    {
+        Ok(child) => child,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(PromtoolError::Missing),
+        Err(e) => return Err(e.into()),
+    };
+    let mut stdin = child.stdin.take().expect("stdin was piped");
+    // promtool reads all of stdin before it writes, so writing first cannot deadlock.
+    stdin.write_all(text.as_bytes())?;
+    drop(stdin);
+    let output = child.wait_with_output()?;
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    if output.status.success() && report.trim().is_empty() {
+        Ok(())
+    } else {
+        Err(PromtoolError::Rejected(format!(
+            "{} {}",
+            output.status,
+            report.trim()
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::metrics::LatencyHistograms;
+
+    fn service(name: &str) -> ServiceMetrics {
+        ServiceMetrics {
+            name: name.to_string(),
+            id: 1,
+            requests_ok: 7,
+            requests_failed: vec![("overloaded", 2), ("timed_out", 1)],
+            bytes_in: 1000,
+            bytes_out: 2000,
+            copy_path: 3,
+            spawns: 4,
+            exits: vec![("recycled", 1), ("crashed", 2)],
+            workers: vec![("starting", 0), ("idle", 1), ("busy", 2), ("stopping", 0)],
+            backlog: 5,
+            latency: LatencyHistograms::new(),
+        }
+    }
+
+    fn snapshot() -> MetricsSnapshot {
+        let mut echo = service("echo");
+        // Known observations: 5 µs, 10 µs (on a bound), 11 µs, 1 ms (on a bound), 3 s, 2 h.
+        for us in [5, 10, 11, 1_000, 3_000_000, 7_200_000_000] {
+            let d = Duration::from_micros(us);
+            echo.latency.record(d / 2, Some(d / 2), d);
+        }
+        echo.latency
+            .record(Duration::from_micros(40), None, Duration::from_micros(40));
+        MetricsSnapshot {
+            connections: 3,
+            slots_in_use: 2,
+            services: vec![echo, service("kv")],
+        }
+    }
+
+    /// The value of the sample line `series` (name and labels exactly as printed).
+    fn sample(text: &str, series: &str) -> f64 {
+        let line = text
+            .lines()
+            .find(|l| {
+                l.strip_prefix(series)
+                    .is_some_and(|rest| rest.starts_with(' '))
+            })
+            .unwrap_or_else(|| panic!("no sample {series} in:\n{text}"));
+        line[series.len() + 1..].parse().unwrap()
+    }
+
+    #[test]
+    fn buckets_count_values_at_or_under_each_bound() {
+        // Proves: values on a bound count in that bound's bucket; the rest go up; +Inf overflow.
+        let mut h = crate::metrics::latency_histogram();
+        for us in [5, 10, 11, 1_000, 2_500_000, 3_000_000, 100_000_000] {
+            h.record(us).unwrap();
+        }
+        let counts = prometheus_buckets(&h);
+        let mut expected = [0u64; 22];
+        expected[0] = 2; // 5, 10 <= 10 µs
+        expected[1] = 1; // 11 <= 25 µs
+        expected[6] = 1; // 1000 <= 1 ms
+        expected[16] = 1; // 2.5 s <= 2.5 s: on a bound, also past 2048 µs
+        expected[17] = 1; // 3 s <= 5 s
+        expected[21] = 1; // 100 s > 60 s
+        assert_eq!(counts, expected);
+    }
+
+    #[test]
+    fn histogram_text_has_cumulative_buckets_count_and_exact_sum() {
+        // Proves: a histogram with known observations is exposed with the right cumulative
+        // buckets, +Inf, _count and _sum (in seconds).
+        let text = encode_prometheus(&snapshot());
+        let name = "acgi_bridge_request_duration_seconds";
+        let bucket = |le: &str| {
+            sample(
+                &text,
+                &format!("{name}_bucket{{service=\"echo\",le=\"{le}\"}}"),
+            )
+        };
+        assert_eq!(bucket("1e-05"), 2.0);
+        assert_eq!(bucket("2.5e-05"), 3.0);
+        assert_eq!(bucket("5e-05"), 4.0); // + the 40 µs rejection
+        assert_eq!(bucket("0.0005"), 4.0);
+        assert_eq!(bucket("0.001"), 5.0);
+        assert_eq!(bucket("5"), 6.0);
+        assert_eq!(bucket("60"), 6.0);
+        assert_eq!(bucket("+Inf"), 7.0);
+        assert_eq!(
+            sample(&text, &format!("{name}_count{{service=\"echo\"}}")),
+            7.0
+        );
+        let sum = sample(&text, &format!("{name}_sum{{service=\"echo\"}}"));
+        let expected = (5 + 10 + 11 + 1_000 + 3_000_000 + 7_200_000_000u64 + 40) as f64 / 1e6;
+        assert!((sum - expected).abs() < 1e-6, "{sum} != {expected}");
+        // The service histogram skips the rejection.
+        let service = "acgi_bridge_service_seconds";
+        assert_eq!(
+            sample(&text, &format!("{service}_count{{service=\"echo\"}}")),
+            6.0
+        );
+        // Every bucket line of a family is cumulative (non-decreasing).
+        let mut last = 0.0;
+        for line in text
+            .lines()
+            .filter(|l| l.starts_with(&format!("{name}_bucket{{service=\"echo\"")))
+        {
+            let v: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+            assert!(v >= last, "{line}");
+            last = v;
+        }
+        assert_eq!(
+            text.lines()
+                .filter(|l| l.starts_with(&format!("{name}_bucket{{service=\"kv\"")))
+                .count(),
+            22
+        );
+        assert_eq!(
+            sample(&text, &format!("{name}_count{{service=\"kv\"}}")),
+            0.0
+        );
+    }
+
+    #[test]
+    fn every_family_is_present_with_help_and_type() {
+        // Proves: all metric families appear once, with HELP then TYPE, samples contiguous.
+        let text = encode_prometheus(&snapshot());
+        let families = [
+            ("acgi_bridge_requests_total", "counter"),
+            ("acgi_bridge_request_bytes_total", "counter"),
+            ("acgi_bridge_reply_bytes_total", "counter"),
+            ("acgi_bridge_copy_path_total", "counter"),
+            ("acgi_bridge_worker_spawns_total", "counter"),
+            ("acgi_bridge_worker_exits_total", "counter"),
+            ("acgi_bridge_workers", "gauge"),
+            ("acgi_bridge_backlog", "gauge"),
+            ("acgi_bridge_connections", "gauge"),
+            ("acgi_bridge_slots_in_use", "gauge"),
+            ("acgi_bridge_queue_wait_seconds", "histogram"),
+            ("acgi_bridge_service_seconds", "histogram"),
+            ("acgi_bridge_request_duration_seconds", "histogram"),
+        ];
+        let types: Vec<&str> = text.lines().filter(|l| l.starts_with("# TYPE ")).collect();
+        assert_eq!(types.len(), families.len(), "{text}");
+        for (name, kind) in families {
+            let help = format!("# HELP {name} ");
+            let help_at = text
+                .find(&help)
+                .unwrap_or_else(|| panic!("no HELP for {name}"));
+            let type_line = format!("# TYPE {name} {kind}\n");
+            let type_at = text
+                .find(&type_line)
+                .unwrap_or_else(|| panic!("no TYPE for {name}"));
+            assert!(help_at < type_at);
+            // Samples of the family follow its TYPE line, before the next family's HELP.
+            let body = &text[type_at + type_line.len()..];
+            let body = &body[..body.find("# HELP").unwrap_or(body.len())];
+            assert!(!body.is_empty(), "no samples for {name}");
+            for line in body.lines() {
+                assert!(line.starts_with(name), "{line} in family {name}");
+            }
+        }
+        assert_eq!(sample(&text, "acgi_bridge_connections"), 3.0);
+        assert_eq!(sample(&text, "acgi_bridge_slots_in_use"), 2.0);
+        assert_eq!(
+            sample(
+                &text,
+                "acgi_bridge_requests_total{service=\"echo\",outcome=\"ok\"}"
+            ),
+            7.0
+        );
+        assert_eq!(
+            sample(
+                &text,
+                "acgi_bridge_requests_total{service=\"kv\",outcome=\"timed_out\"}"
+            ),
+            1.0
+        );
+        assert_eq!(
+            sample(
+                &text,
+                "acgi_bridge_worker_exits_total{service=\"kv\",reason=\"crashed\"}"
+            ),
+            2.0
+        );
+        assert_eq!(
+            sample(
+                &text,
+                "acgi_bridge_workers{service=\"echo\",state=\"busy\"}"
+            ),
+            2.0
+        );
+        assert_eq!(sample(&text, "acgi_bridge_backlog{service=\"kv\"}"), 5.0);
+        assert_eq!(
+            sample(&text, "acgi_bridge_request_bytes_total{service=\"kv\"}"),
+            1000.0
+        );
+        assert_eq!(
+            sample(&text, "acgi_bridge_reply_bytes_total{service=\"kv\"}"),
+            2000.0
+        );
+        assert_eq!(
+            sample(&text, "acgi_bridge_copy_path_total{service=\"kv\"}"),
+            3.0
+        );
+        assert_eq!(
+            sample(&text, "acgi_bridge_worker_spawns_total{service=\"kv\"}"),
+            4.0
+        );
+        assert!(text.ends_with('\n'));
+    }
+
+    #[test]
+    fn exposition_with_no_services_is_still_complete() {
+        // Proves: a bridge with no services (or before any) still exposes every family header.
+        let text = encode_prometheus(&MetricsSnapshot::default());
+        assert_eq!(
+            text.lines().filter(|l| l.starts_with("# TYPE ")).count(),
+            13
+        );
+        assert_eq!(sample(&text, "acgi_bridge_connections"), 0.0);
+    }
+
+    #[test]
+    fn promtool_accepts_the_exposition() {
+        // Proves: `promtool check metrics` (lint included) accepts our text, when installed.
+        for snapshot in [snapshot(), MetricsSnapshot::default()] {
+            match check_with_promtool(&encode_prometheus(&snapshot)) {
+                Ok(()) => {}
+                Err(PromtoolError::Missing) => {
+                    eprintln!(
+                        "SKIPPED promtool_accepts_the_exposition: promtool is not installed \
+                         (apt-get install prometheus); the text structure is checked by the \
+                         other tests only"
+                    );
+                    return;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        // And it rejects what it should, so a pass means something.
+        assert!(matches!(
+            check_with_promtool("# TYPE x counter\nx 1\n"),
+            Err(PromtoolError::Rejected(_))
+        ));
+    }
+}
