@@ -267,6 +267,8 @@ pub struct Pool {
     spawn_window_start: Instant,
     spawned_in_window: u32,
     next_reap: Instant,
+    /// Since when the idle count has been above spare_max (dynamic mode).
+    idle_over_since: Option<Instant>,
     rng: u64,
     stats: Stats,
 }
@@ -298,6 +300,7 @@ impl Pool {
             spawn_window_start: now,
             spawned_in_window: 0,
             next_reap: now + REAP_INTERVAL,
+            idle_over_since: None,
             rng: seed | 1,
             stats: Stats::default(),
         };
@@ -392,6 +395,9 @@ impl Pool {
         if self.wants_growth() {
             consider(self.spawn_window_start + SPAWN_WINDOW);
         }
+        if let Some(since) = self.idle_over_since {
+            consider(since + REAP_INTERVAL);
+        }
         let reap_useful = !self.idle.is_empty()
             || (self.policy.max_lifetime.is_some() && !self.workers.is_empty());
         if reap_useful && !self.stopping {
@@ -404,6 +410,11 @@ impl Pool {
 
     /// A request arrived. `deadline` is the caller's, if it set one.
     pub fn on_request(&mut self, now: Instant, request: RequestId, deadline: Option<Instant>) {
+        self.on_request_inner(now, request, deadline);
+        self.track_idle(now);
+    }
+
+    fn on_request_inner(&mut self, now: Instant, request: RequestId, deadline: Option<Instant>) {
         if self.stopping {
             self.stats.rejected_shutting_down += 1;
             self.reject(request, ErrorCode::ShuttingDown, RejectReason::ShuttingDown);
@@ -496,6 +507,11 @@ impl Pool {
 
     /// A worker finished its handshake.
     pub fn on_worker_ready(&mut self, now: Instant, worker: WorkerId) {
+        self.on_worker_ready_inner(now, worker);
+        self.track_idle(now);
+    }
+
+    fn on_worker_ready_inner(&mut self, now: Instant, worker: WorkerId) {
         let Some(entry) = self.workers.get_mut(&worker) else {
             panic!("ready from an unknown worker {worker}")
         };
@@ -519,6 +535,11 @@ impl Pool {
     /// The busy `worker` answered its request. `rss_bytes` is its resident size now, when the
     /// engine measured it (only when `max_rss_bytes` is set).
     pub fn on_job_done(&mut self, now: Instant, worker: WorkerId, rss_bytes: Option<u64>) {
+        self.on_job_done_inner(now, worker, rss_bytes);
+        self.track_idle(now);
+    }
+
+    fn on_job_done_inner(&mut self, now: Instant, worker: WorkerId, rss_bytes: Option<u64>) {
         let policy_rss = self.policy.max_rss_bytes;
         let lifetime = self.policy.max_lifetime;
         let entry = self
@@ -554,6 +575,12 @@ impl Pool {
         worker: WorkerId,
         how: Gone,
     ) -> Option<RequestId> {
+        let held = self.on_worker_gone_inner(now, worker, how);
+        self.track_idle(now);
+        held
+    }
+
+    fn on_worker_gone_inner(&mut self, now: Instant, worker: WorkerId, how: Gone) -> Option<RequestId> {
         let entry = self.workers.remove(&worker).expect("gone: unknown worker");
         let mut held = None;
         match entry.state {
@@ -661,8 +688,38 @@ impl Pool {
             self.next_reap = now + REAP_INTERVAL;
             self.reap(now);
         }
+        if self.idle_over_since.is_some_and(|t| t + REAP_INTERVAL <= now) {
+            self.reap_spares(now);
+        }
         self.maintain(now);
         self.finish_stop_if_drained(now);
+        self.track_idle(now);
+    }
+
+    /// Dynamic mode: note when the idle count went above `spare_max` (with workers to spare
+    /// above the floor), so that `tick` stops the surplus once it has lasted a whole reap
+    /// interval. Spikes shorter than that, which Poisson arrivals make all the time, are left
+    /// alone: stopping a worker that is needed again a moment later is pure churn.
+    fn track_idle(&mut self, now: Instant) {
+        let over = self.policy.mode == Mode::Dynamic
+            && !self.stopping
+            && self.idle() > self.policy.spare_max
+            && self.serving() > self.policy.floor();
+        match (over, self.idle_over_since) {
+            (true, None) => self.idle_over_since = Some(now),
+            (false, Some(_)) => self.idle_over_since = None,
+            _ => {}
+        }
+    }
+
+    /// The idle count has been above spare_max for a reap interval: stop the longest idle down
+    /// to spare_max (not below the floor).
+    fn reap_spares(&mut self, now: Instant) {
+        self.idle_over_since = None;
+        while self.idle() > self.policy.spare_max && self.serving() > self.policy.floor() {
+            let worker = self.idle.front().copied().expect("idle is not empty");
+            self.stop(now, worker, StopReason::Idle);
+        }
     }
 
     /// Stop taking requests; requests already accepted (busy or queued) are still served, then
@@ -884,17 +941,12 @@ impl Pool {
             }
         }
         let floor = self.policy.floor();
-        let (keep_idle, timeout_floor) = match self.policy.mode {
+        let timeout_floor = match self.policy.mode {
             Mode::Static => return,
-            Mode::Dynamic => (self.policy.spare_max, self.policy.spare_min),
-            Mode::OnDemand => (u32::MAX, 0),
+            Mode::Dynamic => self.policy.spare_min,
+            Mode::OnDemand => 0,
         };
-        // Above spare_max: stop the longest idle first, down to spare_max.
-        while self.idle() > keep_idle && self.serving() > floor {
-            let worker = self.idle.front().copied().expect("idle is not empty");
-            self.stop(now, worker, StopReason::Idle);
-        }
-        // Idle longer than idle_timeout: stop while above both floors.
+        // (Idle above spare_max is handled by reap_spares.) Idle longer than idle_timeout: stop while above both floors.
         while self.idle() > timeout_floor && self.serving() > floor {
             let worker = self.idle.front().copied().expect("idle is not empty");
             let State::Idle { since } = self.workers[&worker].state else {

@@ -125,8 +125,8 @@ fn spawn_pacing_doubles_per_saturated_second_up_to_the_max() {
 
 #[test]
 fn dynamic_mode_keeps_spares_and_reaps_above_spare_max_longest_idle_first() {
-    // Proves spare_min idle workers are kept ready and idle ones above spare_max stop at the
-    // next reap, longest idle first.
+    // Proves spare_min idle workers are kept ready and idle ones above spare_max stop once the
+    // surplus has lasted one reap interval, longest idle first.
     let now = Instant::now();
     let mut policy = Policy::with_workers(1, 10, 10);
     policy.start_workers = 5;
@@ -147,7 +147,11 @@ fn dynamic_mode_keeps_spares_and_reaps_above_spare_max_longest_idle_first() {
             worker: 5
         }]
     );
-    pool.tick(now + ms(1000));
+    // Idle went above spare_max when the third worker became ready (at 3 ms): a surplus that
+    // lasts a whole reap interval is stopped then, not before.
+    pool.tick(now + ms(1002));
+    assert!(drain(&mut pool).is_empty());
+    pool.tick(now + ms(1003));
     assert_eq!(
         drain(&mut pool),
         vec![
