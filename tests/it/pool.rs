@@ -171,17 +171,25 @@ fn a_failing_service_recovers_by_itself_when_a_worker_starts_cleanly() {
     let marker = tempfile::NamedTempFile::new().unwrap();
     let path = marker.path().display().to_string();
     let spec = faulty("crash_limit = 2\nrestart_backoff_max_ms = 400\n")
-        .args(&["--fail-if-exists", &path]);
+        .args(&["--fail-if-exists", &path])
+        .workers(1, 1);
     let bridge = bridge().service(spec).start();
     bridge.wait_status("the service to fail", |s| s.services[0].state == "failing");
     let error = bridge.client().call("faulty", b"pid").unwrap_err();
     assert_eq!(error.code(), Some(ErrorCode::ServiceUnavailable));
-    drop(marker);
+    let path = marker.into_temp_path();
+    std::fs::remove_file(&path).unwrap();
     bridge.wait_status("the service to recover", |s| s.services[0].state == "ok");
-    assert_eq!(
-        bridge.client().call("faulty", b"echo back").unwrap(),
-        b"back"
-    );
+    assert_eq!(bridge.client().call("faulty", b"echo back").unwrap(), b"back");
+    // A second failure and recovery leaves nothing behind from the dead starts.
+    let fds = fds_when_settled(&bridge, 1);
+    std::fs::write(&path, b"broken again").unwrap();
+    let error = bridge.client().call("faulty", b"sigkill").unwrap_err();
+    assert_eq!(error.code(), Some(ErrorCode::WorkerFailed));
+    bridge.wait_status("the service to fail again", |s| s.services[0].state == "failing");
+    std::fs::remove_file(&path).unwrap();
+    bridge.wait_status("the service to recover again", |s| s.services[0].state == "ok");
+    assert_settled(&bridge, 1, fds);
 }
 
 #[test]
