@@ -580,7 +580,12 @@ impl Pool {
         held
     }
 
-    fn on_worker_gone_inner(&mut self, now: Instant, worker: WorkerId, how: Gone) -> Option<RequestId> {
+    fn on_worker_gone_inner(
+        &mut self,
+        now: Instant,
+        worker: WorkerId,
+        how: Gone,
+    ) -> Option<RequestId> {
         let entry = self.workers.remove(&worker).expect("gone: unknown worker");
         let mut held = None;
         match entry.state {
@@ -688,7 +693,10 @@ impl Pool {
             self.next_reap = now + REAP_INTERVAL;
             self.reap(now);
         }
-        if self.idle_over_since.is_some_and(|t| t + REAP_INTERVAL <= now) {
+        if self
+            .idle_over_since
+            .is_some_and(|t| t + REAP_INTERVAL <= now)
+        {
             self.reap_spares(now);
         }
         self.maintain(now);

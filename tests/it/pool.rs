@@ -180,15 +180,22 @@ fn a_failing_service_recovers_by_itself_when_a_worker_starts_cleanly() {
     let path = marker.into_temp_path();
     std::fs::remove_file(&path).unwrap();
     bridge.wait_status("the service to recover", |s| s.services[0].state == "ok");
-    assert_eq!(bridge.client().call("faulty", b"echo back").unwrap(), b"back");
+    assert_eq!(
+        bridge.client().call("faulty", b"echo back").unwrap(),
+        b"back"
+    );
     // A second failure and recovery leaves nothing behind from the dead starts.
     let fds = fds_when_settled(&bridge, 1);
     std::fs::write(&path, b"broken again").unwrap();
     let error = bridge.client().call("faulty", b"sigkill").unwrap_err();
     assert_eq!(error.code(), Some(ErrorCode::WorkerFailed));
-    bridge.wait_status("the service to fail again", |s| s.services[0].state == "failing");
+    bridge.wait_status("the service to fail again", |s| {
+        s.services[0].state == "failing"
+    });
     std::fs::remove_file(&path).unwrap();
-    bridge.wait_status("the service to recover again", |s| s.services[0].state == "ok");
+    bridge.wait_status("the service to recover again", |s| {
+        s.services[0].state == "ok"
+    });
     assert_settled(&bridge, 1, fds);
 }
 
