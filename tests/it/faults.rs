@@ -93,28 +93,6 @@ fn replies_larger_than_the_slot_take_the_copy_path() {
 }
 
 #[test]
-fn workers_that_fail_their_handshake_do_not_hang_requests() {
-    // Proves requests to a service whose workers cannot start are answered with code 9
-    // (service unavailable) instead of waiting forever, and the bridge keeps serving others.
-    for args in [&["--no-hello"][..], &["--garbage"][..]] {
-        let bridge = bridge()
-            .service(ServiceSpec::echo())
-            .service(ServiceSpec::faulty().workers(1, 2).args(args))
-            .start();
-        let mut client = bridge.client();
-        let error = client.call("faulty", b"pid").unwrap_err();
-        assert_eq!(
-            error.code(),
-            Some(ErrorCode::ServiceUnavailable),
-            "{args:?}: {error}"
-        );
-        assert_eq!(client.call("echo", b"alive").unwrap(), b"alive");
-        assert!(bridge.log().contains("worker failed to start"), "{args:?}");
-        bridge.assert_no_zombies();
-    }
-}
-
-#[test]
 fn worker_stderr_reaches_the_log_tagged_with_service_and_pid() {
     // Proves worker output lines are logged with their service and pid.
     let bridge = bridge()
