@@ -46,6 +46,11 @@ const WORKER_READ_BYTES: usize = 4 * 1024;
 const PIPE_READ_BYTES: usize = 4096;
 /// Completions handled per loop turn at most before submitting again.
 const COMPLETIONS_BATCH_MAX: usize = 1024;
+/// Submission and completion queue sizes, and about what the rings take in locked memory
+/// (64-byte SQEs, 16-byte CQEs, the 4-byte SQ index array).
+const SQ_ENTRIES: u32 = 2048;
+const CQ_ENTRIES: u32 = 8192;
+const RING_BYTES: u64 = SQ_ENTRIES as u64 * (64 + 4) + CQ_ENTRIES as u64 * 16;
 /// In-slot replies at least this long are sent straight from the slot (a registered buffer)
 /// when the caller's write queue is empty, instead of being copied into it.
 const SLOT_SEND_BYTES_MIN: u32 = 4096;
@@ -382,9 +387,25 @@ impl Core {
             .setup_single_issuer()
             .setup_defer_taskrun()
             .setup_coop_taskrun()
-            .setup_cqsize(8192)
+            .setup_cqsize(CQ_ENTRIES)
             .dontfork()
-            .build(2048)?;
+            .build(SQ_ENTRIES)
+            .map_err(|error| {
+                if error.raw_os_error() == Some(libc::ENOMEM) && !has_cap_ipc_lock() {
+                    io::Error::new(
+                        error.kind(),
+                        format!(
+                            "creating the io_uring failed ({error}): its rings need about {} KiB \
+                             of locked memory and RLIMIT_MEMLOCK is {} KiB; raise the limit \
+                             (ulimit -l, systemd LimitMEMLOCK=) or grant CAP_IPC_LOCK",
+                            RING_BYTES / 1024,
+                            memlock_limit() / 1024
+                        ),
+                    )
+                } else {
+                    error
+                }
+            })?;
         let now = Instant::now();
         let mut services = Vec::new();
         let mut service_by_id = HashMap::new();
@@ -404,6 +425,7 @@ impl Core {
             });
         }
         let fixed_buffers_free = register_buffer_table(&ring, &config);
+        check_memlock(&config);
         let interval = Duration::from_millis(config.histogram_log_interval_ms);
         let interval_logger = match &config.histogram_log_dir {
             Some(dir) => {
@@ -2323,6 +2345,53 @@ fn register_buffer_table(ring: &IoUring, config: &Config) -> Vec<u16> {
             Vec::new()
         }
     }
+}
+
+/// Registered buffers are charged to RLIMIT_MEMLOCK unless the process has CAP_IPC_LOCK. Say
+/// at startup, with the numbers and the fix, when the configured pools cannot all be registered.
+fn check_memlock(config: &Config) {
+    let page = rustix::param::page_size() as u64;
+    let needed: u64 = config
+        .services
+        .iter()
+        .map(|s| {
+            let slot = crate::shm::SLOT_HEADER_BYTES as u64 + s.slot_size_bytes as u64;
+            s.max_workers as u64 * slot.div_ceil(page) * page
+        })
+        .sum::<u64>()
+        + RING_BYTES;
+    let limit = memlock_limit();
+    if has_cap_ipc_lock() || needed <= limit {
+        tracing::debug!(
+            needed,
+            limit,
+            "every worker slot can be registered as a fixed buffer"
+        );
+        return;
+    }
+    tracing::warn!(
+        needed_bytes = needed,
+        memlock_limit_bytes = limit,
+        "registering every worker slot as an io_uring fixed buffer needs {} KiB of locked memory \
+         but RLIMIT_MEMLOCK is {} KiB (per user, shared with other processes) and the bridge \
+         lacks CAP_IPC_LOCK: slots that do not fit are used unregistered and their replies are \
+         copied. To fix: raise the limit (ulimit -l, systemd LimitMEMLOCK=), grant \
+         CAP_IPC_LOCK, or lower max_workers or slot_size_bytes",
+        needed / 1024,
+        limit / 1024
+    );
+}
+
+/// Whether this process has CAP_IPC_LOCK in its effective set (from /proc/self/status).
+fn has_cap_ipc_lock() -> bool {
+    const CAP_IPC_LOCK: u32 = 14;
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            let line = status.lines().find(|l| l.starts_with("CapEff:"))?;
+            u64::from_str_radix(line.split_whitespace().nth(1)?, 16).ok()
+        })
+        .is_some_and(|caps| caps & (1 << CAP_IPC_LOCK) != 0)
 }
 
 /// RLIMIT_MEMLOCK's soft limit in bytes (for messages).

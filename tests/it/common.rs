@@ -117,6 +117,8 @@ pub struct Bridge {
 }
 
 pub struct BridgeBuilder {
+    /// A command (and its arguments) to start the bridge through, e.g. `prlimit ...`.
+    wrapper: Vec<String>,
     services: Vec<ServiceSpec>,
     top: String,
     state_dir: Option<PathBuf>,
@@ -132,6 +134,12 @@ impl BridgeBuilder {
     pub fn top(mut self, line: &str) -> BridgeBuilder {
         self.top.push_str(line);
         self.top.push('\n');
+        self
+    }
+
+    /// Start the bridge through this command line (it must exec the bridge with the rest).
+    pub fn wrapper(mut self, command: &[&str]) -> BridgeBuilder {
+        self.wrapper = command.iter().map(|a| a.to_string()).collect();
         self
     }
 
@@ -161,7 +169,15 @@ impl BridgeBuilder {
         let config = dir.join("bridge.toml");
         std::fs::write(&config, self.config_text(&dir)).expect("write config");
         let log = std::fs::File::create(dir.join("bridge.log")).expect("log file");
-        let mut child = Command::new(bridge_exe())
+        let mut command = match self.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(bridge_exe());
+                command
+            }
+            None => Command::new(bridge_exe()),
+        };
+        let mut child = command
             .args(["serve", "--config"])
             .arg(&config)
             .args(["--log", "info"])
@@ -206,6 +222,7 @@ impl BridgeBuilder {
 
 pub fn bridge() -> BridgeBuilder {
     BridgeBuilder {
+        wrapper: Vec::new(),
         services: Vec::new(),
         top: String::new(),
         state_dir: None,

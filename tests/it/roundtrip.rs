@@ -214,3 +214,71 @@ fn slot_sized_replies_to_a_caller_that_reads_late_arrive_whole_and_in_place() {
         "the full-socket path was not taken"
     );
 }
+
+#[test]
+fn without_cap_ipc_lock_and_a_small_memlock_limit_slots_fall_back_and_work() {
+    // Proves the RLIMIT_MEMLOCK handling: without CAP_IPC_LOCK and with a limit too small for
+    // every slot, the bridge says so at startup naming the fix, registers what fits, and
+    // serves every payload size through the slots it could not register too.
+    let bridge = bridge()
+        .wrapper(&[
+            "prlimit",
+            "--memlock=393216:393216",
+            "setpriv",
+            "--bounding-set=-ipc_lock",
+            "--inh-caps=-ipc_lock",
+        ])
+        .service(ServiceSpec::echo().workers(3, 3))
+        .start();
+    let status = bridge.wait_status("3 workers", |s| s.services[0].workers_idle == 3);
+    assert!(
+        status.slots_registered < 3,
+        "the limit should not fit 3 slots: {status:#?}"
+    );
+    let mut client = bridge.client();
+    for len in [10usize, 60 * 1024, 200 * 1024] {
+        let payload = tagged_payload(len as u64, len);
+        for _ in 0..6 {
+            assert!(
+                client.call("echo", &payload).unwrap() == payload,
+                "{len} bytes"
+            );
+        }
+    }
+    let log = bridge.log();
+    assert!(log.contains("RLIMIT_MEMLOCK is 384 KiB"), "{log}");
+    assert!(log.contains("CAP_IPC_LOCK"), "{log}");
+}
+
+#[test]
+fn a_memlock_limit_too_small_for_the_ring_stops_the_bridge_with_the_fix() {
+    // Proves the startup error names RLIMIT_MEMLOCK and the fix when even the ring cannot be
+    // created.
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("bridge.toml");
+    std::fs::write(
+        &config,
+        bridge()
+            .service(ServiceSpec::echo())
+            .config_text(dir.path()),
+    )
+    .unwrap();
+    let output = std::process::Command::new("prlimit")
+        .args([
+            "--memlock=65536:65536",
+            "setpriv",
+            "--bounding-set=-ipc_lock",
+            "--inh-caps=-ipc_lock",
+        ])
+        .arg(crate::common::bridge_exe())
+        .args(["serve", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("RLIMIT_MEMLOCK is 64 KiB") && stderr.contains("CAP_IPC_LOCK"),
+        "{stderr}"
+    );
+}
