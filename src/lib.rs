@@ -8,6 +8,7 @@
 //! - [`config`]: the daemon's configuration and its validation.
 //! - `engine` and `pool`: the daemon itself (one io_uring event loop per core).
 
+pub mod alloc_count;
 pub mod client;
 pub mod config;
 pub mod engine;

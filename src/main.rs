@@ -9,6 +9,11 @@ use acgi_bridge::client::{BlockingClient, CallError};
 use acgi_bridge::config::{Config, ConfigError};
 use clap::{Parser, Subcommand};
 
+/// Counts allocations so that status can show the data path allocates nothing per request.
+#[global_allocator]
+static ALLOCATOR: acgi_bridge::alloc_count::CountingAllocator =
+    acgi_bridge::alloc_count::CountingAllocator;
+
 /// Default address of `call`: the bundled config's Unix socket.
 const DEFAULT_CONNECT: &str = "/tmp/acgi-bridge.sock";
 

@@ -32,6 +32,8 @@ pub struct Status {
     pub connections_refused: u64,
     pub slow_callers_disconnected: u64,
     pub replies_sent_from_slot: u64,
+    /// Heap allocations since start (the bridge counts them; see `alloc_count`).
+    pub allocations: u64,
     pub services: Vec<ServiceStatus>,
 }
 

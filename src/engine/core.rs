@@ -1104,7 +1104,10 @@ impl Core {
                 }
             })
             .collect();
+        // Read first: building the report allocates.
+        let allocations = crate::alloc_count::allocations();
         Status {
+            allocations,
             version: env!("CARGO_PKG_VERSION").to_string(),
             pid: std::process::id(),
             uptime_ms: self.started.elapsed().as_millis() as u64,
