@@ -79,6 +79,23 @@ fn install_sigterm_handler() {
 fn read_job_bytes(control: &mut UnixStream, buf: &mut [u8]) -> io::Result<bool> {
     let mut filled = 0;
     while filled < buf.len() {
+        // Wait in poll(POLLIN), not in read: the bridge consuming our last reply wakes the
+        // socket's wait queue with EPOLLOUT, which would wake a task blocked in read for
+        // nothing (a context switch per request); poll's wait filters wake-ups by event.
+        let mut fds = [rustix::event::PollFd::new(
+            &*control,
+            rustix::event::PollFlags::IN,
+        )];
+        match rustix::event::poll(&mut fds, None) {
+            Ok(_) => {}
+            Err(rustix::io::Errno::INTR) => {
+                if filled == 0 && STOP_REQUESTED.load(Ordering::Relaxed) {
+                    return Ok(false);
+                }
+                continue;
+            }
+            Err(error) => return Err(error.into()),
+        }
         match control.read(&mut buf[filled..]) {
             Ok(0) if filled == 0 => return Ok(false),
             Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
