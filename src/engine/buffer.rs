@@ -8,11 +8,18 @@
 
 use crate::proto::{FrameError, Header, HEADER_BYTES};
 
+/// Largest read a burst grows to.
+pub const BURST_BYTES_MAX: usize = 64 * 1024;
+
 pub struct ReadBuffer {
     bytes: Vec<u8>,
     start: usize,
     end: usize,
     capacity_base: usize,
+    /// Size the next read asks for: doubles (up to `BURST_BYTES_MAX`) while reads fill the
+    /// buffer, back to the base once one does not. Idle connections stay small; pipelined
+    /// bursts get large reads.
+    burst: usize,
 }
 
 /// What the parser found at the front of the buffer.
@@ -33,6 +40,7 @@ impl ReadBuffer {
             start: 0,
             end: 0,
             capacity_base: capacity,
+            burst: capacity,
         }
     }
 
@@ -56,7 +64,15 @@ impl ReadBuffer {
     /// The kernel wrote `n` bytes into `spare()`.
     pub fn commit(&mut self, n: usize) {
         assert!(self.end + n <= self.bytes.len(), "read past the buffer");
+        let filled_it = self.end + n == self.bytes.len();
         self.end += n;
+        self.burst = if filled_it {
+            (self.bytes.len() * 2)
+                .min(BURST_BYTES_MAX)
+                .max(self.capacity_base)
+        } else {
+            self.capacity_base
+        };
     }
 
     pub fn consume(&mut self, n: usize) {
@@ -68,8 +84,8 @@ impl ReadBuffer {
         }
     }
 
-    /// Make room for at least `total` contiguous bytes from `start` and a non-empty tail, and
-    /// shrink back to the base capacity once a large frame has passed.
+    /// Make room for at least `total` contiguous bytes from `start` and a non-empty tail (as
+    /// large as the current burst), and shrink once a frame larger than a burst has passed.
     pub fn prepare_read(&mut self, total: usize) {
         if self.start > 0 {
             // What is left is at most one partial frame: moving it is cheap.
@@ -77,11 +93,15 @@ impl ReadBuffer {
             self.end -= self.start;
             self.start = 0;
         }
-        let needed = total.max(self.capacity_base).max(self.end + 1);
+        let needed = total.max(self.burst).max(self.end + 1);
         if self.bytes.len() < needed {
             self.bytes.resize(needed, 0);
-        } else if self.bytes.len() > self.capacity_base && needed <= self.capacity_base {
-            self.bytes.truncate(self.capacity_base);
+        } else if self.bytes.len() > BURST_BYTES_MAX.max(self.capacity_base)
+            && needed < self.bytes.len()
+        {
+            // A large frame has passed: give its memory back. (Burst-sized buffers are kept,
+            // so that a busy connection does not reallocate on every burst.)
+            self.bytes.truncate(needed.max(self.capacity_base));
             self.bytes.shrink_to_fit();
         }
         debug_assert!(self.end < self.bytes.len());
@@ -251,7 +271,7 @@ mod tests {
     fn a_frame_larger_than_the_buffer_grows_it_and_it_shrinks_back() {
         // Proves large payloads are reassembled and the memory is returned afterwards.
         let mut buffer = ReadBuffer::new(64);
-        let payload = vec![7u8; 10_000];
+        let payload = vec![7u8; 1 << 20];
         let mut stream = Vec::new();
         let header = Header::new(Kind::Request, 1, 1, payload.len() as u32);
         encode_frame(&mut stream, &header, &payload);
@@ -264,7 +284,30 @@ mod tests {
         assert_eq!(buffer.payload(&found), &payload[..]);
         buffer.consume(stream.len());
         buffer.prepare_read(0);
-        assert!(buffer.allocated() < 1000);
+        assert!(buffer.allocated() <= BURST_BYTES_MAX, "{}", buffer.allocated());
+    }
+
+    #[test]
+    fn reads_grow_while_they_fill_the_buffer_and_idle_buffers_stay_small() {
+        // Proves an idle connection keeps its small base buffer, a burst doubles the read size
+        // up to the maximum, and a read that does not fill it ends the burst.
+        let mut buffer = ReadBuffer::new(2048);
+        buffer.prepare_read(0);
+        assert_eq!(buffer.spare().len(), 2048);
+        let mut sizes = Vec::new();
+        for _ in 0..8 {
+            buffer.prepare_read(0);
+            let n = buffer.spare().len();
+            sizes.push(buffer.allocated());
+            buffer.commit(n);
+            buffer.consume(n);
+        }
+        assert_eq!(sizes, vec![2048, 4096, 8192, 16384, 32768, 65536, 65536, 65536]);
+        buffer.prepare_read(0);
+        buffer.commit(10);
+        buffer.consume(10);
+        buffer.prepare_read(0);
+        assert_eq!(buffer.spare().len(), 65536, "kept for the next burst, not reallocated");
     }
 
     #[test]

@@ -39,7 +39,7 @@ use crate::shm::{Slot, SLOT_ABI_VERSION};
 use crate::status::{ServiceStatus, Status};
 
 /// Base read-buffer size of a caller connection.
-const CONN_READ_BYTES: usize = 16 * 1024;
+const CONN_READ_BYTES: usize = 2 * 1024;
 /// Base read-buffer size of a worker's control socket.
 const WORKER_READ_BYTES: usize = 4 * 1024;
 /// Read size for worker stdout/stderr; also the longest log line kept.
