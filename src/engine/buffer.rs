@@ -284,7 +284,11 @@ mod tests {
         assert_eq!(buffer.payload(&found), &payload[..]);
         buffer.consume(stream.len());
         buffer.prepare_read(0);
-        assert!(buffer.allocated() <= BURST_BYTES_MAX, "{}", buffer.allocated());
+        assert!(
+            buffer.allocated() <= BURST_BYTES_MAX,
+            "{}",
+            buffer.allocated()
+        );
     }
 
     #[test]
@@ -302,12 +306,19 @@ mod tests {
             buffer.commit(n);
             buffer.consume(n);
         }
-        assert_eq!(sizes, vec![2048, 4096, 8192, 16384, 32768, 65536, 65536, 65536]);
+        assert_eq!(
+            sizes,
+            vec![2048, 4096, 8192, 16384, 32768, 65536, 65536, 65536]
+        );
         buffer.prepare_read(0);
         buffer.commit(10);
         buffer.consume(10);
         buffer.prepare_read(0);
-        assert_eq!(buffer.spare().len(), 65536, "kept for the next burst, not reallocated");
+        assert_eq!(
+            buffer.spare().len(),
+            65536,
+            "kept for the next burst, not reallocated"
+        );
     }
 
     #[test]

@@ -183,3 +183,79 @@ fn a_caller_that_never_reads_is_disconnected_not_buffered_forever() {
     assert!(bridge.log().contains("not reading its answers"));
     still_served(&bridge, &mut bystander);
 }
+
+#[test]
+fn a_storm_of_mutated_frames_never_takes_the_bridge_down() {
+    // Proves robustness against arbitrary input: many connections send valid frames with
+    // random mutations (bytes flipped, truncated, lengths changed, kinds and flags changed,
+    // garbage appended) while a bystander keeps making checked calls; the bridge answers or
+    // closes each bad connection and stays up, and the bystander sees only its own replies.
+    let bridge = bridge()
+        .top("max_payload_bytes = 65536")
+        .service(ServiceSpec::echo().workers(2, 2))
+        .start();
+    let mut bystander = bridge.client();
+    let mut state = 0x2545_F491_4F6C_DD1Du64;
+    let mut next = move |bound: u64| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state % bound.max(1)
+    };
+    for round in 0..2000u64 {
+        let mut frames = Vec::new();
+        for i in 0..(1 + next(8)) {
+            let len = next(300) as usize;
+            let payload = crate::common::tagged_payload(round * 100 + i, len);
+            let kind = [Kind::Request, Kind::Resolve, Kind::Ping][next(3) as usize];
+            let mut header = Header::new(kind, 1 + next(2) as u32, round * 100 + i, len as u32);
+            if kind == Kind::Resolve {
+                header.service_id = 0;
+            }
+            let mut frame = header.encode().to_vec();
+            frame.extend_from_slice(&payload);
+            match next(10) {
+                0 => {
+                    let at = next(frame.len() as u64) as usize;
+                    frame[at] ^= 1 << next(8);
+                }
+                1 => frame.truncate(next(frame.len() as u64) as usize),
+                2 => frame[12..16].copy_from_slice(&(next(1 << 20) as u32).to_le_bytes()),
+                3 => frame[3] = next(256) as u8,
+                4 => frame[4] = next(256) as u8,
+                5 => frame.extend((0..next(64)).map(|_| next(256) as u8)),
+                _ => {}
+            }
+            frames.extend_from_slice(&frame);
+        }
+        let mut stream = UnixStream::connect(&bridge.unix).unwrap();
+        stream
+            .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        let _ = stream.write_all(&frames);
+        if next(2) == 0 {
+            let _ = stream.shutdown(std::net::Shutdown::Write);
+            // Read whatever comes back until the bridge closes or stops answering.
+            let mut sink = Vec::new();
+            let _ = stream.read_to_end(&mut sink);
+        }
+        drop(stream);
+        if round % 50 == 0 {
+            let payload = format!("bystander {round}");
+            assert_eq!(
+                bystander.call("echo", payload.as_bytes()).unwrap(),
+                payload.as_bytes()
+            );
+        }
+    }
+    assert_eq!(
+        bystander.call("echo", b"still alive").unwrap(),
+        b"still alive"
+    );
+    let status = bridge.status();
+    assert!(
+        status.malformed_frames > 0,
+        "the storm should have had malformed frames"
+    );
+    bridge.assert_no_zombies();
+}
