@@ -17,7 +17,7 @@
 //! frame rings the worker -> `Done`/`Fail` -> the reply is copied from the slot into the caller's
 //! write queue -> `Pool::on_job_done`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
@@ -56,6 +56,8 @@ const RING_BYTES: u64 = SQ_ENTRIES as u64 * (64 + 4) + CQ_ENTRIES as u64 * 16;
 const SLOT_SEND_BYTES_MIN: u32 = 4096;
 /// Most entries of the ring's registered-buffer table (the kernel's limit).
 const FIXED_BUFFERS_MAX: u32 = 1 << 14;
+/// How long an admin or metrics connection may take to send its request and get its answer.
+const AUX_CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
 /// Admin and metrics connections open at once at most.
 const AUX_CONNECTIONS_MAX: usize = 64;
 /// Longest admin command line.
@@ -367,6 +369,8 @@ pub struct Core {
     interval_logger: Option<IntervalLogger>,
     /// Connections in `conns` that are admin or metrics connections.
     aux_conns: usize,
+    /// When each admin or metrics connection must be done (in accept order).
+    aux_deadlines: VecDeque<(Instant, u64)>,
     started: Instant,
     now: Instant,
     pub counters: Counters,
@@ -473,6 +477,7 @@ impl Core {
             fixed_buffers_free,
             shutdown_deadline: None,
             aux_conns: 0,
+            aux_deadlines: VecDeque::new(),
             interval_end: now + interval,
             interval_start_wall: std::time::SystemTime::now(),
             interval_logger,
@@ -581,11 +586,13 @@ impl Core {
         for listener in &self.listeners {
             consider(listener.rearm_at);
         }
+        consider(self.aux_deadlines.front().map(|(deadline, _)| *deadline));
         deadline
     }
 
     fn on_timers(&mut self) {
         let now = self.now;
+        self.expire_aux_connections();
         for service in 0..self.services.len() {
             if self.services[service]
                 .pool
@@ -763,7 +770,26 @@ impl Core {
             slot_send: None,
             kind,
         });
+        if aux {
+            self.aux_deadlines
+                .push_back((self.now + AUX_CONNECTION_TIMEOUT, handle(index, generation)));
+        }
         self.arm_conn_recv(index);
+    }
+
+    /// Close admin and metrics connections that have not finished within their timeout (a
+    /// client that sends half a request must not hold one of the few places for ever).
+    fn expire_aux_connections(&mut self) {
+        while let Some(&(deadline, conn)) = self.aux_deadlines.front() {
+            if deadline > self.now {
+                return;
+            }
+            self.aux_deadlines.pop_front();
+            if let Some(index) = self.live_conn(conn) {
+                tracing::debug!("closing an admin or metrics connection that timed out");
+                self.close_conn(index);
+            }
+        }
     }
 
     fn arm_signal(&mut self) {

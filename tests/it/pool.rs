@@ -362,3 +362,45 @@ fn stderr_spam_is_logged_without_disturbing_requests() {
     assert_eq!(answer.header.request_id, spam);
     assert_eq!(answer.into_result().unwrap(), b"ok");
 }
+
+#[test]
+fn stalled_admin_connections_are_closed_and_status_recovers() {
+    // Proves a client that opens admin connections and sends nothing cannot lock ops out for
+    // good: past the limit new ones are refused, and the stalled ones are closed after their
+    // timeout, after which status answers again.
+    let bridge = bridge().service(faulty("").workers(1, 1)).start();
+    let stalled: Vec<std::os::unix::net::UnixStream> = (0..64)
+        .map(|_| std::os::unix::net::UnixStream::connect(&bridge.admin).unwrap())
+        .collect();
+    // Each accepted stalled connection holds a place: wait until a status query is refused.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while acgi_bridge::status::query(&bridge.admin).is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "64 stalled admin connections never filled the places"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(30);
+    while acgi_bridge::status::query(&bridge.admin).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "stalled admin connections were never closed"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        started.elapsed() >= Duration::from_secs(5),
+        "closed only after their timeout"
+    );
+    // The bridge closed them: each reads end-of-file.
+    for mut stream in stalled {
+        let mut rest = Vec::new();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        std::io::Read::read_to_end(&mut stream, &mut rest).unwrap();
+    }
+    assert_eq!(bridge.client().call("faulty", b"echo ok").unwrap(), b"ok");
+}
