@@ -13,6 +13,7 @@ the reply as bytes, or raises an exception whose text the caller receives as err
 
 import mmap
 import os
+import select
 import socket
 import struct
 import sys
@@ -123,6 +124,8 @@ class Worker:
         max_text = os.environ.get("ACGI_MAX_PAYLOAD_BYTES", "")
         self.max_payload_bytes = int(max_text) if max_text.isdigit() else MAX_PAYLOAD_BYTES_DEFAULT
         self.control = socket.socket(fileno=control_fd)
+        self.poller = select.poll()
+        self.poller.register(self.control, select.POLLIN)
         self.slot = Slot(slot_fd)
         os.close(slot_fd)  # the mapping stays valid without the descriptor
 
@@ -134,6 +137,9 @@ class Worker:
         """`count` bytes from the control socket; None on EOF at a frame boundary."""
         chunks, have = [], 0
         while have < count:
+            # Wait in poll, not in recv: the bridge reading our last reply wakes the socket for
+            # writability, which would wake a task blocked in recv for nothing (protocol.md §11).
+            self.poller.poll()
             chunk = self.control.recv(min(count - have, 1 << 20))
             if not chunk:
                 if at_boundary and have == 0:
