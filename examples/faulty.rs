@@ -15,7 +15,7 @@
 //!
 //! Flags (first arguments): `--no-hello` exits before the handshake, `--garbage` writes garbage
 //! instead of a Hello, `--slow-start MS` sleeps before the Hello, `--crash-on N` aborts on its
-//! Nth request, `--ignore-sigterm` ignores SIGTERM, `--fail-if-exists PATH` exits before the
+//! Nth request, `--ignore-sigterm` ignores SIGTERM, `--queue` takes queued jobs, `--fail-if-exists PATH` exits before the
 //! handshake while PATH exists.
 
 use std::io::{Read, Write};
@@ -76,11 +76,11 @@ fn main() {
         slot_abi_version: SLOT_ABI_VERSION,
         pid: std::process::id(),
     };
-    send(
-        &mut control,
-        Header::new(Kind::Hello, 0, 0, Hello::BYTES as u32),
-        &hello.encode(),
-    );
+    let mut hello_header = Header::new(Kind::Hello, 0, 0, Hello::BYTES as u32);
+    if flag("--queue").is_some() {
+        hello_header.flags = proto::FLAG_QUEUED;
+    }
+    send(&mut control, hello_header, &hello.encode());
 
     let mut memory: Vec<Vec<u8>> = Vec::new();
     let mut served = 0u64;
@@ -92,7 +92,12 @@ fn main() {
         let header = Header::decode(&bytes, u32::MAX).expect("a valid Job header");
         assert_eq!(header.kind, Kind::Job);
         let sequence = header.request_id;
-        let in_slot = slot.take_job(sequence).expect("a job in the slot");
+        let queued = header.flags & proto::FLAG_QUEUED != 0;
+        let in_slot = if queued {
+            None
+        } else {
+            slot.take_job(sequence).expect("a job in the slot")
+        };
         let request = match in_slot {
             // SAFETY: take_job moved the slot to Taken with this length.
             Some(len) => unsafe { slot.request_bytes(len) }.to_vec(),
@@ -174,6 +179,19 @@ fn main() {
             }
             other => Err(format!("unknown command {other:?}")),
         };
+        if queued {
+            // A queued job: answered on the socket, the slot untouched.
+            let (kind, bytes) = match reply {
+                Ok(bytes) => (Kind::Done, bytes),
+                Err(message) => (Kind::Fail, message.into_bytes()),
+            };
+            send(
+                &mut control,
+                Header::new(kind, 0, sequence, bytes.len() as u32),
+                &bytes,
+            );
+            continue;
+        }
         match reply {
             Ok(bytes) if bytes.len() <= slot.capacity() as usize => {
                 slot.publish_reply(Some(&bytes)).expect("slot");

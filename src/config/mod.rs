@@ -156,6 +156,11 @@ pub struct ServiceConfig {
     /// A request waiting longer than this for a worker gets `overloaded`; 0 = no limit.
     #[serde(default)]
     pub backlog_timeout_ms: u64,
+    /// Jobs a worker may hold at once when it accepts queued jobs (the Rust SDK does): the
+    /// first in its slot, the rest queued on its socket, so that a busy worker takes its next
+    /// job without sleeping. 1 = one job at a time.
+    #[serde(default = "default_worker_queue_depth")]
+    pub worker_queue_depth: u32,
 }
 
 impl ServiceConfig {
@@ -190,6 +195,7 @@ impl ServiceConfig {
             restart_backoff_max: Duration::from_millis(self.restart_backoff_max_ms),
             backlog_max: self.backlog_max,
             backlog_timeout: optional(self.backlog_timeout_ms),
+            queue_depth: self.worker_queue_depth,
         }
     }
 }
@@ -208,6 +214,9 @@ fn default_connections_max() -> u32 {
 }
 fn default_shutdown_timeout_ms() -> u64 {
     30_000
+}
+fn default_worker_queue_depth() -> u32 {
+    1
 }
 fn default_histogram_log_interval_ms() -> u64 {
     10_000
@@ -535,6 +544,9 @@ impl Config {
                     key("spawn_rate_max"),
                     "must be 1 to 1024 spawns per second".into(),
                 );
+            }
+            if service.worker_queue_depth == 0 || service.worker_queue_depth > 64 {
+                problem(key("worker_queue_depth"), "must be 1 to 64".into());
             }
             if service.crash_limit == 0 {
                 problem(key("crash_limit"), "must be at least 1".into());

@@ -272,6 +272,12 @@ struct Worker {
     buffer_index: Option<u16>,
     /// A connection is sending from its slot.
     lent: bool,
+    /// It said (Hello) that it takes queued jobs.
+    accepts_queue: bool,
+    /// The job it is running (Busy) was sent queued: its answer is inline, the slot unused.
+    front_queued: bool,
+    /// Jobs sent behind the one it is running, oldest first: (request, job sequence).
+    queued: VecDeque<(u64, u64)>,
 }
 
 impl Worker {
@@ -1502,6 +1508,10 @@ impl Core {
                 "service {name}: the caller's deadline passed after {} ms waiting for a worker",
                 waited.as_millis()
             ),
+            RejectReason::WorkerStopped => format!(
+                "service {name}: queued on a worker that was stopped (the request ahead of it \
+                 timed out); it may or may not have run"
+            ),
             RejectReason::RequestTimeout => format!(
                 "service {name}: the request ran longer than {} ms; its worker is being replaced",
                 policy.request_timeout.unwrap_or_default().as_millis()
@@ -1556,12 +1566,26 @@ impl Core {
             handle_generation(worker),
             "dispatch to a stale worker"
         );
-        assert_eq!(
-            w.state,
-            WorkerState::Idle,
-            "dispatch to a worker that is not idle"
-        );
+        if w.state != WorkerState::Idle {
+            // A queued job for a worker that takes them: it follows on the socket, payload
+            // inline, and the worker answers it inline after the one it is running.
+            assert!(
+                w.accepts_queue && matches!(w.state, WorkerState::Busy { .. }),
+                "dispatch to a busy worker that does not take queued jobs"
+            );
+            let mut header = Header::new(Kind::Job, 0, sequence, payload.len() as u32);
+            header.flags = proto::FLAG_QUEUED;
+            proto::encode_frame(w.send.tail(), &header, &payload);
+            w.queued.push_back((request, sequence));
+            let counters = &mut self.services[w.service].counters;
+            counters.bytes_in += payload.len() as u64;
+            self.requests[request_index].dispatched = Some(self.now);
+            self.requests[request_index].payload = payload;
+            self.arm_worker_send(worker_index);
+            return;
+        }
         w.state = WorkerState::Busy { request, sequence };
+        w.front_queued = false;
         let in_slot = payload.len() <= w.slot.capacity() as usize;
         let counters = &mut self.services[w.service].counters;
         counters.bytes_in += payload.len() as u64;
@@ -1627,6 +1651,9 @@ impl Core {
             fate: None,
             buffer_index,
             lent: false,
+            accepts_queue: false,
+            front_queued: false,
+            queued: VecDeque::new(),
         });
         self.arm_worker_wait(index);
         self.arm_worker_recv(index);
@@ -1818,7 +1845,13 @@ impl Core {
                         let id = handle(index, worker.generation);
                         tracing::debug!(pid = worker.pid, "worker ready");
                         let now = self.now;
-                        self.services[service].pool.on_worker_ready(now, id);
+                        let accepts_queue = header.flags & proto::FLAG_QUEUED != 0;
+                        worker.accepts_queue = accepts_queue;
+                        self.services[service].pool.on_worker_ready_queueing(
+                            now,
+                            id,
+                            accepts_queue,
+                        );
                         self.run_pool_actions(service);
                     }
                     Some(hello) => self.fail_worker(
@@ -1861,8 +1894,13 @@ impl Core {
         let service_id = self.services[service].id;
         let conn = self.live_conn(conn_handle);
         let in_slot = header.kind == Kind::Done && header.in_slot();
+        let front_queued = self.workers[index].front_queued;
         let counters = &mut self.services[service].counters;
-        counters.copy_path += u64::from(header.kind == Kind::Done && !in_slot);
+        counters.copy_path += u64::from(header.kind == Kind::Done && !in_slot && !front_queued);
+        if front_queued && in_slot {
+            self.fail_worker(index, "answered a queued job in its slot");
+            return;
+        }
         if in_slot && header.payload_len != 0 {
             self.fail_worker(index, "sent an in-slot reply with a socket payload");
             return;
@@ -1880,7 +1918,12 @@ impl Core {
         };
         let start = target.len();
         target.extend_from_slice(&[0; HEADER_BYTES]);
-        let taken = worker.slot.take_reply(sequence, in_slot, &mut target);
+        // A queued job never touched the slot: nothing there to validate or free.
+        let taken = if front_queued {
+            Ok(0)
+        } else {
+            worker.slot.take_reply(sequence, in_slot, &mut target)
+        };
         let reply_header = match (&taken, header.kind) {
             (Err(_), _) => None,
             (Ok(_), Kind::Done) => {
@@ -1926,8 +1969,24 @@ impl Core {
             self.after_queueing(conn);
             self.close_conn_if_finished(conn);
         }
-        self.workers[index].state = WorkerState::Idle;
+        self.advance(index);
         self.job_done(index);
+    }
+
+    /// The worker's running job is answered: the next queued one (already on its socket) is
+    /// running now, or the worker is idle.
+    fn advance(&mut self, index: usize) {
+        let worker = &mut self.workers[index];
+        match worker.queued.pop_front() {
+            Some((request, sequence)) => {
+                worker.state = WorkerState::Busy { request, sequence };
+                worker.front_queued = true;
+            }
+            None => {
+                worker.state = WorkerState::Idle;
+                worker.front_queued = false;
+            }
+        }
     }
 
     /// Tell the pool the worker finished its job (measuring its memory when the policy
@@ -1964,6 +2023,10 @@ impl Core {
         let Some(buffer_index) = worker.buffer_index else {
             return false;
         };
+        if worker.accepts_queue && self.services[worker.service].pool.policy().queue_depth > 1 {
+            // Its slot may be wanted for the next job at once; copy the reply instead.
+            return false;
+        }
         let caller = &self.conns[conn];
         if caller.send.in_flight || caller.send.queued_bytes() != 0 {
             return false;
@@ -2211,15 +2274,14 @@ impl Core {
         }
         let now = self.now;
         let held = self.services[service].pool.on_worker_gone(now, id, how);
-        if let (Some(request), WorkerState::Busy { request: busy, .. }) = (held, previous) {
-            assert_eq!(
-                request, busy,
-                "the pool and the engine disagree on the held request"
-            );
-            let message = format!("the worker (pid {pid}) failed: {reason}");
-            self.fail_request(request, ErrorCode::WorkerFailed, &message);
+        self.workers[index].queued.clear();
+        for request in held {
+            // (A Lending worker's request is already answered: its reply is being sent.)
+            if self.request_is_live(request) {
+                let message = format!("the worker (pid {pid}) failed: {reason}");
+                self.fail_request(request, ErrorCode::WorkerFailed, &message);
+            }
         }
-        // (A Lending worker's request is already answered: its reply is being sent.)
         self.run_pool_actions(service);
     }
 
@@ -2231,6 +2293,8 @@ impl Core {
             return;
         }
         worker.state = WorkerState::Stopping;
+        // Jobs queued behind its running one are answered by the pool's rejections.
+        worker.queued.clear();
         worker.fate = Some(
             match reason {
                 StopReason::Idle => "stopped: idle",

@@ -78,6 +78,8 @@ pub struct Policy {
     pub restart_backoff_max: Duration,
     pub backlog_max: u32,
     pub backlog_timeout: Option<Duration>,
+    /// Jobs a worker that accepts queued jobs may hold at once (1: one at a time).
+    pub queue_depth: u32,
 }
 
 impl Policy {
@@ -104,6 +106,7 @@ impl Policy {
             restart_backoff_max: Duration::from_secs(30),
             backlog_max,
             backlog_timeout: None,
+            queue_depth: 1,
         }
     }
 
@@ -182,6 +185,8 @@ pub enum RejectReason {
     BacklogTimeout,
     DeadlineExceeded,
     RequestTimeout,
+    /// Queued behind a request whose worker was stopped (it timed out).
+    WorkerStopped,
     Failing,
     ShuttingDown,
 }
@@ -225,12 +230,22 @@ enum State {
     },
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 struct Worker {
     state: State,
     started_at: Instant,
     served: u64,
     recycle_after: u64,
+    /// Jobs it may hold at once: 1, or the policy's queue depth if it accepts queued jobs.
+    depth: u32,
+    /// Jobs sent to it behind the one it is running (Busy), oldest first.
+    queued_jobs: VecDeque<RequestId>,
+}
+
+impl Worker {
+    fn held(&self) -> u32 {
+        u32::from(matches!(self.state, State::Busy { .. })) + self.queued_jobs.len() as u32
+    }
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -446,6 +461,10 @@ impl Pool {
             }
             return;
         }
+        if let Some(worker) = self.busy_with_room() {
+            self.dispatch(now, request, worker);
+            return;
+        }
         if self.queued.len() as u32 >= self.policy.backlog_max {
             self.stats.rejected_overloaded += 1;
             self.reject(request, ErrorCode::Overloaded, RejectReason::BacklogFull);
@@ -488,6 +507,8 @@ impl Pool {
                 started_at: now,
                 served: 0,
                 recycle_after,
+                depth: 1,
+                queued_jobs: VecDeque::new(),
             },
         );
         if self.stopping && self.queued.is_empty() {
@@ -507,6 +528,22 @@ impl Pool {
 
     /// A worker finished its handshake.
     pub fn on_worker_ready(&mut self, now: Instant, worker: WorkerId) {
+        self.on_worker_ready_queueing(now, worker, false);
+    }
+
+    /// A worker finished its handshake; `accepts_queue` when it said it takes queued jobs
+    /// (then it may hold up to `queue_depth` jobs at once).
+    pub fn on_worker_ready_queueing(
+        &mut self,
+        now: Instant,
+        worker: WorkerId,
+        accepts_queue: bool,
+    ) {
+        if accepts_queue {
+            if let Some(entry) = self.workers.get_mut(&worker) {
+                entry.depth = self.policy.queue_depth.max(1);
+            }
+        }
         self.on_worker_ready_inner(now, worker);
         self.track_idle(now);
     }
@@ -553,6 +590,16 @@ impl Pool {
             other => panic!("job done by a worker in {other:?}"),
         }
         entry.served += 1;
+        if let Some(next) = entry.queued_jobs.pop_front() {
+            // The next queued job is running now; its timeout starts now.
+            let deadline = self.policy.request_timeout.map(|t| now + t);
+            entry.state = State::Busy {
+                request: next,
+                deadline,
+            };
+            self.fill(now, worker);
+            return;
+        }
         let recycle = entry.served >= entry.recycle_after
             || lifetime.is_some_and(|l| now.saturating_duration_since(entry.started_at) >= l)
             || rss_bytes
@@ -569,12 +616,7 @@ impl Pool {
 
     /// A worker is gone (exited, died, or killed for breaking the protocol). Returns the
     /// request it held, which the engine must answer with `worker failed`.
-    pub fn on_worker_gone(
-        &mut self,
-        now: Instant,
-        worker: WorkerId,
-        how: Gone,
-    ) -> Option<RequestId> {
+    pub fn on_worker_gone(&mut self, now: Instant, worker: WorkerId, how: Gone) -> Vec<RequestId> {
         let held = self.on_worker_gone_inner(now, worker, how);
         self.track_idle(now);
         held
@@ -585,9 +627,9 @@ impl Pool {
         now: Instant,
         worker: WorkerId,
         how: Gone,
-    ) -> Option<RequestId> {
+    ) -> Vec<RequestId> {
         let entry = self.workers.remove(&worker).expect("gone: unknown worker");
-        let mut held = None;
+        let mut held = Vec::new();
         match entry.state {
             State::Starting { .. } => {
                 self.stats.failed_starts += 1;
@@ -595,7 +637,8 @@ impl Pool {
             }
             State::Idle { .. } | State::Busy { .. } => {
                 if let State::Busy { request, .. } = entry.state {
-                    held = Some(request);
+                    held.push(request);
+                    held.extend(entry.queued_jobs.iter().copied());
                 }
                 if let Some(position) = self.idle.iter().position(|w| *w == worker) {
                     self.idle.remove(position);
@@ -673,8 +716,23 @@ impl Pool {
         }
         for (worker, request) in busy_late {
             self.stats.timed_out += 1;
+            let behind = std::mem::take(
+                &mut self
+                    .workers
+                    .get_mut(&worker)
+                    .expect("listed above")
+                    .queued_jobs,
+            );
             self.stop(now, worker, StopReason::TimedOut);
             self.reject(request, ErrorCode::TimedOut, RejectReason::RequestTimeout);
+            for request in behind {
+                // It may already be in the worker's socket: it may or may not run.
+                self.reject(
+                    request,
+                    ErrorCode::WorkerFailed,
+                    RejectReason::WorkerStopped,
+                );
+            }
         }
         for worker in kill_due {
             let entry = self.workers.get_mut(&worker).expect("listed above");
@@ -780,19 +838,45 @@ impl Pool {
         });
     }
 
+    /// Hand `request` to `worker`: it runs it now (idle) or after what it holds (queued).
     fn dispatch(&mut self, now: Instant, request: RequestId, worker: WorkerId) {
         let deadline = self.policy.request_timeout.map(|t| now + t);
         let entry = self
             .workers
             .get_mut(&worker)
             .expect("dispatch to a known worker");
-        assert!(
-            matches!(entry.state, State::Idle { .. }),
-            "dispatch to a non-idle worker"
-        );
-        entry.state = State::Busy { request, deadline };
+        match entry.state {
+            State::Idle { .. } => entry.state = State::Busy { request, deadline },
+            State::Busy { .. } => {
+                assert!(entry.held() < entry.depth, "dispatch to a full worker");
+                entry.queued_jobs.push_back(request);
+            }
+            other => panic!("dispatch to a worker in {other:?}"),
+        }
         self.stats.dispatched += 1;
         self.actions.push_back(Action::Dispatch { request, worker });
+    }
+
+    /// A busy worker with room for another job, the least loaded first.
+    fn busy_with_room(&self) -> Option<WorkerId> {
+        if self.policy.queue_depth <= 1 {
+            return None;
+        }
+        self.workers
+            .iter()
+            .filter(|(_, w)| matches!(w.state, State::Busy { .. }) && w.held() < w.depth)
+            .min_by_key(|(_, w)| w.held())
+            .map(|(id, _)| *id)
+    }
+
+    /// Give a busy worker with room more of the backlog, up to its depth.
+    fn fill(&mut self, now: Instant, worker: WorkerId) {
+        while self.workers[&worker].held() < self.workers[&worker].depth {
+            let Some(request) = self.pop_backlog() else {
+                break;
+            };
+            self.dispatch(now, request, worker);
+        }
     }
 
     /// Pop the oldest live queued request.
@@ -812,6 +896,7 @@ impl Pool {
     fn release(&mut self, now: Instant, worker: WorkerId) {
         if let Some(request) = self.pop_backlog() {
             self.dispatch(now, request, worker);
+            self.fill(now, worker);
         } else if self.stopping {
             self.stop(now, worker, StopReason::Shutdown);
         } else {
@@ -1007,12 +1092,25 @@ impl Pool {
             self.queued.len() as u32 <= self.policy.backlog_max,
             "backlog over its bound"
         );
+        for worker in self.workers.values() {
+            assert!(
+                worker.held() <= worker.depth,
+                "a worker holds more than its depth"
+            );
+            assert!(
+                worker.queued_jobs.is_empty() || matches!(worker.state, State::Busy { .. }),
+                "queued jobs on a worker that is not running one"
+            );
+        }
         let mut held: Vec<RequestId> = self
             .workers
             .values()
-            .filter_map(|w| match w.state {
-                State::Busy { request, .. } => Some(request),
-                _ => None,
+            .flat_map(|w| {
+                let running = match w.state {
+                    State::Busy { request, .. } => Some(request),
+                    _ => None,
+                };
+                running.into_iter().chain(w.queued_jobs.iter().copied())
             })
             .collect();
         let busy = held.len();

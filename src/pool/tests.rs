@@ -1,7 +1,7 @@
 //! Unit tests of the pool policy, and a seeded simulation with a virtual clock.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
 
 use super::*;
 
@@ -235,7 +235,10 @@ fn recycles_after_max_requests_with_jitter_and_replaces() {
     }
     assert!((3..=5).contains(&served), "served {served}");
     // The replacement is spawned once the old one is gone (max_workers 1 holds it until then).
-    assert_eq!(pool.on_worker_gone(now, 1, Gone::Exited), None);
+    assert_eq!(
+        pool.on_worker_gone(now, 1, Gone::Exited),
+        Vec::<RequestId>::new()
+    );
     assert_eq!(drain(&mut pool), vec![Action::Spawn]);
     assert_eq!(pool.stats().exits_recycled, 1);
 }
@@ -301,7 +304,10 @@ fn request_timeout_answers_timed_out_then_stops_and_kills_the_worker() {
     assert!(drain(&mut pool).is_empty());
     pool.tick(now + ms(150));
     assert_eq!(drain(&mut pool), vec![Action::Kill { worker: 1 }]);
-    assert_eq!(pool.on_worker_gone(now + ms(151), 1, Gone::Exited), None);
+    assert_eq!(
+        pool.on_worker_gone(now + ms(151), 1, Gone::Exited),
+        Vec::<RequestId>::new()
+    );
     assert_eq!(drain(&mut pool), vec![Action::Spawn]);
     assert_eq!(pool.stats().exits_timed_out, 1);
 }
@@ -492,6 +498,11 @@ enum Event {
     Dies {
         worker: WorkerId,
     },
+    /// A job becomes the one its worker runs.
+    Start {
+        worker: WorkerId,
+        request: RequestId,
+    },
     /// The engine's shutdown timeout: abort whatever is left.
     Abort,
 }
@@ -513,9 +524,11 @@ impl Rng {
 
 #[derive(Default)]
 struct SimWorker {
-    held: Option<RequestId>,
+    /// Jobs it holds, the running one first.
+    held: VecDeque<RequestId>,
     ignores_sigterm: bool,
     alive: bool,
+    depth: usize,
 }
 
 /// One seeded run: random arrivals and service times, crashes, hangs, slow and failed starts,
@@ -543,6 +556,8 @@ fn simulate(seed: u64) {
     policy.restart_backoff_max = ms(200 + rng.next(3000));
     policy.backlog_timeout = rng.chance(50).then(|| ms(100 + rng.next(1000)));
     policy.max_lifetime = rng.chance(30).then(|| ms(500 + rng.next(3000)));
+    let queue_depth = 1 + rng.next(4) as usize;
+    policy.queue_depth = queue_depth as u32;
     let crash_percent = rng.next(8);
     let hang_percent = rng.next(5);
     let bad_start_percent = rng.next(25);
@@ -613,6 +628,7 @@ fn simulate(seed: u64) {
                         SimWorker {
                             alive: true,
                             ignores_sigterm: rng.chance(10),
+                            depth: 1,
                             ..Default::default()
                         },
                     );
@@ -632,19 +648,49 @@ fn simulate(seed: u64) {
                 }
             }
             Event::Ready { worker } => {
-                if workers.get(&worker).is_some_and(|w| w.alive) {
-                    pool.on_worker_ready(now, worker);
+                if let Some(sim) = workers.get_mut(&worker).filter(|w| w.alive) {
+                    let accepts_queue = rng.chance(70);
+                    sim.depth = if accepts_queue { queue_depth } else { 1 };
+                    pool.on_worker_ready_queueing(now, worker, accepts_queue);
+                }
+            }
+            Event::Start { worker, request } => {
+                // A job became the one its worker runs: decide how that goes.
+                if !workers
+                    .get(&worker)
+                    .is_some_and(|w| w.alive && w.held.front() == Some(&request))
+                {
+                    continue;
+                }
+                if rng.chance(crash_percent) {
+                    push(&mut queue, now + ms(rng.next(50)), Event::Dies { worker });
+                } else if !rng.chance(hang_percent) {
+                    push(
+                        &mut queue,
+                        now + ms(1 + rng.next(60)),
+                        Event::Done { worker, request },
+                    );
                 }
             }
             Event::Done { worker, request } => {
                 let Some(sim) = workers.get_mut(&worker) else {
                     continue;
                 };
-                if !sim.alive || sim.held != Some(request) {
+                if !sim.alive || sim.held.front() != Some(&request) {
                     continue;
                 }
-                sim.held = None;
+                sim.held.pop_front();
                 *answered.entry(request).or_default() += 1;
+                if let Some(&next) = sim.held.front() {
+                    push(
+                        &mut queue,
+                        now,
+                        Event::Start {
+                            worker,
+                            request: next,
+                        },
+                    );
+                }
                 pool.on_job_done(now, worker, Some(rng.next(2000)));
             }
             Event::Abort => {
@@ -660,10 +706,13 @@ fn simulate(seed: u64) {
                     continue;
                 }
                 sim.alive = false;
-                let held = sim.held.take();
+                let held: Vec<RequestId> = sim.held.drain(..).collect();
                 let returned = pool.on_worker_gone(now, worker, Gone::Exited);
-                assert_eq!(returned, held, "{context}: gone returned the wrong request");
-                if let Some(request) = returned {
+                assert_eq!(
+                    returned, held,
+                    "{context}: gone returned the wrong requests"
+                );
+                for request in returned {
                     *answered.entry(request).or_default() += 1;
                 }
             }
@@ -683,23 +732,18 @@ fn simulate(seed: u64) {
                         .get_mut(&worker)
                         .expect("dispatch to a known worker");
                     assert!(sim.alive, "{context}: dispatch to a dead worker");
-                    assert_eq!(sim.held, None, "{context}: dispatch to a busy worker");
-                    sim.held = Some(request);
-                    if rng.chance(crash_percent) {
-                        push(&mut queue, now + ms(rng.next(50)), Event::Dies { worker });
-                    } else if !rng.chance(hang_percent) {
-                        push(
-                            &mut queue,
-                            now + ms(1 + rng.next(60)),
-                            Event::Done { worker, request },
-                        );
+                    assert!(
+                        sim.held.len() < sim.depth,
+                        "{context}: dispatch to a full worker"
+                    );
+                    sim.held.push_back(request);
+                    if sim.held.len() == 1 {
+                        push(&mut queue, now, Event::Start { worker, request });
                     }
                 }
                 Action::Reject { request, .. } => {
                     for sim in workers.values_mut() {
-                        if sim.held == Some(request) {
-                            sim.held = None;
-                        }
+                        sim.held.retain(|held| *held != request);
                     }
                     *answered.entry(request).or_default() += 1;
                 }

@@ -95,8 +95,12 @@ pub const FLAG_IN_SLOT: u16 = 1 << 0;
 pub const FLAG_TIMEOUT: u16 = 1 << 1;
 /// Bytes of the timeout prefix a `FLAG_TIMEOUT` request carries.
 pub const TIMEOUT_PREFIX_BYTES: usize = 4;
+/// Worker protocol: on `Hello`, the worker accepts queued jobs; on `Job`, a queued job whose
+/// payload follows the header and whose answer follows its `Done`/`Fail` header, never
+/// touching the slot (which belongs to the job ahead of it).
+pub const FLAG_QUEUED: u16 = 1 << 2;
 /// Flags defined by this version; any other bit set is a malformed frame.
-pub const FLAGS_KNOWN: u16 = FLAG_IN_SLOT | FLAG_TIMEOUT;
+pub const FLAGS_KNOWN: u16 = FLAG_IN_SLOT | FLAG_TIMEOUT | FLAG_QUEUED;
 
 /// Stable numeric error codes carried in `code` of an `Error` frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -111,6 +111,15 @@ fn read_job_bytes(control: &mut UnixStream, buf: &mut [u8]) -> io::Result<bool> 
     Ok(true)
 }
 
+/// A handler's error message, cut to 64 KiB on a character boundary.
+fn truncate_message(message: &str) -> &[u8] {
+    let mut end = message.len().min(64 * 1024);
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    &message.as_bytes()[..end]
+}
+
 /// Why a worker loop ended other than by the bridge closing the control socket.
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -179,11 +188,14 @@ where
         let Some(job) = session.next_job()? else {
             return Ok(());
         };
-        let remaining_ms = session
-            .slot
-            .header()
-            .deadline_remaining_ms
-            .load(Ordering::Relaxed);
+        let remaining_ms = match job {
+            JobPayload::Queued => 0,
+            _ => session
+                .slot
+                .header()
+                .deadline_remaining_ms
+                .load(Ordering::Relaxed),
+        };
         let deadline = (remaining_ms > 0)
             .then(|| std::time::Instant::now() + std::time::Duration::from_millis(remaining_ms));
         DEADLINE.with(|cell| cell.set(deadline));
@@ -193,7 +205,7 @@ where
                 let request = unsafe { session.slot.request_bytes(len) };
                 handler(request).into_reply()
             }
-            JobPayload::Inline => handler(&session.inline).into_reply(),
+            JobPayload::Inline | JobPayload::Queued => handler(&session.inline).into_reply(),
         };
         session.finish(reply)?;
     }
@@ -202,6 +214,8 @@ where
 enum JobPayload {
     InSlot(usize),
     Inline,
+    /// A queued job: inline, answered inline, the slot untouched.
+    Queued,
 }
 
 /// The worker side of one control connection.
@@ -211,6 +225,8 @@ struct Session {
     sequence: u64,
     inline: Vec<u8>,
     payload_bytes_max: u32,
+    /// The job in hand was sent queued.
+    queued: bool,
 }
 
 fn env_fd(name: &'static str) -> Result<RawFd, WorkerError> {
@@ -252,6 +268,7 @@ impl Session {
             sequence: 0,
             inline: Vec::new(),
             payload_bytes_max,
+            queued: false,
         })
     }
 
@@ -260,7 +277,9 @@ impl Session {
             slot_abi_version: SLOT_ABI_VERSION,
             pid: std::process::id(),
         };
-        let header = Header::new(Kind::Hello, 0, 0, Hello::BYTES as u32);
+        let mut header = Header::new(Kind::Hello, 0, 0, Hello::BYTES as u32);
+        // We take queued jobs: a busy worker finds its next job waiting instead of sleeping.
+        header.flags = proto::FLAG_QUEUED;
         let mut frame = Vec::with_capacity(HEADER_BYTES + Hello::BYTES);
         proto::encode_frame(&mut frame, &header, &hello.encode());
         self.control.write_all(&frame)?;
@@ -278,6 +297,17 @@ impl Session {
             return Err(WorkerError::UnexpectedKind(header.kind));
         }
         self.sequence = header.request_id;
+        if header.flags & proto::FLAG_QUEUED != 0 {
+            if header.in_slot() {
+                return Err(SlotError::BadHeader("queued job marked in-slot").into());
+            }
+            self.inline.clear();
+            self.inline.resize(header.payload_len as usize, 0);
+            self.control.read_exact(&mut self.inline)?;
+            self.queued = true;
+            return Ok(Some(JobPayload::Queued));
+        }
+        self.queued = false;
         let in_slot = self.slot.take_job(self.sequence)?;
         if header.in_slot() {
             let len = in_slot.ok_or(SlotError::BadHeader("in-slot job with inline length"))?;
@@ -298,6 +328,26 @@ impl Session {
 
     fn finish(&mut self, reply: Result<Vec<u8>, String>) -> Result<(), WorkerError> {
         let mut frame = Vec::new();
+        if self.queued {
+            // The slot belongs to no one here: answer on the socket.
+            let (kind, payload) = match reply {
+                Ok(bytes) if bytes.len() <= self.payload_bytes_max as usize => (Kind::Done, bytes),
+                Ok(bytes) => (
+                    Kind::Fail,
+                    format!(
+                        "reply of {} bytes is over the bridge's maximum of {} bytes",
+                        bytes.len(),
+                        self.payload_bytes_max
+                    )
+                    .into_bytes(),
+                ),
+                Err(message) => (Kind::Fail, truncate_message(&message).to_vec()),
+            };
+            let header = Header::new(kind, 0, self.sequence, payload.len() as u32);
+            proto::encode_frame(&mut frame, &header, &payload);
+            self.control.write_all(&frame)?;
+            return Ok(());
+        }
         match reply {
             Ok(bytes) if bytes.len() > self.payload_bytes_max as usize => {
                 self.slot.publish_reply(None)?;
@@ -322,11 +372,7 @@ impl Session {
             }
             Err(message) => {
                 self.slot.publish_reply(None)?;
-                let mut end = message.len().min(64 * 1024);
-                while !message.is_char_boundary(end) {
-                    end -= 1;
-                }
-                let message = &message.as_bytes()[..end];
+                let message = truncate_message(&message);
                 let header = Header::new(Kind::Fail, 0, self.sequence, message.len() as u32);
                 proto::encode_frame(&mut frame, &header, message);
             }

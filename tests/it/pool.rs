@@ -404,3 +404,116 @@ fn stalled_admin_connections_are_closed_and_status_recovers() {
     }
     assert_eq!(bridge.client().call("faulty", b"echo ok").unwrap(), b"ok");
 }
+
+#[test]
+fn queued_jobs_pipeline_to_busy_workers_and_every_reply_is_its_own() {
+    // Proves worker_queue_depth: with two SDK workers taking up to 8 jobs each, 10 000
+    // pipelined requests on each of 4 connections all get their own reply.
+    let mut spec = ServiceSpec::echo().workers(2, 2).backlog(100_000);
+    spec.extra = "worker_queue_depth = 8\n".into();
+    let bridge = bridge().service(spec).start();
+    bridge.wait_status("2 workers", |s| s.services[0].workers_idle == 2);
+    std::thread::scope(|scope| {
+        for connection in 0..4u64 {
+            let bridge = &bridge;
+            scope.spawn(move || {
+                let mut client = bridge.client();
+                let mut sent = std::collections::HashMap::new();
+                for round in 0..100u64 {
+                    for i in 0..100u64 {
+                        let tag = connection * 1_000_000 + round * 100 + i;
+                        let payload = crate::common::tagged_payload(tag, 40 + (tag % 300) as usize);
+                        sent.insert(client.send(1, &payload).unwrap(), payload);
+                    }
+                    for _ in 0..100 {
+                        let answer = client.receive().unwrap();
+                        let expected = sent.remove(&answer.header.request_id).expect("its own");
+                        assert_eq!(answer.header.kind, Kind::Reply);
+                        assert!(answer.payload == expected);
+                    }
+                }
+            });
+        }
+    });
+    let status = bridge.service_status("echo");
+    assert_eq!(status.requests_ok, 40_000);
+    assert_eq!(
+        status.spawns, 2,
+        "queued on the two workers, no growth: {status:#?}"
+    );
+}
+
+#[test]
+fn a_worker_dying_with_queued_jobs_fails_exactly_those_it_held() {
+    // Proves a crash fails the running job and the jobs queued on that worker (they may or
+    // may not have run), and nothing else: the request still in the backlog succeeds on the
+    // replacement.
+    // Depth 2: the worker runs one job with one queued behind it; the rest wait in the backlog.
+    let spec = faulty("worker_queue_depth = 2\n")
+        .args(&["--queue"])
+        .workers(1, 1);
+    let bridge = bridge().service(spec).start();
+    bridge.wait_status("the worker", |s| s.services[0].workers_idle == 1);
+    let mut client = bridge.client();
+    let commands: [&[u8]; 5] = [b"sleep 100", b"echo a", b"sigkill", b"echo b", b"echo c"];
+    let ids: Vec<u64> = commands
+        .iter()
+        .map(|c| client.send(3, c).unwrap())
+        .collect();
+    let mut answers = std::collections::HashMap::new();
+    for _ in 0..5 {
+        let answer = client.receive().unwrap();
+        answers.insert(answer.header.request_id, answer);
+    }
+    let outcome = |i: usize| answers[&ids[i]].header.error_code();
+    assert_eq!(answers[&ids[0]].payload, b"slept");
+    assert_eq!(answers[&ids[1]].payload, b"a");
+    assert_eq!(
+        outcome(2),
+        Some(ErrorCode::WorkerFailed),
+        "the crashing job"
+    );
+    assert_eq!(
+        outcome(3),
+        Some(ErrorCode::WorkerFailed),
+        "queued behind it on the dead worker"
+    );
+    assert_eq!(
+        answers[&ids[4]].payload, b"c",
+        "still in the backlog: served by the replacement"
+    );
+    bridge.assert_no_zombies();
+}
+
+#[test]
+fn a_timeout_on_a_worker_with_queued_jobs_answers_them_all_once() {
+    // Proves a request timeout on a worker with queued jobs: the running one gets `timed out`,
+    // the queued ones `worker failed` (it is being stopped), later requests succeed.
+    let spec = faulty("worker_queue_depth = 3\nrequest_timeout_ms = 300\nkill_grace_ms = 100\n")
+        .args(&["--queue"])
+        .workers(1, 1);
+    let bridge = bridge().service(spec).start();
+    bridge.wait_status("the worker", |s| s.services[0].workers_idle == 1);
+    let mut client = bridge.client();
+    let hang = client.send(3, b"hang").unwrap();
+    let x = client.send(3, b"echo x").unwrap();
+    let y = client.send(3, b"echo y").unwrap();
+    let mut answers = std::collections::HashMap::new();
+    for _ in 0..3 {
+        let answer = client.receive().unwrap();
+        answers.insert(answer.header.request_id, answer);
+    }
+    assert_eq!(
+        answers[&hang].header.error_code(),
+        Some(ErrorCode::TimedOut)
+    );
+    assert_eq!(
+        answers[&x].header.error_code(),
+        Some(ErrorCode::WorkerFailed)
+    );
+    assert_eq!(
+        answers[&y].header.error_code(),
+        Some(ErrorCode::WorkerFailed)
+    );
+    assert_eq!(client.call("faulty", b"echo later").unwrap(), b"later");
+}
