@@ -50,6 +50,10 @@ const MEMFD_BYTES: usize = 64 * 1024;
 const DOORBELL_SLOT: u8 = 1;
 /// Doorbell byte: a u32 LE length and the payload follow on the socket; echo the payload back.
 const DOORBELL_SOCKET: u8 = 2;
+/// Doorbell byte: switch to futex doorbells on the slot's state word until told to stop.
+const DOORBELL_FUTEX: u8 = 3;
+/// `deadline_remaining_ms` value that tells a child in futex mode to go back to the socket.
+const FUTEX_MODE_END: u64 = u64::MAX;
 /// Bytes before the payload in a socket-path frame: the doorbell and the length.
 const SOCKET_FRAME_HEADER_BYTES: usize = 5;
 
@@ -68,7 +72,7 @@ criterion_group! {
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(2))
         .sample_size(50);
-    targets = memcpy_10k, slot_handoff_10k, socket_copy_10k, sysv_shm_setup_10k,
+    targets = memcpy_10k, slot_handoff_10k, slot_futex_10k, socket_copy_10k, sysv_shm_setup_10k,
         memfd_mmap_setup_64k
 }
 
@@ -96,6 +100,59 @@ fn slot_handoff_10k(c: &mut Criterion) {
         }
     }
     group.finish();
+}
+
+/// The same slot round trip with a futex doorbell on the slot's state word instead of a byte on
+/// the socket: the alternative DESIGN.md names for the bridge's doorbell.
+fn slot_futex_10k(c: &mut Criterion) {
+    let mut group = c.benchmark_group("slot_futex_10k");
+    for placement in Placement::available() {
+        let mut peer: Option<Peer> = None;
+        for bytes in [PAYLOAD_10K_BYTES, PAYLOAD_SMALL_BYTES] {
+            let request = payload(bytes);
+            let mut reply = Vec::with_capacity(bytes);
+            let id = BenchmarkId::new(placement.name(), bytes);
+            group.bench_with_input(id, &request, |b, request| {
+                let peer = peer.get_or_insert_with(|| {
+                    let mut peer = Peer::spawn(placement);
+                    ring(peer.socket(), DOORBELL_FUTEX);
+                    peer.futex_mode = true;
+                    peer
+                });
+                b.iter(|| peer.futex_round_trip(black_box(request), &mut reply));
+                assert_eq!(&reply, request, "the child echoed something else");
+            });
+        }
+    }
+    group.finish();
+}
+
+/// FUTEX_WAKE every waiter on a shared (not process-private) futex word.
+fn futex_wake(word: &std::sync::atomic::AtomicU32) {
+    // SAFETY: the word lives in a shared mapping that outlives the call.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAKE,
+            i32::MAX,
+            0,
+        )
+    };
+}
+
+/// Sleep while the shared futex word still holds `current`.
+fn futex_wait(word: &std::sync::atomic::AtomicU32, current: u32) {
+    // SAFETY: as above; a spurious or EAGAIN return is handled by the caller's loop.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAIT,
+            current,
+            0usize,
+        );
+    }
 }
 
 fn socket_copy_10k(c: &mut Criterion) {
@@ -288,6 +345,8 @@ struct Peer {
     job_sequence: u64,
     /// The bench thread's affinity before [`Peer::spawn`] pinned it, restored on drop.
     parent_affinity: libc::cpu_set_t,
+    /// The child waits on futexes, not the socket (see `slot_futex_10k`).
+    futex_mode: bool,
 }
 
 impl Peer {
@@ -331,7 +390,29 @@ impl Peer {
             child,
             job_sequence: 0,
             parent_affinity,
+            futex_mode: false,
         }
+    }
+
+    /// One request through the slot with futex doorbells on the state word.
+    fn futex_round_trip(&mut self, request: &[u8], reply: &mut Vec<u8>) {
+        use std::sync::atomic::Ordering;
+        self.job_sequence += 1;
+        let sequence = self.job_sequence;
+        self.slot.fill(sequence, Some(request), 0).expect("fill");
+        let state = &self.slot.header().state;
+        futex_wake(state);
+        loop {
+            let now = state.load(Ordering::Acquire);
+            if now == acgi_bridge::shm::SlotState::Replied as u32 {
+                break;
+            }
+            futex_wait(state, now);
+        }
+        reply.clear();
+        self.slot
+            .take_reply(sequence, true, reply)
+            .expect("take_reply");
     }
 
     fn socket(&mut self) -> &mut UnixStream {
@@ -363,6 +444,14 @@ impl Peer {
 
 impl Drop for Peer {
     fn drop(&mut self) {
+        if self.futex_mode {
+            // Out of futex mode first, so that the child reads the socket's EOF.
+            let header = self.slot.header();
+            header
+                .deadline_remaining_ms
+                .store(FUTEX_MODE_END, std::sync::atomic::Ordering::Release);
+            futex_wake(&header.state);
+        }
         // EOF tells the child to exit; reap it so no zombie is left.
         drop(self.socket.take());
         match self.child.wait() {
@@ -429,6 +518,27 @@ fn child_main(fds: &str) {
                 slot.publish_reply(Some(request)).expect("publish_reply");
                 ring(&mut socket, DOORBELL_SLOT);
             }
+            DOORBELL_FUTEX => loop {
+                use std::sync::atomic::Ordering;
+                let header = slot.header();
+                if header.deadline_remaining_ms.load(Ordering::Acquire) == FUTEX_MODE_END {
+                    break;
+                }
+                let now = header.state.load(Ordering::Acquire);
+                if now != acgi_bridge::shm::SlotState::Filled as u32 {
+                    futex_wait(&header.state, now);
+                    continue;
+                }
+                job_sequence += 1;
+                let len = slot
+                    .take_job(job_sequence)
+                    .expect("take_job")
+                    .expect("in-slot job");
+                // SAFETY: as for DOORBELL_SLOT.
+                let request = unsafe { slot.request_bytes(len) };
+                slot.publish_reply(Some(request)).expect("publish_reply");
+                futex_wake(&header.state);
+            },
             DOORBELL_SOCKET => {
                 let mut len = [0u8; 4];
                 reader.read_exact(&mut len).expect("reading the length");
