@@ -56,6 +56,8 @@ const RING_BYTES: u64 = SQ_ENTRIES as u64 * (64 + 4) + CQ_ENTRIES as u64 * 16;
 const SLOT_SEND_BYTES_MIN: u32 = 4096;
 /// Most entries of the ring's registered-buffer table (the kernel's limit).
 const FIXED_BUFFERS_MAX: u32 = 1 << 14;
+/// After the shutdown timeout, how long the answers it produced may take to reach their callers.
+const SHUTDOWN_FLUSH_GRACE: Duration = Duration::from_secs(1);
 /// How long an admin or metrics connection may take to send its request and get its answer.
 const AUX_CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
 /// Admin and metrics connections open at once at most.
@@ -369,6 +371,8 @@ pub struct Core {
     fixed_buffers_free: Vec<u16>,
     /// Set by SIGTERM/SIGINT: when in-flight work must be done.
     shutdown_deadline: Option<Instant>,
+    /// The shutdown timeout has passed once (answers are being flushed).
+    shutdown_forced: bool,
     /// When the current latency interval ends, when it started, and its log (if configured).
     interval_end: Instant,
     interval_start_wall: std::time::SystemTime,
@@ -482,6 +486,7 @@ impl Core {
             scratch: Vec::new(),
             fixed_buffers_free,
             shutdown_deadline: None,
+            shutdown_forced: false,
             aux_conns: 0,
             aux_deadlines: VecDeque::new(),
             interval_end: now + interval,
@@ -616,8 +621,18 @@ impl Core {
             }
         }
         if self.shutdown_deadline.is_some_and(|t| t <= now) {
-            self.shutdown_deadline = Some(now + Duration::from_secs(3600));
-            self.force_shutdown();
+            if self.shutdown_forced {
+                // The answers had their moment to go out: stop waiting for slow callers.
+                self.shutdown_deadline = Some(now + Duration::from_secs(3600));
+                let conns: Vec<usize> = self.conns.iter().map(|(index, _)| index).collect();
+                for index in conns {
+                    self.close_conn(index);
+                }
+            } else {
+                self.shutdown_forced = true;
+                self.shutdown_deadline = Some(now + SHUTDOWN_FLUSH_GRACE);
+                self.force_shutdown();
+            }
         }
         if now >= self.interval_end {
             self.end_interval();
@@ -2388,20 +2403,29 @@ impl Core {
     }
 
     /// The shutdown timeout passed: fail what is still queued or running and kill every worker.
+    /// The shutdown timeout passed: answer every request still running or queued with
+    /// `shutting down`, kill every worker, and give the answers a moment to go out.
     fn force_shutdown(&mut self) {
         tracing::warn!("shutdown timeout passed: failing requests still in flight");
+        let mut held = Vec::new();
         for (_, worker) in self.workers.iter_mut() {
             worker
                 .fate
                 .get_or_insert_with(|| "killed: the bridge's shutdown timeout passed".into());
+            if let WorkerState::Busy { request, .. } = worker.state {
+                held.push(request);
+            }
+            held.extend(worker.queued.iter().map(|(request, _)| *request));
+        }
+        for request in held {
+            if self.request_is_live(request) {
+                let message = "the bridge's shutdown timeout passed while it ran";
+                self.fail_request(request, ErrorCode::ShuttingDown, message);
+            }
         }
         for service in 0..self.services.len() {
             self.services[service].pool.abort(ErrorCode::ShuttingDown);
             self.run_pool_actions(service);
-        }
-        let conns: Vec<usize> = self.conns.iter().map(|(index, _)| index).collect();
-        for index in conns {
-            self.close_conn(index);
         }
     }
 

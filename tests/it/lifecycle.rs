@@ -158,3 +158,34 @@ fn workers_never_outlive_a_killed_bridge() {
         }
     }
 }
+
+#[test]
+fn sigint_after_the_shutdown_timeout_answers_hung_requests_then_exits_zero() {
+    // Proves the shutdown timeout: a request that will never finish is answered `shutting
+    // down` when shutdown_timeout_ms passes, its worker is killed, and the bridge exits 0
+    // (SIGINT behaves as SIGTERM).
+    let mut spec = ServiceSpec::faulty().workers(1, 1);
+    spec.extra = "request_timeout_ms = 0\nkill_grace_ms = 100\n".into();
+    let mut bridge = bridge()
+        .top("shutdown_timeout_ms = 300")
+        .service(spec)
+        .start();
+    let mut client = bridge.client();
+    let hung = client.send(3, b"hang").unwrap();
+    let ping = client.send_frame(Kind::Ping, 0, b"").unwrap();
+    assert_eq!(client.receive().unwrap().header.request_id, ping);
+    let started = std::time::Instant::now();
+    bridge.signal(libc::SIGINT);
+    let answer = client.receive().unwrap();
+    assert_eq!(answer.header.request_id, hung);
+    assert_eq!(
+        answer.header.error_code(),
+        Some(acgi_bridge::proto::ErrorCode::ShuttingDown)
+    );
+    assert!(started.elapsed() >= std::time::Duration::from_millis(300));
+    let status = bridge
+        .wait_exit(std::time::Duration::from_secs(10))
+        .expect("exits");
+    assert!(status.success(), "{status}");
+    assert!(bridge.log().contains("shutdown timeout passed"));
+}
