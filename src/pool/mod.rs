@@ -952,12 +952,24 @@ impl Pool {
             return false;
         }
         let starting = self.starting();
-        let backlog_short = (starting as usize) < self.queued.len();
+        // Each starting worker will take up to queue_depth waiting requests (if it accepts
+        // queued jobs, as the SDK's do): start only as many as the backlog needs.
+        let absorbs = starting as usize * self.policy.queue_depth.max(1) as usize;
+        let backlog_short = absorbs < self.queued.len();
         if self.stopping {
             return backlog_short;
         }
-        let spare_short =
-            self.policy.mode == Mode::Dynamic && self.idle() + starting < self.policy.spare_min;
+        // A busy worker with room for queued jobs is as available as an idle one.
+        let with_room = if self.policy.queue_depth > 1 {
+            self.workers
+                .values()
+                .filter(|w| matches!(w.state, State::Busy { .. }) && w.held() < w.depth)
+                .count() as u32
+        } else {
+            0
+        };
+        let spare_short = self.policy.mode == Mode::Dynamic
+            && self.idle() + starting + with_room < self.policy.spare_min;
         backlog_short || spare_short
     }
 

@@ -811,3 +811,31 @@ fn simulation_keeps_every_invariant_over_many_seeds() {
         simulate(seed);
     }
 }
+
+#[test]
+fn with_queued_jobs_a_burst_starts_only_the_workers_it_needs() {
+    // Proves growth counts what starting workers will absorb: with depth 4, a backlog of 8
+    // starts 2 workers, not 8 (pacing aside).
+    let now = Instant::now();
+    let mut policy = Policy::with_workers(0, 16, 100);
+    policy.mode = Mode::OnDemand;
+    policy.queue_depth = 4;
+    policy.spawn_rate_max = 16;
+    let mut pool = Pool::new(now, policy, 1);
+    for request in 0..8 {
+        pool.on_request(now, request, None);
+    }
+    let mut spawned = spawns(&drain(&mut pool));
+    for second in 1..4 {
+        pool.tick(now + Duration::from_secs(second));
+        spawned += spawns(&drain(&mut pool));
+    }
+    assert_eq!(spawned, 2);
+    pool.on_worker_started(now, 1);
+    pool.on_worker_ready_queueing(now, 1, true);
+    let dispatched = drain(&mut pool)
+        .into_iter()
+        .filter(|a| matches!(a, Action::Dispatch { worker: 1, .. }))
+        .count();
+    assert_eq!(dispatched, 4, "a ready worker fills up to its depth");
+}
