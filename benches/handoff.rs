@@ -85,27 +85,19 @@ fn memcpy_10k(c: &mut Criterion) {
 }
 
 fn slot_handoff_10k(c: &mut Criterion) {
-    let mut group = c.benchmark_group("slot_handoff_10k");
-    for placement in Placement::available() {
-        let mut peer: Option<Peer> = None;
-        for bytes in [PAYLOAD_10K_BYTES, PAYLOAD_SMALL_BYTES] {
-            let request = payload(bytes);
-            let mut reply = Vec::with_capacity(bytes);
-            let id = BenchmarkId::new(placement.name(), bytes);
-            group.bench_with_input(id, &request, |b, request| {
-                let peer = peer.get_or_insert_with(|| Peer::spawn(placement));
-                b.iter(|| peer.slot_round_trip(black_box(request), &mut reply));
-                assert_eq!(&reply, request, "the child echoed something else");
-            });
-        }
-    }
-    group.finish();
+    slot_round_trips(c, "slot_handoff_10k", false);
 }
 
 /// The same slot round trip with a futex doorbell on the slot's state word instead of a byte on
 /// the socket: the alternative DESIGN.md names for the bridge's doorbell.
 fn slot_futex_10k(c: &mut Criterion) {
-    let mut group = c.benchmark_group("slot_futex_10k");
+    slot_round_trips(c, "slot_futex_10k", true);
+}
+
+/// Slot round trips for every placement and payload size, with the socket-byte or the futex
+/// doorbell.
+fn slot_round_trips(c: &mut Criterion, name: &str, futex: bool) {
+    let mut group = c.benchmark_group(name);
     for placement in Placement::available() {
         let mut peer: Option<Peer> = None;
         for bytes in [PAYLOAD_10K_BYTES, PAYLOAD_SMALL_BYTES] {
@@ -115,11 +107,17 @@ fn slot_futex_10k(c: &mut Criterion) {
             group.bench_with_input(id, &request, |b, request| {
                 let peer = peer.get_or_insert_with(|| {
                     let mut peer = Peer::spawn(placement);
-                    ring(peer.socket(), DOORBELL_FUTEX);
-                    peer.futex_mode = true;
+                    if futex {
+                        ring(peer.socket(), DOORBELL_FUTEX);
+                        peer.futex_mode = true;
+                    }
                     peer
                 });
-                b.iter(|| peer.futex_round_trip(black_box(request), &mut reply));
+                if futex {
+                    b.iter(|| peer.futex_round_trip(black_box(request), &mut reply));
+                } else {
+                    b.iter(|| peer.slot_round_trip(black_box(request), &mut reply));
+                }
                 assert_eq!(&reply, request, "the child echoed something else");
             });
         }

@@ -331,6 +331,14 @@ pub struct ServiceCounters {
     pub copy_path: u64,
 }
 
+impl ServiceCounters {
+    /// Failed requests by error code, every code in order (zeros included).
+    fn failures(&self) -> impl Iterator<Item = (ErrorCode, u64)> + '_ {
+        (1..self.errors.len())
+            .filter_map(|code| Some((ErrorCode::from_u16(code as u16)?, self.errors[code])))
+    }
+}
+
 /// The outcome counters this core keeps (read at exit and, later, by status).
 #[derive(Default, Debug)]
 pub struct Counters {
@@ -763,7 +771,7 @@ impl Core {
 
     fn on_new_connection(&mut self, fd: OwnedFd, kind: ListenerKind) {
         let aux = !kind.is_caller();
-        let callers = self.conns.len() - self.aux_conns;
+        let callers = self.caller_connections() as usize;
         if self.shutdown_deadline.is_some()
             || (!aux && callers >= self.config.connections_max as usize)
             || (aux && self.aux_conns >= AUX_CONNECTIONS_MAX)
@@ -1022,11 +1030,9 @@ impl Core {
                 let pool = &service.pool;
                 let stats = pool.stats();
                 let counters = &service.counters;
-                let requests_failed = (1..counters.errors.len())
-                    .filter_map(|code| {
-                        let name = ErrorCode::from_u16(code as u16)?.metric_name();
-                        Some((name, counters.errors[code]))
-                    })
+                let requests_failed = counters
+                    .failures()
+                    .map(|(code, count)| (code.metric_name(), count))
                     .collect();
                 ServiceMetrics {
                     name: service.name.clone(),
@@ -1058,12 +1064,8 @@ impl Core {
             })
             .collect();
         MetricsSnapshot {
-            connections: (self.conns.len() - self.aux_conns) as u64,
-            slots_in_use: self
-                .workers
-                .iter()
-                .filter(|(_, w)| w.buffer_index.is_some())
-                .count() as u64,
+            connections: self.caller_connections(),
+            slots_in_use: self.slots_registered(),
             services,
         }
     }
@@ -1098,6 +1100,19 @@ impl Core {
         self.arm_conn_send(index);
     }
 
+    /// Caller connections open now (admin and metrics ones are not callers).
+    fn caller_connections(&self) -> u64 {
+        (self.conns.len() - self.aux_conns) as u64
+    }
+
+    /// Worker slots registered as fixed buffers now.
+    fn slots_registered(&self) -> u64 {
+        self.workers
+            .iter()
+            .filter(|(_, w)| w.buffer_index.is_some())
+            .count() as u64
+    }
+
     /// The status report (see `crate::status`).
     fn status(&self) -> Status {
         let mut pids_by_service: Vec<Vec<i32>> = vec![Vec::new(); self.services.len()];
@@ -1112,14 +1127,11 @@ impl Core {
                 let pool = &service.pool;
                 let stats = pool.stats();
                 let policy = pool.policy();
-                let requests_failed = (1..service.counters.errors.len())
-                    .filter(|code| service.counters.errors[*code] > 0)
-                    .map(|code| {
-                        let name = ErrorCode::from_u16(code as u16)
-                            .map(|c| c.as_str().to_string())
-                            .unwrap_or_else(|| format!("code {code}"));
-                        (name, service.counters.errors[code])
-                    })
+                let requests_failed = service
+                    .counters
+                    .failures()
+                    .filter(|(_, count)| *count > 0)
+                    .map(|(code, count)| (code.as_str().to_string(), count))
                     .collect();
                 ServiceStatus {
                     id: service.id,
@@ -1158,12 +1170,8 @@ impl Core {
             version: env!("CARGO_PKG_VERSION").to_string(),
             pid: std::process::id(),
             uptime_ms: self.started.elapsed().as_millis() as u64,
-            connections: (self.conns.len() - self.aux_conns) as u64,
-            slots_registered: self
-                .workers
-                .iter()
-                .filter(|(_, w)| w.buffer_index.is_some())
-                .count() as u64,
+            connections: self.caller_connections(),
+            slots_registered: self.slots_registered(),
             worker_processes: self.workers.len() as u64,
             requests_ok: self.counters.requests_ok,
             requests_failed: self.counters.requests_failed,

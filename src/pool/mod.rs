@@ -246,6 +246,11 @@ impl Worker {
     fn held(&self) -> u32 {
         u32::from(matches!(self.state, State::Busy { .. })) + self.queued_jobs.len() as u32
     }
+
+    /// Running a job and able to take another queued behind it.
+    fn has_room(&self) -> bool {
+        matches!(self.state, State::Busy { .. }) && self.held() < self.depth
+    }
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -864,7 +869,7 @@ impl Pool {
         }
         self.workers
             .iter()
-            .filter(|(_, w)| matches!(w.state, State::Busy { .. }) && w.held() < w.depth)
+            .filter(|(_, w)| w.has_room())
             .min_by_key(|(_, w)| w.held())
             .map(|(id, _)| *id)
     }
@@ -961,10 +966,7 @@ impl Pool {
         }
         // A busy worker with room for queued jobs is as available as an idle one.
         let with_room = if self.policy.queue_depth > 1 {
-            self.workers
-                .values()
-                .filter(|w| matches!(w.state, State::Busy { .. }) && w.held() < w.depth)
-                .count() as u32
+            self.workers.values().filter(|w| w.has_room()).count() as u32
         } else {
             0
         };
