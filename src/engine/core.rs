@@ -350,7 +350,6 @@ pub struct Counters {
     pub replies_sent_from_slot: u64,
     /// Sends from a slot that fell short and were finished from a copy.
     pub slot_sends_spilled: u64,
-    fixed_buffer_warning_logged: bool,
 }
 
 pub struct Core {
@@ -377,6 +376,8 @@ pub struct Core {
     scratch: Vec<u8>,
     /// Free entries of the registered-buffer table (empty when registration is unavailable).
     fixed_buffers_free: Vec<u16>,
+    /// The MEMLOCK warning for a slot that could not be registered was logged (once is enough).
+    fixed_buffer_warning_logged: bool,
     /// Set by SIGTERM/SIGINT: when in-flight work must be done.
     shutdown_deadline: Option<Instant>,
     /// The shutdown timeout has passed once (answers are being flushed).
@@ -493,6 +494,7 @@ impl Core {
             spare_payloads: Vec::new(),
             scratch: Vec::new(),
             fixed_buffers_free,
+            fixed_buffer_warning_logged: false,
             shutdown_deadline: None,
             shutdown_forced: false,
             aux_conns: 0,
@@ -2219,8 +2221,8 @@ impl Core {
             Ok(()) => Some(index),
             Err(error) => {
                 self.fixed_buffers_free.push(index);
-                if !self.counters.fixed_buffer_warning_logged {
-                    self.counters.fixed_buffer_warning_logged = true;
+                if !self.fixed_buffer_warning_logged {
+                    self.fixed_buffer_warning_logged = true;
                     tracing::warn!(
                         %error,
                         memlock_limit_bytes = memlock_limit(),
