@@ -20,14 +20,29 @@ pub struct Status {
     pub version: String,
     pub pid: u32,
     pub uptime_ms: u64,
+    /// Event-loop threads (one per core).
+    #[serde(default)]
+    pub cores: u32,
     /// Caller connections open now.
     pub connections: u64,
+    /// Caller connections open now on each core.
+    #[serde(default)]
+    pub connections_by_core: Vec<u64>,
+    /// Requests answered by each core's workers (or rejected by its pools) since start.
+    #[serde(default)]
+    pub requests_by_core: Vec<u64>,
     /// Worker slots registered as io_uring fixed buffers now.
     pub slots_registered: u64,
     /// Worker processes the bridge holds (any state, until reaped).
     pub worker_processes: u64,
     pub requests_ok: u64,
     pub requests_failed: u64,
+    /// Requests run on another core than the one their caller is connected to.
+    #[serde(default)]
+    pub requests_forwarded: u64,
+    /// Connections accepted on one core and handed to a less busy one.
+    #[serde(default)]
+    pub connections_handed_over: u64,
     pub malformed_frames: u64,
     pub connections_refused: u64,
     pub slow_callers_disconnected: u64,
@@ -101,6 +116,18 @@ impl Status {
             self.requests_ok,
             self.requests_failed,
         );
+        if self.cores > 1 {
+            let _ = writeln!(
+                out,
+                "{} cores: connections {:?}, requests run {:?}; {} requests forwarded, {} \
+                 connections handed over",
+                self.cores,
+                self.connections_by_core,
+                self.requests_by_core,
+                self.requests_forwarded,
+                self.connections_handed_over,
+            );
+        }
         for s in &self.services {
             let _ = writeln!(out);
             let _ = writeln!(

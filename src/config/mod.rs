@@ -54,6 +54,11 @@ pub struct Config {
     /// Permission bits of the admin socket, as an octal string.
     #[serde(default = "default_admin_socket_mode")]
     pub admin_socket_mode: String,
+    /// Event-loop threads, one per CPU, each pinned to its CPU with its own ring, connections
+    /// and shard of every pool: `"auto"` (every CPU the bridge may run on), a count `N` (the
+    /// first N of those) or a list of CPU ids `[0, 2]`.
+    #[serde(default)]
+    pub cores: Cores,
     /// Where to listen.
     pub listen: Listen,
     /// The services, at least one.
@@ -62,6 +67,57 @@ pub struct Config {
     /// Directory of the config file; relative paths were resolved against it.
     #[serde(skip)]
     pub base_dir: PathBuf,
+}
+
+/// The `cores` setting (see [`Config::cores`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum Cores {
+    /// `"auto"`.
+    #[default]
+    #[serde(skip)]
+    Auto,
+    Count(u32),
+    List(Vec<u32>),
+    /// Any other string: only `"auto"` is valid (checked by `validate`).
+    Named(String),
+}
+
+impl Cores {
+    /// The CPUs to run one event loop on each, chosen among `allowed` (the CPUs this process
+    /// may run on, ascending).
+    pub fn cpus(&self, allowed: &[usize]) -> Result<Vec<usize>, String> {
+        match self {
+            Cores::Auto => Ok(allowed.to_vec()),
+            Cores::Named(name) if name == "auto" => Ok(allowed.to_vec()),
+            Cores::Named(name) => Err(format!(
+                "{name:?} is not a core setting: use \"auto\", a count or a list of CPU ids"
+            )),
+            Cores::Count(0) => Err("must be at least 1".into()),
+            Cores::Count(count) if *count as usize > allowed.len() => Err(format!(
+                "{count} cores asked for but the bridge may run on {} CPUs ({allowed:?})",
+                allowed.len()
+            )),
+            Cores::Count(count) => Ok(allowed[..*count as usize].to_vec()),
+            Cores::List(ids) if ids.is_empty() => Err("the CPU list is empty".into()),
+            Cores::List(ids) => {
+                let mut cpus = Vec::new();
+                for &id in ids {
+                    let id = id as usize;
+                    if !allowed.contains(&id) {
+                        return Err(format!(
+                            "CPU {id} is not one the bridge may run on ({allowed:?})"
+                        ));
+                    }
+                    if cpus.contains(&id) {
+                        return Err(format!("CPU {id} is listed twice"));
+                    }
+                    cpus.push(id);
+                }
+                Ok(cpus)
+            }
+        }
+    }
 }
 
 /// Listening sockets. At least one of `unix` and `tcp` must be set.
@@ -399,6 +455,9 @@ impl Config {
                 format!("must hold at least one whole answer ({frame_bytes_max} bytes)"),
             );
         }
+        if let Err(reason) = self.cores.cpus(&allowed_cpus()) {
+            problem("cores".into(), reason);
+        }
         if self.connections_max == 0 {
             problem("connections_max".into(), "must be at least 1".into());
         }
@@ -611,6 +670,16 @@ impl Config {
 }
 
 /// Parse an octal permission string such as "0660" or "660".
+/// The CPUs this process may run on (its affinity mask), ascending.
+pub fn allowed_cpus() -> Vec<usize> {
+    match rustix::thread::sched_getaffinity(None) {
+        Ok(set) => (0..rustix::thread::CpuSet::MAX_CPU)
+            .filter(|&cpu| set.is_set(cpu))
+            .collect(),
+        Err(_) => vec![0],
+    }
+}
+
 pub fn parse_mode(text: &str) -> Option<u32> {
     let mode = u32::from_str_radix(text.trim_start_matches("0o"), 8).ok()?;
     (mode <= 0o7777).then_some(mode)

@@ -20,6 +20,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,6 +28,7 @@ use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use slab::Slab;
 
 use super::buffer::{Parsed, ReadBuffer, SendQueue};
+use super::shared::{self, Forward, Msg, Shared};
 use super::spawn::{SpawnRequest, SpawnResult, Spawned, Spawner};
 use crate::config::Config;
 use crate::metrics::{self, IntervalLogger, LatencyHistograms, MetricsSnapshot, ServiceMetrics};
@@ -85,6 +87,10 @@ enum OpKind {
     ConnSendHeader = 12,
     /// The reply payload, written from the worker's slot (a registered buffer).
     ConnSendFixed = 13,
+    /// A read on this core's wake eventfd: messages from other cores.
+    Inbox = 14,
+    /// A write to another core's wake eventfd (its completion needs nothing).
+    WakeSent = 15,
 }
 
 impl OpKind {
@@ -103,6 +109,8 @@ impl OpKind {
             11 => OpKind::Cancel,
             12 => OpKind::ConnSendHeader,
             13 => OpKind::ConnSendFixed,
+            14 => OpKind::Inbox,
+            15 => OpKind::WakeSent,
             _ => return None,
         })
     }
@@ -293,9 +301,29 @@ impl Worker {
     }
 }
 
+/// Where an answer goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Dest {
+    /// A live caller connection of this core (its index).
+    Conn(usize),
+    /// The core that forwarded the request (the request's handle there).
+    Core { core: usize, request: u64 },
+}
+
+/// Where a request came from, and so where its answer goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Origin {
+    /// A caller connection of this core (its handle).
+    Conn(u64),
+    /// Another core forwarded it: the answer goes back there.
+    Core { core: usize, request: u64 },
+}
+
 struct Request {
     generation: u32,
-    conn: u64,
+    origin: Origin,
+    /// Sent to this core to run (the payload went with it); this entry waits for the answer.
+    forwarded_to: Option<usize>,
     caller_request_id: u64,
     service: usize,
     payload: Vec<u8>,
@@ -332,6 +360,16 @@ pub struct ServiceCounters {
 }
 
 impl ServiceCounters {
+    fn add(&mut self, other: &ServiceCounters) {
+        self.ok += other.ok;
+        for (mine, theirs) in self.errors.iter_mut().zip(&other.errors) {
+            *mine += theirs;
+        }
+        self.bytes_in += other.bytes_in;
+        self.bytes_out += other.bytes_out;
+        self.copy_path += other.copy_path;
+    }
+
     /// Failed requests by error code, every code in order (zeros included).
     fn failures(&self) -> impl Iterator<Item = (ErrorCode, u64)> + '_ {
         (1..self.errors.len())
@@ -339,8 +377,8 @@ impl ServiceCounters {
     }
 }
 
-/// The outcome counters this core keeps (read at exit and, later, by status).
-#[derive(Default, Debug)]
+/// The outcome counters this core keeps (read at exit and by status).
+#[derive(Clone, Default, Debug)]
 pub struct Counters {
     pub requests_ok: u64,
     pub requests_failed: u64,
@@ -350,10 +388,41 @@ pub struct Counters {
     pub replies_sent_from_slot: u64,
     /// Sends from a slot that fell short and were finished from a copy.
     pub slot_sends_spilled: u64,
+    /// Requests sent to another core to run, and connections handed to another core.
+    pub requests_forwarded: u64,
+    pub connections_handed_over: u64,
+}
+
+impl Counters {
+    pub fn add(&mut self, other: &Counters) {
+        self.requests_ok += other.requests_ok;
+        self.requests_failed += other.requests_failed;
+        self.malformed_frames += other.malformed_frames;
+        self.connections_refused += other.connections_refused;
+        self.slow_callers_disconnected += other.slow_callers_disconnected;
+        self.replies_sent_from_slot += other.replies_sent_from_slot;
+        self.slot_sends_spilled += other.slot_sends_spilled;
+        self.requests_forwarded += other.requests_forwarded;
+        self.connections_handed_over += other.connections_handed_over;
+    }
 }
 
 pub struct Core {
     ring: IoUring,
+    /// This core's number (0 owns signals, the admin socket, metrics and interval logs).
+    index: usize,
+    shared: Arc<Shared>,
+    /// Messages taken from the inbox, being handled (kept for its capacity).
+    inbox_batch: Vec<Msg>,
+    inbox_buf: Box<[u8; 8]>,
+    inbox_in_flight: bool,
+    /// Reports being gathered from every core (core 0).
+    gathers: Vec<Gather>,
+    next_gather: u64,
+    /// Where the next search for another core starts (spreads forwards).
+    next_core: usize,
+    /// This core counted itself in `cores_finished`.
+    done: bool,
     config: Arc<Config>,
     services: Vec<Service>,
     service_by_id: HashMap<u32, usize>,
@@ -364,7 +433,8 @@ pub struct Core {
     requests: Slab<Request>,
     next_generation: u32,
     job_sequence: u64,
-    signal_fd: OwnedFd,
+    /// Core 0 only.
+    signal_fd: Option<OwnedFd>,
     signal_buf: Box<[u8; 128]>,
     signal_in_flight: bool,
     spawner: Spawner,
@@ -397,10 +467,103 @@ pub struct Core {
 
 /// What `Core::new` needs from the process setup.
 pub struct CoreSetup {
+    pub index: usize,
+    pub shared: Arc<Shared>,
     pub config: Arc<Config>,
     pub listeners: Vec<(OwnedFd, ListenerKind)>,
-    pub signal_fd: OwnedFd,
+    /// Core 0 takes the stop signals.
+    pub signal_fd: Option<OwnedFd>,
     pub spawner: Spawner,
+}
+
+/// What a gathered report is for.
+enum Purpose {
+    /// An admin `status` command on this connection.
+    Status(u64),
+    /// `GET /metrics` on this connection (the request, to answer it once merged).
+    Metrics(u64, Vec<u8>),
+    /// A latency interval ended (wall-clock start and end, for the interval log).
+    Interval(std::time::SystemTime, std::time::SystemTime),
+}
+
+/// Reports being collected from every core (core 0).
+struct Gather {
+    id: u64,
+    purpose: Purpose,
+    merged: CoreReport,
+    waiting: usize,
+}
+
+/// One core's share of everything status and metrics report. Core 0 merges the cores' reports
+/// into one (adding counts, merging histograms) and builds status and metrics from it.
+pub struct CoreReport {
+    connections: u64,
+    /// Caller connections, and requests answered (run here), of each core (this one's at its
+    /// index, zeros elsewhere until merged).
+    connections_by_core: Vec<u64>,
+    requests_by_core: Vec<u64>,
+    slots_registered: u64,
+    worker_processes: u64,
+    counters: Counters,
+    services: Vec<ShardReport>,
+}
+
+/// One core's shard of one service.
+struct ShardReport {
+    starting: u32,
+    idle: u32,
+    busy: u32,
+    stopping: u32,
+    min_workers: u32,
+    max_workers: u32,
+    backlog: u32,
+    failing: bool,
+    spawn_rate: u32,
+    stats: crate::pool::Stats,
+    pids: Vec<i32>,
+    counters: ServiceCounters,
+    latency: LatencyHistograms,
+    latency_last_interval: LatencyHistograms,
+}
+
+impl CoreReport {
+    fn add(&mut self, other: &CoreReport) {
+        self.connections += other.connections;
+        for (mine, theirs) in self
+            .connections_by_core
+            .iter_mut()
+            .zip(&other.connections_by_core)
+        {
+            *mine += theirs;
+        }
+        for (mine, theirs) in self
+            .requests_by_core
+            .iter_mut()
+            .zip(&other.requests_by_core)
+        {
+            *mine += theirs;
+        }
+        self.slots_registered += other.slots_registered;
+        self.worker_processes += other.worker_processes;
+        self.counters.add(&other.counters);
+        for (mine, theirs) in self.services.iter_mut().zip(&other.services) {
+            mine.starting += theirs.starting;
+            mine.idle += theirs.idle;
+            mine.busy += theirs.busy;
+            mine.stopping += theirs.stopping;
+            mine.min_workers += theirs.min_workers;
+            mine.max_workers += theirs.max_workers;
+            mine.backlog += theirs.backlog;
+            mine.failing |= theirs.failing;
+            mine.spawn_rate += theirs.spawn_rate;
+            mine.stats.add(&theirs.stats);
+            mine.pids.extend_from_slice(&theirs.pids);
+            mine.counters.add(&theirs.counters);
+            mine.latency.add(&theirs.latency);
+            mine.latency_last_interval
+                .add(&theirs.latency_last_interval);
+        }
+    }
 }
 
 impl Core {
@@ -430,16 +593,22 @@ impl Core {
                 }
             })?;
         let now = Instant::now();
+        let (index, shared) = (setup.index, setup.shared);
+        let cores = shared.cores.len();
         let mut services = Vec::new();
         let mut service_by_id = HashMap::new();
         let mut service_by_name = HashMap::new();
-        for (index, service) in config.services.iter().enumerate() {
-            service_by_id.insert(service.id, index);
-            service_by_name.insert(service.name.clone(), index);
+        for (number, service) in config.services.iter().enumerate() {
+            service_by_id.insert(service.id, number);
+            service_by_name.insert(service.name.clone(), number);
             services.push(Service {
                 id: service.id,
                 name: service.name.clone(),
-                pool: Pool::new(now, service.policy(), seed_from(index)),
+                pool: Pool::new(
+                    now,
+                    service.policy().shard(index, cores),
+                    seed_from(number + index * 1000),
+                ),
                 counters: ServiceCounters::default(),
                 latency: LatencyHistograms::new(),
                 latency_interval: LatencyHistograms::new(),
@@ -447,11 +616,14 @@ impl Core {
                 slot_capacity: service.slot_size_bytes,
             });
         }
-        let fixed_buffers_free = register_buffer_table(&ring, &config);
-        check_memlock(&config);
+        let shard_workers: u32 = services.iter().map(|s| s.pool.policy().max_workers).sum();
+        let fixed_buffers_free = register_buffer_table(&ring, shard_workers);
+        if index == 0 {
+            check_memlock(&config, cores);
+        }
         let interval = Duration::from_millis(config.histogram_log_interval_ms);
         let interval_logger = match &config.histogram_log_dir {
-            Some(dir) => {
+            Some(dir) if index == 0 => {
                 std::fs::create_dir_all(dir)?;
                 Some(IntervalLogger::new(
                     dir,
@@ -459,7 +631,7 @@ impl Core {
                     config.histogram_log_rotate_bytes,
                 )?)
             }
-            None => None,
+            _ => None,
         };
         let listeners = setup
             .listeners
@@ -473,6 +645,15 @@ impl Core {
             .collect();
         let mut core = Core {
             ring,
+            index,
+            shared,
+            inbox_batch: Vec::with_capacity(256),
+            inbox_buf: Box::new([0; 8]),
+            inbox_in_flight: false,
+            gathers: Vec::new(),
+            next_gather: 0,
+            next_core: index,
+            done: false,
             config,
             services,
             service_by_id,
@@ -499,7 +680,12 @@ impl Core {
             shutdown_forced: false,
             aux_conns: 0,
             aux_deadlines: VecDeque::new(),
-            interval_end: now + interval,
+            // Only core 0 keeps the interval clock (see `on_timers`).
+            interval_end: if index == 0 {
+                now + interval
+            } else {
+                now + Duration::from_secs(100 * 365 * 86400)
+            },
             interval_start_wall: std::time::SystemTime::now(),
             interval_logger,
             started: now,
@@ -509,8 +695,11 @@ impl Core {
         for index in 0..core.listeners.len() {
             core.arm_accept(index);
         }
-        core.arm_signal();
+        if core.signal_fd.is_some() {
+            core.arm_signal();
+        }
         core.arm_spawn_wake();
+        core.arm_inbox();
         for service in 0..core.services.len() {
             core.run_pool_actions(service);
         }
@@ -584,8 +773,14 @@ impl Core {
                     self.complete(user_data, result, flags);
                 }
             }
+            if self.shared.cores.len() > 1 {
+                self.rebalance();
+                self.publish();
+            }
             self.on_timers();
             if self.finished() {
+                // Wake-ups and answers for other cores may still sit in the submission queue.
+                self.ring.submit()?;
                 return Ok(());
             }
         }
@@ -645,15 +840,19 @@ impl Core {
             }
         }
         if now >= self.interval_end {
-            self.end_interval();
+            // Core 0 keeps the interval clock: every core ends its interval when asked, and
+            // core 0 logs the merged interval.
+            let interval = Duration::from_millis(self.config.histogram_log_interval_ms);
+            let wall_now = std::time::SystemTime::now();
+            let purpose = Purpose::Interval(self.interval_start_wall, wall_now);
+            self.interval_start_wall = wall_now;
+            self.interval_end = self.now + interval;
+            self.start_gather(purpose);
         }
     }
 
-    /// A latency interval ended: keep it as "last interval" for status and append it to the
-    /// interval log.
+    /// A latency interval ended: keep it as "last interval" for status.
     fn end_interval(&mut self) {
-        let interval = Duration::from_millis(self.config.histogram_log_interval_ms);
-        let wall_now = std::time::SystemTime::now();
         for service in &mut self.services {
             std::mem::swap(
                 &mut service.latency_last_interval,
@@ -661,18 +860,6 @@ impl Core {
             );
             service.latency_interval.reset();
         }
-        if let Some(logger) = &mut self.interval_logger {
-            let histograms: Vec<(&str, &LatencyHistograms)> = self
-                .services
-                .iter()
-                .map(|s| (s.name.as_str(), &s.latency_last_interval))
-                .collect();
-            if let Err(error) = logger.append(wall_now, self.interval_start_wall, &histograms) {
-                tracing::warn!(%error, "cannot append to the histogram log");
-            }
-        }
-        self.interval_start_wall = wall_now;
-        self.interval_end = self.now + interval;
     }
 
     fn complete(&mut self, user_data: u64, result: i32, flags: u32) {
@@ -726,6 +913,13 @@ impl Core {
             }
             OpKind::Signal => self.on_signal(result),
             OpKind::SpawnWake => self.on_spawn_wake(result),
+            OpKind::Inbox => self.on_inbox(result),
+            OpKind::WakeSent => {
+                if result < 0 {
+                    let error = io::Error::from_raw_os_error(-result);
+                    tracing::error!(%error, "cannot wake another core");
+                }
+            }
             OpKind::Cancel => {}
         }
     }
@@ -773,9 +967,9 @@ impl Core {
 
     fn on_new_connection(&mut self, fd: OwnedFd, kind: ListenerKind) {
         let aux = !kind.is_caller();
-        let callers = self.caller_connections() as usize;
+        let callers = self.shared.callers_total();
         if self.shutdown_deadline.is_some()
-            || (!aux && callers >= self.config.connections_max as usize)
+            || (!aux && callers >= self.config.connections_max as u64)
             || (aux && self.aux_conns >= AUX_CONNECTIONS_MAX)
         {
             self.counters.connections_refused += 1;
@@ -784,6 +978,42 @@ impl Core {
         }
         if kind == ListenerKind::Tcp {
             let _ = rustix::net::sockopt::set_tcp_nodelay(&fd, true);
+        }
+        if !aux {
+            // Keep the cores' connection counts even: hand the connection to the core with
+            // the fewest when that is not us (counted there at once, so that concurrent
+            // accepts see it).
+            let cores = &self.shared.cores;
+            let count = |core: usize| cores[core].callers.load(Ordering::Relaxed);
+            let least = (0..cores.len()).min_by_key(|&c| (count(c), c != self.index));
+            if let Some(core) = least.filter(|&c| c != self.index && count(c) < count(self.index)) {
+                cores[core].callers.fetch_add(1, Ordering::Relaxed);
+                self.counters.connections_handed_over += 1;
+                self.post(core, Msg::Connection { fd, kind });
+                return;
+            }
+        }
+        self.add_conn(fd, kind, false);
+    }
+
+    /// Register a connection on this core. `counted`: it is in our `callers` count already
+    /// (handed over by another core).
+    fn add_conn(&mut self, fd: OwnedFd, kind: ListenerKind, counted: bool) {
+        let aux = !kind.is_caller();
+        if !aux {
+            if self.shutdown_deadline.is_some() {
+                // Handed over just as we began stopping.
+                self.shared.cores[self.index]
+                    .callers
+                    .fetch_sub(1, Ordering::Relaxed);
+                self.counters.connections_refused += 1;
+                return;
+            }
+            if !counted {
+                self.shared.cores[self.index]
+                    .callers
+                    .fetch_add(1, Ordering::Relaxed);
+            }
         }
         self.aux_conns += usize::from(aux);
         let generation = self.generation();
@@ -825,8 +1055,9 @@ impl Core {
 
     fn arm_signal(&mut self) {
         self.signal_in_flight = true;
+        let fd = self.signal_fd.as_ref().expect("core 0 has the signalfd");
         let entry = opcode::Read::new(
-            types::Fd(self.signal_fd.as_raw_fd()),
+            types::Fd(fd.as_raw_fd()),
             self.signal_buf.as_mut_ptr(),
             self.signal_buf.len() as u32,
         )
@@ -840,12 +1071,18 @@ impl Core {
         self.signal_in_flight = false;
         if result >= 4 {
             let signo = u32::from_ne_bytes(self.signal_buf[0..4].try_into().expect("4 bytes"));
-            if self.shutdown_deadline.is_none() {
-                tracing::info!(signal = signo, "stopping: finishing requests in flight");
-                self.begin_shutdown();
-            } else {
+            let now = self.shutdown_deadline.is_some();
+            if now {
                 tracing::warn!(signal = signo, "second signal: stopping now");
                 self.shutdown_deadline = Some(self.now);
+            } else {
+                tracing::info!(signal = signo, "stopping: finishing requests in flight");
+                // Before telling anyone: see `shared` on not losing a forwarded request.
+                self.shared.shutdown.store(true, Ordering::SeqCst);
+                self.begin_shutdown();
+            }
+            for core in 1..self.shared.cores.len() {
+                self.post(core, Msg::Shutdown { now });
             }
         }
         self.arm_signal();
@@ -873,6 +1110,448 @@ impl Core {
         }
         self.spawn_results = results;
         self.arm_spawn_wake();
+    }
+
+    // ----- other cores -------------------------------------------------------------------------
+
+    fn arm_inbox(&mut self) {
+        self.inbox_in_flight = true;
+        let fd = self.shared.cores[self.index].wake.as_raw_fd();
+        let entry = opcode::Read::new(types::Fd(fd), self.inbox_buf.as_mut_ptr(), 8)
+            .offset(u64::MAX)
+            .build()
+            .user_data(Token::new(OpKind::Inbox, 0, 0).encode());
+        self.push(entry);
+    }
+
+    /// Send a message to another core, waking it through our ring (the write goes out with
+    /// this turn's submit).
+    fn post(&mut self, core: usize, msg: Msg) {
+        debug_assert_ne!(core, self.index);
+        if self.shared.post(core, msg) {
+            static ONE: u64 = 1;
+            let fd = self.shared.cores[core].wake.as_raw_fd();
+            let entry = opcode::Write::new(types::Fd(fd), (&ONE as *const u64).cast(), 8)
+                .offset(u64::MAX)
+                .build()
+                .user_data(Token::new(OpKind::WakeSent, core, 0).encode());
+            self.push(entry);
+        }
+    }
+
+    fn on_inbox(&mut self, result: i32) {
+        self.inbox_in_flight = false;
+        if result < 0 && result != -libc::EAGAIN {
+            let error = io::Error::from_raw_os_error(-result);
+            tracing::error!(%error, "reading the inbox eventfd failed");
+        }
+        let mut batch = std::mem::take(&mut self.inbox_batch);
+        self.shared.drain(self.index, &mut batch);
+        for msg in batch.drain(..) {
+            self.on_message(msg);
+        }
+        self.inbox_batch = batch;
+        self.arm_inbox();
+    }
+
+    fn on_message(&mut self, msg: Msg) {
+        match msg {
+            Msg::Forward(forward) => self.on_forward(forward),
+            Msg::Answer { request, frame } => self.on_answer(request, frame),
+            Msg::Connection { fd, kind } => self.add_conn(fd, kind, true),
+            Msg::Shutdown { now: false } => {
+                if self.shutdown_deadline.is_none() {
+                    self.begin_shutdown();
+                }
+            }
+            Msg::Shutdown { now: true } => self.shutdown_deadline = Some(self.now),
+            Msg::ReportRequest { id, end_interval } => {
+                if end_interval {
+                    self.end_interval();
+                }
+                let report = Box::new(self.report());
+                self.post(0, Msg::Report { id, report });
+            }
+            Msg::Report { id, report } => self.on_report(id, &report),
+            Msg::Wake => {}
+        }
+    }
+
+    /// Where a new request of `service` should run: here, or on the core returned.
+    ///
+    /// In order: an idle worker here; an idle worker on another core (claimed); a busy worker
+    /// here with room for a queued job, or room here to start one; room to start one on another
+    /// core (claimed); our backlog. A core with no shard of the service sends everything to
+    /// the core with the shortest backlog.
+    fn place(&mut self, service: usize) -> Option<usize> {
+        let cores = self.shared.cores.len();
+        let pool = &self.services[service].pool;
+        if cores == 1 || pool.idle() > 0 || self.shutdown_deadline.is_some() {
+            return None;
+        }
+        if let Some(core) = self.claim_on_other_core(service, |c| &c.idle) {
+            return Some(core);
+        }
+        let pool = &self.services[service].pool;
+        if pool.takes_now() || pool.room() > 0 {
+            return None;
+        }
+        if let Some(core) = self.claim_on_other_core(service, |c| &c.room) {
+            return Some(core);
+        }
+        if self.services[service].pool.policy().max_workers > 0 {
+            return None;
+        }
+        (0..cores)
+            .filter(|&c| self.shared.cores[c].services[service].max_workers > 0)
+            .min_by_key(|&c| {
+                self.shared.cores[c].services[service]
+                    .backlog
+                    .load(Ordering::Relaxed)
+            })
+    }
+
+    /// Claim one unit of another core's published count for `service`, searching from a
+    /// rotating start so that forwards spread.
+    fn claim_on_other_core(
+        &mut self,
+        service: usize,
+        count: impl Fn(&shared::ShardCounts) -> &std::sync::atomic::AtomicU32,
+    ) -> Option<usize> {
+        let cores = self.shared.cores.len();
+        for step in 1..=cores {
+            let core = (self.next_core + step) % cores;
+            if core == self.index {
+                continue;
+            }
+            if shared::claim(count(&self.shared.cores[core].services[service])) {
+                self.next_core = core;
+                return Some(core);
+            }
+        }
+        None
+    }
+
+    /// Send a request of ours to another core to run. Returns false (and changes nothing) when
+    /// the bridge is shutting down: then it runs here.
+    fn forward(&mut self, request: u64, core: usize) -> bool {
+        let index = self.request_index(request);
+        if let Origin::Core {
+            core: home,
+            request: home_request,
+        } = self.requests[index].origin
+        {
+            // Forwarded to us and waiting in our backlog: pass it on, answered to its home
+            // core directly. It stays one forward (counted once, when it left home).
+            let entry = self.requests.remove(index);
+            let forward = Forward {
+                from: home,
+                request: home_request,
+                caller_request_id: entry.caller_request_id,
+                service: entry.service,
+                payload: entry.payload,
+                deadline: entry.deadline,
+                arrived: entry.arrived,
+            };
+            self.counters.requests_forwarded += 1;
+            self.post(core, Msg::Forward(forward));
+            return true;
+        }
+        // Count first, then look at the flag (see `shared`).
+        self.shared
+            .forwards_in_flight
+            .fetch_add(1, Ordering::SeqCst);
+        if self.shared.shutdown.load(Ordering::SeqCst) {
+            self.forward_settled();
+            return false;
+        }
+        let entry = &mut self.requests[index];
+        entry.forwarded_to = Some(core);
+        let forward = Forward {
+            from: self.index,
+            request,
+            caller_request_id: entry.caller_request_id,
+            service: entry.service,
+            payload: std::mem::take(&mut entry.payload),
+            deadline: entry.deadline,
+            arrived: entry.arrived,
+        };
+        self.counters.requests_forwarded += 1;
+        self.post(core, Msg::Forward(forward));
+        true
+    }
+
+    /// A forwarded request was answered (or given up): when the bridge is stopping and it was
+    /// the last, every core may be waiting for it.
+    fn forward_settled(&mut self) {
+        let previous = self
+            .shared
+            .forwards_in_flight
+            .fetch_sub(1, Ordering::SeqCst);
+        if previous == 1 && self.shared.shutdown.load(Ordering::SeqCst) {
+            self.wake_all();
+        }
+    }
+
+    fn wake_all(&mut self) {
+        for core in 0..self.shared.cores.len() {
+            if core != self.index {
+                self.post(core, Msg::Wake);
+            }
+        }
+    }
+
+    /// Another core sent us a request to run.
+    fn on_forward(&mut self, forward: Forward) {
+        let service = forward.service;
+        let now = self.now;
+        if forward.from == self.index {
+            // One of ours, passed back to us by the core we sent it to: run it here.
+            let index = self.request_index(forward.request);
+            let entry = &mut self.requests[index];
+            debug_assert!(entry.forwarded_to.is_some());
+            entry.forwarded_to = None;
+            entry.payload = forward.payload;
+            self.forward_settled();
+            self.services[service]
+                .pool
+                .on_request(now, forward.request, forward.deadline);
+            self.run_pool_actions(service);
+            return;
+        }
+        let generation = self.generation();
+        let request = self.requests.insert(Request {
+            generation,
+            origin: Origin::Core {
+                core: forward.from,
+                request: forward.request,
+            },
+            forwarded_to: None,
+            caller_request_id: forward.caller_request_id,
+            service,
+            payload: forward.payload,
+            deadline: forward.deadline,
+            arrived: forward.arrived,
+            dispatched: None,
+        });
+        self.services[service]
+            .pool
+            .on_request(now, handle(request, generation), forward.deadline);
+        self.run_pool_actions(service);
+    }
+
+    /// The answer to a request we forwarded: pass it to the caller.
+    fn on_answer(&mut self, request: u64, frame: Vec<u8>) {
+        self.forward_settled();
+        let index = self.request_index(request);
+        let entry = self.requests.remove(index);
+        debug_assert!(entry.forwarded_to.is_some());
+        let conn_handle = match entry.origin {
+            Origin::Conn(conn) => conn,
+            Origin::Core { .. } => unreachable!("forwarded requests are not forwarded again"),
+        };
+        self.recycle_payload(entry.payload);
+        if let Some(conn) = self.conns.get_mut(handle_index(conn_handle)) {
+            if conn.generation == handle_generation(conn_handle) {
+                conn.requests_in_flight -= 1;
+            }
+        }
+        if let Some(conn) = self.live_conn(conn_handle) {
+            self.conns[conn].send.tail().extend_from_slice(&frame);
+            self.after_queueing(conn);
+            self.close_conn_if_finished(conn);
+        }
+        self.recycle_payload(frame);
+    }
+
+    /// Send the answer frame for a request another core forwarded to us.
+    fn send_answer(&mut self, core: usize, request: u64, frame: Vec<u8>) {
+        self.post(core, Msg::Answer { request, frame });
+    }
+
+    /// Move waiting requests to cores that have idle workers for them.
+    fn rebalance(&mut self) {
+        if self.shutdown_deadline.is_some() {
+            return;
+        }
+        for service in 0..self.services.len() {
+            while self.services[service].pool.backlog_len() > 0 {
+                let Some(core) = self.claim_on_other_core(service, |c| &c.idle) else {
+                    break;
+                };
+                let now = self.now;
+                let Some(request) = self.services[service].pool.take_backlogged(now) else {
+                    break;
+                };
+                if !self.forward(request, core) {
+                    // Stopping after all: it goes back to the end of our backlog.
+                    let deadline = self.requests[handle_index(request)].deadline;
+                    self.services[service]
+                        .pool
+                        .on_request(now, request, deadline);
+                    self.run_pool_actions(service);
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Store our placement counts for the other cores. When an idle worker appears and another
+    /// core has a backlog for it, wake that core so that it forwards.
+    fn publish(&mut self) {
+        let mut wake = 0u64;
+        for service in 0..self.services.len() {
+            let pool = &self.services[service].pool;
+            let (idle, room, backlog) = (pool.idle(), pool.room(), pool.backlog_len());
+            let counts = &self.shared.cores[self.index].services[service];
+            let had_idle = shared::publish(&counts.idle, idle) > 0;
+            shared::publish(&counts.room, room);
+            shared::publish(&counts.backlog, backlog);
+            if idle > 0 && !had_idle {
+                for (core, other) in self.shared.cores.iter().enumerate() {
+                    if core != self.index
+                        && other.services[service].backlog.load(Ordering::Relaxed) > 0
+                    {
+                        wake |= 1 << (core % 64);
+                    }
+                }
+            }
+        }
+        for core in 0..self.shared.cores.len().min(64) {
+            if wake & (1 << core) != 0 {
+                self.post(core, Msg::Wake);
+            }
+        }
+    }
+
+    // ----- status, metrics and intervals across cores ------------------------------------------
+
+    /// This core's report.
+    fn report(&self) -> CoreReport {
+        let mut pids_by_service: Vec<Vec<i32>> = vec![Vec::new(); self.services.len()];
+        for (_, worker) in &self.workers {
+            pids_by_service[worker.service].push(worker.pid);
+        }
+        let services = self
+            .services
+            .iter()
+            .zip(pids_by_service)
+            .map(|(service, pids)| {
+                let pool = &service.pool;
+                ShardReport {
+                    starting: pool.starting(),
+                    idle: pool.idle(),
+                    busy: pool.busy(),
+                    stopping: pool.stopping_count(),
+                    min_workers: pool.policy().min_workers,
+                    max_workers: pool.policy().max_workers,
+                    backlog: pool.backlog_len(),
+                    failing: pool.is_failing(),
+                    spawn_rate: pool.spawn_rate(),
+                    stats: pool.stats(),
+                    pids,
+                    counters: service.counters,
+                    latency: service.latency.clone(),
+                    latency_last_interval: service.latency_last_interval.clone(),
+                }
+            })
+            .collect();
+        let cores = self.shared.cores.len();
+        let mut connections_by_core = vec![0; cores];
+        connections_by_core[self.index] = self.caller_connections();
+        let mut requests_by_core = vec![0; cores];
+        requests_by_core[self.index] = self.counters.requests_ok + self.counters.requests_failed;
+        CoreReport {
+            connections_by_core,
+            requests_by_core,
+            connections: self.caller_connections(),
+            slots_registered: self.slots_registered(),
+            worker_processes: self.workers.len() as u64,
+            counters: self.counters.clone(),
+            services,
+        }
+    }
+
+    /// Ask every core for its report; `finish_gather` runs once all have answered.
+    fn start_gather(&mut self, purpose: Purpose) {
+        debug_assert_eq!(self.index, 0);
+        self.next_gather += 1;
+        let id = self.next_gather;
+        let end_interval = matches!(purpose, Purpose::Interval(..));
+        if end_interval {
+            self.end_interval();
+        }
+        let cores = self.shared.cores.len();
+        self.gathers.push(Gather {
+            id,
+            purpose,
+            merged: self.report(),
+            waiting: cores - 1,
+        });
+        for core in 1..cores {
+            self.post(core, Msg::ReportRequest { id, end_interval });
+        }
+        if cores == 1 {
+            self.finish_gather(self.gathers.len() - 1);
+        }
+    }
+
+    fn on_report(&mut self, id: u64, report: &CoreReport) {
+        let Some(position) = self.gathers.iter().position(|g| g.id == id) else {
+            return;
+        };
+        let gather = &mut self.gathers[position];
+        gather.merged.add(report);
+        gather.waiting -= 1;
+        if gather.waiting == 0 {
+            self.finish_gather(position);
+        }
+    }
+
+    fn finish_gather(&mut self, position: usize) {
+        let gather = self.gathers.swap_remove(position);
+        match gather.purpose {
+            Purpose::Status(conn) => {
+                let Some(index) = self.live_conn(conn) else {
+                    return;
+                };
+                let mut json =
+                    serde_json::to_vec(&self.status(&gather.merged)).expect("status serializes");
+                json.push(b'\n');
+                self.answer_aux(index, &json);
+            }
+            Purpose::Metrics(conn, request) => {
+                let Some(index) = self.live_conn(conn) else {
+                    return;
+                };
+                let snapshot = self.metrics_snapshot(&gather.merged);
+                if let Some(response) = metrics::http_response(&request, || snapshot) {
+                    self.answer_aux(index, &response);
+                }
+            }
+            Purpose::Interval(start, end) => {
+                if let Some(logger) = &mut self.interval_logger {
+                    let histograms: Vec<(&str, &LatencyHistograms)> = self
+                        .services
+                        .iter()
+                        .zip(&gather.merged.services)
+                        .map(|(s, shard)| (s.name.as_str(), &shard.latency_last_interval))
+                        .collect();
+                    if let Err(error) = logger.append(end, start, &histograms) {
+                        tracing::warn!(%error, "cannot append to the histogram log");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Send an admin or metrics answer and close the connection after it.
+    fn answer_aux(&mut self, index: usize, answer: &[u8]) {
+        let conn = &mut self.conns[index];
+        conn.read.consume(conn.read.len());
+        conn.send.tail().extend_from_slice(answer);
+        conn.close_when_flushed = true;
+        self.arm_conn_send(index);
     }
 
     // ----- caller connections ----------------------------------------------------------------
@@ -1013,25 +1692,40 @@ impl Core {
 
     /// A metrics connection sent bytes: answer its HTTP request, then close.
     fn handle_metrics(&mut self, index: usize) {
+        if self.conns[index].requests_in_flight > 0 {
+            return; // Gathering the answer already.
+        }
         let request = self.conns[index].read.filled().to_vec();
-        let Some(response) = metrics::http_response(&request, || self.metrics_snapshot()) else {
-            return;
-        };
-        let conn = &mut self.conns[index];
-        conn.read.consume(conn.read.len());
-        conn.send.tail().extend_from_slice(&response);
-        conn.close_when_flushed = true;
-        self.arm_conn_send(index);
+        let mut wants_snapshot = false;
+        let response = metrics::http_response(&request, || {
+            wants_snapshot = true;
+            MetricsSnapshot::default()
+        });
+        if wants_snapshot {
+            // A whole `GET /metrics`: answer it once every core has reported.
+            self.gather_for(index, |conn| Purpose::Metrics(conn, request));
+        } else if let Some(response) = response {
+            self.answer_aux(index, &response);
+        }
     }
 
-    fn metrics_snapshot(&self) -> MetricsSnapshot {
+    /// Start gathering reports to answer an admin or metrics connection.
+    fn gather_for(&mut self, index: usize, purpose: impl FnOnce(u64) -> Purpose) {
+        let conn = &mut self.conns[index];
+        conn.read.consume(conn.read.len());
+        conn.requests_in_flight += 1;
+        let conn = handle(index, conn.generation);
+        self.start_gather(purpose(conn));
+    }
+
+    fn metrics_snapshot(&self, report: &CoreReport) -> MetricsSnapshot {
         let services = self
             .services
             .iter()
-            .map(|service| {
-                let pool = &service.pool;
-                let stats = pool.stats();
-                let counters = &service.counters;
+            .zip(&report.services)
+            .map(|(service, shard)| {
+                let stats = shard.stats;
+                let counters = &shard.counters;
                 let requests_failed = counters
                     .failures()
                     .map(|(code, count)| (code.metric_name(), count))
@@ -1055,19 +1749,19 @@ impl Core {
                         ("failed_start", stats.failed_starts),
                     ],
                     workers: vec![
-                        ("starting", pool.starting() as u64),
-                        ("idle", pool.idle() as u64),
-                        ("busy", pool.busy() as u64),
-                        ("stopping", pool.stopping_count() as u64),
+                        ("starting", shard.starting as u64),
+                        ("idle", shard.idle as u64),
+                        ("busy", shard.busy as u64),
+                        ("stopping", shard.stopping as u64),
                     ],
-                    backlog: pool.backlog_len() as u64,
-                    latency: service.latency.clone(),
+                    backlog: shard.backlog as u64,
+                    latency: shard.latency.clone(),
                 }
             })
             .collect();
         MetricsSnapshot {
-            connections: self.caller_connections(),
-            slots_in_use: self.slots_registered(),
+            connections: report.connections,
+            slots_in_use: report.slots_registered,
             services,
         }
     }
@@ -1075,6 +1769,9 @@ impl Core {
     /// An admin connection sent bytes: answer its one command line, then close.
     fn handle_admin(&mut self, index: usize) {
         let conn = &mut self.conns[index];
+        if conn.requests_in_flight > 0 {
+            return; // Gathering the answer already.
+        }
         let filled = conn.read.filled();
         let Some(end) = filled.iter().position(|b| *b == b'\n') else {
             if filled.len() > ADMIN_LINE_BYTES_MAX {
@@ -1087,19 +1784,13 @@ impl Core {
             return;
         };
         let command = String::from_utf8_lossy(&filled[..end]).trim().to_string();
-        let reply = match command.as_str() {
-            "status" => {
-                let mut json = serde_json::to_vec(&self.status()).expect("status serializes");
-                json.push(b'\n');
-                json
+        match command.as_str() {
+            "status" => self.gather_for(index, Purpose::Status),
+            other => {
+                let reply = format!("error: unknown command {other:?} (try \"status\")\n");
+                self.answer_aux(index, reply.as_bytes());
             }
-            other => format!("error: unknown command {other:?} (try \"status\")\n").into_bytes(),
-        };
-        let conn = &mut self.conns[index];
-        conn.read.consume(conn.read.len());
-        conn.send.tail().extend_from_slice(&reply);
-        conn.close_when_flushed = true;
-        self.arm_conn_send(index);
+        }
     }
 
     /// Caller connections open now (admin and metrics ones are not callers).
@@ -1115,21 +1806,16 @@ impl Core {
             .count() as u64
     }
 
-    /// The status report (see `crate::status`).
-    fn status(&self) -> Status {
-        let mut pids_by_service: Vec<Vec<i32>> = vec![Vec::new(); self.services.len()];
-        for (_, worker) in &self.workers {
-            pids_by_service[worker.service].push(worker.pid);
-        }
+    /// The status report (see `crate::status`) from the merged reports of every core.
+    fn status(&self, report: &CoreReport) -> Status {
         let services = self
             .services
             .iter()
-            .zip(pids_by_service)
-            .map(|(service, pids)| {
-                let pool = &service.pool;
-                let stats = pool.stats();
-                let policy = pool.policy();
-                let requests_failed = service
+            .zip(&report.services)
+            .map(|(service, shard)| {
+                let stats = shard.stats;
+                let policy = service.pool.policy();
+                let requests_failed = shard
                     .counters
                     .failures()
                     .filter(|(_, count)| *count > 0)
@@ -1139,16 +1825,16 @@ impl Core {
                     id: service.id,
                     name: service.name.clone(),
                     mode: format!("{:?}", policy.mode).to_lowercase(),
-                    state: if pool.is_failing() { "failing" } else { "ok" }.to_string(),
-                    workers_starting: pool.starting(),
-                    workers_idle: pool.idle(),
-                    workers_busy: pool.busy(),
-                    workers_stopping: pool.stopping_count(),
-                    min_workers: policy.min_workers,
-                    max_workers: policy.max_workers,
-                    backlog: pool.backlog_len(),
+                    state: if shard.failing { "failing" } else { "ok" }.to_string(),
+                    workers_starting: shard.starting,
+                    workers_idle: shard.idle,
+                    workers_busy: shard.busy,
+                    workers_stopping: shard.stopping,
+                    min_workers: shard.min_workers,
+                    max_workers: shard.max_workers,
+                    backlog: shard.backlog,
                     backlog_max_seen: stats.backlog_len_max,
-                    requests_ok: service.counters.ok,
+                    requests_ok: shard.counters.ok,
                     requests_failed,
                     spawns: stats.spawns,
                     failed_starts: stats.failed_starts,
@@ -1158,10 +1844,10 @@ impl Core {
                     exits_timed_out: stats.exits_timed_out,
                     exits_killed: stats.exits_killed,
                     exits_shutdown: stats.exits_shutdown,
-                    spawn_rate: pool.spawn_rate(),
-                    pids,
-                    latency_since_start: latency_summary(&service.latency),
-                    latency_last_interval: latency_summary(&service.latency_last_interval),
+                    spawn_rate: shard.spawn_rate,
+                    pids: shard.pids.clone(),
+                    latency_since_start: latency_summary(&shard.latency),
+                    latency_last_interval: latency_summary(&shard.latency_last_interval),
                 }
             })
             .collect();
@@ -1172,15 +1858,20 @@ impl Core {
             version: env!("CARGO_PKG_VERSION").to_string(),
             pid: std::process::id(),
             uptime_ms: self.started.elapsed().as_millis() as u64,
-            connections: self.caller_connections(),
-            slots_registered: self.slots_registered(),
-            worker_processes: self.workers.len() as u64,
-            requests_ok: self.counters.requests_ok,
-            requests_failed: self.counters.requests_failed,
-            malformed_frames: self.counters.malformed_frames,
-            connections_refused: self.counters.connections_refused,
-            slow_callers_disconnected: self.counters.slow_callers_disconnected,
-            replies_sent_from_slot: self.counters.replies_sent_from_slot,
+            cores: self.shared.cores.len() as u32,
+            connections: report.connections,
+            connections_by_core: report.connections_by_core.clone(),
+            requests_by_core: report.requests_by_core.clone(),
+            slots_registered: report.slots_registered,
+            worker_processes: report.worker_processes,
+            requests_ok: report.counters.requests_ok,
+            requests_failed: report.counters.requests_failed,
+            requests_forwarded: report.counters.requests_forwarded,
+            connections_handed_over: report.counters.connections_handed_over,
+            malformed_frames: report.counters.malformed_frames,
+            connections_refused: report.counters.connections_refused,
+            slow_callers_disconnected: report.counters.slow_callers_disconnected,
+            replies_sent_from_slot: report.counters.replies_sent_from_slot,
             services,
         }
     }
@@ -1243,7 +1934,7 @@ impl Core {
                         ErrorCode::UnknownService,
                         &message,
                     );
-                    self.spare_payloads.push(payload);
+                    self.recycle_payload(payload);
                     return;
                 };
                 let now = self.now;
@@ -1265,7 +1956,8 @@ impl Core {
                 let generation = self.generation();
                 let request = self.requests.insert(Request {
                     generation,
-                    conn: conn_handle,
+                    origin: Origin::Conn(conn_handle),
+                    forwarded_to: None,
                     caller_request_id: header.request_id,
                     service,
                     payload,
@@ -1273,15 +1965,21 @@ impl Core {
                     arrived: now,
                     dispatched: None,
                 });
+                let request = handle(request, generation);
+                if let Some(core) = self.place(service) {
+                    if self.forward(request, core) {
+                        return;
+                    }
+                }
                 self.services[service]
                     .pool
-                    .on_request(now, handle(request, generation), deadline);
+                    .on_request(now, request, deadline);
                 self.run_pool_actions(service);
                 return;
             }
             _ => unreachable!("checked by is_caller_to_bridge"),
         }
-        self.spare_payloads.push(payload);
+        self.recycle_payload(payload);
     }
 
     /// Queue a whole answer frame for the caller, disconnecting a caller that does not read.
@@ -1402,7 +2100,13 @@ impl Core {
         let conn = &self.conns[index];
         if conn.closing && !conn.recv_in_flight && !conn.send.in_flight {
             let conn = self.conns.remove(index);
-            self.aux_conns -= usize::from(!conn.kind.is_caller());
+            if conn.kind.is_caller() {
+                self.shared.cores[self.index]
+                    .callers
+                    .fetch_sub(1, Ordering::Relaxed);
+            } else {
+                self.aux_conns -= 1;
+            }
         }
     }
 
@@ -1428,11 +2132,13 @@ impl Core {
         index
     }
 
-    /// Remove a finished request and account for it on its connection.
-    /// `outcome` is `None` for a reply, else the error code it was answered with.
-    fn finish_request(&mut self, request: u64, outcome: Option<ErrorCode>) -> Option<usize> {
+    /// Remove a finished request and account for it on its connection (here, or on the core
+    /// it came from). `outcome` is `None` for a reply, else the error code it was answered
+    /// with. Returns where the answer goes: a live connection of ours, or another core.
+    fn finish_request(&mut self, request: u64, outcome: Option<ErrorCode>) -> Option<Dest> {
         let index = self.request_index(request);
         let entry = self.requests.remove(index);
+        debug_assert!(entry.forwarded_to.is_none());
         let now = self.now;
         let queue_wait = entry
             .dispatched
@@ -1456,18 +2162,34 @@ impl Core {
                 counters.errors[code as usize] += 1;
             }
         }
-        let mut payload = entry.payload;
-        if payload.capacity() <= 64 * 1024 && self.spare_payloads.len() < 1024 {
-            payload.clear();
-            self.spare_payloads.push(payload);
-        }
-        let conn_index = handle_index(entry.conn);
+        self.recycle_payload(entry.payload);
+        let conn_handle = match entry.origin {
+            Origin::Conn(conn) => conn,
+            Origin::Core { core, request } => return Some(Dest::Core { core, request }),
+        };
+        let conn_index = handle_index(conn_handle);
         if let Some(conn) = self.conns.get_mut(conn_index) {
-            if conn.generation == handle_generation(entry.conn) {
+            if conn.generation == handle_generation(conn_handle) {
                 conn.requests_in_flight -= 1;
             }
         }
-        self.live_conn(entry.conn)
+        self.live_conn(conn_handle).map(Dest::Conn)
+    }
+
+    /// An empty buffer for a payload or frame, from the spares when there is one.
+    fn spare_buffer(&mut self) -> Vec<u8> {
+        let mut buffer = self.spare_payloads.pop().unwrap_or_default();
+        buffer.clear();
+        buffer
+    }
+
+    /// Keep a payload buffer for the next request (up to a point).
+    fn recycle_payload(&mut self, mut payload: Vec<u8>) {
+        let capacity = payload.capacity();
+        if capacity > 0 && capacity <= 64 * 1024 && self.spare_payloads.len() < 1024 {
+            payload.clear();
+            self.spare_payloads.push(payload);
+        }
     }
 
     fn fail_request(&mut self, request: u64, code: ErrorCode, message: &str) {
@@ -1477,9 +2199,19 @@ impl Core {
             (entry.caller_request_id, entry.service)
         };
         let service_id = self.services[service].id;
-        if let Some(conn) = self.finish_request(request, Some(code)) {
-            self.answer_error(conn, caller_request_id, service_id, code, message);
-            self.close_conn_if_finished(conn);
+        match self.finish_request(request, Some(code)) {
+            Some(Dest::Conn(conn)) => {
+                self.answer_error(conn, caller_request_id, service_id, code, message);
+                self.close_conn_if_finished(conn);
+            }
+            Some(Dest::Core { core, request }) => {
+                let mut frame = self.spare_buffer();
+                let header =
+                    Header::error(caller_request_id, service_id, code, message.len() as u32);
+                proto::encode_frame(&mut frame, &header, message.as_bytes());
+                self.send_answer(core, request, frame);
+            }
+            None => {}
         }
     }
 
@@ -1519,10 +2251,13 @@ impl Core {
             .now
             .saturating_duration_since(self.requests[handle_index(request)].arrived);
         match reason {
-            RejectReason::BacklogFull => format!(
-                "service {name} is at max_workers ({}) and its backlog is full ({})",
-                policy.max_workers, policy.backlog_max
-            ),
+            RejectReason::BacklogFull => {
+                let config = &self.config.services[service];
+                format!(
+                    "service {name} is at max_workers ({}) and its backlog is full ({})",
+                    config.max_workers, config.backlog_max
+                )
+            }
             RejectReason::BacklogTimeout => {
                 format!(
                     "service {name}: waited {} ms for a worker",
@@ -1912,12 +2647,19 @@ impl Core {
     /// The busy worker answered its job: validate the slot, forward the reply, free the worker.
     fn on_job_answer(&mut self, index: usize, request: u64, sequence: u64, header: Header) {
         let request_index = self.request_index(request);
-        let (conn_handle, caller_request_id, service) = {
+        let (origin, caller_request_id, service) = {
             let entry = &self.requests[request_index];
-            (entry.conn, entry.caller_request_id, entry.service)
+            (entry.origin, entry.caller_request_id, entry.service)
         };
         let service_id = self.services[service].id;
-        let conn = self.live_conn(conn_handle);
+        let dest = match origin {
+            Origin::Conn(conn) => self.live_conn(conn).map(Dest::Conn),
+            Origin::Core { core, request } => Some(Dest::Core { core, request }),
+        };
+        let conn = match dest {
+            Some(Dest::Conn(conn)) => Some(conn),
+            _ => None,
+        };
         let in_slot = header.kind == Kind::Done && header.in_slot();
         let front_queued = self.workers[index].front_queued;
         let counters = &mut self.services[service].counters;
@@ -1936,11 +2678,12 @@ impl Core {
                 return;
             }
         }
-        let worker = &mut self.workers[index];
-        let mut target = match conn {
-            Some(conn) => std::mem::take(self.conns[conn].send.tail()),
+        let mut target = match dest {
+            Some(Dest::Conn(conn)) => std::mem::take(self.conns[conn].send.tail()),
+            Some(Dest::Core { .. }) => self.spare_buffer(),
             None => std::mem::take(&mut self.scratch),
         };
+        let worker = &mut self.workers[index];
         let start = target.len();
         target.extend_from_slice(&[0; HEADER_BYTES]);
         // A queued job never touched the slot: nothing there to validate or free.
@@ -1976,8 +2719,10 @@ impl Core {
             }
             None => target.truncate(start),
         }
-        match conn {
-            Some(conn) => *self.conns[conn].send.tail() = target,
+        let mut frame = None;
+        match dest {
+            Some(Dest::Conn(conn)) => *self.conns[conn].send.tail() = target,
+            Some(Dest::Core { .. }) => frame = Some(target),
             None => {
                 target.clear();
                 self.scratch = target;
@@ -1989,10 +2734,16 @@ impl Core {
         }
         let ok = header.kind == Kind::Done;
         let outcome = (!ok).then_some(ErrorCode::ServiceError);
-        let conn = self.finish_request(request, outcome);
-        if let Some(conn) = conn {
-            self.after_queueing(conn);
-            self.close_conn_if_finished(conn);
+        match self.finish_request(request, outcome) {
+            Some(Dest::Conn(conn)) => {
+                self.after_queueing(conn);
+                self.close_conn_if_finished(conn);
+            }
+            Some(Dest::Core { core, request }) => {
+                let frame = frame.expect("built for the core");
+                self.send_answer(core, request, frame);
+            }
+            None => {}
         }
         self.advance(index);
         self.job_done(index);
@@ -2098,7 +2849,7 @@ impl Core {
         self.counters.replies_sent_from_slot += 1;
         let service = self.workers[index].service;
         self.services[service].counters.bytes_out += len as u64;
-        if let Some(conn) = self.finish_request(request, None) {
+        if let Some(Dest::Conn(conn)) = self.finish_request(request, None) {
             self.close_conn_if_finished(conn);
         }
         true
@@ -2397,10 +3148,12 @@ impl Core {
                 self.cancel(Token::new(OpKind::Accept, index, 0));
             }
         }
-        if let Some(path) = &self.config.listen.unix {
-            let _ = std::fs::remove_file(path);
+        if self.index == 0 {
+            if let Some(path) = &self.config.listen.unix {
+                let _ = std::fs::remove_file(path);
+            }
+            let _ = std::fs::remove_file(self.config.admin_socket_path());
         }
-        let _ = std::fs::remove_file(self.config.admin_socket_path());
         for service in 0..self.services.len() {
             let now = self.now;
             self.services[service].pool.begin_stop(now);
@@ -2439,7 +3192,12 @@ impl Core {
         }
     }
 
+    /// Whether the loop may end: this core's work is done and so is every other core's (a
+    /// core that is done keeps answering report requests until all are).
     fn finished(&mut self) -> bool {
+        if self.done {
+            return self.all_cores_done();
+        }
         if self.shutdown_deadline.is_none() || !self.pools_stopped() || !self.workers.is_empty() {
             return false;
         }
@@ -2447,7 +3205,23 @@ impl Core {
         for index in conns {
             self.close_conn_if_finished(index);
         }
-        self.conns.is_empty() && self.listeners.iter().all(|l| !l.accept_in_flight)
+        let mine_done = self.conns.is_empty()
+            && self.listeners.iter().all(|l| !l.accept_in_flight)
+            && self.shared.forwards_in_flight.load(Ordering::SeqCst) == 0
+            && self.shared.inbox_empty(self.index);
+        if !mine_done {
+            return false;
+        }
+        self.done = true;
+        let finished = self.shared.cores_finished.fetch_add(1, Ordering::SeqCst) + 1;
+        if finished == self.shared.cores.len() {
+            self.wake_all();
+        }
+        self.all_cores_done()
+    }
+
+    fn all_cores_done(&self) -> bool {
+        self.shared.cores_finished.load(Ordering::SeqCst) == self.shared.cores.len()
     }
 }
 
@@ -2460,11 +3234,10 @@ fn latency_summary(histograms: &LatencyHistograms) -> crate::status::Latency {
 }
 
 /// Reserve the ring's registered-buffer table: one entry per worker the config allows.
-fn register_buffer_table(ring: &IoUring, config: &Config) -> Vec<u16> {
-    // Twice the workers the config allows: a worker killed for a protocol violation leaves the
-    // pool at once (so its replacement starts) but keeps its entry until it is reaped.
-    let wanted: u32 = config.services.iter().map(|s| s.max_workers).sum();
-    let wanted = (wanted * 2 + 8).min(FIXED_BUFFERS_MAX);
+fn register_buffer_table(ring: &IoUring, workers: u32) -> Vec<u16> {
+    // Twice the workers this core's shards allow: a worker killed for a protocol violation
+    // leaves the pool at once (so its replacement starts) but keeps its entry until reaped.
+    let wanted = (workers * 2 + 8).min(FIXED_BUFFERS_MAX);
     match ring.submitter().register_buffers_sparse(wanted) {
         Ok(()) => (0..wanted as u16).rev().collect(),
         Err(error) => {
@@ -2476,7 +3249,7 @@ fn register_buffer_table(ring: &IoUring, config: &Config) -> Vec<u16> {
 
 /// Registered buffers are charged to RLIMIT_MEMLOCK unless the process has CAP_IPC_LOCK. Say
 /// at startup, with the numbers and the fix, when the configured pools cannot all be registered.
-fn check_memlock(config: &Config) {
+fn check_memlock(config: &Config, cores: usize) {
     let page = rustix::param::page_size() as u64;
     let needed: u64 = config
         .services
@@ -2486,7 +3259,7 @@ fn check_memlock(config: &Config) {
             s.max_workers as u64 * slot.div_ceil(page) * page
         })
         .sum::<u64>()
-        + RING_BYTES;
+        + RING_BYTES * cores as u64;
     let limit = memlock_limit();
     if has_cap_ipc_lock() || needed <= limit {
         tracing::debug!(

@@ -1,12 +1,14 @@
 //! The daemon: process setup (signals, listeners, the spawner thread) and the per-core loop.
 //!
-//! [`run`] blocks SIGTERM/SIGINT before any thread starts so that they arrive only through the
-//! core's signalfd, binds the listeners, prints one `ready` line on stdout (tests and scripts
-//! wait for it instead of sleeping), and runs the core loop on the calling thread until a
-//! graceful stop completes.
+//! [`run`] blocks SIGTERM/SIGINT before any thread starts so that they arrive only through
+//! core 0's signalfd, binds the listeners, starts one event-loop thread per configured core
+//! (pinned to its CPU, with its own ring, spawner, connections and pool shards; see
+//! `docs/scaling.md`), prints one `ready` line on stdout once every core is set up (tests and
+//! scripts wait for it instead of sleeping), and waits for the cores to finish a graceful stop.
 
 pub mod buffer;
 pub mod core;
+pub mod shared;
 pub mod spawn;
 
 use std::io::Write;
@@ -62,56 +64,166 @@ fn bind_unix(path: &std::path::Path, mode: u32) -> anyhow::Result<OwnedFd> {
     Ok(listener.into())
 }
 
+/// A TCP listener with SO_REUSEPORT, so that every core can have its own on the same port.
+fn bind_tcp_reuseport(addr: std::net::SocketAddr) -> std::io::Result<OwnedFd> {
+    use rustix::net::{AddressFamily, SocketFlags, SocketType};
+    let family = if addr.is_ipv4() {
+        AddressFamily::INET
+    } else {
+        AddressFamily::INET6
+    };
+    let fd = rustix::net::socket_with(family, SocketType::STREAM, SocketFlags::CLOEXEC, None)?;
+    rustix::net::sockopt::set_socket_reuseaddr(&fd, true)?;
+    rustix::net::sockopt::set_socket_reuseport(&fd, true)?;
+    rustix::net::bind(&fd, &addr)?;
+    rustix::net::listen(&fd, 4096)?;
+    Ok(fd)
+}
+
+/// Pin the calling thread to one CPU.
+fn pin_to(cpu: usize) -> std::io::Result<()> {
+    let mut set = rustix::thread::CpuSet::new();
+    set.set(cpu);
+    rustix::thread::sched_setaffinity(None, &set)?;
+    Ok(())
+}
+
 /// Run the bridge until SIGTERM/SIGINT and a graceful stop.
 pub fn run(config: Config) -> anyhow::Result<()> {
     let config = Arc::new(config);
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("creating state_dir {}", config.state_dir.display()))?;
+    let cpus = config
+        .cores
+        .cpus(&config::allowed_cpus())
+        .map_err(|reason| anyhow::anyhow!("cores: {reason}"))?;
+    let cores = cpus.len();
     let signal_fd = stop_signals()?;
-    let mut listeners = Vec::new();
+    // Each core's listeners: the Unix socket is shared (every core accepts on it), TCP is one
+    // SO_REUSEPORT socket per core; admin and metrics are served by core 0.
+    let mut listeners: Vec<Vec<(OwnedFd, ListenerKind)>> = (0..cores).map(|_| Vec::new()).collect();
     let mut ready = String::from("acgi-bridge ready");
     if let Some(path) = &config.listen.unix {
         let mode = config::parse_mode(&config.listen.unix_mode).expect("validated");
-        listeners.push((bind_unix(path, mode)?, ListenerKind::Unix));
+        let listener = bind_unix(path, mode)?;
+        for core in listeners.iter_mut().skip(1) {
+            core.push((listener.try_clone()?, ListenerKind::Unix));
+        }
+        listeners[0].insert(0, (listener, ListenerKind::Unix));
         ready.push_str(&format!(" unix={}", path.display()));
         tracing::info!(path = %path.display(), "listening on a Unix socket");
     }
     if let Some(addr) = &config.listen.tcp {
-        let listener =
-            std::net::TcpListener::bind(addr).with_context(|| format!("binding TCP {addr}"))?;
-        let local = listener.local_addr()?;
-        rustix::net::listen(&listener, 4096)?;
-        listeners.push((listener.into(), ListenerKind::Tcp));
+        let wanted: std::net::SocketAddr = std::net::ToSocketAddrs::to_socket_addrs(addr)
+            .with_context(|| format!("resolving TCP {addr}"))?
+            .next()
+            .with_context(|| format!("TCP {addr} resolves to nothing"))?;
+        let first = bind_tcp_reuseport(wanted).with_context(|| format!("binding TCP {addr}"))?;
+        // Port 0 picked a port: the other cores bind that one.
+        let first = std::net::TcpListener::from(first);
+        let local = first.local_addr()?;
+        let first = OwnedFd::from(first);
+        listeners[0].push((first, ListenerKind::Tcp));
+        for core in listeners.iter_mut().skip(1) {
+            let fd = bind_tcp_reuseport(local).with_context(|| format!("binding TCP {local}"))?;
+            core.push((fd, ListenerKind::Tcp));
+        }
         ready.push_str(&format!(" tcp={local}"));
-        tracing::info!(addr = %local, "listening on TCP");
+        tracing::info!(addr = %local, cores, "listening on TCP");
     }
     if let Some(addr) = &config.metrics_listen {
         let listener = std::net::TcpListener::bind(addr)
             .with_context(|| format!("binding the metrics endpoint {addr}"))?;
         let local = listener.local_addr()?;
         rustix::net::listen(&listener, 128)?;
-        listeners.push((listener.into(), ListenerKind::Metrics));
+        listeners[0].push((listener.into(), ListenerKind::Metrics));
         ready.push_str(&format!(" metrics={local}"));
         tracing::info!(addr = %local, "serving Prometheus metrics at /metrics");
     }
     let admin = config.admin_socket_path();
     let admin_mode = config::parse_mode(&config.admin_socket_mode).expect("validated");
-    listeners.push((bind_unix(&admin, admin_mode)?, ListenerKind::Admin));
+    listeners[0].push((bind_unix(&admin, admin_mode)?, ListenerKind::Admin));
     ready.push_str(&format!(" admin={}", admin.display()));
-    let spawner = self::spawn::Spawner::start().context("starting the spawner thread")?;
-    let mut core = self::core::Core::new(self::core::CoreSetup {
-        config: Arc::clone(&config),
-        listeners,
-        signal_fd,
-        spawner,
-    })
-    .context("setting up the io_uring event loop (is io_uring enabled on this kernel?)")?;
+    ready.push_str(&format!(" cores={cores}"));
+
+    let shard_max: Vec<Vec<u32>> = (0..cores)
+        .map(|core| {
+            config
+                .services
+                .iter()
+                .map(|s| s.policy().shard(core, cores).max_workers)
+                .collect()
+        })
+        .collect();
+    let shared = Arc::new(self::shared::Shared::new(&shard_max).context("creating eventfds")?);
+    let mut signal_fd = Some(signal_fd);
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();
+    let mut threads = Vec::new();
+    for (index, (cpu, listeners)) in cpus.iter().copied().zip(listeners).enumerate() {
+        let setup_config = Arc::clone(&config);
+        let shared = Arc::clone(&shared);
+        let signal_fd = signal_fd.take();
+        let ready_tx = ready_tx.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("acgi-core-{index}"))
+            .spawn(move || -> anyhow::Result<self::core::Counters> {
+                let setup = || -> anyhow::Result<self::core::Core> {
+                    if cores > 1 {
+                        pin_to(cpu)
+                            .with_context(|| format!("pinning core {index} to CPU {cpu}"))?;
+                    }
+                    let spawner =
+                        self::spawn::Spawner::start().context("starting the spawner thread")?;
+                    self::core::Core::new(self::core::CoreSetup {
+                        index,
+                        shared,
+                        config: setup_config,
+                        listeners,
+                        signal_fd,
+                        spawner,
+                    })
+                    .context(
+                        "setting up the io_uring event loop (is io_uring enabled on this kernel?)",
+                    )
+                };
+                let mut core = match setup() {
+                    Ok(core) => {
+                        let _ = ready_tx.send(Ok(()));
+                        core
+                    }
+                    Err(error) => {
+                        let _ = ready_tx.send(Err(error));
+                        anyhow::bail!("core {index} did not start");
+                    }
+                };
+                drop(ready_tx);
+                core.run().context("event loop")?;
+                Ok(std::mem::take(&mut core.counters))
+            })
+            .context("starting a core thread")?;
+        threads.push(thread);
+    }
+    drop(ready_tx);
+    for _ in 0..cores {
+        // A core that failed to set up ends the process: the others never get going.
+        ready_rx
+            .recv()
+            .context("a core thread died while starting")??;
+    }
     {
         let mut stdout = std::io::stdout().lock();
         writeln!(stdout, "{ready}")?;
         stdout.flush()?;
     }
-    core.run().context("event loop")?;
-    tracing::info!(counters = ?core.counters, "stopped");
+    tracing::info!(cores, cpus = ?cpus, "running");
+    let mut totals = self::core::Counters::default();
+    for thread in threads {
+        match thread.join() {
+            Ok(Ok(counters)) => totals.add(&counters),
+            Ok(Err(error)) => return Err(error),
+            Err(_) => bail!("a core thread panicked"),
+        }
+    }
+    tracing::info!(counters = ?totals, "stopped");
     Ok(())
 }

@@ -110,6 +110,33 @@ impl Policy {
         }
     }
 
+    /// Shard `index` of `count` (one per core): the worker counts and the backlog are split so
+    /// that the shards add up to exactly this policy's numbers. A service has
+    /// `min(count, max_workers)` shards; shards past that get a policy of zero workers (their
+    /// core forwards every request of the service). Rates, timeouts and the crash limit apply to
+    /// each shard as they are.
+    pub fn shard(&self, index: usize, count: usize) -> Policy {
+        assert!(index < count);
+        let shards = count.min(self.max_workers as usize);
+        let share = |total: u32| -> u32 {
+            if index >= shards {
+                return 0;
+            }
+            let shards = shards as u32;
+            total / shards + u32::from((index as u32) < total % shards)
+        };
+        Policy {
+            min_workers: share(self.min_workers),
+            max_workers: share(self.max_workers),
+            start_workers: share(self.start_workers),
+            spare_min: share(self.spare_min),
+            spare_max: share(self.spare_max),
+            spawn_rate_max: share(self.spawn_rate_max).max(1),
+            backlog_max: share(self.backlog_max),
+            ..self.clone()
+        }
+    }
+
     /// Workers always kept (refilled without pacing).
     pub fn floor(&self) -> u32 {
         match self.mode {
@@ -212,6 +239,29 @@ pub struct Stats {
     pub backlog_len_max: u32,
 }
 
+impl Stats {
+    /// Add another shard's counters (`backlog_len_max` adds up too: the shards' peaks bound
+    /// the service's from above).
+    pub fn add(&mut self, other: &Stats) {
+        self.spawns += other.spawns;
+        self.failed_starts += other.failed_starts;
+        self.dispatched += other.dispatched;
+        self.rejected_overloaded += other.rejected_overloaded;
+        self.rejected_backlog_timeout += other.rejected_backlog_timeout;
+        self.rejected_deadline += other.rejected_deadline;
+        self.rejected_unavailable += other.rejected_unavailable;
+        self.rejected_shutting_down += other.rejected_shutting_down;
+        self.timed_out += other.timed_out;
+        self.exits_recycled += other.exits_recycled;
+        self.exits_idle += other.exits_idle;
+        self.exits_crashed += other.exits_crashed;
+        self.exits_timed_out += other.exits_timed_out;
+        self.exits_killed += other.exits_killed;
+        self.exits_shutdown += other.exits_shutdown;
+        self.backlog_len_max += other.backlog_len_max;
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum State {
     Starting {
@@ -297,7 +347,8 @@ impl Pool {
     /// A pool that immediately asks for its initial workers. `seed` drives the recycling
     /// jitter (any value; the engine uses the clock, simulations a fixed seed).
     pub fn new(now: Instant, policy: Policy, seed: u64) -> Pool {
-        assert!(policy.max_workers >= 1);
+        // Zero workers: a shard of a service on a core that has none (see `Policy::shard`).
+        assert!(policy.max_workers >= 1 || policy.start_workers == 0);
         assert!(policy.min_workers <= policy.max_workers);
         assert!(policy.spare_min <= policy.spare_max);
         assert!(policy.spawn_rate_max >= 1);
@@ -381,6 +432,31 @@ impl Pool {
             .values()
             .filter(|w| predicate(&w.state))
             .count() as u32
+    }
+
+    /// A request arriving now would run or be queued on a worker at once (an idle worker, or
+    /// a busy one with room for queued jobs), without waiting in the backlog.
+    pub fn takes_now(&self) -> bool {
+        !self.stopping
+            && !self.failing
+            && (!self.idle.is_empty() || self.busy_with_room().is_some())
+    }
+
+    /// Workers the pool may still start (its max minus what it serves or starts), or 0 when it
+    /// cannot start any (failing, stopping).
+    pub fn room(&self) -> u32 {
+        if self.failing || self.stopping {
+            return 0;
+        }
+        self.policy.max_workers.saturating_sub(self.serving())
+    }
+
+    /// Take the oldest waiting request out of the backlog (to run it on another core). The
+    /// pool forgets it: its expiry goes with it, and the caller owns it from now on.
+    pub fn take_backlogged(&mut self, now: Instant) -> Option<RequestId> {
+        let request = self.pop_backlog()?;
+        self.track_idle(now);
+        Some(request)
     }
 
     /// Workers that serve or will serve: starting, idle or busy (not stopping).

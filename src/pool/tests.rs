@@ -839,3 +839,72 @@ fn with_queued_jobs_a_burst_starts_only_the_workers_it_needs() {
         .count();
     assert_eq!(dispatched, 4, "a ready worker fills up to its depth");
 }
+
+#[test]
+fn shards_add_up_to_the_service_limits_exactly() {
+    // Proves the per-core split keeps every per-service number exact in total, puts the
+    // remainder on the first shards, and gives cores past max_workers an empty shard.
+    let mut policy = Policy::with_workers(3, 5, 101);
+    policy.spare_min = 1;
+    policy.spare_max = 3;
+    policy.start_workers = 3;
+    for cores in 1..=8 {
+        let shards: Vec<Policy> = (0..cores).map(|i| policy.shard(i, cores)).collect();
+        let sum = |f: fn(&Policy) -> u32| shards.iter().map(f).sum::<u32>();
+        assert_eq!(sum(|p| p.max_workers), 5, "{cores} cores");
+        assert_eq!(sum(|p| p.min_workers), 3, "{cores} cores");
+        assert_eq!(sum(|p| p.start_workers), 3, "{cores} cores");
+        assert_eq!(sum(|p| p.spare_min), 1, "{cores} cores");
+        assert_eq!(sum(|p| p.spare_max), 3, "{cores} cores");
+        assert_eq!(sum(|p| p.backlog_max), 101, "{cores} cores");
+        for (index, shard) in shards.iter().enumerate() {
+            assert!(shard.min_workers <= shard.max_workers);
+            assert!(shard.spare_min <= shard.spare_max);
+            assert_eq!(
+                shard.max_workers == 0,
+                index >= 5,
+                "{cores} cores, shard {index}"
+            );
+            // Every shard can be built, the empty ones included.
+            let pool = Pool::new(Instant::now(), shard.clone(), 1);
+            assert_eq!(pool.workers_total(), shard.start_workers);
+        }
+    }
+    let two: Vec<u32> = (0..2).map(|i| policy.shard(i, 2).max_workers).collect();
+    assert_eq!(two, [3, 2]);
+}
+
+#[test]
+fn a_backlogged_request_can_be_taken_out_with_its_expiry() {
+    // Proves take_backlogged hands back the oldest waiting request and the pool forgets it:
+    // it neither expires it later nor dispatches it to the next free worker.
+    let now = Instant::now();
+    let mut policy = Policy::with_workers(1, 1, 10);
+    policy.backlog_timeout = Some(Duration::from_millis(50));
+    let mut pool = Pool::new(now, policy, 1);
+    drain(&mut pool);
+    pool.on_worker_started(now, 1);
+    pool.on_worker_ready(now, 1);
+    pool.on_request(now, 10, None);
+    pool.on_request(now, 11, None);
+    pool.on_request(now, 12, None);
+    drain(&mut pool);
+    assert!(!pool.takes_now());
+    assert_eq!(pool.room(), 0);
+    assert_eq!(pool.take_backlogged(now), Some(11));
+    assert_eq!(pool.backlog_len(), 1);
+    pool.tick(now + Duration::from_secs(1));
+    let rejected: Vec<RequestId> = drain(&mut pool)
+        .into_iter()
+        .filter_map(|a| match a {
+            Action::Reject { request, .. } => Some(request),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        rejected,
+        [12],
+        "only the request still in the backlog expires"
+    );
+    pool.check_invariants();
+}

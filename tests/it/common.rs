@@ -432,3 +432,35 @@ pub fn tagged_payload(tag: u64, len: usize) -> Vec<u8> {
     payload.truncate(len);
     payload
 }
+
+/// Send one tagged echo request (service id 1) per tag on one connection without waiting, then
+/// check that every answer is the reply to its own request and none is missing.
+pub fn pipeline_tagged(
+    client: &mut BlockingClient,
+    tags: std::ops::Range<u64>,
+    len_of: impl Fn(u64) -> usize,
+) {
+    let mut sent = std::collections::HashMap::new();
+    for tag in tags {
+        let payload = tagged_payload(tag, len_of(tag));
+        let id = client.send(1, &payload).unwrap();
+        sent.insert(id, payload);
+    }
+    for _ in 0..sent.len() {
+        let answer = client.receive().unwrap();
+        assert_eq!(
+            answer.header.kind,
+            acgi_bridge::proto::Kind::Reply,
+            "{:?}",
+            String::from_utf8_lossy(&answer.payload)
+        );
+        let expected = sent
+            .remove(&answer.header.request_id)
+            .expect("one answer per request");
+        assert!(
+            answer.payload == expected,
+            "the reply to request {} is not its own",
+            answer.header.request_id
+        );
+    }
+}

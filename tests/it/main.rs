@@ -3,6 +3,7 @@
 mod bad_input;
 mod common;
 mod conformance;
+mod cores;
 mod faults;
 mod kv;
 mod lifecycle;

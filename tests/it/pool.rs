@@ -418,19 +418,11 @@ fn queued_jobs_pipeline_to_busy_workers_and_every_reply_is_its_own() {
             let bridge = &bridge;
             scope.spawn(move || {
                 let mut client = bridge.client();
-                let mut sent = std::collections::HashMap::new();
                 for round in 0..100u64 {
-                    for i in 0..100u64 {
-                        let tag = connection * 1_000_000 + round * 100 + i;
-                        let payload = crate::common::tagged_payload(tag, 40 + (tag % 300) as usize);
-                        sent.insert(client.send(1, &payload).unwrap(), payload);
-                    }
-                    for _ in 0..100 {
-                        let answer = client.receive().unwrap();
-                        let expected = sent.remove(&answer.header.request_id).expect("its own");
-                        assert_eq!(answer.header.kind, Kind::Reply);
-                        assert!(answer.payload == expected);
-                    }
+                    let first = connection * 1_000_000 + round * 100;
+                    crate::common::pipeline_tagged(&mut client, first..first + 100, |tag| {
+                        40 + (tag % 300) as usize
+                    });
                 }
             });
         }

@@ -1,11 +1,9 @@
 //! Round trips, pipelining and payload sizes through the real bridge.
 
-use std::collections::HashMap;
-
-use acgi_bridge::client::{BlockingClient, Client};
+use acgi_bridge::client::Client;
 use acgi_bridge::proto::{ErrorCode, Kind};
 
-use crate::common::{bridge, tagged_payload, ServiceSpec};
+use crate::common::{bridge, pipeline_tagged, tagged_payload, ServiceSpec};
 
 #[test]
 fn echo_and_kv_round_trip_over_unix_and_tcp() {
@@ -23,40 +21,11 @@ fn echo_and_kv_round_trip_over_unix_and_tcp() {
     bridge.assert_no_zombies();
 }
 
-/// Send `count` tagged requests on one connection without waiting, then check every answer
-/// against its own request.
-fn pipeline(client: &mut BlockingClient, count: u64, len: usize) {
-    let mut sent = HashMap::new();
-    for tag in 0..count {
-        let payload = tagged_payload(tag, len);
-        let id = client.send(1, &payload).unwrap();
-        sent.insert(id, payload);
-    }
-    for _ in 0..count {
-        let answer = client.receive().unwrap();
-        assert_eq!(
-            answer.header.kind,
-            Kind::Reply,
-            "{:?}",
-            String::from_utf8_lossy(&answer.payload)
-        );
-        let expected = sent
-            .remove(&answer.header.request_id)
-            .expect("an answer per request");
-        assert_eq!(
-            answer.payload, expected,
-            "reply for request {}",
-            answer.header.request_id
-        );
-    }
-    assert!(sent.is_empty());
-}
-
 #[test]
 fn ten_thousand_pipelined_requests_on_one_connection() {
     // Proves pipelined requests on one connection each get their own reply, none lost.
     let bridge = bridge().service(ServiceSpec::echo().workers(2, 4)).start();
-    pipeline(&mut bridge.client(), 10_000, 48);
+    pipeline_tagged(&mut bridge.client(), 0..10_000, |_| 48);
 }
 
 #[test]
@@ -75,7 +44,7 @@ fn ten_thousand_pipelined_requests_on_each_of_sixteen_connections() {
                 } else {
                     bridge.tcp_client()
                 };
-                pipeline(&mut client, 10_000, 40 + connection);
+                pipeline_tagged(&mut client, 0..10_000, |_| 40 + connection);
             });
         }
     });
@@ -173,28 +142,16 @@ fn slot_sized_replies_to_a_caller_that_reads_late_arrive_whole_and_in_place() {
     // into its queue: every reply still matches its own request.
     // One worker: each reply is made while the previous one has been handed to the socket, so
     // most go out from the slot until the caller's socket buffer is full and one falls short.
-    let bridge = bridge().service(ServiceSpec::echo().workers(1, 1)).start();
-    let mut client = bridge.client();
-    let mut sent = HashMap::new();
+    // One core: the caller and the worker on the same core (a reply from another core's
+    // worker arrives copied, never from a slot).
+    let bridge = bridge()
+        .top("cores = 1")
+        .service(ServiceSpec::echo().workers(1, 1))
+        .start();
     // 300 x up to 60 KiB = 9 MiB of replies, far more than the socket buffers.
-    for tag in 0..300u64 {
-        let len = 4096 + (tag as usize * 193) % (60 * 1024);
-        let payload = tagged_payload(tag, len);
-        let id = client.send(1, &payload).unwrap();
-        sent.insert(id, payload);
-    }
-    for _ in 0..300 {
-        let answer = client.receive().unwrap();
-        let expected = sent
-            .remove(&answer.header.request_id)
-            .expect("one answer per request");
-        assert_eq!(answer.header.kind, Kind::Reply);
-        assert!(
-            answer.payload == expected,
-            "reply {} changed",
-            answer.header.request_id
-        );
-    }
+    pipeline_tagged(&mut bridge.client(), 0..300, |tag| {
+        4096 + (tag as usize * 193) % (60 * 1024)
+    });
     let mut bridge = bridge;
     assert!(bridge.stop().success());
     let log = bridge.log();
@@ -228,6 +185,8 @@ fn without_cap_ipc_lock_and_a_small_memlock_limit_slots_fall_back_and_work() {
             "--bounding-set=-ipc_lock",
             "--inh-caps=-ipc_lock",
         ])
+        // One ring: each core's ring takes locked memory too (see the next test).
+        .top("cores = 1")
         .service(ServiceSpec::echo().workers(3, 3))
         .start();
     let status = bridge.wait_status("3 workers", |s| s.services[0].workers_idle == 3);

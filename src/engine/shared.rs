@@ -1,0 +1,204 @@
+//! What the cores share: each core's inbox, the placement counts each core publishes per
+//! service, and the process-wide shutdown state.
+//!
+//! Nothing here is on a core's own data path: a core touches another core's state only to
+//! forward a request, hand over a connection, answer a forwarded request, or gather a report.
+//!
+//! Inbox: a `Mutex<Vec<Msg>>` per core, woken through the receiving core's ring (an eventfd it
+//! always has a read armed on). Wake-ups are coalesced: a sender writes the eventfd only when
+//! `wake_pending` was clear, and the receiver clears it before draining, so a message pushed
+//! at any moment is either in the drained batch or triggers a new wake-up. The receiver swaps
+//! the whole vector out, so neither side allocates once the vectors have grown. The queue is
+//! bounded by what feeds it: forwards need a claimed idle worker or start slot, connections
+//! are bounded by `connections_max`, answers by forwards.
+//!
+//! Placement counts (`ShardCounts`): each core stores its shard's idle workers, room to start
+//! workers and backlog length at the end of every loop turn (only when they changed, to keep
+//! the cache line quiet). Another core *claims* an idle worker or a start slot by decrementing
+//! the count before forwarding; the owner's next store overwrites claims with the truth. A
+//! claim that races with the owner's own use lands the request in the owner's backlog, which
+//! rebalances again as soon as any core has an idle worker.
+//!
+//! Shutdown without losing a forwarded request: a core increments `forwards_in_flight` *before*
+//! it checks `shutdown` (and backs out if set); core 0 sets `shutdown` before telling the
+//! others; a core is finished only once `forwards_in_flight` is 0. With sequentially
+//! consistent operations on both, either the forwarding core sees the flag, or the finishing
+//! core sees the count.
+
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use super::core::{CoreReport, ListenerKind};
+
+/// A message from one core to another.
+pub enum Msg {
+    /// Run this request on your shard of the service and send the answer back.
+    Forward(Forward),
+    /// The whole answer frame (Reply or Error) to a request you forwarded.
+    Answer { request: u64, frame: Vec<u8> },
+    /// A caller connection accepted elsewhere; it is already counted in your `callers`.
+    Connection { fd: OwnedFd, kind: ListenerKind },
+    /// Stop gracefully (`now: false`) or give up waiting (`now: true`, a second signal).
+    Shutdown { now: bool },
+    /// Core 0 wants your report (for status, metrics or the end of a latency interval).
+    ReportRequest { id: u64, end_interval: bool },
+    /// A core's report, for core 0.
+    Report { id: u64, report: Box<CoreReport> },
+    /// Nothing to handle: look at the shared counts again (an idle worker appeared, or every
+    /// core has finished).
+    Wake,
+}
+
+/// A request moved to another core (its payload with it).
+pub struct Forward {
+    pub from: usize,
+    /// The request's handle on the core it came from.
+    pub request: u64,
+    pub caller_request_id: u64,
+    pub service: usize,
+    pub payload: Vec<u8>,
+    pub deadline: Option<Instant>,
+    pub arrived: Instant,
+}
+
+/// One core's published counts for one service.
+#[derive(Default)]
+pub struct ShardCounts {
+    pub idle: AtomicU32,
+    pub room: AtomicU32,
+    pub backlog: AtomicU32,
+    /// The shard's max_workers (fixed): 0 means this core never runs the service.
+    pub max_workers: u32,
+}
+
+pub struct CoreShared {
+    pub inbox: Mutex<Vec<Msg>>,
+    pub wake_pending: AtomicBool,
+    /// Written to wake the core; the core keeps a read armed on it.
+    pub wake: OwnedFd,
+    /// Caller connections the core holds (or has been handed and not yet registered).
+    pub callers: AtomicU32,
+    pub services: Vec<ShardCounts>,
+}
+
+pub struct Shared {
+    pub cores: Vec<CoreShared>,
+    pub shutdown: AtomicBool,
+    pub forwards_in_flight: AtomicU64,
+    /// Cores whose work is done; all exit when it reaches the core count.
+    pub cores_finished: AtomicUsize,
+}
+
+impl Shared {
+    /// `shard_max[core][service]`: each core's share of each service's max_workers.
+    pub fn new(shard_max: &[Vec<u32>]) -> std::io::Result<Shared> {
+        let mut cores = Vec::with_capacity(shard_max.len());
+        for maxes in shard_max {
+            cores.push(CoreShared {
+                inbox: Mutex::new(Vec::with_capacity(256)),
+                wake_pending: AtomicBool::new(false),
+                wake: rustix::event::eventfd(
+                    0,
+                    rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
+                )?,
+                callers: AtomicU32::new(0),
+                services: maxes
+                    .iter()
+                    .map(|&max_workers| ShardCounts {
+                        max_workers,
+                        ..ShardCounts::default()
+                    })
+                    .collect(),
+            });
+        }
+        Ok(Shared {
+            cores,
+            shutdown: AtomicBool::new(false),
+            forwards_in_flight: AtomicU64::new(0),
+            cores_finished: AtomicUsize::new(0),
+        })
+    }
+
+    /// Put a message in core `to`'s inbox. Returns true when the caller must wake that core
+    /// (write its eventfd); false when a wake-up is already on its way.
+    #[must_use]
+    pub fn post(&self, to: usize, msg: Msg) -> bool {
+        let core = &self.cores[to];
+        core.inbox.lock().expect("not poisoned").push(msg);
+        !core.wake_pending.swap(true, Ordering::SeqCst)
+    }
+
+    /// Take everything in core `me`'s inbox, swapping in `batch` (empty, with capacity).
+    pub fn drain(&self, me: usize, batch: &mut Vec<Msg>) {
+        let core = &self.cores[me];
+        core.wake_pending.store(false, Ordering::SeqCst);
+        std::mem::swap(&mut *core.inbox.lock().expect("not poisoned"), batch);
+    }
+
+    /// Whether core `me`'s inbox is empty.
+    pub fn inbox_empty(&self, me: usize) -> bool {
+        self.cores[me]
+            .inbox
+            .lock()
+            .expect("not poisoned")
+            .is_empty()
+    }
+
+    /// Caller connections open on all cores.
+    pub fn callers_total(&self) -> u64 {
+        self.cores
+            .iter()
+            .map(|c| c.callers.load(Ordering::Relaxed) as u64)
+            .sum()
+    }
+}
+
+/// Take one unit of a published count if there is one.
+pub fn claim(count: &AtomicU32) -> bool {
+    count
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+        .is_ok()
+}
+
+/// Store a published count if it changed; returns the previous value.
+pub fn publish(count: &AtomicU32, value: u32) -> u32 {
+    let previous = count.load(Ordering::Relaxed);
+    if previous != value {
+        count.store(value, Ordering::Release);
+    }
+    previous
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_claim_takes_one_unit_and_never_goes_below_zero() {
+        let count = AtomicU32::new(2);
+        assert!(claim(&count));
+        assert!(claim(&count));
+        assert!(!claim(&count));
+        assert_eq!(count.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn posting_asks_for_one_wake_until_the_inbox_is_drained() {
+        // Proves wake-ups coalesce: only the first post after a drain asks for one, and a drain
+        // takes every message posted before it.
+        let shared = Shared::new(&[vec![1], vec![1]]).expect("eventfds");
+        assert!(shared.post(1, Msg::Wake));
+        assert!(!shared.post(1, Msg::Wake));
+        let mut batch = Vec::new();
+        shared.drain(1, &mut batch);
+        assert_eq!(batch.len(), 2);
+        assert!(shared.inbox_empty(1));
+        assert!(
+            shared.post(1, Msg::Wake),
+            "a post after a drain wakes again"
+        );
+        assert!(shared.inbox_empty(0));
+    }
+}
