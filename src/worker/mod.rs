@@ -17,7 +17,7 @@
 
 use std::cell::Cell;
 use std::fmt::Display;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -72,43 +72,6 @@ fn install_sigterm_handler() {
         action.sa_flags = 0;
         libc::sigaction(libc::SIGTERM, &action, std::ptr::null_mut());
     }
-}
-
-/// Read exactly `buf.len()` bytes, giving up (`Ok(false)`) on EOF at the start or when SIGTERM
-/// interrupted the wait before anything arrived.
-fn read_job_bytes(control: &mut UnixStream, buf: &mut [u8]) -> io::Result<bool> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        // Wait in poll(POLLIN), not in read: the bridge consuming our last reply wakes the
-        // socket's wait queue with EPOLLOUT, which would wake a task blocked in read for
-        // nothing (a context switch per request); poll's wait filters wake-ups by event.
-        let mut fds = [rustix::event::PollFd::new(
-            &*control,
-            rustix::event::PollFlags::IN,
-        )];
-        match rustix::event::poll(&mut fds, None) {
-            Ok(_) => {}
-            Err(rustix::io::Errno::INTR) => {
-                if filled == 0 && STOP_REQUESTED.load(Ordering::Relaxed) {
-                    return Ok(false);
-                }
-                continue;
-            }
-            Err(error) => return Err(error.into()),
-        }
-        match control.read(&mut buf[filled..]) {
-            Ok(0) if filled == 0 => return Ok(false),
-            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-            Ok(n) => filled += n,
-            Err(error) if error.kind() == io::ErrorKind::Interrupted => {
-                if filled == 0 && STOP_REQUESTED.load(Ordering::Relaxed) {
-                    return Ok(false);
-                }
-            }
-            Err(error) => return Err(error),
-        }
-    }
-    Ok(true)
 }
 
 /// A handler's error message, cut to 64 KiB on a character boundary.
@@ -179,6 +142,18 @@ where
     let mut session = Session::from_env()?;
     install_sigterm_handler();
     session.hello()?;
+    let served = serve_jobs(&mut session, &mut handler);
+    // Replies still buffered go out whatever ended the loop.
+    let flushed = session.flush();
+    served?;
+    Ok(flushed?)
+}
+
+fn serve_jobs<F, R>(session: &mut Session, handler: &mut F) -> Result<(), WorkerError>
+where
+    F: FnMut(&[u8]) -> R,
+    R: IntoReply,
+{
     loop {
         // SIGTERM between jobs: stop now. (During a job it only sets the flag: the job is
         // finished and answered first.)
@@ -208,8 +183,24 @@ where
             JobPayload::Inline | JobPayload::Queued => handler(&session.inline).into_reply(),
         };
         session.finish(reply)?;
+        // Replies wait in `out` only while more jobs are already buffered, and not long.
+        if session
+            .out_since
+            .is_some_and(|t| t.elapsed() >= REPLY_HOLD_MAX)
+            || session.out.len() >= OUT_BYTES_FLUSH
+        {
+            session.flush()?;
+        }
     }
 }
+
+/// Longest a finished reply waits in the SDK's buffer for the next ones (jobs already read
+/// and waiting are run first, so one write carries several replies).
+const REPLY_HOLD_MAX: std::time::Duration = std::time::Duration::from_micros(50);
+/// Buffered replies past this size are written at once.
+const OUT_BYTES_FLUSH: usize = 64 * 1024;
+/// Initial read buffer of the control socket (it grows for larger inline payloads).
+const IN_BYTES: usize = 64 * 1024;
 
 enum JobPayload {
     InSlot(usize),
@@ -227,6 +218,14 @@ struct Session {
     payload_bytes_max: u32,
     /// The job in hand was sent queued.
     queued: bool,
+    /// Bytes read from the control socket: `in_buf[in_start..in_end]` is not yet parsed. One
+    /// read takes every job the bridge has queued, so a busy worker reads once per batch.
+    in_buf: Vec<u8>,
+    in_start: usize,
+    in_end: usize,
+    /// Answer frames not yet written, and since when the oldest has waited.
+    out: Vec<u8>,
+    out_since: Option<std::time::Instant>,
 }
 
 fn env_fd(name: &'static str) -> Result<RawFd, WorkerError> {
@@ -269,7 +268,86 @@ impl Session {
             inline: Vec::new(),
             payload_bytes_max,
             queued: false,
+            in_buf: vec![0; IN_BYTES],
+            in_start: 0,
+            in_end: 0,
+            out: Vec::new(),
+            out_since: None,
         })
+    }
+
+    /// Write the buffered answers.
+    fn flush(&mut self) -> io::Result<()> {
+        if !self.out.is_empty() {
+            self.control.write_all(&self.out)?;
+            self.out.clear();
+        }
+        self.out_since = None;
+        Ok(())
+    }
+
+    /// Make sure `need` unparsed bytes are buffered, reading (and waiting) as needed. Returns
+    /// false on EOF before any byte of a frame, or when SIGTERM interrupted the wait then.
+    fn fill(&mut self, need: usize) -> io::Result<bool> {
+        while self.in_end - self.in_start < need {
+            if self.in_buf.len() - self.in_start < need || self.in_end == self.in_buf.len() {
+                self.in_buf.copy_within(self.in_start..self.in_end, 0);
+                self.in_end -= self.in_start;
+                self.in_start = 0;
+                if self.in_buf.len() < need {
+                    self.in_buf.resize(need, 0);
+                }
+            }
+            let at_frame_start = self.in_end == self.in_start;
+            // Take what has arrived without waiting; only when nothing has, flush the answers
+            // and wait in poll(POLLIN), not in read: the bridge consuming our last reply wakes
+            // the socket's wait queue with EPOLLOUT, which would wake a task blocked in read
+            // for nothing (a context switch per request); poll's wait filters by event.
+            let spare = &mut self.in_buf[self.in_end..];
+            match rustix::net::recv(&self.control, spare, rustix::net::RecvFlags::DONTWAIT) {
+                Ok((0, _)) if at_frame_start => return Ok(false),
+                Ok((0, _)) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok((n, _)) => {
+                    self.in_end += n;
+                    continue;
+                }
+                Err(rustix::io::Errno::AGAIN) => {}
+                Err(rustix::io::Errno::INTR) => {
+                    if at_frame_start && STOP_REQUESTED.load(Ordering::Relaxed) {
+                        return Ok(false);
+                    }
+                    continue;
+                }
+                Err(error) => return Err(error.into()),
+            }
+            self.flush()?;
+            let mut fds = [rustix::event::PollFd::new(
+                &self.control,
+                rustix::event::PollFlags::IN,
+            )];
+            match rustix::event::poll(&mut fds, None) {
+                Ok(_) => {}
+                Err(rustix::io::Errno::INTR) => {
+                    if at_frame_start && STOP_REQUESTED.load(Ordering::Relaxed) {
+                        return Ok(false);
+                    }
+                }
+                Err(error) => return Err(error.into()),
+            }
+        }
+        Ok(true)
+    }
+
+    /// Take `len` buffered bytes (after `fill`) into `inline`.
+    fn take_inline(&mut self, len: usize) -> io::Result<()> {
+        if !self.fill(len)? {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        self.inline.clear();
+        self.inline
+            .extend_from_slice(&self.in_buf[self.in_start..self.in_start + len]);
+        self.in_start += len;
+        Ok(())
     }
 
     fn hello(&mut self) -> Result<(), WorkerError> {
@@ -288,11 +366,12 @@ impl Session {
 
     /// Wait for the next job; `None` when the bridge closed the socket.
     fn next_job(&mut self) -> Result<Option<JobPayload>, WorkerError> {
-        let mut bytes = [0u8; HEADER_BYTES];
-        if !read_job_bytes(&mut self.control, &mut bytes)? {
+        if !self.fill(HEADER_BYTES)? {
             return Ok(None);
         }
-        let header = Header::decode(&bytes, self.payload_bytes_max)?;
+        let bytes = &self.in_buf[self.in_start..self.in_start + HEADER_BYTES];
+        let header = Header::decode(bytes, self.payload_bytes_max)?;
+        self.in_start += HEADER_BYTES;
         if header.kind != Kind::Job {
             return Err(WorkerError::UnexpectedKind(header.kind));
         }
@@ -301,9 +380,7 @@ impl Session {
             if header.in_slot() {
                 return Err(SlotError::BadHeader("queued job marked in-slot").into());
             }
-            self.inline.clear();
-            self.inline.resize(header.payload_len as usize, 0);
-            self.control.read_exact(&mut self.inline)?;
+            self.take_inline(header.payload_len as usize)?;
             self.queued = true;
             return Ok(Some(JobPayload::Queued));
         }
@@ -319,15 +396,16 @@ impl Session {
             if in_slot.is_some() {
                 return Err(SlotError::BadHeader("socket job with an in-slot length").into());
             }
-            self.inline.clear();
-            self.inline.resize(header.payload_len as usize, 0);
-            self.control.read_exact(&mut self.inline)?;
+            self.take_inline(header.payload_len as usize)?;
             Ok(Some(JobPayload::Inline))
         }
     }
 
     fn finish(&mut self, reply: Result<Vec<u8>, String>) -> Result<(), WorkerError> {
-        let mut frame = Vec::new();
+        if self.out.is_empty() {
+            self.out_since = Some(std::time::Instant::now());
+        }
+        let frame = &mut self.out;
         if self.queued {
             // The slot belongs to no one here: answer on the socket.
             let (kind, payload) = match reply {
@@ -344,8 +422,7 @@ impl Session {
                 Err(message) => (Kind::Fail, truncate_message(&message).to_vec()),
             };
             let header = Header::new(kind, 0, self.sequence, payload.len() as u32);
-            proto::encode_frame(&mut frame, &header, &payload);
-            self.control.write_all(&frame)?;
+            proto::encode_frame(frame, &header, &payload);
             return Ok(());
         }
         match reply {
@@ -357,7 +434,7 @@ impl Session {
                     self.payload_bytes_max
                 );
                 let header = Header::new(Kind::Fail, 0, self.sequence, message.len() as u32);
-                proto::encode_frame(&mut frame, &header, message.as_bytes());
+                proto::encode_frame(frame, &header, message.as_bytes());
             }
             Ok(bytes) if bytes.len() <= self.slot.capacity() as usize => {
                 self.slot.publish_reply(Some(&bytes))?;
@@ -368,16 +445,15 @@ impl Session {
             Ok(bytes) => {
                 self.slot.publish_reply(None)?;
                 let header = Header::new(Kind::Done, 0, self.sequence, bytes.len() as u32);
-                proto::encode_frame(&mut frame, &header, &bytes);
+                proto::encode_frame(frame, &header, &bytes);
             }
             Err(message) => {
                 self.slot.publish_reply(None)?;
                 let message = truncate_message(&message);
                 let header = Header::new(Kind::Fail, 0, self.sequence, message.len() as u32);
-                proto::encode_frame(&mut frame, &header, message);
+                proto::encode_frame(frame, &header, message);
             }
         }
-        self.control.write_all(&frame)?;
         Ok(())
     }
 }
