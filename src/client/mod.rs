@@ -173,6 +173,8 @@ impl Client {
         W: AsyncWrite + Send + Unpin + 'static,
     {
         let pending: Pending = Arc::default();
+        // Buffered: one read takes every answer that has arrived (not two reads per answer).
+        let read = tokio::io::BufReader::with_capacity(READ_BUFFER_BYTES, read);
         let reader = tokio::spawn(read_answers(read, Arc::clone(&pending)));
         Client {
             inner: Arc::new(Inner {
@@ -284,6 +286,9 @@ impl Client {
         receiver.await.map_err(|_| CallError::Closed)
     }
 }
+
+/// Read buffer of the async client's connection.
+const READ_BUFFER_BYTES: usize = 64 * 1024;
 
 async fn read_answers<R: AsyncRead + Unpin>(mut read: R, pending: Pending) {
     let mut bytes = [0u8; HEADER_BYTES];
