@@ -59,6 +59,11 @@ pub struct Config {
     /// first N of those) or a list of CPU ids `[0, 2]`.
     #[serde(default)]
     pub cores: Cores,
+    /// Before a core's loop sleeps, how long it keeps polling its ring, in microseconds: a
+    /// wake-up to a running vCPU is much cheaper than to a halted one, so this trades CPU time
+    /// for latency at light load (0 = never spin; see docs/performance.md).
+    #[serde(default)]
+    pub idle_spin_us: u64,
     /// Where to listen.
     pub listen: Listen,
     /// The services, at least one.
@@ -455,6 +460,12 @@ impl Config {
                 format!("must hold at least one whole answer ({frame_bytes_max} bytes)"),
             );
         }
+        if self.idle_spin_us > 10_000 {
+            problem(
+                "idle_spin_us".into(),
+                "must be 0 to 10000 microseconds".into(),
+            );
+        }
         if let Err(reason) = self.cores.cpus(&allowed_cpus()) {
             problem("cores".into(), reason);
         }
@@ -758,6 +769,33 @@ mod tests {
         assert_eq!(service.max_workers, 8);
         assert_eq!(service.slot_size_bytes, 65536);
         assert_eq!(service.backlog_max, 1024);
+    }
+
+    #[test]
+    fn cores_take_auto_a_count_or_a_list_and_name_what_is_wrong() {
+        // Proves the three forms of `cores` and that each impossible setting names the reason.
+        let allowed = [0, 1, 2, 3];
+        let cores = |line: &str| {
+            Config::parse(&format!("{line}\n{}", minimal()))
+                .unwrap()
+                .cores
+        };
+        assert_eq!(cores("").cpus(&allowed).unwrap(), [0, 1, 2, 3]);
+        assert_eq!(
+            cores("cores = \"auto\"").cpus(&allowed).unwrap(),
+            [0, 1, 2, 3]
+        );
+        assert_eq!(cores("cores = 2").cpus(&allowed).unwrap(), [0, 1]);
+        assert_eq!(cores("cores = [3, 1]").cpus(&allowed).unwrap(), [3, 1]);
+        let error = |line: &str| cores(line).cpus(&allowed).unwrap_err();
+        assert!(error("cores = 0").contains("at least 1"));
+        assert!(error("cores = 5").contains("may run on 4 CPUs"));
+        assert!(error("cores = [7]").contains("CPU 7"));
+        assert!(error("cores = [1, 1]").contains("twice"));
+        assert!(error("cores = []").contains("empty"));
+        assert!(error("cores = \"all\"").contains("\"all\""));
+        let spin = Config::parse(&format!("idle_spin_us = 20000\n{}", minimal())).unwrap();
+        assert!(spin.problems().iter().any(|p| p.key == "idle_spin_us"));
     }
 
     #[test]

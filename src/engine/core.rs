@@ -738,7 +738,12 @@ impl Core {
 
     /// Run until shutdown completes.
     pub fn run(&mut self) -> io::Result<()> {
+        let spin =
+            (self.config.idle_spin_us > 0).then(|| Duration::from_micros(self.config.idle_spin_us));
         loop {
+            if let Some(spin) = spin {
+                self.spin(spin)?;
+            }
             let deadline = self.next_deadline();
             let waited = match deadline {
                 Some(deadline) => {
@@ -783,6 +788,27 @@ impl Core {
                 self.ring.submit()?;
                 return Ok(());
             }
+        }
+    }
+
+    /// Before sleeping, poll the ring for a while: a wake-up to a vCPU that is running costs a
+    /// few microseconds, one to a halted vCPU tens.
+    fn spin(&mut self, budget: Duration) -> io::Result<()> {
+        let until = Instant::now() + budget;
+        loop {
+            let to_submit = self.ring.submission().len() as u32;
+            // SAFETY: io_uring_enter with no argument: submits queued SQEs (each names memory
+            // owned as `push` documents) and runs deferred completions, without waiting.
+            unsafe {
+                self.ring.submitter().enter::<libc::sigset_t>(
+                    to_submit, 0, 1, // IORING_ENTER_GETEVENTS
+                    None,
+                )?;
+            }
+            if !self.ring.completion().is_empty() || Instant::now() >= until {
+                return Ok(());
+            }
+            std::hint::spin_loop();
         }
     }
 

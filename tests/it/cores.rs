@@ -116,8 +116,10 @@ fn a_backlog_moves_to_the_core_whose_worker_becomes_idle() {
 fn a_core_without_a_shard_of_a_service_forwards_all_of_it() {
     // Proves a service with fewer workers than cores: max_workers = 1 puts its one worker on
     // core 0; callers on core 1 are served by it through forwarding, and the limit holds.
+    // (With idle spinning on: the loops poll their rings before sleeping.)
     let bridge = bridge()
         .top("cores = 2")
+        .top("idle_spin_us = 50")
         .service(ServiceSpec::echo().workers(1, 1))
         .start();
     let mut clients: Vec<BlockingClient> = (0..4).map(|_| bridge.client()).collect();
