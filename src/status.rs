@@ -40,6 +40,9 @@ pub struct Status {
     /// Requests run on another core than the one their caller is connected to.
     #[serde(default)]
     pub requests_forwarded: u64,
+    /// Requests whose payload went from the caller's socket straight into a worker's slot.
+    #[serde(default)]
+    pub requests_read_into_slot: u64,
     /// Connections accepted on one core and handed to a less busy one.
     #[serde(default)]
     pub connections_handed_over: u64,

@@ -122,6 +122,16 @@ impl ReadBuffer {
         }
     }
 
+    /// The header at the front, when it is complete and valid (whatever of its payload has
+    /// arrived).
+    pub fn peek_header(&self, payload_bytes_max: u32) -> Option<Header> {
+        let filled = self.filled();
+        if filled.len() < HEADER_BYTES {
+            return None;
+        }
+        Header::decode(&filled[..HEADER_BYTES], payload_bytes_max).ok()
+    }
+
     /// The payload of the frame at the front (after `parse` returned `Frame(header)`).
     pub fn payload(&self, header: &Header) -> &[u8] {
         &self.filled()[HEADER_BYTES..HEADER_BYTES + header.payload_len as usize]

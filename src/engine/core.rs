@@ -66,6 +66,12 @@ const AUX_CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
 const AUX_CONNECTIONS_MAX: usize = 64;
 /// Longest admin command line.
 const ADMIN_LINE_BYTES_MAX: usize = 256;
+/// Request payloads at least this long are read from the caller's socket straight into an
+/// idle worker's slot (when one is idle and the payload fits), not copied through the bridge.
+const DIRECT_READ_BYTES_MIN: u32 = 4096;
+/// A caller whose payload has not all arrived this long after a direct read began (holding a
+/// worker) is disconnected.
+const DIRECT_READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// Delay before re-arming an accept that failed (e.g. out of descriptors).
 const ACCEPT_RETRY_DELAY: Duration = Duration::from_millis(100);
 
@@ -91,6 +97,8 @@ enum OpKind {
     Inbox = 14,
     /// A write to another core's wake eventfd (its completion needs nothing).
     WakeSent = 15,
+    /// A caller's request payload read straight into a worker's slot.
+    ConnRecvSlot = 16,
 }
 
 impl OpKind {
@@ -111,6 +119,7 @@ impl OpKind {
             13 => OpKind::ConnSendFixed,
             14 => OpKind::Inbox,
             15 => OpKind::WakeSent,
+            16 => OpKind::ConnRecvSlot,
             _ => return None,
         })
     }
@@ -209,6 +218,19 @@ struct Conn {
     slot_send: Option<SlotSend>,
     /// Which listener it came from: callers speak frames, admin lines, metrics HTTP.
     kind: ListenerKind,
+    /// The payload of the request at the front is being read into a worker's slot.
+    into_slot: Option<IntoSlot>,
+}
+
+/// A request payload being read from the caller's socket straight into a worker's slot (the
+/// worker is `Busy` with it; its `Job` goes out once the whole payload is in).
+struct IntoSlot {
+    request: u64,
+    worker: usize,
+    worker_generation: u32,
+    sequence: u64,
+    len: u32,
+    filled: u32,
 }
 
 /// A reply sent from a slot: the header (the front of `Conn::send`) and the payload (in the slot) go
@@ -288,6 +310,9 @@ struct Worker {
     front_queued: bool,
     /// Jobs sent behind the one it is running, oldest first: (request, job sequence).
     queued: VecDeque<(u64, u64)>,
+    /// A caller's payload is being read into its slot: its socket sends wait (the `Job` for
+    /// that payload goes first), and it is not freed until the read completes.
+    filling: bool,
 }
 
 impl Worker {
@@ -298,6 +323,7 @@ impl Worker {
             || self.stderr.in_flight
             || self.wait_in_flight
             || self.lent
+            || self.filling
     }
 }
 
@@ -324,6 +350,9 @@ struct Request {
     origin: Origin,
     /// Sent to this core to run (the payload went with it); this entry waits for the answer.
     forwarded_to: Option<usize>,
+    /// Its payload is to be read from the caller's socket into the slot of the worker it is
+    /// dispatched to (see `try_direct_read`).
+    direct: bool,
     caller_request_id: u64,
     service: usize,
     payload: Vec<u8>,
@@ -388,6 +417,8 @@ pub struct Counters {
     pub replies_sent_from_slot: u64,
     /// Sends from a slot that fell short and were finished from a copy.
     pub slot_sends_spilled: u64,
+    /// Requests whose payload was read from the caller's socket straight into a slot.
+    pub requests_read_into_slot: u64,
     /// Requests sent to another core to run, and connections handed to another core.
     pub requests_forwarded: u64,
     pub connections_handed_over: u64,
@@ -403,6 +434,7 @@ impl Counters {
         self.replies_sent_from_slot += other.replies_sent_from_slot;
         self.slot_sends_spilled += other.slot_sends_spilled;
         self.requests_forwarded += other.requests_forwarded;
+        self.requests_read_into_slot += other.requests_read_into_slot;
         self.connections_handed_over += other.connections_handed_over;
     }
 }
@@ -460,6 +492,8 @@ pub struct Core {
     aux_conns: usize,
     /// When each admin or metrics connection must be done (in accept order).
     aux_deadlines: VecDeque<(Instant, u64)>,
+    /// When each direct read into a slot must be done: (deadline, connection, request).
+    direct_deadlines: VecDeque<(Instant, u64, u64)>,
     started: Instant,
     now: Instant,
     pub counters: Counters,
@@ -680,6 +714,7 @@ impl Core {
             shutdown_forced: false,
             aux_conns: 0,
             aux_deadlines: VecDeque::new(),
+            direct_deadlines: VecDeque::new(),
             // Only core 0 keeps the interval clock (see `on_timers`).
             interval_end: if index == 0 {
                 now + interval
@@ -829,12 +864,18 @@ impl Core {
             consider(listener.rearm_at);
         }
         consider(self.aux_deadlines.front().map(|(deadline, _)| *deadline));
+        consider(
+            self.direct_deadlines
+                .front()
+                .map(|(deadline, _, _)| *deadline),
+        );
         deadline
     }
 
     fn on_timers(&mut self) {
         let now = self.now;
         self.expire_aux_connections();
+        self.expire_direct_reads();
         for service in 0..self.services.len() {
             if self.services[service]
                 .pool
@@ -896,6 +937,7 @@ impl Core {
         match token.kind {
             OpKind::Accept => self.on_accept(token.index as usize, result, flags),
             OpKind::ConnRecv
+            | OpKind::ConnRecvSlot
             | OpKind::ConnSend
             | OpKind::ConnSendHeader
             | OpKind::ConnSendFixed => {
@@ -910,6 +952,7 @@ impl Core {
                 }
                 match token.kind {
                     OpKind::ConnRecv => self.on_conn_recv(index, result),
+                    OpKind::ConnRecvSlot => self.on_conn_recv_slot(index, result),
                     OpKind::ConnSend => self.on_conn_send(index, result),
                     kind => self.on_slot_send(index, kind == OpKind::ConnSendHeader, result),
                 }
@@ -1055,6 +1098,7 @@ impl Core {
             close_when_flushed: false,
             closing: false,
             slot_send: None,
+            into_slot: None,
             kind,
         });
         if aux {
@@ -1353,6 +1397,7 @@ impl Core {
                 request: forward.request,
             },
             forwarded_to: None,
+            direct: false,
             caller_request_id: forward.caller_request_id,
             service,
             payload: forward.payload,
@@ -1585,6 +1630,27 @@ impl Core {
     fn arm_conn_recv(&mut self, index: usize) {
         let max = self.config.max_payload_bytes;
         let conn = &mut self.conns[index];
+        if let Some(into) = &conn.into_slot {
+            if conn.recv_in_flight || conn.closing {
+                return;
+            }
+            // The rest of the payload goes straight into the worker's slot (a registered
+            // buffer when it could be registered).
+            let worker = &self.workers[into.worker];
+            let at = worker.slot.data_address_mut(into.filled as usize);
+            let len = into.len - into.filled;
+            let fd = types::Fd(conn.fd.as_raw_fd());
+            let entry = match worker.buffer_index {
+                Some(buffer) => opcode::ReadFixed::new(fd, at, len, buffer)
+                    .offset(u64::MAX)
+                    .build(),
+                None => opcode::Recv::new(fd, at, len).build(),
+            }
+            .user_data(Token::new(OpKind::ConnRecvSlot, index, conn.generation).encode());
+            conn.recv_in_flight = true;
+            self.push(entry);
+            return;
+        }
         if conn.recv_in_flight || conn.closing || conn.read_closed || conn.close_when_flushed {
             return;
         }
@@ -1657,7 +1723,10 @@ impl Core {
                 continue;
             }
             match conn.read.parse(max) {
-                Parsed::NeedMore => return,
+                Parsed::NeedMore => {
+                    self.try_direct_read(index);
+                    return;
+                }
                 Parsed::Frame(header) => {
                     if !header.kind.is_caller_to_bridge() {
                         let error = FrameError::UnknownKind {
@@ -1712,6 +1781,236 @@ impl Core {
                     self.malformed(index, request_id, &error);
                     return;
                 }
+            }
+        }
+    }
+
+    // ----- request payloads read straight into a slot ------------------------------------------
+
+    /// The frame at the front of a caller's buffer is a request whose payload has not all
+    /// arrived. When it is large, fits the service's slots and a worker of ours is idle,
+    /// dispatch it now and read the rest of its payload from the socket straight into that
+    /// worker's slot: no copy through the bridge (only the part already read is copied).
+    fn try_direct_read(&mut self, index: usize) {
+        let max = self.config.max_payload_bytes;
+        let conn = &self.conns[index];
+        if !conn.kind.is_caller()
+            || conn.into_slot.is_some()
+            || conn.discard > 0
+            || conn.close_when_flushed
+            || self.shutdown_deadline.is_some()
+        {
+            return;
+        }
+        let Some(header) = conn.read.peek_header(max) else {
+            return;
+        };
+        // (A caller's deadline travels in front of the payload: those take the copy path.)
+        if header.kind != Kind::Request
+            || header.flags != 0
+            || header.payload_len < DIRECT_READ_BYTES_MIN
+        {
+            return;
+        }
+        let Some(&service) = self.service_by_id.get(&header.service_id) else {
+            return;
+        };
+        let pool = &self.services[service].pool;
+        if header.payload_len > self.services[service].slot_capacity
+            || pool.idle() == 0
+            || !pool.takes_now()
+        {
+            return;
+        }
+        let prefix = conn.read.len() - HEADER_BYTES;
+        debug_assert!(prefix < header.payload_len as usize);
+        let now = self.now;
+        let conn = &mut self.conns[index];
+        conn.requests_in_flight += 1;
+        let conn_handle = handle(index, conn.generation);
+        let generation = self.generation();
+        let request = self.requests.insert(Request {
+            generation,
+            origin: Origin::Conn(conn_handle),
+            forwarded_to: None,
+            direct: true,
+            caller_request_id: header.request_id,
+            service,
+            payload: Vec::new(),
+            deadline: None,
+            arrived: now,
+            dispatched: None,
+        });
+        let request = handle(request, generation);
+        // An idle worker takes it at once: `dispatch_direct` sets up the read.
+        self.services[service].pool.on_request(now, request, None);
+        self.run_pool_actions(service);
+        debug_assert!(self.conns[index].into_slot.is_some() || !self.request_is_live(request));
+        let conn = &mut self.conns[index];
+        if conn.into_slot.is_none() && !conn.closing {
+            // Not dispatched after all (the policy refused it and it was answered): skip
+            // its payload.
+            conn.read.consume(HEADER_BYTES + prefix);
+            conn.discard = (header.payload_len as usize - prefix) as u64;
+        }
+    }
+
+    /// The policy gave a direct-read request a worker: copy what has arrived into its slot,
+    /// and read the rest there (`arm_conn_recv`). The worker's `Job` waits until it is all in.
+    fn dispatch_direct(&mut self, request: u64, worker: u64) {
+        let request_index = self.request_index(request);
+        let worker_index = handle_index(worker);
+        self.job_sequence += 1;
+        let sequence = self.job_sequence;
+        let now = self.now;
+        let entry = &mut self.requests[request_index];
+        entry.dispatched = Some(now);
+        let Origin::Conn(conn_handle) = entry.origin else {
+            unreachable!("direct reads are for our own callers");
+        };
+        let conn_index = handle_index(conn_handle);
+        let max = self.config.max_payload_bytes;
+        let w = &mut self.workers[worker_index];
+        assert_eq!(
+            w.state,
+            WorkerState::Idle,
+            "a direct read needs an idle worker"
+        );
+        w.state = WorkerState::Busy { request, sequence };
+        w.front_queued = false;
+        w.filling = true;
+        let worker_generation = w.generation;
+        let conn = &mut self.conns[conn_index];
+        let header = conn.read.peek_header(max).expect("the request's header");
+        let prefix = conn.read.len() - HEADER_BYTES;
+        let source = &conn.read.filled()[HEADER_BYTES..];
+        // SAFETY: the worker is Idle, so its slot is Free and its data area ours; `prefix` is
+        // less than the payload length, which fits the slot; the source is our own buffer.
+        unsafe {
+            std::ptr::copy_nonoverlapping(source.as_ptr(), w.slot.data_address_mut(0), prefix)
+        };
+        conn.read.consume(HEADER_BYTES + prefix);
+        conn.into_slot = Some(IntoSlot {
+            request,
+            worker: worker_index,
+            worker_generation,
+            sequence,
+            len: header.payload_len,
+            filled: prefix as u32,
+        });
+        let service = w.service;
+        self.services[service].counters.bytes_in += header.payload_len as u64;
+        self.counters.requests_read_into_slot += 1;
+        self.direct_deadlines
+            .push_back((now + DIRECT_READ_TIMEOUT, conn_handle, request));
+    }
+
+    fn on_conn_recv_slot(&mut self, index: usize, result: i32) {
+        let conn = &mut self.conns[index];
+        conn.recv_in_flight = false;
+        if conn.closing {
+            self.abort_direct_read(index);
+            self.free_conn_if_done(index);
+            return;
+        }
+        if result <= 0 {
+            if result < 0 {
+                let error = io::Error::from_raw_os_error(-result);
+                tracing::debug!(%error, "caller connection failed in a request's payload");
+            }
+            self.close_conn(index);
+            return;
+        }
+        let into = conn.into_slot.as_mut().expect("reading into a slot");
+        into.filled += result as u32;
+        if into.filled == into.len {
+            self.finish_direct_read(index);
+        }
+        self.arm_conn_recv(index);
+    }
+
+    /// The whole payload is in the slot: publish it and ring the worker (its `Job` goes ahead
+    /// of any queued behind it), unless the worker or the request is gone meanwhile.
+    fn finish_direct_read(&mut self, index: usize) {
+        let into = self.conns[index]
+            .into_slot
+            .take()
+            .expect("reading into a slot");
+        let worker = &mut self.workers[into.worker];
+        worker.filling = false;
+        let ours = worker.generation == into.worker_generation
+            && worker.state
+                == (WorkerState::Busy {
+                    request: into.request,
+                    sequence: into.sequence,
+                });
+        if ours && self.request_is_live(into.request) {
+            let worker = &mut self.workers[into.worker];
+            match worker.slot.fill_in_place(into.sequence, into.len, 0) {
+                Ok(()) => {
+                    let mut job = Header::new(Kind::Job, 0, into.sequence, 0);
+                    job.flags = FLAG_IN_SLOT;
+                    worker.send.tail().splice(0..0, job.encode());
+                    self.arm_worker_send(into.worker);
+                }
+                Err(error) => {
+                    let reason = format!("corrupted its slot: {error}");
+                    self.fail_worker(into.worker, &reason);
+                }
+            }
+        } else {
+            self.arm_worker_send(into.worker);
+        }
+        self.free_worker_if_done(into.worker);
+    }
+
+    /// The caller went away (or stalled) before its payload was all in: the request fails,
+    /// and the worker, which never saw it, goes on with what is queued behind it or idles.
+    fn abort_direct_read(&mut self, index: usize) {
+        let Some(into) = self.conns[index].into_slot.take() else {
+            return;
+        };
+        let worker = &mut self.workers[into.worker];
+        worker.filling = false;
+        let ours = worker.generation == into.worker_generation
+            && worker.state
+                == (WorkerState::Busy {
+                    request: into.request,
+                    sequence: into.sequence,
+                });
+        if self.request_is_live(into.request) {
+            let message = "the caller's payload did not all arrive";
+            self.fail_request(into.request, ErrorCode::MalformedFrame, message);
+        }
+        if ours {
+            self.advance(into.worker);
+            self.arm_worker_send(into.worker);
+            self.job_done(into.worker);
+        }
+        self.free_worker_if_done(into.worker);
+    }
+
+    /// Disconnect callers whose direct read has taken too long: each holds a worker.
+    fn expire_direct_reads(&mut self) {
+        while let Some(&(deadline, conn, request)) = self.direct_deadlines.front() {
+            if deadline > self.now {
+                return;
+            }
+            self.direct_deadlines.pop_front();
+            let Some(index) = self.live_conn(conn) else {
+                continue;
+            };
+            if self.conns[index]
+                .into_slot
+                .as_ref()
+                .is_some_and(|into| into.request == request)
+            {
+                tracing::warn!(
+                    "a caller sent a request header but not its payload within {} s; \
+                     disconnecting it",
+                    DIRECT_READ_TIMEOUT.as_secs()
+                );
+                self.close_conn(index);
             }
         }
     }
@@ -1893,6 +2192,7 @@ impl Core {
             requests_ok: report.counters.requests_ok,
             requests_failed: report.counters.requests_failed,
             requests_forwarded: report.counters.requests_forwarded,
+            requests_read_into_slot: report.counters.requests_read_into_slot,
             connections_handed_over: report.counters.connections_handed_over,
             malformed_frames: report.counters.malformed_frames,
             connections_refused: report.counters.connections_refused,
@@ -1984,6 +2284,7 @@ impl Core {
                     generation,
                     origin: Origin::Conn(conn_handle),
                     forwarded_to: None,
+                    direct: false,
                     caller_request_id: header.request_id,
                     service,
                     payload,
@@ -2110,8 +2411,13 @@ impl Core {
         let generation = conn.generation;
         let (recv, send) = (conn.recv_in_flight, conn.send.in_flight);
         let from_slot = conn.slot_send.is_some();
-        if recv {
+        let into_slot = conn.into_slot.is_some();
+        if recv && into_slot {
+            self.cancel(Token::new(OpKind::ConnRecvSlot, index, generation));
+        } else if recv {
             self.cancel(Token::new(OpKind::ConnRecv, index, generation));
+        } else if into_slot {
+            self.abort_direct_read(index);
         }
         if send && from_slot {
             self.cancel(Token::new(OpKind::ConnSendHeader, index, generation));
@@ -2125,6 +2431,7 @@ impl Core {
     fn free_conn_if_done(&mut self, index: usize) {
         let conn = &self.conns[index];
         if conn.closing && !conn.recv_in_flight && !conn.send.in_flight {
+            debug_assert!(conn.into_slot.is_none());
             let conn = self.conns.remove(index);
             if conn.kind.is_caller() {
                 self.shared.cores[self.index]
@@ -2338,6 +2645,10 @@ impl Core {
     fn dispatch(&mut self, request: u64, worker: u64) {
         let request_index = self.request_index(request);
         let worker_index = handle_index(worker);
+        if self.requests[request_index].direct {
+            self.dispatch_direct(request, worker);
+            return;
+        }
         self.job_sequence += 1;
         let sequence = self.job_sequence;
         let entry = &mut self.requests[request_index];
@@ -2440,6 +2751,7 @@ impl Core {
             accepts_queue: false,
             front_queued: false,
             queued: VecDeque::new(),
+            filling: false,
         });
         self.arm_worker_wait(index);
         self.arm_worker_recv(index);
@@ -2485,7 +2797,7 @@ impl Core {
 
     fn arm_worker_send(&mut self, index: usize) {
         let worker = &mut self.workers[index];
-        if worker.state == WorkerState::Dead {
+        if worker.state == WorkerState::Dead || worker.filling {
             return;
         }
         let token = Token::new(OpKind::WorkerSend, index, worker.generation);

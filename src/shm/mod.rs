@@ -275,6 +275,38 @@ impl Slot {
             }
             None => REQUEST_LEN_INLINE,
         };
+        self.publish_request(job_sequence, request_len, deadline_remaining_ms);
+        Ok(())
+    }
+
+    /// Bridge: the request's `len` bytes were written into the data area directly (a socket
+    /// read into [`Slot::data_address_mut`] while the slot was Free); publish them as `fill`
+    /// does.
+    pub fn fill_in_place(
+        &self,
+        job_sequence: u64,
+        len: u32,
+        deadline_remaining_ms: u64,
+    ) -> Result<(), SlotError> {
+        let state = self.header().state.load(Ordering::Acquire);
+        if state != SlotState::Free as u32 {
+            return Err(SlotError::WrongState {
+                found: state,
+                expected: SlotState::Free,
+            });
+        }
+        if len > self.capacity {
+            return Err(SlotError::DoesNotFit {
+                len: len as usize,
+                capacity: self.capacity,
+            });
+        }
+        self.publish_request(job_sequence, len, deadline_remaining_ms);
+        Ok(())
+    }
+
+    fn publish_request(&self, job_sequence: u64, request_len: u32, deadline_remaining_ms: u64) {
+        let header = self.header();
         header.request_len.store(request_len, Ordering::Relaxed);
         header.reply_len.store(0, Ordering::Relaxed);
         header.job_sequence.store(job_sequence, Ordering::Relaxed);
@@ -284,7 +316,6 @@ impl Slot {
         header
             .state
             .store(SlotState::Filled as u32, Ordering::Release);
-        Ok(())
     }
 
     /// Bridge: the worker said Done. Validate the header and, for an in-slot reply, append the
@@ -351,6 +382,14 @@ impl Slot {
     }
 
     /// Address of data byte `offset`, for a fixed-buffer write from the slot.
+    /// Bridge: where a read may put request bytes, `offset` into the data area. Only while the
+    /// slot is Free (the bridge owns the data area), before `fill_in_place`.
+    pub fn data_address_mut(&self, offset: usize) -> *mut u8 {
+        assert!(offset <= self.capacity as usize);
+        // SAFETY: offset is within the data area, which is inside the mapping.
+        unsafe { self.data_ptr().add(offset) }
+    }
+
     pub fn data_address(&self, offset: usize) -> *const u8 {
         assert!(offset <= self.capacity as usize);
         // SAFETY: offset is within the data area, which is inside the mapping.

@@ -4,6 +4,7 @@ mod bad_input;
 mod common;
 mod conformance;
 mod cores;
+mod direct;
 mod faults;
 mod kv;
 mod lifecycle;

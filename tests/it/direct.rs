@@ -1,0 +1,175 @@
+//! Large request payloads read from the caller's socket straight into a worker's slot.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+
+use acgi_bridge::proto::{Header, Kind};
+
+use crate::common::{bridge, pipeline_tagged, tagged_payload, ServiceSpec};
+
+#[test]
+fn large_requests_are_read_straight_into_worker_slots_and_come_back_whole() {
+    // Proves the direct read: requests of 4 KiB up to the slot size, one at a time over Unix
+    // and TCP and pipelined, each reach the worker intact (the echo proves every byte) and
+    // most go from the socket straight into the slot.
+    let bridge = bridge()
+        .top("cores = 1")
+        .service(ServiceSpec::echo().workers(2, 2))
+        .start();
+    bridge.wait_status("2 workers", |s| s.services[0].workers_idle == 2);
+    for mut client in [bridge.client(), bridge.tcp_client()] {
+        for (tag, len) in [4096usize, 4097, 10_000, 32 * 1024, 65_535, 65_536]
+            .into_iter()
+            .enumerate()
+        {
+            let payload = tagged_payload(tag as u64, len);
+            assert!(
+                client.call("echo", &payload).unwrap() == payload,
+                "{len} bytes"
+            );
+        }
+        pipeline_tagged(&mut client, 0..200, |tag| {
+            4096 + (tag as usize * 977) % 61_440
+        });
+    }
+    let status = bridge.status();
+    assert!(
+        status.requests_read_into_slot >= 12,
+        "the one-at-a-time calls go direct: {status:#?}"
+    );
+    assert_eq!(status.requests_ok, 2 * (6 + 200));
+}
+
+#[test]
+fn direct_reads_and_queued_jobs_keep_every_answer_with_its_request() {
+    // Proves a worker that takes queued jobs keeps them in order behind a job whose payload
+    // is still arriving: mixed small and large requests on several connections, every answer
+    // its own.
+    let mut echo = ServiceSpec::echo().workers(2, 2);
+    echo.extra = "worker_queue_depth = 8\n".into();
+    let bridge = bridge().top("cores = 1").service(echo).start();
+    bridge.wait_status("2 workers", |s| s.services[0].workers_idle == 2);
+    std::thread::scope(|scope| {
+        for connection in 0..4u64 {
+            let bridge = &bridge;
+            scope.spawn(move || {
+                let mut client = bridge.client();
+                for round in 0..20u64 {
+                    let first = connection * 100_000 + round * 10;
+                    pipeline_tagged(&mut client, first..first + 10, |tag| {
+                        if tag % 3 == 0 {
+                            60_000
+                        } else {
+                            100
+                        }
+                    });
+                    let payload = tagged_payload(first, 50_000);
+                    assert!(client.call("echo", &payload).unwrap() == payload);
+                }
+            });
+        }
+    });
+    let status = bridge.status();
+    assert!(status.requests_read_into_slot > 0, "{status:#?}");
+    assert_eq!(status.requests_failed, 0);
+}
+
+/// A request header for a `len`-byte echo payload, then the first `sent` bytes of it.
+fn partial_request(len: usize, sent: usize) -> Vec<u8> {
+    let mut frame = Header::new(Kind::Request, 1, 7, len as u32)
+        .encode()
+        .to_vec();
+    frame.extend_from_slice(&tagged_payload(7, sent));
+    frame
+}
+
+#[test]
+fn a_caller_that_leaves_mid_payload_frees_its_worker() {
+    // Proves the abort: a caller that closes after half of a large payload fails only its own
+    // request; the worker that was waiting for the payload serves the next caller.
+    let bridge = bridge()
+        .top("cores = 1")
+        .service(ServiceSpec::echo().workers(1, 1))
+        .start();
+    bridge.wait_status("1 worker", |s| s.services[0].workers_idle == 1);
+    for _ in 0..3 {
+        let mut stream = UnixStream::connect(&bridge.unix).unwrap();
+        stream.write_all(&partial_request(60_000, 20_000)).unwrap();
+        bridge.wait_status("the direct read to begin", |s| {
+            s.services[0].workers_busy == 1
+        });
+        drop(stream);
+        let payload = tagged_payload(1, 30_000);
+        assert!(bridge.client().call("echo", &payload).unwrap() == payload);
+    }
+    let status = bridge.service_status("echo");
+    assert_eq!(status.requests_failed.get("malformed frame"), Some(&3));
+    assert_eq!(status.spawns, 1, "the worker was never replaced");
+}
+
+#[test]
+fn a_caller_that_stalls_mid_payload_is_disconnected_and_others_are_served() {
+    // Proves the direct-read timeout: a caller that sends a header and part of a large payload,
+    // then nothing, holds a worker only until the timeout; meanwhile the other worker serves
+    // everyone else.
+    let bridge = bridge()
+        .top("cores = 1")
+        .service(ServiceSpec::echo().workers(2, 2))
+        .start();
+    bridge.wait_status("2 workers", |s| s.services[0].workers_idle == 2);
+    let mut staller = UnixStream::connect(&bridge.unix).unwrap();
+    staller.write_all(&partial_request(60_000, 100)).unwrap();
+    bridge.wait_status("the direct read to begin", |s| {
+        s.services[0].workers_busy == 1
+    });
+    let mut client = bridge.client();
+    for tag in 0..50 {
+        let payload = tagged_payload(tag, 100);
+        assert!(client.call("echo", &payload).unwrap() == payload);
+    }
+    // The bridge closes the staller's connection (EOF) after the timeout.
+    let mut rest = Vec::new();
+    staller.read_to_end(&mut rest).unwrap();
+    bridge.wait_status("the worker back", |s| s.services[0].workers_idle == 2);
+    assert!(bridge.log().contains("disconnecting it"));
+    let payload = tagged_payload(2, 60_000);
+    assert!(client.call("echo", &payload).unwrap() == payload);
+}
+
+#[test]
+fn jobs_queued_behind_a_payload_still_arriving_run_after_it() {
+    // Proves the order on a worker that takes queued jobs: while a large payload is still
+    // arriving into its slot, requests queued to the same worker wait, and its `Job` goes
+    // ahead of theirs, so every answer is matched to its own request.
+    let mut echo = ServiceSpec::echo().workers(1, 1);
+    echo.extra = "worker_queue_depth = 8\n".into();
+    let bridge = bridge().top("cores = 1").service(echo).start();
+    bridge.wait_status("1 worker", |s| s.services[0].workers_idle == 1);
+    let full = tagged_payload(7, 60_000);
+    let mut slow = UnixStream::connect(&bridge.unix).unwrap();
+    slow.write_all(&partial_request(60_000, 100)).unwrap();
+    bridge.wait_status("the direct read to begin", |s| {
+        s.services[0].workers_busy == 1
+    });
+    let mut other = bridge.client();
+    let ids: Vec<u64> = (0..3)
+        .map(|tag| other.send(1, &tagged_payload(100 + tag, 200)).unwrap())
+        .collect();
+    slow.write_all(&full[100..]).unwrap();
+    let mut header = [0u8; 24];
+    slow.read_exact(&mut header).unwrap();
+    let header = Header::decode(&header, 1 << 24).unwrap();
+    assert_eq!((header.kind, header.request_id), (Kind::Reply, 7));
+    let mut reply = vec![0; header.payload_len as usize];
+    slow.read_exact(&mut reply).unwrap();
+    assert!(reply == full);
+    for (tag, id) in ids.into_iter().enumerate() {
+        let answer = other.receive().unwrap();
+        assert_eq!(
+            (answer.header.kind, answer.header.request_id),
+            (Kind::Reply, id)
+        );
+        assert!(answer.payload == tagged_payload(100 + tag as u64, 200));
+    }
+    assert_eq!(bridge.status().requests_read_into_slot, 1);
+}
