@@ -1825,23 +1825,8 @@ impl Core {
         let prefix = conn.read.len() - HEADER_BYTES;
         debug_assert!(prefix < header.payload_len as usize);
         let now = self.now;
-        let conn = &mut self.conns[index];
-        conn.requests_in_flight += 1;
-        let conn_handle = handle(index, conn.generation);
-        let generation = self.generation();
-        let request = self.requests.insert(Request {
-            generation,
-            origin: Origin::Conn(conn_handle),
-            forwarded_to: None,
-            direct: true,
-            caller_request_id: header.request_id,
-            service,
-            payload: Vec::new(),
-            deadline: None,
-            arrived: now,
-            dispatched: None,
-        });
-        let request = handle(request, generation);
+        let request = self.add_caller_request(index, header.request_id, service, Vec::new(), None);
+        self.requests[handle_index(request)].direct = true;
         // An idle worker takes it at once: `dispatch_direct` sets up the read.
         self.services[service].pool.on_request(now, request, None);
         self.run_pool_actions(service);
@@ -2276,23 +2261,8 @@ impl Core {
                         deadline = Some(now + Duration::from_millis(timeout_ms as u64));
                     }
                 }
-                let conn = &mut self.conns[index];
-                conn.requests_in_flight += 1;
-                let conn_handle = handle(index, conn.generation);
-                let generation = self.generation();
-                let request = self.requests.insert(Request {
-                    generation,
-                    origin: Origin::Conn(conn_handle),
-                    forwarded_to: None,
-                    direct: false,
-                    caller_request_id: header.request_id,
-                    service,
-                    payload,
-                    deadline,
-                    arrived: now,
-                    dispatched: None,
-                });
-                let request = handle(request, generation);
+                let request =
+                    self.add_caller_request(index, header.request_id, service, payload, deadline);
                 if let Some(core) = self.place(service) {
                     if self.forward(request, core) {
                         return;
@@ -2307,6 +2277,34 @@ impl Core {
             _ => unreachable!("checked by is_caller_to_bridge"),
         }
         self.recycle_payload(payload);
+    }
+
+    /// A new request from caller connection `index`; returns its handle.
+    fn add_caller_request(
+        &mut self,
+        index: usize,
+        caller_request_id: u64,
+        service: usize,
+        payload: Vec<u8>,
+        deadline: Option<Instant>,
+    ) -> u64 {
+        let conn = &mut self.conns[index];
+        conn.requests_in_flight += 1;
+        let conn_handle = handle(index, conn.generation);
+        let generation = self.generation();
+        let request = self.requests.insert(Request {
+            generation,
+            origin: Origin::Conn(conn_handle),
+            forwarded_to: None,
+            direct: false,
+            caller_request_id,
+            service,
+            payload,
+            deadline,
+            arrived: self.now,
+            dispatched: None,
+        });
+        handle(request, generation)
     }
 
     /// Queue a whole answer frame for the caller, disconnecting a caller that does not read.
