@@ -64,6 +64,10 @@ pub struct Config {
     /// for latency at light load (0 = never spin; see docs/performance.md).
     #[serde(default)]
     pub idle_spin_us: u64,
+    /// Where a core's workers may run: `"any"` CPU the bridge may use, or only the `"core"`'s
+    /// own CPU (beside its loop: their wake-ups stay on one vCPU). With one core, `any`.
+    #[serde(default)]
+    pub worker_affinity: WorkerAffinity,
     /// Where to listen.
     pub listen: Listen,
     /// The services, at least one.
@@ -72,6 +76,15 @@ pub struct Config {
     /// Directory of the config file; relative paths were resolved against it.
     #[serde(skip)]
     pub base_dir: PathBuf,
+}
+
+/// The `worker_affinity` setting (see [`Config::worker_affinity`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WorkerAffinity {
+    #[default]
+    Any,
+    Core,
 }
 
 /// The `cores` setting (see [`Config::cores`]).
@@ -794,6 +807,9 @@ mod tests {
         assert!(error("cores = [1, 1]").contains("twice"));
         assert!(error("cores = []").contains("empty"));
         assert!(error("cores = \"all\"").contains("\"all\""));
+        let pinned = Config::parse(&format!("worker_affinity = \"core\"\n{}", minimal())).unwrap();
+        assert_eq!(pinned.worker_affinity, WorkerAffinity::Core);
+        assert!(Config::parse(&format!("worker_affinity = \"cpu0\"\n{}", minimal())).is_err());
         let spin = Config::parse(&format!("idle_spin_us = 20000\n{}", minimal())).unwrap();
         assert!(spin.problems().iter().any(|p| p.key == "idle_spin_us"));
     }

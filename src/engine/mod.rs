@@ -168,12 +168,23 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             .name(format!("acgi-core-{index}"))
             .spawn(move || -> anyhow::Result<self::core::Counters> {
                 let setup = || -> anyhow::Result<self::core::Core> {
+                    // Workers inherit the affinity of the spawner thread that forks them: start
+                    // it before pinning for `any`, after for `core`.
+                    let start_spawner =
+                        || self::spawn::Spawner::start().context("starting the spawner thread");
+                    let pin_workers = setup_config.worker_affinity == config::WorkerAffinity::Core;
+                    let mut spawner = None;
+                    if !pin_workers {
+                        spawner = Some(start_spawner()?);
+                    }
                     if cores > 1 {
                         pin_to(cpu)
                             .with_context(|| format!("pinning core {index} to CPU {cpu}"))?;
                     }
-                    let spawner =
-                        self::spawn::Spawner::start().context("starting the spawner thread")?;
+                    let spawner = match spawner {
+                        Some(spawner) => spawner,
+                        None => start_spawner()?,
+                    };
                     self::core::Core::new(self::core::CoreSetup {
                         index,
                         shared,

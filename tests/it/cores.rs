@@ -58,8 +58,31 @@ fn a_request_never_waits_on_a_busy_core_while_another_core_has_an_idle_worker() 
     // Proves forwarding under fully skewed load: one connection (so one core) sends four slow
     // requests to a static pool of four workers, two per core. All four run at once, so two of
     // them went to the other core's workers, and the answers come back to the right requests.
-    let bridge = bridge().top("cores = 2").service(faulty_static(4)).start();
-    bridge.wait_status("4 idle workers", |s| s.services[0].workers_idle == 4);
+    // (Workers pinned beside their core's loop, which this test also checks.)
+    let bridge = bridge()
+        .top("cores = 2")
+        .top("worker_affinity = \"core\"")
+        .service(faulty_static(4))
+        .start();
+    let status = bridge.wait_status("4 idle workers", |s| s.services[0].workers_idle == 4);
+    let mut cpus: Vec<String> = status.services[0]
+        .pids
+        .iter()
+        .map(|pid| {
+            let proc_status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+            let line = proc_status
+                .lines()
+                .find(|l| l.starts_with("Cpus_allowed_list"))
+                .expect("Cpus_allowed_list");
+            line.split_whitespace().nth(1).unwrap().to_string()
+        })
+        .collect();
+    cpus.sort();
+    assert_eq!(
+        cpus,
+        ["0", "0", "1", "1"],
+        "each core's two workers on its CPU"
+    );
     let mut client = bridge.client();
     let ids: Vec<u64> = (0..4)
         .map(|_| client.send(3, b"sleep 1500").unwrap())
