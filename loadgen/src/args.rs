@@ -257,6 +257,12 @@ pub struct RunArgs {
           value_parser = clap::value_parser!(u32).range(1..=4_096))]
     pub depth: u32,
 
+    /// Closed loop: drive each connection from one thread that writes its requests and reads
+    /// their answers in batches (cheaper for the generator than a task per request in flight;
+    /// for measuring peak throughput on a small machine).
+    #[arg(long, conflicts_with = "rate")]
+    pub batch: bool,
+
     /// Open loop: requests per second, sent on schedule whatever the replies do.
     #[arg(long, value_name = "REQ_PER_S", value_parser = parse_rate)]
     pub rate: Option<f64>,
@@ -294,6 +300,7 @@ impl RunArgs {
             workload: self.target.workload(self.duration)?,
             connections: self.target.connections,
             depth: self.depth,
+            batch: self.batch,
         })
     }
 

@@ -35,6 +35,9 @@ pub struct Plan {
     pub connections: u32,
     /// Requests in flight per connection.
     pub depth: u32,
+    /// One thread per connection writing and reading in batches ([`crate::batched`]) instead
+    /// of one task per request in flight.
+    pub batch: bool,
 }
 
 /// What a run measured.
@@ -67,6 +70,9 @@ pub async fn run(plan: &Plan) -> Result<Outcome, RunError> {
         "plan has no load: {plan:?}"
     );
     plan.workload.check();
+    if plan.batch {
+        return run_batched(plan).await;
+    }
     let connections = connect_all(&plan.workload, plan.connections).await?;
     let window = plan.workload.window_from(Instant::now());
 
@@ -101,6 +107,45 @@ pub async fn run(plan: &Plan) -> Result<Outcome, RunError> {
             Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
             Err(error) => unreachable!("load task cancelled: {error}"),
         }
+    }
+    Ok(Outcome {
+        recorder,
+        measured: plan.workload.duration,
+        scheduled: 0,
+        completed_within: Duration::ZERO,
+    })
+}
+
+/// `--batch`: resolve the services once, then drive each connection from its own thread.
+async fn run_batched(plan: &Plan) -> Result<Outcome, RunError> {
+    let service_ids = connect_all(&plan.workload, 1).await?[0].service_ids.clone();
+    let window = plan.workload.window_from(Instant::now());
+    // Threads, not tasks; awaited without blocking the runtime (which may serve others).
+    let mut finished = Vec::new();
+    for index in 0..plan.connections {
+        let driver = crate::batched::Driver {
+            index,
+            depth: plan.depth,
+            service_ids: service_ids.clone(),
+            workload: plan.workload.clone(),
+            window,
+        };
+        let (done, receiver) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name(format!("batch-{index}"))
+            .spawn(move || {
+                let _ = done.send(driver.run());
+            })
+            .map_err(RunError::Timer)?;
+        finished.push(receiver);
+    }
+    let mut recorders = Vec::new();
+    for receiver in finished {
+        recorders.push(receiver.await.expect("a batch driver panicked"));
+    }
+    let mut recorder = Recorder::new();
+    for task_recorder in &recorders {
+        recorder.merge(task_recorder);
     }
     Ok(Outcome {
         recorder,

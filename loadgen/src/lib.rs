@@ -28,6 +28,7 @@
 #![forbid(unsafe_code)]
 
 pub mod args;
+pub mod batched;
 pub mod closed_loop;
 pub mod hgrm;
 pub mod machine;

@@ -69,8 +69,10 @@ fn run_once(args: &RunArgs) -> anyhow::Result<bool> {
                 &outcome,
             );
             let what = format!(
-                "closed loop, {} connections x {} in flight",
-                plan.connections, plan.depth
+                "closed loop, {} connections x {} in flight{}",
+                plan.connections,
+                plan.depth,
+                if plan.batch { " (batched)" } else { "" }
             );
             (report, outcome, what)
         }

@@ -28,6 +28,8 @@ pub struct Parameters {
     pub connections: u32,
     /// Closed loop: requests in flight per connection.
     pub depth: Option<u32>,
+    /// Closed loop: one thread per connection, batched (`--batch`).
+    pub batch: bool,
     /// Open loop: requests per second offered.
     pub rate: Option<f64>,
     pub arrival: Option<Arrival>,
@@ -48,6 +50,7 @@ impl Parameters {
             payloads: workload.payloads_label(),
             connections,
             depth: None,
+            batch: false,
             rate: None,
             arrival: None,
             in_flight_max: None,
@@ -62,6 +65,7 @@ impl Parameters {
     pub fn of(plan: &closed_loop::Plan, threads: u32) -> Parameters {
         Parameters {
             depth: Some(plan.depth),
+            batch: plan.batch,
             ..Parameters::of_workload(&plan.workload, plan.connections, threads)
         }
     }
@@ -227,8 +231,15 @@ impl Report {
             (Some(depth), _) => {
                 let _ = writeln!(
                     out,
-                    "load        {} connections x {} in flight, payloads {}, {} thread(s)",
-                    p.connections, depth, p.payloads, p.threads
+                    "load        {} connections x {} in flight, payloads {}, {}",
+                    p.connections,
+                    depth,
+                    p.payloads,
+                    if p.batch {
+                        "batched, a thread per connection".to_string()
+                    } else {
+                        format!("{} thread(s)", p.threads)
+                    }
                 );
             }
             (None, Some(rate)) => {
@@ -371,6 +382,7 @@ mod tests {
             workload: workload(),
             connections: 2,
             depth: 3,
+            batch: false,
         }
     }
 

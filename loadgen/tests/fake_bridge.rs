@@ -162,6 +162,7 @@ fn a_stall_is_charged_to_every_request_the_open_loop_meant_to_send() {
             workload: workload(&fake, "pause", Duration::from_secs(1)),
             connections: 1,
             depth: 1,
+            batch: false,
         };
         closed_loop::run(&plan).await.unwrap()
     });
@@ -191,6 +192,30 @@ fn a_stall_is_charged_to_every_request_the_open_loop_meant_to_send() {
         "open loop: {open_slow} slow"
     );
     assert_eq!(open.recorder.errors_total(), 0);
+}
+
+#[test]
+fn a_batched_closed_loop_keeps_its_depth_and_verifies_every_reply() {
+    // Proves --batch: two connections x 8 in flight, every reply checked against its request,
+    // no error, and the calls in flight at the end drained, not abandoned.
+    runtime().block_on(async {
+        let fake = start_fake(
+            "batch",
+            Instant::now() + Duration::from_secs(3600),
+            Duration::ZERO,
+        );
+        let plan = closed_loop::Plan {
+            workload: workload(&fake, "echo", Duration::from_millis(300)),
+            connections: 2,
+            depth: 8,
+            batch: true,
+        };
+        let outcome = closed_loop::run(&plan).await.unwrap();
+        assert!(outcome.recorder.requests_ok() > 100);
+        assert_eq!(outcome.recorder.errors_total(), 0);
+        assert_eq!(outcome.recorder.mismatches(), 0);
+        assert_eq!(outcome.recorder.tasks_stopped_early(), 0);
+    });
 }
 
 #[test]

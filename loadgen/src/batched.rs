@@ -1,0 +1,289 @@
+//! The closed loop with `--batch`: one thread per connection writes its requests in batches and
+//! reads the answers in batches, as the floor's client in `limits/run.sh` does, instead of one
+//! async task per request in flight. Same window, mixes, verification and recording as the
+//! task-per-request loop; it costs the generator a fraction of the CPU per request, which on a
+//! small machine is CPU left for the bridge and its workers.
+//!
+//! Each connection keeps `depth` requests in flight. A request's id names its in-flight place
+//! (`id % PLACES`), so an answer finds its send time and payload without a map. All answers read
+//! in one `read` share one clock reading, and the requests that replace them go out in one
+//! `write`.
+
+use std::io::{self, Read, Write};
+use std::time::{Duration, Instant};
+
+use acgi_bridge::client::{Addr, Answer};
+use acgi_bridge::proto::{self, Header, Kind, HEADER_BYTES};
+
+use crate::mix::Rng;
+use crate::payload::{first_difference, Payload};
+use crate::stats::{CallTiming, ErrorClass, Mismatch, Recorder};
+use crate::workload::{Window, Workload};
+
+/// Most requests in flight per connection (the `--depth` bound).
+const PLACES: u64 = 4096;
+/// How often a blocked read wakes to look at the clock.
+const READ_TIMEOUT: Duration = Duration::from_millis(100);
+
+enum Stream {
+    Unix(std::os::unix::net::UnixStream),
+    Tcp(std::net::TcpStream),
+}
+
+impl Stream {
+    fn connect(addr: &str) -> io::Result<Stream> {
+        let stream = match Addr::parse(addr) {
+            Addr::Unix(path) => Stream::Unix(std::os::unix::net::UnixStream::connect(path)?),
+            Addr::Tcp(host_port) => {
+                let stream = std::net::TcpStream::connect(host_port)?;
+                stream.set_nodelay(true)?;
+                Stream::Tcp(stream)
+            }
+        };
+        match &stream {
+            Stream::Unix(s) => s.set_read_timeout(Some(READ_TIMEOUT))?,
+            Stream::Tcp(s) => s.set_read_timeout(Some(READ_TIMEOUT))?,
+        }
+        Ok(stream)
+    }
+
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.read(buf),
+            Stream::Tcp(s) => s.read(buf),
+        }
+    }
+
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        match self {
+            Stream::Unix(s) => s.write_all(buf),
+            Stream::Tcp(s) => s.write_all(buf),
+        }
+    }
+}
+
+/// A request in flight at one place.
+#[derive(Clone, Copy)]
+struct InFlight {
+    started: Instant,
+    service: usize,
+    payload: usize,
+    sequence: u64,
+}
+
+/// One connection's driver.
+pub struct Driver {
+    pub index: u32,
+    pub depth: u32,
+    pub service_ids: Vec<u32>,
+    pub workload: Workload,
+    pub window: Window,
+}
+
+impl Driver {
+    /// Run the loop on this thread until the window ends and the calls in flight are answered
+    /// (or the hard stop passes).
+    pub fn run(self) -> Recorder {
+        let mut recorder = Recorder::new();
+        let mut stream = match Stream::connect(&self.workload.connect) {
+            Ok(stream) => stream,
+            Err(_) => {
+                recorder.record_error(ErrorClass::Io);
+                recorder.record_stopped_early();
+                return recorder;
+            }
+        };
+        let measure_start = self.window.measure_start.into_std();
+        let measure_end = self.window.measure_end.into_std();
+        let hard_stop = self.window.hard_stop.into_std();
+        let depth = u64::from(self.depth).min(PLACES);
+        let mut rng = Rng::for_stream(self.workload.seed, u64::from(self.index) << 32);
+        let mut payloads: Vec<Vec<Payload>> = (0..depth)
+            .map(|place| {
+                self.workload
+                    .payloads
+                    .values()
+                    .map(|kind| Payload::of_kind(kind, self.index, place as u32))
+                    .collect()
+            })
+            .collect();
+        let mut in_flight: Vec<Option<InFlight>> = vec![None; depth as usize];
+        let mut outstanding = 0u64;
+        let mut sequence = 0u64;
+        let mut out = Vec::with_capacity(64 * 1024);
+        let mut input = vec![0u8; 256 * 1024];
+        let (mut start, mut end) = (0usize, 0usize);
+        let mut send = |place: u64,
+                        now: Instant,
+                        out: &mut Vec<u8>,
+                        in_flight: &mut [Option<InFlight>],
+                        payloads: &mut [Vec<Payload>],
+                        rng: &mut Rng| {
+            let service = self.workload.services.pick(rng);
+            let payload_index = self.workload.payloads.pick(rng);
+            sequence += 1;
+            let payload = &mut payloads[place as usize][payload_index];
+            payload.stamp(sequence);
+            let bytes = payload.as_bytes();
+            let id = sequence * PLACES + place;
+            let header = Header::new(
+                Kind::Request,
+                self.service_ids[service],
+                id,
+                bytes.len() as u32,
+            );
+            proto::encode_frame(out, &header, bytes);
+            in_flight[place as usize] = Some(InFlight {
+                started: now,
+                service,
+                payload: payload_index,
+                sequence,
+            });
+        };
+        let now = Instant::now();
+        for place in 0..depth {
+            send(
+                place,
+                now,
+                &mut out,
+                &mut in_flight,
+                &mut payloads,
+                &mut rng,
+            );
+            outstanding += 1;
+        }
+        loop {
+            if !out.is_empty() {
+                if stream.write_all(&out).is_err() {
+                    recorder.record_error(ErrorClass::Io);
+                    recorder.record_stopped_early();
+                    return recorder;
+                }
+                out.clear();
+            }
+            if outstanding == 0 || Instant::now() >= hard_stop {
+                break;
+            }
+            if input.len() - end < 64 * 1024 {
+                input.copy_within(start..end, 0);
+                end -= start;
+                start = 0;
+                if input.len() - end < 64 * 1024 {
+                    input.resize(input.len() * 2, 0);
+                }
+            }
+            match stream.read(&mut input[end..]) {
+                Ok(0) => {
+                    recorder.record_error(ErrorClass::Closed);
+                    recorder.record_stopped_early();
+                    return recorder;
+                }
+                Ok(n) => end += n,
+                Err(error)
+                    if matches!(
+                        error.kind(),
+                        io::ErrorKind::WouldBlock
+                            | io::ErrorKind::TimedOut
+                            | io::ErrorKind::Interrupted
+                    ) =>
+                {
+                    continue
+                }
+                Err(_) => {
+                    recorder.record_error(ErrorClass::Io);
+                    recorder.record_stopped_early();
+                    return recorder;
+                }
+            }
+            let now = Instant::now();
+            while end - start >= HEADER_BYTES {
+                let header = match Header::decode(
+                    &input[start..start + HEADER_BYTES],
+                    proto::PAYLOAD_BYTES_MAX_CEILING,
+                ) {
+                    Ok(header) => header,
+                    Err(_) => {
+                        recorder.record_error(ErrorClass::Protocol);
+                        recorder.record_stopped_early();
+                        return recorder;
+                    }
+                };
+                let frame_bytes = HEADER_BYTES + header.payload_len as usize;
+                let frame_end = start + frame_bytes;
+                if end < frame_end {
+                    if frame_bytes + 64 * 1024 > input.len() {
+                        // A frame larger than the buffer: make room for it and a read more.
+                        input.copy_within(start..end, 0);
+                        end -= start;
+                        start = 0;
+                        input.resize(frame_bytes + 64 * 1024, 0);
+                    }
+                    break;
+                }
+                let place = header.request_id % PLACES;
+                let Some(call) = in_flight.get_mut(place as usize).and_then(Option::take) else {
+                    recorder.record_error(ErrorClass::Protocol);
+                    recorder.record_stopped_early();
+                    return recorder;
+                };
+                outstanding -= 1;
+                let reply = &input[start + HEADER_BYTES..frame_end];
+                let measured = call.started >= measure_start && call.started < measure_end;
+                if header.kind == Kind::Reply {
+                    if measured {
+                        let latency = now - call.started;
+                        recorder.record_call(CallTiming {
+                            service: call.service,
+                            latency,
+                            uncorrected: latency,
+                            send_lag: Duration::ZERO,
+                        });
+                    }
+                    if self.workload.verify[call.service] {
+                        let sent = payloads[place as usize][call.payload].as_bytes();
+                        if let Some(offset) = first_difference(sent, reply) {
+                            recorder.record_mismatch(Mismatch {
+                                connection: self.index,
+                                task: place as u32,
+                                sequence: call.sequence,
+                                request_bytes: sent.len(),
+                                reply_bytes: reply.len(),
+                                first_difference: offset,
+                            });
+                        }
+                    }
+                } else {
+                    let answer = Answer {
+                        header,
+                        payload: reply.to_vec(),
+                    };
+                    let class = match answer.into_result() {
+                        Err(error) => ErrorClass::of(&error),
+                        Ok(_) => ErrorClass::Protocol,
+                    };
+                    if measured {
+                        recorder.record_service_error(call.service, class);
+                    } else {
+                        recorder.record_warmup_error();
+                    }
+                }
+                start = frame_end;
+                if now < measure_end {
+                    send(
+                        place,
+                        now,
+                        &mut out,
+                        &mut in_flight,
+                        &mut payloads,
+                        &mut rng,
+                    );
+                    outstanding += 1;
+                }
+            }
+        }
+        for _ in 0..outstanding {
+            recorder.record_error(ErrorClass::Unanswered);
+        }
+        recorder
+    }
+}
