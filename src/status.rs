@@ -33,6 +33,9 @@ pub struct Status {
     pub requests_by_core: Vec<u64>,
     /// Worker slots registered as io_uring fixed buffers now.
     pub slots_registered: u64,
+    /// Caller connections and worker control sockets in the rings' registered-file tables.
+    #[serde(default)]
+    pub files_registered: u64,
     /// Worker processes the bridge holds (any state, until reaped).
     pub worker_processes: u64,
     pub requests_ok: u64,

@@ -158,6 +158,31 @@ impl Token {
     }
 }
 
+/// A descriptor as an op names it: registered in the ring's file table when there was room
+/// (the kernel then skips looking the descriptor up on every op), else plain.
+#[derive(Clone, Copy)]
+enum Target {
+    Fd(types::Fd),
+    Fixed(types::Fixed),
+}
+
+fn target(fd: &OwnedFd, file: Option<u32>) -> Target {
+    match file {
+        Some(index) => Target::Fixed(types::Fixed(index)),
+        None => Target::Fd(types::Fd(fd.as_raw_fd())),
+    }
+}
+
+/// Build an op on a [`Target`] (the two descriptor kinds are different types to the builders).
+macro_rules! on_target {
+    ($target:expr, |$fd:ident| $build:expr) => {
+        match $target {
+            Target::Fd($fd) => $build,
+            Target::Fixed($fd) => $build,
+        }
+    };
+}
+
 /// A pool handle: slab index in the low 32 bits, generation above.
 fn handle(index: usize, generation: u32) -> u64 {
     ((generation as u64) << 32) | index as u64
@@ -220,6 +245,8 @@ struct Conn {
     kind: ListenerKind,
     /// The payload of the request at the front is being read into a worker's slot.
     into_slot: Option<IntoSlot>,
+    /// Its index in the ring's registered-file table, if registered.
+    file: Option<u32>,
 }
 
 /// A request payload being read from the caller's socket straight into a worker's slot (the
@@ -313,6 +340,8 @@ struct Worker {
     /// A caller's payload is being read into its slot: its socket sends wait (the `Job` for
     /// that payload goes first), and it is not freed until the read completes.
     filling: bool,
+    /// Its control socket's index in the ring's registered-file table, if registered.
+    file: Option<u32>,
 }
 
 impl Worker {
@@ -478,6 +507,8 @@ pub struct Core {
     scratch: Vec<u8>,
     /// Free entries of the registered-buffer table (empty when registration is unavailable).
     fixed_buffers_free: Vec<u16>,
+    /// Free entries of the registered-file table (empty when registration is unavailable).
+    files_free: Vec<u32>,
     /// The MEMLOCK warning for a slot that could not be registered was logged (once is enough).
     fixed_buffer_warning_logged: bool,
     /// Set by SIGTERM/SIGINT: when in-flight work must be done.
@@ -536,6 +567,7 @@ pub struct CoreReport {
     /// index, zeros elsewhere until merged).
     connections_by_core: Vec<u64>,
     requests_by_core: Vec<u64>,
+    files_registered: u64,
     slots_registered: u64,
     worker_processes: u64,
     counters: Counters,
@@ -578,6 +610,7 @@ impl CoreReport {
             *mine += theirs;
         }
         self.slots_registered += other.slots_registered;
+        self.files_registered += other.files_registered;
         self.worker_processes += other.worker_processes;
         self.counters.add(&other.counters);
         for (mine, theirs) in self.services.iter_mut().zip(&other.services) {
@@ -652,6 +685,7 @@ impl Core {
         }
         let shard_workers: u32 = services.iter().map(|s| s.pool.policy().max_workers).sum();
         let fixed_buffers_free = register_buffer_table(&ring, shard_workers);
+        let files_free = register_file_table(&ring, config.connections_max + shard_workers * 2);
         if index == 0 {
             check_memlock(&config, cores);
         }
@@ -709,6 +743,7 @@ impl Core {
             spare_payloads: Vec::new(),
             scratch: Vec::new(),
             fixed_buffers_free,
+            files_free,
             fixed_buffer_warning_logged: false,
             shutdown_deadline: None,
             shutdown_forced: false,
@@ -1099,11 +1134,14 @@ impl Core {
             closing: false,
             slot_send: None,
             into_slot: None,
+            file: None,
             kind,
         });
         if aux {
             self.aux_deadlines
                 .push_back((self.now + AUX_CONNECTION_TIMEOUT, handle(index, generation)));
+        } else {
+            self.conns[index].file = self.register_file(index, true);
         }
         self.arm_conn_recv(index);
     }
@@ -1536,6 +1574,12 @@ impl Core {
             connections_by_core,
             requests_by_core,
             connections: self.caller_connections(),
+            files_registered: self.conns.iter().filter(|(_, c)| c.file.is_some()).count() as u64
+                + self
+                    .workers
+                    .iter()
+                    .filter(|(_, w)| w.file.is_some())
+                    .count() as u64,
             slots_registered: self.slots_registered(),
             worker_processes: self.workers.len() as u64,
             counters: self.counters.clone(),
@@ -1639,12 +1683,12 @@ impl Core {
             let worker = &self.workers[into.worker];
             let at = worker.slot.data_address_mut(into.filled as usize);
             let len = into.len - into.filled;
-            let fd = types::Fd(conn.fd.as_raw_fd());
+            let fd = target(&conn.fd, conn.file);
             let entry = match worker.buffer_index {
-                Some(buffer) => opcode::ReadFixed::new(fd, at, len, buffer)
+                Some(buffer) => on_target!(fd, |fd| opcode::ReadFixed::new(fd, at, len, buffer)
                     .offset(u64::MAX)
-                    .build(),
-                None => opcode::Recv::new(fd, at, len).build(),
+                    .build()),
+                None => on_target!(fd, |fd| opcode::Recv::new(fd, at, len).build()),
             }
             .user_data(Token::new(OpKind::ConnRecvSlot, index, conn.generation).encode());
             conn.recv_in_flight = true;
@@ -1660,14 +1704,14 @@ impl Core {
             conn.read.frame_bytes_needed(max)
         };
         conn.read.prepare_read(needed);
+        let fd = target(&conn.fd, conn.file);
         let spare = conn.read.spare();
-        let entry = opcode::Recv::new(
-            types::Fd(conn.fd.as_raw_fd()),
+        let (at, len) = (
             spare.as_mut_ptr(),
             spare.len().min(u32::MAX as usize) as u32,
-        )
-        .build()
-        .user_data(Token::new(OpKind::ConnRecv, index, conn.generation).encode());
+        );
+        let entry = on_target!(fd, |fd| opcode::Recv::new(fd, at, len).build())
+            .user_data(Token::new(OpKind::ConnRecv, index, conn.generation).encode());
         conn.recv_in_flight = true;
         self.push(entry);
     }
@@ -2173,6 +2217,7 @@ impl Core {
             connections_by_core: report.connections_by_core.clone(),
             requests_by_core: report.requests_by_core.clone(),
             slots_registered: report.slots_registered,
+            files_registered: report.files_registered,
             worker_processes: report.worker_processes,
             requests_ok: report.counters.requests_ok,
             requests_failed: report.counters.requests_failed,
@@ -2351,7 +2396,7 @@ impl Core {
             return;
         }
         let token = Token::new(OpKind::ConnSend, index, conn.generation);
-        if let Some(entry) = send_entry(&mut conn.send, &conn.fd, token) {
+        if let Some(entry) = send_entry(&mut conn.send, target(&conn.fd, conn.file), token) {
             self.push(entry);
         }
     }
@@ -2431,6 +2476,9 @@ impl Core {
         if conn.closing && !conn.recv_in_flight && !conn.send.in_flight {
             debug_assert!(conn.into_slot.is_none());
             let conn = self.conns.remove(index);
+            if let Some(file) = conn.file {
+                self.unregister_file(file);
+            }
             if conn.kind.is_caller() {
                 self.shared.cores[self.index]
                     .callers
@@ -2750,7 +2798,9 @@ impl Core {
             front_queued: false,
             queued: VecDeque::new(),
             filling: false,
+            file: None,
         });
+        self.workers[index].file = self.register_file(index, false);
         self.arm_worker_wait(index);
         self.arm_worker_recv(index);
         self.arm_worker_pipe(index, false);
@@ -2781,14 +2831,14 @@ impl Core {
         }
         let needed = worker.read.frame_bytes_needed(max);
         worker.read.prepare_read(needed);
+        let fd = target(&worker.control, worker.file);
         let spare = worker.read.spare();
-        let entry = opcode::Recv::new(
-            types::Fd(worker.control.as_raw_fd()),
+        let (at, len) = (
             spare.as_mut_ptr(),
             spare.len().min(u32::MAX as usize) as u32,
-        )
-        .build()
-        .user_data(Token::new(OpKind::WorkerRecv, index, worker.generation).encode());
+        );
+        let entry = on_target!(fd, |fd| opcode::Recv::new(fd, at, len).build())
+            .user_data(Token::new(OpKind::WorkerRecv, index, worker.generation).encode());
         worker.recv_in_flight = true;
         self.push(entry);
     }
@@ -2799,7 +2849,11 @@ impl Core {
             return;
         }
         let token = Token::new(OpKind::WorkerSend, index, worker.generation);
-        if let Some(entry) = send_entry(&mut worker.send, &worker.control, token) {
+        if let Some(entry) = send_entry(
+            &mut worker.send,
+            target(&worker.control, worker.file),
+            token,
+        ) {
             self.push(entry);
         }
     }
@@ -3150,7 +3204,7 @@ impl Core {
             return false;
         }
         reply.payload_len = len;
-        let fd = types::Fd(caller.fd.as_raw_fd());
+        let fd = target(&caller.fd, caller.file);
         let generation = caller.generation;
         let payload = worker.slot.data_address(0);
         let worker_generation = worker.generation;
@@ -3168,16 +3222,21 @@ impl Core {
         // DONTWAIT/NOWAIT make them return what fitted (or EAGAIN) at once, and the rest is
         // spilled into the queue. WAITALL makes a short header a failure, which breaks the
         // link, so the payload never follows a partial header.
-        let header_entry = opcode::Send::new(fd, header, HEADER_BYTES as u32)
+        let header_entry = on_target!(fd, |fd| opcode::Send::new(fd, header, HEADER_BYTES as u32)
             .flags(libc::MSG_NOSIGNAL | libc::MSG_WAITALL | libc::MSG_DONTWAIT)
-            .build()
-            .flags(squeue::Flags::IO_LINK)
-            .user_data(Token::new(OpKind::ConnSendHeader, conn, generation).encode());
-        let payload_entry = opcode::WriteFixed::new(fd, payload, len, buffer_index)
-            .offset(u64::MAX)
-            .rw_flags(libc::RWF_NOWAIT)
-            .build()
-            .user_data(Token::new(OpKind::ConnSendFixed, conn, generation).encode());
+            .build())
+        .flags(squeue::Flags::IO_LINK)
+        .user_data(Token::new(OpKind::ConnSendHeader, conn, generation).encode());
+        let payload_entry = on_target!(fd, |fd| opcode::WriteFixed::new(
+            fd,
+            payload,
+            len,
+            buffer_index
+        )
+        .offset(u64::MAX)
+        .rw_flags(libc::RWF_NOWAIT)
+        .build())
+        .user_data(Token::new(OpKind::ConnSendFixed, conn, generation).encode());
         let worker = &mut self.workers[index];
         worker.state = WorkerState::Lending;
         worker.lent = true;
@@ -3319,6 +3378,33 @@ impl Core {
                 }
                 None
             }
+        }
+    }
+
+    /// Put a connection's (`conn`) or worker's control socket in the ring's file table, if
+    /// there is room; ops then name it by index.
+    fn register_file(&mut self, index: usize, conn: bool) -> Option<u32> {
+        let slot = self.files_free.pop()?;
+        let fd = if conn {
+            self.conns[index].fd.as_raw_fd()
+        } else {
+            self.workers[index].control.as_raw_fd()
+        };
+        match self.ring.submitter().register_files_update(slot, &[fd]) {
+            Ok(_) => Some(slot),
+            Err(error) => {
+                tracing::debug!(%error, "cannot register a descriptor with the ring");
+                self.files_free.push(slot);
+                None
+            }
+        }
+    }
+
+    /// Take a descriptor out of the file table (its ops have all completed).
+    fn unregister_file(&mut self, slot: u32) {
+        match self.ring.submitter().register_files_update(slot, &[-1]) {
+            Ok(_) => self.files_free.push(slot),
+            Err(error) => tracing::error!(%error, "cannot unregister a descriptor"),
         }
     }
 
@@ -3470,6 +3556,9 @@ impl Core {
             if let Some(buffer_index) = worker.buffer_index {
                 self.unregister_slot(buffer_index);
             }
+            if let Some(file) = worker.file {
+                self.unregister_file(file);
+            }
         }
     }
 
@@ -3583,6 +3672,23 @@ fn register_buffer_table(ring: &IoUring, workers: u32) -> Vec<u16> {
     }
 }
 
+/// Reserve the ring's registered-file table: every caller connection and worker this core may
+/// hold.
+fn register_file_table(ring: &IoUring, entries: u32) -> Vec<u32> {
+    // The kernel refuses a table larger than RLIMIT_NOFILE; descriptors past it go unregistered.
+    let nofile = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+        .current
+        .unwrap_or(u64::MAX);
+    let entries = (entries.saturating_add(64) as u64).min(nofile).min(1 << 20) as u32;
+    match ring.submitter().register_files_sparse(entries) {
+        Ok(()) => (0..entries).rev().collect(),
+        Err(error) => {
+            tracing::warn!(%error, "no io_uring file table; descriptors are looked up per op");
+            Vec::new()
+        }
+    }
+}
+
 /// Registered buffers are charged to RLIMIT_MEMLOCK unless the process has CAP_IPC_LOCK. Say
 /// at startup, with the numbers and the fix, when the configured pools cannot all be registered.
 fn check_memlock(config: &Config, cores: usize) {
@@ -3638,15 +3744,12 @@ fn memlock_limit() -> u64 {
 }
 
 /// The send op for the next chunk of `queue`, if one is due; marks the queue in flight.
-fn send_entry(queue: &mut SendQueue, fd: &OwnedFd, token: Token) -> Option<squeue::Entry> {
+fn send_entry(queue: &mut SendQueue, fd: Target, token: Token) -> Option<squeue::Entry> {
     let chunk = queue.next_chunk()?;
-    let entry = opcode::Send::new(
-        types::Fd(fd.as_raw_fd()),
-        chunk.as_ptr(),
-        chunk.len().min(u32::MAX as usize) as u32,
-    )
-    .flags(libc::MSG_NOSIGNAL)
-    .build()
+    let (at, len) = (chunk.as_ptr(), chunk.len().min(u32::MAX as usize) as u32);
+    let entry = on_target!(fd, |fd| opcode::Send::new(fd, at, len)
+        .flags(libc::MSG_NOSIGNAL)
+        .build())
     .user_data(token.encode());
     queue.in_flight = true;
     Some(entry)

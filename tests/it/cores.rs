@@ -48,6 +48,11 @@ fn connections_spread_evenly_across_cores_and_both_serve() {
         status.requests_by_core
     );
     assert_eq!(status.requests_ok, 32 * 200);
+    assert_eq!(
+        status.files_registered,
+        32 + status.worker_processes,
+        "every caller and worker socket is in its ring's file table"
+    );
     drop(clients);
     let mut bridge = bridge;
     assert!(bridge.stop().success());
