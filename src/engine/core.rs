@@ -2116,6 +2116,8 @@ impl Core {
         MetricsSnapshot {
             connections: report.connections,
             slots_in_use: report.slots_registered,
+            connections_by_core: report.connections_by_core.clone(),
+            requests_forwarded: report.counters.requests_forwarded,
             services,
         }
     }

@@ -168,6 +168,10 @@ pub struct MetricsSnapshot {
     pub connections: u64,
     /// Worker slots in use now.
     pub slots_in_use: u64,
+    /// Caller connections open now on each core.
+    pub connections_by_core: Vec<u64>,
+    /// Requests run on another core than their caller's.
+    pub requests_forwarded: u64,
     pub services: Vec<ServiceMetrics>,
 }
 

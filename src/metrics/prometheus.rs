@@ -147,6 +147,8 @@ fn distinct(pairs: &[(&str, u64)]) -> bool {
 struct Exposition {
     connections: u64,
     slots_in_use: u64,
+    connections_by_core: Vec<(String, u64)>,
+    requests_forwarded: u64,
     services: Vec<ServiceExposition>,
 }
 
@@ -159,6 +161,13 @@ impl Exposition {
         Self {
             connections: snapshot.connections,
             slots_in_use: snapshot.slots_in_use,
+            connections_by_core: snapshot
+                .connections_by_core
+                .iter()
+                .enumerate()
+                .map(|(core, count)| (core.to_string(), *count))
+                .collect(),
+            requests_forwarded: snapshot.requests_forwarded,
             services: snapshot
                 .services
                 .iter()
@@ -303,6 +312,24 @@ impl Collector for Exposition {
             .encode_gauge(&self.connections)?;
         e.encode_descriptor("slots_in_use", "Worker slots in use now.", None, Gauge)?
             .encode_gauge(&self.slots_in_use)?;
+        let mut family = e.encode_descriptor(
+            "core_connections",
+            "Caller connections open now on each core (event-loop thread).",
+            None,
+            Gauge,
+        )?;
+        for (core, count) in &self.connections_by_core {
+            family
+                .encode_family(&[("core", core.as_str())])?
+                .encode_gauge(count)?;
+        }
+        e.encode_descriptor(
+            "requests_forwarded",
+            "Requests run on another core than their caller's, to use an idle worker there.",
+            None,
+            Counter,
+        )?
+        .encode_counter::<NoLabelSet, _, u64>(&self.requests_forwarded, None)?;
         self.latency(
             e,
             "queue_wait",
@@ -408,6 +435,8 @@ mod tests {
         MetricsSnapshot {
             connections: 3,
             slots_in_use: 2,
+            connections_by_core: vec![1, 2],
+            requests_forwarded: 5,
             services: vec![echo, service("kv")],
         }
     }
@@ -512,6 +541,8 @@ mod tests {
             ("acgi_bridge_backlog", "gauge"),
             ("acgi_bridge_connections", "gauge"),
             ("acgi_bridge_slots_in_use", "gauge"),
+            ("acgi_bridge_core_connections", "gauge"),
+            ("acgi_bridge_requests_forwarded_total", "counter"),
             ("acgi_bridge_queue_wait_seconds", "histogram"),
             ("acgi_bridge_service_seconds", "histogram"),
             ("acgi_bridge_request_duration_seconds", "histogram"),
@@ -538,6 +569,11 @@ mod tests {
         }
         assert_eq!(sample(&text, "acgi_bridge_connections"), 3.0);
         assert_eq!(sample(&text, "acgi_bridge_slots_in_use"), 2.0);
+        assert_eq!(
+            sample(&text, "acgi_bridge_core_connections{core=\"1\"}"),
+            2.0
+        );
+        assert_eq!(sample(&text, "acgi_bridge_requests_forwarded_total"), 5.0);
         assert_eq!(
             sample(
                 &text,
@@ -592,7 +628,7 @@ mod tests {
         let text = encode_prometheus(&MetricsSnapshot::default());
         assert_eq!(
             text.lines().filter(|l| l.starts_with("# TYPE ")).count(),
-            13
+            15
         );
         assert_eq!(sample(&text, "acgi_bridge_connections"), 0.0);
     }
