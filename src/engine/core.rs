@@ -12,10 +12,17 @@
 //! index + generation ([`Token`]), never a pointer; a completion for an owner that no longer
 //! exists is a bug caught by a debug assertion and otherwise ignored.
 //!
-//! Request path: caller frame -> `Request` entry -> `Pool::on_request` -> `Dispatch` -> the
-//! payload goes into the worker's slot (or inline on its control socket when larger) and a `Job`
-//! frame rings the worker -> `Done`/`Fail` -> the reply is copied from the slot into the caller's
-//! write queue -> `Pool::on_job_done`.
+//! Request path: caller frame -> `Request` entry -> `place` (here, or forwarded to another
+//! core with an idle worker) -> `Pool::on_request` -> `Dispatch` -> the payload goes into the
+//! worker's slot (read there straight from the caller's socket when large and still arriving,
+//! or inline on its control socket when larger than the slot) and a `Job` frame rings the worker
+//! -> `Done`/`Fail` -> the reply is sent from the slot or copied into the caller's write queue
+//! (or, for a forwarded request, sent back to its core as a frame) -> `Pool::on_job_done`.
+//!
+//! Several cores: each runs one `Core` on its own thread and ring; they meet only through
+//! `super::shared` (inboxes, placement counts, the shutdown flag). Core 0 also takes the stop
+//! signals, serves the admin socket and `/metrics` (merging every core's report), and keeps the
+//! latency-interval clock.
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
