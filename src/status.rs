@@ -36,6 +36,10 @@ pub struct Status {
     /// Caller connections and worker control sockets in the rings' registered-file tables.
     #[serde(default)]
     pub files_registered: u64,
+    /// Caller connections holding a read buffer now; idle ones wait on the rings' provided
+    /// buffers and hold none.
+    #[serde(default)]
+    pub read_buffers_held: u64,
     /// Worker processes the bridge holds (any state, until reaped).
     pub worker_processes: u64,
     pub requests_ok: u64,
@@ -46,6 +50,9 @@ pub struct Status {
     /// Requests whose payload went from the caller's socket straight into a worker's slot.
     #[serde(default)]
     pub requests_read_into_slot: u64,
+    /// Callers' multishot receives that found every provided buffer in use.
+    #[serde(default)]
+    pub provided_buffers_ran_out: u64,
     /// Connections accepted on one core and handed to a less busy one.
     #[serde(default)]
     pub connections_handed_over: u64,

@@ -68,6 +68,10 @@ pub struct Config {
     /// own CPU (beside its loop: their wake-ups stay on one vCPU). With one core, `any`.
     #[serde(default)]
     pub worker_affinity: WorkerAffinity,
+    /// Buffers (4 KiB each) per core that the kernel fills for callers' multishot receives, so
+    /// that an idle connection holds no read buffer; a power of two, 0 = plain receives.
+    #[serde(default = "default_provided_buffers")]
+    pub provided_buffers: u32,
     /// Where to listen.
     pub listen: Listen,
     /// The services, at least one.
@@ -274,6 +278,9 @@ impl ServiceConfig {
     }
 }
 
+fn default_provided_buffers() -> u32 {
+    1024
+}
 fn default_state_dir() -> PathBuf {
     PathBuf::from("state")
 }
@@ -471,6 +478,14 @@ impl Config {
             problem(
                 "write_queue_max_bytes".into(),
                 format!("must hold at least one whole answer ({frame_bytes_max} bytes)"),
+            );
+        }
+        if self.provided_buffers != 0
+            && (!self.provided_buffers.is_power_of_two() || self.provided_buffers > 32_768)
+        {
+            problem(
+                "provided_buffers".into(),
+                "must be 0 or a power of two up to 32768".into(),
             );
         }
         if self.idle_spin_us > 10_000 {
@@ -810,6 +825,11 @@ mod tests {
         let pinned = Config::parse(&format!("worker_affinity = \"core\"\n{}", minimal())).unwrap();
         assert_eq!(pinned.worker_affinity, WorkerAffinity::Core);
         assert!(Config::parse(&format!("worker_affinity = \"cpu0\"\n{}", minimal())).is_err());
+        let buffers = Config::parse(&format!("provided_buffers = 1000\n{}", minimal())).unwrap();
+        assert!(buffers
+            .problems()
+            .iter()
+            .any(|p| p.key == "provided_buffers"));
         let spin = Config::parse(&format!("idle_spin_us = 20000\n{}", minimal())).unwrap();
         assert!(spin.problems().iter().any(|p| p.key == "idle_spin_us"));
     }

@@ -44,6 +44,18 @@ impl ReadBuffer {
         }
     }
 
+    /// A buffer that holds no memory until `reacquire` (a connection that starts idle).
+    pub fn released(capacity: usize) -> ReadBuffer {
+        assert!(capacity >= HEADER_BYTES);
+        ReadBuffer {
+            bytes: Vec::new(),
+            start: 0,
+            end: 0,
+            capacity_base: capacity,
+            burst: capacity,
+        }
+    }
+
     /// The writable tail the next read lands in (never empty after `prepare_read`).
     pub fn spare(&mut self) -> &mut [u8] {
         &mut self.bytes[self.end..]
@@ -105,6 +117,38 @@ impl ReadBuffer {
             self.bytes.shrink_to_fit();
         }
         debug_assert!(self.end < self.bytes.len());
+    }
+
+    /// Give the memory back while empty (an idle connection then holds none). Returns it, or
+    /// `None` when bytes are buffered or it was already released.
+    pub fn release(&mut self) -> Option<Vec<u8>> {
+        if !self.is_empty() || self.bytes.is_empty() {
+            return None;
+        }
+        self.start = 0;
+        self.end = 0;
+        self.burst = self.capacity_base;
+        Some(std::mem::take(&mut self.bytes))
+    }
+
+    pub fn is_released(&self) -> bool {
+        self.bytes.is_empty()
+    }
+
+    /// Take memory again after `release`: `spare` if it is large enough, else a new buffer.
+    pub fn reacquire(&mut self, spare: Option<Vec<u8>>) {
+        if self.bytes.is_empty() {
+            self.bytes = spare
+                .filter(|bytes| bytes.len() >= self.capacity_base)
+                .unwrap_or_else(|| vec![0; self.capacity_base]);
+        }
+    }
+
+    /// Copy `data` in after what is buffered (from a provided buffer), growing as needed.
+    pub fn append(&mut self, data: &[u8]) {
+        self.prepare_read(self.len() + data.len());
+        self.bytes[self.end..self.end + data.len()].copy_from_slice(data);
+        self.end += data.len();
     }
 
     /// Look at the front: a whole frame, a bad header, or not enough bytes.

@@ -35,6 +35,7 @@ use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use slab::Slab;
 
 use super::buffer::{Parsed, ReadBuffer, SendQueue};
+use super::pbuf::{self, ProvidedBuffers};
 use super::shared::{self, Forward, Msg, Shared};
 use super::spawn::{SpawnRequest, SpawnResult, Spawned, Spawner};
 use crate::config::Config;
@@ -79,6 +80,8 @@ const DIRECT_READ_BYTES_MIN: u32 = 4096;
 /// A caller whose payload has not all arrived this long after a direct read began (holding a
 /// worker) is disconnected.
 const DIRECT_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Idle connections' read buffers kept for reuse at most.
+const READ_SPARES_MAX: usize = 4096;
 /// Delay before re-arming an accept that failed (e.g. out of descriptors).
 const ACCEPT_RETRY_DELAY: Duration = Duration::from_millis(100);
 
@@ -106,6 +109,8 @@ enum OpKind {
     WakeSent = 15,
     /// A caller's request payload read straight into a worker's slot.
     ConnRecvSlot = 16,
+    /// A multishot receive from a caller into the core's provided buffers.
+    ConnRecvMulti = 17,
 }
 
 impl OpKind {
@@ -127,6 +132,7 @@ impl OpKind {
             14 => OpKind::Inbox,
             15 => OpKind::WakeSent,
             16 => OpKind::ConnRecvSlot,
+            17 => OpKind::ConnRecvMulti,
             _ => return None,
         })
     }
@@ -254,6 +260,10 @@ struct Conn {
     into_slot: Option<IntoSlot>,
     /// Its index in the ring's registered-file table, if registered.
     file: Option<u32>,
+    /// The receive armed (while `recv_in_flight`): plain, multishot, or into a slot.
+    recv_kind: OpKind,
+    /// The provided buffers ran out under it: plain receives until its buffer is empty again.
+    provided_off: bool,
 }
 
 /// A request payload being read from the caller's socket straight into a worker's slot (the
@@ -455,6 +465,8 @@ pub struct Counters {
     pub slot_sends_spilled: u64,
     /// Requests whose payload was read from the caller's socket straight into a slot.
     pub requests_read_into_slot: u64,
+    /// Multishot receives that found the provided buffers all in use (then plain receives).
+    pub provided_buffers_ran_out: u64,
     /// Requests sent to another core to run, and connections handed to another core.
     pub requests_forwarded: u64,
     pub connections_handed_over: u64,
@@ -471,6 +483,7 @@ impl Counters {
         self.slot_sends_spilled += other.slot_sends_spilled;
         self.requests_forwarded += other.requests_forwarded;
         self.requests_read_into_slot += other.requests_read_into_slot;
+        self.provided_buffers_ran_out += other.provided_buffers_ran_out;
         self.connections_handed_over += other.connections_handed_over;
     }
 }
@@ -516,6 +529,10 @@ pub struct Core {
     fixed_buffers_free: Vec<u16>,
     /// Free entries of the registered-file table (empty when registration is unavailable).
     files_free: Vec<u32>,
+    /// Buffers the kernel fills for multishot receives from callers (if the kernel allows).
+    provided: Option<ProvidedBuffers>,
+    /// Read buffers given back by idle connections, for the next that needs one.
+    read_spares: Vec<Vec<u8>>,
     /// The MEMLOCK warning for a slot that could not be registered was logged (once is enough).
     fixed_buffer_warning_logged: bool,
     /// Set by SIGTERM/SIGINT: when in-flight work must be done.
@@ -575,6 +592,8 @@ pub struct CoreReport {
     connections_by_core: Vec<u64>,
     requests_by_core: Vec<u64>,
     files_registered: u64,
+    /// Caller connections holding a read buffer now (the others wait on provided buffers).
+    read_buffers_held: u64,
     slots_registered: u64,
     worker_processes: u64,
     counters: Counters,
@@ -618,6 +637,7 @@ impl CoreReport {
         }
         self.slots_registered += other.slots_registered;
         self.files_registered += other.files_registered;
+        self.read_buffers_held += other.read_buffers_held;
         self.worker_processes += other.worker_processes;
         self.counters.add(&other.counters);
         for (mine, theirs) in self.services.iter_mut().zip(&other.services) {
@@ -693,6 +713,7 @@ impl Core {
         let shard_workers: u32 = services.iter().map(|s| s.pool.policy().max_workers).sum();
         let fixed_buffers_free = register_buffer_table(&ring, shard_workers);
         let files_free = register_file_table(&ring, config.connections_max + shard_workers * 2);
+        let provided = ProvidedBuffers::register(&ring, config.provided_buffers);
         if index == 0 {
             check_memlock(&config, cores);
         }
@@ -751,6 +772,8 @@ impl Core {
             scratch: Vec::new(),
             fixed_buffers_free,
             files_free,
+            provided,
+            read_spares: Vec::new(),
             fixed_buffer_warning_logged: false,
             shutdown_deadline: None,
             shutdown_forced: false,
@@ -980,6 +1003,7 @@ impl Core {
             OpKind::Accept => self.on_accept(token.index as usize, result, flags),
             OpKind::ConnRecv
             | OpKind::ConnRecvSlot
+            | OpKind::ConnRecvMulti
             | OpKind::ConnSend
             | OpKind::ConnSendHeader
             | OpKind::ConnSendFixed => {
@@ -995,6 +1019,7 @@ impl Core {
                 match token.kind {
                     OpKind::ConnRecv => self.on_conn_recv(index, result),
                     OpKind::ConnRecvSlot => self.on_conn_recv_slot(index, result),
+                    OpKind::ConnRecvMulti => self.on_conn_recv_multi(index, result, flags),
                     OpKind::ConnSend => self.on_conn_send(index, result),
                     kind => self.on_slot_send(index, kind == OpKind::ConnSendHeader, result),
                 }
@@ -1131,7 +1156,12 @@ impl Core {
         let index = self.conns.insert(Conn {
             generation,
             fd,
-            read: ReadBuffer::new(CONN_READ_BYTES),
+            // With provided buffers, a caller's buffer holds memory only while bytes wait in it.
+            read: if self.provided.is_some() && kind.is_caller() {
+                ReadBuffer::released(CONN_READ_BYTES)
+            } else {
+                ReadBuffer::new(CONN_READ_BYTES)
+            },
             recv_in_flight: false,
             send: SendQueue::default(),
             discard: 0,
@@ -1142,6 +1172,8 @@ impl Core {
             slot_send: None,
             into_slot: None,
             file: None,
+            recv_kind: OpKind::ConnRecv,
+            provided_off: false,
             kind,
         });
         if aux {
@@ -1581,6 +1613,11 @@ impl Core {
             connections_by_core,
             requests_by_core,
             connections: self.caller_connections(),
+            read_buffers_held: self
+                .conns
+                .iter()
+                .filter(|(_, c)| c.kind.is_caller() && !c.read.is_released())
+                .count() as u64,
             files_registered: self.conns.iter().filter(|(_, c)| c.file.is_some()).count() as u64
                 + self
                     .workers
@@ -1699,12 +1736,27 @@ impl Core {
             }
             .user_data(Token::new(OpKind::ConnRecvSlot, index, conn.generation).encode());
             conn.recv_in_flight = true;
+            conn.recv_kind = OpKind::ConnRecvSlot;
             self.push(entry);
             return;
         }
         if conn.recv_in_flight || conn.closing || conn.read_closed || conn.close_when_flushed {
             return;
         }
+        if self.provided.is_some() && conn.kind.is_caller() && !conn.provided_off {
+            // One receive stays armed; each completion brings a buffer the kernel picked.
+            let fd = target(&conn.fd, conn.file);
+            let entry = on_target!(fd, |fd| opcode::RecvMulti::new(fd, pbuf::GROUP).build())
+                .user_data(Token::new(OpKind::ConnRecvMulti, index, conn.generation).encode());
+            conn.recv_in_flight = true;
+            conn.recv_kind = OpKind::ConnRecvMulti;
+            self.push(entry);
+            return;
+        }
+        if conn.read.is_released() {
+            conn.read.reacquire(self.read_spares.pop());
+        }
+        conn.recv_kind = OpKind::ConnRecv;
         let needed = if conn.discard > 0 {
             0
         } else {
@@ -1747,8 +1799,111 @@ impl Core {
             ListenerKind::Metrics => self.handle_metrics(index),
             ListenerKind::Unix | ListenerKind::Tcp => self.handle_frames(index),
         }
-        if self.conns.get(index).is_some_and(|c| !c.closing) {
+        if let Some(conn) = self.conns.get_mut(index) {
+            if conn.read.is_empty() {
+                // Back to multishot receives (if it had fallen back from them).
+                conn.provided_off = false;
+            }
+            if !conn.closing {
+                self.arm_conn_recv(index);
+            }
+        }
+    }
+
+    /// A multishot receive completed: copy the bytes out of the kernel's buffer (into the
+    /// slot being filled, then the connection's buffer), give the buffer back, handle frames.
+    fn on_conn_recv_multi(&mut self, index: usize, result: i32, flags: u32) {
+        let more = cqueue::more(flags);
+        let conn = &mut self.conns[index];
+        if !more {
+            conn.recv_in_flight = false;
+        }
+        if let Some(bid) = cqueue::buffer_select(flags) {
+            if result > 0 && !conn.closing {
+                self.take_provided(index, bid, result as usize);
+            }
+            if let Some(provided) = &mut self.provided {
+                provided.recycle(bid);
+            }
+        }
+        let conn = &mut self.conns[index];
+        if conn.closing {
+            if !conn.recv_in_flight {
+                self.abort_direct_read(index);
+                self.free_conn_if_done(index);
+            }
+            return;
+        }
+        if result == -libc::ENOBUFS {
+            // More receives completed than the ring has buffers: plain receives for a while.
+            conn.provided_off = true;
+            self.counters.provided_buffers_ran_out += 1;
+        } else if result < 0 && result != -libc::ECANCELED {
+            let error = io::Error::from_raw_os_error(-result);
+            tracing::debug!(%error, "caller connection failed");
+            self.close_conn(index);
+            return;
+        } else if result == 0 {
+            conn.read_closed = true;
+            if conn.into_slot.is_some() {
+                self.close_conn(index);
+            } else {
+                self.close_conn_if_finished(index);
+            }
+            return;
+        }
+        if result > 0 {
+            if conn
+                .into_slot
+                .as_ref()
+                .is_some_and(|into| into.filled == into.len)
+            {
+                self.finish_direct_read(index);
+            }
+            if self.conns[index].into_slot.is_none() {
+                self.handle_frames(index);
+            }
+        }
+        let Some(conn) = self.conns.get_mut(index) else {
+            return;
+        };
+        if conn.closing {
+            return;
+        }
+        if conn.recv_in_flight && conn.read.is_empty() {
+            // Waiting for its next request: it holds no buffer meanwhile.
+            if let Some(bytes) = conn.read.release() {
+                if self.read_spares.len() < READ_SPARES_MAX {
+                    self.read_spares.push(bytes);
+                }
+            }
+        }
+        if !conn.recv_in_flight {
             self.arm_conn_recv(index);
+        }
+    }
+
+    /// Copy `n` bytes of provided buffer `bid` out: first into the slot a direct read is
+    /// filling, the rest into the connection's buffer.
+    fn take_provided(&mut self, index: usize, bid: u16, n: usize) {
+        let provided = self.provided.as_ref().expect("a provided buffer");
+        let mut data = &provided.bytes(bid)[..n];
+        let conn = &mut self.conns[index];
+        if let Some(into) = &mut conn.into_slot {
+            let take = ((into.len - into.filled) as usize).min(data.len());
+            let worker = &self.workers[into.worker];
+            let at = worker.slot.data_address_mut(into.filled as usize);
+            // SAFETY: the worker is filling, so its slot is Free and the data area ours;
+            // `take` fits what is left of the payload, which fits the slot.
+            unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), at, take) };
+            into.filled += take as u32;
+            data = &data[take..];
+        }
+        if !data.is_empty() {
+            if conn.read.is_released() {
+                conn.read.reacquire(self.read_spares.pop());
+            }
+            conn.read.append(data);
         }
     }
 
@@ -1926,6 +2081,13 @@ impl Core {
             std::ptr::copy_nonoverlapping(source.as_ptr(), w.slot.data_address_mut(0), prefix)
         };
         conn.read.consume(HEADER_BYTES + prefix);
+        if conn.recv_in_flight && conn.recv_kind == OpKind::ConnRecvMulti {
+            // The rest goes straight into the slot: stop the multishot receive (what it still
+            // brings is copied into the slot) and read there once it has ended.
+            let token = Token::new(OpKind::ConnRecvMulti, conn_index, conn.generation);
+            self.cancel(token);
+        }
+        let conn = &mut self.conns[conn_index];
         conn.into_slot = Some(IntoSlot {
             request,
             worker: worker_index,
@@ -1934,7 +2096,7 @@ impl Core {
             len: header.payload_len,
             filled: prefix as u32,
         });
-        let service = w.service;
+        let service = self.workers[worker_index].service;
         self.services[service].counters.bytes_in += header.payload_len as u64;
         self.counters.requests_read_into_slot += 1;
         self.direct_deadlines
@@ -2227,11 +2389,13 @@ impl Core {
             requests_by_core: report.requests_by_core.clone(),
             slots_registered: report.slots_registered,
             files_registered: report.files_registered,
+            read_buffers_held: report.read_buffers_held,
             worker_processes: report.worker_processes,
             requests_ok: report.counters.requests_ok,
             requests_failed: report.counters.requests_failed,
             requests_forwarded: report.counters.requests_forwarded,
             requests_read_into_slot: report.counters.requests_read_into_slot,
+            provided_buffers_ran_out: report.counters.provided_buffers_ran_out,
             connections_handed_over: report.counters.connections_handed_over,
             malformed_frames: report.counters.malformed_frames,
             connections_refused: report.counters.connections_refused,
@@ -2250,7 +2414,7 @@ impl Core {
         if let Some(conn) = self.conns.get_mut(index) {
             conn.close_when_flushed = true;
             if conn.recv_in_flight {
-                let token = Token::new(OpKind::ConnRecv, index, conn.generation);
+                let token = Token::new(conn.recv_kind, index, conn.generation);
                 self.cancel(token);
             }
         }
@@ -2464,10 +2628,9 @@ impl Core {
         let (recv, send) = (conn.recv_in_flight, conn.send.in_flight);
         let from_slot = conn.slot_send.is_some();
         let into_slot = conn.into_slot.is_some();
-        if recv && into_slot {
-            self.cancel(Token::new(OpKind::ConnRecvSlot, index, generation));
-        } else if recv {
-            self.cancel(Token::new(OpKind::ConnRecv, index, generation));
+        let recv_kind = conn.recv_kind;
+        if recv {
+            self.cancel(Token::new(recv_kind, index, generation));
         } else if into_slot {
             self.abort_direct_read(index);
         }

@@ -8,6 +8,7 @@
 
 pub mod buffer;
 pub mod core;
+pub mod pbuf;
 pub mod shared;
 pub mod spawn;
 
