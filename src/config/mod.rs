@@ -69,7 +69,8 @@ pub struct Config {
     #[serde(default)]
     pub worker_affinity: WorkerAffinity,
     /// Buffers (4 KiB each) per core that the kernel fills for callers' multishot receives, so
-    /// that an idle connection holds no read buffer; a power of two, 0 = plain receives.
+    /// that an idle connection holds no read buffer; a power of two, 0 (the default: faster at
+    /// saturation, see docs/performance.md) = plain receives into per-connection buffers.
     #[serde(default = "default_provided_buffers")]
     pub provided_buffers: u32,
     /// Where to listen.
@@ -279,7 +280,7 @@ impl ServiceConfig {
 }
 
 fn default_provided_buffers() -> u32 {
-    1024
+    0
 }
 fn default_state_dir() -> PathBuf {
     PathBuf::from("state")
@@ -797,6 +798,10 @@ mod tests {
         assert_eq!(service.max_workers, 8);
         assert_eq!(service.slot_size_bytes, 65536);
         assert_eq!(service.backlog_max, 1024);
+        assert_eq!(config.cores, Cores::Auto);
+        assert_eq!(config.provided_buffers, 0);
+        assert_eq!(config.idle_spin_us, 0);
+        assert_eq!(config.worker_affinity, WorkerAffinity::Any);
     }
 
     #[test]

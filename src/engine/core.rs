@@ -1870,6 +1870,23 @@ impl Core {
         if conn.closing {
             return;
         }
+        let max = self.config.max_payload_bytes;
+        let missing = conn
+            .read
+            .frame_bytes_needed(max)
+            .saturating_sub(conn.read.len());
+        if conn.recv_in_flight
+            && conn.into_slot.is_none()
+            && !conn.read.is_empty()
+            && missing > pbuf::BUFFER_BYTES
+        {
+            // A large frame is arriving: read the rest with plain receives sized for it rather
+            // than buffer by buffer (back to provided buffers once it is through).
+            conn.provided_off = true;
+            let token = Token::new(OpKind::ConnRecvMulti, index, conn.generation);
+            self.cancel(token);
+            return;
+        }
         if conn.recv_in_flight && conn.read.is_empty() {
             // Waiting for its next request: it holds no buffer meanwhile.
             if let Some(bytes) = conn.read.release() {
@@ -2026,6 +2043,14 @@ impl Core {
             || pool.idle() == 0
             || !pool.takes_now()
         {
+            return;
+        }
+        if self
+            .workers
+            .iter()
+            .any(|(_, w)| w.service == service && w.lent && w.state == WorkerState::Idle)
+        {
+            // The policy might pick a worker whose slot is still being sent from.
             return;
         }
         let prefix = conn.read.len() - HEADER_BYTES;
@@ -2899,6 +2924,25 @@ impl Core {
             self.arm_worker_send(worker_index);
             return;
         }
+        if w.lent {
+            // Idle, but its slot is still being sent from: this job goes inline, as a queued
+            // one (answered inline; the slot untouched).
+            assert!(
+                w.accepts_queue,
+                "only workers that take queued jobs are idle while lent"
+            );
+            let mut header = Header::new(Kind::Job, 0, sequence, payload.len() as u32);
+            header.flags = proto::FLAG_QUEUED;
+            proto::encode_frame(w.send.tail(), &header, &payload);
+            w.state = WorkerState::Busy { request, sequence };
+            w.front_queued = true;
+            let counters = &mut self.services[w.service].counters;
+            counters.bytes_in += payload.len() as u64;
+            self.requests[request_index].dispatched = Some(self.now);
+            self.requests[request_index].payload = payload;
+            self.arm_worker_send(worker_index);
+            return;
+        }
         w.state = WorkerState::Busy { request, sequence };
         w.front_queued = false;
         let in_slot = payload.len() <= w.slot.capacity() as usize;
@@ -3361,10 +3405,10 @@ impl Core {
         let Some(buffer_index) = worker.buffer_index else {
             return false;
         };
-        if worker.accepts_queue && self.services[worker.service].pool.policy().queue_depth > 1 {
-            // Its slot may be wanted for the next job at once; copy the reply instead.
-            return false;
-        }
+        // A worker that takes queued jobs goes on working while its slot is sent from: its
+        // jobs travel inline until the send completes (see `dispatch`).
+        let keeps_working =
+            worker.accepts_queue && self.services[worker.service].pool.policy().queue_depth > 1;
         let caller = &self.conns[conn];
         if caller.send.in_flight || caller.send.queued_bytes() != 0 {
             return false;
@@ -3410,7 +3454,9 @@ impl Core {
         .build())
         .user_data(Token::new(OpKind::ConnSendFixed, conn, generation).encode());
         let worker = &mut self.workers[index];
-        worker.state = WorkerState::Lending;
+        if !keeps_working {
+            worker.state = WorkerState::Lending;
+        }
         worker.lent = true;
         self.push_linked_pair(header_entry, payload_entry);
         self.counters.replies_sent_from_slot += 1;
@@ -3418,6 +3464,10 @@ impl Core {
         self.services[service].counters.bytes_out += len as u64;
         if let Some(Dest::Conn(conn)) = self.finish_request(request, None) {
             self.close_conn_if_finished(conn);
+        }
+        if keeps_working {
+            self.advance(index);
+            self.job_done(index);
         }
         true
     }
@@ -3520,6 +3570,9 @@ impl Core {
             worker.slot.release_reply();
             worker.state = WorkerState::Idle;
             self.job_done(index);
+        } else if worker.state != WorkerState::Dead {
+            // A worker that kept working (queued jobs): only its slot comes back.
+            worker.slot.release_reply();
         }
         self.free_worker_if_done(index);
     }

@@ -12,8 +12,16 @@ fn large_requests_are_read_straight_into_worker_slots_and_come_back_whole() {
     // Proves the direct read: requests of 4 KiB up to the slot size, one at a time over Unix
     // and TCP and pipelined, each reach the worker intact (the echo proves every byte) and
     // most go from the socket straight into the slot.
+    for buffers in [0, 1024] {
+        direct_reads_of_every_size(buffers);
+    }
+}
+
+/// One run of the test above, with `buffers` provided buffers (0: plain receives).
+fn direct_reads_of_every_size(buffers: u32) {
     let bridge = bridge()
         .top("cores = 1")
+        .top(&format!("provided_buffers = {buffers}"))
         .service(ServiceSpec::echo().workers(2, 2))
         .start();
     bridge.wait_status("2 workers", |s| s.services[0].workers_idle == 2);
@@ -144,7 +152,12 @@ fn jobs_queued_behind_a_payload_still_arriving_run_after_it() {
     // ahead of theirs, so every answer is matched to its own request.
     let mut echo = ServiceSpec::echo().workers(1, 1);
     echo.extra = "worker_queue_depth = 8\n".into();
-    let bridge = bridge().top("cores = 1").service(echo).start();
+    // (With provided buffers: the multishot receive is cancelled for the direct read.)
+    let bridge = bridge()
+        .top("cores = 1")
+        .top("provided_buffers = 1024")
+        .service(echo)
+        .start();
     bridge.wait_status("1 worker", |s| s.services[0].workers_idle == 1);
     let full = tagged_payload(7, 60_000);
     let mut slow = UnixStream::connect(&bridge.unix).unwrap();
@@ -173,4 +186,63 @@ fn jobs_queued_behind_a_payload_still_arriving_run_after_it() {
         assert!(answer.payload == tagged_payload(100 + tag as u64, 200));
     }
     assert_eq!(bridge.status().requests_read_into_slot, 1);
+}
+
+#[test]
+fn a_worker_that_takes_queued_jobs_sends_large_replies_from_its_slot_and_keeps_working() {
+    // Proves the slot lend for workers with a queue depth: large replies go out from the slot
+    // while the worker already runs its next jobs (inline meanwhile), and every answer, large or
+    // small, one at a time or pipelined, is its own.
+    let mut echo = ServiceSpec::echo().workers(1, 1);
+    echo.extra = "worker_queue_depth = 8\n".into();
+    let bridge = bridge().top("cores = 1").service(echo).start();
+    bridge.wait_status("1 worker", |s| s.services[0].workers_idle == 1);
+    let mut client = bridge.client();
+    for tag in 0..20u64 {
+        let payload = tagged_payload(tag, 8192 + tag as usize * 2000);
+        assert!(client.call("echo", &payload).unwrap() == payload);
+    }
+    assert!(bridge.status().replies_sent_from_slot > 0);
+    // Two callers one request at a time each, one large, one small: the small one's request
+    // often arrives while the worker is idle and its slot still lent to the large reply, and
+    // goes inline.
+    std::thread::scope(|scope| {
+        let bridge = &bridge;
+        scope.spawn(move || {
+            let mut client = bridge.client();
+            let payload = tagged_payload(1, 20_000);
+            for _ in 0..1500 {
+                assert!(client.call("echo", &payload).unwrap() == payload);
+            }
+        });
+        scope.spawn(move || {
+            let mut client = bridge.client();
+            for _ in 0..1500 {
+                assert_eq!(client.call("echo", b"small").unwrap(), b"small");
+            }
+        });
+    });
+    std::thread::scope(|scope| {
+        for connection in 0..3u64 {
+            let bridge = &bridge;
+            scope.spawn(move || {
+                let mut client = bridge.client();
+                let first = connection * 10_000;
+                pipeline_tagged(&mut client, first..first + 200, |tag| {
+                    if tag % 4 == 0 {
+                        30_000
+                    } else {
+                        50
+                    }
+                });
+            });
+        }
+    });
+    let status = bridge.status();
+    assert_eq!(status.requests_failed, 0, "{status:#?}");
+    assert_eq!(status.requests_ok, 20 + 3000 + 600);
+    assert_eq!(
+        status.services[0].spawns, 1,
+        "the worker never broke the protocol"
+    );
 }

@@ -321,7 +321,10 @@ fn idle_connections_hold_no_read_buffer() {
     // Proves the point of provided buffers: 200 connections that have each been answered and
     // now wait hold no read buffer of their own (their next bytes land in a buffer the kernel
     // picks), while each still gets answers.
-    let bridge = bridge().service(ServiceSpec::echo().workers(1, 2)).start();
+    let bridge = bridge()
+        .top("provided_buffers = 1024")
+        .service(ServiceSpec::echo().workers(1, 2))
+        .start();
     let mut clients: Vec<_> = (0..200).map(|_| bridge.client()).collect();
     for (tag, client) in clients.iter_mut().enumerate() {
         let payload = tagged_payload(tag as u64, 100);
