@@ -50,6 +50,10 @@ pub struct Status {
     /// Requests whose payload went from the caller's socket straight into a worker's slot.
     #[serde(default)]
     pub requests_read_into_slot: u64,
+    /// Payload bytes of direct reads that had arrived with their header and were copied into
+    /// the slot (the rest went straight from the socket).
+    #[serde(default)]
+    pub direct_read_prefix_bytes: u64,
     /// Callers' multishot receives that found every provided buffer in use.
     #[serde(default)]
     pub provided_buffers_ran_out: u64,

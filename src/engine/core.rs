@@ -264,6 +264,9 @@ struct Conn {
     recv_kind: OpKind,
     /// The provided buffers ran out under it: plain receives until its buffer is empty again.
     provided_off: bool,
+    /// Its last request went straight into a slot: read the next header alone (if it is
+    /// large too, none of its payload is copied).
+    large_last: bool,
 }
 
 /// A request payload being read from the caller's socket straight into a worker's slot (the
@@ -465,6 +468,8 @@ pub struct Counters {
     pub slot_sends_spilled: u64,
     /// Requests whose payload was read from the caller's socket straight into a slot.
     pub requests_read_into_slot: u64,
+    /// Payload bytes of direct reads that had arrived with the header and were copied.
+    pub direct_read_prefix_bytes: u64,
     /// Multishot receives that found the provided buffers all in use (then plain receives).
     pub provided_buffers_ran_out: u64,
     /// Requests sent to another core to run, and connections handed to another core.
@@ -484,6 +489,7 @@ impl Counters {
         self.requests_forwarded += other.requests_forwarded;
         self.requests_read_into_slot += other.requests_read_into_slot;
         self.provided_buffers_ran_out += other.provided_buffers_ran_out;
+        self.direct_read_prefix_bytes += other.direct_read_prefix_bytes;
         self.connections_handed_over += other.connections_handed_over;
     }
 }
@@ -1174,6 +1180,7 @@ impl Core {
             file: None,
             recv_kind: OpKind::ConnRecv,
             provided_off: false,
+            large_last: false,
             kind,
         });
         if aux {
@@ -1764,10 +1771,17 @@ impl Core {
         };
         conn.read.prepare_read(needed);
         let fd = target(&conn.fd, conn.file);
+        // After a direct read, read the next header alone: if that request is large too, none
+        // of its payload is then read anywhere but into the worker's slot.
+        let header_only = conn.large_last && conn.read.is_empty() && conn.discard == 0;
         let spare = conn.read.spare();
         let (at, len) = (
             spare.as_mut_ptr(),
-            spare.len().min(u32::MAX as usize) as u32,
+            if header_only {
+                HEADER_BYTES as u32
+            } else {
+                spare.len().min(u32::MAX as usize) as u32
+            },
         );
         let entry = on_target!(fd, |fd| opcode::Recv::new(fd, at, len).build())
             .user_data(Token::new(OpKind::ConnRecv, index, conn.generation).encode());
@@ -1973,6 +1987,8 @@ impl Core {
                         self.malformed(index, header.request_id, &error);
                         return;
                     }
+                    // A whole frame in the buffer: reads of whole bursts serve this caller.
+                    conn.large_last = false;
                     let mut payload = self.spare_payloads.pop().unwrap_or_default();
                     payload.clear();
                     payload.extend_from_slice(conn.read.payload(&header));
@@ -2055,6 +2071,7 @@ impl Core {
         }
         let prefix = conn.read.len() - HEADER_BYTES;
         debug_assert!(prefix < header.payload_len as usize);
+        self.conns[index].large_last = true;
         let now = self.now;
         let request = self.add_caller_request(index, header.request_id, service, Vec::new(), None);
         self.requests[handle_index(request)].direct = true;
@@ -2099,6 +2116,7 @@ impl Core {
         let conn = &mut self.conns[conn_index];
         let header = conn.read.peek_header(max).expect("the request's header");
         let prefix = conn.read.len() - HEADER_BYTES;
+        self.counters.direct_read_prefix_bytes += prefix as u64;
         let source = &conn.read.filled()[HEADER_BYTES..];
         // SAFETY: the worker is Idle, so its slot is Free and its data area ours; `prefix` is
         // less than the payload length, which fits the slot; the source is our own buffer.
@@ -2421,6 +2439,7 @@ impl Core {
             requests_forwarded: report.counters.requests_forwarded,
             requests_read_into_slot: report.counters.requests_read_into_slot,
             provided_buffers_ran_out: report.counters.provided_buffers_ran_out,
+            direct_read_prefix_bytes: report.counters.direct_read_prefix_bytes,
             connections_handed_over: report.counters.connections_handed_over,
             malformed_frames: report.counters.malformed_frames,
             connections_refused: report.counters.connections_refused,
