@@ -412,6 +412,22 @@ struct Request {
     dispatched: Option<Instant>,
 }
 
+impl Request {
+    /// The message that moves it to another core (its payload goes with it), to be answered
+    /// to request handle `request` on core `from`.
+    fn forward(&mut self, from: usize, request: u64) -> Forward {
+        Forward {
+            from,
+            request,
+            caller_request_id: self.caller_request_id,
+            service: self.service,
+            payload: std::mem::take(&mut self.payload),
+            deadline: self.deadline,
+            arrived: self.arrived,
+        }
+    }
+}
+
 struct Service {
     id: u32,
     name: String,
@@ -1397,16 +1413,8 @@ impl Core {
         {
             // Forwarded to us and waiting in our backlog: pass it on, answered to its home
             // core directly. It stays one forward (counted once, when it left home).
-            let entry = self.requests.remove(index);
-            let forward = Forward {
-                from: home,
-                request: home_request,
-                caller_request_id: entry.caller_request_id,
-                service: entry.service,
-                payload: entry.payload,
-                deadline: entry.deadline,
-                arrived: entry.arrived,
-            };
+            let mut entry = self.requests.remove(index);
+            let forward = entry.forward(home, home_request);
             self.counters.requests_forwarded += 1;
             self.post(core, Msg::Forward(forward));
             return true;
@@ -1421,15 +1429,7 @@ impl Core {
         }
         let entry = &mut self.requests[index];
         entry.forwarded_to = Some(core);
-        let forward = Forward {
-            from: self.index,
-            request,
-            caller_request_id: entry.caller_request_id,
-            service: entry.service,
-            payload: std::mem::take(&mut entry.payload),
-            deadline: entry.deadline,
-            arrived: entry.arrived,
-        };
+        let forward = entry.forward(self.index, request);
         self.counters.requests_forwarded += 1;
         self.post(core, Msg::Forward(forward));
         true
@@ -2177,14 +2177,7 @@ impl Core {
             .into_slot
             .take()
             .expect("reading into a slot");
-        let worker = &mut self.workers[into.worker];
-        worker.filling = false;
-        let ours = worker.generation == into.worker_generation
-            && worker.state
-                == (WorkerState::Busy {
-                    request: into.request,
-                    sequence: into.sequence,
-                });
+        let ours = self.stop_filling(&into);
         if ours && self.request_is_live(into.request) {
             let worker = &mut self.workers[into.worker];
             match worker.slot.fill_in_place(into.sequence, into.len, 0) {
@@ -2211,14 +2204,7 @@ impl Core {
         let Some(into) = self.conns[index].into_slot.take() else {
             return;
         };
-        let worker = &mut self.workers[into.worker];
-        worker.filling = false;
-        let ours = worker.generation == into.worker_generation
-            && worker.state
-                == (WorkerState::Busy {
-                    request: into.request,
-                    sequence: into.sequence,
-                });
+        let ours = self.stop_filling(&into);
         if self.request_is_live(into.request) {
             let message = "the caller's payload did not all arrive";
             self.fail_request(into.request, ErrorCode::MalformedFrame, message);
@@ -2229,6 +2215,19 @@ impl Core {
             self.job_done(into.worker);
         }
         self.free_worker_if_done(into.worker);
+    }
+
+    /// A direct read ended (whole or not): the worker's slot is no longer being read into.
+    /// Returns whether the worker is still the same one, busy with that request.
+    fn stop_filling(&mut self, into: &IntoSlot) -> bool {
+        let worker = &mut self.workers[into.worker];
+        worker.filling = false;
+        worker.generation == into.worker_generation
+            && worker.state
+                == (WorkerState::Busy {
+                    request: into.request,
+                    sequence: into.sequence,
+                })
     }
 
     /// Disconnect callers whose direct read has taken too long: each holds a worker.
@@ -2925,36 +2924,27 @@ impl Core {
             handle_generation(worker),
             "dispatch to a stale worker"
         );
-        if w.state != WorkerState::Idle {
-            // A queued job for a worker that takes them: it follows on the socket, payload
-            // inline, and the worker answers it inline after the one it is running.
-            assert!(
-                w.accepts_queue && matches!(w.state, WorkerState::Busy { .. }),
-                "dispatch to a busy worker that does not take queued jobs"
-            );
+        if w.state != WorkerState::Idle || w.lent {
+            // A queued job: the payload follows on the socket, inline, and the worker answers
+            // it inline. Either behind the one it is running (a worker that takes them), or, for
+            // an idle worker whose slot is still being sent from, as the job it runs next.
+            if w.state == WorkerState::Idle {
+                assert!(
+                    w.accepts_queue,
+                    "only workers that take queued jobs are idle while lent"
+                );
+                w.state = WorkerState::Busy { request, sequence };
+                w.front_queued = true;
+            } else {
+                assert!(
+                    w.accepts_queue && matches!(w.state, WorkerState::Busy { .. }),
+                    "dispatch to a busy worker that does not take queued jobs"
+                );
+                w.queued.push_back((request, sequence));
+            }
             let mut header = Header::new(Kind::Job, 0, sequence, payload.len() as u32);
             header.flags = proto::FLAG_QUEUED;
             proto::encode_frame(w.send.tail(), &header, &payload);
-            w.queued.push_back((request, sequence));
-            let counters = &mut self.services[w.service].counters;
-            counters.bytes_in += payload.len() as u64;
-            self.requests[request_index].dispatched = Some(self.now);
-            self.requests[request_index].payload = payload;
-            self.arm_worker_send(worker_index);
-            return;
-        }
-        if w.lent {
-            // Idle, but its slot is still being sent from: this job goes inline, as a queued
-            // one (answered inline; the slot untouched).
-            assert!(
-                w.accepts_queue,
-                "only workers that take queued jobs are idle while lent"
-            );
-            let mut header = Header::new(Kind::Job, 0, sequence, payload.len() as u32);
-            header.flags = proto::FLAG_QUEUED;
-            proto::encode_frame(w.send.tail(), &header, &payload);
-            w.state = WorkerState::Busy { request, sequence };
-            w.front_queued = true;
             let counters = &mut self.services[w.service].counters;
             counters.bytes_in += payload.len() as u64;
             self.requests[request_index].dispatched = Some(self.now);
