@@ -1554,7 +1554,6 @@ impl Core {
     /// Store our placement counts for the other cores. When an idle worker appears and another
     /// core has a backlog for it, wake that core so that it forwards.
     fn publish(&mut self) {
-        let mut wake = 0u64;
         for service in 0..self.services.len() {
             let pool = &self.services[service].pool;
             let (idle, room, backlog) = (pool.idle(), pool.room(), pool.backlog_len());
@@ -1563,18 +1562,13 @@ impl Core {
             shared::publish(&counts.room, room);
             shared::publish(&counts.backlog, backlog);
             if idle > 0 && !had_idle {
-                for (core, other) in self.shared.cores.iter().enumerate() {
-                    if core != self.index
-                        && other.services[service].backlog.load(Ordering::Relaxed) > 0
-                    {
-                        wake |= 1 << (core % 64);
+                for core in 0..self.shared.cores.len() {
+                    let backlog = &self.shared.cores[core].services[service].backlog;
+                    if core != self.index && backlog.load(Ordering::Relaxed) > 0 {
+                        // (A core woken twice in one turn costs nothing: wake-ups coalesce.)
+                        self.post(core, Msg::Wake);
                     }
                 }
-            }
-        }
-        for core in 0..self.shared.cores.len().min(64) {
-            if wake & (1 << core) != 0 {
-                self.post(core, Msg::Wake);
             }
         }
     }
