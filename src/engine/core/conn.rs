@@ -1,0 +1,573 @@
+//! Caller connections: receives (plain and multishot), frames to requests, answers and errors,
+//! the send queue, and closing.
+
+use super::*;
+
+impl Core {
+    pub(super) fn arm_conn_recv(&mut self, index: usize) {
+        let max = self.config.max_payload_bytes;
+        let conn = &mut self.conns[index];
+        if let Some(into) = &conn.into_slot {
+            if conn.recv_in_flight || conn.closing {
+                return;
+            }
+            // The rest of the payload goes straight into the worker's slot (a registered
+            // buffer when it could be registered).
+            let worker = &self.workers[into.worker];
+            let at = worker.slot.data_address_mut(into.filled as usize);
+            let len = into.len - into.filled;
+            let fd = target(&conn.fd, conn.file);
+            let entry = match worker.buffer_index {
+                Some(buffer) => on_target!(fd, |fd| opcode::ReadFixed::new(fd, at, len, buffer)
+                    .offset(u64::MAX)
+                    .build()),
+                None => on_target!(fd, |fd| opcode::Recv::new(fd, at, len).build()),
+            }
+            .user_data(Token::new(OpKind::ConnRecvSlot, index, conn.generation).encode());
+            conn.recv_in_flight = true;
+            conn.recv_kind = OpKind::ConnRecvSlot;
+            self.push(entry);
+            return;
+        }
+        if conn.recv_in_flight || conn.closing || conn.read_closed || conn.close_when_flushed {
+            return;
+        }
+        if self.provided.is_some() && conn.kind.is_caller() && !conn.provided_off {
+            // One receive stays armed; each completion brings a buffer the kernel picked.
+            let fd = target(&conn.fd, conn.file);
+            let entry = on_target!(fd, |fd| opcode::RecvMulti::new(fd, pbuf::GROUP).build())
+                .user_data(Token::new(OpKind::ConnRecvMulti, index, conn.generation).encode());
+            conn.recv_in_flight = true;
+            conn.recv_kind = OpKind::ConnRecvMulti;
+            self.push(entry);
+            return;
+        }
+        if conn.read.is_released() {
+            conn.read.reacquire(self.read_spares.pop());
+        }
+        conn.recv_kind = OpKind::ConnRecv;
+        let needed = if conn.discard > 0 {
+            0
+        } else {
+            conn.read.frame_bytes_needed(max)
+        };
+        conn.read.prepare_read(needed);
+        let fd = target(&conn.fd, conn.file);
+        // After a direct read, read the next header alone: if that request is large too, none
+        // of its payload is then read anywhere but into the worker's slot.
+        let header_only = conn.large_last && conn.read.is_empty() && conn.discard == 0;
+        let spare = conn.read.spare();
+        let (at, len) = (
+            spare.as_mut_ptr(),
+            if header_only {
+                HEADER_BYTES as u32
+            } else {
+                spare.len().min(u32::MAX as usize) as u32
+            },
+        );
+        let entry = on_target!(fd, |fd| opcode::Recv::new(fd, at, len).build())
+            .user_data(Token::new(OpKind::ConnRecv, index, conn.generation).encode());
+        conn.recv_in_flight = true;
+        self.push(entry);
+    }
+
+    pub(super) fn on_conn_recv(&mut self, index: usize, result: i32) {
+        let conn = &mut self.conns[index];
+        conn.recv_in_flight = false;
+        if conn.closing {
+            self.free_conn_if_done(index);
+            return;
+        }
+        if result < 0 {
+            let error = io::Error::from_raw_os_error(-result);
+            tracing::debug!(%error, "caller connection failed");
+            self.close_conn(index);
+            return;
+        }
+        if result == 0 {
+            conn.read_closed = true;
+            self.close_conn_if_finished(index);
+            return;
+        }
+        conn.read.commit(result as usize);
+        match conn.kind {
+            ListenerKind::Admin => self.handle_admin(index),
+            ListenerKind::Metrics => self.handle_metrics(index),
+            ListenerKind::Unix | ListenerKind::Tcp => self.handle_frames(index),
+        }
+        if let Some(conn) = self.conns.get_mut(index) {
+            if conn.read.is_empty() {
+                // Back to multishot receives (if it had fallen back from them).
+                conn.provided_off = false;
+            }
+            if !conn.closing {
+                self.arm_conn_recv(index);
+            }
+        }
+    }
+
+    /// A multishot receive completed: copy the bytes out of the kernel's buffer (into the
+    /// slot being filled, then the connection's buffer), give the buffer back, handle frames.
+    pub(super) fn on_conn_recv_multi(&mut self, index: usize, result: i32, flags: u32) {
+        let more = cqueue::more(flags);
+        let conn = &mut self.conns[index];
+        if !more {
+            conn.recv_in_flight = false;
+        }
+        if let Some(bid) = cqueue::buffer_select(flags) {
+            if result > 0 && !conn.closing {
+                self.take_provided(index, bid, result as usize);
+            }
+            if let Some(provided) = &mut self.provided {
+                provided.recycle(bid);
+            }
+        }
+        let conn = &mut self.conns[index];
+        if conn.closing {
+            if !conn.recv_in_flight {
+                self.abort_direct_read(index);
+                self.free_conn_if_done(index);
+            }
+            return;
+        }
+        if result == -libc::ENOBUFS {
+            // More receives completed than the ring has buffers: plain receives for a while.
+            conn.provided_off = true;
+            self.counters.provided_buffers_ran_out += 1;
+        } else if result < 0 && result != -libc::ECANCELED {
+            let error = io::Error::from_raw_os_error(-result);
+            tracing::debug!(%error, "caller connection failed");
+            self.close_conn(index);
+            return;
+        } else if result == 0 {
+            conn.read_closed = true;
+            if conn.into_slot.is_some() {
+                self.close_conn(index);
+            } else {
+                self.close_conn_if_finished(index);
+            }
+            return;
+        }
+        if result > 0 {
+            if conn
+                .into_slot
+                .as_ref()
+                .is_some_and(|into| into.filled == into.len)
+            {
+                self.finish_direct_read(index);
+            }
+            if self.conns[index].into_slot.is_none() {
+                self.handle_frames(index);
+            }
+        }
+        let Some(conn) = self.conns.get_mut(index) else {
+            return;
+        };
+        if conn.closing {
+            return;
+        }
+        let max = self.config.max_payload_bytes;
+        let missing = conn
+            .read
+            .frame_bytes_needed(max)
+            .saturating_sub(conn.read.len());
+        if conn.recv_in_flight
+            && conn.into_slot.is_none()
+            && !conn.read.is_empty()
+            && missing > pbuf::BUFFER_BYTES
+        {
+            // A large frame is arriving: read the rest with plain receives sized for it rather
+            // than buffer by buffer (back to provided buffers once it is through).
+            conn.provided_off = true;
+            let token = Token::new(OpKind::ConnRecvMulti, index, conn.generation);
+            self.cancel(token);
+            return;
+        }
+        if conn.recv_in_flight && conn.read.is_empty() {
+            // Waiting for its next request: it holds no buffer meanwhile.
+            if let Some(bytes) = conn.read.release() {
+                if self.read_spares.len() < READ_SPARES_MAX {
+                    self.read_spares.push(bytes);
+                }
+            }
+        }
+        if !conn.recv_in_flight {
+            self.arm_conn_recv(index);
+        }
+    }
+
+    /// Copy `n` bytes of provided buffer `bid` out: first into the slot a direct read is
+    /// filling, the rest into the connection's buffer.
+    pub(super) fn take_provided(&mut self, index: usize, bid: u16, n: usize) {
+        let provided = self.provided.as_ref().expect("a provided buffer");
+        let mut data = &provided.bytes(bid)[..n];
+        let conn = &mut self.conns[index];
+        if let Some(into) = &mut conn.into_slot {
+            let take = ((into.len - into.filled) as usize).min(data.len());
+            let worker = &self.workers[into.worker];
+            let at = worker.slot.data_address_mut(into.filled as usize);
+            // SAFETY: the worker is filling, so its slot is Free and the data area ours;
+            // `take` fits what is left of the payload, which fits the slot.
+            unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), at, take) };
+            into.filled += take as u32;
+            data = &data[take..];
+        }
+        if !data.is_empty() {
+            if conn.read.is_released() {
+                conn.read.reacquire(self.read_spares.pop());
+            }
+            conn.read.append(data);
+        }
+    }
+
+    /// Handle every whole frame at the front of the connection's buffer.
+    pub(super) fn handle_frames(&mut self, index: usize) {
+        let max = self.config.max_payload_bytes;
+        loop {
+            // Handling a frame can close and free this very connection (a reply that overflows
+            // its queue): look it up afresh every time.
+            let Some(conn) = self.conns.get_mut(index) else {
+                return;
+            };
+            if conn.closing || conn.close_when_flushed {
+                return;
+            }
+            if conn.discard > 0 {
+                let n = conn.discard.min(conn.read.len() as u64);
+                conn.read.consume(n as usize);
+                conn.discard -= n;
+                if conn.discard > 0 {
+                    return;
+                }
+                continue;
+            }
+            match conn.read.parse(max) {
+                Parsed::NeedMore => {
+                    self.try_direct_read(index);
+                    return;
+                }
+                Parsed::Frame(header) => {
+                    if !header.kind.is_caller_to_bridge() {
+                        let error = FrameError::UnknownKind {
+                            found: header.kind as u8,
+                        };
+                        self.malformed(index, header.request_id, &error);
+                        return;
+                    }
+                    let allowed = if header.kind == Kind::Request {
+                        FLAG_TIMEOUT
+                    } else {
+                        0
+                    };
+                    let short_timeout = header.flags & FLAG_TIMEOUT != 0
+                        && (header.payload_len as usize) < TIMEOUT_PREFIX_BYTES;
+                    if header.flags & !allowed != 0 || short_timeout {
+                        // IN_SLOT is for workers; TIMEOUT needs its 4-byte prefix.
+                        let error = FrameError::UnknownFlags {
+                            found: header.flags,
+                        };
+                        self.malformed(index, header.request_id, &error);
+                        return;
+                    }
+                    // A whole frame in the buffer: reads of whole bursts serve this caller.
+                    conn.large_last = false;
+                    let mut payload = self.spare_payloads.pop().unwrap_or_default();
+                    payload.clear();
+                    payload.extend_from_slice(conn.read.payload(&header));
+                    conn.read
+                        .consume(HEADER_BYTES + header.payload_len as usize);
+                    self.on_caller_frame(index, header, payload);
+                }
+                Parsed::Bad(FrameError::PayloadTooLarge { header, max })
+                    if header.kind.is_caller_to_bridge() =>
+                {
+                    conn.read.consume(HEADER_BYTES);
+                    conn.discard = header.payload_len as u64;
+                    self.counters.requests_failed += 1;
+                    let message = format!(
+                        "payload of {} bytes is over the maximum of {max} bytes",
+                        header.payload_len
+                    );
+                    self.answer_error(
+                        index,
+                        header.request_id,
+                        header.service_id,
+                        ErrorCode::PayloadTooLarge,
+                        &message,
+                    );
+                }
+                Parsed::Bad(error) => {
+                    let filled = conn.read.filled();
+                    let request_id = u64::from_le_bytes(filled[16..24].try_into().expect("8"));
+                    self.malformed(index, request_id, &error);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Answer a malformed frame, then close the connection: frame boundaries are lost.
+    pub(super) fn malformed(&mut self, index: usize, request_id: u64, error: &FrameError) {
+        self.counters.malformed_frames += 1;
+        tracing::debug!(%error, "malformed frame from a caller; closing the connection");
+        let message = error.to_string();
+        self.answer_error(index, request_id, 0, ErrorCode::MalformedFrame, &message);
+        if let Some(conn) = self.conns.get_mut(index) {
+            conn.close_when_flushed = true;
+            if conn.recv_in_flight {
+                let token = Token::new(conn.recv_kind, index, conn.generation);
+                self.cancel(token);
+            }
+        }
+        self.close_conn_if_finished(index);
+    }
+
+    pub(super) fn on_caller_frame(&mut self, index: usize, header: Header, payload: Vec<u8>) {
+        match header.kind {
+            Kind::Ping => {
+                let reply = Header::new(
+                    Kind::Pong,
+                    header.service_id,
+                    header.request_id,
+                    payload.len() as u32,
+                );
+                self.answer(index, &reply, &payload);
+            }
+            Kind::Resolve => {
+                let name = String::from_utf8_lossy(&payload);
+                match self.service_by_name.get(name.as_ref()) {
+                    Some(&service) => {
+                        let id = self.services[service].id;
+                        let reply = Header::new(Kind::Resolved, id, header.request_id, 0);
+                        self.answer(index, &reply, &[]);
+                    }
+                    None => {
+                        let message = format!("no service is named {name:?}");
+                        self.answer_error(
+                            index,
+                            header.request_id,
+                            0,
+                            ErrorCode::UnknownService,
+                            &message,
+                        );
+                    }
+                }
+            }
+            Kind::Request => {
+                let Some(&service) = self.service_by_id.get(&header.service_id) else {
+                    self.counters.requests_failed += 1;
+                    let message = format!("no service has id {}", header.service_id);
+                    self.answer_error(
+                        index,
+                        header.request_id,
+                        header.service_id,
+                        ErrorCode::UnknownService,
+                        &message,
+                    );
+                    self.recycle_payload(payload);
+                    return;
+                };
+                let now = self.now;
+                let mut payload = payload;
+                let mut deadline = None;
+                if header.flags & FLAG_TIMEOUT != 0 {
+                    let prefix: [u8; TIMEOUT_PREFIX_BYTES] = payload[..TIMEOUT_PREFIX_BYTES]
+                        .try_into()
+                        .expect("checked length");
+                    let timeout_ms = u32::from_le_bytes(prefix);
+                    payload.drain(..TIMEOUT_PREFIX_BYTES);
+                    if timeout_ms > 0 {
+                        deadline = Some(now + Duration::from_millis(timeout_ms as u64));
+                    }
+                }
+                let request =
+                    self.add_caller_request(index, header.request_id, service, payload, deadline);
+                if let Some(core) = self.place(service) {
+                    if self.forward(request, core) {
+                        return;
+                    }
+                }
+                self.services[service]
+                    .pool
+                    .on_request(now, request, deadline);
+                self.run_pool_actions(service);
+                return;
+            }
+            _ => unreachable!("checked by is_caller_to_bridge"),
+        }
+        self.recycle_payload(payload);
+    }
+
+    /// A new request from caller connection `index`; returns its handle.
+    pub(super) fn add_caller_request(
+        &mut self,
+        index: usize,
+        caller_request_id: u64,
+        service: usize,
+        payload: Vec<u8>,
+        deadline: Option<Instant>,
+    ) -> u64 {
+        let conn = &mut self.conns[index];
+        conn.requests_in_flight += 1;
+        let conn_handle = handle(index, conn.generation);
+        let generation = self.generation();
+        let request = self.requests.insert(Request {
+            generation,
+            origin: Origin::Conn(conn_handle),
+            forwarded_to: None,
+            direct: false,
+            caller_request_id,
+            service,
+            payload,
+            deadline,
+            arrived: self.now,
+            dispatched: None,
+        });
+        handle(request, generation)
+    }
+
+    /// Queue a whole answer frame for the caller, disconnecting a caller that does not read.
+    pub(super) fn answer(&mut self, index: usize, header: &Header, payload: &[u8]) {
+        let Some(conn) = self.conns.get_mut(index) else {
+            return;
+        };
+        if conn.closing {
+            return;
+        }
+        proto::encode_frame(conn.send.tail(), header, payload);
+        self.after_queueing(index);
+    }
+
+    pub(super) fn answer_error(
+        &mut self,
+        index: usize,
+        request_id: u64,
+        service_id: u32,
+        code: ErrorCode,
+        message: &str,
+    ) {
+        let header = Header::error(request_id, service_id, code, message.len() as u32);
+        self.answer(index, &header, message.as_bytes());
+    }
+
+    pub(super) fn after_queueing(&mut self, index: usize) {
+        let conn = &mut self.conns[index];
+        if conn.send.queued_bytes() as u64 > self.config.write_queue_max_bytes {
+            self.counters.slow_callers_disconnected += 1;
+            tracing::warn!(
+                queued_bytes = conn.send.queued_bytes(),
+                "caller is not reading its answers; disconnecting it"
+            );
+            self.close_conn(index);
+            return;
+        }
+        self.arm_conn_send(index);
+    }
+
+    pub(super) fn arm_conn_send(&mut self, index: usize) {
+        let conn = &mut self.conns[index];
+        if conn.closing {
+            return;
+        }
+        let token = Token::new(OpKind::ConnSend, index, conn.generation);
+        if let Some(entry) = send_entry(&mut conn.send, target(&conn.fd, conn.file), token) {
+            self.push(entry);
+        }
+    }
+
+    pub(super) fn on_conn_send(&mut self, index: usize, result: i32) {
+        let conn = &mut self.conns[index];
+        conn.send.complete(result.max(0) as usize);
+        if conn.closing {
+            self.free_conn_if_done(index);
+            return;
+        }
+        if result <= 0 {
+            let error = io::Error::from_raw_os_error(-result);
+            tracing::debug!(%error, "sending to a caller failed");
+            self.close_conn(index);
+            return;
+        }
+        self.arm_conn_send(index);
+        self.close_conn_if_finished(index);
+    }
+
+    /// Close a connection whose caller is done (read side closed or protocol error) once every
+    /// accepted request is answered and every answer sent.
+    pub(super) fn close_conn_if_finished(&mut self, index: usize) {
+        let Some(conn) = self.conns.get(index) else {
+            return;
+        };
+        if conn.closing {
+            return;
+        }
+        let flushed = conn.send.queued_bytes() == 0 && !conn.send.in_flight;
+        if flushed && conn.close_when_flushed && !conn.kind.is_caller() {
+            // HTTP and admin answers end with the connection: send FIN before closing so that
+            // a client's unread bytes cannot turn the close into a reset that eats the answer.
+            let _ = rustix::net::shutdown(&conn.fd, rustix::net::Shutdown::Write);
+        }
+        let caller_done =
+            conn.close_when_flushed || (conn.read_closed && conn.requests_in_flight == 0);
+        let stopping_and_idle = self.shutdown_deadline.is_some()
+            && self.pools_stopped()
+            && conn.requests_in_flight == 0;
+        if flushed && (caller_done || stopping_and_idle) {
+            self.close_conn(index);
+        }
+    }
+
+    /// Close now: cancel its ops; the entry goes once they complete. Answers still owed to its
+    /// requests are dropped when they arrive (the generation no longer matches).
+    pub(super) fn close_conn(&mut self, index: usize) {
+        let conn = &mut self.conns[index];
+        if conn.closing {
+            return;
+        }
+        conn.closing = true;
+        let generation = conn.generation;
+        let (recv, send) = (conn.recv_in_flight, conn.send.in_flight);
+        let from_slot = conn.slot_send.is_some();
+        let into_slot = conn.into_slot.is_some();
+        let recv_kind = conn.recv_kind;
+        if recv {
+            self.cancel(Token::new(recv_kind, index, generation));
+        } else if into_slot {
+            self.abort_direct_read(index);
+        }
+        if send && from_slot {
+            self.cancel(Token::new(OpKind::ConnSendHeader, index, generation));
+            self.cancel(Token::new(OpKind::ConnSendFixed, index, generation));
+        } else if send {
+            self.cancel(Token::new(OpKind::ConnSend, index, generation));
+        }
+        self.free_conn_if_done(index);
+    }
+
+    pub(super) fn free_conn_if_done(&mut self, index: usize) {
+        let conn = &self.conns[index];
+        if conn.closing && !conn.recv_in_flight && !conn.send.in_flight {
+            debug_assert!(conn.into_slot.is_none());
+            let conn = self.conns.remove(index);
+            if let Some(file) = conn.file {
+                self.unregister_file(file);
+            }
+            if conn.kind.is_caller() {
+                self.shared.cores[self.index]
+                    .callers
+                    .fetch_sub(1, Ordering::Relaxed);
+            } else {
+                self.aux_conns -= 1;
+            }
+        }
+    }
+
+    /// The live connection behind a request's handle, if the caller is still there.
+    pub(super) fn live_conn(&self, conn_handle: u64) -> Option<usize> {
+        let index = handle_index(conn_handle);
+        self.conns
+            .get(index)
+            .filter(|c| c.generation == handle_generation(conn_handle) && !c.closing)
+            .map(|_| index)
+    }
+}

@@ -1,0 +1,295 @@
+//! Other cores: the inbox, placement of requests on the core with an idle worker, forwards and
+//! their answers, backlog rebalancing and the published placement counts.
+
+use super::*;
+
+impl Core {
+    pub(super) fn arm_inbox(&mut self) {
+        self.inbox_in_flight = true;
+        let fd = self.shared.cores[self.index].wake.as_raw_fd();
+        let entry = opcode::Read::new(types::Fd(fd), self.inbox_buf.as_mut_ptr(), 8)
+            .offset(u64::MAX)
+            .build()
+            .user_data(Token::new(OpKind::Inbox, 0, 0).encode());
+        self.push(entry);
+    }
+
+    /// Send a message to another core, waking it through our ring (the write goes out with
+    /// this turn's submit).
+    pub(super) fn post(&mut self, core: usize, msg: Msg) {
+        debug_assert_ne!(core, self.index);
+        if self.shared.post(core, msg) {
+            static ONE: u64 = 1;
+            let fd = self.shared.cores[core].wake.as_raw_fd();
+            let entry = opcode::Write::new(types::Fd(fd), (&ONE as *const u64).cast(), 8)
+                .offset(u64::MAX)
+                .build()
+                .user_data(Token::new(OpKind::WakeSent, core, 0).encode());
+            self.push(entry);
+        }
+    }
+
+    pub(super) fn on_inbox(&mut self, result: i32) {
+        self.inbox_in_flight = false;
+        if result < 0 && result != -libc::EAGAIN {
+            let error = io::Error::from_raw_os_error(-result);
+            tracing::error!(%error, "reading the inbox eventfd failed");
+        }
+        let mut batch = std::mem::take(&mut self.inbox_batch);
+        self.shared.drain(self.index, &mut batch);
+        for msg in batch.drain(..) {
+            self.on_message(msg);
+        }
+        self.inbox_batch = batch;
+        self.arm_inbox();
+    }
+
+    pub(super) fn on_message(&mut self, msg: Msg) {
+        match msg {
+            Msg::Forward(forward) => self.on_forward(forward),
+            Msg::Answer { request, frame } => self.on_answer(request, frame),
+            Msg::Connection { fd, kind } => self.add_conn(fd, kind, true),
+            Msg::Shutdown { now: false } => {
+                if self.shutdown_deadline.is_none() {
+                    self.begin_shutdown();
+                }
+            }
+            Msg::Shutdown { now: true } => self.shutdown_deadline = Some(self.now),
+            Msg::ReportRequest { id, end_interval } => {
+                if end_interval {
+                    self.end_interval();
+                }
+                let report = Box::new(self.report());
+                self.post(0, Msg::Report { id, report });
+            }
+            Msg::Report { id, report } => self.on_report(id, &report),
+            Msg::Wake => {}
+        }
+    }
+
+    /// Where a new request of `service` should run: here, or on the core returned.
+    ///
+    /// In order: an idle worker here; an idle worker on another core (claimed); a busy worker
+    /// here with room for a queued job, or room here to start one; room to start one on another
+    /// core (claimed); our backlog. A core with no shard of the service sends everything to
+    /// the core with the shortest backlog.
+    pub(super) fn place(&mut self, service: usize) -> Option<usize> {
+        let cores = self.shared.cores.len();
+        let pool = &self.services[service].pool;
+        if cores == 1 || pool.idle() > 0 || self.shutdown_deadline.is_some() {
+            return None;
+        }
+        if let Some(core) = self.claim_on_other_core(service, |c| &c.idle) {
+            return Some(core);
+        }
+        let pool = &self.services[service].pool;
+        if pool.takes_now() || pool.room() > 0 {
+            return None;
+        }
+        if let Some(core) = self.claim_on_other_core(service, |c| &c.room) {
+            return Some(core);
+        }
+        if self.services[service].pool.policy().max_workers > 0 {
+            return None;
+        }
+        (0..cores)
+            .filter(|&c| self.shared.cores[c].services[service].max_workers > 0)
+            .min_by_key(|&c| {
+                self.shared.cores[c].services[service]
+                    .backlog
+                    .load(Ordering::Relaxed)
+            })
+    }
+
+    /// Claim one unit of another core's published count for `service`, searching from a
+    /// rotating start so that forwards spread.
+    pub(super) fn claim_on_other_core(
+        &mut self,
+        service: usize,
+        count: impl Fn(&shared::ShardCounts) -> &std::sync::atomic::AtomicU32,
+    ) -> Option<usize> {
+        let cores = self.shared.cores.len();
+        for step in 1..=cores {
+            let core = (self.next_core + step) % cores;
+            if core == self.index {
+                continue;
+            }
+            if shared::claim(count(&self.shared.cores[core].services[service])) {
+                self.next_core = core;
+                return Some(core);
+            }
+        }
+        None
+    }
+
+    /// Send a request of ours to another core to run. Returns false (and changes nothing) when
+    /// the bridge is shutting down: then it runs here.
+    pub(super) fn forward(&mut self, request: u64, core: usize) -> bool {
+        let index = self.request_index(request);
+        if let Origin::Core {
+            core: home,
+            request: home_request,
+        } = self.requests[index].origin
+        {
+            // Forwarded to us and waiting in our backlog: pass it on, answered to its home
+            // core directly. It stays one forward (counted once, when it left home).
+            let mut entry = self.requests.remove(index);
+            let forward = entry.forward(home, home_request);
+            self.counters.requests_forwarded += 1;
+            self.post(core, Msg::Forward(forward));
+            return true;
+        }
+        // Count first, then look at the flag (see `shared`).
+        self.shared
+            .forwards_in_flight
+            .fetch_add(1, Ordering::SeqCst);
+        if self.shared.shutdown.load(Ordering::SeqCst) {
+            self.forward_settled();
+            return false;
+        }
+        let entry = &mut self.requests[index];
+        entry.forwarded_to = Some(core);
+        let forward = entry.forward(self.index, request);
+        self.counters.requests_forwarded += 1;
+        self.post(core, Msg::Forward(forward));
+        true
+    }
+
+    /// A forwarded request was answered (or given up): when the bridge is stopping and it was
+    /// the last, every core may be waiting for it.
+    pub(super) fn forward_settled(&mut self) {
+        let previous = self
+            .shared
+            .forwards_in_flight
+            .fetch_sub(1, Ordering::SeqCst);
+        if previous == 1 && self.shared.shutdown.load(Ordering::SeqCst) {
+            self.wake_all();
+        }
+    }
+
+    pub(super) fn wake_all(&mut self) {
+        for core in 0..self.shared.cores.len() {
+            if core != self.index {
+                self.post(core, Msg::Wake);
+            }
+        }
+    }
+
+    /// Another core sent us a request to run.
+    pub(super) fn on_forward(&mut self, forward: Forward) {
+        let service = forward.service;
+        let now = self.now;
+        if forward.from == self.index {
+            // One of ours, passed back to us by the core we sent it to: run it here.
+            let index = self.request_index(forward.request);
+            let entry = &mut self.requests[index];
+            debug_assert!(entry.forwarded_to.is_some());
+            entry.forwarded_to = None;
+            entry.payload = forward.payload;
+            self.forward_settled();
+            self.services[service]
+                .pool
+                .on_request(now, forward.request, forward.deadline);
+            self.run_pool_actions(service);
+            return;
+        }
+        let generation = self.generation();
+        let request = self.requests.insert(Request {
+            generation,
+            origin: Origin::Core {
+                core: forward.from,
+                request: forward.request,
+            },
+            forwarded_to: None,
+            direct: false,
+            caller_request_id: forward.caller_request_id,
+            service,
+            payload: forward.payload,
+            deadline: forward.deadline,
+            arrived: forward.arrived,
+            dispatched: None,
+        });
+        self.services[service]
+            .pool
+            .on_request(now, handle(request, generation), forward.deadline);
+        self.run_pool_actions(service);
+    }
+
+    /// The answer to a request we forwarded: pass it to the caller.
+    pub(super) fn on_answer(&mut self, request: u64, frame: Vec<u8>) {
+        self.forward_settled();
+        let index = self.request_index(request);
+        let entry = self.requests.remove(index);
+        debug_assert!(entry.forwarded_to.is_some());
+        let conn_handle = match entry.origin {
+            Origin::Conn(conn) => conn,
+            Origin::Core { .. } => unreachable!("forwarded requests are not forwarded again"),
+        };
+        self.recycle_payload(entry.payload);
+        if let Some(conn) = self.conns.get_mut(handle_index(conn_handle)) {
+            if conn.generation == handle_generation(conn_handle) {
+                conn.requests_in_flight -= 1;
+            }
+        }
+        if let Some(conn) = self.live_conn(conn_handle) {
+            self.conns[conn].send.tail().extend_from_slice(&frame);
+            self.after_queueing(conn);
+            self.close_conn_if_finished(conn);
+        }
+        self.recycle_payload(frame);
+    }
+
+    /// Send the answer frame for a request another core forwarded to us.
+    pub(super) fn send_answer(&mut self, core: usize, request: u64, frame: Vec<u8>) {
+        self.post(core, Msg::Answer { request, frame });
+    }
+
+    /// Move waiting requests to cores that have idle workers for them.
+    pub(super) fn rebalance(&mut self) {
+        if self.shutdown_deadline.is_some() {
+            return;
+        }
+        for service in 0..self.services.len() {
+            while self.services[service].pool.backlog_len() > 0 {
+                let Some(core) = self.claim_on_other_core(service, |c| &c.idle) else {
+                    break;
+                };
+                let now = self.now;
+                let Some(request) = self.services[service].pool.take_backlogged(now) else {
+                    break;
+                };
+                if !self.forward(request, core) {
+                    // Stopping after all: it goes back to the end of our backlog.
+                    let deadline = self.requests[handle_index(request)].deadline;
+                    self.services[service]
+                        .pool
+                        .on_request(now, request, deadline);
+                    self.run_pool_actions(service);
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Store our placement counts for the other cores. When an idle worker appears and another
+    /// core has a backlog for it, wake that core so that it forwards.
+    pub(super) fn publish(&mut self) {
+        for service in 0..self.services.len() {
+            let pool = &self.services[service].pool;
+            let (idle, room, backlog) = (pool.idle(), pool.room(), pool.backlog_len());
+            let counts = &self.shared.cores[self.index].services[service];
+            let had_idle = shared::publish(&counts.idle, idle) > 0;
+            shared::publish(&counts.room, room);
+            shared::publish(&counts.backlog, backlog);
+            if idle > 0 && !had_idle {
+                for core in 0..self.shared.cores.len() {
+                    let backlog = &self.shared.cores[core].services[service].backlog;
+                    if core != self.index && backlog.load(Ordering::Relaxed) > 0 {
+                        // (A core woken twice in one turn costs nothing: wake-ups coalesce.)
+                        self.post(core, Msg::Wake);
+                    }
+                }
+            }
+        }
+    }
+}

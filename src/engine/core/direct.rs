@@ -1,0 +1,235 @@
+//! The one hand-off from a caller into a worker's slot: a large request's payload read from the
+//! caller's socket straight into the slot of the worker it is dispatched to.
+
+use super::*;
+
+impl Core {
+    /// The frame at the front of a caller's buffer is a request whose payload has not all
+    /// arrived. When it is large, fits the service's slots and a worker of ours is idle,
+    /// dispatch it now and read the rest of its payload from the socket straight into that
+    /// worker's slot: no copy through the bridge (only the part already read is copied).
+    pub(super) fn try_direct_read(&mut self, index: usize) {
+        let max = self.config.max_payload_bytes;
+        let conn = &self.conns[index];
+        if !conn.kind.is_caller()
+            || conn.into_slot.is_some()
+            || conn.discard > 0
+            || conn.close_when_flushed
+            || self.shutdown_deadline.is_some()
+        {
+            return;
+        }
+        let Some(header) = conn.read.peek_header(max) else {
+            return;
+        };
+        // (A caller's deadline travels in front of the payload: those take the copy path.)
+        if header.kind != Kind::Request
+            || header.flags != 0
+            || header.payload_len < DIRECT_READ_BYTES_MIN
+        {
+            return;
+        }
+        let Some(&service) = self.service_by_id.get(&header.service_id) else {
+            return;
+        };
+        let pool = &self.services[service].pool;
+        if header.payload_len > self.services[service].slot_capacity
+            || pool.idle() == 0
+            || !pool.takes_now()
+        {
+            return;
+        }
+        if self
+            .workers
+            .iter()
+            .any(|(_, w)| w.service == service && w.lent && w.state == WorkerState::Idle)
+        {
+            // The policy might pick a worker whose slot is still being sent from.
+            return;
+        }
+        let prefix = conn.read.len() - HEADER_BYTES;
+        debug_assert!(prefix < header.payload_len as usize);
+        self.conns[index].large_last = true;
+        let now = self.now;
+        let request = self.add_caller_request(index, header.request_id, service, Vec::new(), None);
+        self.requests[handle_index(request)].direct = true;
+        // An idle worker takes it at once: `dispatch_direct` sets up the read.
+        self.services[service].pool.on_request(now, request, None);
+        self.run_pool_actions(service);
+        debug_assert!(self.conns[index].into_slot.is_some() || !self.request_is_live(request));
+        let conn = &mut self.conns[index];
+        if conn.into_slot.is_none() && !conn.closing {
+            // Not dispatched after all (the policy refused it and it was answered): skip
+            // its payload.
+            conn.read.consume(HEADER_BYTES + prefix);
+            conn.discard = (header.payload_len as usize - prefix) as u64;
+        }
+    }
+
+    /// The policy gave a direct-read request a worker: copy what has arrived into its slot,
+    /// and read the rest there (`arm_conn_recv`). The worker's `Job` waits until it is all in.
+    pub(super) fn dispatch_direct(&mut self, request: u64, worker: u64) {
+        let request_index = self.request_index(request);
+        let worker_index = handle_index(worker);
+        self.job_sequence += 1;
+        let sequence = self.job_sequence;
+        let now = self.now;
+        let entry = &mut self.requests[request_index];
+        entry.dispatched = Some(now);
+        let Origin::Conn(conn_handle) = entry.origin else {
+            unreachable!("direct reads are for our own callers");
+        };
+        let conn_index = handle_index(conn_handle);
+        let max = self.config.max_payload_bytes;
+        let w = &mut self.workers[worker_index];
+        assert_eq!(
+            w.state,
+            WorkerState::Idle,
+            "a direct read needs an idle worker"
+        );
+        w.state = WorkerState::Busy { request, sequence };
+        w.front_queued = false;
+        w.filling = true;
+        let worker_generation = w.generation;
+        let conn = &mut self.conns[conn_index];
+        let header = conn.read.peek_header(max).expect("the request's header");
+        let prefix = conn.read.len() - HEADER_BYTES;
+        self.counters.direct_read_prefix_bytes += prefix as u64;
+        let source = &conn.read.filled()[HEADER_BYTES..];
+        // SAFETY: the worker is Idle, so its slot is Free and its data area ours; `prefix` is
+        // less than the payload length, which fits the slot; the source is our own buffer.
+        unsafe {
+            std::ptr::copy_nonoverlapping(source.as_ptr(), w.slot.data_address_mut(0), prefix)
+        };
+        conn.read.consume(HEADER_BYTES + prefix);
+        if conn.recv_in_flight && conn.recv_kind == OpKind::ConnRecvMulti {
+            // The rest goes straight into the slot: stop the multishot receive (what it still
+            // brings is copied into the slot) and read there once it has ended.
+            let token = Token::new(OpKind::ConnRecvMulti, conn_index, conn.generation);
+            self.cancel(token);
+        }
+        let conn = &mut self.conns[conn_index];
+        conn.into_slot = Some(IntoSlot {
+            request,
+            worker: worker_index,
+            worker_generation,
+            sequence,
+            len: header.payload_len,
+            filled: prefix as u32,
+        });
+        let service = self.workers[worker_index].service;
+        self.services[service].counters.bytes_in += header.payload_len as u64;
+        self.counters.requests_read_into_slot += 1;
+        self.direct_deadlines
+            .push_back((now + DIRECT_READ_TIMEOUT, conn_handle, request));
+    }
+
+    pub(super) fn on_conn_recv_slot(&mut self, index: usize, result: i32) {
+        let conn = &mut self.conns[index];
+        conn.recv_in_flight = false;
+        if conn.closing {
+            self.abort_direct_read(index);
+            self.free_conn_if_done(index);
+            return;
+        }
+        if result <= 0 {
+            if result < 0 {
+                let error = io::Error::from_raw_os_error(-result);
+                tracing::debug!(%error, "caller connection failed in a request's payload");
+            }
+            self.close_conn(index);
+            return;
+        }
+        let into = conn.into_slot.as_mut().expect("reading into a slot");
+        into.filled += result as u32;
+        if into.filled == into.len {
+            self.finish_direct_read(index);
+        }
+        self.arm_conn_recv(index);
+    }
+
+    /// The whole payload is in the slot: publish it and ring the worker (its `Job` goes ahead
+    /// of any queued behind it), unless the worker or the request is gone meanwhile.
+    pub(super) fn finish_direct_read(&mut self, index: usize) {
+        let into = self.conns[index]
+            .into_slot
+            .take()
+            .expect("reading into a slot");
+        let ours = self.stop_filling(&into);
+        if ours && self.request_is_live(into.request) {
+            let worker = &mut self.workers[into.worker];
+            match worker.slot.fill_in_place(into.sequence, into.len, 0) {
+                Ok(()) => {
+                    let mut job = Header::new(Kind::Job, 0, into.sequence, 0);
+                    job.flags = FLAG_IN_SLOT;
+                    worker.send.tail().splice(0..0, job.encode());
+                    self.arm_worker_send(into.worker);
+                }
+                Err(error) => {
+                    let reason = format!("corrupted its slot: {error}");
+                    self.fail_worker(into.worker, &reason);
+                }
+            }
+        } else {
+            self.arm_worker_send(into.worker);
+        }
+        self.free_worker_if_done(into.worker);
+    }
+
+    /// The caller went away (or stalled) before its payload was all in: the request fails,
+    /// and the worker, which never saw it, goes on with what is queued behind it or idles.
+    pub(super) fn abort_direct_read(&mut self, index: usize) {
+        let Some(into) = self.conns[index].into_slot.take() else {
+            return;
+        };
+        let ours = self.stop_filling(&into);
+        if self.request_is_live(into.request) {
+            let message = "the caller's payload did not all arrive";
+            self.fail_request(into.request, ErrorCode::MalformedFrame, message);
+        }
+        if ours {
+            self.advance(into.worker);
+            self.arm_worker_send(into.worker);
+            self.job_done(into.worker);
+        }
+        self.free_worker_if_done(into.worker);
+    }
+
+    /// A direct read ended (whole or not): the worker's slot is no longer being read into.
+    /// Returns whether the worker is still the same one, busy with that request.
+    pub(super) fn stop_filling(&mut self, into: &IntoSlot) -> bool {
+        let worker = &mut self.workers[into.worker];
+        worker.filling = false;
+        worker.generation == into.worker_generation
+            && worker.state
+                == (WorkerState::Busy {
+                    request: into.request,
+                    sequence: into.sequence,
+                })
+    }
+
+    /// Disconnect callers whose direct read has taken too long: each holds a worker.
+    pub(super) fn expire_direct_reads(&mut self) {
+        while let Some(&(deadline, conn, request)) = self.direct_deadlines.front() {
+            if deadline > self.now {
+                return;
+            }
+            self.direct_deadlines.pop_front();
+            let Some(index) = self.live_conn(conn) else {
+                continue;
+            };
+            if self.conns[index]
+                .into_slot
+                .as_ref()
+                .is_some_and(|into| into.request == request)
+            {
+                tracing::warn!(
+                    "a caller sent a request header but not its payload within {} s; \
+                     disconnecting it",
+                    DIRECT_READ_TIMEOUT.as_secs()
+                );
+                self.close_conn(index);
+            }
+        }
+    }
+}

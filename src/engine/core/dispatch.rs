@@ -1,0 +1,170 @@
+//! The pool glue: the policy's actions turned into spawns, dispatches, rejections and stops.
+
+use super::*;
+
+impl Core {
+    pub(super) fn run_pool_actions(&mut self, service: usize) {
+        while let Some(action) = self.services[service].pool.next_action() {
+            match action {
+                Action::Spawn => self.request_spawn(service),
+                Action::Dispatch { request, worker } => self.dispatch(request, worker),
+                Action::Reject {
+                    request,
+                    code,
+                    reason,
+                } => {
+                    if !self.request_is_live(request) {
+                        // Answered already: a reply sent from a slot can race its timeout.
+                        continue;
+                    }
+                    let message = self.reject_message(service, request, reason);
+                    self.fail_request(request, code, &message);
+                }
+                Action::Stop { worker, reason } => self.stop_worker(handle_index(worker), reason),
+                Action::Kill { worker } => {
+                    let worker = &self.workers[handle_index(worker)];
+                    tracing::debug!(pid = worker.pid, "killing a worker");
+                    kill(worker, libc::SIGKILL);
+                }
+            }
+        }
+    }
+
+    pub(super) fn reject_message(
+        &self,
+        service: usize,
+        request: u64,
+        reason: RejectReason,
+    ) -> String {
+        let name = &self.services[service].name;
+        let policy = self.services[service].pool.policy();
+        let waited = self
+            .now
+            .saturating_duration_since(self.requests[handle_index(request)].arrived);
+        match reason {
+            RejectReason::BacklogFull => {
+                let config = &self.config.services[service];
+                format!(
+                    "service {name} is at max_workers ({}) and its backlog is full ({})",
+                    config.max_workers, config.backlog_max
+                )
+            }
+            RejectReason::BacklogTimeout => {
+                format!(
+                    "service {name}: waited {} ms for a worker",
+                    waited.as_millis()
+                )
+            }
+            RejectReason::DeadlineExceeded => format!(
+                "service {name}: the caller's deadline passed after {} ms waiting for a worker",
+                waited.as_millis()
+            ),
+            RejectReason::WorkerStopped => format!(
+                "service {name}: queued on a worker that was stopped (the request ahead of it \
+                 timed out); it may or may not have run"
+            ),
+            RejectReason::RequestTimeout => format!(
+                "service {name}: the request ran longer than {} ms; its worker is being replaced",
+                policy.request_timeout.unwrap_or_default().as_millis()
+            ),
+            RejectReason::Failing => format!(
+                "service {name} cannot keep workers running (crash loop; see the bridge log); \
+                 retry later"
+            ),
+            RejectReason::ShuttingDown => "the bridge is shutting down".to_string(),
+        }
+    }
+
+    pub(super) fn pools_stopped(&self) -> bool {
+        self.services.iter().all(|s| s.pool.is_stopped())
+    }
+
+    pub(super) fn request_spawn(&mut self, service: usize) {
+        let config = &self.config.services[service];
+        self.spawner.request(SpawnRequest {
+            service_index: service,
+            service_name: config.name.clone(),
+            service_id: config.id,
+            exec: config.exec.clone(),
+            args: config.args.clone(),
+            env: config.env.clone(),
+            slot_capacity: config.slot_size_bytes,
+            max_payload_bytes: self.config.max_payload_bytes,
+            state_dir: self.config.state_dir.clone(),
+        });
+    }
+
+    pub(super) fn dispatch(&mut self, request: u64, worker: u64) {
+        let request_index = self.request_index(request);
+        let worker_index = handle_index(worker);
+        if self.requests[request_index].direct {
+            self.dispatch_direct(request, worker);
+            return;
+        }
+        self.job_sequence += 1;
+        let sequence = self.job_sequence;
+        let entry = &mut self.requests[request_index];
+        let payload = std::mem::take(&mut entry.payload);
+        let remaining_ms = entry
+            .deadline
+            .map(|d| d.saturating_duration_since(self.now).as_millis().max(1) as u64)
+            .unwrap_or(0);
+        let w = &mut self.workers[worker_index];
+        assert_eq!(
+            w.generation,
+            handle_generation(worker),
+            "dispatch to a stale worker"
+        );
+        if w.state != WorkerState::Idle || w.lent {
+            // A queued job: the payload follows on the socket, inline, and the worker answers
+            // it inline. Either behind the one it is running (a worker that takes them), or, for
+            // an idle worker whose slot is still being sent from, as the job it runs next.
+            if w.state == WorkerState::Idle {
+                assert!(
+                    w.accepts_queue,
+                    "only workers that take queued jobs are idle while lent"
+                );
+                w.state = WorkerState::Busy { request, sequence };
+                w.front_queued = true;
+            } else {
+                assert!(
+                    w.accepts_queue && matches!(w.state, WorkerState::Busy { .. }),
+                    "dispatch to a busy worker that does not take queued jobs"
+                );
+                w.queued.push_back((request, sequence));
+            }
+            let mut header = Header::new(Kind::Job, 0, sequence, payload.len() as u32);
+            header.flags = proto::FLAG_QUEUED;
+            proto::encode_frame(w.send.tail(), &header, &payload);
+            let counters = &mut self.services[w.service].counters;
+            counters.bytes_in += payload.len() as u64;
+            self.requests[request_index].dispatched = Some(self.now);
+            self.requests[request_index].payload = payload;
+            self.arm_worker_send(worker_index);
+            return;
+        }
+        w.state = WorkerState::Busy { request, sequence };
+        w.front_queued = false;
+        let in_slot = payload.len() <= w.slot.capacity() as usize;
+        let counters = &mut self.services[w.service].counters;
+        counters.bytes_in += payload.len() as u64;
+        counters.copy_path += u64::from(!in_slot);
+        self.requests[request_index].dispatched = Some(self.now);
+        let filled = w
+            .slot
+            .fill(sequence, in_slot.then_some(&payload[..]), remaining_ms);
+        let mut header = Header::new(Kind::Job, 0, sequence, 0);
+        if in_slot {
+            header.flags = FLAG_IN_SLOT;
+            w.send.tail().extend_from_slice(&header.encode());
+        } else {
+            header.payload_len = payload.len() as u32;
+            proto::encode_frame(w.send.tail(), &header, &payload);
+        }
+        self.requests[request_index].payload = payload;
+        match filled {
+            Ok(()) => self.arm_worker_send(worker_index),
+            Err(error) => self.fail_worker(worker_index, &format!("corrupted its slot: {error}")),
+        }
+    }
+}

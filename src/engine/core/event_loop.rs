@@ -1,0 +1,230 @@
+//! The loop: one `submit_and_wait` per turn, completions drained into a batch and routed to
+//! their owners by token kind, then timers.
+
+use super::*;
+
+impl Core {
+    /// Run until shutdown completes.
+    pub fn run(&mut self) -> io::Result<()> {
+        let spin =
+            (self.config.idle_spin_us > 0).then(|| Duration::from_micros(self.config.idle_spin_us));
+        loop {
+            if let Some(spin) = spin {
+                self.spin(spin)?;
+            }
+            let deadline = self.next_deadline();
+            let waited = match deadline {
+                Some(deadline) => {
+                    let timeout = deadline.saturating_duration_since(Instant::now());
+                    let timespec = types::Timespec::from(timeout);
+                    let args = types::SubmitArgs::new().timespec(&timespec);
+                    self.ring.submitter().submit_with_args(1, &args)
+                }
+                None => self.ring.submit_and_wait(1),
+            };
+            match waited {
+                Ok(_) => {}
+                Err(error)
+                    if matches!(
+                        error.raw_os_error(),
+                        Some(libc::ETIME | libc::EINTR | libc::EBUSY)
+                    ) => {}
+                Err(error) => return Err(error),
+            }
+            self.now = Instant::now();
+            loop {
+                self.completions.clear();
+                for cqe in self.ring.completion().take(COMPLETIONS_BATCH_MAX) {
+                    self.completions
+                        .push((cqe.user_data(), cqe.result(), cqe.flags()));
+                }
+                if self.completions.is_empty() {
+                    break;
+                }
+                for index in 0..self.completions.len() {
+                    let (user_data, result, flags) = self.completions[index];
+                    self.complete(user_data, result, flags);
+                }
+            }
+            if self.shared.cores.len() > 1 {
+                self.rebalance();
+                self.publish();
+            }
+            self.on_timers();
+            if self.finished() {
+                // Wake-ups and answers for other cores may still sit in the submission queue.
+                self.ring.submit()?;
+                return Ok(());
+            }
+        }
+    }
+
+    /// Before sleeping, poll the ring for a while: a wake-up to a vCPU that is running costs a
+    /// few microseconds, one to a halted vCPU tens.
+    pub(super) fn spin(&mut self, budget: Duration) -> io::Result<()> {
+        let until = Instant::now() + budget;
+        loop {
+            let to_submit = self.ring.submission().len() as u32;
+            // SAFETY: io_uring_enter with no argument: submits queued SQEs (each names memory
+            // owned as `push` documents) and runs deferred completions, without waiting.
+            unsafe {
+                self.ring.submitter().enter::<libc::sigset_t>(
+                    to_submit, 0, 1, // IORING_ENTER_GETEVENTS
+                    None,
+                )?;
+            }
+            if !self.ring.completion().is_empty() || Instant::now() >= until {
+                return Ok(());
+            }
+            std::hint::spin_loop();
+        }
+    }
+
+    pub(super) fn next_deadline(&self) -> Option<Instant> {
+        let mut deadline = Some(
+            self.shutdown_deadline
+                .map_or(self.interval_end, |d| d.min(self.interval_end)),
+        );
+        let mut consider = |at: Option<Instant>| {
+            if let Some(at) = at {
+                deadline = Some(deadline.map_or(at, |d| d.min(at)));
+            }
+        };
+        for service in &self.services {
+            consider(service.pool.next_deadline());
+        }
+        for listener in &self.listeners {
+            consider(listener.rearm_at);
+        }
+        consider(self.aux_deadlines.front().map(|(deadline, _)| *deadline));
+        consider(
+            self.direct_deadlines
+                .front()
+                .map(|(deadline, _, _)| *deadline),
+        );
+        deadline
+    }
+
+    pub(super) fn on_timers(&mut self) {
+        let now = self.now;
+        self.expire_aux_connections();
+        self.expire_direct_reads();
+        for service in 0..self.services.len() {
+            if self.services[service]
+                .pool
+                .next_deadline()
+                .is_some_and(|t| t <= now)
+            {
+                self.services[service].pool.tick(now);
+                self.run_pool_actions(service);
+            }
+        }
+        for index in 0..self.listeners.len() {
+            if self.listeners[index].rearm_at.is_some_and(|t| t <= now) {
+                self.listeners[index].rearm_at = None;
+                self.arm_accept(index);
+            }
+        }
+        if self.shutdown_deadline.is_some_and(|t| t <= now) {
+            if self.shutdown_forced {
+                // The answers had their moment to go out: stop waiting for slow callers.
+                self.shutdown_deadline = Some(now + Duration::from_secs(3600));
+                let conns: Vec<usize> = self.conns.iter().map(|(index, _)| index).collect();
+                for index in conns {
+                    self.close_conn(index);
+                }
+            } else {
+                self.shutdown_forced = true;
+                self.shutdown_deadline = Some(now + SHUTDOWN_FLUSH_GRACE);
+                self.force_shutdown();
+            }
+        }
+        if now >= self.interval_end {
+            // Core 0 keeps the interval clock: every core ends its interval when asked, and
+            // core 0 logs the merged interval.
+            let interval = Duration::from_millis(self.config.histogram_log_interval_ms);
+            let wall_now = std::time::SystemTime::now();
+            let purpose = Purpose::Interval(self.interval_start_wall, wall_now);
+            self.interval_start_wall = wall_now;
+            self.interval_end = self.now + interval;
+            self.start_gather(purpose);
+        }
+    }
+
+    /// A latency interval ended: keep it as "last interval" for status.
+    pub(super) fn end_interval(&mut self) {
+        for service in &mut self.services {
+            std::mem::swap(
+                &mut service.latency_last_interval,
+                &mut service.latency_interval,
+            );
+            service.latency_interval.reset();
+        }
+    }
+
+    pub(super) fn complete(&mut self, user_data: u64, result: i32, flags: u32) {
+        let Some(token) = Token::decode(user_data) else {
+            debug_assert!(false, "completion with a foreign user_data {user_data:#x}");
+            return;
+        };
+        match token.kind {
+            OpKind::Accept => self.on_accept(token.index as usize, result, flags),
+            OpKind::ConnRecv
+            | OpKind::ConnRecvSlot
+            | OpKind::ConnRecvMulti
+            | OpKind::ConnSend
+            | OpKind::ConnSendHeader
+            | OpKind::ConnSendFixed => {
+                let index = token.index as usize;
+                let live = self
+                    .conns
+                    .get(index)
+                    .is_some_and(|c| c.generation == token.generation);
+                debug_assert!(live, "stale connection completion {token:?}");
+                if !live {
+                    return;
+                }
+                match token.kind {
+                    OpKind::ConnRecv => self.on_conn_recv(index, result),
+                    OpKind::ConnRecvSlot => self.on_conn_recv_slot(index, result),
+                    OpKind::ConnRecvMulti => self.on_conn_recv_multi(index, result, flags),
+                    OpKind::ConnSend => self.on_conn_send(index, result),
+                    kind => self.on_slot_send(index, kind == OpKind::ConnSendHeader, result),
+                }
+            }
+            OpKind::WorkerRecv
+            | OpKind::WorkerSend
+            | OpKind::WorkerStdout
+            | OpKind::WorkerStderr
+            | OpKind::WorkerWait => {
+                let index = token.index as usize;
+                let live = self
+                    .workers
+                    .get(index)
+                    .is_some_and(|w| w.generation == token.generation);
+                debug_assert!(live, "stale worker completion {token:?}");
+                if !live {
+                    return;
+                }
+                match token.kind {
+                    OpKind::WorkerRecv => self.on_worker_recv(index, result),
+                    OpKind::WorkerSend => self.on_worker_send(index, result),
+                    OpKind::WorkerStdout => self.on_worker_pipe(index, false, result),
+                    OpKind::WorkerStderr => self.on_worker_pipe(index, true, result),
+                    _ => self.on_worker_reaped(index, result),
+                }
+                self.free_worker_if_done(index);
+            }
+            OpKind::Signal => self.on_signal(result),
+            OpKind::SpawnWake => self.on_spawn_wake(result),
+            OpKind::Inbox => self.on_inbox(result),
+            OpKind::WakeSent => {
+                if result < 0 {
+                    let error = io::Error::from_raw_os_error(-result);
+                    tracing::error!(%error, "cannot wake another core");
+                }
+            }
+            OpKind::Cancel => {}
+        }
+    }
+}

@@ -1,0 +1,204 @@
+//! Listeners, signals and the spawner's wake-up: accepting connections (and handing them to
+//! the core with the fewest), admin and metrics connections' deadlines, the stop signals.
+
+use super::*;
+
+impl Core {
+    pub(super) fn arm_accept(&mut self, index: usize) {
+        if self.shutdown_deadline.is_some() {
+            return;
+        }
+        let listener = &mut self.listeners[index];
+        debug_assert!(!listener.accept_in_flight);
+        listener.accept_in_flight = true;
+        let entry = opcode::AcceptMulti::new(types::Fd(listener.fd.as_raw_fd()))
+            .flags(libc::SOCK_CLOEXEC)
+            .build()
+            .user_data(Token::new(OpKind::Accept, index, 0).encode());
+        self.push(entry);
+    }
+
+    pub(super) fn on_accept(&mut self, index: usize, result: i32, flags: u32) {
+        if !cqueue::more(flags) {
+            self.listeners[index].accept_in_flight = false;
+        }
+        if result < 0 {
+            if result != -libc::ECANCELED {
+                let error = io::Error::from_raw_os_error(-result);
+                tracing::warn!(%error, "accept failed; retrying shortly");
+            }
+        } else {
+            // SAFETY: a successful accept CQE's result is a new descriptor that nothing else
+            // owns; we take it exactly once.
+            let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(result) };
+            self.on_new_connection(fd, self.listeners[index].kind);
+        }
+        let listener = &mut self.listeners[index];
+        if !listener.accept_in_flight && self.shutdown_deadline.is_none() {
+            if result < 0 && result != -libc::ECANCELED {
+                listener.rearm_at = Some(self.now + ACCEPT_RETRY_DELAY);
+            } else {
+                self.arm_accept(index);
+            }
+        }
+    }
+
+    pub(super) fn on_new_connection(&mut self, fd: OwnedFd, kind: ListenerKind) {
+        let aux = !kind.is_caller();
+        let callers = self.shared.callers_total();
+        if self.shutdown_deadline.is_some()
+            || (!aux && callers >= self.config.connections_max as u64)
+            || (aux && self.aux_conns >= AUX_CONNECTIONS_MAX)
+        {
+            self.counters.connections_refused += 1;
+            tracing::debug!(connections = self.conns.len(), "refusing a connection");
+            return;
+        }
+        if kind == ListenerKind::Tcp {
+            let _ = rustix::net::sockopt::set_tcp_nodelay(&fd, true);
+        }
+        if !aux {
+            // Keep the cores' connection counts even: hand the connection to the core with
+            // the fewest when that is not us (counted there at once, so that concurrent
+            // accepts see it).
+            let cores = &self.shared.cores;
+            let count = |core: usize| cores[core].callers.load(Ordering::Relaxed);
+            let least = (0..cores.len()).min_by_key(|&c| (count(c), c != self.index));
+            if let Some(core) = least.filter(|&c| c != self.index && count(c) < count(self.index)) {
+                cores[core].callers.fetch_add(1, Ordering::Relaxed);
+                self.counters.connections_handed_over += 1;
+                self.post(core, Msg::Connection { fd, kind });
+                return;
+            }
+        }
+        self.add_conn(fd, kind, false);
+    }
+
+    /// Register a connection on this core. `counted`: it is in our `callers` count already
+    /// (handed over by another core).
+    pub(super) fn add_conn(&mut self, fd: OwnedFd, kind: ListenerKind, counted: bool) {
+        let aux = !kind.is_caller();
+        if !aux {
+            if self.shutdown_deadline.is_some() {
+                // Handed over just as we began stopping.
+                self.shared.cores[self.index]
+                    .callers
+                    .fetch_sub(1, Ordering::Relaxed);
+                self.counters.connections_refused += 1;
+                return;
+            }
+            if !counted {
+                self.shared.cores[self.index]
+                    .callers
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.aux_conns += usize::from(aux);
+        let generation = self.generation();
+        let index = self.conns.insert(Conn {
+            generation,
+            fd,
+            // With provided buffers, a caller's buffer holds memory only while bytes wait in it.
+            read: if self.provided.is_some() && kind.is_caller() {
+                ReadBuffer::released(CONN_READ_BYTES)
+            } else {
+                ReadBuffer::new(CONN_READ_BYTES)
+            },
+            recv_in_flight: false,
+            send: SendQueue::default(),
+            discard: 0,
+            requests_in_flight: 0,
+            read_closed: false,
+            close_when_flushed: false,
+            closing: false,
+            slot_send: None,
+            into_slot: None,
+            file: None,
+            recv_kind: OpKind::ConnRecv,
+            provided_off: false,
+            large_last: false,
+            kind,
+        });
+        if aux {
+            self.aux_deadlines
+                .push_back((self.now + AUX_CONNECTION_TIMEOUT, handle(index, generation)));
+        } else {
+            self.conns[index].file = self.register_file(index, true);
+        }
+        self.arm_conn_recv(index);
+    }
+
+    /// Close admin and metrics connections that have not finished within their timeout (a
+    /// client that sends half a request must not hold one of the few places for ever).
+    pub(super) fn expire_aux_connections(&mut self) {
+        while let Some(&(deadline, conn)) = self.aux_deadlines.front() {
+            if deadline > self.now {
+                return;
+            }
+            self.aux_deadlines.pop_front();
+            if let Some(index) = self.live_conn(conn) {
+                tracing::debug!("closing an admin or metrics connection that timed out");
+                self.close_conn(index);
+            }
+        }
+    }
+
+    pub(super) fn arm_signal(&mut self) {
+        self.signal_in_flight = true;
+        let fd = self.signal_fd.as_ref().expect("core 0 has the signalfd");
+        let entry = opcode::Read::new(
+            types::Fd(fd.as_raw_fd()),
+            self.signal_buf.as_mut_ptr(),
+            self.signal_buf.len() as u32,
+        )
+        .offset(u64::MAX)
+        .build()
+        .user_data(Token::new(OpKind::Signal, 0, 0).encode());
+        self.push(entry);
+    }
+
+    pub(super) fn on_signal(&mut self, result: i32) {
+        self.signal_in_flight = false;
+        if result >= 4 {
+            let signo = u32::from_ne_bytes(self.signal_buf[0..4].try_into().expect("4 bytes"));
+            let now = self.shutdown_deadline.is_some();
+            if now {
+                tracing::warn!(signal = signo, "second signal: stopping now");
+                self.shutdown_deadline = Some(self.now);
+            } else {
+                tracing::info!(signal = signo, "stopping: finishing requests in flight");
+                // Before telling anyone: see `shared` on not losing a forwarded request.
+                self.shared.shutdown.store(true, Ordering::SeqCst);
+                self.begin_shutdown();
+            }
+            for core in 1..self.shared.cores.len() {
+                self.post(core, Msg::Shutdown { now });
+            }
+        }
+        self.arm_signal();
+    }
+
+    pub(super) fn arm_spawn_wake(&mut self) {
+        self.wake_in_flight = true;
+        let entry = opcode::Read::new(
+            types::Fd(self.spawner.wake.as_raw_fd()),
+            self.wake_buf.as_mut_ptr(),
+            8,
+        )
+        .offset(u64::MAX)
+        .build()
+        .user_data(Token::new(OpKind::SpawnWake, 0, 0).encode());
+        self.push(entry);
+    }
+
+    pub(super) fn on_spawn_wake(&mut self, _result: i32) {
+        self.wake_in_flight = false;
+        let mut results = std::mem::take(&mut self.spawn_results);
+        self.spawner.take_results(&mut results);
+        for result in results.drain(..) {
+            self.on_spawned(result);
+        }
+        self.spawn_results = results;
+        self.arm_spawn_wake();
+    }
+}

@@ -1,0 +1,909 @@
+//! One core's event loop: its io_uring, its caller connections, its workers and its shard of
+//! every service pool.
+//!
+//! The loop is a shell around pure parts: it turns completions into events for the pool policy
+//! ([`crate::pool::Pool`]) and the policy's actions into submissions. One `submit_and_wait` per
+//! turn; completions are drained into a local batch first, then handled, so no handler ever
+//! re-enters the ring.
+//!
+//! Ownership of in-flight memory: every buffer or descriptor named by a submitted entry belongs
+//! to a connection, a worker or the core itself, and that owner is not dropped until each of its
+//! ops has completed (the `*_in_flight` flags). `user_data` is a checked token, op kind + slab
+//! index + generation ([`Token`]), never a pointer; a completion for an owner that no longer
+//! exists is a bug caught by a debug assertion and otherwise ignored.
+//!
+//! Request path: caller frame -> `Request` entry -> `place` (here, or forwarded to another
+//! core with an idle worker) -> `Pool::on_request` -> `Dispatch` -> the payload goes into the
+//! worker's slot (read there straight from the caller's socket when large and still arriving,
+//! or inline on its control socket when larger than the slot) and a `Job` frame rings the worker
+//! -> `Done`/`Fail` -> the reply is sent from the slot or copied into the caller's write queue
+//! (or, for a forwarded request, sent back to its core as a frame) -> `Pool::on_job_done`.
+//!
+//! Several cores: each runs one `Core` on its own thread and ring; they meet only through
+//! `super::shared` (inboxes, placement counts, the shutdown flag). Core 0 also takes the stop
+//! signals, serves the admin socket and `/metrics` (merging every core's report), and keeps the
+//! latency-interval clock.
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use io_uring::{cqueue, opcode, squeue, types, IoUring};
+use slab::Slab;
+
+use super::buffer::{Parsed, ReadBuffer, SendQueue};
+use super::pbuf::{self, ProvidedBuffers};
+use super::shared::{self, Forward, Msg, Shared};
+use super::spawn::{SpawnRequest, SpawnResult, Spawned, Spawner};
+use crate::config::Config;
+use crate::metrics::{self, IntervalLogger, LatencyHistograms, MetricsSnapshot, ServiceMetrics};
+use crate::pool::{Action, Gone, Pool, RejectReason, StopReason};
+use crate::proto::{
+    self, ErrorCode, FrameError, Header, Hello, Kind, FLAG_IN_SLOT, FLAG_TIMEOUT, HEADER_BYTES,
+    TIMEOUT_PREFIX_BYTES,
+};
+use crate::shm::{Slot, SLOT_ABI_VERSION};
+use crate::status::{ServiceStatus, Status};
+
+/// Base read-buffer size of a caller connection.
+const CONN_READ_BYTES: usize = 2 * 1024;
+/// Base read-buffer size of a worker's control socket.
+const WORKER_READ_BYTES: usize = 4 * 1024;
+/// Read size for worker stdout/stderr; also the longest log line kept.
+const PIPE_READ_BYTES: usize = 4096;
+/// Completions handled per loop turn at most before submitting again.
+const COMPLETIONS_BATCH_MAX: usize = 1024;
+/// Submission and completion queue sizes, and about what the rings take in locked memory
+/// (64-byte SQEs, 16-byte CQEs, the 4-byte SQ index array).
+const SQ_ENTRIES: u32 = 2048;
+const CQ_ENTRIES: u32 = 8192;
+const RING_BYTES: u64 = SQ_ENTRIES as u64 * (64 + 4) + CQ_ENTRIES as u64 * 16;
+/// In-slot replies at least this long are sent straight from the slot (a registered buffer)
+/// when the caller's write queue is empty, instead of being copied into it.
+const SLOT_SEND_BYTES_MIN: u32 = 4096;
+/// Most entries of the ring's registered-buffer table (the kernel's limit).
+const FIXED_BUFFERS_MAX: u32 = 1 << 14;
+/// After the shutdown timeout, how long the answers it produced may take to reach their callers.
+const SHUTDOWN_FLUSH_GRACE: Duration = Duration::from_secs(1);
+/// How long an admin or metrics connection may take to send its request and get its answer.
+const AUX_CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
+/// Admin and metrics connections open at once at most.
+const AUX_CONNECTIONS_MAX: usize = 64;
+/// Longest admin command line.
+const ADMIN_LINE_BYTES_MAX: usize = 256;
+/// Request payloads at least this long are read from the caller's socket straight into an
+/// idle worker's slot (when one is idle and the payload fits), not copied through the bridge.
+const DIRECT_READ_BYTES_MIN: u32 = 4096;
+/// A caller whose payload has not all arrived this long after a direct read began (holding a
+/// worker) is disconnected.
+const DIRECT_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Idle connections' read buffers kept for reuse at most.
+const READ_SPARES_MAX: usize = 4096;
+/// Delay before re-arming an accept that failed (e.g. out of descriptors).
+const ACCEPT_RETRY_DELAY: Duration = Duration::from_millis(100);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+enum OpKind {
+    Accept = 1,
+    ConnRecv = 2,
+    ConnSend = 3,
+    WorkerRecv = 4,
+    WorkerSend = 5,
+    WorkerStdout = 6,
+    WorkerStderr = 7,
+    WorkerWait = 8,
+    Signal = 9,
+    SpawnWake = 10,
+    Cancel = 11,
+    /// The reply header of a send from a slot (linked to `ConnSendFixed`).
+    ConnSendHeader = 12,
+    /// The reply payload, written from the worker's slot (a registered buffer).
+    ConnSendFixed = 13,
+    /// A read on this core's wake eventfd: messages from other cores.
+    Inbox = 14,
+    /// A write to another core's wake eventfd (its completion needs nothing).
+    WakeSent = 15,
+    /// A caller's request payload read straight into a worker's slot.
+    ConnRecvSlot = 16,
+    /// A multishot receive from a caller into the core's provided buffers.
+    ConnRecvMulti = 17,
+}
+
+impl OpKind {
+    fn from_u8(value: u8) -> Option<OpKind> {
+        Some(match value {
+            1 => OpKind::Accept,
+            2 => OpKind::ConnRecv,
+            3 => OpKind::ConnSend,
+            4 => OpKind::WorkerRecv,
+            5 => OpKind::WorkerSend,
+            6 => OpKind::WorkerStdout,
+            7 => OpKind::WorkerStderr,
+            8 => OpKind::WorkerWait,
+            9 => OpKind::Signal,
+            10 => OpKind::SpawnWake,
+            11 => OpKind::Cancel,
+            12 => OpKind::ConnSendHeader,
+            13 => OpKind::ConnSendFixed,
+            14 => OpKind::Inbox,
+            15 => OpKind::WakeSent,
+            16 => OpKind::ConnRecvSlot,
+            17 => OpKind::ConnRecvMulti,
+            _ => return None,
+        })
+    }
+}
+
+/// `user_data` layout: kind (8 bits) | generation (24 bits) | index (32 bits).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Token {
+    kind: OpKind,
+    generation: u32,
+    index: u32,
+}
+
+const GENERATION_MASK: u32 = (1 << 24) - 1;
+
+impl Token {
+    fn new(kind: OpKind, index: usize, generation: u32) -> Token {
+        assert!(index <= u32::MAX as usize);
+        Token {
+            kind,
+            generation: generation & GENERATION_MASK,
+            index: index as u32,
+        }
+    }
+
+    fn encode(self) -> u64 {
+        ((self.kind as u64) << 56) | ((self.generation as u64) << 32) | self.index as u64
+    }
+
+    fn decode(user_data: u64) -> Option<Token> {
+        Some(Token {
+            kind: OpKind::from_u8((user_data >> 56) as u8)?,
+            generation: ((user_data >> 32) as u32) & GENERATION_MASK,
+            index: user_data as u32,
+        })
+    }
+}
+
+/// A descriptor as an op names it: registered in the ring's file table when there was room
+/// (the kernel then skips looking the descriptor up on every op), else plain.
+#[derive(Clone, Copy)]
+enum Target {
+    Fd(types::Fd),
+    Fixed(types::Fixed),
+}
+
+fn target(fd: &OwnedFd, file: Option<u32>) -> Target {
+    match file {
+        Some(index) => Target::Fixed(types::Fixed(index)),
+        None => Target::Fd(types::Fd(fd.as_raw_fd())),
+    }
+}
+
+/// Build an op on a [`Target`] (the two descriptor kinds are different types to the builders).
+macro_rules! on_target {
+    ($target:expr, |$fd:ident| $build:expr) => {
+        match $target {
+            Target::Fd($fd) => $build,
+            Target::Fixed($fd) => $build,
+        }
+    };
+}
+
+mod conn;
+mod cross_core;
+mod direct;
+mod dispatch;
+mod event_loop;
+mod listen;
+mod report;
+mod request;
+mod shutdown;
+mod slot_send;
+mod tables;
+mod worker;
+
+use tables::*;
+use worker::kill;
+
+/// A pool handle: slab index in the low 32 bits, generation above.
+fn handle(index: usize, generation: u32) -> u64 {
+    ((generation as u64) << 32) | index as u64
+}
+
+fn handle_index(handle: u64) -> usize {
+    handle as u32 as usize
+}
+
+fn handle_generation(handle: u64) -> u32 {
+    (handle >> 32) as u32
+}
+
+/// What a listener accepts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ListenerKind {
+    /// Callers, on a Unix socket.
+    Unix,
+    /// Callers, on TCP.
+    Tcp,
+    /// The admin socket (`status`): served apart from the pools and `connections_max`.
+    Admin,
+    /// The Prometheus endpoint (HTTP `GET /metrics`), also apart from the pools.
+    Metrics,
+}
+
+impl ListenerKind {
+    fn is_caller(self) -> bool {
+        matches!(self, ListenerKind::Unix | ListenerKind::Tcp)
+    }
+}
+
+struct Listener {
+    fd: OwnedFd,
+    kind: ListenerKind,
+    accept_in_flight: bool,
+    rearm_at: Option<Instant>,
+}
+
+struct Conn {
+    generation: u32,
+    fd: OwnedFd,
+    read: ReadBuffer,
+    recv_in_flight: bool,
+    /// Answers queued for the caller.
+    send: SendQueue,
+    /// Payload bytes still to skip after an oversized frame.
+    discard: u64,
+    /// Requests accepted and not yet answered.
+    requests_in_flight: u32,
+    /// The caller shut down its side: answer what is in flight, then close.
+    read_closed: bool,
+    /// Stop reading; close once the queued answers are sent.
+    close_when_flushed: bool,
+    /// Closed: waiting for in-flight ops to complete before the entry is dropped.
+    closing: bool,
+    /// A reply being sent straight from a worker's slot (header + fixed write, linked).
+    slot_send: Option<SlotSend>,
+    /// Which listener it came from: callers speak frames, admin lines, metrics HTTP.
+    kind: ListenerKind,
+    /// The payload of the request at the front is being read into a worker's slot.
+    into_slot: Option<IntoSlot>,
+    /// Its index in the ring's registered-file table, if registered.
+    file: Option<u32>,
+    /// The receive armed (while `recv_in_flight`): plain, multishot, or into a slot.
+    recv_kind: OpKind,
+    /// The provided buffers ran out under it: plain receives until its buffer is empty again.
+    provided_off: bool,
+    /// Its last request went straight into a slot: read the next header alone (if it is
+    /// large too, none of its payload is copied).
+    large_last: bool,
+}
+
+/// A request payload being read from the caller's socket straight into a worker's slot (the
+/// worker is `Busy` with it; its `Job` goes out once the whole payload is in).
+struct IntoSlot {
+    request: u64,
+    worker: usize,
+    worker_generation: u32,
+    sequence: u64,
+    len: u32,
+    filled: u32,
+}
+
+/// A reply sent from a slot: the header (the front of `Conn::send`) and the payload (in the slot) go
+/// out as two linked ops; the worker is lent to the connection until both complete.
+struct SlotSend {
+    worker: usize,
+    worker_generation: u32,
+    len: u32,
+    header_result: Option<i32>,
+    payload_result: Option<i32>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum WorkerState {
+    /// Spawned, no handshake yet.
+    Starting,
+    Idle,
+    Busy {
+        request: u64,
+        sequence: u64,
+    },
+    /// Its reply is being sent from its slot; back to Idle when the send completes.
+    Lending,
+    /// Stopped by the policy; waiting for it to exit.
+    Stopping,
+    /// Failed or exited: out of the pool, waiting to be reaped and for its ops to finish.
+    Dead,
+}
+
+struct PipeLog {
+    fd: OwnedFd,
+    buf: Box<[u8; PIPE_READ_BYTES]>,
+    line: Vec<u8>,
+    in_flight: bool,
+    open: bool,
+}
+
+impl PipeLog {
+    fn new(fd: OwnedFd) -> PipeLog {
+        PipeLog {
+            fd,
+            buf: Box::new([0; PIPE_READ_BYTES]),
+            line: Vec::new(),
+            in_flight: false,
+            open: true,
+        }
+    }
+}
+
+struct Worker {
+    generation: u32,
+    service: usize,
+    pid: i32,
+    control: OwnedFd,
+    slot: Slot,
+    state: WorkerState,
+    read: ReadBuffer,
+    recv_in_flight: bool,
+    /// Job frames (and copy-path payloads) for the worker.
+    send: SendQueue,
+    stdout: PipeLog,
+    stderr: PipeLog,
+    siginfo: Box<libc::siginfo_t>,
+    wait_in_flight: bool,
+    reaped: bool,
+    /// The pool has been told this worker is gone (exactly once).
+    gone_reported: bool,
+    /// Why the worker left, for the exit log line.
+    fate: Option<String>,
+    /// Index of its slot in the ring's registered-buffer table, if registered.
+    buffer_index: Option<u16>,
+    /// A connection is sending from its slot.
+    lent: bool,
+    /// It said (Hello) that it takes queued jobs.
+    accepts_queue: bool,
+    /// The job it is running (Busy) was sent queued: its answer is inline, the slot unused.
+    front_queued: bool,
+    /// Jobs sent behind the one it is running, oldest first: (request, job sequence).
+    queued: VecDeque<(u64, u64)>,
+    /// A caller's payload is being read into its slot: its socket sends wait (the `Job` for
+    /// that payload goes first), and it is not freed until the read completes.
+    filling: bool,
+    /// Its control socket's index in the ring's registered-file table, if registered.
+    file: Option<u32>,
+}
+
+impl Worker {
+    fn ops_in_flight(&self) -> bool {
+        self.recv_in_flight
+            || self.send.in_flight
+            || self.stdout.in_flight
+            || self.stderr.in_flight
+            || self.wait_in_flight
+            || self.lent
+            || self.filling
+    }
+}
+
+/// Where an answer goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Dest {
+    /// A live caller connection of this core (its index).
+    Conn(usize),
+    /// The core that forwarded the request (the request's handle there).
+    Core { core: usize, request: u64 },
+}
+
+/// Where a request came from, and so where its answer goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Origin {
+    /// A caller connection of this core (its handle).
+    Conn(u64),
+    /// Another core forwarded it: the answer goes back there.
+    Core { core: usize, request: u64 },
+}
+
+struct Request {
+    generation: u32,
+    origin: Origin,
+    /// Sent to this core to run (the payload went with it); this entry waits for the answer.
+    forwarded_to: Option<usize>,
+    /// Its payload is to be read from the caller's socket into the slot of the worker it is
+    /// dispatched to (see `try_direct_read`).
+    direct: bool,
+    caller_request_id: u64,
+    service: usize,
+    payload: Vec<u8>,
+    /// The caller's deadline (FLAG_TIMEOUT), if any.
+    deadline: Option<Instant>,
+    arrived: Instant,
+    /// When a worker took it.
+    dispatched: Option<Instant>,
+}
+
+impl Request {
+    /// The message that moves it to another core (its payload goes with it), to be answered
+    /// to request handle `request` on core `from`.
+    fn forward(&mut self, from: usize, request: u64) -> Forward {
+        Forward {
+            from,
+            request,
+            caller_request_id: self.caller_request_id,
+            service: self.service,
+            payload: std::mem::take(&mut self.payload),
+            deadline: self.deadline,
+            arrived: self.arrived,
+        }
+    }
+}
+
+struct Service {
+    id: u32,
+    name: String,
+    pool: Pool,
+    slot_capacity: u32,
+    counters: ServiceCounters,
+    /// Latency since start, in the interval running now, and in the last complete interval.
+    latency: LatencyHistograms,
+    latency_interval: LatencyHistograms,
+    latency_last_interval: LatencyHistograms,
+}
+
+/// Requests of one service by outcome (for status).
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct ServiceCounters {
+    pub ok: u64,
+    /// Indexed by error code (1..=10); index 0 unused.
+    pub errors: [u64; 11],
+    /// Payload bytes of requests handed to workers, and of replies sent back.
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// Requests and replies that were larger than the slot (the copy path).
+    pub copy_path: u64,
+}
+
+impl ServiceCounters {
+    fn add(&mut self, other: &ServiceCounters) {
+        self.ok += other.ok;
+        for (mine, theirs) in self.errors.iter_mut().zip(&other.errors) {
+            *mine += theirs;
+        }
+        self.bytes_in += other.bytes_in;
+        self.bytes_out += other.bytes_out;
+        self.copy_path += other.copy_path;
+    }
+
+    /// Failed requests by error code, every code in order (zeros included).
+    fn failures(&self) -> impl Iterator<Item = (ErrorCode, u64)> + '_ {
+        (1..self.errors.len())
+            .filter_map(|code| Some((ErrorCode::from_u16(code as u16)?, self.errors[code])))
+    }
+}
+
+/// The outcome counters this core keeps (read at exit and by status).
+#[derive(Clone, Default, Debug)]
+pub struct Counters {
+    pub requests_ok: u64,
+    pub requests_failed: u64,
+    pub malformed_frames: u64,
+    pub connections_refused: u64,
+    pub slow_callers_disconnected: u64,
+    pub replies_sent_from_slot: u64,
+    /// Sends from a slot that fell short and were finished from a copy.
+    pub slot_sends_spilled: u64,
+    /// Requests whose payload was read from the caller's socket straight into a slot.
+    pub requests_read_into_slot: u64,
+    /// Payload bytes of direct reads that had arrived with the header and were copied.
+    pub direct_read_prefix_bytes: u64,
+    /// Multishot receives that found the provided buffers all in use (then plain receives).
+    pub provided_buffers_ran_out: u64,
+    /// Requests sent to another core to run, and connections handed to another core.
+    pub requests_forwarded: u64,
+    pub connections_handed_over: u64,
+}
+
+impl Counters {
+    pub fn add(&mut self, other: &Counters) {
+        self.requests_ok += other.requests_ok;
+        self.requests_failed += other.requests_failed;
+        self.malformed_frames += other.malformed_frames;
+        self.connections_refused += other.connections_refused;
+        self.slow_callers_disconnected += other.slow_callers_disconnected;
+        self.replies_sent_from_slot += other.replies_sent_from_slot;
+        self.slot_sends_spilled += other.slot_sends_spilled;
+        self.requests_forwarded += other.requests_forwarded;
+        self.requests_read_into_slot += other.requests_read_into_slot;
+        self.provided_buffers_ran_out += other.provided_buffers_ran_out;
+        self.direct_read_prefix_bytes += other.direct_read_prefix_bytes;
+        self.connections_handed_over += other.connections_handed_over;
+    }
+}
+
+pub struct Core {
+    ring: IoUring,
+    /// This core's number (0 owns signals, the admin socket, metrics and interval logs).
+    index: usize,
+    shared: Arc<Shared>,
+    /// Messages taken from the inbox, being handled (kept for its capacity).
+    inbox_batch: Vec<Msg>,
+    inbox_buf: Box<[u8; 8]>,
+    inbox_in_flight: bool,
+    /// Reports being gathered from every core (core 0).
+    gathers: Vec<Gather>,
+    next_gather: u64,
+    /// Where the next search for another core starts (spreads forwards).
+    next_core: usize,
+    /// This core counted itself in `cores_finished`.
+    done: bool,
+    config: Arc<Config>,
+    services: Vec<Service>,
+    service_by_id: HashMap<u32, usize>,
+    service_by_name: HashMap<String, usize>,
+    listeners: Vec<Listener>,
+    conns: Slab<Conn>,
+    workers: Slab<Worker>,
+    requests: Slab<Request>,
+    next_generation: u32,
+    job_sequence: u64,
+    /// Core 0 only.
+    signal_fd: Option<OwnedFd>,
+    signal_buf: Box<[u8; 128]>,
+    signal_in_flight: bool,
+    spawner: Spawner,
+    wake_buf: Box<[u8; 8]>,
+    wake_in_flight: bool,
+    spawn_results: Vec<SpawnResult>,
+    completions: Vec<(u64, i32, u32)>,
+    spare_payloads: Vec<Vec<u8>>,
+    scratch: Vec<u8>,
+    /// Free entries of the registered-buffer table (empty when registration is unavailable).
+    fixed_buffers_free: Vec<u16>,
+    /// Free entries of the registered-file table (empty when registration is unavailable).
+    files_free: Vec<u32>,
+    /// Buffers the kernel fills for multishot receives from callers (if the kernel allows).
+    provided: Option<ProvidedBuffers>,
+    /// Read buffers given back by idle connections, for the next that needs one.
+    read_spares: Vec<Vec<u8>>,
+    /// The MEMLOCK warning for a slot that could not be registered was logged (once is enough).
+    fixed_buffer_warning_logged: bool,
+    /// Set by SIGTERM/SIGINT: when in-flight work must be done.
+    shutdown_deadline: Option<Instant>,
+    /// The shutdown timeout has passed once (answers are being flushed).
+    shutdown_forced: bool,
+    /// When the current latency interval ends, when it started, and its log (if configured).
+    interval_end: Instant,
+    interval_start_wall: std::time::SystemTime,
+    interval_logger: Option<IntervalLogger>,
+    /// Connections in `conns` that are admin or metrics connections.
+    aux_conns: usize,
+    /// When each admin or metrics connection must be done (in accept order).
+    aux_deadlines: VecDeque<(Instant, u64)>,
+    /// When each direct read into a slot must be done: (deadline, connection, request).
+    direct_deadlines: VecDeque<(Instant, u64, u64)>,
+    started: Instant,
+    now: Instant,
+    pub counters: Counters,
+}
+
+/// What `Core::new` needs from the process setup.
+pub struct CoreSetup {
+    pub index: usize,
+    pub shared: Arc<Shared>,
+    pub config: Arc<Config>,
+    pub listeners: Vec<(OwnedFd, ListenerKind)>,
+    /// Core 0 takes the stop signals.
+    pub signal_fd: Option<OwnedFd>,
+    pub spawner: Spawner,
+}
+
+/// What a gathered report is for.
+enum Purpose {
+    /// An admin `status` command on this connection.
+    Status(u64),
+    /// `GET /metrics` on this connection (the request, to answer it once merged).
+    Metrics(u64, Vec<u8>),
+    /// A latency interval ended (wall-clock start and end, for the interval log).
+    Interval(std::time::SystemTime, std::time::SystemTime),
+}
+
+/// Reports being collected from every core (core 0).
+struct Gather {
+    id: u64,
+    purpose: Purpose,
+    merged: CoreReport,
+    waiting: usize,
+}
+
+/// One core's share of everything status and metrics report. Core 0 merges the cores' reports
+/// into one (adding counts, merging histograms) and builds status and metrics from it.
+pub struct CoreReport {
+    connections: u64,
+    /// Caller connections, and requests answered (run here), of each core (this one's at its
+    /// index, zeros elsewhere until merged).
+    connections_by_core: Vec<u64>,
+    requests_by_core: Vec<u64>,
+    files_registered: u64,
+    /// Caller connections holding a read buffer now (the others wait on provided buffers).
+    read_buffers_held: u64,
+    slots_registered: u64,
+    worker_processes: u64,
+    counters: Counters,
+    services: Vec<ShardReport>,
+}
+
+/// One core's shard of one service.
+struct ShardReport {
+    starting: u32,
+    idle: u32,
+    busy: u32,
+    stopping: u32,
+    min_workers: u32,
+    max_workers: u32,
+    backlog: u32,
+    failing: bool,
+    spawn_rate: u32,
+    stats: crate::pool::Stats,
+    pids: Vec<i32>,
+    counters: ServiceCounters,
+    latency: LatencyHistograms,
+    latency_last_interval: LatencyHistograms,
+}
+
+impl CoreReport {
+    fn add(&mut self, other: &CoreReport) {
+        self.connections += other.connections;
+        for (mine, theirs) in self
+            .connections_by_core
+            .iter_mut()
+            .zip(&other.connections_by_core)
+        {
+            *mine += theirs;
+        }
+        for (mine, theirs) in self
+            .requests_by_core
+            .iter_mut()
+            .zip(&other.requests_by_core)
+        {
+            *mine += theirs;
+        }
+        self.slots_registered += other.slots_registered;
+        self.files_registered += other.files_registered;
+        self.read_buffers_held += other.read_buffers_held;
+        self.worker_processes += other.worker_processes;
+        self.counters.add(&other.counters);
+        for (mine, theirs) in self.services.iter_mut().zip(&other.services) {
+            mine.starting += theirs.starting;
+            mine.idle += theirs.idle;
+            mine.busy += theirs.busy;
+            mine.stopping += theirs.stopping;
+            mine.min_workers += theirs.min_workers;
+            mine.max_workers += theirs.max_workers;
+            mine.backlog += theirs.backlog;
+            mine.failing |= theirs.failing;
+            mine.spawn_rate += theirs.spawn_rate;
+            mine.stats.add(&theirs.stats);
+            mine.pids.extend_from_slice(&theirs.pids);
+            mine.counters.add(&theirs.counters);
+            mine.latency.add(&theirs.latency);
+            mine.latency_last_interval
+                .add(&theirs.latency_last_interval);
+        }
+    }
+}
+
+impl Core {
+    pub fn new(setup: CoreSetup) -> io::Result<Core> {
+        let config = setup.config;
+        let ring = IoUring::builder()
+            .setup_single_issuer()
+            .setup_defer_taskrun()
+            .setup_coop_taskrun()
+            .setup_cqsize(CQ_ENTRIES)
+            .dontfork()
+            .build(SQ_ENTRIES)
+            .map_err(|error| {
+                if error.raw_os_error() == Some(libc::ENOMEM) && !has_cap_ipc_lock() {
+                    io::Error::new(
+                        error.kind(),
+                        format!(
+                            "creating the io_uring failed ({error}): its rings need about {} KiB \
+                             of locked memory and RLIMIT_MEMLOCK is {} KiB; raise the limit \
+                             (ulimit -l, systemd LimitMEMLOCK=) or grant CAP_IPC_LOCK",
+                            RING_BYTES / 1024,
+                            memlock_limit() / 1024
+                        ),
+                    )
+                } else {
+                    error
+                }
+            })?;
+        let now = Instant::now();
+        let (index, shared) = (setup.index, setup.shared);
+        let cores = shared.cores.len();
+        let mut services = Vec::new();
+        let mut service_by_id = HashMap::new();
+        let mut service_by_name = HashMap::new();
+        for (number, service) in config.services.iter().enumerate() {
+            service_by_id.insert(service.id, number);
+            service_by_name.insert(service.name.clone(), number);
+            services.push(Service {
+                id: service.id,
+                name: service.name.clone(),
+                pool: Pool::new(
+                    now,
+                    service.policy().shard(index, cores),
+                    seed_from(number + index * 1000),
+                ),
+                counters: ServiceCounters::default(),
+                latency: LatencyHistograms::new(),
+                latency_interval: LatencyHistograms::new(),
+                latency_last_interval: LatencyHistograms::new(),
+                slot_capacity: service.slot_size_bytes,
+            });
+        }
+        let shard_workers: u32 = services.iter().map(|s| s.pool.policy().max_workers).sum();
+        let fixed_buffers_free = register_buffer_table(&ring, shard_workers);
+        let files_free = register_file_table(&ring, config.connections_max + shard_workers * 2);
+        let provided = ProvidedBuffers::register(&ring, config.provided_buffers);
+        if index == 0 {
+            check_memlock(&config, cores);
+        }
+        let interval = Duration::from_millis(config.histogram_log_interval_ms);
+        let interval_logger = match &config.histogram_log_dir {
+            Some(dir) if index == 0 => {
+                std::fs::create_dir_all(dir)?;
+                Some(IntervalLogger::new(
+                    dir,
+                    interval,
+                    config.histogram_log_rotate_bytes,
+                )?)
+            }
+            _ => None,
+        };
+        let listeners = setup
+            .listeners
+            .into_iter()
+            .map(|(fd, kind)| Listener {
+                fd,
+                kind,
+                accept_in_flight: false,
+                rearm_at: None,
+            })
+            .collect();
+        let mut core = Core {
+            ring,
+            index,
+            shared,
+            inbox_batch: Vec::with_capacity(256),
+            inbox_buf: Box::new([0; 8]),
+            inbox_in_flight: false,
+            gathers: Vec::new(),
+            next_gather: 0,
+            next_core: index,
+            done: false,
+            config,
+            services,
+            service_by_id,
+            service_by_name,
+            listeners,
+            conns: Slab::with_capacity(1024),
+            workers: Slab::with_capacity(64),
+            requests: Slab::with_capacity(1024),
+            next_generation: 1,
+            job_sequence: 0,
+            signal_fd: setup.signal_fd,
+            signal_buf: Box::new([0; 128]),
+            signal_in_flight: false,
+            spawner: setup.spawner,
+            wake_buf: Box::new([0; 8]),
+            wake_in_flight: false,
+            spawn_results: Vec::new(),
+            completions: Vec::with_capacity(COMPLETIONS_BATCH_MAX),
+            spare_payloads: Vec::new(),
+            scratch: Vec::new(),
+            fixed_buffers_free,
+            files_free,
+            provided,
+            read_spares: Vec::new(),
+            fixed_buffer_warning_logged: false,
+            shutdown_deadline: None,
+            shutdown_forced: false,
+            aux_conns: 0,
+            aux_deadlines: VecDeque::new(),
+            direct_deadlines: VecDeque::new(),
+            // Only core 0 keeps the interval clock (see `on_timers`).
+            interval_end: if index == 0 {
+                now + interval
+            } else {
+                now + Duration::from_secs(100 * 365 * 86400)
+            },
+            interval_start_wall: std::time::SystemTime::now(),
+            interval_logger,
+            started: now,
+            now,
+            counters: Counters::default(),
+        };
+        for index in 0..core.listeners.len() {
+            core.arm_accept(index);
+        }
+        if core.signal_fd.is_some() {
+            core.arm_signal();
+        }
+        core.arm_spawn_wake();
+        core.arm_inbox();
+        for service in 0..core.services.len() {
+            core.run_pool_actions(service);
+        }
+        Ok(core)
+    }
+
+    fn generation(&mut self) -> u32 {
+        self.next_generation = (self.next_generation + 1) & GENERATION_MASK;
+        self.next_generation
+    }
+
+    /// Queue one SQE, submitting first if the queue is full.
+    fn push(&mut self, entry: squeue::Entry) {
+        loop {
+            // SAFETY: every entry built in this module names memory and descriptors owned by a
+            // connection, worker, listener or the core itself, and each owner outlives its op:
+            // owners are only dropped once their `*_in_flight` flags are all clear.
+            let pushed = unsafe { self.ring.submission().push(&entry) };
+            if pushed.is_ok() {
+                return;
+            }
+            if let Err(error) = self.ring.submit() {
+                tracing::error!(%error, "io_uring submit failed while the queue was full");
+            }
+        }
+    }
+
+    fn cancel(&mut self, token: Token) {
+        let entry = opcode::AsyncCancel::new(token.encode())
+            .build()
+            .user_data(Token::new(OpKind::Cancel, 0, 0).encode());
+        self.push(entry);
+    }
+}
+
+/// The send op for the next chunk of `queue`, if one is due; marks the queue in flight.
+fn send_entry(queue: &mut SendQueue, fd: Target, token: Token) -> Option<squeue::Entry> {
+    let chunk = queue.next_chunk()?;
+    let (at, len) = (chunk.as_ptr(), chunk.len().min(u32::MAX as usize) as u32);
+    let entry = on_target!(fd, |fd| opcode::Send::new(fd, at, len)
+        .flags(libc::MSG_NOSIGNAL)
+        .build())
+    .user_data(token.encode());
+    queue.in_flight = true;
+    Some(entry)
+}
+
+/// A per-service seed for the pool's recycling jitter (any value will do).
+fn seed_from(service: usize) -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    nanos ^ (service as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_round_trip_and_reject_unknown_kinds() {
+        // Proves user_data carries kind, index and generation without loss.
+        let token = Token::new(OpKind::WorkerWait, 123_456, 0xABCDEF);
+        assert_eq!(Token::decode(token.encode()), Some(token));
+        assert_eq!(Token::decode(0), None);
+        assert_eq!(Token::new(OpKind::Accept, 1, 0x1_000_001).generation, 1);
+    }
+}

@@ -1,0 +1,109 @@
+//! Requests: their table, how one finishes (latency, counters, its caller's count) and fails.
+
+use super::*;
+
+impl Core {
+    pub(super) fn request_index(&self, request: u64) -> usize {
+        let index = handle_index(request);
+        assert!(
+            self.requests
+                .get(index)
+                .is_some_and(|r| r.generation == handle_generation(request)),
+            "pool named an unknown request"
+        );
+        index
+    }
+
+    /// Remove a finished request and account for it on its connection (here, or on the core
+    /// it came from). `outcome` is `None` for a reply, else the error code it was answered
+    /// with. Returns where the answer goes: a live connection of ours, or another core.
+    pub(super) fn finish_request(
+        &mut self,
+        request: u64,
+        outcome: Option<ErrorCode>,
+    ) -> Option<Dest> {
+        let index = self.request_index(request);
+        let entry = self.requests.remove(index);
+        debug_assert!(entry.forwarded_to.is_none());
+        let now = self.now;
+        let queue_wait = entry
+            .dispatched
+            .unwrap_or(now)
+            .saturating_duration_since(entry.arrived);
+        let service_time = entry.dispatched.map(|d| now.saturating_duration_since(d));
+        let total = now.saturating_duration_since(entry.arrived);
+        let service = &mut self.services[entry.service];
+        service.latency.record(queue_wait, service_time, total);
+        service
+            .latency_interval
+            .record(queue_wait, service_time, total);
+        let counters = &mut service.counters;
+        match outcome {
+            None => {
+                self.counters.requests_ok += 1;
+                counters.ok += 1;
+            }
+            Some(code) => {
+                self.counters.requests_failed += 1;
+                counters.errors[code as usize] += 1;
+            }
+        }
+        self.recycle_payload(entry.payload);
+        let conn_handle = match entry.origin {
+            Origin::Conn(conn) => conn,
+            Origin::Core { core, request } => return Some(Dest::Core { core, request }),
+        };
+        let conn_index = handle_index(conn_handle);
+        if let Some(conn) = self.conns.get_mut(conn_index) {
+            if conn.generation == handle_generation(conn_handle) {
+                conn.requests_in_flight -= 1;
+            }
+        }
+        self.live_conn(conn_handle).map(Dest::Conn)
+    }
+
+    /// An empty buffer for a payload or frame, from the spares when there is one.
+    pub(super) fn spare_buffer(&mut self) -> Vec<u8> {
+        let mut buffer = self.spare_payloads.pop().unwrap_or_default();
+        buffer.clear();
+        buffer
+    }
+
+    /// Keep a payload buffer for the next request (up to a point).
+    pub(super) fn recycle_payload(&mut self, mut payload: Vec<u8>) {
+        let capacity = payload.capacity();
+        if capacity > 0 && capacity <= 64 * 1024 && self.spare_payloads.len() < 1024 {
+            payload.clear();
+            self.spare_payloads.push(payload);
+        }
+    }
+
+    pub(super) fn fail_request(&mut self, request: u64, code: ErrorCode, message: &str) {
+        let index = self.request_index(request);
+        let (caller_request_id, service) = {
+            let entry = &self.requests[index];
+            (entry.caller_request_id, entry.service)
+        };
+        let service_id = self.services[service].id;
+        match self.finish_request(request, Some(code)) {
+            Some(Dest::Conn(conn)) => {
+                self.answer_error(conn, caller_request_id, service_id, code, message);
+                self.close_conn_if_finished(conn);
+            }
+            Some(Dest::Core { core, request }) => {
+                let mut frame = self.spare_buffer();
+                let header =
+                    Header::error(caller_request_id, service_id, code, message.len() as u32);
+                proto::encode_frame(&mut frame, &header, message.as_bytes());
+                self.send_answer(core, request, frame);
+            }
+            None => {}
+        }
+    }
+
+    pub(super) fn request_is_live(&self, request: u64) -> bool {
+        self.requests
+            .get(handle_index(request))
+            .is_some_and(|r| r.generation == handle_generation(request))
+    }
+}

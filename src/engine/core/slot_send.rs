@@ -1,0 +1,196 @@
+//! The one hand-off from a worker's slot to a caller: a reply sent straight from the slot (a
+//! registered buffer) as a header plus a linked fixed write, the worker lent until both complete.
+
+use super::*;
+
+impl Core {
+    /// Send an in-slot reply straight from the worker's slot (a registered buffer) when that
+    /// saves a copy: the reply is large, the slot is registered and the caller's queue is empty.
+    /// The worker is lent to the connection until the send completes. Returns false to let the
+    /// caller copy the reply instead (also when the slot does not validate: the copying path
+    /// reports that).
+    pub(super) fn try_send_from_slot(
+        &mut self,
+        index: usize,
+        request: u64,
+        sequence: u64,
+        conn: Option<usize>,
+        mut reply: Header,
+    ) -> bool {
+        let Some(conn) = conn else { return false };
+        let worker = &self.workers[index];
+        let Some(buffer_index) = worker.buffer_index else {
+            return false;
+        };
+        // A worker that takes queued jobs goes on working while its slot is sent from: its
+        // jobs travel inline until the send completes (see `dispatch`).
+        let keeps_working =
+            worker.accepts_queue && self.services[worker.service].pool.policy().queue_depth > 1;
+        let caller = &self.conns[conn];
+        if caller.send.in_flight || caller.send.queued_bytes() != 0 {
+            return false;
+        }
+        let Ok(len) = worker.slot.peek_reply(sequence) else {
+            return false;
+        };
+        if len < SLOT_SEND_BYTES_MIN {
+            return false;
+        }
+        reply.payload_len = len;
+        let fd = target(&caller.fd, caller.file);
+        let generation = caller.generation;
+        let payload = worker.slot.data_address(0);
+        let worker_generation = worker.generation;
+        let caller = &mut self.conns[conn];
+        let header = caller.send.set_front(&reply.encode());
+        caller.send.in_flight = true;
+        caller.slot_send = Some(SlotSend {
+            worker: index,
+            worker_generation,
+            len,
+            header_result: None,
+            payload_result: None,
+        });
+        // Neither op may wait for the caller to read: the worker is lent until both complete.
+        // DONTWAIT/NOWAIT make them return what fitted (or EAGAIN) at once, and the rest is
+        // spilled into the queue. WAITALL makes a short header a failure, which breaks the
+        // link, so the payload never follows a partial header.
+        let header_entry = on_target!(fd, |fd| opcode::Send::new(fd, header, HEADER_BYTES as u32)
+            .flags(libc::MSG_NOSIGNAL | libc::MSG_WAITALL | libc::MSG_DONTWAIT)
+            .build())
+        .flags(squeue::Flags::IO_LINK)
+        .user_data(Token::new(OpKind::ConnSendHeader, conn, generation).encode());
+        let payload_entry = on_target!(fd, |fd| opcode::WriteFixed::new(
+            fd,
+            payload,
+            len,
+            buffer_index
+        )
+        .offset(u64::MAX)
+        .rw_flags(libc::RWF_NOWAIT)
+        .build())
+        .user_data(Token::new(OpKind::ConnSendFixed, conn, generation).encode());
+        let worker = &mut self.workers[index];
+        if !keeps_working {
+            worker.state = WorkerState::Lending;
+        }
+        worker.lent = true;
+        self.push_linked_pair(header_entry, payload_entry);
+        self.counters.replies_sent_from_slot += 1;
+        let service = self.workers[index].service;
+        self.services[service].counters.bytes_out += len as u64;
+        if let Some(Dest::Conn(conn)) = self.finish_request(request, None) {
+            self.close_conn_if_finished(conn);
+        }
+        if keeps_working {
+            self.advance(index);
+            self.job_done(index);
+        }
+        true
+    }
+
+    /// Queue two linked SQEs in one submission (a link must not straddle two submits).
+    pub(super) fn push_linked_pair(&mut self, first: squeue::Entry, second: squeue::Entry) {
+        let room = {
+            let submission = self.ring.submission();
+            submission.capacity() - submission.len()
+        };
+        if room < 2 {
+            if let Err(error) = self.ring.submit() {
+                tracing::error!(%error, "io_uring submit failed while making room for a link");
+            }
+        }
+        self.push(first);
+        self.push(second);
+    }
+
+    /// One of the two ops of a send from a slot completed. When both have, spill whatever did
+    /// not go out into the connection's queue and give the worker back to its pool.
+    pub(super) fn on_slot_send(&mut self, index: usize, is_header: bool, result: i32) {
+        let conn = &mut self.conns[index];
+        let send = conn
+            .slot_send
+            .as_mut()
+            .expect("a send from a slot is in flight");
+        if is_header {
+            send.header_result = Some(result);
+        } else {
+            send.payload_result = Some(result);
+        }
+        let (Some(header_result), Some(payload_result)) = (send.header_result, send.payload_result)
+        else {
+            return;
+        };
+        let send = conn.slot_send.take().expect("checked above");
+        conn.send.in_flight = false;
+        // Nothing sent, not an error: the link was broken, or the socket was full.
+        let unsent = |result: i32| result == -libc::ECANCELED || result == -libc::EAGAIN;
+        let header_sent = header_result.max(0) as usize;
+        let mut failed = (header_result < 0 && !unsent(header_result))
+            || (payload_result < 0 && !unsent(payload_result));
+        if header_sent < HEADER_BYTES && payload_result > 0 {
+            // The payload went out after a partial header: the stream is corrupt. The link
+            // rules forbid this; if a kernel ever allowed it, drop the caller, never mislead it.
+            tracing::error!(
+                header_result,
+                payload_result,
+                "send from a slot broke its link"
+            );
+            failed = true;
+        }
+        let payload_sent = if header_sent == HEADER_BYTES {
+            payload_result.max(0) as usize
+        } else {
+            0
+        };
+        let worker = &self.workers[send.worker];
+        assert_eq!(
+            worker.generation, send.worker_generation,
+            "a lent worker was freed"
+        );
+        if conn.closing || failed {
+            conn.send.clear();
+        } else {
+            let len = send.len as usize;
+            let short = payload_sent < len;
+            conn.send.settle_front(header_sent, |rest| {
+                if short {
+                    worker
+                        .slot
+                        .copy_data(payload_sent, len - payload_sent, rest);
+                }
+            });
+            self.counters.slot_sends_spilled += u64::from(short);
+        }
+        self.return_lent_worker(send.worker);
+        // Returning the worker runs pool actions that may have closed and freed this caller.
+        let Some(conn) = self.conns.get(index) else {
+            return;
+        };
+        if conn.closing {
+            self.free_conn_if_done(index);
+        } else if failed {
+            tracing::debug!(header_result, payload_result, "sending to a caller failed");
+            self.close_conn(index);
+        } else {
+            self.arm_conn_send(index);
+            self.close_conn_if_finished(index);
+        }
+    }
+
+    /// A connection finished sending from this worker's slot.
+    pub(super) fn return_lent_worker(&mut self, index: usize) {
+        let worker = &mut self.workers[index];
+        assert!(worker.lent);
+        worker.lent = false;
+        if worker.state == WorkerState::Lending {
+            worker.slot.release_reply();
+            worker.state = WorkerState::Idle;
+            self.job_done(index);
+        } else if worker.state != WorkerState::Dead {
+            // A worker that kept working (queued jobs): only its slot comes back.
+            worker.slot.release_reply();
+        }
+        self.free_worker_if_done(index);
+    }
+}

@@ -1,0 +1,163 @@
+//! The ring's registered-buffer and registered-file tables, and the locked-memory check.
+
+use super::*;
+
+impl Core {
+    /// Register a new worker's slot in the ring's buffer table, when there is room and the
+    /// memory-lock limit allows; without it, replies are copied instead of sent from the slot.
+    pub(super) fn register_slot(&mut self, slot: &Slot) -> Option<u16> {
+        let index = self.fixed_buffers_free.pop()?;
+        // SAFETY: the slot's mapping outlives the registration: the worker entry that owns the
+        // slot clears this table entry (unregister_slot) before it is dropped.
+        let registered = unsafe {
+            self.ring
+                .submitter()
+                .register_buffers_update(index as u32, &[slot.as_iovec()], None)
+        };
+        match registered {
+            Ok(()) => Some(index),
+            Err(error) => {
+                self.fixed_buffers_free.push(index);
+                if !self.fixed_buffer_warning_logged {
+                    self.fixed_buffer_warning_logged = true;
+                    tracing::warn!(
+                        %error,
+                        memlock_limit_bytes = memlock_limit(),
+                        "cannot register a slot as an io_uring fixed buffer; its replies are copied \
+                         instead (raise RLIMIT_MEMLOCK or grant CAP_IPC_LOCK)"
+                    );
+                }
+                None
+            }
+        }
+    }
+
+    /// Put a connection's (`conn`) or worker's control socket in the ring's file table, if
+    /// there is room; ops then name it by index.
+    pub(super) fn register_file(&mut self, index: usize, conn: bool) -> Option<u32> {
+        let slot = self.files_free.pop()?;
+        let fd = if conn {
+            self.conns[index].fd.as_raw_fd()
+        } else {
+            self.workers[index].control.as_raw_fd()
+        };
+        match self.ring.submitter().register_files_update(slot, &[fd]) {
+            Ok(_) => Some(slot),
+            Err(error) => {
+                tracing::debug!(%error, "cannot register a descriptor with the ring");
+                self.files_free.push(slot);
+                None
+            }
+        }
+    }
+
+    /// Take a descriptor out of the file table (its ops have all completed).
+    pub(super) fn unregister_file(&mut self, slot: u32) {
+        match self.ring.submitter().register_files_update(slot, &[-1]) {
+            Ok(_) => self.files_free.push(slot),
+            Err(error) => tracing::error!(%error, "cannot unregister a descriptor"),
+        }
+    }
+
+    pub(super) fn unregister_slot(&mut self, index: u16) {
+        let empty = libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        };
+        // SAFETY: an empty entry refers to no memory.
+        let cleared = unsafe {
+            self.ring
+                .submitter()
+                .register_buffers_update(index as u32, &[empty], None)
+        };
+        match cleared {
+            Ok(()) => self.fixed_buffers_free.push(index),
+            Err(error) => tracing::error!(%error, index, "cannot clear a fixed-buffer entry"),
+        }
+    }
+}
+
+/// Reserve the ring's registered-buffer table: one entry per worker the config allows.
+pub(super) fn register_buffer_table(ring: &IoUring, workers: u32) -> Vec<u16> {
+    // Twice the workers this core's shards allow: a worker killed for a protocol violation
+    // leaves the pool at once (so its replacement starts) but keeps its entry until reaped.
+    let wanted = (workers * 2 + 8).min(FIXED_BUFFERS_MAX);
+    match ring.submitter().register_buffers_sparse(wanted) {
+        Ok(()) => (0..wanted as u16).rev().collect(),
+        Err(error) => {
+            tracing::warn!(%error, "no io_uring fixed-buffer table; replies will be copied");
+            Vec::new()
+        }
+    }
+}
+
+/// Reserve the ring's registered-file table: every caller connection and worker this core may
+/// hold.
+pub(super) fn register_file_table(ring: &IoUring, entries: u32) -> Vec<u32> {
+    // The kernel refuses a table larger than RLIMIT_NOFILE; descriptors past it go unregistered.
+    let nofile = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+        .current
+        .unwrap_or(u64::MAX);
+    let entries = (entries.saturating_add(64) as u64).min(nofile).min(1 << 20) as u32;
+    match ring.submitter().register_files_sparse(entries) {
+        Ok(()) => (0..entries).rev().collect(),
+        Err(error) => {
+            tracing::warn!(%error, "no io_uring file table; descriptors are looked up per op");
+            Vec::new()
+        }
+    }
+}
+
+/// Registered buffers are charged to RLIMIT_MEMLOCK unless the process has CAP_IPC_LOCK. Say
+/// at startup, with the numbers and the fix, when the configured pools cannot all be registered.
+pub(super) fn check_memlock(config: &Config, cores: usize) {
+    let page = rustix::param::page_size() as u64;
+    let needed: u64 = config
+        .services
+        .iter()
+        .map(|s| {
+            let slot = crate::shm::SLOT_HEADER_BYTES as u64 + s.slot_size_bytes as u64;
+            s.max_workers as u64 * slot.div_ceil(page) * page
+        })
+        .sum::<u64>()
+        + RING_BYTES * cores as u64;
+    let limit = memlock_limit();
+    if has_cap_ipc_lock() || needed <= limit {
+        tracing::debug!(
+            needed,
+            limit,
+            "every worker slot can be registered as a fixed buffer"
+        );
+        return;
+    }
+    tracing::warn!(
+        needed_bytes = needed,
+        memlock_limit_bytes = limit,
+        "registering every worker slot as an io_uring fixed buffer needs {} KiB of locked memory \
+         but RLIMIT_MEMLOCK is {} KiB (per user, shared with other processes) and the bridge \
+         lacks CAP_IPC_LOCK: slots that do not fit are used unregistered and their replies are \
+         copied. To fix: raise the limit (ulimit -l, systemd LimitMEMLOCK=), grant \
+         CAP_IPC_LOCK, or lower max_workers or slot_size_bytes",
+        needed / 1024,
+        limit / 1024
+    );
+}
+
+/// Whether this process has CAP_IPC_LOCK in its effective set (from /proc/self/status).
+pub(super) fn has_cap_ipc_lock() -> bool {
+    const CAP_IPC_LOCK: u32 = 14;
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            let line = status.lines().find(|l| l.starts_with("CapEff:"))?;
+            u64::from_str_radix(line.split_whitespace().nth(1)?, 16).ok()
+        })
+        .is_some_and(|caps| caps & (1 << CAP_IPC_LOCK) != 0)
+}
+
+/// RLIMIT_MEMLOCK's soft limit in bytes (for messages).
+pub(super) fn memlock_limit() -> u64 {
+    rustix::process::getrlimit(rustix::process::Resource::Memlock)
+        .current
+        .unwrap_or(u64::MAX)
+}

@@ -1,0 +1,596 @@
+//! Workers: spawn results, the handshake, jobs and answers, output lines, retirement and reaping.
+
+use super::*;
+
+impl Core {
+    pub(super) fn on_spawned(&mut self, result: SpawnResult) {
+        let service = result.service_index;
+        let name = self.services[service].name.clone();
+        let spawned: Spawned = match result.result {
+            Ok(spawned) => spawned,
+            Err(message) => {
+                tracing::error!(service = %name, "{message}");
+                let now = self.now;
+                self.services[service].pool.on_spawn_failed(now);
+                self.run_pool_actions(service);
+                return;
+            }
+        };
+        tracing::info!(service = %name, pid = spawned.pid, "worker spawned");
+        debug_assert_eq!(
+            spawned.slot.capacity(),
+            self.services[service].slot_capacity
+        );
+        let buffer_index = self.register_slot(&spawned.slot);
+        let generation = self.generation();
+        let index = self.workers.insert(Worker {
+            generation,
+            service,
+            pid: spawned.pid,
+            control: spawned.control,
+            slot: spawned.slot,
+            state: WorkerState::Starting,
+            read: ReadBuffer::new(WORKER_READ_BYTES),
+            recv_in_flight: false,
+            send: SendQueue::default(),
+            stdout: PipeLog::new(spawned.stdout),
+            stderr: PipeLog::new(spawned.stderr),
+            // SAFETY: siginfo_t is plain data; all-zero is a valid value.
+            siginfo: Box::new(unsafe { std::mem::zeroed() }),
+            wait_in_flight: false,
+            reaped: false,
+            gone_reported: false,
+            fate: None,
+            buffer_index,
+            lent: false,
+            accepts_queue: false,
+            front_queued: false,
+            queued: VecDeque::new(),
+            filling: false,
+            file: None,
+        });
+        self.workers[index].file = self.register_file(index, false);
+        self.arm_worker_wait(index);
+        self.arm_worker_recv(index);
+        self.arm_worker_pipe(index, false);
+        self.arm_worker_pipe(index, true);
+        let now = self.now;
+        self.services[service]
+            .pool
+            .on_worker_started(now, handle(index, generation));
+        self.run_pool_actions(service);
+    }
+
+    pub(super) fn arm_worker_wait(&mut self, index: usize) {
+        let worker = &mut self.workers[index];
+        worker.wait_in_flight = true;
+        let siginfo: *mut libc::siginfo_t = &mut *worker.siginfo;
+        let entry = opcode::WaitId::new(libc::P_PID, worker.pid as libc::id_t, libc::WEXITED)
+            .infop(siginfo.cast_const())
+            .build()
+            .user_data(Token::new(OpKind::WorkerWait, index, worker.generation).encode());
+        self.push(entry);
+    }
+
+    pub(super) fn arm_worker_recv(&mut self, index: usize) {
+        let max = self.config.max_payload_bytes;
+        let worker = &mut self.workers[index];
+        if worker.recv_in_flight || worker.state == WorkerState::Dead {
+            return;
+        }
+        let needed = worker.read.frame_bytes_needed(max);
+        worker.read.prepare_read(needed);
+        let fd = target(&worker.control, worker.file);
+        let spare = worker.read.spare();
+        let (at, len) = (
+            spare.as_mut_ptr(),
+            spare.len().min(u32::MAX as usize) as u32,
+        );
+        let entry = on_target!(fd, |fd| opcode::Recv::new(fd, at, len).build())
+            .user_data(Token::new(OpKind::WorkerRecv, index, worker.generation).encode());
+        worker.recv_in_flight = true;
+        self.push(entry);
+    }
+
+    pub(super) fn arm_worker_send(&mut self, index: usize) {
+        let worker = &mut self.workers[index];
+        if worker.state == WorkerState::Dead || worker.filling {
+            return;
+        }
+        let token = Token::new(OpKind::WorkerSend, index, worker.generation);
+        if let Some(entry) = send_entry(
+            &mut worker.send,
+            target(&worker.control, worker.file),
+            token,
+        ) {
+            self.push(entry);
+        }
+    }
+
+    pub(super) fn arm_worker_pipe(&mut self, index: usize, stderr: bool) {
+        let worker = &mut self.workers[index];
+        let kind = if stderr {
+            OpKind::WorkerStderr
+        } else {
+            OpKind::WorkerStdout
+        };
+        let token = Token::new(kind, index, worker.generation).encode();
+        let pipe = if stderr {
+            &mut worker.stderr
+        } else {
+            &mut worker.stdout
+        };
+        if pipe.in_flight || !pipe.open {
+            return;
+        }
+        pipe.in_flight = true;
+        let entry = opcode::Read::new(
+            types::Fd(pipe.fd.as_raw_fd()),
+            pipe.buf.as_mut_ptr(),
+            PIPE_READ_BYTES as u32,
+        )
+        .offset(u64::MAX)
+        .build()
+        .user_data(token);
+        self.push(entry);
+    }
+
+    pub(super) fn on_worker_pipe(&mut self, index: usize, stderr: bool, result: i32) {
+        let worker = &mut self.workers[index];
+        let service = &self.services[worker.service].name;
+        let pid = worker.pid;
+        let stream = if stderr { "stderr" } else { "stdout" };
+        let pipe = if stderr {
+            &mut worker.stderr
+        } else {
+            &mut worker.stdout
+        };
+        pipe.in_flight = false;
+        if result <= 0 {
+            pipe.open = false;
+            if !pipe.line.is_empty() {
+                log_worker_line(service, pid, stream, &pipe.line);
+                pipe.line.clear();
+            }
+            return;
+        }
+        let data = &pipe.buf[..result as usize];
+        for piece in data.split_inclusive(|b| *b == b'\n') {
+            if let Some(line) = piece.strip_suffix(b"\n") {
+                pipe.line.extend_from_slice(line);
+                log_worker_line(service, pid, stream, &pipe.line);
+                pipe.line.clear();
+            } else {
+                pipe.line.extend_from_slice(piece);
+                if pipe.line.len() >= PIPE_READ_BYTES {
+                    log_worker_line(service, pid, stream, &pipe.line);
+                    pipe.line.clear();
+                }
+            }
+        }
+        self.arm_worker_pipe(index, stderr);
+    }
+
+    pub(super) fn on_worker_send(&mut self, index: usize, result: i32) {
+        let worker = &mut self.workers[index];
+        worker.send.complete(result.max(0) as usize);
+        if worker.state == WorkerState::Dead {
+            return;
+        }
+        if result <= 0 {
+            let error = io::Error::from_raw_os_error(-result);
+            self.lose_worker(index, &format!("control socket send failed: {error}"));
+            return;
+        }
+        self.arm_worker_send(index);
+    }
+
+    pub(super) fn on_worker_recv(&mut self, index: usize, result: i32) {
+        let worker = &mut self.workers[index];
+        worker.recv_in_flight = false;
+        if worker.state == WorkerState::Dead {
+            return;
+        }
+        if result < 0 {
+            let error = io::Error::from_raw_os_error(-result);
+            self.lose_worker(index, &format!("control socket failed: {error}"));
+            return;
+        }
+        if result == 0 {
+            if worker.state != WorkerState::Stopping {
+                self.lose_worker(index, "closed its control socket");
+            }
+            return;
+        }
+        worker.read.commit(result as usize);
+        let max = self.config.max_payload_bytes;
+        loop {
+            let Some(worker) = self.workers.get_mut(index) else {
+                return;
+            };
+            if worker.state == WorkerState::Dead {
+                return;
+            }
+            match worker.read.parse(max) {
+                Parsed::NeedMore => break,
+                Parsed::Bad(error) => {
+                    self.fail_worker(index, &format!("sent a bad frame: {error}"));
+                    return;
+                }
+                Parsed::Frame(header) => {
+                    self.on_worker_frame(index, header);
+                    if let Some(worker) = self.workers.get_mut(index) {
+                        if worker.state != WorkerState::Dead {
+                            worker
+                                .read
+                                .consume(HEADER_BYTES + header.payload_len as usize);
+                        }
+                    }
+                }
+            }
+        }
+        self.arm_worker_recv(index);
+    }
+
+    pub(super) fn on_worker_frame(&mut self, index: usize, header: Header) {
+        let worker = &mut self.workers[index];
+        let service = worker.service;
+        match (worker.state, header.kind) {
+            (WorkerState::Starting, Kind::Hello) => {
+                let hello = Hello::decode(worker.read.payload(&header));
+                match hello {
+                    Some(hello) if hello.slot_abi_version == SLOT_ABI_VERSION => {
+                        worker.state = WorkerState::Idle;
+                        let id = handle(index, worker.generation);
+                        tracing::debug!(pid = worker.pid, "worker ready");
+                        let now = self.now;
+                        let accepts_queue = header.flags & proto::FLAG_QUEUED != 0;
+                        worker.accepts_queue = accepts_queue;
+                        self.services[service].pool.on_worker_ready_queueing(
+                            now,
+                            id,
+                            accepts_queue,
+                        );
+                        self.run_pool_actions(service);
+                    }
+                    Some(hello) => self.fail_worker(
+                        index,
+                        &format!(
+                            "speaks slot ABI {}, this bridge speaks {SLOT_ABI_VERSION}",
+                            hello.slot_abi_version
+                        ),
+                    ),
+                    None => self.fail_worker(index, "sent a malformed Hello"),
+                }
+            }
+            (WorkerState::Busy { request, sequence }, Kind::Done | Kind::Fail) => {
+                if header.request_id != sequence {
+                    let message = format!(
+                        "answered job {} while holding job {sequence}",
+                        header.request_id
+                    );
+                    self.fail_worker(index, &message);
+                    return;
+                }
+                self.on_job_answer(index, request, sequence, header);
+            }
+            // Being stopped (after a timeout, say): whatever it says no longer matters.
+            (WorkerState::Stopping, _) => {}
+            (state, kind) => {
+                let message = format!("sent an unexpected {kind:?} frame while {state:?}");
+                self.fail_worker(index, &message);
+            }
+        }
+    }
+
+    /// The busy worker answered its job: validate the slot, forward the reply, free the worker.
+    pub(super) fn on_job_answer(
+        &mut self,
+        index: usize,
+        request: u64,
+        sequence: u64,
+        header: Header,
+    ) {
+        let request_index = self.request_index(request);
+        let (origin, caller_request_id, service) = {
+            let entry = &self.requests[request_index];
+            (entry.origin, entry.caller_request_id, entry.service)
+        };
+        let service_id = self.services[service].id;
+        let dest = match origin {
+            Origin::Conn(conn) => self.live_conn(conn).map(Dest::Conn),
+            Origin::Core { core, request } => Some(Dest::Core { core, request }),
+        };
+        let conn = match dest {
+            Some(Dest::Conn(conn)) => Some(conn),
+            _ => None,
+        };
+        let in_slot = header.kind == Kind::Done && header.in_slot();
+        let front_queued = self.workers[index].front_queued;
+        let counters = &mut self.services[service].counters;
+        counters.copy_path += u64::from(header.kind == Kind::Done && !in_slot && !front_queued);
+        if front_queued && in_slot {
+            self.fail_worker(index, "answered a queued job in its slot");
+            return;
+        }
+        if in_slot && header.payload_len != 0 {
+            self.fail_worker(index, "sent an in-slot reply with a socket payload");
+            return;
+        }
+        if in_slot {
+            let reply = Header::new(Kind::Reply, service_id, caller_request_id, 0);
+            if self.try_send_from_slot(index, request, sequence, conn, reply) {
+                return;
+            }
+        }
+        let mut target = match dest {
+            Some(Dest::Conn(conn)) => std::mem::take(self.conns[conn].send.tail()),
+            Some(Dest::Core { .. }) => self.spare_buffer(),
+            None => std::mem::take(&mut self.scratch),
+        };
+        let worker = &mut self.workers[index];
+        let start = target.len();
+        target.extend_from_slice(&[0; HEADER_BYTES]);
+        // A queued job never touched the slot: nothing there to validate or free.
+        let taken = if front_queued {
+            Ok(0)
+        } else {
+            worker.slot.take_reply(sequence, in_slot, &mut target)
+        };
+        let reply_header = match (&taken, header.kind) {
+            (Err(_), _) => None,
+            (Ok(_), Kind::Done) => {
+                if !in_slot {
+                    target.extend_from_slice(worker.read.payload(&header));
+                }
+                let len = (target.len() - start - HEADER_BYTES) as u32;
+                self.services[service].counters.bytes_out += len as u64;
+                Some(Header::new(Kind::Reply, service_id, caller_request_id, len))
+            }
+            (Ok(_), _) => {
+                target.extend_from_slice(worker.read.payload(&header));
+                let len = (target.len() - start - HEADER_BYTES) as u32;
+                Some(Header::error(
+                    caller_request_id,
+                    service_id,
+                    ErrorCode::ServiceError,
+                    len,
+                ))
+            }
+        };
+        match reply_header {
+            Some(reply_header) => {
+                target[start..start + HEADER_BYTES].copy_from_slice(&reply_header.encode());
+            }
+            None => target.truncate(start),
+        }
+        let mut frame = None;
+        match dest {
+            Some(Dest::Conn(conn)) => *self.conns[conn].send.tail() = target,
+            Some(Dest::Core { .. }) => frame = Some(target),
+            None => {
+                target.clear();
+                self.scratch = target;
+            }
+        }
+        if let Err(error) = taken {
+            self.fail_worker(index, &format!("broke the slot protocol: {error}"));
+            return;
+        }
+        let ok = header.kind == Kind::Done;
+        let outcome = (!ok).then_some(ErrorCode::ServiceError);
+        match self.finish_request(request, outcome) {
+            Some(Dest::Conn(conn)) => {
+                self.after_queueing(conn);
+                self.close_conn_if_finished(conn);
+            }
+            Some(Dest::Core { core, request }) => {
+                let frame = frame.expect("built for the core");
+                self.send_answer(core, request, frame);
+            }
+            None => {}
+        }
+        self.advance(index);
+        self.job_done(index);
+    }
+
+    /// The worker's running job is answered: the next queued one (already on its socket) is
+    /// running now, or the worker is idle.
+    pub(super) fn advance(&mut self, index: usize) {
+        let worker = &mut self.workers[index];
+        match worker.queued.pop_front() {
+            Some((request, sequence)) => {
+                worker.state = WorkerState::Busy { request, sequence };
+                worker.front_queued = true;
+            }
+            None => {
+                worker.state = WorkerState::Idle;
+                worker.front_queued = false;
+            }
+        }
+    }
+
+    /// Tell the pool the worker finished its job (measuring its memory when the policy
+    /// recycles on it).
+    pub(super) fn job_done(&mut self, index: usize) {
+        let worker = &self.workers[index];
+        let id = handle(index, worker.generation);
+        let service = worker.service;
+        let rss = self.services[service]
+            .pool
+            .policy()
+            .max_rss_bytes
+            .and_then(|_| rss_bytes(worker.pid));
+        let now = self.now;
+        self.services[service].pool.on_job_done(now, id, rss);
+        self.run_pool_actions(service);
+    }
+
+    /// A worker broke the protocol: kill it, take it out of the pool, and answer the request
+    /// it held with `worker failed`.
+    pub(super) fn fail_worker(&mut self, index: usize, reason: &str) {
+        self.retire_worker(index, reason, Gone::Violation);
+    }
+
+    /// The worker closed its control socket (or it broke): it is dying or hostile. Kill it to
+    /// be sure and let the reap (which then comes at once) retire it with its exit status.
+    pub(super) fn lose_worker(&mut self, index: usize, reason: &str) {
+        let worker = &mut self.workers[index];
+        if matches!(worker.state, WorkerState::Dead | WorkerState::Stopping) {
+            return;
+        }
+        worker.fate.get_or_insert_with(|| reason.to_string());
+        kill(worker, libc::SIGKILL);
+    }
+
+    /// Take a worker out of service for good and tell the pool (once). The request it held, if
+    /// any and not yet answered, gets `worker failed`.
+    pub(super) fn retire_worker(&mut self, index: usize, reason: &str, how: Gone) {
+        let worker = &mut self.workers[index];
+        let previous = worker.state;
+        if worker.gone_reported {
+            return;
+        }
+        worker.gone_reported = true;
+        worker.state = WorkerState::Dead;
+        worker.fate.get_or_insert_with(|| reason.to_string());
+        let service = worker.service;
+        let id = handle(index, worker.generation);
+        let pid = worker.pid;
+        if !worker.reaped {
+            kill(worker, libc::SIGKILL);
+        }
+        worker.slot.reset();
+        let name = &self.services[service].name;
+        match previous {
+            WorkerState::Starting => {
+                tracing::warn!(service = %name, pid, "worker failed to start: {reason}")
+            }
+            WorkerState::Idle | WorkerState::Busy { .. } | WorkerState::Lending => {
+                tracing::warn!(service = %name, pid, "worker failed: {reason}")
+            }
+            WorkerState::Stopping | WorkerState::Dead => {}
+        }
+        let now = self.now;
+        let held = self.services[service].pool.on_worker_gone(now, id, how);
+        self.workers[index].queued.clear();
+        for request in held {
+            // (A Lending worker's request is already answered: its reply is being sent.)
+            if self.request_is_live(request) {
+                let message = format!("the worker (pid {pid}) failed: {reason}");
+                self.fail_request(request, ErrorCode::WorkerFailed, &message);
+            }
+        }
+        self.run_pool_actions(service);
+    }
+
+    /// The policy stopped a worker: close its control socket (the SDK exits on EOF) and send
+    /// SIGTERM; the policy sends `Kill` after the grace period if it is still there.
+    pub(super) fn stop_worker(&mut self, index: usize, reason: StopReason) {
+        let worker = &mut self.workers[index];
+        if matches!(worker.state, WorkerState::Dead | WorkerState::Stopping) {
+            return;
+        }
+        worker.state = WorkerState::Stopping;
+        // Jobs queued behind its running one are answered by the pool's rejections.
+        worker.queued.clear();
+        worker.fate = Some(
+            match reason {
+                StopReason::Idle => "stopped: idle",
+                StopReason::Recycled => "recycled",
+                StopReason::TimedOut => "stopped: request timed out",
+                StopReason::StartupTimeout => "stopped: no handshake in time",
+                StopReason::Shutdown => "stopped: shutdown",
+            }
+            .to_string(),
+        );
+        let _ = rustix::net::shutdown(&worker.control, rustix::net::Shutdown::Write);
+        kill(worker, libc::SIGTERM);
+    }
+
+    pub(super) fn on_worker_reaped(&mut self, index: usize, result: i32) {
+        let worker = &mut self.workers[index];
+        worker.wait_in_flight = false;
+        if result < 0 {
+            let error = io::Error::from_raw_os_error(-result);
+            tracing::error!(pid = worker.pid, %error, "waitid failed; retrying");
+            self.arm_worker_wait(index);
+            return;
+        }
+        worker.reaped = true;
+        let status = describe_exit(&worker.siginfo);
+        let reason = match &worker.fate {
+            Some(fate) => format!("{fate} ({status})"),
+            None => status.clone(),
+        };
+        self.retire_worker(index, &reason, Gone::Exited);
+        let worker = &mut self.workers[index];
+        let service = &self.services[worker.service].name;
+        let fate = worker.fate.as_deref().unwrap_or("exited");
+        tracing::info!(service = %service, pid = worker.pid, reason = fate, "worker exited: {status}");
+        // The process is gone: nothing more will come on its descriptors except EOF; cancel
+        // reads that a surviving grandchild could keep open.
+        let generation = worker.generation;
+        let (recv, out, err) = (
+            worker.recv_in_flight,
+            worker.stdout.in_flight,
+            worker.stderr.in_flight,
+        );
+        if recv {
+            self.cancel(Token::new(OpKind::WorkerRecv, index, generation));
+        }
+        if out {
+            self.cancel(Token::new(OpKind::WorkerStdout, index, generation));
+        }
+        if err {
+            self.cancel(Token::new(OpKind::WorkerStderr, index, generation));
+        }
+    }
+
+    pub(super) fn free_worker_if_done(&mut self, index: usize) {
+        let Some(worker) = self.workers.get(index) else {
+            return;
+        };
+        if worker.reaped && !worker.ops_in_flight() {
+            debug_assert_eq!(worker.state, WorkerState::Dead);
+            let worker = self.workers.remove(index);
+            if let Some(buffer_index) = worker.buffer_index {
+                self.unregister_slot(buffer_index);
+            }
+            if let Some(file) = worker.file {
+                self.unregister_file(file);
+            }
+        }
+    }
+}
+
+/// Resident memory of a process, from /proc/PID/statm (pages × page size).
+pub(super) fn rss_bytes(pid: i32) -> Option<u64> {
+    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * rustix::param::page_size() as u64)
+}
+
+pub(super) fn kill(worker: &Worker, signal: i32) {
+    // Never signal a reaped pid: it may belong to another process by now.
+    if !worker.reaped {
+        // SAFETY: kill(2) with a pid we spawned and have not reaped yet.
+        unsafe { libc::kill(worker.pid, signal) };
+    }
+}
+
+pub(super) fn describe_exit(info: &libc::siginfo_t) -> String {
+    // SAFETY: waitid filled `info` for a CLD_* event; si_status is valid for those.
+    let status = unsafe { info.si_status() };
+    match info.si_code {
+        libc::CLD_EXITED => format!("exit status {status}"),
+        libc::CLD_KILLED => format!("killed by signal {status}"),
+        libc::CLD_DUMPED => format!("killed by signal {status} (core dumped)"),
+        code => format!("ended (si_code {code}, status {status})"),
+    }
+}
+
+pub(super) fn log_worker_line(service: &str, pid: i32, stream: &str, line: &[u8]) {
+    let text = String::from_utf8_lossy(line);
+    tracing::info!(target: "acgi_bridge::worker_output", service, pid, stream, "{}", text.trim_end());
+}
