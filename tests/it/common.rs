@@ -337,6 +337,14 @@ impl Bridge {
 
 impl Drop for Bridge {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // A failing test shows what the bridge said (its directory goes with it).
+            eprintln!(
+                "--- bridge log ({}) ---\n{}",
+                self.dir.display(),
+                self.log()
+            );
+        }
         if self.child.is_some() {
             self.signal(libc::SIGTERM);
             if self.wait_exit(Duration::from_secs(10)).is_none() {
