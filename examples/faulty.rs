@@ -15,8 +15,15 @@
 //!
 //! Flags (first arguments): `--no-hello` exits before the handshake, `--garbage` writes garbage
 //! instead of a Hello, `--slow-start MS` sleeps before the Hello, `--crash-on N` aborts on its
-//! Nth request, `--ignore-sigterm` ignores SIGTERM, `--queue` takes queued jobs, `--fail-if-exists PATH` exits before the
-//! handshake while PATH exists.
+//! Nth request, `--ignore-sigterm` ignores SIGTERM, `--queue` takes queued jobs,
+//! `--fail-if-exists PATH` exits before the handshake while PATH exists, `--hello-flags N` sends
+//! its Hello with flags N, and `--answer-early` answers a job before its `Job` frame arrives:
+//! between jobs it watches its slot, and once a request beginning with `EARLY!` starts to be
+//! read into it, it answers with the sequence after the last one it was given (a guess, as an
+//! attacker would make: the bridge numbers jobs from one counter per core).
+//!
+//! More lies, as commands: `fail-in-slot` and `fail-timeout-flag` answer with a `Fail` that
+//! carries the `IN_SLOT` or the `TIMEOUT` flag, which §9 forbids.
 
 use std::io::{Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
@@ -80,11 +87,27 @@ fn main() {
     if flag("--queue").is_some() {
         hello_header.flags = proto::FLAG_QUEUED;
     }
+    if let Some(flags) = value("--hello-flags") {
+        hello_header.flags = flags as u16;
+    }
+    let answer_early = flag("--answer-early").is_some();
+    let mut last_sequence = 0u64;
     send(&mut control, hello_header, &hello.encode());
 
     let mut memory: Vec<Vec<u8>> = Vec::new();
     let mut served = 0u64;
     loop {
+        if answer_early && wait_for_early_request(&control, &slot) {
+            // Answer the job the bridge is reading into the slot, before it sends its `Job`.
+            let guess = last_sequence + 1;
+            let header = slot.header();
+            header.reply_len.store(0, Ordering::Relaxed);
+            header.job_sequence.store(guess, Ordering::Relaxed);
+            header.state.store(3, Ordering::Release); // Replied
+            let mut done = Header::new(Kind::Done, 0, guess, 0);
+            done.flags = FLAG_IN_SLOT;
+            send(&mut control, done, &[]);
+        }
         let mut bytes = [0u8; HEADER_BYTES];
         if control.read_exact(&mut bytes).is_err() {
             return; // The bridge closed the socket: stop.
@@ -92,6 +115,7 @@ fn main() {
         let header = Header::decode(&bytes, u32::MAX).expect("a valid Job header");
         assert_eq!(header.kind, Kind::Job);
         let sequence = header.request_id;
+        last_sequence = sequence;
         let queued = header.flags & proto::FLAG_QUEUED != 0;
         let in_slot = if queued {
             None
@@ -169,6 +193,18 @@ fn main() {
                 send(&mut control, done, &[]);
                 continue;
             }
+            "fail-in-slot" | "fail-timeout-flag" => {
+                slot.publish_reply(None).expect("slot");
+                let message = b"a Fail with a flag it may not carry";
+                let mut fail = Header::new(Kind::Fail, 0, sequence, message.len() as u32);
+                fail.flags = if command == "fail-in-slot" {
+                    FLAG_IN_SLOT
+                } else {
+                    proto::FLAG_TIMEOUT
+                };
+                send(&mut control, fail, message);
+                continue;
+            }
             "extra-hello" => {
                 send(
                     &mut control,
@@ -212,6 +248,30 @@ fn main() {
                 let header = Header::new(Kind::Fail, 0, sequence, message.len() as u32);
                 send(&mut control, header, message.as_bytes());
             }
+        }
+    }
+}
+
+/// Between jobs: wait until either a `Job` frame can be read (false) or a request starting
+/// with `EARLY!` appears at the start of the slot's data area while no job is ours (true).
+fn wait_for_early_request(control: &UnixStream, slot: &Slot) -> bool {
+    use std::os::fd::AsRawFd;
+    loop {
+        let mut poll = libc::pollfd {
+            fd: control.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one pollfd, owned by this frame, for the duration of the call.
+        let ready = unsafe { libc::poll(&mut poll, 1, 1) };
+        if ready != 0 {
+            return false;
+        }
+        // SAFETY: the data area is at least 64 bytes (the smallest slot); reading bytes the
+        // bridge may be writing at the same moment is what this hostile worker means to do.
+        let start = unsafe { std::slice::from_raw_parts(slot.data_address(0), 6) };
+        if start == b"EARLY!" {
+            return true;
         }
     }
 }

@@ -208,6 +208,9 @@ pub struct SendQueue {
     out: Vec<u8>,
     sending: Vec<u8>,
     sent: usize,
+    /// Bytes sent since the queue was made: a running position, so that an owner can tell
+    /// whether a frame it queued has all gone out (see `end_position`).
+    sent_total: u64,
     /// A send op owns `sending` right now.
     pub in_flight: bool,
 }
@@ -216,6 +219,17 @@ impl SendQueue {
     /// Bytes not yet sent.
     pub fn queued_bytes(&self) -> usize {
         self.out.len() + self.sending.len() - self.sent
+    }
+
+    /// Bytes sent so far, in all.
+    pub fn sent_total(&self) -> u64 {
+        self.sent_total
+    }
+
+    /// The running position just after everything queued: a frame appended now has all gone
+    /// out once `sent_total` reaches the value this returns after appending it.
+    pub fn end_position(&self) -> u64 {
+        self.sent_total + self.queued_bytes() as u64
     }
 
     /// Where new frames are appended (behind anything being sent).
@@ -245,6 +259,7 @@ impl SendQueue {
         assert!(self.in_flight);
         self.in_flight = false;
         self.sent += n;
+        self.sent_total += n as u64;
         assert!(self.sent <= self.sending.len(), "sent more than was queued");
         if self.sent == self.sending.len() && self.sending.capacity() > 1 << 20 {
             // Give back the memory of a large answer once it is out.
@@ -268,7 +283,9 @@ impl SendQueue {
     /// to it, keeping it before anything in `out`.
     pub fn settle_front(&mut self, n: usize, rest: impl FnOnce(&mut Vec<u8>)) {
         assert!(!self.in_flight);
+        let before = self.sent;
         self.sent = (self.sent + n).min(self.sending.len());
+        self.sent_total += (self.sent - before) as u64;
         self.sending.drain(..self.sent);
         self.sent = 0;
         rest(&mut self.sending);

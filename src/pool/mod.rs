@@ -341,6 +341,9 @@ pub struct Pool {
     idle_over_since: Option<Instant>,
     rng: u64,
     stats: Stats,
+    /// Reused by `check_invariants`, which the engine runs after every completion in debug
+    /// builds: it must not allocate per call (the allocation test runs a debug bridge).
+    invariant_scratch: std::cell::RefCell<Vec<RequestId>>,
 }
 
 impl Pool {
@@ -374,6 +377,7 @@ impl Pool {
             idle_over_since: None,
             rng: seed | 1,
             stats: Stats::default(),
+            invariant_scratch: Default::default(),
         };
         for _ in 0..initial.min(pool.policy.max_workers) {
             pool.spawn();
@@ -1192,22 +1196,20 @@ impl Pool {
                 "queued jobs on a worker that is not running one"
             );
         }
-        let mut held: Vec<RequestId> = self
-            .workers
-            .values()
-            .flat_map(|w| {
-                let running = match w.state {
-                    State::Busy { request, .. } => Some(request),
-                    _ => None,
-                };
-                running.into_iter().chain(w.queued_jobs.iter().copied())
-            })
-            .collect();
+        let mut held = self.invariant_scratch.borrow_mut();
+        held.clear();
+        held.extend(self.workers.values().flat_map(|w| {
+            let running = match w.state {
+                State::Busy { request, .. } => Some(request),
+                _ => None,
+            };
+            running.into_iter().chain(w.queued_jobs.iter().copied())
+        }));
         let busy = held.len();
         held.sort_unstable();
         held.dedup();
         assert_eq!(held.len(), busy, "a request held by two workers");
-        for request in &held {
+        for request in held.iter() {
             assert!(
                 !self.queued.contains_key(request),
                 "request {request} queued and held"

@@ -6,6 +6,7 @@ mod conformance;
 mod cores;
 mod direct;
 mod faults;
+mod hostile;
 mod kv;
 mod lifecycle;
 mod metrics;

@@ -14,6 +14,10 @@ impl Core {
             // The rest of the payload goes straight into the worker's slot (a registered
             // buffer when it could be registered).
             let worker = &self.workers[into.worker];
+            assert!(
+                worker.is_filled_by(into.worker_generation, index, conn.generation),
+                "a direct read into a slot not marked as filled by it"
+            );
             let at = worker.slot.data_address_mut(into.filled as usize);
             let len = into.len - into.filled;
             let fd = target(&conn.fd, conn.file);
@@ -205,6 +209,10 @@ impl Core {
         if let Some(into) = &mut conn.into_slot {
             let take = ((into.len - into.filled) as usize).min(data.len());
             let worker = &self.workers[into.worker];
+            assert!(
+                worker.is_filled_by(into.worker_generation, index, conn.generation),
+                "a direct read into a slot not marked as filled by it"
+            );
             let at = worker.slot.data_address_mut(into.filled as usize);
             // SAFETY: the worker is filling, so its slot is Free and the data area ours;
             // `take` fits what is left of the payload, which fits the slot.

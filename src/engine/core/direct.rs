@@ -39,11 +39,11 @@ impl Core {
         {
             return;
         }
-        if self
-            .workers
-            .iter()
-            .any(|(_, w)| w.service == service && w.lent && w.state == WorkerState::Idle)
-        {
+        if self.workers.iter().any(|(_, w)| {
+            w.service == service
+                && matches!(w.slot_use, SlotUse::Lent { .. })
+                && w.state == WorkerState::Idle
+        }) {
             // The policy might pick a worker whose slot is still being sent from.
             return;
         }
@@ -82,14 +82,23 @@ impl Core {
         let conn_index = handle_index(conn_handle);
         let max = self.config.max_payload_bytes;
         let w = &mut self.workers[worker_index];
-        assert_eq!(
+        assert!(
+            w.state == WorkerState::Idle && w.slot_use == SlotUse::Free,
+            "a direct read needs an idle worker with a free slot: {:?}, {:?}",
             w.state,
-            WorkerState::Idle,
-            "a direct read needs an idle worker"
+            w.slot_use
         );
-        w.state = WorkerState::Busy { request, sequence };
-        w.front_queued = false;
-        w.filling = true;
+        w.state = WorkerState::Busy(Job {
+            request,
+            sequence,
+            path: JobPath::Slot,
+            // Its `Job` frame is queued only once the payload is all in the slot.
+            frame_end: u64::MAX,
+        });
+        w.slot_use = SlotUse::Filling {
+            conn: conn_index,
+            conn_generation: self.conns[conn_index].generation,
+        };
         let worker_generation = w.generation;
         let conn = &mut self.conns[conn_index];
         let header = conn.read.peek_header(max).expect("the request's header");
@@ -155,14 +164,24 @@ impl Core {
             .into_slot
             .take()
             .expect("reading into a slot");
-        let ours = self.stop_filling(&into);
+        let ours = self.stop_filling(index, &into);
         if ours && self.request_is_live(into.request) {
             let worker = &mut self.workers[into.worker];
             match worker.slot.fill_in_place(into.sequence, into.len, 0) {
                 Ok(()) => {
                     let mut job = Header::new(Kind::Job, 0, into.sequence, 0);
                     job.flags = FLAG_IN_SLOT;
+                    // Ahead of the queued jobs' frames (which waited behind it): they end
+                    // a header later than they were told.
+                    let frame_end = worker.send.end_position() - worker.send.tail().len() as u64
+                        + HEADER_BYTES as u64;
                     worker.send.tail().splice(0..0, job.encode());
+                    if let WorkerState::Busy(running) = &mut worker.state {
+                        running.frame_end = frame_end;
+                    }
+                    for queued in &mut worker.queued {
+                        queued.frame_end += HEADER_BYTES as u64;
+                    }
                     self.arm_worker_send(into.worker);
                 }
                 Err(error) => {
@@ -182,7 +201,7 @@ impl Core {
         let Some(into) = self.conns[index].into_slot.take() else {
             return;
         };
-        let ours = self.stop_filling(&into);
+        let ours = self.stop_filling(index, &into);
         if self.request_is_live(into.request) {
             let message = "the caller's payload did not all arrive";
             self.fail_request(into.request, ErrorCode::MalformedFrame, message);
@@ -196,16 +215,19 @@ impl Core {
     }
 
     /// A direct read ended (whole or not): the worker's slot is no longer being read into.
-    /// Returns whether the worker is still the same one, busy with that request.
-    pub(super) fn stop_filling(&mut self, into: &IntoSlot) -> bool {
+    /// Returns whether the worker is still busy with that request (it may have died or been
+    /// stopped meanwhile; its entry stays until the read ends, so `into.worker` is still it).
+    pub(super) fn stop_filling(&mut self, conn: usize, into: &IntoSlot) -> bool {
+        let conn_generation = self.conns[conn].generation;
         let worker = &mut self.workers[into.worker];
-        worker.filling = false;
-        worker.generation == into.worker_generation
-            && worker.state
-                == (WorkerState::Busy {
-                    request: into.request,
-                    sequence: into.sequence,
-                })
+        assert!(
+            worker.is_filled_by(into.worker_generation, conn, conn_generation),
+            "the worker a direct read fills is no longer marked as filled by it"
+        );
+        worker.slot_use = SlotUse::Free;
+        worker
+            .running()
+            .is_some_and(|job| job.request == into.request && job.sequence == into.sequence)
     }
 
     /// Disconnect callers whose direct read has taken too long: each holds a worker.

@@ -115,27 +115,30 @@ impl Core {
             handle_generation(worker),
             "dispatch to a stale worker"
         );
-        if w.state != WorkerState::Idle || w.lent {
+        let lent = matches!(w.slot_use, SlotUse::Lent { .. });
+        if w.state != WorkerState::Idle || lent {
             // A queued job: the payload follows on the socket, inline, and the worker answers
             // it inline. Either behind the one it is running (a worker that takes them), or, for
             // an idle worker whose slot is still being sent from, as the job it runs next.
-            if w.state == WorkerState::Idle {
-                assert!(
-                    w.accepts_queue,
-                    "only workers that take queued jobs are idle while lent"
-                );
-                w.state = WorkerState::Busy { request, sequence };
-                w.front_queued = true;
-            } else {
-                assert!(
-                    w.accepts_queue && matches!(w.state, WorkerState::Busy { .. }),
-                    "dispatch to a busy worker that does not take queued jobs"
-                );
-                w.queued.push_back((request, sequence));
-            }
+            assert!(
+                w.accepts_queue && matches!(w.state, WorkerState::Idle | WorkerState::Busy(_)),
+                "a queued job for a worker that does not take them, or in {:?}",
+                w.state
+            );
             let mut header = Header::new(Kind::Job, 0, sequence, payload.len() as u32);
             header.flags = proto::FLAG_QUEUED;
             proto::encode_frame(w.send.tail(), &header, &payload);
+            let job = Job {
+                request,
+                sequence,
+                path: JobPath::Queued,
+                frame_end: w.send.end_position(),
+            };
+            if w.state == WorkerState::Idle {
+                w.state = WorkerState::Busy(job);
+            } else {
+                w.queued.push_back(job);
+            }
             let counters = &mut self.services[w.service].counters;
             counters.bytes_in += payload.len() as u64;
             self.requests[request_index].dispatched = Some(self.now);
@@ -143,8 +146,6 @@ impl Core {
             self.arm_worker_send(worker_index);
             return;
         }
-        w.state = WorkerState::Busy { request, sequence };
-        w.front_queued = false;
         let in_slot = payload.len() <= w.slot.capacity() as usize;
         let counters = &mut self.services[w.service].counters;
         counters.bytes_in += payload.len() as u64;
@@ -161,6 +162,12 @@ impl Core {
             header.payload_len = payload.len() as u32;
             proto::encode_frame(w.send.tail(), &header, &payload);
         }
+        w.state = WorkerState::Busy(Job {
+            request,
+            sequence,
+            path: JobPath::Slot,
+            frame_end: w.send.end_position(),
+        });
         self.requests[request_index].payload = payload;
         match filled {
             Ok(()) => self.arm_worker_send(worker_index),

@@ -44,6 +44,8 @@ impl Core {
                 for index in 0..self.completions.len() {
                     let (user_data, result, flags) = self.completions[index];
                     self.complete(user_data, result, flags);
+                    #[cfg(debug_assertions)]
+                    self.check_invariants();
                 }
             }
             if self.shared.cores.len() > 1 {

@@ -201,6 +201,7 @@ mod cross_core;
 mod direct;
 mod dispatch;
 mod event_loop;
+mod invariants;
 mod listen;
 mod report;
 mod request;
@@ -208,9 +209,11 @@ mod shutdown;
 mod slot_send;
 mod tables;
 mod worker;
+mod worker_state;
 
 use tables::*;
 use worker::kill;
+use worker_state::{Job, JobPath, PipeLog, SlotUse, Worker, WorkerState};
 
 /// A pool handle: slab index in the low 32 bits, generation above.
 fn handle(index: usize, generation: u32) -> u64 {
@@ -304,92 +307,6 @@ struct SlotSend {
     len: u32,
     header_result: Option<i32>,
     payload_result: Option<i32>,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum WorkerState {
-    /// Spawned, no handshake yet.
-    Starting,
-    Idle,
-    Busy {
-        request: u64,
-        sequence: u64,
-    },
-    /// Its reply is being sent from its slot; back to Idle when the send completes.
-    Lending,
-    /// Stopped by the policy; waiting for it to exit.
-    Stopping,
-    /// Failed or exited: out of the pool, waiting to be reaped and for its ops to finish.
-    Dead,
-}
-
-struct PipeLog {
-    fd: OwnedFd,
-    buf: Box<[u8; PIPE_READ_BYTES]>,
-    line: Vec<u8>,
-    in_flight: bool,
-    open: bool,
-}
-
-impl PipeLog {
-    fn new(fd: OwnedFd) -> PipeLog {
-        PipeLog {
-            fd,
-            buf: Box::new([0; PIPE_READ_BYTES]),
-            line: Vec::new(),
-            in_flight: false,
-            open: true,
-        }
-    }
-}
-
-struct Worker {
-    generation: u32,
-    service: usize,
-    pid: i32,
-    control: OwnedFd,
-    slot: Slot,
-    state: WorkerState,
-    read: ReadBuffer,
-    recv_in_flight: bool,
-    /// Job frames (and copy-path payloads) for the worker.
-    send: SendQueue,
-    stdout: PipeLog,
-    stderr: PipeLog,
-    siginfo: Box<libc::siginfo_t>,
-    wait_in_flight: bool,
-    reaped: bool,
-    /// The pool has been told this worker is gone (exactly once).
-    gone_reported: bool,
-    /// Why the worker left, for the exit log line.
-    fate: Option<String>,
-    /// Index of its slot in the ring's registered-buffer table, if registered.
-    buffer_index: Option<u16>,
-    /// A connection is sending from its slot.
-    lent: bool,
-    /// It said (Hello) that it takes queued jobs.
-    accepts_queue: bool,
-    /// The job it is running (Busy) was sent queued: its answer is inline, the slot unused.
-    front_queued: bool,
-    /// Jobs sent behind the one it is running, oldest first: (request, job sequence).
-    queued: VecDeque<(u64, u64)>,
-    /// A caller's payload is being read into its slot: its socket sends wait (the `Job` for
-    /// that payload goes first), and it is not freed until the read completes.
-    filling: bool,
-    /// Its control socket's index in the ring's registered-file table, if registered.
-    file: Option<u32>,
-}
-
-impl Worker {
-    fn ops_in_flight(&self) -> bool {
-        self.recv_in_flight
-            || self.send.in_flight
-            || self.stdout.in_flight
-            || self.stderr.in_flight
-            || self.wait_in_flight
-            || self.lent
-            || self.filling
-    }
 }
 
 /// Where an answer goes.

@@ -40,10 +40,10 @@ impl Core {
             worker
                 .fate
                 .get_or_insert_with(|| "killed: the bridge's shutdown timeout passed".into());
-            if let WorkerState::Busy { request, .. } = worker.state {
+            if let WorkerState::Busy(Job { request, .. }) = worker.state {
                 held.push(request);
             }
-            held.extend(worker.queued.iter().map(|(request, _)| *request));
+            held.extend(worker.queued.iter().map(|job| job.request));
         }
         for request in held {
             if self.request_is_live(request) {

@@ -74,7 +74,7 @@ impl Core {
         if !keeps_working {
             worker.state = WorkerState::Lending;
         }
-        worker.lent = true;
+        worker.slot_use = SlotUse::Lent { conn };
         self.push_linked_pair(header_entry, payload_entry);
         self.counters.replies_sent_from_slot += 1;
         let service = self.workers[index].service;
@@ -181,8 +181,11 @@ impl Core {
     /// A connection finished sending from this worker's slot.
     pub(super) fn return_lent_worker(&mut self, index: usize) {
         let worker = &mut self.workers[index];
-        assert!(worker.lent);
-        worker.lent = false;
+        assert!(
+            matches!(worker.slot_use, SlotUse::Lent { .. }),
+            "a worker returned that was not lent"
+        );
+        worker.slot_use = SlotUse::Free;
         if worker.state == WorkerState::Lending {
             worker.slot.release_reply();
             worker.state = WorkerState::Idle;

@@ -42,11 +42,9 @@ impl Core {
             gone_reported: false,
             fate: None,
             buffer_index,
-            lent: false,
             accepts_queue: false,
-            front_queued: false,
             queued: VecDeque::new(),
-            filling: false,
+            slot_use: SlotUse::Free,
             file: None,
         });
         self.workers[index].file = self.register_file(index, false);
@@ -94,7 +92,7 @@ impl Core {
 
     pub(super) fn arm_worker_send(&mut self, index: usize) {
         let worker = &mut self.workers[index];
-        if worker.state == WorkerState::Dead || worker.filling {
+        if worker.state == WorkerState::Dead || matches!(worker.slot_use, SlotUse::Filling { .. }) {
             return;
         }
         let token = Token::new(OpKind::WorkerSend, index, worker.generation);
@@ -235,6 +233,24 @@ impl Core {
     pub(super) fn on_worker_frame(&mut self, index: usize, header: Header) {
         let worker = &mut self.workers[index];
         let service = worker.service;
+        if worker.state == WorkerState::Stopping {
+            // Being stopped (after a timeout, say): whatever it says no longer matters.
+            return;
+        }
+        // Which flags each worker frame may carry (protocol §1.4, §9).
+        let allowed = match header.kind {
+            Kind::Hello => proto::FLAG_QUEUED,
+            Kind::Done => FLAG_IN_SLOT,
+            _ => 0,
+        };
+        if header.flags & !allowed != 0 {
+            let message = format!(
+                "sent a {:?} frame with flags {:#06x}, which it may not carry",
+                header.kind, header.flags
+            );
+            self.fail_worker(index, &message);
+            return;
+        }
         match (worker.state, header.kind) {
             (WorkerState::Starting, Kind::Hello) => {
                 let hello = Hello::decode(worker.read.payload(&header));
@@ -263,19 +279,29 @@ impl Core {
                     None => self.fail_worker(index, "sent a malformed Hello"),
                 }
             }
-            (WorkerState::Busy { request, sequence }, Kind::Done | Kind::Fail) => {
-                if header.request_id != sequence {
+            (WorkerState::Busy(job), Kind::Done | Kind::Fail) => {
+                if header.request_id != job.sequence {
                     let message = format!(
-                        "answered job {} while holding job {sequence}",
-                        header.request_id
+                        "answered job {} while holding job {}",
+                        header.request_id, job.sequence
                     );
                     self.fail_worker(index, &message);
                     return;
                 }
-                self.on_job_answer(index, request, sequence, header);
+                if matches!(worker.slot_use, SlotUse::Filling { .. })
+                    || worker.send.sent_total() < job.frame_end
+                {
+                    // It guessed the sequence: its `Job` frame (and, for a direct read, the
+                    // payload in its slot) is not all there yet.
+                    let message = format!(
+                        "answered job {} before its Job frame was sent",
+                        job.sequence
+                    );
+                    self.fail_worker(index, &message);
+                    return;
+                }
+                self.on_job_answer(index, job, header);
             }
-            // Being stopped (after a timeout, say): whatever it says no longer matters.
-            (WorkerState::Stopping, _) => {}
             (state, kind) => {
                 let message = format!("sent an unexpected {kind:?} frame while {state:?}");
                 self.fail_worker(index, &message);
@@ -284,13 +310,10 @@ impl Core {
     }
 
     /// The busy worker answered its job: validate the slot, forward the reply, free the worker.
-    pub(super) fn on_job_answer(
-        &mut self,
-        index: usize,
-        request: u64,
-        sequence: u64,
-        header: Header,
-    ) {
+    pub(super) fn on_job_answer(&mut self, index: usize, job: Job, header: Header) {
+        let Job {
+            request, sequence, ..
+        } = job;
         let request_index = self.request_index(request);
         let (origin, caller_request_id, service) = {
             let entry = &self.requests[request_index];
@@ -306,7 +329,7 @@ impl Core {
             _ => None,
         };
         let in_slot = header.kind == Kind::Done && header.in_slot();
-        let front_queued = self.workers[index].front_queued;
+        let front_queued = job.path == JobPath::Queued;
         let counters = &mut self.services[service].counters;
         counters.copy_path += u64::from(header.kind == Kind::Done && !in_slot && !front_queued);
         if front_queued && in_slot {
@@ -398,16 +421,10 @@ impl Core {
     /// running now, or the worker is idle.
     pub(super) fn advance(&mut self, index: usize) {
         let worker = &mut self.workers[index];
-        match worker.queued.pop_front() {
-            Some((request, sequence)) => {
-                worker.state = WorkerState::Busy { request, sequence };
-                worker.front_queued = true;
-            }
-            None => {
-                worker.state = WorkerState::Idle;
-                worker.front_queued = false;
-            }
-        }
+        worker.state = match worker.queued.pop_front() {
+            Some(job) => WorkerState::Busy(job),
+            None => WorkerState::Idle,
+        };
     }
 
     /// Tell the pool the worker finished its job (measuring its memory when the policy

@@ -1,0 +1,75 @@
+//! The relations between this core's tables, checked after every completion in debug builds
+//! (so in every integration test, which runs the debug binary). A failure is our bug, never a
+//! caller's or a worker's: their input is rejected before it can reach these states.
+
+use super::*;
+
+impl Core {
+    /// Panics naming the first relation that does not hold.
+    pub(super) fn check_invariants(&self) {
+        for service in &self.services {
+            service.pool.check_invariants();
+        }
+        for (index, worker) in self.workers.iter() {
+            let depth = self.services[worker.service].pool.policy().queue_depth;
+            worker.check_invariants(depth);
+            match worker.slot_use {
+                SlotUse::Free => {}
+                SlotUse::Filling {
+                    conn,
+                    conn_generation,
+                } => {
+                    let filler = self.conns.get(conn).filter(|c| {
+                        c.generation == conn_generation
+                            && c.into_slot.as_ref().is_some_and(|into| {
+                                into.worker == index && into.worker_generation == worker.generation
+                            })
+                    });
+                    assert!(
+                        filler.is_some(),
+                        "worker {}: its slot is marked as filled by a connection that is not \
+                         reading into it",
+                        worker.pid
+                    );
+                }
+                SlotUse::Lent { conn } => {
+                    let sender = self.conns.get(conn).filter(|c| {
+                        c.slot_send.as_ref().is_some_and(|send| {
+                            send.worker == index && send.worker_generation == worker.generation
+                        })
+                    });
+                    assert!(
+                        sender.is_some(),
+                        "worker {}: lent to a connection that is not sending from its slot",
+                        worker.pid
+                    );
+                }
+            }
+        }
+        for (index, conn) in self.conns.iter() {
+            if let Some(into) = &conn.into_slot {
+                let worker = self.workers.get(into.worker);
+                assert!(
+                    worker.is_some_and(|w| w.is_filled_by(
+                        into.worker_generation,
+                        index,
+                        conn.generation
+                    )),
+                    "connection {index}: reading into a slot not marked as filled by it"
+                );
+                assert!(
+                    into.filled <= into.len,
+                    "connection {index}: overfilled a slot"
+                );
+            }
+            if let Some(send) = &conn.slot_send {
+                let worker = self.workers.get(send.worker);
+                assert!(
+                    worker.is_some_and(|w| w.generation == send.worker_generation
+                        && w.slot_use == SlotUse::Lent { conn: index }),
+                    "connection {index}: sending from a slot not lent to it"
+                );
+            }
+        }
+    }
+}
