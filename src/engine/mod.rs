@@ -11,6 +11,7 @@ pub mod core;
 pub mod pbuf;
 pub mod shared;
 pub mod spawn;
+pub mod table;
 
 use std::io::Write;
 use std::os::fd::{FromRawFd, OwnedFd};

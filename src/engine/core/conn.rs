@@ -4,7 +4,7 @@
 use super::*;
 
 impl Core {
-    pub(super) fn arm_conn_recv(&mut self, index: usize) {
+    pub(super) fn arm_conn_recv(&mut self, index: ConnHandle) {
         let max = self.config.max_payload_bytes;
         let conn = &mut self.conns[index];
         if let Some(into) = &conn.into_slot {
@@ -15,7 +15,7 @@ impl Core {
             // buffer when it could be registered).
             let worker = &self.workers[into.worker];
             assert!(
-                worker.is_filled_by(into.worker_generation, index, conn.generation),
+                worker.is_filled_by(index),
                 "a direct read into a slot not marked as filled by it"
             );
             let at = worker.slot.data_address_mut(into.filled as usize);
@@ -27,7 +27,7 @@ impl Core {
                     .build()),
                 None => on_target!(fd, |fd| opcode::Recv::new(fd, at, len).build()),
             }
-            .user_data(Token::new(OpKind::ConnRecvSlot, index, conn.generation).encode());
+            .user_data(Token::conn(OpKind::ConnRecvSlot, index).encode());
             conn.recv_in_flight = true;
             conn.recv_kind = OpKind::ConnRecvSlot;
             self.push(entry);
@@ -40,7 +40,7 @@ impl Core {
             // One receive stays armed; each completion brings a buffer the kernel picked.
             let fd = target(&conn.fd, conn.file);
             let entry = on_target!(fd, |fd| opcode::RecvMulti::new(fd, pbuf::GROUP).build())
-                .user_data(Token::new(OpKind::ConnRecvMulti, index, conn.generation).encode());
+                .user_data(Token::conn(OpKind::ConnRecvMulti, index).encode());
             conn.recv_in_flight = true;
             conn.recv_kind = OpKind::ConnRecvMulti;
             self.push(entry);
@@ -70,12 +70,12 @@ impl Core {
             },
         );
         let entry = on_target!(fd, |fd| opcode::Recv::new(fd, at, len).build())
-            .user_data(Token::new(OpKind::ConnRecv, index, conn.generation).encode());
+            .user_data(Token::conn(OpKind::ConnRecv, index).encode());
         conn.recv_in_flight = true;
         self.push(entry);
     }
 
-    pub(super) fn on_conn_recv(&mut self, index: usize, result: i32) {
+    pub(super) fn on_conn_recv(&mut self, index: ConnHandle, result: i32) {
         let conn = &mut self.conns[index];
         conn.recv_in_flight = false;
         if conn.closing {
@@ -112,7 +112,7 @@ impl Core {
 
     /// A multishot receive completed: copy the bytes out of the kernel's buffer (into the
     /// slot being filled, then the connection's buffer), give the buffer back, handle frames.
-    pub(super) fn on_conn_recv_multi(&mut self, index: usize, result: i32, flags: u32) {
+    pub(super) fn on_conn_recv_multi(&mut self, index: ConnHandle, result: i32, flags: u32) {
         let more = cqueue::more(flags);
         let conn = &mut self.conns[index];
         if !more {
@@ -183,7 +183,7 @@ impl Core {
             // A large frame is arriving: read the rest with plain receives sized for it rather
             // than buffer by buffer (back to provided buffers once it is through).
             conn.provided_off = true;
-            let token = Token::new(OpKind::ConnRecvMulti, index, conn.generation);
+            let token = Token::conn(OpKind::ConnRecvMulti, index);
             self.cancel(token);
             return;
         }
@@ -202,7 +202,7 @@ impl Core {
 
     /// Copy `n` bytes of provided buffer `bid` out: first into the slot a direct read is
     /// filling, the rest into the connection's buffer.
-    pub(super) fn take_provided(&mut self, index: usize, bid: u16, n: usize) {
+    pub(super) fn take_provided(&mut self, index: ConnHandle, bid: u16, n: usize) {
         let provided = self.provided.as_ref().expect("a provided buffer");
         let mut data = &provided.bytes(bid)[..n];
         let conn = &mut self.conns[index];
@@ -210,7 +210,7 @@ impl Core {
             let take = ((into.len - into.filled) as usize).min(data.len());
             let worker = &self.workers[into.worker];
             assert!(
-                worker.is_filled_by(into.worker_generation, index, conn.generation),
+                worker.is_filled_by(index),
                 "a direct read into a slot not marked as filled by it"
             );
             let at = worker.slot.data_address_mut(into.filled as usize);
@@ -229,7 +229,7 @@ impl Core {
     }
 
     /// Handle every whole frame at the front of the connection's buffer.
-    pub(super) fn handle_frames(&mut self, index: usize) {
+    pub(super) fn handle_frames(&mut self, index: ConnHandle) {
         let max = self.config.max_payload_bytes;
         loop {
             // Handling a frame can close and free this very connection (a reply that overflows
@@ -315,7 +315,7 @@ impl Core {
     }
 
     /// Answer a malformed frame, then close the connection: frame boundaries are lost.
-    pub(super) fn malformed(&mut self, index: usize, request_id: u64, error: &FrameError) {
+    pub(super) fn malformed(&mut self, index: ConnHandle, request_id: u64, error: &FrameError) {
         self.counters.malformed_frames += 1;
         tracing::debug!(%error, "malformed frame from a caller; closing the connection");
         let message = error.to_string();
@@ -323,14 +323,14 @@ impl Core {
         if let Some(conn) = self.conns.get_mut(index) {
             conn.close_when_flushed = true;
             if conn.recv_in_flight {
-                let token = Token::new(conn.recv_kind, index, conn.generation);
+                let token = Token::conn(conn.recv_kind, index);
                 self.cancel(token);
             }
         }
         self.close_conn_if_finished(index);
     }
 
-    pub(super) fn on_caller_frame(&mut self, index: usize, header: Header, payload: Vec<u8>) {
+    pub(super) fn on_caller_frame(&mut self, index: ConnHandle, header: Header, payload: Vec<u8>) {
         match header.kind {
             Kind::Ping => {
                 let reply = Header::new(
@@ -397,7 +397,7 @@ impl Core {
                 }
                 self.services[service]
                     .pool
-                    .on_request(now, request, deadline);
+                    .on_request(now, request.to_raw(), deadline);
                 self.run_pool_actions(service);
                 return;
             }
@@ -409,19 +409,15 @@ impl Core {
     /// A new request from caller connection `index`; returns its handle.
     pub(super) fn add_caller_request(
         &mut self,
-        index: usize,
+        index: ConnHandle,
         caller_request_id: u64,
         service: usize,
         payload: Vec<u8>,
         deadline: Option<Instant>,
-    ) -> u64 {
-        let conn = &mut self.conns[index];
-        conn.requests_in_flight += 1;
-        let conn_handle = handle(index, conn.generation);
-        let generation = self.generation();
-        let request = self.requests.insert(Request {
-            generation,
-            origin: Origin::Conn(conn_handle),
+    ) -> RequestHandle {
+        self.conns[index].requests_in_flight += 1;
+        self.requests.insert(Request {
+            origin: Origin::Conn(index),
             forwarded_to: None,
             direct: false,
             caller_request_id,
@@ -430,12 +426,11 @@ impl Core {
             deadline,
             arrived: self.now,
             dispatched: None,
-        });
-        handle(request, generation)
+        })
     }
 
     /// Queue a whole answer frame for the caller, disconnecting a caller that does not read.
-    pub(super) fn answer(&mut self, index: usize, header: &Header, payload: &[u8]) {
+    pub(super) fn answer(&mut self, index: ConnHandle, header: &Header, payload: &[u8]) {
         let Some(conn) = self.conns.get_mut(index) else {
             return;
         };
@@ -448,7 +443,7 @@ impl Core {
 
     pub(super) fn answer_error(
         &mut self,
-        index: usize,
+        index: ConnHandle,
         request_id: u64,
         service_id: u32,
         code: ErrorCode,
@@ -458,7 +453,7 @@ impl Core {
         self.answer(index, &header, message.as_bytes());
     }
 
-    pub(super) fn after_queueing(&mut self, index: usize) {
+    pub(super) fn after_queueing(&mut self, index: ConnHandle) {
         let conn = &mut self.conns[index];
         if conn.send.queued_bytes() as u64 > self.config.write_queue_max_bytes {
             self.counters.slow_callers_disconnected += 1;
@@ -472,18 +467,18 @@ impl Core {
         self.arm_conn_send(index);
     }
 
-    pub(super) fn arm_conn_send(&mut self, index: usize) {
+    pub(super) fn arm_conn_send(&mut self, index: ConnHandle) {
         let conn = &mut self.conns[index];
         if conn.closing {
             return;
         }
-        let token = Token::new(OpKind::ConnSend, index, conn.generation);
+        let token = Token::conn(OpKind::ConnSend, index);
         if let Some(entry) = send_entry(&mut conn.send, target(&conn.fd, conn.file), token) {
             self.push(entry);
         }
     }
 
-    pub(super) fn on_conn_send(&mut self, index: usize, result: i32) {
+    pub(super) fn on_conn_send(&mut self, index: ConnHandle, result: i32) {
         let conn = &mut self.conns[index];
         conn.send.complete(result.max(0) as usize);
         if conn.closing {
@@ -502,7 +497,7 @@ impl Core {
 
     /// Close a connection whose caller is done (read side closed or protocol error) once every
     /// accepted request is answered and every answer sent.
-    pub(super) fn close_conn_if_finished(&mut self, index: usize) {
+    pub(super) fn close_conn_if_finished(&mut self, index: ConnHandle) {
         let Some(conn) = self.conns.get(index) else {
             return;
         };
@@ -527,32 +522,31 @@ impl Core {
 
     /// Close now: cancel its ops; the entry goes once they complete. Answers still owed to its
     /// requests are dropped when they arrive (the generation no longer matches).
-    pub(super) fn close_conn(&mut self, index: usize) {
+    pub(super) fn close_conn(&mut self, index: ConnHandle) {
         let conn = &mut self.conns[index];
         if conn.closing {
             return;
         }
         conn.closing = true;
-        let generation = conn.generation;
         let (recv, send) = (conn.recv_in_flight, conn.send.in_flight);
         let from_slot = conn.slot_send.is_some();
         let into_slot = conn.into_slot.is_some();
         let recv_kind = conn.recv_kind;
         if recv {
-            self.cancel(Token::new(recv_kind, index, generation));
+            self.cancel(Token::conn(recv_kind, index));
         } else if into_slot {
             self.abort_direct_read(index);
         }
         if send && from_slot {
-            self.cancel(Token::new(OpKind::ConnSendHeader, index, generation));
-            self.cancel(Token::new(OpKind::ConnSendFixed, index, generation));
+            self.cancel(Token::conn(OpKind::ConnSendHeader, index));
+            self.cancel(Token::conn(OpKind::ConnSendFixed, index));
         } else if send {
-            self.cancel(Token::new(OpKind::ConnSend, index, generation));
+            self.cancel(Token::conn(OpKind::ConnSend, index));
         }
         self.free_conn_if_done(index);
     }
 
-    pub(super) fn free_conn_if_done(&mut self, index: usize) {
+    pub(super) fn free_conn_if_done(&mut self, index: ConnHandle) {
         let conn = &self.conns[index];
         if conn.closing && !conn.recv_in_flight && !conn.send.in_flight {
             debug_assert!(conn.into_slot.is_none());
@@ -571,11 +565,7 @@ impl Core {
     }
 
     /// The live connection behind a request's handle, if the caller is still there.
-    pub(super) fn live_conn(&self, conn_handle: u64) -> Option<usize> {
-        let index = handle_index(conn_handle);
-        self.conns
-            .get(index)
-            .filter(|c| c.generation == handle_generation(conn_handle) && !c.closing)
-            .map(|_| index)
+    pub(super) fn live_conn(&self, conn: ConnHandle) -> Option<ConnHandle> {
+        self.conns.get(conn).filter(|c| !c.closing).map(|_| conn)
     }
 }

@@ -10,7 +10,7 @@ impl Core {
         let entry = opcode::Read::new(types::Fd(fd), self.inbox_buf.as_mut_ptr(), 8)
             .offset(u64::MAX)
             .build()
-            .user_data(Token::new(OpKind::Inbox, 0, 0).encode());
+            .user_data(Token::core(OpKind::Inbox, 0).encode());
         self.push(entry);
     }
 
@@ -24,7 +24,7 @@ impl Core {
             let entry = opcode::Write::new(types::Fd(fd), (&ONE as *const u64).cast(), 8)
                 .offset(u64::MAX)
                 .build()
-                .user_data(Token::new(OpKind::WakeSent, core, 0).encode());
+                .user_data(Token::core(OpKind::WakeSent, core).encode());
             self.push(entry);
         }
     }
@@ -47,7 +47,9 @@ impl Core {
     pub(super) fn on_message(&mut self, msg: Msg) {
         match msg {
             Msg::Forward(forward) => self.on_forward(forward),
-            Msg::Answer { request, frame } => self.on_answer(request, frame),
+            Msg::Answer { request, frame } => {
+                self.on_answer(RequestHandle::from_raw(request), frame)
+            }
             Msg::Connection { fd, kind } => self.add_conn(fd, kind, true),
             Msg::Shutdown { now: false } => {
                 if self.shutdown_deadline.is_none() {
@@ -124,8 +126,8 @@ impl Core {
 
     /// Send a request of ours to another core to run. Returns false (and changes nothing) when
     /// the bridge is shutting down: then it runs here.
-    pub(super) fn forward(&mut self, request: u64, core: usize) -> bool {
-        let index = self.request_index(request);
+    pub(super) fn forward(&mut self, request: RequestHandle, core: usize) -> bool {
+        let index = request;
         if let Origin::Core {
             core: home,
             request: home_request,
@@ -181,24 +183,22 @@ impl Core {
         let now = self.now;
         if forward.from == self.index {
             // One of ours, passed back to us by the core we sent it to: run it here.
-            let index = self.request_index(forward.request);
-            let entry = &mut self.requests[index];
+            let request = RequestHandle::from_raw(forward.request);
+            let entry = &mut self.requests[request];
             debug_assert!(entry.forwarded_to.is_some());
             entry.forwarded_to = None;
             entry.payload = forward.payload;
             self.forward_settled();
             self.services[service]
                 .pool
-                .on_request(now, forward.request, forward.deadline);
+                .on_request(now, request.to_raw(), forward.deadline);
             self.run_pool_actions(service);
             return;
         }
-        let generation = self.generation();
         let request = self.requests.insert(Request {
-            generation,
             origin: Origin::Core {
                 core: forward.from,
-                request: forward.request,
+                request: RequestHandle::from_raw(forward.request),
             },
             forwarded_to: None,
             direct: false,
@@ -211,25 +211,22 @@ impl Core {
         });
         self.services[service]
             .pool
-            .on_request(now, handle(request, generation), forward.deadline);
+            .on_request(now, request.to_raw(), forward.deadline);
         self.run_pool_actions(service);
     }
 
     /// The answer to a request we forwarded: pass it to the caller.
-    pub(super) fn on_answer(&mut self, request: u64, frame: Vec<u8>) {
+    pub(super) fn on_answer(&mut self, request: RequestHandle, frame: Vec<u8>) {
         self.forward_settled();
-        let index = self.request_index(request);
-        let entry = self.requests.remove(index);
+        let entry = self.requests.remove(request);
         debug_assert!(entry.forwarded_to.is_some());
         let conn_handle = match entry.origin {
             Origin::Conn(conn) => conn,
             Origin::Core { .. } => unreachable!("forwarded requests are not forwarded again"),
         };
         self.recycle_payload(entry.payload);
-        if let Some(conn) = self.conns.get_mut(handle_index(conn_handle)) {
-            if conn.generation == handle_generation(conn_handle) {
-                conn.requests_in_flight -= 1;
-            }
+        if let Some(conn) = self.conns.get_mut(conn_handle) {
+            conn.requests_in_flight -= 1;
         }
         if let Some(conn) = self.live_conn(conn_handle) {
             self.conns[conn].send.tail().extend_from_slice(&frame);
@@ -240,7 +237,8 @@ impl Core {
     }
 
     /// Send the answer frame for a request another core forwarded to us.
-    pub(super) fn send_answer(&mut self, core: usize, request: u64, frame: Vec<u8>) {
+    pub(super) fn send_answer(&mut self, core: usize, request: RequestHandle, frame: Vec<u8>) {
+        let request = request.to_raw();
         self.post(core, Msg::Answer { request, frame });
     }
 
@@ -258,12 +256,13 @@ impl Core {
                 let Some(request) = self.services[service].pool.take_backlogged(now) else {
                     break;
                 };
+                let request = RequestHandle::from_raw(request);
                 if !self.forward(request, core) {
                     // Stopping after all: it goes back to the end of our backlog.
-                    let deadline = self.requests[handle_index(request)].deadline;
+                    let deadline = self.requests[request].deadline;
                     self.services[service]
                         .pool
-                        .on_request(now, request, deadline);
+                        .on_request(now, request.to_raw(), deadline);
                     self.run_pool_actions(service);
                     break;
                 }

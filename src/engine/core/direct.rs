@@ -8,7 +8,7 @@ impl Core {
     /// arrived. When it is large, fits the service's slots and a worker of ours is idle,
     /// dispatch it now and read the rest of its payload from the socket straight into that
     /// worker's slot: no copy through the bridge (only the part already read is copied).
-    pub(super) fn try_direct_read(&mut self, index: usize) {
+    pub(super) fn try_direct_read(&mut self, index: ConnHandle) {
         let max = self.config.max_payload_bytes;
         let conn = &self.conns[index];
         if !conn.kind.is_caller()
@@ -52,9 +52,11 @@ impl Core {
         self.conns[index].large_last = true;
         let now = self.now;
         let request = self.add_caller_request(index, header.request_id, service, Vec::new(), None);
-        self.requests[handle_index(request)].direct = true;
+        self.requests[request].direct = true;
         // An idle worker takes it at once: `dispatch_direct` sets up the read.
-        self.services[service].pool.on_request(now, request, None);
+        self.services[service]
+            .pool
+            .on_request(now, request.to_raw(), None);
         self.run_pool_actions(service);
         debug_assert!(self.conns[index].into_slot.is_some() || !self.request_is_live(request));
         let conn = &mut self.conns[index];
@@ -68,20 +70,17 @@ impl Core {
 
     /// The policy gave a direct-read request a worker: copy what has arrived into its slot,
     /// and read the rest there (`arm_conn_recv`). The worker's `Job` waits until it is all in.
-    pub(super) fn dispatch_direct(&mut self, request: u64, worker: u64) {
-        let request_index = self.request_index(request);
-        let worker_index = handle_index(worker);
+    pub(super) fn dispatch_direct(&mut self, request: RequestHandle, worker: WorkerHandle) {
         self.job_sequence += 1;
         let sequence = self.job_sequence;
         let now = self.now;
-        let entry = &mut self.requests[request_index];
+        let entry = &mut self.requests[request];
         entry.dispatched = Some(now);
-        let Origin::Conn(conn_handle) = entry.origin else {
+        let Origin::Conn(conn_index) = entry.origin else {
             unreachable!("direct reads are for our own callers");
         };
-        let conn_index = handle_index(conn_handle);
         let max = self.config.max_payload_bytes;
-        let w = &mut self.workers[worker_index];
+        let w = &mut self.workers[worker];
         assert!(
             w.state == WorkerState::Idle && w.slot_use == SlotUse::Free,
             "a direct read needs an idle worker with a free slot: {:?}, {:?}",
@@ -95,11 +94,7 @@ impl Core {
             // Its `Job` frame is queued only once the payload is all in the slot.
             frame_end: u64::MAX,
         });
-        w.slot_use = SlotUse::Filling {
-            conn: conn_index,
-            conn_generation: self.conns[conn_index].generation,
-        };
-        let worker_generation = w.generation;
+        w.slot_use = SlotUse::Filling { conn: conn_index };
         let conn = &mut self.conns[conn_index];
         let header = conn.read.peek_header(max).expect("the request's header");
         let prefix = conn.read.len() - HEADER_BYTES;
@@ -114,26 +109,25 @@ impl Core {
         if conn.recv_in_flight && conn.recv_kind == OpKind::ConnRecvMulti {
             // The rest goes straight into the slot: stop the multishot receive (what it still
             // brings is copied into the slot) and read there once it has ended.
-            let token = Token::new(OpKind::ConnRecvMulti, conn_index, conn.generation);
+            let token = Token::conn(OpKind::ConnRecvMulti, conn_index);
             self.cancel(token);
         }
         let conn = &mut self.conns[conn_index];
         conn.into_slot = Some(IntoSlot {
             request,
-            worker: worker_index,
-            worker_generation,
+            worker,
             sequence,
             len: header.payload_len,
             filled: prefix as u32,
         });
-        let service = self.workers[worker_index].service;
+        let service = self.workers[worker].service;
         self.services[service].counters.bytes_in += header.payload_len as u64;
         self.counters.requests_read_into_slot += 1;
         self.direct_deadlines
-            .push_back((now + DIRECT_READ_TIMEOUT, conn_handle, request));
+            .push_back((now + DIRECT_READ_TIMEOUT, conn_index, request));
     }
 
-    pub(super) fn on_conn_recv_slot(&mut self, index: usize, result: i32) {
+    pub(super) fn on_conn_recv_slot(&mut self, index: ConnHandle, result: i32) {
         let conn = &mut self.conns[index];
         conn.recv_in_flight = false;
         if conn.closing {
@@ -159,7 +153,7 @@ impl Core {
 
     /// The whole payload is in the slot: publish it and ring the worker (its `Job` goes ahead
     /// of any queued behind it), unless the worker or the request is gone meanwhile.
-    pub(super) fn finish_direct_read(&mut self, index: usize) {
+    pub(super) fn finish_direct_read(&mut self, index: ConnHandle) {
         let into = self.conns[index]
             .into_slot
             .take()
@@ -197,7 +191,7 @@ impl Core {
 
     /// The caller went away (or stalled) before its payload was all in: the request fails,
     /// and the worker, which never saw it, goes on with what is queued behind it or idles.
-    pub(super) fn abort_direct_read(&mut self, index: usize) {
+    pub(super) fn abort_direct_read(&mut self, index: ConnHandle) {
         let Some(into) = self.conns[index].into_slot.take() else {
             return;
         };
@@ -217,11 +211,10 @@ impl Core {
     /// A direct read ended (whole or not): the worker's slot is no longer being read into.
     /// Returns whether the worker is still busy with that request (it may have died or been
     /// stopped meanwhile; its entry stays until the read ends, so `into.worker` is still it).
-    pub(super) fn stop_filling(&mut self, conn: usize, into: &IntoSlot) -> bool {
-        let conn_generation = self.conns[conn].generation;
+    pub(super) fn stop_filling(&mut self, conn: ConnHandle, into: &IntoSlot) -> bool {
         let worker = &mut self.workers[into.worker];
         assert!(
-            worker.is_filled_by(into.worker_generation, conn, conn_generation),
+            worker.is_filled_by(conn),
             "the worker a direct read fills is no longer marked as filled by it"
         );
         worker.slot_use = SlotUse::Free;

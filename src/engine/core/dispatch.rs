@@ -7,12 +7,16 @@ impl Core {
         while let Some(action) = self.services[service].pool.next_action() {
             match action {
                 Action::Spawn => self.request_spawn(service),
-                Action::Dispatch { request, worker } => self.dispatch(request, worker),
+                Action::Dispatch { request, worker } => self.dispatch(
+                    RequestHandle::from_raw(request),
+                    WorkerHandle::from_raw(worker),
+                ),
                 Action::Reject {
                     request,
                     code,
                     reason,
                 } => {
+                    let request = RequestHandle::from_raw(request);
                     if !self.request_is_live(request) {
                         // Answered already: a reply sent from a slot can race its timeout.
                         continue;
@@ -20,9 +24,11 @@ impl Core {
                     let message = self.reject_message(service, request, reason);
                     self.fail_request(request, code, &message);
                 }
-                Action::Stop { worker, reason } => self.stop_worker(handle_index(worker), reason),
+                Action::Stop { worker, reason } => {
+                    self.stop_worker(WorkerHandle::from_raw(worker), reason)
+                }
                 Action::Kill { worker } => {
-                    let worker = &self.workers[handle_index(worker)];
+                    let worker = &self.workers[WorkerHandle::from_raw(worker)];
                     tracing::debug!(pid = worker.pid, "killing a worker");
                     kill(worker, libc::SIGKILL);
                 }
@@ -33,14 +39,14 @@ impl Core {
     pub(super) fn reject_message(
         &self,
         service: usize,
-        request: u64,
+        request: RequestHandle,
         reason: RejectReason,
     ) -> String {
         let name = &self.services[service].name;
         let policy = self.services[service].pool.policy();
         let waited = self
             .now
-            .saturating_duration_since(self.requests[handle_index(request)].arrived);
+            .saturating_duration_since(self.requests[request].arrived);
         match reason {
             RejectReason::BacklogFull => {
                 let config = &self.config.services[service];
@@ -94,27 +100,21 @@ impl Core {
         });
     }
 
-    pub(super) fn dispatch(&mut self, request: u64, worker: u64) {
-        let request_index = self.request_index(request);
-        let worker_index = handle_index(worker);
-        if self.requests[request_index].direct {
+    pub(super) fn dispatch(&mut self, request: RequestHandle, worker: WorkerHandle) {
+        if self.requests[request].direct {
             self.dispatch_direct(request, worker);
             return;
         }
         self.job_sequence += 1;
         let sequence = self.job_sequence;
-        let entry = &mut self.requests[request_index];
+        let entry = &mut self.requests[request];
         let payload = std::mem::take(&mut entry.payload);
         let remaining_ms = entry
             .deadline
             .map(|d| d.saturating_duration_since(self.now).as_millis().max(1) as u64)
             .unwrap_or(0);
-        let w = &mut self.workers[worker_index];
-        assert_eq!(
-            w.generation,
-            handle_generation(worker),
-            "dispatch to a stale worker"
-        );
+        // (Indexing checks the handle: a stale worker panics, naming it.)
+        let w = &mut self.workers[worker];
         let lent = matches!(w.slot_use, SlotUse::Lent { .. });
         if w.state != WorkerState::Idle || lent {
             // A queued job: the payload follows on the socket, inline, and the worker answers
@@ -141,16 +141,16 @@ impl Core {
             }
             let counters = &mut self.services[w.service].counters;
             counters.bytes_in += payload.len() as u64;
-            self.requests[request_index].dispatched = Some(self.now);
-            self.requests[request_index].payload = payload;
-            self.arm_worker_send(worker_index);
+            self.requests[request].dispatched = Some(self.now);
+            self.requests[request].payload = payload;
+            self.arm_worker_send(worker);
             return;
         }
         let in_slot = payload.len() <= w.slot.capacity() as usize;
         let counters = &mut self.services[w.service].counters;
         counters.bytes_in += payload.len() as u64;
         counters.copy_path += u64::from(!in_slot);
-        self.requests[request_index].dispatched = Some(self.now);
+        self.requests[request].dispatched = Some(self.now);
         let filled = w
             .slot
             .fill(sequence, in_slot.then_some(&payload[..]), remaining_ms);
@@ -168,10 +168,10 @@ impl Core {
             path: JobPath::Slot,
             frame_end: w.send.end_position(),
         });
-        self.requests[request_index].payload = payload;
+        self.requests[request].payload = payload;
         match filled {
-            Ok(()) => self.arm_worker_send(worker_index),
-            Err(error) => self.fail_worker(worker_index, &format!("corrupted its slot: {error}")),
+            Ok(()) => self.arm_worker_send(worker),
+            Err(error) => self.fail_worker(worker, &format!("corrupted its slot: {error}")),
         }
     }
 }

@@ -131,7 +131,7 @@ impl Core {
             if self.shutdown_forced {
                 // The answers had their moment to go out: stop waiting for slow callers.
                 self.shutdown_deadline = Some(now + Duration::from_secs(3600));
-                let conns: Vec<usize> = self.conns.iter().map(|(index, _)| index).collect();
+                let conns = self.conns.handles();
                 for index in conns {
                     self.close_conn(index);
                 }
@@ -177,11 +177,8 @@ impl Core {
             | OpKind::ConnSend
             | OpKind::ConnSendHeader
             | OpKind::ConnSendFixed => {
-                let index = token.index as usize;
-                let live = self
-                    .conns
-                    .get(index)
-                    .is_some_and(|c| c.generation == token.generation);
+                let index = token.conn_handle();
+                let live = self.conns.contains(index);
                 debug_assert!(live, "stale connection completion {token:?}");
                 if !live {
                     return;
@@ -199,11 +196,8 @@ impl Core {
             | OpKind::WorkerStdout
             | OpKind::WorkerStderr
             | OpKind::WorkerWait => {
-                let index = token.index as usize;
-                let live = self
-                    .workers
-                    .get(index)
-                    .is_some_and(|w| w.generation == token.generation);
+                let index = token.worker_handle();
+                let live = self.workers.contains(index);
                 debug_assert!(live, "stale worker completion {token:?}");
                 if !live {
                     return;

@@ -15,32 +15,28 @@ impl Core {
             worker.check_invariants(depth);
             match worker.slot_use {
                 SlotUse::Free => {}
-                SlotUse::Filling {
-                    conn,
-                    conn_generation,
-                } => {
+                SlotUse::Filling { conn } => {
                     let filler = self.conns.get(conn).filter(|c| {
-                        c.generation == conn_generation
-                            && c.into_slot.as_ref().is_some_and(|into| {
-                                into.worker == index && into.worker_generation == worker.generation
-                            })
+                        c.into_slot
+                            .as_ref()
+                            .is_some_and(|into| into.worker == index)
                     });
                     assert!(
                         filler.is_some(),
-                        "worker {}: its slot is marked as filled by a connection that is not \
+                        "worker {}: its slot is marked as filled by {conn:?}, which is not \
                          reading into it",
                         worker.pid
                     );
                 }
                 SlotUse::Lent { conn } => {
                     let sender = self.conns.get(conn).filter(|c| {
-                        c.slot_send.as_ref().is_some_and(|send| {
-                            send.worker == index && send.worker_generation == worker.generation
-                        })
+                        c.slot_send
+                            .as_ref()
+                            .is_some_and(|send| send.worker == index)
                     });
                     assert!(
                         sender.is_some(),
-                        "worker {}: lent to a connection that is not sending from its slot",
+                        "worker {}: lent to {conn:?}, which is not sending from its slot",
                         worker.pid
                     );
                 }
@@ -50,24 +46,16 @@ impl Core {
             if let Some(into) = &conn.into_slot {
                 let worker = self.workers.get(into.worker);
                 assert!(
-                    worker.is_some_and(|w| w.is_filled_by(
-                        into.worker_generation,
-                        index,
-                        conn.generation
-                    )),
-                    "connection {index}: reading into a slot not marked as filled by it"
+                    worker.is_some_and(|w| w.is_filled_by(index)),
+                    "{index:?}: reading into a slot not marked as filled by it"
                 );
-                assert!(
-                    into.filled <= into.len,
-                    "connection {index}: overfilled a slot"
-                );
+                assert!(into.filled <= into.len, "{index:?}: overfilled a slot");
             }
             if let Some(send) = &conn.slot_send {
                 let worker = self.workers.get(send.worker);
                 assert!(
-                    worker.is_some_and(|w| w.generation == send.worker_generation
-                        && w.slot_use == SlotUse::Lent { conn: index }),
-                    "connection {index}: sending from a slot not lent to it"
+                    worker.is_some_and(|w| w.slot_use == SlotUse::Lent { conn: index }),
+                    "{index:?}: sending from a slot not lent to it"
                 );
             }
         }

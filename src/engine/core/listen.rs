@@ -14,7 +14,7 @@ impl Core {
         let entry = opcode::AcceptMulti::new(types::Fd(listener.fd.as_raw_fd()))
             .flags(libc::SOCK_CLOEXEC)
             .build()
-            .user_data(Token::new(OpKind::Accept, index, 0).encode());
+            .user_data(Token::core(OpKind::Accept, index).encode());
         self.push(entry);
     }
 
@@ -94,9 +94,7 @@ impl Core {
             }
         }
         self.aux_conns += usize::from(aux);
-        let generation = self.generation();
         let index = self.conns.insert(Conn {
-            generation,
             fd,
             // With provided buffers, a caller's buffer holds memory only while bytes wait in it.
             read: if self.provided.is_some() && kind.is_caller() {
@@ -121,9 +119,9 @@ impl Core {
         });
         if aux {
             self.aux_deadlines
-                .push_back((self.now + AUX_CONNECTION_TIMEOUT, handle(index, generation)));
+                .push_back((self.now + AUX_CONNECTION_TIMEOUT, index));
         } else {
-            self.conns[index].file = self.register_file(index, true);
+            self.conns[index].file = self.register_file(self.conns[index].fd.as_raw_fd());
         }
         self.arm_conn_recv(index);
     }
@@ -153,7 +151,7 @@ impl Core {
         )
         .offset(u64::MAX)
         .build()
-        .user_data(Token::new(OpKind::Signal, 0, 0).encode());
+        .user_data(Token::core(OpKind::Signal, 0).encode());
         self.push(entry);
     }
 
@@ -187,7 +185,7 @@ impl Core {
         )
         .offset(u64::MAX)
         .build()
-        .user_data(Token::new(OpKind::SpawnWake, 0, 0).encode());
+        .user_data(Token::core(OpKind::SpawnWake, 0).encode());
         self.push(entry);
     }
 

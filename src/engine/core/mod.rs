@@ -8,8 +8,8 @@
 //!
 //! Ownership of in-flight memory: every buffer or descriptor named by a submitted entry belongs
 //! to a connection, a worker or the core itself, and that owner is not dropped until each of its
-//! ops has completed (the `*_in_flight` flags). `user_data` is a checked token, op kind + slab
-//! index + generation ([`Token`]), never a pointer; a completion for an owner that no longer
+//! ops has completed (the `*_in_flight` flags). `user_data` is a checked token, op kind + table
+//! index + that entry's generation ([`Token`]), never a pointer; a completion for an owner that no longer
 //! exists is a bug caught by a debug assertion and otherwise ignored.
 //!
 //! Request path: caller frame -> `Request` entry -> `place` (here, or forwarded to another
@@ -32,12 +32,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
-use slab::Slab;
 
 use super::buffer::{Parsed, ReadBuffer, SendQueue};
 use super::pbuf::{self, ProvidedBuffers};
 use super::shared::{self, Forward, Msg, Shared};
 use super::spawn::{SpawnRequest, SpawnResult, Spawned, Spawner};
+use super::table::{self, Handle, Table};
 use crate::config::Config;
 use crate::metrics::{self, IntervalLogger, LatencyHistograms, MetricsSnapshot, ServiceMetrics};
 use crate::pool::{Action, Gone, Pool, RejectReason, StopReason};
@@ -138,36 +138,60 @@ impl OpKind {
     }
 }
 
-/// `user_data` layout: kind (8 bits) | generation (24 bits) | index (32 bits).
+/// `user_data` layout: kind (8 bits) | index (24 bits) | generation (32 bits). For an op of
+/// a connection or a worker, index and generation are its handle's; other ops carry an index
+/// of their own (a listener's) or none.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Token {
     kind: OpKind,
-    generation: u32,
     index: u32,
+    generation: u32,
 }
 
-const GENERATION_MASK: u32 = (1 << 24) - 1;
-
 impl Token {
-    fn new(kind: OpKind, index: usize, generation: u32) -> Token {
-        assert!(index <= u32::MAX as usize);
+    fn new(kind: OpKind, index: u32, generation: u32) -> Token {
+        assert!(index <= table::INDEX_MAX, "an index over 24 bits");
         Token {
             kind,
-            generation: generation & GENERATION_MASK,
-            index: index as u32,
+            index,
+            generation,
         }
     }
 
+    /// An op of a connection.
+    fn conn(kind: OpKind, conn: ConnHandle) -> Token {
+        Token::new(kind, conn.index(), conn.generation())
+    }
+
+    /// An op of a worker.
+    fn worker(kind: OpKind, worker: WorkerHandle) -> Token {
+        Token::new(kind, worker.index(), worker.generation())
+    }
+
+    /// An op that belongs to the core (or to its listener `index`).
+    fn core(kind: OpKind, index: usize) -> Token {
+        Token::new(kind, index as u32, 0)
+    }
+
     fn encode(self) -> u64 {
-        ((self.kind as u64) << 56) | ((self.generation as u64) << 32) | self.index as u64
+        ((self.kind as u64) << 56) | ((self.index as u64) << 32) | self.generation as u64
     }
 
     fn decode(user_data: u64) -> Option<Token> {
         Some(Token {
             kind: OpKind::from_u8((user_data >> 56) as u8)?,
-            generation: ((user_data >> 32) as u32) & GENERATION_MASK,
-            index: user_data as u32,
+            index: ((user_data >> 32) as u32) & table::INDEX_MAX,
+            generation: user_data as u32,
         })
+    }
+
+    /// The connection whose op this is (for connection op kinds).
+    fn conn_handle(self) -> ConnHandle {
+        ConnHandle::new(self.index, self.generation)
+    }
+
+    fn worker_handle(self) -> WorkerHandle {
+        WorkerHandle::new(self.index, self.generation)
     }
 }
 
@@ -215,18 +239,12 @@ use tables::*;
 use worker::kill;
 use worker_state::{Job, JobPath, PipeLog, SlotUse, Worker, WorkerState};
 
-/// A pool handle: slab index in the low 32 bits, generation above.
-fn handle(index: usize, generation: u32) -> u64 {
-    ((generation as u64) << 32) | index as u64
-}
-
-fn handle_index(handle: u64) -> usize {
-    handle as u32 as usize
-}
-
-fn handle_generation(handle: u64) -> u32 {
-    (handle >> 32) as u32
-}
+/// Names a caller (or admin/metrics) connection of this core.
+type ConnHandle = Handle<Conn>;
+/// Names a worker of this core.
+type WorkerHandle = Handle<Worker>;
+/// Names a request of this core.
+type RequestHandle = Handle<Request>;
 
 /// What a listener accepts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -255,7 +273,6 @@ struct Listener {
 }
 
 struct Conn {
-    generation: u32,
     fd: OwnedFd,
     read: ReadBuffer,
     recv_in_flight: bool,
@@ -291,9 +308,8 @@ struct Conn {
 /// A request payload being read from the caller's socket straight into a worker's slot (the
 /// worker is `Busy` with it; its `Job` goes out once the whole payload is in).
 struct IntoSlot {
-    request: u64,
-    worker: usize,
-    worker_generation: u32,
+    request: RequestHandle,
+    worker: WorkerHandle,
     sequence: u64,
     len: u32,
     filled: u32,
@@ -302,8 +318,7 @@ struct IntoSlot {
 /// A reply sent from a slot: the header (the front of `Conn::send`) and the payload (in the slot) go
 /// out as two linked ops; the worker is lent to the connection until both complete.
 struct SlotSend {
-    worker: usize,
-    worker_generation: u32,
+    worker: WorkerHandle,
     len: u32,
     header_result: Option<i32>,
     payload_result: Option<i32>,
@@ -312,23 +327,22 @@ struct SlotSend {
 /// Where an answer goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Dest {
-    /// A live caller connection of this core (its index).
-    Conn(usize),
-    /// The core that forwarded the request (the request's handle there).
-    Core { core: usize, request: u64 },
+    /// A live caller connection of this core.
+    Conn(ConnHandle),
+    /// The core that forwarded the request (the request's handle in that core's table).
+    Core { core: usize, request: RequestHandle },
 }
 
 /// Where a request came from, and so where its answer goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Origin {
-    /// A caller connection of this core (its handle).
-    Conn(u64),
-    /// Another core forwarded it: the answer goes back there.
-    Core { core: usize, request: u64 },
+    /// A caller connection of this core.
+    Conn(ConnHandle),
+    /// Another core forwarded it: the answer goes back there (to this request of its table).
+    Core { core: usize, request: RequestHandle },
 }
 
 struct Request {
-    generation: u32,
     origin: Origin,
     /// Sent to this core to run (the payload went with it); this entry waits for the answer.
     forwarded_to: Option<usize>,
@@ -348,10 +362,10 @@ struct Request {
 impl Request {
     /// The message that moves it to another core (its payload goes with it), to be answered
     /// to request handle `request` on core `from`.
-    fn forward(&mut self, from: usize, request: u64) -> Forward {
+    fn forward(&mut self, from: usize, request: RequestHandle) -> Forward {
         Forward {
             from,
-            request,
+            request: request.to_raw(),
             caller_request_id: self.caller_request_id,
             service: self.service,
             payload: std::mem::take(&mut self.payload),
@@ -464,10 +478,9 @@ pub struct Core {
     service_by_id: HashMap<u32, usize>,
     service_by_name: HashMap<String, usize>,
     listeners: Vec<Listener>,
-    conns: Slab<Conn>,
-    workers: Slab<Worker>,
-    requests: Slab<Request>,
-    next_generation: u32,
+    conns: Table<Conn>,
+    workers: Table<Worker>,
+    requests: Table<Request>,
     job_sequence: u64,
     /// Core 0 only.
     signal_fd: Option<OwnedFd>,
@@ -501,9 +514,9 @@ pub struct Core {
     /// Connections in `conns` that are admin or metrics connections.
     aux_conns: usize,
     /// When each admin or metrics connection must be done (in accept order).
-    aux_deadlines: VecDeque<(Instant, u64)>,
+    aux_deadlines: VecDeque<(Instant, ConnHandle)>,
     /// When each direct read into a slot must be done: (deadline, connection, request).
-    direct_deadlines: VecDeque<(Instant, u64, u64)>,
+    direct_deadlines: VecDeque<(Instant, ConnHandle, RequestHandle)>,
     started: Instant,
     now: Instant,
     pub counters: Counters,
@@ -523,9 +536,9 @@ pub struct CoreSetup {
 /// What a gathered report is for.
 enum Purpose {
     /// An admin `status` command on this connection.
-    Status(u64),
+    Status(ConnHandle),
     /// `GET /metrics` on this connection (the request, to answer it once merged).
-    Metrics(u64, Vec<u8>),
+    Metrics(ConnHandle, Vec<u8>),
     /// A latency interval ended (wall-clock start and end, for the interval log).
     Interval(std::time::SystemTime, std::time::SystemTime),
 }
@@ -710,10 +723,9 @@ impl Core {
             service_by_id,
             service_by_name,
             listeners,
-            conns: Slab::with_capacity(1024),
-            workers: Slab::with_capacity(64),
-            requests: Slab::with_capacity(1024),
-            next_generation: 1,
+            conns: Table::with_capacity(1024),
+            workers: Table::with_capacity(64),
+            requests: Table::with_capacity(1024),
             job_sequence: 0,
             signal_fd: setup.signal_fd,
             signal_buf: Box::new([0; 128]),
@@ -761,11 +773,6 @@ impl Core {
         Ok(core)
     }
 
-    fn generation(&mut self) -> u32 {
-        self.next_generation = (self.next_generation + 1) & GENERATION_MASK;
-        self.next_generation
-    }
-
     /// Queue one SQE, submitting first if the queue is full.
     fn push(&mut self, entry: squeue::Entry) {
         loop {
@@ -785,7 +792,7 @@ impl Core {
     fn cancel(&mut self, token: Token) {
         let entry = opcode::AsyncCancel::new(token.encode())
             .build()
-            .user_data(Token::new(OpKind::Cancel, 0, 0).encode());
+            .user_data(Token::core(OpKind::Cancel, 0).encode());
         self.push(entry);
     }
 }
@@ -818,9 +825,14 @@ mod tests {
     #[test]
     fn tokens_round_trip_and_reject_unknown_kinds() {
         // Proves user_data carries kind, index and generation without loss.
-        let token = Token::new(OpKind::WorkerWait, 123_456, 0xABCDEF);
+        let token = Token::new(OpKind::WorkerWait, 123_456, 0xFFFF_FFFE);
         assert_eq!(Token::decode(token.encode()), Some(token));
         assert_eq!(Token::decode(0), None);
-        assert_eq!(Token::new(OpKind::Accept, 1, 0x1_000_001).generation, 1);
+        let conn = ConnHandle::new(table::INDEX_MAX, u32::MAX);
+        let decoded = Token::decode(Token::conn(OpKind::ConnSend, conn).encode()).unwrap();
+        assert_eq!(
+            (decoded.kind, decoded.conn_handle()),
+            (OpKind::ConnSend, conn)
+        );
     }
 }

@@ -7,7 +7,7 @@ impl Core {
     /// This core's report.
     pub(super) fn report(&self) -> CoreReport {
         let mut pids_by_service: Vec<Vec<i32>> = vec![Vec::new(); self.services.len()];
-        for (_, worker) in &self.workers {
+        for (_, worker) in self.workers.iter() {
             pids_by_service[worker.service].push(worker.pid);
         }
         let services = self
@@ -135,7 +135,7 @@ impl Core {
     }
 
     /// Send an admin or metrics answer and close the connection after it.
-    pub(super) fn answer_aux(&mut self, index: usize, answer: &[u8]) {
+    pub(super) fn answer_aux(&mut self, index: ConnHandle, answer: &[u8]) {
         let conn = &mut self.conns[index];
         conn.read.consume(conn.read.len());
         conn.send.tail().extend_from_slice(answer);
@@ -144,7 +144,7 @@ impl Core {
     }
 
     /// A metrics connection sent bytes: answer its HTTP request, then close.
-    pub(super) fn handle_metrics(&mut self, index: usize) {
+    pub(super) fn handle_metrics(&mut self, index: ConnHandle) {
         if self.conns[index].requests_in_flight > 0 {
             return; // Gathering the answer already.
         }
@@ -163,12 +163,15 @@ impl Core {
     }
 
     /// Start gathering reports to answer an admin or metrics connection.
-    pub(super) fn gather_for(&mut self, index: usize, purpose: impl FnOnce(u64) -> Purpose) {
+    pub(super) fn gather_for(
+        &mut self,
+        index: ConnHandle,
+        purpose: impl FnOnce(ConnHandle) -> Purpose,
+    ) {
         let conn = &mut self.conns[index];
         conn.read.consume(conn.read.len());
         conn.requests_in_flight += 1;
-        let conn = handle(index, conn.generation);
-        self.start_gather(purpose(conn));
+        self.start_gather(purpose(index));
     }
 
     pub(super) fn metrics_snapshot(&self, report: &CoreReport) -> MetricsSnapshot {
@@ -222,7 +225,7 @@ impl Core {
     }
 
     /// An admin connection sent bytes: answer its one command line, then close.
-    pub(super) fn handle_admin(&mut self, index: usize) {
+    pub(super) fn handle_admin(&mut self, index: ConnHandle) {
         let conn = &mut self.conns[index];
         if conn.requests_in_flight > 0 {
             return; // Gathering the answer already.

@@ -3,27 +3,15 @@
 use super::*;
 
 impl Core {
-    pub(super) fn request_index(&self, request: u64) -> usize {
-        let index = handle_index(request);
-        assert!(
-            self.requests
-                .get(index)
-                .is_some_and(|r| r.generation == handle_generation(request)),
-            "pool named an unknown request"
-        );
-        index
-    }
-
     /// Remove a finished request and account for it on its connection (here, or on the core
     /// it came from). `outcome` is `None` for a reply, else the error code it was answered
     /// with. Returns where the answer goes: a live connection of ours, or another core.
     pub(super) fn finish_request(
         &mut self,
-        request: u64,
+        request: RequestHandle,
         outcome: Option<ErrorCode>,
     ) -> Option<Dest> {
-        let index = self.request_index(request);
-        let entry = self.requests.remove(index);
+        let entry = self.requests.remove(request);
         debug_assert!(entry.forwarded_to.is_none());
         let now = self.now;
         let queue_wait = entry
@@ -53,11 +41,8 @@ impl Core {
             Origin::Conn(conn) => conn,
             Origin::Core { core, request } => return Some(Dest::Core { core, request }),
         };
-        let conn_index = handle_index(conn_handle);
-        if let Some(conn) = self.conns.get_mut(conn_index) {
-            if conn.generation == handle_generation(conn_handle) {
-                conn.requests_in_flight -= 1;
-            }
+        if let Some(conn) = self.conns.get_mut(conn_handle) {
+            conn.requests_in_flight -= 1;
         }
         self.live_conn(conn_handle).map(Dest::Conn)
     }
@@ -78,10 +63,9 @@ impl Core {
         }
     }
 
-    pub(super) fn fail_request(&mut self, request: u64, code: ErrorCode, message: &str) {
-        let index = self.request_index(request);
+    pub(super) fn fail_request(&mut self, request: RequestHandle, code: ErrorCode, message: &str) {
         let (caller_request_id, service) = {
-            let entry = &self.requests[index];
+            let entry = &self.requests[request];
             (entry.caller_request_id, entry.service)
         };
         let service_id = self.services[service].id;
@@ -101,9 +85,7 @@ impl Core {
         }
     }
 
-    pub(super) fn request_is_live(&self, request: u64) -> bool {
-        self.requests
-            .get(handle_index(request))
-            .is_some_and(|r| r.generation == handle_generation(request))
+    pub(super) fn request_is_live(&self, request: RequestHandle) -> bool {
+        self.requests.contains(request)
     }
 }

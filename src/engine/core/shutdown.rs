@@ -10,7 +10,7 @@ impl Core {
         for index in 0..self.listeners.len() {
             self.listeners[index].rearm_at = None;
             if self.listeners[index].accept_in_flight {
-                self.cancel(Token::new(OpKind::Accept, index, 0));
+                self.cancel(Token::core(OpKind::Accept, index));
             }
         }
         if self.index == 0 {
@@ -24,7 +24,7 @@ impl Core {
             self.services[service].pool.begin_stop(now);
             self.run_pool_actions(service);
         }
-        let conns: Vec<usize> = self.conns.iter().map(|(index, _)| index).collect();
+        let conns = self.conns.handles();
         for index in conns {
             self.close_conn_if_finished(index);
         }
@@ -66,7 +66,7 @@ impl Core {
         if self.shutdown_deadline.is_none() || !self.pools_stopped() || !self.workers.is_empty() {
             return false;
         }
-        let conns: Vec<usize> = self.conns.iter().map(|(index, _)| index).collect();
+        let conns = self.conns.handles();
         for index in conns {
             self.close_conn_if_finished(index);
         }

@@ -11,10 +11,10 @@ impl Core {
     /// reports that).
     pub(super) fn try_send_from_slot(
         &mut self,
-        index: usize,
-        request: u64,
+        index: WorkerHandle,
+        request: RequestHandle,
         sequence: u64,
-        conn: Option<usize>,
+        conn: Option<ConnHandle>,
         mut reply: Header,
     ) -> bool {
         let Some(conn) = conn else { return false };
@@ -38,15 +38,12 @@ impl Core {
         }
         reply.payload_len = len;
         let fd = target(&caller.fd, caller.file);
-        let generation = caller.generation;
         let payload = worker.slot.data_address(0);
-        let worker_generation = worker.generation;
         let caller = &mut self.conns[conn];
         let header = caller.send.set_front(&reply.encode());
         caller.send.in_flight = true;
         caller.slot_send = Some(SlotSend {
             worker: index,
-            worker_generation,
             len,
             header_result: None,
             payload_result: None,
@@ -59,7 +56,7 @@ impl Core {
             .flags(libc::MSG_NOSIGNAL | libc::MSG_WAITALL | libc::MSG_DONTWAIT)
             .build())
         .flags(squeue::Flags::IO_LINK)
-        .user_data(Token::new(OpKind::ConnSendHeader, conn, generation).encode());
+        .user_data(Token::conn(OpKind::ConnSendHeader, conn).encode());
         let payload_entry = on_target!(fd, |fd| opcode::WriteFixed::new(
             fd,
             payload,
@@ -69,7 +66,7 @@ impl Core {
         .offset(u64::MAX)
         .rw_flags(libc::RWF_NOWAIT)
         .build())
-        .user_data(Token::new(OpKind::ConnSendFixed, conn, generation).encode());
+        .user_data(Token::conn(OpKind::ConnSendFixed, conn).encode());
         let worker = &mut self.workers[index];
         if !keeps_working {
             worker.state = WorkerState::Lending;
@@ -106,7 +103,7 @@ impl Core {
 
     /// One of the two ops of a send from a slot completed. When both have, spill whatever did
     /// not go out into the connection's queue and give the worker back to its pool.
-    pub(super) fn on_slot_send(&mut self, index: usize, is_header: bool, result: i32) {
+    pub(super) fn on_slot_send(&mut self, index: ConnHandle, is_header: bool, result: i32) {
         let conn = &mut self.conns[index];
         let send = conn
             .slot_send
@@ -143,11 +140,8 @@ impl Core {
         } else {
             0
         };
+        // (A lent worker's entry stays until it is returned: indexing checks the handle.)
         let worker = &self.workers[send.worker];
-        assert_eq!(
-            worker.generation, send.worker_generation,
-            "a lent worker was freed"
-        );
         if conn.closing || failed {
             conn.send.clear();
         } else {
@@ -179,7 +173,7 @@ impl Core {
     }
 
     /// A connection finished sending from this worker's slot.
-    pub(super) fn return_lent_worker(&mut self, index: usize) {
+    pub(super) fn return_lent_worker(&mut self, index: WorkerHandle) {
         let worker = &mut self.workers[index];
         assert!(
             matches!(worker.slot_use, SlotUse::Lent { .. }),

@@ -32,15 +32,10 @@ impl Core {
         }
     }
 
-    /// Put a connection's (`conn`) or worker's control socket in the ring's file table, if
-    /// there is room; ops then name it by index.
-    pub(super) fn register_file(&mut self, index: usize, conn: bool) -> Option<u32> {
+    /// Put a connection's or worker's socket in the ring's file table, if there is room; ops
+    /// then name it by index.
+    pub(super) fn register_file(&mut self, fd: std::os::fd::RawFd) -> Option<u32> {
         let slot = self.files_free.pop()?;
-        let fd = if conn {
-            self.conns[index].fd.as_raw_fd()
-        } else {
-            self.workers[index].control.as_raw_fd()
-        };
         match self.ring.submitter().register_files_update(slot, &[fd]) {
             Ok(_) => Some(slot),
             Err(error) => {

@@ -22,9 +22,7 @@ impl Core {
             self.services[service].slot_capacity
         );
         let buffer_index = self.register_slot(&spawned.slot);
-        let generation = self.generation();
         let index = self.workers.insert(Worker {
-            generation,
             service,
             pid: spawned.pid,
             control: spawned.control,
@@ -47,7 +45,7 @@ impl Core {
             slot_use: SlotUse::Free,
             file: None,
         });
-        self.workers[index].file = self.register_file(index, false);
+        self.workers[index].file = self.register_file(self.workers[index].control.as_raw_fd());
         self.arm_worker_wait(index);
         self.arm_worker_recv(index);
         self.arm_worker_pipe(index, false);
@@ -55,22 +53,22 @@ impl Core {
         let now = self.now;
         self.services[service]
             .pool
-            .on_worker_started(now, handle(index, generation));
+            .on_worker_started(now, index.to_raw());
         self.run_pool_actions(service);
     }
 
-    pub(super) fn arm_worker_wait(&mut self, index: usize) {
+    pub(super) fn arm_worker_wait(&mut self, index: WorkerHandle) {
         let worker = &mut self.workers[index];
         worker.wait_in_flight = true;
         let siginfo: *mut libc::siginfo_t = &mut *worker.siginfo;
         let entry = opcode::WaitId::new(libc::P_PID, worker.pid as libc::id_t, libc::WEXITED)
             .infop(siginfo.cast_const())
             .build()
-            .user_data(Token::new(OpKind::WorkerWait, index, worker.generation).encode());
+            .user_data(Token::worker(OpKind::WorkerWait, index).encode());
         self.push(entry);
     }
 
-    pub(super) fn arm_worker_recv(&mut self, index: usize) {
+    pub(super) fn arm_worker_recv(&mut self, index: WorkerHandle) {
         let max = self.config.max_payload_bytes;
         let worker = &mut self.workers[index];
         if worker.recv_in_flight || worker.state == WorkerState::Dead {
@@ -85,17 +83,17 @@ impl Core {
             spare.len().min(u32::MAX as usize) as u32,
         );
         let entry = on_target!(fd, |fd| opcode::Recv::new(fd, at, len).build())
-            .user_data(Token::new(OpKind::WorkerRecv, index, worker.generation).encode());
+            .user_data(Token::worker(OpKind::WorkerRecv, index).encode());
         worker.recv_in_flight = true;
         self.push(entry);
     }
 
-    pub(super) fn arm_worker_send(&mut self, index: usize) {
+    pub(super) fn arm_worker_send(&mut self, index: WorkerHandle) {
         let worker = &mut self.workers[index];
         if worker.state == WorkerState::Dead || matches!(worker.slot_use, SlotUse::Filling { .. }) {
             return;
         }
-        let token = Token::new(OpKind::WorkerSend, index, worker.generation);
+        let token = Token::worker(OpKind::WorkerSend, index);
         if let Some(entry) = send_entry(
             &mut worker.send,
             target(&worker.control, worker.file),
@@ -105,14 +103,14 @@ impl Core {
         }
     }
 
-    pub(super) fn arm_worker_pipe(&mut self, index: usize, stderr: bool) {
+    pub(super) fn arm_worker_pipe(&mut self, index: WorkerHandle, stderr: bool) {
         let worker = &mut self.workers[index];
         let kind = if stderr {
             OpKind::WorkerStderr
         } else {
             OpKind::WorkerStdout
         };
-        let token = Token::new(kind, index, worker.generation).encode();
+        let token = Token::worker(kind, index).encode();
         let pipe = if stderr {
             &mut worker.stderr
         } else {
@@ -133,7 +131,7 @@ impl Core {
         self.push(entry);
     }
 
-    pub(super) fn on_worker_pipe(&mut self, index: usize, stderr: bool, result: i32) {
+    pub(super) fn on_worker_pipe(&mut self, index: WorkerHandle, stderr: bool, result: i32) {
         let worker = &mut self.workers[index];
         let service = &self.services[worker.service].name;
         let pid = worker.pid;
@@ -169,7 +167,7 @@ impl Core {
         self.arm_worker_pipe(index, stderr);
     }
 
-    pub(super) fn on_worker_send(&mut self, index: usize, result: i32) {
+    pub(super) fn on_worker_send(&mut self, index: WorkerHandle, result: i32) {
         let worker = &mut self.workers[index];
         worker.send.complete(result.max(0) as usize);
         if worker.state == WorkerState::Dead {
@@ -183,7 +181,7 @@ impl Core {
         self.arm_worker_send(index);
     }
 
-    pub(super) fn on_worker_recv(&mut self, index: usize, result: i32) {
+    pub(super) fn on_worker_recv(&mut self, index: WorkerHandle, result: i32) {
         let worker = &mut self.workers[index];
         worker.recv_in_flight = false;
         if worker.state == WorkerState::Dead {
@@ -230,7 +228,7 @@ impl Core {
         self.arm_worker_recv(index);
     }
 
-    pub(super) fn on_worker_frame(&mut self, index: usize, header: Header) {
+    pub(super) fn on_worker_frame(&mut self, index: WorkerHandle, header: Header) {
         let worker = &mut self.workers[index];
         let service = worker.service;
         if worker.state == WorkerState::Stopping {
@@ -257,7 +255,7 @@ impl Core {
                 match hello {
                     Some(hello) if hello.slot_abi_version == SLOT_ABI_VERSION => {
                         worker.state = WorkerState::Idle;
-                        let id = handle(index, worker.generation);
+                        let id = index.to_raw();
                         tracing::debug!(pid = worker.pid, "worker ready");
                         let now = self.now;
                         let accepts_queue = header.flags & proto::FLAG_QUEUED != 0;
@@ -310,13 +308,12 @@ impl Core {
     }
 
     /// The busy worker answered its job: validate the slot, forward the reply, free the worker.
-    pub(super) fn on_job_answer(&mut self, index: usize, job: Job, header: Header) {
+    pub(super) fn on_job_answer(&mut self, index: WorkerHandle, job: Job, header: Header) {
         let Job {
             request, sequence, ..
         } = job;
-        let request_index = self.request_index(request);
         let (origin, caller_request_id, service) = {
-            let entry = &self.requests[request_index];
+            let entry = &self.requests[request];
             (entry.origin, entry.caller_request_id, entry.service)
         };
         let service_id = self.services[service].id;
@@ -419,7 +416,7 @@ impl Core {
 
     /// The worker's running job is answered: the next queued one (already on its socket) is
     /// running now, or the worker is idle.
-    pub(super) fn advance(&mut self, index: usize) {
+    pub(super) fn advance(&mut self, index: WorkerHandle) {
         let worker = &mut self.workers[index];
         worker.state = match worker.queued.pop_front() {
             Some(job) => WorkerState::Busy(job),
@@ -429,9 +426,9 @@ impl Core {
 
     /// Tell the pool the worker finished its job (measuring its memory when the policy
     /// recycles on it).
-    pub(super) fn job_done(&mut self, index: usize) {
+    pub(super) fn job_done(&mut self, index: WorkerHandle) {
         let worker = &self.workers[index];
-        let id = handle(index, worker.generation);
+        let id = index.to_raw();
         let service = worker.service;
         let rss = self.services[service]
             .pool
@@ -445,13 +442,13 @@ impl Core {
 
     /// A worker broke the protocol: kill it, take it out of the pool, and answer the request
     /// it held with `worker failed`.
-    pub(super) fn fail_worker(&mut self, index: usize, reason: &str) {
+    pub(super) fn fail_worker(&mut self, index: WorkerHandle, reason: &str) {
         self.retire_worker(index, reason, Gone::Violation);
     }
 
     /// The worker closed its control socket (or it broke): it is dying or hostile. Kill it to
     /// be sure and let the reap (which then comes at once) retire it with its exit status.
-    pub(super) fn lose_worker(&mut self, index: usize, reason: &str) {
+    pub(super) fn lose_worker(&mut self, index: WorkerHandle, reason: &str) {
         let worker = &mut self.workers[index];
         if matches!(worker.state, WorkerState::Dead | WorkerState::Stopping) {
             return;
@@ -462,7 +459,7 @@ impl Core {
 
     /// Take a worker out of service for good and tell the pool (once). The request it held, if
     /// any and not yet answered, gets `worker failed`.
-    pub(super) fn retire_worker(&mut self, index: usize, reason: &str, how: Gone) {
+    pub(super) fn retire_worker(&mut self, index: WorkerHandle, reason: &str, how: Gone) {
         let worker = &mut self.workers[index];
         let previous = worker.state;
         if worker.gone_reported {
@@ -472,7 +469,7 @@ impl Core {
         worker.state = WorkerState::Dead;
         worker.fate.get_or_insert_with(|| reason.to_string());
         let service = worker.service;
-        let id = handle(index, worker.generation);
+        let id = index.to_raw();
         let pid = worker.pid;
         if !worker.reaped {
             kill(worker, libc::SIGKILL);
@@ -491,7 +488,7 @@ impl Core {
         let now = self.now;
         let held = self.services[service].pool.on_worker_gone(now, id, how);
         self.workers[index].queued.clear();
-        for request in held {
+        for request in held.into_iter().map(RequestHandle::from_raw) {
             // (A Lending worker's request is already answered: its reply is being sent.)
             if self.request_is_live(request) {
                 let message = format!("the worker (pid {pid}) failed: {reason}");
@@ -503,7 +500,7 @@ impl Core {
 
     /// The policy stopped a worker: close its control socket (the SDK exits on EOF) and send
     /// SIGTERM; the policy sends `Kill` after the grace period if it is still there.
-    pub(super) fn stop_worker(&mut self, index: usize, reason: StopReason) {
+    pub(super) fn stop_worker(&mut self, index: WorkerHandle, reason: StopReason) {
         let worker = &mut self.workers[index];
         if matches!(worker.state, WorkerState::Dead | WorkerState::Stopping) {
             return;
@@ -525,7 +522,7 @@ impl Core {
         kill(worker, libc::SIGTERM);
     }
 
-    pub(super) fn on_worker_reaped(&mut self, index: usize, result: i32) {
+    pub(super) fn on_worker_reaped(&mut self, index: WorkerHandle, result: i32) {
         let worker = &mut self.workers[index];
         worker.wait_in_flight = false;
         if result < 0 {
@@ -547,24 +544,23 @@ impl Core {
         tracing::info!(service = %service, pid = worker.pid, reason = fate, "worker exited: {status}");
         // The process is gone: nothing more will come on its descriptors except EOF; cancel
         // reads that a surviving grandchild could keep open.
-        let generation = worker.generation;
         let (recv, out, err) = (
             worker.recv_in_flight,
             worker.stdout.in_flight,
             worker.stderr.in_flight,
         );
         if recv {
-            self.cancel(Token::new(OpKind::WorkerRecv, index, generation));
+            self.cancel(Token::worker(OpKind::WorkerRecv, index));
         }
         if out {
-            self.cancel(Token::new(OpKind::WorkerStdout, index, generation));
+            self.cancel(Token::worker(OpKind::WorkerStdout, index));
         }
         if err {
-            self.cancel(Token::new(OpKind::WorkerStderr, index, generation));
+            self.cancel(Token::worker(OpKind::WorkerStderr, index));
         }
     }
 
-    pub(super) fn free_worker_if_done(&mut self, index: usize) {
+    pub(super) fn free_worker_if_done(&mut self, index: WorkerHandle) {
         let Some(worker) = self.workers.get(index) else {
             return;
         };

@@ -33,7 +33,7 @@ pub(super) enum WorkerState {
 /// A job a worker holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct Job {
-    pub(super) request: u64,
+    pub(super) request: RequestHandle,
     /// Its `Job` frame's `request_id`; the answer must carry it.
     pub(super) sequence: u64,
     pub(super) path: JobPath,
@@ -57,11 +57,11 @@ pub(super) enum JobPath {
 pub(super) enum SlotUse {
     /// No one: it is the worker's (or free).
     Free,
-    /// A caller's payload is being read into it (connection index and generation); the
-    /// worker is `Busy` with that request and its `Job` frame waits until the read is done.
-    Filling { conn: usize, conn_generation: u32 },
+    /// A caller's payload is being read into it by this connection; the worker is `Busy`
+    /// with that request and its `Job` frame waits until the read is done.
+    Filling { conn: ConnHandle },
     /// A reply is being sent from it to this connection.
-    Lent { conn: usize },
+    Lent { conn: ConnHandle },
 }
 
 pub(super) struct PipeLog {
@@ -85,7 +85,6 @@ impl PipeLog {
 }
 
 pub(super) struct Worker {
-    pub(super) generation: u32,
     pub(super) service: usize,
     pub(super) pid: i32,
     pub(super) control: OwnedFd,
@@ -125,16 +124,11 @@ impl Worker {
             || self.slot_use != SlotUse::Free
     }
 
-    /// Whether this is the worker of that generation, its slot being filled by that
-    /// connection. (A filled worker's entry is kept until the read ends, so a direct read's
-    /// worker is always there; this guards against our own bookkeeping going wrong.)
-    pub(super) fn is_filled_by(&self, generation: u32, conn: usize, conn_generation: u32) -> bool {
-        self.generation == generation
-            && self.slot_use
-                == (SlotUse::Filling {
-                    conn,
-                    conn_generation,
-                })
+    /// Whether its slot is being filled by that connection. (A filled worker's entry is kept
+    /// until the read ends, so a direct read's worker is always there; this guards against our
+    /// own bookkeeping going wrong.)
+    pub(super) fn is_filled_by(&self, conn: ConnHandle) -> bool {
+        self.slot_use == (SlotUse::Filling { conn })
     }
 
     /// The job it is running, if any.
