@@ -96,6 +96,10 @@ pub struct ServiceStatus {
     pub exits_timed_out: u64,
     pub exits_killed: u64,
     pub exits_shutdown: u64,
+    /// Workers killed or lost for breaking the worker protocol or their control socket, by
+    /// fault (`early_answer`, `forbidden_flags`, ...; only those seen).
+    #[serde(default)]
+    pub worker_faults: std::collections::BTreeMap<String, u64>,
     /// Spawns per second the pacing allows right now.
     pub spawn_rate: u32,
     pub pids: Vec<i32>,
@@ -193,6 +197,14 @@ impl Status {
                 s.exits_killed,
                 s.exits_shutdown
             );
+            if !s.worker_faults.is_empty() {
+                let faults: Vec<String> = s
+                    .worker_faults
+                    .iter()
+                    .map(|(name, n)| format!("{name} {n}"))
+                    .collect();
+                let _ = writeln!(out, "  faults    {}", faults.join(", "));
+            }
             for (label, latency) in [
                 ("last interval", &s.latency_last_interval),
                 ("since start", &s.latency_since_start),

@@ -190,6 +190,8 @@ pub struct ServiceMetrics {
     pub bytes_out: u64,
     /// Requests or replies that took the copy path instead of a slot hand-over.
     pub copy_path: u64,
+    /// Workers killed or lost for a fault, by fault label (every label, zeros included).
+    pub worker_faults: Vec<(&'static str, u64)>,
     pub spawns: u64,
     /// Worker exits by reason: `recycled`, `idle`, `crashed`, `timed_out`, `killed`,
     /// `shutdown`, `failed_start`.

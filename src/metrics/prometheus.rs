@@ -99,6 +99,7 @@ struct ServiceExposition {
     bytes_in: u64,
     bytes_out: u64,
     copy_path: u64,
+    worker_faults: Vec<(&'static str, u64)>,
     spawns: u64,
     exits: Vec<(&'static str, u64)>,
     workers: Vec<(&'static str, u64)>,
@@ -123,6 +124,7 @@ impl ServiceExposition {
             bytes_in: s.bytes_in,
             bytes_out: s.bytes_out,
             copy_path: s.copy_path,
+            worker_faults: s.worker_faults.clone(),
             spawns: s.spawns,
             exits: s.exits.clone(),
             workers: s.workers.clone(),
@@ -287,6 +289,15 @@ impl Collector for Exposition {
         )?;
         self.per_service_by(
             e,
+            "worker_faults",
+            "Workers killed or lost for breaking the worker protocol or their control socket, \
+             by fault.",
+            Counter,
+            "fault",
+            |s| &s.worker_faults,
+        )?;
+        self.per_service_by(
+            e,
             "worker_exits",
             "Worker processes that exited, by reason.",
             Counter,
@@ -415,6 +426,7 @@ mod tests {
             bytes_in: 1000,
             bytes_out: 2000,
             copy_path: 3,
+            worker_faults: vec![("early_answer", 1), ("slot", 0)],
             spawns: 4,
             exits: vec![("recycled", 1), ("crashed", 2)],
             workers: vec![("starting", 0), ("idle", 1), ("busy", 2), ("stopping", 0)],
@@ -537,6 +549,7 @@ mod tests {
             ("acgi_bridge_copy_path_total", "counter"),
             ("acgi_bridge_worker_spawns_total", "counter"),
             ("acgi_bridge_worker_exits_total", "counter"),
+            ("acgi_bridge_worker_faults_total", "counter"),
             ("acgi_bridge_workers", "gauge"),
             ("acgi_bridge_backlog", "gauge"),
             ("acgi_bridge_connections", "gauge"),
@@ -598,6 +611,13 @@ mod tests {
         assert_eq!(
             sample(
                 &text,
+                "acgi_bridge_worker_faults_total{service=\"kv\",fault=\"early_answer\"}"
+            ),
+            1.0
+        );
+        assert_eq!(
+            sample(
+                &text,
                 "acgi_bridge_workers{service=\"echo\",state=\"busy\"}"
             ),
             2.0
@@ -628,7 +648,7 @@ mod tests {
         let text = encode_prometheus(&MetricsSnapshot::default());
         assert_eq!(
             text.lines().filter(|l| l.starts_with("# TYPE ")).count(),
-            15
+            16
         );
         assert_eq!(sample(&text, "acgi_bridge_connections"), 0.0);
     }

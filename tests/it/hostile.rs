@@ -82,6 +82,8 @@ fn an_early_answer_is_a_violation(bridge: &Bridge) {
         "the log names the violation:\n{log}"
     );
     assert!(!log.contains("panicked"), "{log}");
+    let faults = bridge.service_status("faulty").worker_faults;
+    assert_eq!(faults.get("early_answer"), Some(&1), "{faults:?}");
 }
 
 #[test]
@@ -127,7 +129,13 @@ fn a_fail_with_in_slot_or_timeout_flags_is_a_violation() {
         );
         assert_eq!(client.call("faulty", b"echo after").unwrap(), b"after");
     }
-    assert_eq!(bridge.service_status("faulty").spawns, 3);
+    let status = bridge.service_status("faulty");
+    assert_eq!(status.spawns, 3);
+    assert_eq!(
+        status.worker_faults.get("forbidden_flags"),
+        Some(&2),
+        "{status:#?}"
+    );
 }
 
 #[test]
@@ -148,5 +156,7 @@ fn a_hello_with_in_slot_or_timeout_flags_is_a_failed_start() {
             log.contains("worker failed to start: sent a Hello frame with flags"),
             "flags {flags}:\n{log}"
         );
+        let faults = bridge.service_status("faulty").worker_faults;
+        assert!(faults.get("forbidden_flags") >= Some(&1), "{faults:?}");
     }
 }

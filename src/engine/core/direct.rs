@@ -179,8 +179,7 @@ impl Core {
                     self.arm_worker_send(into.worker);
                 }
                 Err(error) => {
-                    let reason = format!("corrupted its slot: {error}");
-                    self.fail_worker(into.worker, &reason);
+                    self.fail_worker(into.worker, WorkerFault::Slot(error));
                 }
             }
         } else {

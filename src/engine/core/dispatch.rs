@@ -171,7 +171,7 @@ impl Core {
         self.requests[request].payload = payload;
         match filled {
             Ok(()) => self.arm_worker_send(worker),
-            Err(error) => self.fail_worker(worker, &format!("corrupted its slot: {error}")),
+            Err(error) => self.fail_worker(worker, WorkerFault::Slot(error)),
         }
     }
 }

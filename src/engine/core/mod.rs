@@ -225,6 +225,7 @@ mod cross_core;
 mod direct;
 mod dispatch;
 mod event_loop;
+mod fault;
 mod invariants;
 mod listen;
 mod report;
@@ -235,6 +236,7 @@ mod tables;
 mod worker;
 mod worker_state;
 
+use fault::WorkerFault;
 use tables::*;
 use worker::kill;
 use worker_state::{Job, JobPath, PipeLog, SlotUse, Worker, WorkerState};
@@ -398,6 +400,8 @@ pub struct ServiceCounters {
     pub bytes_out: u64,
     /// Requests and replies that were larger than the slot (the copy path).
     pub copy_path: u64,
+    /// Workers killed or lost for a fault, by `WorkerFault::index`.
+    pub worker_faults: [u64; WorkerFault::LABELS.len()],
 }
 
 impl ServiceCounters {
@@ -409,6 +413,17 @@ impl ServiceCounters {
         self.bytes_in += other.bytes_in;
         self.bytes_out += other.bytes_out;
         self.copy_path += other.copy_path;
+        for (mine, theirs) in self.worker_faults.iter_mut().zip(&other.worker_faults) {
+            *mine += theirs;
+        }
+    }
+
+    /// Worker faults by label, every one in order (zeros included).
+    fn faults(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        WorkerFault::LABELS
+            .iter()
+            .copied()
+            .zip(self.worker_faults.iter().copied())
     }
 
     /// Failed requests by error code, every code in order (zeros included).

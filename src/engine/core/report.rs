@@ -194,6 +194,7 @@ impl Core {
                     bytes_in: counters.bytes_in,
                     bytes_out: counters.bytes_out,
                     copy_path: counters.copy_path,
+                    worker_faults: counters.faults().collect(),
                     spawns: stats.spawns,
                     exits: vec![
                         ("recycled", stats.exits_recycled),
@@ -302,6 +303,12 @@ impl Core {
                     exits_timed_out: stats.exits_timed_out,
                     exits_killed: stats.exits_killed,
                     exits_shutdown: stats.exits_shutdown,
+                    worker_faults: shard
+                        .counters
+                        .faults()
+                        .filter(|(_, count)| *count > 0)
+                        .map(|(fault, count)| (fault.to_string(), count))
+                        .collect(),
                     spawn_rate: shard.spawn_rate,
                     pids: shard.pids.clone(),
                     latency_since_start: latency_summary(&shard.latency),

@@ -175,7 +175,8 @@ impl Core {
         }
         if result <= 0 {
             let error = io::Error::from_raw_os_error(-result);
-            self.lose_worker(index, &format!("control socket send failed: {error}"));
+            let what = format!("control socket send failed: {error}");
+            self.lose_worker(index, WorkerFault::ControlSocket(what));
             return;
         }
         self.arm_worker_send(index);
@@ -189,12 +190,14 @@ impl Core {
         }
         if result < 0 {
             let error = io::Error::from_raw_os_error(-result);
-            self.lose_worker(index, &format!("control socket failed: {error}"));
+            let what = format!("control socket failed: {error}");
+            self.lose_worker(index, WorkerFault::ControlSocket(what));
             return;
         }
         if result == 0 {
             if worker.state != WorkerState::Stopping {
-                self.lose_worker(index, "closed its control socket");
+                let what = "closed its control socket".to_string();
+                self.lose_worker(index, WorkerFault::ControlSocket(what));
             }
             return;
         }
@@ -210,7 +213,7 @@ impl Core {
             match worker.read.parse(max) {
                 Parsed::NeedMore => break,
                 Parsed::Bad(error) => {
-                    self.fail_worker(index, &format!("sent a bad frame: {error}"));
+                    self.fail_worker(index, WorkerFault::BadFrame(error));
                     return;
                 }
                 Parsed::Frame(header) => {
@@ -242,11 +245,11 @@ impl Core {
             _ => 0,
         };
         if header.flags & !allowed != 0 {
-            let message = format!(
-                "sent a {:?} frame with flags {:#06x}, which it may not carry",
-                header.kind, header.flags
-            );
-            self.fail_worker(index, &message);
+            let fault = WorkerFault::ForbiddenFlags {
+                kind: header.kind,
+                flags: header.flags,
+            };
+            self.fail_worker(index, fault);
             return;
         }
         match (worker.state, header.kind) {
@@ -267,23 +270,20 @@ impl Core {
                         );
                         self.run_pool_actions(service);
                     }
-                    Some(hello) => self.fail_worker(
-                        index,
-                        &format!(
-                            "speaks slot ABI {}, this bridge speaks {SLOT_ABI_VERSION}",
-                            hello.slot_abi_version
-                        ),
-                    ),
-                    None => self.fail_worker(index, "sent a malformed Hello"),
+                    Some(hello) => {
+                        let found = hello.slot_abi_version;
+                        self.fail_worker(index, WorkerFault::WrongAbi { found });
+                    }
+                    None => self.fail_worker(index, WorkerFault::MalformedHello),
                 }
             }
             (WorkerState::Busy(job), Kind::Done | Kind::Fail) => {
                 if header.request_id != job.sequence {
-                    let message = format!(
-                        "answered job {} while holding job {}",
-                        header.request_id, job.sequence
-                    );
-                    self.fail_worker(index, &message);
+                    let fault = WorkerFault::WrongJob {
+                        answered: header.request_id,
+                        holding: job.sequence,
+                    };
+                    self.fail_worker(index, fault);
                     return;
                 }
                 if matches!(worker.slot_use, SlotUse::Filling { .. })
@@ -291,18 +291,15 @@ impl Core {
                 {
                     // It guessed the sequence: its `Job` frame (and, for a direct read, the
                     // payload in its slot) is not all there yet.
-                    let message = format!(
-                        "answered job {} before its Job frame was sent",
-                        job.sequence
-                    );
-                    self.fail_worker(index, &message);
+                    let sequence = job.sequence;
+                    self.fail_worker(index, WorkerFault::EarlyAnswer { sequence });
                     return;
                 }
                 self.on_job_answer(index, job, header);
             }
             (state, kind) => {
-                let message = format!("sent an unexpected {kind:?} frame while {state:?}");
-                self.fail_worker(index, &message);
+                let state = state.name();
+                self.fail_worker(index, WorkerFault::UnexpectedFrame { kind, state });
             }
         }
     }
@@ -330,11 +327,11 @@ impl Core {
         let counters = &mut self.services[service].counters;
         counters.copy_path += u64::from(header.kind == Kind::Done && !in_slot && !front_queued);
         if front_queued && in_slot {
-            self.fail_worker(index, "answered a queued job in its slot");
+            self.fail_worker(index, WorkerFault::InSlotAnswerToQueuedJob);
             return;
         }
         if in_slot && header.payload_len != 0 {
-            self.fail_worker(index, "sent an in-slot reply with a socket payload");
+            self.fail_worker(index, WorkerFault::InSlotWithPayload);
             return;
         }
         if in_slot {
@@ -394,7 +391,7 @@ impl Core {
             }
         }
         if let Err(error) = taken {
-            self.fail_worker(index, &format!("broke the slot protocol: {error}"));
+            self.fail_worker(index, WorkerFault::Slot(error));
             return;
         }
         let ok = header.kind == Kind::Done;
@@ -442,18 +439,24 @@ impl Core {
 
     /// A worker broke the protocol: kill it, take it out of the pool, and answer the request
     /// it held with `worker failed`.
-    pub(super) fn fail_worker(&mut self, index: WorkerHandle, reason: &str) {
-        self.retire_worker(index, reason, Gone::Violation);
+    pub(super) fn fail_worker(&mut self, index: WorkerHandle, fault: WorkerFault) {
+        let worker = &self.workers[index];
+        if !worker.gone_reported {
+            let service = worker.service;
+            self.services[service].counters.worker_faults[fault.index()] += 1;
+        }
+        self.retire_worker(index, &fault.to_string(), Gone::Violation);
     }
 
     /// The worker closed its control socket (or it broke): it is dying or hostile. Kill it to
     /// be sure and let the reap (which then comes at once) retire it with its exit status.
-    pub(super) fn lose_worker(&mut self, index: WorkerHandle, reason: &str) {
+    pub(super) fn lose_worker(&mut self, index: WorkerHandle, fault: WorkerFault) {
         let worker = &mut self.workers[index];
         if matches!(worker.state, WorkerState::Dead | WorkerState::Stopping) {
             return;
         }
-        worker.fate.get_or_insert_with(|| reason.to_string());
+        self.services[worker.service].counters.worker_faults[fault.index()] += 1;
+        worker.fate.get_or_insert_with(|| fault.to_string());
         kill(worker, libc::SIGKILL);
     }
 

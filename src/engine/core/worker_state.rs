@@ -30,6 +30,20 @@ pub(super) enum WorkerState {
     Dead,
 }
 
+impl WorkerState {
+    /// Its name, for log lines and faults.
+    pub(super) fn name(&self) -> &'static str {
+        match self {
+            WorkerState::Starting => "starting",
+            WorkerState::Idle => "idle",
+            WorkerState::Busy(_) => "busy",
+            WorkerState::Lending => "lending its slot",
+            WorkerState::Stopping => "stopping",
+            WorkerState::Dead => "dead",
+        }
+    }
+}
+
 /// A job a worker holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct Job {
