@@ -8,7 +8,7 @@ impl Core {
         let max = self.config.max_payload_bytes;
         let conn = &mut self.conns[index];
         if let Some(into) = &conn.into_slot {
-            if conn.recv_in_flight || conn.closing {
+            if conn.recv.in_flight() || conn.is_closing() {
                 return;
             }
             // The rest of the payload goes straight into the worker's slot (a registered
@@ -28,12 +28,11 @@ impl Core {
                 None => on_target!(fd, |fd| opcode::Recv::new(fd, at, len).build()),
             }
             .user_data(Token::conn(OpKind::ConnRecvSlot, index).encode());
-            conn.recv_in_flight = true;
-            conn.recv_kind = OpKind::ConnRecvSlot;
+            conn.recv = Recv::IntoSlot;
             self.push(entry);
             return;
         }
-        if conn.recv_in_flight || conn.closing || conn.read_closed || conn.close_when_flushed {
+        if conn.recv.in_flight() || conn.phase != Phase::Open {
             return;
         }
         if self.provided.is_some() && conn.kind.is_caller() && !conn.provided_off {
@@ -41,15 +40,13 @@ impl Core {
             let fd = target(&conn.fd, conn.file);
             let entry = on_target!(fd, |fd| opcode::RecvMulti::new(fd, pbuf::GROUP).build())
                 .user_data(Token::conn(OpKind::ConnRecvMulti, index).encode());
-            conn.recv_in_flight = true;
-            conn.recv_kind = OpKind::ConnRecvMulti;
+            conn.recv = Recv::Multi;
             self.push(entry);
             return;
         }
         if conn.read.is_released() {
             conn.read.reacquire(self.read_spares.pop());
         }
-        conn.recv_kind = OpKind::ConnRecv;
         let needed = if conn.discard > 0 {
             0
         } else {
@@ -71,14 +68,14 @@ impl Core {
         );
         let entry = on_target!(fd, |fd| opcode::Recv::new(fd, at, len).build())
             .user_data(Token::conn(OpKind::ConnRecv, index).encode());
-        conn.recv_in_flight = true;
+        conn.recv = Recv::Plain;
         self.push(entry);
     }
 
     pub(super) fn on_conn_recv(&mut self, index: ConnHandle, result: i32) {
         let conn = &mut self.conns[index];
-        conn.recv_in_flight = false;
-        if conn.closing {
+        conn.recv = Recv::Idle;
+        if conn.is_closing() {
             self.free_conn_if_done(index);
             return;
         }
@@ -89,7 +86,7 @@ impl Core {
             return;
         }
         if result == 0 {
-            conn.read_closed = true;
+            conn.read_side_closed();
             self.close_conn_if_finished(index);
             return;
         }
@@ -104,7 +101,7 @@ impl Core {
                 // Back to multishot receives (if it had fallen back from them).
                 conn.provided_off = false;
             }
-            if !conn.closing {
+            if !conn.is_closing() {
                 self.arm_conn_recv(index);
             }
         }
@@ -116,10 +113,10 @@ impl Core {
         let more = cqueue::more(flags);
         let conn = &mut self.conns[index];
         if !more {
-            conn.recv_in_flight = false;
+            conn.recv = Recv::Idle;
         }
         if let Some(bid) = cqueue::buffer_select(flags) {
-            if result > 0 && !conn.closing {
+            if result > 0 && !conn.is_closing() {
                 self.take_provided(index, bid, result as usize);
             }
             if let Some(provided) = &mut self.provided {
@@ -127,8 +124,8 @@ impl Core {
             }
         }
         let conn = &mut self.conns[index];
-        if conn.closing {
-            if !conn.recv_in_flight {
+        if conn.is_closing() {
+            if !conn.recv.in_flight() {
                 self.abort_direct_read(index);
                 self.free_conn_if_done(index);
             }
@@ -144,7 +141,7 @@ impl Core {
             self.close_conn(index);
             return;
         } else if result == 0 {
-            conn.read_closed = true;
+            conn.read_side_closed();
             if conn.into_slot.is_some() {
                 self.close_conn(index);
             } else {
@@ -167,7 +164,7 @@ impl Core {
         let Some(conn) = self.conns.get_mut(index) else {
             return;
         };
-        if conn.closing {
+        if conn.is_closing() {
             return;
         }
         let max = self.config.max_payload_bytes;
@@ -175,7 +172,7 @@ impl Core {
             .read
             .frame_bytes_needed(max)
             .saturating_sub(conn.read.len());
-        if conn.recv_in_flight
+        if conn.recv.in_flight()
             && conn.into_slot.is_none()
             && !conn.read.is_empty()
             && missing > pbuf::BUFFER_BYTES
@@ -187,7 +184,7 @@ impl Core {
             self.cancel(token);
             return;
         }
-        if conn.recv_in_flight && conn.read.is_empty() {
+        if conn.recv.in_flight() && conn.read.is_empty() {
             // Waiting for its next request: it holds no buffer meanwhile.
             if let Some(bytes) = conn.read.release() {
                 if self.read_spares.len() < READ_SPARES_MAX {
@@ -195,7 +192,7 @@ impl Core {
                 }
             }
         }
-        if !conn.recv_in_flight {
+        if !conn.recv.in_flight() {
             self.arm_conn_recv(index);
         }
     }
@@ -237,7 +234,7 @@ impl Core {
             let Some(conn) = self.conns.get_mut(index) else {
                 return;
             };
-            if conn.closing || conn.close_when_flushed {
+            if matches!(conn.phase, Phase::Closing | Phase::Flushing) {
                 return;
             }
             if conn.discard > 0 {
@@ -321,9 +318,9 @@ impl Core {
         let message = error.to_string();
         self.answer_error(index, request_id, 0, ErrorCode::MalformedFrame, &message);
         if let Some(conn) = self.conns.get_mut(index) {
-            conn.close_when_flushed = true;
-            if conn.recv_in_flight {
-                let token = Token::conn(conn.recv_kind, index);
+            conn.close_after_flush();
+            if conn.recv.in_flight() {
+                let token = Token::conn(conn.recv.op().expect("in flight"), index);
                 self.cancel(token);
             }
         }
@@ -434,7 +431,7 @@ impl Core {
         let Some(conn) = self.conns.get_mut(index) else {
             return;
         };
-        if conn.closing {
+        if conn.is_closing() {
             return;
         }
         proto::encode_frame(conn.send.tail(), header, payload);
@@ -469,7 +466,7 @@ impl Core {
 
     pub(super) fn arm_conn_send(&mut self, index: ConnHandle) {
         let conn = &mut self.conns[index];
-        if conn.closing {
+        if conn.is_closing() {
             return;
         }
         let token = Token::conn(OpKind::ConnSend, index);
@@ -481,7 +478,7 @@ impl Core {
     pub(super) fn on_conn_send(&mut self, index: ConnHandle, result: i32) {
         let conn = &mut self.conns[index];
         conn.send.complete(result.max(0) as usize);
-        if conn.closing {
+        if conn.is_closing() {
             self.free_conn_if_done(index);
             return;
         }
@@ -501,17 +498,17 @@ impl Core {
         let Some(conn) = self.conns.get(index) else {
             return;
         };
-        if conn.closing {
+        if conn.is_closing() {
             return;
         }
         let flushed = conn.send.queued_bytes() == 0 && !conn.send.in_flight;
-        if flushed && conn.close_when_flushed && !conn.kind.is_caller() {
+        if flushed && conn.phase == Phase::Flushing && !conn.kind.is_caller() {
             // HTTP and admin answers end with the connection: send FIN before closing so that
             // a client's unread bytes cannot turn the close into a reset that eats the answer.
             let _ = rustix::net::shutdown(&conn.fd, rustix::net::Shutdown::Write);
         }
-        let caller_done =
-            conn.close_when_flushed || (conn.read_closed && conn.requests_in_flight == 0);
+        let caller_done = conn.phase == Phase::Flushing
+            || (conn.phase == Phase::ReadClosed && conn.requests_in_flight == 0);
         let stopping_and_idle = self.shutdown_deadline.is_some()
             && self.pools_stopped()
             && conn.requests_in_flight == 0;
@@ -524,16 +521,16 @@ impl Core {
     /// requests are dropped when they arrive (the generation no longer matches).
     pub(super) fn close_conn(&mut self, index: ConnHandle) {
         let conn = &mut self.conns[index];
-        if conn.closing {
+        if conn.is_closing() {
             return;
         }
-        conn.closing = true;
-        let (recv, send) = (conn.recv_in_flight, conn.send.in_flight);
+        let recv = conn.recv;
+        conn.phase = Phase::Closing;
+        let send = conn.send.in_flight;
         let from_slot = conn.slot_send.is_some();
         let into_slot = conn.into_slot.is_some();
-        let recv_kind = conn.recv_kind;
-        if recv {
-            self.cancel(Token::conn(recv_kind, index));
+        if let Some(op) = recv.op() {
+            self.cancel(Token::conn(op, index));
         } else if into_slot {
             self.abort_direct_read(index);
         }
@@ -548,7 +545,7 @@ impl Core {
 
     pub(super) fn free_conn_if_done(&mut self, index: ConnHandle) {
         let conn = &self.conns[index];
-        if conn.closing && !conn.recv_in_flight && !conn.send.in_flight {
+        if conn.is_closing() && !conn.recv.in_flight() && !conn.send.in_flight {
             debug_assert!(conn.into_slot.is_none());
             let conn = self.conns.remove(index);
             if let Some(file) = conn.file {
@@ -566,6 +563,9 @@ impl Core {
 
     /// The live connection behind a request's handle, if the caller is still there.
     pub(super) fn live_conn(&self, conn: ConnHandle) -> Option<ConnHandle> {
-        self.conns.get(conn).filter(|c| !c.closing).map(|_| conn)
+        self.conns
+            .get(conn)
+            .filter(|c| !c.is_closing())
+            .map(|_| conn)
     }
 }

@@ -14,7 +14,7 @@ impl Core {
         if !conn.kind.is_caller()
             || conn.into_slot.is_some()
             || conn.discard > 0
-            || conn.close_when_flushed
+            || conn.phase == Phase::Flushing
             || self.shutdown_deadline.is_some()
         {
             return;
@@ -60,7 +60,7 @@ impl Core {
         self.run_pool_actions(service);
         debug_assert!(self.conns[index].into_slot.is_some() || !self.request_is_live(request));
         let conn = &mut self.conns[index];
-        if conn.into_slot.is_none() && !conn.closing {
+        if conn.into_slot.is_none() && !conn.is_closing() {
             // Not dispatched after all (the policy refused it and it was answered): skip
             // its payload.
             conn.read.consume(HEADER_BYTES + prefix);
@@ -106,7 +106,7 @@ impl Core {
             std::ptr::copy_nonoverlapping(source.as_ptr(), w.slot.data_address_mut(0), prefix)
         };
         conn.read.consume(HEADER_BYTES + prefix);
-        if conn.recv_in_flight && conn.recv_kind == OpKind::ConnRecvMulti {
+        if conn.recv == Recv::Multi {
             // The rest goes straight into the slot: stop the multishot receive (what it still
             // brings is copied into the slot) and read there once it has ended.
             let token = Token::conn(OpKind::ConnRecvMulti, conn_index);
@@ -129,8 +129,8 @@ impl Core {
 
     pub(super) fn on_conn_recv_slot(&mut self, index: ConnHandle, result: i32) {
         let conn = &mut self.conns[index];
-        conn.recv_in_flight = false;
-        if conn.closing {
+        conn.recv = Recv::Idle;
+        if conn.is_closing() {
             self.abort_direct_read(index);
             self.free_conn_if_done(index);
             return;

@@ -43,6 +43,7 @@ impl Core {
             }
         }
         for (index, conn) in self.conns.iter() {
+            conn.check_invariants(index);
             if let Some(into) = &conn.into_slot {
                 let worker = self.workers.get(into.worker);
                 assert!(

@@ -221,6 +221,7 @@ macro_rules! on_target {
 }
 
 mod conn;
+mod conn_state;
 mod cross_core;
 mod direct;
 mod dispatch;
@@ -236,6 +237,7 @@ mod tables;
 mod worker;
 mod worker_state;
 
+use conn_state::{Conn, IntoSlot, Phase, Recv, SlotSend};
 use fault::WorkerFault;
 use tables::*;
 use worker::kill;
@@ -272,58 +274,6 @@ struct Listener {
     kind: ListenerKind,
     accept_in_flight: bool,
     rearm_at: Option<Instant>,
-}
-
-struct Conn {
-    fd: OwnedFd,
-    read: ReadBuffer,
-    recv_in_flight: bool,
-    /// Answers queued for the caller.
-    send: SendQueue,
-    /// Payload bytes still to skip after an oversized frame.
-    discard: u64,
-    /// Requests accepted and not yet answered.
-    requests_in_flight: u32,
-    /// The caller shut down its side: answer what is in flight, then close.
-    read_closed: bool,
-    /// Stop reading; close once the queued answers are sent.
-    close_when_flushed: bool,
-    /// Closed: waiting for in-flight ops to complete before the entry is dropped.
-    closing: bool,
-    /// A reply being sent straight from a worker's slot (header + fixed write, linked).
-    slot_send: Option<SlotSend>,
-    /// Which listener it came from: callers speak frames, admin lines, metrics HTTP.
-    kind: ListenerKind,
-    /// The payload of the request at the front is being read into a worker's slot.
-    into_slot: Option<IntoSlot>,
-    /// Its index in the ring's registered-file table, if registered.
-    file: Option<u32>,
-    /// The receive armed (while `recv_in_flight`): plain, multishot, or into a slot.
-    recv_kind: OpKind,
-    /// The provided buffers ran out under it: plain receives until its buffer is empty again.
-    provided_off: bool,
-    /// Its last request went straight into a slot: read the next header alone (if it is
-    /// large too, none of its payload is copied).
-    large_last: bool,
-}
-
-/// A request payload being read from the caller's socket straight into a worker's slot (the
-/// worker is `Busy` with it; its `Job` goes out once the whole payload is in).
-struct IntoSlot {
-    request: RequestHandle,
-    worker: WorkerHandle,
-    sequence: u64,
-    len: u32,
-    filled: u32,
-}
-
-/// A reply sent from a slot: the header (the front of `Conn::send`) and the payload (in the slot) go
-/// out as two linked ops; the worker is lent to the connection until both complete.
-struct SlotSend {
-    worker: WorkerHandle,
-    len: u32,
-    header_result: Option<i32>,
-    payload_result: Option<i32>,
 }
 
 /// Where an answer goes.

@@ -139,7 +139,7 @@ impl Core {
         let conn = &mut self.conns[index];
         conn.read.consume(conn.read.len());
         conn.send.tail().extend_from_slice(answer);
-        conn.close_when_flushed = true;
+        conn.close_after_flush();
         self.arm_conn_send(index);
     }
 
@@ -237,7 +237,7 @@ impl Core {
                 conn.send
                     .tail()
                     .extend_from_slice(b"error: command line too long\n");
-                conn.close_when_flushed = true;
+                conn.close_after_flush();
                 self.arm_conn_send(index);
             }
             return;

@@ -142,7 +142,7 @@ impl Core {
         };
         // (A lent worker's entry stays until it is returned: indexing checks the handle.)
         let worker = &self.workers[send.worker];
-        if conn.closing || failed {
+        if conn.is_closing() || failed {
             conn.send.clear();
         } else {
             let len = send.len as usize;
@@ -161,7 +161,7 @@ impl Core {
         let Some(conn) = self.conns.get(index) else {
             return;
         };
-        if conn.closing {
+        if conn.is_closing() {
             self.free_conn_if_done(index);
         } else if failed {
             tracing::debug!(header_result, payload_result, "sending to a caller failed");

@@ -11,7 +11,7 @@
 //!
 //! The slot beside it: `Free` (the worker's own), `Filling` (a caller's payload is being read
 //! into it; the running job's `Job` frame is not sent yet, so any answer is a violation), or
-//! `Lent` (a reply is being sent from it to a caller). The table is in `LIFECYCLE.md`.
+//! `Lent` (a reply is being sent from it to a caller). The tables are in `WORKER_LIFECYCLE.md`.
 
 use super::*;
 

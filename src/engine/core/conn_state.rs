@@ -1,0 +1,144 @@
+//! A connection as this core sees it: its buffers, the receive it has armed and where it is in
+//! its life, each an enum (the state x event tables are in `CONN_LIFECYCLE.md` beside this
+//! file).
+//!
+//! ```text
+//!   Open --caller's EOF--> ReadClosed --last answer sent--> (close)
+//!    |  \--protocol error / admin or metrics answer--> Flushing --queue empty--> (close)
+//!    +-- any, on close: ops cancelled --> Closing --last op completed--> freed
+//! ```
+
+use super::*;
+
+/// The receive a connection has in flight.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Recv {
+    /// None.
+    Idle,
+    /// A plain receive into its read buffer.
+    Plain,
+    /// A multishot receive into the core's provided buffers.
+    Multi,
+    /// A receive of a request's payload straight into a worker's slot (`Conn::into_slot`).
+    IntoSlot,
+}
+
+impl Recv {
+    pub(super) fn in_flight(self) -> bool {
+        self != Recv::Idle
+    }
+
+    /// The op kind its completion carries (for a cancel).
+    pub(super) fn op(self) -> Option<OpKind> {
+        match self {
+            Recv::Idle => None,
+            Recv::Plain => Some(OpKind::ConnRecv),
+            Recv::Multi => Some(OpKind::ConnRecvMulti),
+            Recv::IntoSlot => Some(OpKind::ConnRecvSlot),
+        }
+    }
+}
+
+/// Where a connection is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Phase {
+    /// Reading requests and answering them.
+    Open,
+    /// The caller shut down its side: answer what is in flight, then close.
+    ReadClosed,
+    /// Stop reading; close once the queued answers are sent (after a protocol error, or an
+    /// admin or metrics answer).
+    Flushing,
+    /// Closed: its ops are cancelled and the entry goes once they have completed. Answers
+    /// still owed to its requests are dropped when they arrive (its handle no longer matches
+    /// once the entry is gone).
+    Closing,
+}
+
+impl Conn {
+    pub(super) fn is_closing(&self) -> bool {
+        self.phase == Phase::Closing
+    }
+
+    /// The caller shut down its side (EOF): answer what is in flight, then close. (A
+    /// connection already flushing or closing stays so.)
+    pub(super) fn read_side_closed(&mut self) {
+        if self.phase == Phase::Open {
+            self.phase = Phase::ReadClosed;
+        }
+    }
+
+    /// Read no more; close once what is queued has been sent.
+    pub(super) fn close_after_flush(&mut self) {
+        if self.phase != Phase::Closing {
+            self.phase = Phase::Flushing;
+        }
+    }
+
+    /// The relations between its fields (debug builds, after every completion).
+    pub(super) fn check_invariants(&self, handle: ConnHandle) {
+        assert!(
+            self.recv != Recv::IntoSlot || self.into_slot.is_some(),
+            "{handle:?}: a receive into a slot without a direct read"
+        );
+        if self.slot_send.is_some() {
+            assert!(
+                self.send.in_flight,
+                "{handle:?}: a slot send not marked in flight"
+            );
+        }
+        if !self.kind.is_caller() {
+            assert!(
+                self.into_slot.is_none() && self.slot_send.is_none(),
+                "{handle:?}: an admin or metrics connection touching a slot"
+            );
+        }
+    }
+}
+
+pub(super) struct Conn {
+    pub(super) fd: OwnedFd,
+    pub(super) read: ReadBuffer,
+    /// The receive it has armed, if any.
+    pub(super) recv: Recv,
+    /// Where it is in its life (reading, answering what is left, closing).
+    pub(super) phase: Phase,
+    /// Answers queued for the caller.
+    pub(super) send: SendQueue,
+    /// Payload bytes still to skip after an oversized frame.
+    pub(super) discard: u64,
+    /// Requests accepted and not yet answered.
+    pub(super) requests_in_flight: u32,
+    /// A reply being sent straight from a worker's slot (header + fixed write, linked).
+    pub(super) slot_send: Option<SlotSend>,
+    /// Which listener it came from: callers speak frames, admin lines, metrics HTTP.
+    pub(super) kind: ListenerKind,
+    /// The payload of the request at the front is being read into a worker's slot.
+    pub(super) into_slot: Option<IntoSlot>,
+    /// Its index in the ring's registered-file table, if registered.
+    pub(super) file: Option<u32>,
+    /// The provided buffers ran out under it: plain receives until its buffer is empty again.
+    pub(super) provided_off: bool,
+    /// Its last request went straight into a slot: read the next header alone (if it is
+    /// large too, none of its payload is copied).
+    pub(super) large_last: bool,
+}
+
+/// A request payload being read from the caller's socket straight into a worker's slot (the
+/// worker is `Busy` with it; its `Job` goes out once the whole payload is in).
+pub(super) struct IntoSlot {
+    pub(super) request: RequestHandle,
+    pub(super) worker: WorkerHandle,
+    pub(super) sequence: u64,
+    pub(super) len: u32,
+    pub(super) filled: u32,
+}
+
+/// A reply sent from a slot: the header (the front of `Conn::send`) and the payload (in the slot) go
+/// out as two linked ops; the worker is lent to the connection until both complete.
+pub(super) struct SlotSend {
+    pub(super) worker: WorkerHandle,
+    pub(super) len: u32,
+    pub(super) header_result: Option<i32>,
+    pub(super) payload_result: Option<i32>,
+}
