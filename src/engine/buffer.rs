@@ -269,14 +269,14 @@ impl SendQueue {
     }
 
     /// Put `bytes` at the very front (before everything queued) as the next chunk to send.
-    /// Only when nothing is in flight and `sending` is drained. Returns the stable address of
-    /// the bytes for an op that sends them directly.
-    pub fn set_front(&mut self, bytes: &[u8]) -> *const u8 {
+    /// Only when nothing is in flight and `sending` is drained. Returns the bytes, for an op
+    /// that sends them directly (they stay where they are until `settle_front`).
+    pub fn set_front(&mut self, bytes: &[u8]) -> &[u8] {
         assert!(!self.in_flight && self.sent == self.sending.len());
         self.sending.clear();
         self.sending.extend_from_slice(bytes);
         self.sent = 0;
-        self.sending.as_ptr()
+        &self.sending
     }
 
     /// Drop `n` bytes from the front chunk (they went out by another op) and append `rest`

@@ -8,7 +8,7 @@
 
 pub mod buffer;
 pub mod core;
-pub mod pbuf;
+pub mod io;
 pub mod shared;
 pub mod spawn;
 pub mod table;

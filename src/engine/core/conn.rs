@@ -18,18 +18,16 @@ impl Core {
                 worker.is_filled_by(index),
                 "a direct read into a slot not marked as filled by it"
             );
-            let at = worker.slot.data_address_mut(into.filled as usize);
-            let len = into.len - into.filled;
-            let fd = target(&conn.fd, conn.file);
-            let entry = match worker.buffer_index {
-                Some(buffer) => on_target!(fd, |fd| opcode::ReadFixed::new(fd, at, len, buffer)
-                    .offset(u64::MAX)
-                    .build()),
-                None => on_target!(fd, |fd| opcode::Recv::new(fd, at, len).build()),
-            }
-            .user_data(Token::conn(OpKind::ConnRecvSlot, index).encode());
+            let entry = op::read_into_slot(
+                Target::of(&conn.fd, conn.file),
+                &worker.slot,
+                into.filled,
+                into.len - into.filled,
+                worker.buffer_index,
+                Token::conn(OpKind::ConnRecvSlot, index),
+            );
             conn.recv = Recv::IntoSlot;
-            self.push(entry);
+            self.ring.push(entry);
             return;
         }
         if conn.recv.in_flight() || conn.phase != Phase::Open {
@@ -37,11 +35,10 @@ impl Core {
         }
         if self.provided.is_some() && conn.kind.is_caller() && !conn.provided_off {
             // One receive stays armed; each completion brings a buffer the kernel picked.
-            let fd = target(&conn.fd, conn.file);
-            let entry = on_target!(fd, |fd| opcode::RecvMulti::new(fd, pbuf::GROUP).build())
-                .user_data(Token::conn(OpKind::ConnRecvMulti, index).encode());
+            let fd = Target::of(&conn.fd, conn.file);
+            let entry = op::recv_multi(fd, Token::conn(OpKind::ConnRecvMulti, index));
             conn.recv = Recv::Multi;
-            self.push(entry);
+            self.ring.push(entry);
             return;
         }
         if conn.read.is_released() {
@@ -53,44 +50,43 @@ impl Core {
             conn.read.frame_bytes_needed(max)
         };
         conn.read.prepare_read(needed);
-        let fd = target(&conn.fd, conn.file);
+        let fd = Target::of(&conn.fd, conn.file);
         // After a direct read, read the next header alone: if that request is large too, none
         // of its payload is then read anywhere but into the worker's slot.
         let header_only = conn.large_last && conn.read.is_empty() && conn.discard == 0;
         let spare = conn.read.spare();
-        let (at, len) = (
-            spare.as_mut_ptr(),
-            if header_only {
-                HEADER_BYTES as u32
-            } else {
-                spare.len().min(u32::MAX as usize) as u32
-            },
-        );
-        let entry = on_target!(fd, |fd| opcode::Recv::new(fd, at, len).build())
-            .user_data(Token::conn(OpKind::ConnRecv, index).encode());
+        let len = if header_only {
+            HEADER_BYTES.min(spare.len())
+        } else {
+            spare.len()
+        };
+        let spare = &mut spare[..len];
+        let entry = op::recv(fd, spare, Token::conn(OpKind::ConnRecv, index));
         conn.recv = Recv::Plain;
-        self.push(entry);
+        self.ring.push(entry);
     }
 
-    pub(super) fn on_conn_recv(&mut self, index: ConnHandle, result: i32) {
+    pub(super) fn on_conn_recv(&mut self, index: ConnHandle, result: Result<u32, Errno>) {
         let conn = &mut self.conns[index];
         conn.recv = Recv::Idle;
         if conn.is_closing() {
             self.free_conn_if_done(index);
             return;
         }
-        if result < 0 {
-            let error = io::Error::from_raw_os_error(-result);
-            tracing::debug!(%error, "caller connection failed");
-            self.close_conn(index);
-            return;
-        }
-        if result == 0 {
-            conn.read_side_closed();
-            self.close_conn_if_finished(index);
-            return;
-        }
-        conn.read.commit(result as usize);
+        let received = match result {
+            Err(error) => {
+                tracing::debug!(%error, "caller connection failed");
+                self.close_conn(index);
+                return;
+            }
+            Ok(0) => {
+                conn.read_side_closed();
+                self.close_conn_if_finished(index);
+                return;
+            }
+            Ok(n) => n as usize,
+        };
+        conn.read.commit(received);
         match conn.kind {
             ListenerKind::Admin => self.handle_admin(index),
             ListenerKind::Metrics => self.handle_metrics(index),
@@ -109,15 +105,15 @@ impl Core {
 
     /// A multishot receive completed: copy the bytes out of the kernel's buffer (into the
     /// slot being filled, then the connection's buffer), give the buffer back, handle frames.
-    pub(super) fn on_conn_recv_multi(&mut self, index: ConnHandle, result: i32, flags: u32) {
-        let more = cqueue::more(flags);
+    pub(super) fn on_conn_recv_multi(&mut self, index: ConnHandle, completion: Completion) {
+        let result = completion.result;
         let conn = &mut self.conns[index];
-        if !more {
+        if !completion.more() {
             conn.recv = Recv::Idle;
         }
-        if let Some(bid) = cqueue::buffer_select(flags) {
-            if result > 0 && !conn.is_closing() {
-                self.take_provided(index, bid, result as usize);
+        if let Some(bid) = completion.buffer_id() {
+            if let (Ok(n @ 1..), false) = (result, conn.is_closing()) {
+                self.take_provided(index, bid, n as usize);
             }
             if let Some(provided) = &mut self.provided {
                 provided.recycle(bid);
@@ -131,25 +127,30 @@ impl Core {
             }
             return;
         }
-        if result == -libc::ENOBUFS {
-            // More receives completed than the ring has buffers: plain receives for a while.
-            conn.provided_off = true;
-            self.counters.provided_buffers_ran_out += 1;
-        } else if result < 0 && result != -libc::ECANCELED {
-            let error = io::Error::from_raw_os_error(-result);
-            tracing::debug!(%error, "caller connection failed");
-            self.close_conn(index);
-            return;
-        } else if result == 0 {
-            conn.read_side_closed();
-            if conn.into_slot.is_some() {
-                self.close_conn(index);
-            } else {
-                self.close_conn_if_finished(index);
+        match result {
+            Err(Errno::NOBUFS) => {
+                // More receives completed than the ring has buffers: plain receives for a while.
+                conn.provided_off = true;
+                self.counters.provided_buffers_ran_out += 1;
             }
-            return;
+            Err(Errno::CANCELED) => {}
+            Err(error) => {
+                tracing::debug!(%error, "caller connection failed");
+                self.close_conn(index);
+                return;
+            }
+            Ok(0) => {
+                conn.read_side_closed();
+                if conn.into_slot.is_some() {
+                    self.close_conn(index);
+                } else {
+                    self.close_conn_if_finished(index);
+                }
+                return;
+            }
+            Ok(_) => {}
         }
-        if result > 0 {
+        if matches!(result, Ok(1..)) {
             if conn
                 .into_slot
                 .as_ref()
@@ -175,13 +176,13 @@ impl Core {
         if conn.recv.in_flight()
             && conn.into_slot.is_none()
             && !conn.read.is_empty()
-            && missing > pbuf::BUFFER_BYTES
+            && missing > PROVIDED_BUFFER_BYTES
         {
             // A large frame is arriving: read the rest with plain receives sized for it rather
             // than buffer by buffer (back to provided buffers once it is through).
             conn.provided_off = true;
             let token = Token::conn(OpKind::ConnRecvMulti, index);
-            self.cancel(token);
+            self.ring.cancel(token);
             return;
         }
         if conn.recv.in_flight() && conn.read.is_empty() {
@@ -321,7 +322,7 @@ impl Core {
             conn.close_after_flush();
             if conn.recv.in_flight() {
                 let token = Token::conn(conn.recv.op().expect("in flight"), index);
-                self.cancel(token);
+                self.ring.cancel(token);
             }
         }
         self.close_conn_if_finished(index);
@@ -470,21 +471,20 @@ impl Core {
             return;
         }
         let token = Token::conn(OpKind::ConnSend, index);
-        if let Some(entry) = send_entry(&mut conn.send, target(&conn.fd, conn.file), token) {
-            self.push(entry);
+        if let Some(entry) = send_entry(&mut conn.send, Target::of(&conn.fd, conn.file), token) {
+            self.ring.push(entry);
         }
     }
 
-    pub(super) fn on_conn_send(&mut self, index: ConnHandle, result: i32) {
+    pub(super) fn on_conn_send(&mut self, index: ConnHandle, result: Result<u32, Errno>) {
         let conn = &mut self.conns[index];
-        conn.send.complete(result.max(0) as usize);
+        conn.send.complete(result.unwrap_or(0) as usize);
         if conn.is_closing() {
             self.free_conn_if_done(index);
             return;
         }
-        if result <= 0 {
-            let error = io::Error::from_raw_os_error(-result);
-            tracing::debug!(%error, "sending to a caller failed");
+        if !matches!(result, Ok(1..)) {
+            tracing::debug!(result = raw_result(result), "sending to a caller failed");
             self.close_conn(index);
             return;
         }
@@ -530,15 +530,15 @@ impl Core {
         let from_slot = conn.slot_send.is_some();
         let into_slot = conn.into_slot.is_some();
         if let Some(op) = recv.op() {
-            self.cancel(Token::conn(op, index));
+            self.ring.cancel(Token::conn(op, index));
         } else if into_slot {
             self.abort_direct_read(index);
         }
         if send && from_slot {
-            self.cancel(Token::conn(OpKind::ConnSendHeader, index));
-            self.cancel(Token::conn(OpKind::ConnSendFixed, index));
+            self.ring.cancel(Token::conn(OpKind::ConnSendHeader, index));
+            self.ring.cancel(Token::conn(OpKind::ConnSendFixed, index));
         } else if send {
-            self.cancel(Token::conn(OpKind::ConnSend, index));
+            self.ring.cancel(Token::conn(OpKind::ConnSend, index));
         }
         self.free_conn_if_done(index);
     }

@@ -139,6 +139,6 @@ pub(super) struct IntoSlot {
 pub(super) struct SlotSend {
     pub(super) worker: WorkerHandle,
     pub(super) len: u32,
-    pub(super) header_result: Option<i32>,
-    pub(super) payload_result: Option<i32>,
+    pub(super) header_result: Option<Result<u32, Errno>>,
+    pub(super) payload_result: Option<Result<u32, Errno>>,
 }

@@ -7,11 +7,8 @@ impl Core {
     pub(super) fn arm_inbox(&mut self) {
         self.inbox_in_flight = true;
         let fd = self.shared.cores[self.index].wake.as_raw_fd();
-        let entry = opcode::Read::new(types::Fd(fd), self.inbox_buf.as_mut_ptr(), 8)
-            .offset(u64::MAX)
-            .build()
-            .user_data(Token::core(OpKind::Inbox, 0).encode());
-        self.push(entry);
+        let entry = op::read(fd, &mut self.inbox_buf[..], Token::core(OpKind::Inbox, 0));
+        self.ring.push(entry);
     }
 
     /// Send a message to another core, waking it through our ring (the write goes out with
@@ -19,20 +16,17 @@ impl Core {
     pub(super) fn post(&mut self, core: usize, msg: Msg) {
         debug_assert_ne!(core, self.index);
         if self.shared.post(core, msg) {
-            static ONE: u64 = 1;
+            // An eventfd adds the 8-byte native-endian count written to it.
+            static ONE: [u8; 8] = 1u64.to_ne_bytes();
             let fd = self.shared.cores[core].wake.as_raw_fd();
-            let entry = opcode::Write::new(types::Fd(fd), (&ONE as *const u64).cast(), 8)
-                .offset(u64::MAX)
-                .build()
-                .user_data(Token::core(OpKind::WakeSent, core).encode());
-            self.push(entry);
+            let entry = op::write_static(fd, &ONE, Token::core(OpKind::WakeSent, core));
+            self.ring.push(entry);
         }
     }
 
-    pub(super) fn on_inbox(&mut self, result: i32) {
+    pub(super) fn on_inbox(&mut self, result: Result<u32, Errno>) {
         self.inbox_in_flight = false;
-        if result < 0 && result != -libc::EAGAIN {
-            let error = io::Error::from_raw_os_error(-result);
+        if let Err(error) = result.or_else(|e| if e == Errno::AGAIN { Ok(0) } else { Err(e) }) {
             tracing::error!(%error, "reading the inbox eventfd failed");
         }
         let mut batch = std::mem::take(&mut self.inbox_batch);

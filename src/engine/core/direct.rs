@@ -110,7 +110,7 @@ impl Core {
             // The rest goes straight into the slot: stop the multishot receive (what it still
             // brings is copied into the slot) and read there once it has ended.
             let token = Token::conn(OpKind::ConnRecvMulti, conn_index);
-            self.cancel(token);
+            self.ring.cancel(token);
         }
         let conn = &mut self.conns[conn_index];
         conn.into_slot = Some(IntoSlot {
@@ -127,7 +127,7 @@ impl Core {
             .push_back((now + DIRECT_READ_TIMEOUT, conn_index, request));
     }
 
-    pub(super) fn on_conn_recv_slot(&mut self, index: ConnHandle, result: i32) {
+    pub(super) fn on_conn_recv_slot(&mut self, index: ConnHandle, result: Result<u32, Errno>) {
         let conn = &mut self.conns[index];
         conn.recv = Recv::Idle;
         if conn.is_closing() {
@@ -135,16 +135,20 @@ impl Core {
             self.free_conn_if_done(index);
             return;
         }
-        if result <= 0 {
-            if result < 0 {
-                let error = io::Error::from_raw_os_error(-result);
-                tracing::debug!(%error, "caller connection failed in a request's payload");
+        let received = match result {
+            Ok(n @ 1..) => n,
+            Ok(_) => {
+                self.close_conn(index);
+                return;
             }
-            self.close_conn(index);
-            return;
-        }
+            Err(error) => {
+                tracing::debug!(%error, "caller connection failed in a request's payload");
+                self.close_conn(index);
+                return;
+            }
+        };
         let into = conn.into_slot.as_mut().expect("reading into a slot");
-        into.filled += result as u32;
+        into.filled += received;
         if into.filled == into.len {
             self.finish_direct_read(index);
         }

@@ -12,38 +12,20 @@ impl Core {
             if let Some(spin) = spin {
                 self.spin(spin)?;
             }
-            let deadline = self.next_deadline();
-            let waited = match deadline {
-                Some(deadline) => {
-                    let timeout = deadline.saturating_duration_since(Instant::now());
-                    let timespec = types::Timespec::from(timeout);
-                    let args = types::SubmitArgs::new().timespec(&timespec);
-                    self.ring.submitter().submit_with_args(1, &args)
-                }
-                None => self.ring.submit_and_wait(1),
-            };
-            match waited {
-                Ok(_) => {}
-                Err(error)
-                    if matches!(
-                        error.raw_os_error(),
-                        Some(libc::ETIME | libc::EINTR | libc::EBUSY)
-                    ) => {}
-                Err(error) => return Err(error),
-            }
+            let timeout = self
+                .next_deadline()
+                .map(|deadline| deadline.saturating_duration_since(Instant::now()));
+            self.ring.submit_and_wait(timeout)?;
             self.now = Instant::now();
             loop {
-                self.completions.clear();
-                for cqe in self.ring.completion().take(COMPLETIONS_BATCH_MAX) {
-                    self.completions
-                        .push((cqe.user_data(), cqe.result(), cqe.flags()));
-                }
+                self.ring
+                    .drain(&mut self.completions, COMPLETIONS_BATCH_MAX);
                 if self.completions.is_empty() {
                     break;
                 }
                 for index in 0..self.completions.len() {
-                    let (user_data, result, flags) = self.completions[index];
-                    self.complete(user_data, result, flags);
+                    let completion = self.completions[index];
+                    self.complete(completion);
                     #[cfg(debug_assertions)]
                     self.check_invariants();
                 }
@@ -66,16 +48,7 @@ impl Core {
     pub(super) fn spin(&mut self, budget: Duration) -> io::Result<()> {
         let until = Instant::now() + budget;
         loop {
-            let to_submit = self.ring.submission().len() as u32;
-            // SAFETY: io_uring_enter with no argument: submits queued SQEs (each names memory
-            // owned as `push` documents) and runs deferred completions, without waiting.
-            unsafe {
-                self.ring.submitter().enter::<libc::sigset_t>(
-                    to_submit, 0, 1, // IORING_ENTER_GETEVENTS
-                    None,
-                )?;
-            }
-            if !self.ring.completion().is_empty() || Instant::now() >= until {
+            if self.ring.poll()? || Instant::now() >= until {
                 return Ok(());
             }
             std::hint::spin_loop();
@@ -164,13 +137,18 @@ impl Core {
         }
     }
 
-    pub(super) fn complete(&mut self, user_data: u64, result: i32, flags: u32) {
-        let Some(token) = Token::decode(user_data) else {
-            debug_assert!(false, "completion with a foreign user_data {user_data:#x}");
+    pub(super) fn complete(&mut self, completion: Completion) {
+        let Some(token) = Token::decode(completion.user_data) else {
+            debug_assert!(
+                false,
+                "completion with a foreign user_data {:#x}",
+                completion.user_data
+            );
             return;
         };
+        let result = completion.result;
         match token.kind {
-            OpKind::Accept => self.on_accept(token.index as usize, result, flags),
+            OpKind::Accept => self.on_accept(token.index as usize, completion),
             OpKind::ConnRecv
             | OpKind::ConnRecvSlot
             | OpKind::ConnRecvMulti
@@ -186,7 +164,7 @@ impl Core {
                 match token.kind {
                     OpKind::ConnRecv => self.on_conn_recv(index, result),
                     OpKind::ConnRecvSlot => self.on_conn_recv_slot(index, result),
-                    OpKind::ConnRecvMulti => self.on_conn_recv_multi(index, result, flags),
+                    OpKind::ConnRecvMulti => self.on_conn_recv_multi(index, completion),
                     OpKind::ConnSend => self.on_conn_send(index, result),
                     kind => self.on_slot_send(index, kind == OpKind::ConnSendHeader, result),
                 }
@@ -212,11 +190,10 @@ impl Core {
                 self.free_worker_if_done(index);
             }
             OpKind::Signal => self.on_signal(result),
-            OpKind::SpawnWake => self.on_spawn_wake(result),
+            OpKind::SpawnWake => self.on_spawn_wake(),
             OpKind::Inbox => self.on_inbox(result),
             OpKind::WakeSent => {
-                if result < 0 {
-                    let error = io::Error::from_raw_os_error(-result);
+                if let Err(error) = result {
                     tracing::error!(%error, "cannot wake another core");
                 }
             }

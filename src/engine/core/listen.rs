@@ -11,31 +11,23 @@ impl Core {
         let listener = &mut self.listeners[index];
         debug_assert!(!listener.accept_in_flight);
         listener.accept_in_flight = true;
-        let entry = opcode::AcceptMulti::new(types::Fd(listener.fd.as_raw_fd()))
-            .flags(libc::SOCK_CLOEXEC)
-            .build()
-            .user_data(Token::core(OpKind::Accept, index).encode());
-        self.push(entry);
+        let entry = op::accept_multi(&listener.fd, Token::core(OpKind::Accept, index));
+        self.ring.push(entry);
     }
 
-    pub(super) fn on_accept(&mut self, index: usize, result: i32, flags: u32) {
-        if !cqueue::more(flags) {
+    pub(super) fn on_accept(&mut self, index: usize, completion: Completion) {
+        if !completion.more() {
             self.listeners[index].accept_in_flight = false;
         }
-        if result < 0 {
-            if result != -libc::ECANCELED {
-                let error = io::Error::from_raw_os_error(-result);
-                tracing::warn!(%error, "accept failed; retrying shortly");
-            }
-        } else {
-            // SAFETY: a successful accept CQE's result is a new descriptor that nothing else
-            // owns; we take it exactly once.
-            let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(result) };
-            self.on_new_connection(fd, self.listeners[index].kind);
+        let failed = matches!(completion.result, Err(error) if error != Errno::CANCELED);
+        match completion.accepted() {
+            Ok(fd) => self.on_new_connection(fd, self.listeners[index].kind),
+            Err(Errno::CANCELED) => {}
+            Err(error) => tracing::warn!(%error, "accept failed; retrying shortly"),
         }
         let listener = &mut self.listeners[index];
         if !listener.accept_in_flight && self.shutdown_deadline.is_none() {
-            if result < 0 && result != -libc::ECANCELED {
+            if failed {
                 listener.rearm_at = Some(self.now + ACCEPT_RETRY_DELAY);
             } else {
                 self.arm_accept(index);
@@ -141,20 +133,14 @@ impl Core {
     pub(super) fn arm_signal(&mut self) {
         self.signal_in_flight = true;
         let fd = self.signal_fd.as_ref().expect("core 0 has the signalfd");
-        let entry = opcode::Read::new(
-            types::Fd(fd.as_raw_fd()),
-            self.signal_buf.as_mut_ptr(),
-            self.signal_buf.len() as u32,
-        )
-        .offset(u64::MAX)
-        .build()
-        .user_data(Token::core(OpKind::Signal, 0).encode());
-        self.push(entry);
+        let token = Token::core(OpKind::Signal, 0);
+        let entry = op::read(fd.as_raw_fd(), &mut self.signal_buf[..], token);
+        self.ring.push(entry);
     }
 
-    pub(super) fn on_signal(&mut self, result: i32) {
+    pub(super) fn on_signal(&mut self, result: Result<u32, Errno>) {
         self.signal_in_flight = false;
-        if result >= 4 {
+        if matches!(result, Ok(4..)) {
             let signo = u32::from_ne_bytes(self.signal_buf[0..4].try_into().expect("4 bytes"));
             let now = self.shutdown_deadline.is_some();
             if now {
@@ -175,18 +161,12 @@ impl Core {
 
     pub(super) fn arm_spawn_wake(&mut self) {
         self.wake_in_flight = true;
-        let entry = opcode::Read::new(
-            types::Fd(self.spawner.wake.as_raw_fd()),
-            self.wake_buf.as_mut_ptr(),
-            8,
-        )
-        .offset(u64::MAX)
-        .build()
-        .user_data(Token::core(OpKind::SpawnWake, 0).encode());
-        self.push(entry);
+        let token = Token::core(OpKind::SpawnWake, 0);
+        let entry = op::read(self.spawner.wake.as_raw_fd(), &mut self.wake_buf[..], token);
+        self.ring.push(entry);
     }
 
-    pub(super) fn on_spawn_wake(&mut self, _result: i32) {
+    pub(super) fn on_spawn_wake(&mut self) {
         self.wake_in_flight = false;
         let mut results = std::mem::take(&mut self.spawn_results);
         self.spawner.take_results(&mut results);

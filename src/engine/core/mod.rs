@@ -31,13 +31,15 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use io_uring::{cqueue, opcode, squeue, types, IoUring};
+use super::io::{
+    op, raw_result, Completion, Errno, OpKind, ProvidedBuffers, Ring, Sqe, Target, Token,
+    PROVIDED_BUFFER_BYTES,
+};
 
 use super::buffer::{Parsed, ReadBuffer, SendQueue};
-use super::pbuf::{self, ProvidedBuffers};
 use super::shared::{self, Forward, Msg, Shared};
 use super::spawn::{SpawnRequest, SpawnResult, Spawned, Spawner};
-use super::table::{self, Handle, Table};
+use super::table::{Handle, Table};
 use crate::config::Config;
 use crate::metrics::{self, IntervalLogger, LatencyHistograms, MetricsSnapshot, ServiceMetrics};
 use crate::pool::{Action, Gone, Pool, RejectReason, StopReason};
@@ -85,141 +87,6 @@ const READ_SPARES_MAX: usize = 4096;
 /// Delay before re-arming an accept that failed (e.g. out of descriptors).
 const ACCEPT_RETRY_DELAY: Duration = Duration::from_millis(100);
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u8)]
-enum OpKind {
-    Accept = 1,
-    ConnRecv = 2,
-    ConnSend = 3,
-    WorkerRecv = 4,
-    WorkerSend = 5,
-    WorkerStdout = 6,
-    WorkerStderr = 7,
-    WorkerWait = 8,
-    Signal = 9,
-    SpawnWake = 10,
-    Cancel = 11,
-    /// The reply header of a send from a slot (linked to `ConnSendFixed`).
-    ConnSendHeader = 12,
-    /// The reply payload, written from the worker's slot (a registered buffer).
-    ConnSendFixed = 13,
-    /// A read on this core's wake eventfd: messages from other cores.
-    Inbox = 14,
-    /// A write to another core's wake eventfd (its completion needs nothing).
-    WakeSent = 15,
-    /// A caller's request payload read straight into a worker's slot.
-    ConnRecvSlot = 16,
-    /// A multishot receive from a caller into the core's provided buffers.
-    ConnRecvMulti = 17,
-}
-
-impl OpKind {
-    fn from_u8(value: u8) -> Option<OpKind> {
-        Some(match value {
-            1 => OpKind::Accept,
-            2 => OpKind::ConnRecv,
-            3 => OpKind::ConnSend,
-            4 => OpKind::WorkerRecv,
-            5 => OpKind::WorkerSend,
-            6 => OpKind::WorkerStdout,
-            7 => OpKind::WorkerStderr,
-            8 => OpKind::WorkerWait,
-            9 => OpKind::Signal,
-            10 => OpKind::SpawnWake,
-            11 => OpKind::Cancel,
-            12 => OpKind::ConnSendHeader,
-            13 => OpKind::ConnSendFixed,
-            14 => OpKind::Inbox,
-            15 => OpKind::WakeSent,
-            16 => OpKind::ConnRecvSlot,
-            17 => OpKind::ConnRecvMulti,
-            _ => return None,
-        })
-    }
-}
-
-/// `user_data` layout: kind (8 bits) | index (24 bits) | generation (32 bits). For an op of
-/// a connection or a worker, index and generation are its handle's; other ops carry an index
-/// of their own (a listener's) or none.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Token {
-    kind: OpKind,
-    index: u32,
-    generation: u32,
-}
-
-impl Token {
-    fn new(kind: OpKind, index: u32, generation: u32) -> Token {
-        assert!(index <= table::INDEX_MAX, "an index over 24 bits");
-        Token {
-            kind,
-            index,
-            generation,
-        }
-    }
-
-    /// An op of a connection.
-    fn conn(kind: OpKind, conn: ConnHandle) -> Token {
-        Token::new(kind, conn.index(), conn.generation())
-    }
-
-    /// An op of a worker.
-    fn worker(kind: OpKind, worker: WorkerHandle) -> Token {
-        Token::new(kind, worker.index(), worker.generation())
-    }
-
-    /// An op that belongs to the core (or to its listener `index`).
-    fn core(kind: OpKind, index: usize) -> Token {
-        Token::new(kind, index as u32, 0)
-    }
-
-    fn encode(self) -> u64 {
-        ((self.kind as u64) << 56) | ((self.index as u64) << 32) | self.generation as u64
-    }
-
-    fn decode(user_data: u64) -> Option<Token> {
-        Some(Token {
-            kind: OpKind::from_u8((user_data >> 56) as u8)?,
-            index: ((user_data >> 32) as u32) & table::INDEX_MAX,
-            generation: user_data as u32,
-        })
-    }
-
-    /// The connection whose op this is (for connection op kinds).
-    fn conn_handle(self) -> ConnHandle {
-        ConnHandle::new(self.index, self.generation)
-    }
-
-    fn worker_handle(self) -> WorkerHandle {
-        WorkerHandle::new(self.index, self.generation)
-    }
-}
-
-/// A descriptor as an op names it: registered in the ring's file table when there was room
-/// (the kernel then skips looking the descriptor up on every op), else plain.
-#[derive(Clone, Copy)]
-enum Target {
-    Fd(types::Fd),
-    Fixed(types::Fixed),
-}
-
-fn target(fd: &OwnedFd, file: Option<u32>) -> Target {
-    match file {
-        Some(index) => Target::Fixed(types::Fixed(index)),
-        None => Target::Fd(types::Fd(fd.as_raw_fd())),
-    }
-}
-
-/// Build an op on a [`Target`] (the two descriptor kinds are different types to the builders).
-macro_rules! on_target {
-    ($target:expr, |$fd:ident| $build:expr) => {
-        match $target {
-            Target::Fd($fd) => $build,
-            Target::Fixed($fd) => $build,
-        }
-    };
-}
-
 mod conn;
 mod conn_state;
 mod cross_core;
@@ -242,6 +109,29 @@ use fault::WorkerFault;
 use tables::*;
 use worker::kill;
 use worker_state::{Job, JobPath, PipeLog, SlotUse, Worker, WorkerState};
+
+/// The tokens of a connection's and a worker's ops carry their handle.
+impl Token {
+    /// An op of a connection.
+    fn conn(kind: OpKind, conn: ConnHandle) -> Token {
+        Token::new(kind, conn.index(), conn.generation())
+    }
+
+    /// An op of a worker.
+    fn worker(kind: OpKind, worker: WorkerHandle) -> Token {
+        Token::new(kind, worker.index(), worker.generation())
+    }
+
+    /// The connection whose op this is (for connection op kinds).
+    fn conn_handle(self) -> ConnHandle {
+        ConnHandle::new(self.index, self.generation)
+    }
+
+    /// The worker whose op this is (for worker op kinds).
+    fn worker_handle(self) -> WorkerHandle {
+        WorkerHandle::new(self.index, self.generation)
+    }
+}
 
 /// Names a caller (or admin/metrics) connection of this core.
 type ConnHandle = Handle<Conn>;
@@ -423,7 +313,7 @@ impl Counters {
 }
 
 pub struct Core {
-    ring: IoUring,
+    ring: Ring,
     /// This core's number (0 owns signals, the admin socket, metrics and interval logs).
     index: usize,
     shared: Arc<Shared>,
@@ -455,7 +345,7 @@ pub struct Core {
     wake_buf: Box<[u8; 8]>,
     wake_in_flight: bool,
     spawn_results: Vec<SpawnResult>,
-    completions: Vec<(u64, i32, u32)>,
+    completions: Vec<Completion>,
     spare_payloads: Vec<Vec<u8>>,
     scratch: Vec<u8>,
     /// Free entries of the registered-buffer table (empty when registration is unavailable).
@@ -596,29 +486,7 @@ impl CoreReport {
 impl Core {
     pub fn new(setup: CoreSetup) -> io::Result<Core> {
         let config = setup.config;
-        let ring = IoUring::builder()
-            .setup_single_issuer()
-            .setup_defer_taskrun()
-            .setup_coop_taskrun()
-            .setup_cqsize(CQ_ENTRIES)
-            .dontfork()
-            .build(SQ_ENTRIES)
-            .map_err(|error| {
-                if error.raw_os_error() == Some(libc::ENOMEM) && !has_cap_ipc_lock() {
-                    io::Error::new(
-                        error.kind(),
-                        format!(
-                            "creating the io_uring failed ({error}): its rings need about {} KiB \
-                             of locked memory and RLIMIT_MEMLOCK is {} KiB; raise the limit \
-                             (ulimit -l, systemd LimitMEMLOCK=) or grant CAP_IPC_LOCK",
-                            RING_BYTES / 1024,
-                            memlock_limit() / 1024
-                        ),
-                    )
-                } else {
-                    error
-                }
-            })?;
+        let ring = Ring::new(SQ_ENTRIES, CQ_ENTRIES, RING_BYTES)?;
         let now = Instant::now();
         let (index, shared) = (setup.index, setup.shared);
         let cores = shared.cores.len();
@@ -644,9 +512,9 @@ impl Core {
             });
         }
         let shard_workers: u32 = services.iter().map(|s| s.pool.policy().max_workers).sum();
-        let fixed_buffers_free = register_buffer_table(&ring, shard_workers);
-        let files_free = register_file_table(&ring, config.connections_max + shard_workers * 2);
-        let provided = ProvidedBuffers::register(&ring, config.provided_buffers);
+        let fixed_buffers_free = ring.register_buffer_table(buffer_table_entries(shard_workers));
+        let files_free = ring.register_file_table(config.connections_max + shard_workers * 2);
+        let provided = ring.provided_buffers(config.provided_buffers);
         if index == 0 {
             check_memlock(&config, cores);
         }
@@ -737,41 +605,20 @@ impl Core {
         }
         Ok(core)
     }
+}
 
-    /// Queue one SQE, submitting first if the queue is full.
-    fn push(&mut self, entry: squeue::Entry) {
-        loop {
-            // SAFETY: every entry built in this module names memory and descriptors owned by a
-            // connection, worker, listener or the core itself, and each owner outlives its op:
-            // owners are only dropped once their `*_in_flight` flags are all clear.
-            let pushed = unsafe { self.ring.submission().push(&entry) };
-            if pushed.is_ok() {
-                return;
-            }
-            if let Err(error) = self.ring.submit() {
-                tracing::error!(%error, "io_uring submit failed while the queue was full");
-            }
-        }
-    }
-
-    fn cancel(&mut self, token: Token) {
-        let entry = opcode::AsyncCancel::new(token.encode())
-            .build()
-            .user_data(Token::core(OpKind::Cancel, 0).encode());
-        self.push(entry);
+impl Drop for Core {
+    /// The ring first: its ops may name buffers and descriptors the other fields own.
+    fn drop(&mut self) {
+        self.ring.close();
     }
 }
 
 /// The send op for the next chunk of `queue`, if one is due; marks the queue in flight.
-fn send_entry(queue: &mut SendQueue, fd: Target, token: Token) -> Option<squeue::Entry> {
-    let chunk = queue.next_chunk()?;
-    let (at, len) = (chunk.as_ptr(), chunk.len().min(u32::MAX as usize) as u32);
-    let entry = on_target!(fd, |fd| opcode::Send::new(fd, at, len)
-        .flags(libc::MSG_NOSIGNAL)
-        .build())
-    .user_data(token.encode());
+fn send_entry(queue: &mut SendQueue, fd: Target, token: Token) -> Option<Sqe> {
+    let sqe = op::send(fd, queue.next_chunk()?, 0, token);
     queue.in_flight = true;
-    Some(entry)
+    Some(sqe)
 }
 
 /// A per-service seed for the pool's recycling jitter (any value will do).
@@ -793,7 +640,7 @@ mod tests {
         let token = Token::new(OpKind::WorkerWait, 123_456, 0xFFFF_FFFE);
         assert_eq!(Token::decode(token.encode()), Some(token));
         assert_eq!(Token::decode(0), None);
-        let conn = ConnHandle::new(table::INDEX_MAX, u32::MAX);
+        let conn = ConnHandle::new(crate::engine::table::INDEX_MAX, u32::MAX);
         let decoded = Token::decode(Token::conn(OpKind::ConnSend, conn).encode()).unwrap();
         assert_eq!(
             (decoded.kind, decoded.conn_handle()),

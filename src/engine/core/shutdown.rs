@@ -10,7 +10,7 @@ impl Core {
         for index in 0..self.listeners.len() {
             self.listeners[index].rearm_at = None;
             if self.listeners[index].accept_in_flight {
-                self.cancel(Token::core(OpKind::Accept, index));
+                self.ring.cancel(Token::core(OpKind::Accept, index));
             }
         }
         if self.index == 0 {

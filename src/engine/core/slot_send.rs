@@ -37,10 +37,25 @@ impl Core {
             return false;
         }
         reply.payload_len = len;
-        let fd = target(&caller.fd, caller.file);
-        let payload = worker.slot.data_address(0);
+        let fd = Target::of(&caller.fd, caller.file);
+        // Neither op may wait for the caller to read: the worker is lent until both complete.
+        // DONTWAIT/NOWAIT make them return what fitted (or EAGAIN) at once, and the rest is
+        // spilled into the queue. WAITALL makes a short header a failure, which breaks the
+        // link, so the payload never follows a partial header.
+        let payload_entry = op::write_from_slot(
+            fd,
+            &worker.slot,
+            len,
+            buffer_index,
+            Token::conn(OpKind::ConnSendFixed, conn),
+        );
         let caller = &mut self.conns[conn];
-        let header = caller.send.set_front(&reply.encode());
+        let header_entry = op::send(
+            fd,
+            caller.send.set_front(&reply.encode()),
+            libc::MSG_WAITALL | libc::MSG_DONTWAIT,
+            Token::conn(OpKind::ConnSendHeader, conn),
+        );
         caller.send.in_flight = true;
         caller.slot_send = Some(SlotSend {
             worker: index,
@@ -48,31 +63,12 @@ impl Core {
             header_result: None,
             payload_result: None,
         });
-        // Neither op may wait for the caller to read: the worker is lent until both complete.
-        // DONTWAIT/NOWAIT make them return what fitted (or EAGAIN) at once, and the rest is
-        // spilled into the queue. WAITALL makes a short header a failure, which breaks the
-        // link, so the payload never follows a partial header.
-        let header_entry = on_target!(fd, |fd| opcode::Send::new(fd, header, HEADER_BYTES as u32)
-            .flags(libc::MSG_NOSIGNAL | libc::MSG_WAITALL | libc::MSG_DONTWAIT)
-            .build())
-        .flags(squeue::Flags::IO_LINK)
-        .user_data(Token::conn(OpKind::ConnSendHeader, conn).encode());
-        let payload_entry = on_target!(fd, |fd| opcode::WriteFixed::new(
-            fd,
-            payload,
-            len,
-            buffer_index
-        )
-        .offset(u64::MAX)
-        .rw_flags(libc::RWF_NOWAIT)
-        .build())
-        .user_data(Token::conn(OpKind::ConnSendFixed, conn).encode());
         let worker = &mut self.workers[index];
         if !keeps_working {
             worker.state = WorkerState::Lending;
         }
         worker.slot_use = SlotUse::Lent { conn };
-        self.push_linked_pair(header_entry, payload_entry);
+        self.ring.push_linked_pair(header_entry, payload_entry);
         self.counters.replies_sent_from_slot += 1;
         let service = self.workers[index].service;
         self.services[service].counters.bytes_out += len as u64;
@@ -86,24 +82,14 @@ impl Core {
         true
     }
 
-    /// Queue two linked SQEs in one submission (a link must not straddle two submits).
-    pub(super) fn push_linked_pair(&mut self, first: squeue::Entry, second: squeue::Entry) {
-        let room = {
-            let submission = self.ring.submission();
-            submission.capacity() - submission.len()
-        };
-        if room < 2 {
-            if let Err(error) = self.ring.submit() {
-                tracing::error!(%error, "io_uring submit failed while making room for a link");
-            }
-        }
-        self.push(first);
-        self.push(second);
-    }
-
     /// One of the two ops of a send from a slot completed. When both have, spill whatever did
     /// not go out into the connection's queue and give the worker back to its pool.
-    pub(super) fn on_slot_send(&mut self, index: ConnHandle, is_header: bool, result: i32) {
+    pub(super) fn on_slot_send(
+        &mut self,
+        index: ConnHandle,
+        is_header: bool,
+        result: Result<u32, Errno>,
+    ) {
         let conn = &mut self.conns[index];
         let send = conn
             .slot_send
@@ -121,22 +107,18 @@ impl Core {
         let send = conn.slot_send.take().expect("checked above");
         conn.send.in_flight = false;
         // Nothing sent, not an error: the link was broken, or the socket was full.
-        let unsent = |result: i32| result == -libc::ECANCELED || result == -libc::EAGAIN;
-        let header_sent = header_result.max(0) as usize;
-        let mut failed = (header_result < 0 && !unsent(header_result))
-            || (payload_result < 0 && !unsent(payload_result));
-        if header_sent < HEADER_BYTES && payload_result > 0 {
+        let failed_for_real = |result: Result<u32, Errno>| matches!(result, Err(e) if e != Errno::CANCELED && e != Errno::AGAIN);
+        let header_sent = header_result.unwrap_or(0) as usize;
+        let mut failed = failed_for_real(header_result) || failed_for_real(payload_result);
+        let (header_raw, payload_raw) = (raw_result(header_result), raw_result(payload_result));
+        if header_sent < HEADER_BYTES && matches!(payload_result, Ok(1..)) {
             // The payload went out after a partial header: the stream is corrupt. The link
             // rules forbid this; if a kernel ever allowed it, drop the caller, never mislead it.
-            tracing::error!(
-                header_result,
-                payload_result,
-                "send from a slot broke its link"
-            );
+            tracing::error!(header_raw, payload_raw, "send from a slot broke its link");
             failed = true;
         }
         let payload_sent = if header_sent == HEADER_BYTES {
-            payload_result.max(0) as usize
+            payload_result.unwrap_or(0) as usize
         } else {
             0
         };
@@ -164,7 +146,7 @@ impl Core {
         if conn.is_closing() {
             self.free_conn_if_done(index);
         } else if failed {
-            tracing::debug!(header_result, payload_result, "sending to a caller failed");
+            tracing::debug!(header_raw, payload_raw, "sending to a caller failed");
             self.close_conn(index);
         } else {
             self.arm_conn_send(index);

@@ -7,14 +7,9 @@ impl Core {
     /// memory-lock limit allows; without it, replies are copied instead of sent from the slot.
     pub(super) fn register_slot(&mut self, slot: &Slot) -> Option<u16> {
         let index = self.fixed_buffers_free.pop()?;
-        // SAFETY: the slot's mapping outlives the registration: the worker entry that owns the
-        // slot clears this table entry (unregister_slot) before it is dropped.
-        let registered = unsafe {
-            self.ring
-                .submitter()
-                .register_buffers_update(index as u32, &[slot.as_iovec()], None)
-        };
-        match registered {
+        // The worker entry that owns the slot clears this table entry (unregister_slot) before
+        // it is dropped: the ring's contract for registered buffers.
+        match self.ring.register_buffer(index, slot) {
             Ok(()) => Some(index),
             Err(error) => {
                 self.fixed_buffers_free.push(index);
@@ -36,8 +31,8 @@ impl Core {
     /// then name it by index.
     pub(super) fn register_file(&mut self, fd: std::os::fd::RawFd) -> Option<u32> {
         let slot = self.files_free.pop()?;
-        match self.ring.submitter().register_files_update(slot, &[fd]) {
-            Ok(_) => Some(slot),
+        match self.ring.register_file(slot, fd) {
+            Ok(()) => Some(slot),
             Err(error) => {
                 tracing::debug!(%error, "cannot register a descriptor with the ring");
                 self.files_free.push(slot);
@@ -48,59 +43,25 @@ impl Core {
 
     /// Take a descriptor out of the file table (its ops have all completed).
     pub(super) fn unregister_file(&mut self, slot: u32) {
-        match self.ring.submitter().register_files_update(slot, &[-1]) {
-            Ok(_) => self.files_free.push(slot),
+        match self.ring.unregister_file(slot) {
+            Ok(()) => self.files_free.push(slot),
             Err(error) => tracing::error!(%error, "cannot unregister a descriptor"),
         }
     }
 
     pub(super) fn unregister_slot(&mut self, index: u16) {
-        let empty = libc::iovec {
-            iov_base: std::ptr::null_mut(),
-            iov_len: 0,
-        };
-        // SAFETY: an empty entry refers to no memory.
-        let cleared = unsafe {
-            self.ring
-                .submitter()
-                .register_buffers_update(index as u32, &[empty], None)
-        };
-        match cleared {
+        match self.ring.unregister_buffer(index) {
             Ok(()) => self.fixed_buffers_free.push(index),
             Err(error) => tracing::error!(%error, index, "cannot clear a fixed-buffer entry"),
         }
     }
 }
 
-/// Reserve the ring's registered-buffer table: one entry per worker the config allows.
-pub(super) fn register_buffer_table(ring: &IoUring, workers: u32) -> Vec<u16> {
-    // Twice the workers this core's shards allow: a worker killed for a protocol violation
-    // leaves the pool at once (so its replacement starts) but keeps its entry until reaped.
-    let wanted = (workers * 2 + 8).min(FIXED_BUFFERS_MAX);
-    match ring.submitter().register_buffers_sparse(wanted) {
-        Ok(()) => (0..wanted as u16).rev().collect(),
-        Err(error) => {
-            tracing::warn!(%error, "no io_uring fixed-buffer table; replies will be copied");
-            Vec::new()
-        }
-    }
-}
-
-/// Reserve the ring's registered-file table: every caller connection and worker this core may
-/// hold.
-pub(super) fn register_file_table(ring: &IoUring, entries: u32) -> Vec<u32> {
-    // The kernel refuses a table larger than RLIMIT_NOFILE; descriptors past it go unregistered.
-    let nofile = rustix::process::getrlimit(rustix::process::Resource::Nofile)
-        .current
-        .unwrap_or(u64::MAX);
-    let entries = (entries.saturating_add(64) as u64).min(nofile).min(1 << 20) as u32;
-    match ring.submitter().register_files_sparse(entries) {
-        Ok(()) => (0..entries).rev().collect(),
-        Err(error) => {
-            tracing::warn!(%error, "no io_uring file table; descriptors are looked up per op");
-            Vec::new()
-        }
-    }
+/// How many entries the registered-buffer table gets for `workers` (this core's shards'
+/// `max_workers`): twice as many, since a worker killed for a protocol violation leaves the pool
+/// at once (so its replacement starts) but keeps its entry until reaped.
+pub(super) fn buffer_table_entries(workers: u32) -> u32 {
+    (workers * 2 + 8).min(FIXED_BUFFERS_MAX)
 }
 
 /// Registered buffers are charged to RLIMIT_MEMLOCK unless the process has CAP_IPC_LOCK. Say

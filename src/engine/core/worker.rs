@@ -60,12 +60,9 @@ impl Core {
     pub(super) fn arm_worker_wait(&mut self, index: WorkerHandle) {
         let worker = &mut self.workers[index];
         worker.wait_in_flight = true;
-        let siginfo: *mut libc::siginfo_t = &mut *worker.siginfo;
-        let entry = opcode::WaitId::new(libc::P_PID, worker.pid as libc::id_t, libc::WEXITED)
-            .infop(siginfo.cast_const())
-            .build()
-            .user_data(Token::worker(OpKind::WorkerWait, index).encode());
-        self.push(entry);
+        let token = Token::worker(OpKind::WorkerWait, index);
+        let entry = op::waitid(worker.pid, &mut worker.siginfo, token);
+        self.ring.push(entry);
     }
 
     pub(super) fn arm_worker_recv(&mut self, index: WorkerHandle) {
@@ -76,16 +73,11 @@ impl Core {
         }
         let needed = worker.read.frame_bytes_needed(max);
         worker.read.prepare_read(needed);
-        let fd = target(&worker.control, worker.file);
-        let spare = worker.read.spare();
-        let (at, len) = (
-            spare.as_mut_ptr(),
-            spare.len().min(u32::MAX as usize) as u32,
-        );
-        let entry = on_target!(fd, |fd| opcode::Recv::new(fd, at, len).build())
-            .user_data(Token::worker(OpKind::WorkerRecv, index).encode());
+        let fd = Target::of(&worker.control, worker.file);
+        let token = Token::worker(OpKind::WorkerRecv, index);
+        let entry = op::recv(fd, worker.read.spare(), token);
         worker.recv_in_flight = true;
-        self.push(entry);
+        self.ring.push(entry);
     }
 
     pub(super) fn arm_worker_send(&mut self, index: WorkerHandle) {
@@ -96,10 +88,10 @@ impl Core {
         let token = Token::worker(OpKind::WorkerSend, index);
         if let Some(entry) = send_entry(
             &mut worker.send,
-            target(&worker.control, worker.file),
+            Target::of(&worker.control, worker.file),
             token,
         ) {
-            self.push(entry);
+            self.ring.push(entry);
         }
     }
 
@@ -110,7 +102,7 @@ impl Core {
         } else {
             OpKind::WorkerStdout
         };
-        let token = Token::worker(kind, index).encode();
+        let token = Token::worker(kind, index);
         let pipe = if stderr {
             &mut worker.stderr
         } else {
@@ -120,18 +112,16 @@ impl Core {
             return;
         }
         pipe.in_flight = true;
-        let entry = opcode::Read::new(
-            types::Fd(pipe.fd.as_raw_fd()),
-            pipe.buf.as_mut_ptr(),
-            PIPE_READ_BYTES as u32,
-        )
-        .offset(u64::MAX)
-        .build()
-        .user_data(token);
-        self.push(entry);
+        let entry = op::read(pipe.fd.as_raw_fd(), &mut pipe.buf[..], token);
+        self.ring.push(entry);
     }
 
-    pub(super) fn on_worker_pipe(&mut self, index: WorkerHandle, stderr: bool, result: i32) {
+    pub(super) fn on_worker_pipe(
+        &mut self,
+        index: WorkerHandle,
+        stderr: bool,
+        result: Result<u32, Errno>,
+    ) {
         let worker = &mut self.workers[index];
         let service = &self.services[worker.service].name;
         let pid = worker.pid;
@@ -142,15 +132,15 @@ impl Core {
             &mut worker.stdout
         };
         pipe.in_flight = false;
-        if result <= 0 {
+        let Ok(read @ 1..) = result else {
             pipe.open = false;
             if !pipe.line.is_empty() {
                 log_worker_line(service, pid, stream, &pipe.line);
                 pipe.line.clear();
             }
             return;
-        }
-        let data = &pipe.buf[..result as usize];
+        };
+        let data = &pipe.buf[..read as usize];
         for piece in data.split_inclusive(|b| *b == b'\n') {
             if let Some(line) = piece.strip_suffix(b"\n") {
                 pipe.line.extend_from_slice(line);
@@ -167,41 +157,45 @@ impl Core {
         self.arm_worker_pipe(index, stderr);
     }
 
-    pub(super) fn on_worker_send(&mut self, index: WorkerHandle, result: i32) {
+    pub(super) fn on_worker_send(&mut self, index: WorkerHandle, result: Result<u32, Errno>) {
         let worker = &mut self.workers[index];
-        worker.send.complete(result.max(0) as usize);
+        worker.send.complete(result.unwrap_or(0) as usize);
         if worker.state == WorkerState::Dead {
             return;
         }
-        if result <= 0 {
-            let error = io::Error::from_raw_os_error(-result);
-            let what = format!("control socket send failed: {error}");
+        if !matches!(result, Ok(1..)) {
+            let what = format!(
+                "control socket send failed: {}",
+                result.map_or_else(|e| e.to_string(), |_| "nothing sent".to_string())
+            );
             self.lose_worker(index, WorkerFault::ControlSocket(what));
             return;
         }
         self.arm_worker_send(index);
     }
 
-    pub(super) fn on_worker_recv(&mut self, index: WorkerHandle, result: i32) {
+    pub(super) fn on_worker_recv(&mut self, index: WorkerHandle, result: Result<u32, Errno>) {
         let worker = &mut self.workers[index];
         worker.recv_in_flight = false;
         if worker.state == WorkerState::Dead {
             return;
         }
-        if result < 0 {
-            let error = io::Error::from_raw_os_error(-result);
-            let what = format!("control socket failed: {error}");
-            self.lose_worker(index, WorkerFault::ControlSocket(what));
-            return;
-        }
-        if result == 0 {
+        let received = match result {
+            Err(error) => {
+                let what = format!("control socket failed: {error}");
+                self.lose_worker(index, WorkerFault::ControlSocket(what));
+                return;
+            }
+            Ok(n) => n as usize,
+        };
+        if received == 0 {
             if worker.state != WorkerState::Stopping {
                 let what = "closed its control socket".to_string();
                 self.lose_worker(index, WorkerFault::ControlSocket(what));
             }
             return;
         }
-        worker.read.commit(result as usize);
+        worker.read.commit(received);
         let max = self.config.max_payload_bytes;
         loop {
             let Some(worker) = self.workers.get_mut(index) else {
@@ -525,11 +519,10 @@ impl Core {
         kill(worker, libc::SIGTERM);
     }
 
-    pub(super) fn on_worker_reaped(&mut self, index: WorkerHandle, result: i32) {
+    pub(super) fn on_worker_reaped(&mut self, index: WorkerHandle, result: Result<u32, Errno>) {
         let worker = &mut self.workers[index];
         worker.wait_in_flight = false;
-        if result < 0 {
-            let error = io::Error::from_raw_os_error(-result);
+        if let Err(error) = result {
             tracing::error!(pid = worker.pid, %error, "waitid failed; retrying");
             self.arm_worker_wait(index);
             return;
@@ -553,13 +546,13 @@ impl Core {
             worker.stderr.in_flight,
         );
         if recv {
-            self.cancel(Token::worker(OpKind::WorkerRecv, index));
+            self.ring.cancel(Token::worker(OpKind::WorkerRecv, index));
         }
         if out {
-            self.cancel(Token::worker(OpKind::WorkerStdout, index));
+            self.ring.cancel(Token::worker(OpKind::WorkerStdout, index));
         }
         if err {
-            self.cancel(Token::worker(OpKind::WorkerStderr, index));
+            self.ring.cancel(Token::worker(OpKind::WorkerStderr, index));
         }
     }
 

@@ -63,7 +63,7 @@ impl ProvidedBuffers {
             tail: 0,
         };
         // SAFETY: the mapping is `entries` descriptors long and stays mapped while the ring
-        // that uses it lives (the core drops its ring first, see Drop).
+        // that uses it lives (the core closes its ring first, see Drop).
         let registered = unsafe {
             ring.submitter()
                 .register_buf_ring_with_flags(ring_ptr as u64, entries, GROUP, 0)
@@ -117,8 +117,8 @@ impl ProvidedBuffers {
 
 impl Drop for ProvidedBuffers {
     fn drop(&mut self) {
-        // SAFETY: our own mapping, of this length. The ring that used it is gone or going:
-        // cores drop their ring before anything that its ops could name (field order).
+        // SAFETY: our own mapping, of this length. The ring that used it is closed: a core
+        // closes its ring first, in its `Drop`, before anything its ops could name.
         unsafe {
             let _ = rustix::mm::munmap(self.ring.cast(), self.ring_bytes);
         }
