@@ -1,16 +1,27 @@
-//! One core's event loop: its io_uring, its caller connections, its workers and its shard of
-//! every service pool.
+//! One core's event loop: its caller connections, its workers and its shard of every service
+//! pool, in rooms along ownership lines (see `docs/engine.md` for the map):
 //!
-//! The loop is a shell around pure parts: it turns completions into events for the pool policy
-//! ([`crate::pool::Pool`]) and the policy's actions into submissions. One `submit_and_wait` per
-//! turn; completions are drained into a local batch first, then handled, so no handler ever
-//! re-enters the ring.
+//! | room | owns | hand-offs |
+//! |---|---|---|
+//! | `event_loop` | the turn: wait, drain a batch of completions, route each by its token | completion → its owner's handler |
+//! | `conn`, `conn_state` | caller connections: receives, frames → requests, answers, the send queue, close | a request to `dispatch`/`cross_core` |
+//! | `direct` | a large payload read from the caller's socket straight into a worker's slot | caller → slot (`SlotUse::Filling`) |
+//! | `worker`, `worker_state`, `fault` | workers: spawn result, handshake, jobs and answers, output, retirement, reaping | answer → its request's caller |
+//! | `slot_send` | a reply sent straight from a worker's slot | slot → caller (`SlotUse::Lent`) |
+//! | `request`, `dispatch` | the request table; the pool policy's actions turned into spawns, dispatches, rejections | pool ↔ engine |
+//! | `cross_core`, `report`, `listen`, `shutdown`, `tables` | other cores, status/metrics, listeners and signals, stopping, the ring's tables | |
+//! | `invariants` | the relations between the tables, checked after every completion in debug builds | |
 //!
-//! Ownership of in-flight memory: every buffer or descriptor named by a submitted entry belongs
-//! to a connection, a worker or the core itself, and that owner is not dropped until each of its
-//! ops has completed (the `*_in_flight` flags). `user_data` is a checked token, op kind + table
-//! index + that entry's generation ([`Token`]), never a pointer; a completion for an owner that no longer
-//! exists is a bug caught by a debug assertion and otherwise ignored.
+//! The ring itself is behind `super::io` (the only code that names io_uring); connections,
+//! workers and requests live in `super::table::Table`s and are named by typed handles
+//! (`ConnHandle`, `WorkerHandle`, `RequestHandle`), each with its entry's own 32-bit generation.
+//!
+//! Ownership of in-flight memory: every buffer or descriptor an op names belongs to a
+//! connection, a worker or the core itself, and that owner is not freed until each of its ops
+//! has completed (a connection's `Recv` and send state, a worker's in-flight reads and
+//! `SlotUse`). `user_data` is a checked [`Token`] (op kind, index, generation), never a
+//! pointer; a completion for an owner that no longer exists is a bug caught by a debug
+//! assertion and otherwise ignored.
 //!
 //! Request path: caller frame -> `Request` entry -> `place` (here, or forwarded to another
 //! core with an idle worker) -> `Pool::on_request` -> `Dispatch` -> the payload goes into the
