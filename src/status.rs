@@ -42,28 +42,10 @@ pub struct Status {
     pub read_buffers_held: u64,
     /// Worker processes the bridge holds (any state, until reaped).
     pub worker_processes: u64,
-    pub requests_ok: u64,
-    pub requests_failed: u64,
-    /// Requests run on another core than the one their caller is connected to.
-    #[serde(default)]
-    pub requests_forwarded: u64,
-    /// Requests whose payload went from the caller's socket straight into a worker's slot.
-    #[serde(default)]
-    pub requests_read_into_slot: u64,
-    /// Payload bytes of direct reads that had arrived with their header and were copied into
-    /// the slot (the rest went straight from the socket).
-    #[serde(default)]
-    pub direct_read_prefix_bytes: u64,
-    /// Callers' multishot receives that found every provided buffer in use.
-    #[serde(default)]
-    pub provided_buffers_ran_out: u64,
-    /// Connections accepted on one core and handed to a less busy one.
-    #[serde(default)]
-    pub connections_handed_over: u64,
-    pub malformed_frames: u64,
-    pub connections_refused: u64,
-    pub slow_callers_disconnected: u64,
-    pub replies_sent_from_slot: u64,
+    /// The bridge-wide counters (defined once, in `metrics::counters`; in the JSON they are
+    /// fields of this object).
+    #[serde(flatten)]
+    pub counters: crate::metrics::BridgeCounters,
     /// Heap allocations since start (the bridge counts them; see `alloc_count`).
     pub allocations: u64,
     pub services: Vec<ServiceStatus>,
@@ -134,8 +116,8 @@ impl Status {
             self.connections,
             self.worker_processes,
             self.slots_registered,
-            self.requests_ok,
-            self.requests_failed,
+            self.counters.requests_ok,
+            self.counters.requests_failed,
         );
         if self.cores > 1 {
             let _ = writeln!(
@@ -145,9 +127,19 @@ impl Status {
                 self.cores,
                 self.connections_by_core,
                 self.requests_by_core,
-                self.requests_forwarded,
-                self.connections_handed_over,
+                self.counters.requests_forwarded,
+                self.counters.connections_handed_over,
             );
+        }
+        let counters: Vec<String> = self
+            .counters
+            .each()
+            .iter()
+            .filter(|(name, _, value)| *value > 0 && !name.starts_with("requests_"))
+            .map(|(name, _, value)| format!("{name} {value}"))
+            .collect();
+        if !counters.is_empty() {
+            let _ = writeln!(out, "counters: {}", counters.join(", "));
         }
         for s in &self.services {
             let _ = writeln!(out);

@@ -20,6 +20,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod counters;
 mod http;
 pub mod interval_log;
 mod prometheus;
@@ -29,6 +30,7 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
+pub use counters::BridgeCounters;
 pub use http::{http_response, REQUEST_HEAD_BYTES_MAX};
 pub use interval_log::IntervalLogger;
 pub use prometheus::{
@@ -170,8 +172,8 @@ pub struct MetricsSnapshot {
     pub slots_in_use: u64,
     /// Caller connections open now on each core.
     pub connections_by_core: Vec<u64>,
-    /// Requests run on another core than their caller's.
-    pub requests_forwarded: u64,
+    /// The bridge-wide counters, summed across cores.
+    pub counters: BridgeCounters,
     pub services: Vec<ServiceMetrics>,
 }
 

@@ -20,6 +20,7 @@ use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
 
+use super::counters::BridgeCounters;
 use super::{MetricsSnapshot, ServiceMetrics};
 
 /// The `Content-Type` of the exposition: `text/plain; version=0.0.4; charset=utf-8`.
@@ -150,7 +151,7 @@ struct Exposition {
     connections: u64,
     slots_in_use: u64,
     connections_by_core: Vec<(String, u64)>,
-    requests_forwarded: u64,
+    counters: BridgeCounters,
     services: Vec<ServiceExposition>,
 }
 
@@ -169,7 +170,7 @@ impl Exposition {
                 .enumerate()
                 .map(|(core, count)| (core.to_string(), *count))
                 .collect(),
-            requests_forwarded: snapshot.requests_forwarded,
+            counters: snapshot.counters.clone(),
             services: snapshot
                 .services
                 .iter()
@@ -334,13 +335,11 @@ impl Collector for Exposition {
                 .encode_family(&[("core", core.as_str())])?
                 .encode_gauge(count)?;
         }
-        e.encode_descriptor(
-            "requests_forwarded",
-            "Requests run on another core than their caller's, to use an idle worker there.",
-            None,
-            Counter,
-        )?
-        .encode_counter::<NoLabelSet, _, u64>(&self.requests_forwarded, None)?;
+        // Every bridge-wide counter, from its one definition (`metrics::counters`).
+        for (name, help, value) in self.counters.each() {
+            e.encode_descriptor(name, help.trim(), None, Counter)?
+                .encode_counter::<NoLabelSet, _, u64>(&value, None)?;
+        }
         self.latency(
             e,
             "queue_wait",
@@ -448,7 +447,10 @@ mod tests {
             connections: 3,
             slots_in_use: 2,
             connections_by_core: vec![1, 2],
-            requests_forwarded: 5,
+            counters: BridgeCounters {
+                requests_forwarded: 5,
+                ..Default::default()
+            },
             services: vec![echo, service("kv")],
         }
     }
@@ -555,11 +557,20 @@ mod tests {
             ("acgi_bridge_connections", "gauge"),
             ("acgi_bridge_slots_in_use", "gauge"),
             ("acgi_bridge_core_connections", "gauge"),
-            ("acgi_bridge_requests_forwarded_total", "counter"),
             ("acgi_bridge_queue_wait_seconds", "histogram"),
             ("acgi_bridge_service_seconds", "histogram"),
             ("acgi_bridge_request_duration_seconds", "histogram"),
         ];
+        // Every bridge-wide counter, from its one definition.
+        let counters: Vec<String> = BridgeCounters::default()
+            .each()
+            .iter()
+            .map(|(name, _, _)| format!("acgi_bridge_{name}_total"))
+            .collect();
+        let families: Vec<(&str, &str)> = families
+            .into_iter()
+            .chain(counters.iter().map(|name| (name.as_str(), "counter")))
+            .collect();
         let types: Vec<&str> = text.lines().filter(|l| l.starts_with("# TYPE ")).collect();
         assert_eq!(types.len(), families.len(), "{text}");
         for (name, kind) in families {
@@ -648,7 +659,7 @@ mod tests {
         let text = encode_prometheus(&MetricsSnapshot::default());
         assert_eq!(
             text.lines().filter(|l| l.starts_with("# TYPE ")).count(),
-            16
+            15 + BridgeCounters::COUNT
         );
         assert_eq!(sample(&text, "acgi_bridge_connections"), 0.0);
     }

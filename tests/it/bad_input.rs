@@ -254,7 +254,7 @@ fn a_storm_of_mutated_frames_never_takes_the_bridge_down() {
     );
     let status = bridge.status();
     assert!(
-        status.malformed_frames > 0,
+        status.counters.malformed_frames > 0,
         "the storm should have had malformed frames"
     );
     bridge.assert_no_zombies();

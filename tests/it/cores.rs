@@ -47,7 +47,7 @@ fn connections_spread_evenly_across_cores_and_both_serve() {
         "requests run per core: {:?}",
         status.requests_by_core
     );
-    assert_eq!(status.requests_ok, 32 * 200);
+    assert_eq!(status.counters.requests_ok, 32 * 200);
     assert_eq!(
         status.files_registered,
         32 + status.worker_processes,
@@ -93,7 +93,7 @@ fn a_request_never_waits_on_a_busy_core_while_another_core_has_an_idle_worker() 
         .map(|_| client.send(3, b"sleep 1500").unwrap())
         .collect();
     let status = bridge.wait_status("all four workers busy", |s| s.services[0].workers_busy == 4);
-    assert!(status.requests_forwarded >= 2, "{status:#?}");
+    assert!(status.counters.requests_forwarded >= 2, "{status:#?}");
     let mut answered = Vec::new();
     for _ in 0..4 {
         let answer = client.receive().unwrap();
@@ -165,7 +165,7 @@ fn a_core_without_a_shard_of_a_service_forwards_all_of_it() {
     let status = bridge.status();
     assert_eq!(status.connections_by_core, [2, 2], "{status:#?}");
     assert_eq!(status.requests_by_core, [400, 0]);
-    assert!(status.requests_forwarded >= 200, "{status:#?}");
+    assert!(status.counters.requests_forwarded >= 200, "{status:#?}");
     assert_eq!(status.worker_processes, 1);
     assert_eq!(status.services[0].max_workers, 1);
 }
@@ -181,7 +181,7 @@ fn sigterm_answers_requests_running_on_another_core() {
         client.send(3, b"sleep 700").unwrap();
     }
     let status = bridge.wait_status("both workers busy", |s| s.services[0].workers_busy == 2);
-    assert_eq!(status.requests_forwarded, 1, "{status:#?}");
+    assert_eq!(status.counters.requests_forwarded, 1, "{status:#?}");
     bridge.signal(libc::SIGTERM);
     for _ in 0..2 {
         let answer = client.receive().unwrap();

@@ -40,22 +40,22 @@ fn direct_reads_of_every_size(buffers: u32) {
     }
     let status = bridge.status();
     assert!(
-        status.requests_read_into_slot >= 12,
+        status.counters.requests_read_into_slot >= 12,
         "the one-at-a-time calls go direct: {status:#?}"
     );
     if buffers == 0 {
         // Only each connection's first large request arrived with part of its payload (at most
         // the 2 KiB first read); after it, headers are read alone and payloads go to the slot.
         assert!(
-            status.direct_read_prefix_bytes <= 2 * 2048,
+            status.counters.direct_read_prefix_bytes <= 2 * 2048,
             "{} payload bytes copied",
-            status.direct_read_prefix_bytes
+            status.counters.direct_read_prefix_bytes
         );
     }
     for client in &mut clients {
         pipeline_tagged(client, 0..200, |tag| 4096 + (tag as usize * 977) % 61_440);
     }
-    assert_eq!(bridge.status().requests_ok, 2 * (6 + 200));
+    assert_eq!(bridge.status().counters.requests_ok, 2 * (6 + 200));
 }
 
 #[test]
@@ -89,8 +89,8 @@ fn large_and_small_requests_with_queued_jobs_keep_every_answer_with_its_request(
         }
     });
     let status = bridge.status();
-    assert_eq!(status.requests_failed, 0, "{status:#?}");
-    assert_eq!(status.requests_ok, 4 * 20 * 11);
+    assert_eq!(status.counters.requests_failed, 0, "{status:#?}");
+    assert_eq!(status.counters.requests_ok, 4 * 20 * 11);
 }
 
 /// A request header for a `len`-byte echo payload, then the first `sent` bytes of it.
@@ -195,7 +195,7 @@ fn jobs_queued_behind_a_payload_still_arriving_run_after_it() {
         );
         assert!(answer.payload == tagged_payload(100 + tag as u64, 200));
     }
-    assert_eq!(bridge.status().requests_read_into_slot, 1);
+    assert_eq!(bridge.status().counters.requests_read_into_slot, 1);
 }
 
 #[test]
@@ -212,7 +212,7 @@ fn a_worker_that_takes_queued_jobs_sends_large_replies_from_its_slot_and_keeps_w
         let payload = tagged_payload(tag, 8192 + tag as usize * 2000);
         assert!(client.call("echo", &payload).unwrap() == payload);
     }
-    assert!(bridge.status().replies_sent_from_slot > 0);
+    assert!(bridge.status().counters.replies_sent_from_slot > 0);
     // Two callers one request at a time each, one large, one small: the small one's request
     // often arrives while the worker is idle and its slot still lent to the large reply, and
     // goes inline.
@@ -249,8 +249,8 @@ fn a_worker_that_takes_queued_jobs_sends_large_replies_from_its_slot_and_keeps_w
         }
     });
     let status = bridge.status();
-    assert_eq!(status.requests_failed, 0, "{status:#?}");
-    assert_eq!(status.requests_ok, 20 + 3000 + 600);
+    assert_eq!(status.counters.requests_failed, 0, "{status:#?}");
+    assert_eq!(status.counters.requests_ok, 20 + 3000 + 600);
     assert_eq!(
         status.services[0].spawns, 1,
         "the worker never broke the protocol"

@@ -303,13 +303,13 @@ fn receives_stay_whole_with_a_tiny_provided_buffer_ring_and_without_one() {
         });
         let status = bridge.status();
         assert_eq!(
-            status.requests_ok,
+            status.counters.requests_ok,
             16 * 300,
             "{buffers} buffers: {status:#?}"
         );
-        assert_eq!(status.requests_failed, 0);
+        assert_eq!(status.counters.requests_failed, 0);
         assert_eq!(
-            status.provided_buffers_ran_out > 0,
+            status.counters.provided_buffers_ran_out > 0,
             buffers > 0,
             "2 buffers run out under 16 connections; none cannot: {status:#?}"
         );

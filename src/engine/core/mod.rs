@@ -284,44 +284,9 @@ impl ServiceCounters {
     }
 }
 
-/// The outcome counters this core keeps (read at exit and by status).
-#[derive(Clone, Default, Debug)]
-pub struct Counters {
-    pub requests_ok: u64,
-    pub requests_failed: u64,
-    pub malformed_frames: u64,
-    pub connections_refused: u64,
-    pub slow_callers_disconnected: u64,
-    pub replies_sent_from_slot: u64,
-    /// Sends from a slot that fell short and were finished from a copy.
-    pub slot_sends_spilled: u64,
-    /// Requests whose payload was read from the caller's socket straight into a slot.
-    pub requests_read_into_slot: u64,
-    /// Payload bytes of direct reads that had arrived with the header and were copied.
-    pub direct_read_prefix_bytes: u64,
-    /// Multishot receives that found the provided buffers all in use (then plain receives).
-    pub provided_buffers_ran_out: u64,
-    /// Requests sent to another core to run, and connections handed to another core.
-    pub requests_forwarded: u64,
-    pub connections_handed_over: u64,
-}
-
-impl Counters {
-    pub fn add(&mut self, other: &Counters) {
-        self.requests_ok += other.requests_ok;
-        self.requests_failed += other.requests_failed;
-        self.malformed_frames += other.malformed_frames;
-        self.connections_refused += other.connections_refused;
-        self.slow_callers_disconnected += other.slow_callers_disconnected;
-        self.replies_sent_from_slot += other.replies_sent_from_slot;
-        self.slot_sends_spilled += other.slot_sends_spilled;
-        self.requests_forwarded += other.requests_forwarded;
-        self.requests_read_into_slot += other.requests_read_into_slot;
-        self.provided_buffers_ran_out += other.provided_buffers_ran_out;
-        self.direct_read_prefix_bytes += other.direct_read_prefix_bytes;
-        self.connections_handed_over += other.connections_handed_over;
-    }
-}
+/// The counters this core keeps (summed across cores for status and `/metrics`; defined
+/// once, in `metrics::counters`).
+pub type Counters = crate::metrics::BridgeCounters;
 
 pub struct Core {
     ring: Ring,

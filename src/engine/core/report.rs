@@ -220,7 +220,7 @@ impl Core {
             connections: report.connections,
             slots_in_use: report.slots_registered,
             connections_by_core: report.connections_by_core.clone(),
-            requests_forwarded: report.counters.requests_forwarded,
+            counters: report.counters.clone(),
             services,
         }
     }
@@ -331,17 +331,7 @@ impl Core {
             files_registered: report.files_registered,
             read_buffers_held: report.read_buffers_held,
             worker_processes: report.worker_processes,
-            requests_ok: report.counters.requests_ok,
-            requests_failed: report.counters.requests_failed,
-            requests_forwarded: report.counters.requests_forwarded,
-            requests_read_into_slot: report.counters.requests_read_into_slot,
-            provided_buffers_ran_out: report.counters.provided_buffers_ran_out,
-            direct_read_prefix_bytes: report.counters.direct_read_prefix_bytes,
-            connections_handed_over: report.counters.connections_handed_over,
-            malformed_frames: report.counters.malformed_frames,
-            connections_refused: report.counters.connections_refused,
-            slow_callers_disconnected: report.counters.slow_callers_disconnected,
-            replies_sent_from_slot: report.counters.replies_sent_from_slot,
+            counters: report.counters.clone(),
             services,
         }
     }

@@ -1,0 +1,101 @@
+//! Counters defined once. Each bridge-wide counter is one line of [`define_counters!`]: its
+//! field, with its doc comment as the Prometheus help text. From that line it is summed across
+//! cores (`add`), shown by `status` (text and `--json`, as a field of `Status`), and exported
+//! as `acgi_bridge_<name>_total` by `/metrics` (`each`).
+
+/// Define a struct of `u64` counters with `add` (sum another into it) and `each` (name, help,
+/// value of every counter, in definition order).
+macro_rules! define_counters {
+    (
+        $(#[$meta:meta])*
+        pub struct $name:ident {
+            $( $(#[doc = $doc:literal])+ $field:ident, )*
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+        pub struct $name {
+            $( $(#[doc = $doc])+ #[serde(default)] pub $field: u64, )*
+        }
+
+        impl $name {
+            /// How many counters there are.
+            pub const COUNT: usize = [$(stringify!($field)),*].len();
+
+            /// Add every counter of `other` into this one.
+            pub fn add(&mut self, other: &$name) {
+                $( self.$field += other.$field; )*
+            }
+
+            /// Every counter: its name, its help text (the doc comment), its value.
+            pub fn each(&self) -> [(&'static str, &'static str, u64); $name::COUNT] {
+                [$( (stringify!($field), concat!($($doc),+), self.$field) ),*]
+            }
+        }
+    };
+}
+
+define_counters! {
+    /// What every core counts, summed across cores for status and `/metrics`.
+    pub struct BridgeCounters {
+        /// Requests answered with a reply.
+        requests_ok,
+        /// Requests answered with an error (every code; by service and code in
+        /// acgi_bridge_requests_total).
+        requests_failed,
+        /// Caller frames that broke the protocol (answered with error 7, then the connection
+        /// closed).
+        malformed_frames,
+        /// Connections refused at accept (connections_max, the admin and metrics budget, or
+        /// shutting down).
+        connections_refused,
+        /// Callers disconnected for not reading their answers (write_queue_max_bytes).
+        slow_callers_disconnected,
+        /// Replies sent straight from a worker's slot (no copy through the bridge).
+        replies_sent_from_slot,
+        /// Sends from a slot that fell short and were finished from a copy.
+        slot_sends_spilled,
+        /// Requests whose payload was read from the caller's socket straight into a slot.
+        requests_read_into_slot,
+        /// Payload bytes of direct reads that had arrived with the header, and were copied.
+        direct_read_prefix_bytes,
+        /// Multishot receives that found every provided buffer in use (then plain receives).
+        provided_buffers_ran_out,
+        /// Requests run on another core than their caller's, to use an idle worker there.
+        requests_forwarded,
+        /// Connections handed to another core at accept (the one with the fewest).
+        connections_handed_over,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_counter_is_listed_once_with_its_help_and_sums() {
+        // Proves the table: names are distinct, each has help text, add sums every field.
+        let mut a = BridgeCounters {
+            requests_ok: 2,
+            requests_forwarded: 1,
+            ..Default::default()
+        };
+        let b = BridgeCounters {
+            requests_ok: 3,
+            connections_handed_over: 4,
+            ..Default::default()
+        };
+        a.add(&b);
+        let each = a.each();
+        assert_eq!(each.len(), BridgeCounters::COUNT);
+        let mut names: Vec<_> = each.iter().map(|(name, _, _)| *name).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), BridgeCounters::COUNT);
+        assert!(each.iter().all(|(_, help, _)| !help.trim().is_empty()));
+        let value = |name: &str| each.iter().find(|(n, _, _)| *n == name).unwrap().2;
+        assert_eq!(value("requests_ok"), 5);
+        assert_eq!(value("requests_forwarded"), 1);
+        assert_eq!(value("connections_handed_over"), 4);
+    }
+}
