@@ -8,13 +8,14 @@
 //! - [`config`]: the daemon's configuration and its validation.
 //! - `engine` and `pool`: the daemon itself (one io_uring event loop per core).
 
+pub use acgi_proto as proto;
+
 pub mod alloc_count;
 pub mod client;
 pub mod config;
 pub mod engine;
 pub mod metrics;
 pub mod pool;
-pub mod proto;
 pub mod shm;
 pub mod status;
 pub mod worker;

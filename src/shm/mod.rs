@@ -1,167 +1,44 @@
-//! Shared-memory slots: the memory a worker and the bridge hand requests and replies through.
+//! Shared-memory slots, bridge side: the memory each worker's requests and replies go through.
 //!
-//! Each worker owns exactly one slot: a memfd of `SLOT_HEADER_BYTES + capacity` bytes, mapped
-//! shared by the bridge (read/write) and by that worker alone, so one service can never read or
-//! corrupt another's payloads. The core's arena is the set of its workers' slots, each registered
-//! as one entry of the core ring's sparse fixed-buffer table.
+//! The slot ABI (the header layout, the state word and the validated accessors both sides use)
+//! is defined once in [`acgi_proto::slot`] and re-exported here. This module owns the memory:
+//! it creates each worker's memfd of `SLOT_HEADER_BYTES + capacity` bytes, maps it shared, and
+//! unmaps it when the [`Slot`] drops. The core's arena is the set of its workers' slots, each
+//! registered as one entry of the core ring's sparse fixed-buffer table ([`Slot::as_iovec`]).
 //!
-//! ```text
-//!  0                                    64                                   64+capacity
-//!  +------------------------------------+-------------------------------------+
-//!  | SlotHeader (magic, abi, state, ...) | data: request, later the reply      |
-//!  +------------------------------------+-------------------------------------+
-//! ```
-//!
-//! The state word is the single owner token (see [`SlotState`]):
-//!
-//! ```text
-//!   Free --bridge fills--> Filled --worker takes--> Taken --worker replies--> Replied
-//!    ^                                                                          |
-//!    +-------------------------- bridge copies the reply out -------------------+
-//! ```
-//!
-//! Only the bridge moves Free->Filled and Replied->Free; only the worker moves Filled->Taken and
-//! Taken->Replied. Everything read from the header is untrusted by the bridge: a worker may
-//! write anything there, so each read is validated ([`Slot::take_reply`]).
-//!
-//! Unsafe code is confined to this module: the mapping and raw copies in and out of it.
+//! Unsafe code here is the mapping, its unmapping, and the view's construction over it.
 
+use std::ops::Deref;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
-/// "SLOT" as a little-endian u32.
-pub const SLOT_MAGIC: u32 = 0x544F_4C53;
-/// Version of the slot header layout; workers send it in `Hello`.
-pub const SLOT_ABI_VERSION: u32 = 1;
-/// Bytes before the data area.
-pub const SLOT_HEADER_BYTES: usize = 64;
-/// Default data capacity of a slot (config `slot_size_bytes`).
-pub const SLOT_CAPACITY_BYTES_DEFAULT: u32 = 65536;
-/// Smallest allowed data capacity.
-pub const SLOT_CAPACITY_BYTES_MIN: u32 = 64;
+pub use acgi_proto::slot::{
+    SlotError, SlotHeader, SlotState, SlotView, REQUEST_LEN_INLINE, SLOT_ABI_VERSION,
+    SLOT_CAPACITY_BYTES_DEFAULT, SLOT_CAPACITY_BYTES_MIN, SLOT_HEADER_BYTES, SLOT_MAGIC,
+};
 
-/// The header at offset 0 of every slot. Plain data only: fixed-width integers and atomics.
-#[repr(C)]
-pub struct SlotHeader {
-    /// [`SLOT_MAGIC`], written by the bridge at creation.
-    pub magic: AtomicU32,
-    /// [`SLOT_ABI_VERSION`], written by the bridge at creation.
-    pub abi_version: AtomicU32,
-    /// The owner token, one of [`SlotState`]'s values.
-    pub state: AtomicU32,
-    /// Capacity of the data area in bytes, written by the bridge at creation.
-    pub capacity: AtomicU32,
-    /// Request bytes in the data area (valid in Filled/Taken); [`REQUEST_LEN_INLINE`] when the
-    /// request travels on the control socket instead.
-    pub request_len: AtomicU32,
-    /// Reply bytes in the data area (valid in Replied when the Done frame says in-slot).
-    pub reply_len: AtomicU32,
-    /// The job's bridge-side sequence number, echoed so that a stale reply is detected.
-    pub job_sequence: AtomicU64,
-    /// Milliseconds left before the request's deadline when it was handed over; 0 = none.
-    pub deadline_remaining_ms: AtomicU64,
-    _reserved: [u8; 24],
-}
-
-const _: () = assert!(std::mem::size_of::<SlotHeader>() == SLOT_HEADER_BYTES);
-const _: () = assert!(std::mem::align_of::<SlotHeader>() == 8);
-const _: () = assert!(std::mem::offset_of!(SlotHeader, state) == 8);
-const _: () = assert!(std::mem::offset_of!(SlotHeader, request_len) == 16);
-const _: () = assert!(std::mem::offset_of!(SlotHeader, reply_len) == 20);
-const _: () = assert!(std::mem::offset_of!(SlotHeader, job_sequence) == 24);
-const _: () = assert!(std::mem::offset_of!(SlotHeader, deadline_remaining_ms) == 32);
-
-/// `request_len` value meaning "the request follows the Job frame on the control socket".
-pub const REQUEST_LEN_INLINE: u32 = u32::MAX;
-
-/// The slot's owner token.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u32)]
-pub enum SlotState {
-    /// Owned by the bridge, no job.
-    Free = 0,
-    /// The bridge wrote a job and rang the worker; owned by the worker from here.
-    Filled = 1,
-    /// The worker is running the job.
-    Taken = 2,
-    /// The worker wrote the reply and rang the bridge; owned by the bridge again.
-    Replied = 3,
-}
-
-impl SlotState {
-    pub fn from_u32(value: u32) -> Option<SlotState> {
-        Some(match value {
-            0 => SlotState::Free,
-            1 => SlotState::Filled,
-            2 => SlotState::Taken,
-            3 => SlotState::Replied,
-            _ => return None,
-        })
-    }
-
-    /// The one legal successor of each state.
-    pub fn next(self) -> SlotState {
-        match self {
-            SlotState::Free => SlotState::Filled,
-            SlotState::Filled => SlotState::Taken,
-            SlotState::Taken => SlotState::Replied,
-            SlotState::Replied => SlotState::Free,
-        }
-    }
-}
-
-/// Errors setting up or using a slot.
-#[derive(Debug, thiserror::Error)]
-pub enum SlotError {
-    #[error("creating the slot memfd failed: {0}")]
-    Create(#[source] std::io::Error),
-    #[error("mapping the slot failed: {0}")]
-    Map(#[source] std::io::Error),
-    #[error("slot header is invalid: {0}")]
-    BadHeader(&'static str),
-    #[error("slot is in state {found}, expected {expected:?}")]
-    WrongState { found: u32, expected: SlotState },
-    #[error("slot job sequence {found} does not match {expected}")]
-    WrongSequence { found: u64, expected: u64 },
-    #[error("reply length {len} is over the slot capacity {capacity}")]
-    ReplyTooLong { len: u32, capacity: u32 },
-    #[error("payload of {len} bytes does not fit the slot capacity {capacity}")]
-    DoesNotFit { len: usize, capacity: u32 },
-}
-
-/// One mapped slot. The bridge creates it ([`Slot::create`]); the worker attaches to the fd it
-/// inherits ([`Slot::attach`]). Dropping unmaps; the memfd closes with its [`OwnedFd`].
+/// One slot the bridge created and mapped. It dereferences to its [`SlotView`], the accessors
+/// (`fill`, `take_reply`, ...). Dropping unmaps; the memfd closes with its [`OwnedFd`].
 pub struct Slot {
-    base: NonNull<u8>,
-    map_bytes: usize,
-    capacity: u32,
+    view: SlotView,
     fd: OwnedFd,
 }
 
-// SAFETY: the mapping is plain shared memory; all header access is atomic and data access is by
-// raw copies under the state-word protocol, so the owner may move between threads.
-unsafe impl Send for Slot {}
-
 impl Slot {
-    /// Create a fresh slot of `capacity` data bytes (bridge side).
+    /// Create a fresh slot of `capacity` data bytes, its header initialised and Free.
     pub fn create(name: &str, capacity: u32) -> Result<Slot, SlotError> {
         assert!(capacity >= SLOT_CAPACITY_BYTES_MIN);
         let fd = rustix::fs::memfd_create(name, rustix::fs::MemfdFlags::CLOEXEC)
             .map_err(|e| SlotError::Create(e.into()))?;
         let map_bytes = SLOT_HEADER_BYTES + capacity as usize;
         rustix::fs::ftruncate(&fd, map_bytes as u64).map_err(|e| SlotError::Create(e.into()))?;
-        let slot = Slot::map(fd, map_bytes, capacity)?;
-        let header = slot.header();
-        header.magic.store(SLOT_MAGIC, Ordering::Relaxed);
-        header
-            .abi_version
-            .store(SLOT_ABI_VERSION, Ordering::Relaxed);
-        header.capacity.store(capacity, Ordering::Relaxed);
-        header
-            .state
-            .store(SlotState::Free as u32, Ordering::Release);
-        Ok(slot)
+        let base = map_shared(&fd, map_bytes)?;
+        // SAFETY: `base` is a fresh shared mapping of exactly SLOT_HEADER_BYTES + capacity
+        // bytes, page aligned, read/write. It is unmapped only in `Drop`, which drops the view
+        // with it; every borrow from the view is tied to `&self`.
+        let view = unsafe { SlotView::new(base, capacity) };
+        view.init();
+        Ok(Slot { view, fd })
     }
 
     /// Attach to a slot created by the bridge (worker side); checks magic, ABI and size.
@@ -172,55 +49,17 @@ impl Slot {
             return Err(SlotError::BadHeader("memfd is smaller than a slot"));
         }
         let capacity = (map_bytes - SLOT_HEADER_BYTES) as u32;
-        let slot = Slot::map(fd, map_bytes, capacity)?;
-        let header = slot.header();
-        if header.magic.load(Ordering::Relaxed) != SLOT_MAGIC {
-            return Err(SlotError::BadHeader("bad magic"));
-        }
-        if header.abi_version.load(Ordering::Relaxed) != SLOT_ABI_VERSION {
-            return Err(SlotError::BadHeader("unsupported slot ABI version"));
-        }
-        if header.capacity.load(Ordering::Relaxed) != capacity {
-            return Err(SlotError::BadHeader(
-                "capacity does not match the memfd size",
-            ));
-        }
+        let base = map_shared(&fd, map_bytes)?;
+        // SAFETY: as in `create`: a fresh mapping of exactly this size, unmapped only in `Drop`.
+        let slot = Slot {
+            view: unsafe { SlotView::new(base, capacity) },
+            fd,
+        };
+        slot.view.check()?;
         Ok(slot)
     }
 
-    fn map(fd: OwnedFd, map_bytes: usize, capacity: u32) -> Result<Slot, SlotError> {
-        // SAFETY: a fresh shared mapping of a memfd we hold; nothing else aliases this range in
-        // our address space. It stays valid until `Drop` unmaps it.
-        let ptr = unsafe {
-            rustix::mm::mmap(
-                std::ptr::null_mut(),
-                map_bytes,
-                rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
-                rustix::mm::MapFlags::SHARED,
-                &fd,
-                0,
-            )
-        }
-        .map_err(|e| SlotError::Map(e.into()))?;
-        let base = NonNull::new(ptr.cast::<u8>()).ok_or(SlotError::BadHeader("null mapping"))?;
-        Ok(Slot {
-            base,
-            map_bytes,
-            capacity,
-            fd,
-        })
-    }
-
-    pub fn header(&self) -> &SlotHeader {
-        // SAFETY: the mapping is at least SLOT_HEADER_BYTES long, page aligned, and SlotHeader
-        // consists of atomics only, so shared mutation by the other process is sound.
-        unsafe { &*self.base.as_ptr().cast::<SlotHeader>() }
-    }
-
-    pub fn capacity(&self) -> u32 {
-        self.capacity
-    }
-
+    /// The memfd, for the spawner to pass to the worker.
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
     }
@@ -228,277 +67,44 @@ impl Slot {
     /// Address and length of the whole mapping (for fixed-buffer registration).
     pub fn as_iovec(&self) -> libc::iovec {
         libc::iovec {
-            iov_base: self.base.as_ptr().cast(),
-            iov_len: self.map_bytes,
+            iov_base: self.view.base().as_ptr().cast(),
+            iov_len: self.view.map_bytes(),
         }
     }
+}
 
-    fn data_ptr(&self) -> *mut u8 {
-        // SAFETY: SLOT_HEADER_BYTES is inside the mapping.
-        unsafe { self.base.as_ptr().add(SLOT_HEADER_BYTES) }
-    }
+impl Deref for Slot {
+    type Target = SlotView;
 
-    pub fn state(&self) -> u32 {
-        self.header().state.load(Ordering::Acquire)
-    }
-
-    /// Bridge: hand a job over. The slot must be Free; `payload` of `None` means the payload
-    /// travels inline on the control socket.
-    pub fn fill(
-        &self,
-        job_sequence: u64,
-        payload: Option<&[u8]>,
-        deadline_remaining_ms: u64,
-    ) -> Result<(), SlotError> {
-        let header = self.header();
-        let state = header.state.load(Ordering::Acquire);
-        if state != SlotState::Free as u32 {
-            return Err(SlotError::WrongState {
-                found: state,
-                expected: SlotState::Free,
-            });
-        }
-        let request_len = match payload {
-            Some(bytes) => {
-                if bytes.len() > self.capacity as usize {
-                    return Err(SlotError::DoesNotFit {
-                        len: bytes.len(),
-                        capacity: self.capacity,
-                    });
-                }
-                // SAFETY: the slot is Free, so the bridge owns the data area; bytes.len() is
-                // within capacity; the source is our own memory and cannot overlap the mapping.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.data_ptr(), bytes.len())
-                };
-                bytes.len() as u32
-            }
-            None => REQUEST_LEN_INLINE,
-        };
-        self.publish_request(job_sequence, request_len, deadline_remaining_ms);
-        Ok(())
-    }
-
-    /// Bridge: the request's `len` bytes were written into the data area directly (a socket
-    /// read into [`Slot::data_address_mut`] while the slot was Free); publish them as `fill`
-    /// does.
-    pub fn fill_in_place(
-        &self,
-        job_sequence: u64,
-        len: u32,
-        deadline_remaining_ms: u64,
-    ) -> Result<(), SlotError> {
-        let state = self.header().state.load(Ordering::Acquire);
-        if state != SlotState::Free as u32 {
-            return Err(SlotError::WrongState {
-                found: state,
-                expected: SlotState::Free,
-            });
-        }
-        if len > self.capacity {
-            return Err(SlotError::DoesNotFit {
-                len: len as usize,
-                capacity: self.capacity,
-            });
-        }
-        self.publish_request(job_sequence, len, deadline_remaining_ms);
-        Ok(())
-    }
-
-    fn publish_request(&self, job_sequence: u64, request_len: u32, deadline_remaining_ms: u64) {
-        let header = self.header();
-        header.request_len.store(request_len, Ordering::Relaxed);
-        header.reply_len.store(0, Ordering::Relaxed);
-        header.job_sequence.store(job_sequence, Ordering::Relaxed);
-        header
-            .deadline_remaining_ms
-            .store(deadline_remaining_ms, Ordering::Relaxed);
-        header
-            .state
-            .store(SlotState::Filled as u32, Ordering::Release);
-    }
-
-    /// Bridge: the worker said Done. Validate the header and, for an in-slot reply, append the
-    /// reply bytes to `out`. On success the slot is Free again.
-    pub fn take_reply(
-        &self,
-        job_sequence: u64,
-        in_slot: bool,
-        out: &mut Vec<u8>,
-    ) -> Result<usize, SlotError> {
-        let len = self.peek_reply(job_sequence)? as usize;
-        let len = if in_slot { len } else { 0 };
-        self.copy_data(0, len, out);
-        self.release_reply();
-        Ok(len)
-    }
-
-    /// Bridge: validate a Done's in-slot reply like [`Slot::take_reply`], but leave the bytes in
-    /// the slot (state stays Replied) so that they can be sent from it; returns their length.
-    /// The bridge then owns the data area until [`Slot::release_reply`].
-    pub fn peek_reply(&self, job_sequence: u64) -> Result<u32, SlotError> {
-        let header = self.header();
-        let state = header.state.load(Ordering::Acquire);
-        if state != SlotState::Replied as u32 {
-            return Err(SlotError::WrongState {
-                found: state,
-                expected: SlotState::Replied,
-            });
-        }
-        let found = header.job_sequence.load(Ordering::Relaxed);
-        if found != job_sequence {
-            return Err(SlotError::WrongSequence {
-                found,
-                expected: job_sequence,
-            });
-        }
-        let reply_len = header.reply_len.load(Ordering::Relaxed);
-        if reply_len > self.capacity {
-            return Err(SlotError::ReplyTooLong {
-                len: reply_len,
-                capacity: self.capacity,
-            });
-        }
-        Ok(reply_len)
-    }
-
-    /// Bridge: append `len` data bytes from `offset` to `out` (a reply being sent from the slot
-    /// whose send fell short).
-    pub fn copy_data(&self, offset: usize, len: usize, out: &mut Vec<u8>) {
-        assert!(offset
-            .checked_add(len)
-            .is_some_and(|end| end <= self.capacity as usize));
-        out.reserve(len);
-        // SAFETY: the range is inside the data area (checked above); the bridge owns it while
-        // the slot is Replied; `out` has room for len more bytes.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                self.data_ptr().add(offset),
-                out.as_mut_ptr().add(out.len()),
-                len,
-            );
-            out.set_len(out.len() + len);
-        }
-    }
-
-    /// Address of data byte `offset`, for a fixed-buffer write from the slot.
-    /// Bridge: where a read may put request bytes, `offset` into the data area. Only while the
-    /// slot is Free (the bridge owns the data area), before `fill_in_place`.
-    pub fn data_address_mut(&self, offset: usize) -> *mut u8 {
-        assert!(offset <= self.capacity as usize);
-        // SAFETY: offset is within the data area, which is inside the mapping.
-        unsafe { self.data_ptr().add(offset) }
-    }
-
-    pub fn data_address(&self, offset: usize) -> *const u8 {
-        assert!(offset <= self.capacity as usize);
-        // SAFETY: offset is within the data area, which is inside the mapping.
-        unsafe { self.data_ptr().add(offset) }
-    }
-
-    /// Bridge: a reply sent from the slot is done with; the slot is Free again.
-    pub fn release_reply(&self) {
-        self.header()
-            .state
-            .store(SlotState::Free as u32, Ordering::Release);
-    }
-
-    /// Bridge: force the slot back to Free (after its worker died or was killed).
-    pub fn reset(&self) {
-        self.header()
-            .state
-            .store(SlotState::Free as u32, Ordering::Release);
-    }
-
-    /// Worker: take the job the bridge filled. Returns the in-slot request length, or `None`
-    /// when the request is inline on the socket.
-    pub fn take_job(&self, job_sequence: u64) -> Result<Option<usize>, SlotError> {
-        let header = self.header();
-        if let Err(found) = header.state.compare_exchange(
-            SlotState::Filled as u32,
-            SlotState::Taken as u32,
-            Ordering::AcqRel,
-            Ordering::Acquire,
-        ) {
-            return Err(SlotError::WrongState {
-                found,
-                expected: SlotState::Filled,
-            });
-        }
-        let found = header.job_sequence.load(Ordering::Relaxed);
-        if found != job_sequence {
-            return Err(SlotError::WrongSequence {
-                found,
-                expected: job_sequence,
-            });
-        }
-        match header.request_len.load(Ordering::Relaxed) {
-            REQUEST_LEN_INLINE => Ok(None),
-            len if len <= self.capacity => Ok(Some(len as usize)),
-            len => Err(SlotError::DoesNotFit {
-                len: len as usize,
-                capacity: self.capacity,
-            }),
-        }
-    }
-
-    /// Worker: the request bytes while the slot is Taken.
-    ///
-    /// # Safety
-    /// The caller must hold the slot in state Taken (after [`Slot::take_job`]) and `len` must be
-    /// what `take_job` returned; the bridge does not write the data area in that state.
-    pub unsafe fn request_bytes(&self, len: usize) -> &[u8] {
-        assert!(len <= self.capacity as usize);
-        // SAFETY: per the contract above the bridge does not touch the data area while Taken.
-        unsafe { std::slice::from_raw_parts(self.data_ptr(), len) }
-    }
-
-    /// Worker: publish the reply. `Some(bytes)` writes them into the slot (they must fit);
-    /// `None` means the reply goes inline on the socket. The slot becomes Replied.
-    pub fn publish_reply(&self, reply: Option<&[u8]>) -> Result<(), SlotError> {
-        let header = self.header();
-        let state = header.state.load(Ordering::Acquire);
-        if state != SlotState::Taken as u32 {
-            return Err(SlotError::WrongState {
-                found: state,
-                expected: SlotState::Taken,
-            });
-        }
-        let len = match reply {
-            Some(bytes) => {
-                if bytes.len() > self.capacity as usize {
-                    return Err(SlotError::DoesNotFit {
-                        len: bytes.len(),
-                        capacity: self.capacity,
-                    });
-                }
-                // SAFETY: Taken means the worker owns the data area. `bytes` may alias it (a
-                // handler replying with its own request): use an overlapping copy.
-                unsafe { std::ptr::copy(bytes.as_ptr(), self.data_ptr(), bytes.len()) };
-                bytes.len() as u32
-            }
-            None => 0,
-        };
-        header.reply_len.store(len, Ordering::Relaxed);
-        header
-            .state
-            .store(SlotState::Replied as u32, Ordering::Release);
-        Ok(())
-    }
-
-    /// Worker: raw write access to the data area, for tests that need to lie.
-    #[doc(hidden)]
-    pub fn header_for_tests(&self) -> &SlotHeader {
-        self.header()
+    fn deref(&self) -> &SlotView {
+        &self.view
     }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        // SAFETY: we mapped exactly this range in `map` and hand out no references that outlive
-        // `self` (all borrows are tied to &self).
-        let _ = unsafe { rustix::mm::munmap(self.base.as_ptr().cast(), self.map_bytes) };
+        // SAFETY: `create` mapped exactly this range, and no borrow of the view outlives `self`.
+        let _ =
+            unsafe { rustix::mm::munmap(self.view.base().as_ptr().cast(), self.view.map_bytes()) };
     }
+}
+
+/// Map `len` bytes of `fd` shared, read/write.
+fn map_shared(fd: &OwnedFd, len: usize) -> Result<NonNull<u8>, SlotError> {
+    // SAFETY: a fresh shared mapping of a memfd we hold; nothing else aliases this range in our
+    // address space. The caller owns it from here and unmaps it.
+    let ptr = unsafe {
+        rustix::mm::mmap(
+            std::ptr::null_mut(),
+            len,
+            rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
+            rustix::mm::MapFlags::SHARED,
+            fd,
+            0,
+        )
+    }
+    .map_err(|e| SlotError::Map(e.into()))?;
+    NonNull::new(ptr.cast::<u8>()).ok_or(SlotError::BadHeader("null mapping"))
 }
 
 #[cfg(test)]
@@ -506,22 +112,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn state_machine_cycles_in_one_direction() {
-        // Proves every state has exactly one successor and four steps come back to Free.
-        let mut state = SlotState::Free;
-        for _ in 0..4 {
-            state = state.next();
-        }
-        assert_eq!(state, SlotState::Free);
-        for raw in 0..4 {
-            assert_eq!(SlotState::from_u32(raw).unwrap() as u32, raw);
-        }
-        assert_eq!(SlotState::from_u32(4), None);
-    }
-
-    #[test]
-    fn a_job_round_trips_through_both_sides() {
-        // Proves fill -> take_job -> publish_reply -> take_reply moves bytes and ownership.
+    fn a_job_round_trips_through_a_memfd_between_both_sides() {
+        // Proves a created slot and a worker's attached mapping of its memfd share one region.
         let bridge = Slot::create("test", 128).unwrap();
         let worker = Slot::attach(bridge.fd().try_clone_to_owned().unwrap()).unwrap();
         bridge.fill(7, Some(b"hello"), 0).unwrap();
@@ -533,89 +125,5 @@ mod tests {
         assert_eq!(bridge.take_reply(7, true, &mut out).unwrap(), 6);
         assert_eq!(out, b"world!");
         assert_eq!(bridge.state(), SlotState::Free as u32);
-    }
-
-    #[test]
-    fn every_out_of_order_step_is_refused() {
-        // Proves no side can act on a slot it does not own.
-        let bridge = Slot::create("test", 64).unwrap();
-        let worker = Slot::attach(bridge.fd().try_clone_to_owned().unwrap()).unwrap();
-        let mut out = Vec::new();
-        assert!(matches!(
-            worker.take_job(1),
-            Err(SlotError::WrongState { found: 0, .. })
-        ));
-        assert!(matches!(
-            worker.publish_reply(None),
-            Err(SlotError::WrongState { .. })
-        ));
-        assert!(matches!(
-            bridge.take_reply(1, true, &mut out),
-            Err(SlotError::WrongState { .. })
-        ));
-        bridge.fill(1, None, 0).unwrap();
-        assert!(matches!(
-            bridge.fill(2, None, 0),
-            Err(SlotError::WrongState { found: 1, .. })
-        ));
-        assert!(matches!(
-            bridge.take_reply(1, true, &mut out),
-            Err(SlotError::WrongState { .. })
-        ));
-        assert!(matches!(
-            worker.take_job(2),
-            Err(SlotError::WrongSequence { .. })
-        ));
-    }
-
-    #[test]
-    fn a_lying_worker_cannot_make_the_bridge_read_out_of_bounds() {
-        // Proves reply_len over capacity and a stale sequence are rejected, not trusted.
-        let bridge = Slot::create("test", 64).unwrap();
-        let worker = Slot::attach(bridge.fd().try_clone_to_owned().unwrap()).unwrap();
-        bridge.fill(9, Some(&[1; 64]), 0).unwrap();
-        worker.take_job(9).unwrap();
-        worker.publish_reply(Some(&[2; 10])).unwrap();
-        worker
-            .header_for_tests()
-            .reply_len
-            .store(65, Ordering::Relaxed);
-        let mut out = Vec::new();
-        assert!(matches!(
-            bridge.take_reply(9, true, &mut out),
-            Err(SlotError::ReplyTooLong {
-                len: 65,
-                capacity: 64
-            })
-        ));
-        worker
-            .header_for_tests()
-            .reply_len
-            .store(10, Ordering::Relaxed);
-        assert!(matches!(
-            bridge.take_reply(8, true, &mut out),
-            Err(SlotError::WrongSequence { .. })
-        ));
-        assert!(out.is_empty());
-        assert!(matches!(
-            bridge.fill(1, Some(&[0; 65]), 0),
-            Err(SlotError::WrongState { .. })
-        ));
-        bridge.reset();
-        assert!(matches!(
-            bridge.fill(1, Some(&[0; 65]), 0),
-            Err(SlotError::DoesNotFit { .. })
-        ));
-    }
-
-    #[test]
-    fn attach_rejects_a_foreign_memfd() {
-        // Proves a worker refuses memory that is not a slot.
-        let fd = rustix::fs::memfd_create("foreign", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
-        rustix::fs::ftruncate(&fd, 4096).unwrap();
-        assert!(matches!(
-            Slot::attach(fd),
-            Err(SlotError::BadHeader("bad magic"))
-        ));
     }
 }

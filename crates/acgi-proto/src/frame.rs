@@ -59,6 +59,7 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// The kind with this wire value, if this version defines one.
     pub fn from_u8(value: u8) -> Option<Kind> {
         Some(match value {
             1 => Kind::Request,
@@ -129,6 +130,7 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// The code with this wire value, if this version defines one.
     pub fn from_u16(value: u16) -> Option<ErrorCode> {
         Some(match value {
             1 => ErrorCode::UnknownService,
@@ -157,6 +159,7 @@ impl ErrorCode {
         )
     }
 
+    /// The name callers see in messages (`"worker failed"`).
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorCode::UnknownService => "unknown service",
@@ -200,15 +203,22 @@ impl fmt::Display for ErrorCode {
 /// A decoded, checked frame header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Header {
+    /// What the frame is.
     pub kind: Kind,
+    /// `FLAG_*` bits; only [`FLAGS_KNOWN`] may be set.
     pub flags: u16,
+    /// An [`ErrorCode`] on `Error` frames, 0 on every other kind.
     pub code: u16,
+    /// The service called, resolved or answering.
     pub service_id: u32,
+    /// Bytes of payload following the header (0 for in-slot jobs and replies).
     pub payload_len: u32,
+    /// The caller's id for a request (echoed in its answer), or the bridge's job sequence.
     pub request_id: u64,
 }
 
 impl Header {
+    /// A header of `kind` without flags or code.
     pub fn new(kind: Kind, service_id: u32, request_id: u64, payload_len: u32) -> Header {
         Header {
             kind,
@@ -220,6 +230,7 @@ impl Header {
         }
     }
 
+    /// The header of an `Error` frame whose UTF-8 message is `message_len` bytes.
     pub fn error(request_id: u64, service_id: u32, code: ErrorCode, message_len: u32) -> Header {
         Header {
             kind: Kind::Error,
@@ -288,10 +299,12 @@ impl Header {
         Ok(header)
     }
 
+    /// Whether [`FLAG_IN_SLOT`] is set.
     pub fn in_slot(&self) -> bool {
         self.flags & FLAG_IN_SLOT != 0
     }
 
+    /// The error code of an `Error` frame, when it is one this version defines.
     pub fn error_code(&self) -> Option<ErrorCode> {
         if self.kind == Kind::Error {
             ErrorCode::from_u16(self.code)
@@ -302,23 +315,77 @@ impl Header {
 }
 
 /// Why a header could not be accepted. Every variant is the sender's fault.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FrameError {
-    #[error("truncated header: {have} of {HEADER_BYTES} bytes")]
-    Truncated { have: usize },
-    #[error("bad magic 0x{found:04x}, expected 0x{MAGIC:04x}")]
-    BadMagic { found: u16 },
-    #[error("unsupported protocol version {found}, this bridge speaks {VERSION}")]
-    UnsupportedVersion { found: u8 },
-    #[error("unknown frame kind {found}")]
-    UnknownKind { found: u8 },
-    #[error("unknown flags 0x{found:04x}")]
-    UnknownFlags { found: u16 },
-    #[error("error code {code} set on a {kind:?} frame")]
-    CodeOnNonError { kind: Kind, code: u16 },
-    #[error("payload of {} bytes is over the maximum of {max} bytes", header.payload_len)]
-    PayloadTooLarge { header: Header, max: u32 },
+    /// Fewer than [`HEADER_BYTES`] bytes.
+    Truncated {
+        /// Bytes there were.
+        have: usize,
+    },
+    /// The first two bytes are not [`MAGIC`].
+    BadMagic {
+        /// The value found.
+        found: u16,
+    },
+    /// A protocol version other than [`VERSION`].
+    UnsupportedVersion {
+        /// The version found.
+        found: u8,
+    },
+    /// A kind this version does not define.
+    UnknownKind {
+        /// The kind byte found.
+        found: u8,
+    },
+    /// A flag bit outside [`FLAGS_KNOWN`].
+    UnknownFlags {
+        /// The flags found.
+        found: u16,
+    },
+    /// A non-zero `code` on a frame that is not an `Error`.
+    CodeOnNonError {
+        /// The frame's kind.
+        kind: Kind,
+        /// The code found.
+        code: u16,
+    },
+    /// `payload_len` is over the receiver's bound; the header is otherwise valid.
+    PayloadTooLarge {
+        /// The decoded header, so that the receiver can answer the request and skip its payload.
+        header: Header,
+        /// The receiver's bound in bytes.
+        max: u32,
+    },
 }
+
+impl fmt::Display for FrameError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FrameError::Truncated { have } => {
+                write!(f, "truncated header: {have} of {HEADER_BYTES} bytes")
+            }
+            FrameError::BadMagic { found } => {
+                write!(f, "bad magic 0x{found:04x}, expected 0x{MAGIC:04x}")
+            }
+            FrameError::UnsupportedVersion { found } => write!(
+                f,
+                "unsupported protocol version {found}, this bridge speaks {VERSION}"
+            ),
+            FrameError::UnknownKind { found } => write!(f, "unknown frame kind {found}"),
+            FrameError::UnknownFlags { found } => write!(f, "unknown flags 0x{found:04x}"),
+            FrameError::CodeOnNonError { kind, code } => {
+                write!(f, "error code {code} set on a {kind:?} frame")
+            }
+            FrameError::PayloadTooLarge { header, max } => write!(
+                f,
+                "payload of {} bytes is over the maximum of {max} bytes",
+                header.payload_len
+            ),
+        }
+    }
+}
+
+impl std::error::Error for FrameError {}
 
 impl FrameError {
     /// The code a bridge answers this error with.
@@ -333,13 +400,17 @@ impl FrameError {
 /// Payload of a worker's `Hello`: the worker's slot ABI version and its pid, both u32 LE.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Hello {
+    /// The slot ABI the worker was built for (`slot::SLOT_ABI_VERSION`).
     pub slot_abi_version: u32,
+    /// The worker's process id.
     pub pid: u32,
 }
 
 impl Hello {
+    /// Size of the payload in bytes.
     pub const BYTES: usize = 8;
 
+    /// The payload's bytes.
     pub fn encode(&self) -> [u8; Hello::BYTES] {
         let mut out = [0u8; Hello::BYTES];
         out[0..4].copy_from_slice(&self.slot_abi_version.to_le_bytes());
@@ -347,6 +418,7 @@ impl Hello {
         out
     }
 
+    /// Decode a payload, `None` unless it is exactly [`Hello::BYTES`] long.
     pub fn decode(bytes: &[u8]) -> Option<Hello> {
         if bytes.len() != Hello::BYTES {
             return None;
