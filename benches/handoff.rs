@@ -34,6 +34,7 @@ use std::process::{Child, Command};
 use std::time::Duration;
 
 use acgi_bridge::shm::Slot;
+use acgi_worker::WorkerSlot;
 use criterion::{criterion_group, BenchmarkId, Criterion};
 
 /// Set (to "SLOT_FD,SOCKET_FD") in the re-executed child's environment.
@@ -487,7 +488,7 @@ fn child_main(fds: &str) {
             UnixStream::from_raw_fd(socket_fd),
         )
     };
-    let slot = Slot::attach(slot_fd).expect("attaching the slot");
+    let slot = WorkerSlot::attach(slot_fd).expect("attaching the slot");
     // Buffered reads, so that a socket-path frame costs one read call, like the doorbell.
     let mut reader = BufReader::with_capacity(
         SOCKET_FRAME_HEADER_BYTES + SLOT_CAPACITY_BYTES as usize,

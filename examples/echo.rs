@@ -2,7 +2,7 @@
 //! benchmarks and conformance tests drive.
 
 fn main() {
-    if let Err(error) = acgi_bridge::worker::serve(|request: &[u8]| request.to_vec()) {
+    if let Err(error) = acgi_worker::serve(|request: &[u8]| request.to_vec()) {
         eprintln!("echo worker: {error}");
         std::process::exit(1);
     }

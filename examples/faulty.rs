@@ -31,9 +31,9 @@ use std::os::unix::net::UnixStream;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use acgi_bridge::proto::{self, Header, Hello, Kind, FLAG_IN_SLOT, HEADER_BYTES};
-use acgi_bridge::shm::{Slot, SLOT_ABI_VERSION};
-use acgi_bridge::worker::{ENV_CONTROL_FD, ENV_SLOT_FD};
+use acgi_proto::slot::SLOT_ABI_VERSION;
+use acgi_proto::{self as proto, Header, Hello, Kind, FLAG_IN_SLOT, HEADER_BYTES};
+use acgi_worker::{WorkerSlot, ENV_CONTROL_FD, ENV_SLOT_FD};
 
 fn env_fd(name: &str) -> i32 {
     std::env::var(name)
@@ -73,7 +73,8 @@ fn main() {
     let crash_on = value("--crash-on");
     // SAFETY: the bridge passed these descriptors to this process; each is taken once.
     let mut control = unsafe { UnixStream::from_raw_fd(env_fd(ENV_CONTROL_FD)) };
-    let slot = Slot::attach(unsafe { OwnedFd::from_raw_fd(env_fd(ENV_SLOT_FD)) }).expect("slot");
+    let slot =
+        WorkerSlot::attach(unsafe { OwnedFd::from_raw_fd(env_fd(ENV_SLOT_FD)) }).expect("slot");
     if flag("--garbage").is_some() {
         control.write_all(&[0xEE; 64]).expect("control socket");
         std::thread::sleep(Duration::from_secs(3600));
@@ -254,7 +255,7 @@ fn main() {
 
 /// Between jobs: wait until either a `Job` frame can be read (false) or a request starting
 /// with `EARLY!` appears at the start of the slot's data area while no job is ours (true).
-fn wait_for_early_request(control: &UnixStream, slot: &Slot) -> bool {
+fn wait_for_early_request(control: &UnixStream, slot: &WorkerSlot) -> bool {
     use std::os::fd::AsRawFd;
     loop {
         let mut poll = libc::pollfd {

@@ -22,8 +22,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use acgi_bridge::proto::PAYLOAD_BYTES_MAX_DEFAULT;
-use acgi_bridge::worker::{ENV_MAX_PAYLOAD, ENV_STATE_DIR};
+use acgi_proto::PAYLOAD_BYTES_MAX_DEFAULT;
+use acgi_worker::{ENV_MAX_PAYLOAD, ENV_STATE_DIR};
 use rusqlite::{Connection, ErrorCode, OptionalExtension};
 
 /// Environment variable that overrides the database path.
@@ -75,7 +75,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = acgi_bridge::worker::serve(|request: &[u8]| {
+    let result = acgi_worker::serve(|request: &[u8]| {
         let reply = handle(&store, request);
         if let Err(KvError::Database(error)) = &reply {
             // The caller sees the message too; the log is for whoever runs the bridge.

@@ -9,6 +9,7 @@
 //! - `engine` and `pool`: the daemon itself (one io_uring event loop per core).
 
 pub use acgi_proto as proto;
+pub use acgi_worker as worker;
 
 pub mod alloc_count;
 pub mod client;
@@ -18,4 +19,3 @@ pub mod metrics;
 pub mod pool;
 pub mod shm;
 pub mod status;
-pub mod worker;

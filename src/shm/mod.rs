@@ -41,24 +41,6 @@ impl Slot {
         Ok(Slot { view, fd })
     }
 
-    /// Attach to a slot created by the bridge (worker side); checks magic, ABI and size.
-    pub fn attach(fd: OwnedFd) -> Result<Slot, SlotError> {
-        let stat = rustix::fs::fstat(&fd).map_err(|e| SlotError::Map(e.into()))?;
-        let map_bytes = stat.st_size as usize;
-        if map_bytes < SLOT_HEADER_BYTES + SLOT_CAPACITY_BYTES_MIN as usize {
-            return Err(SlotError::BadHeader("memfd is smaller than a slot"));
-        }
-        let capacity = (map_bytes - SLOT_HEADER_BYTES) as u32;
-        let base = map_shared(&fd, map_bytes)?;
-        // SAFETY: as in `create`: a fresh mapping of exactly this size, unmapped only in `Drop`.
-        let slot = Slot {
-            view: unsafe { SlotView::new(base, capacity) },
-            fd,
-        };
-        slot.view.check()?;
-        Ok(slot)
-    }
-
     /// The memfd, for the spawner to pass to the worker.
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
@@ -113,9 +95,10 @@ mod tests {
 
     #[test]
     fn a_job_round_trips_through_a_memfd_between_both_sides() {
-        // Proves a created slot and a worker's attached mapping of its memfd share one region.
+        // Proves a created slot and the worker SDK's mapping of its memfd share one region.
         let bridge = Slot::create("test", 128).unwrap();
-        let worker = Slot::attach(bridge.fd().try_clone_to_owned().unwrap()).unwrap();
+        let worker =
+            acgi_worker::WorkerSlot::attach(bridge.fd().try_clone_to_owned().unwrap()).unwrap();
         bridge.fill(7, Some(b"hello"), 0).unwrap();
         assert_eq!(worker.take_job(7).unwrap(), Some(5));
         // SAFETY: the worker side holds the slot in Taken with len 5.

@@ -2,7 +2,7 @@
 //!
 //! ```no_run
 //! // The whole of a worker's `main`:
-//! acgi_bridge::worker::serve(|request: &[u8]| request.to_vec()).unwrap();
+//! acgi_worker::serve(|request: &[u8]| request.to_vec()).unwrap();
 //! ```
 //!
 //! The bridge starts the worker with two inherited descriptors: the control socket (a Unix
@@ -14,16 +14,28 @@
 //!
 //! The handler owns nothing of the SDK's state, and the SDK never panics on the bridge's bytes:
 //! a protocol error ends `serve` with [`WorkerError`] and the process should exit.
+//!
+//! This crate is the SDK and nothing of the daemon: it depends on `acgi-proto` (the frames, the
+//! slot ABI, the frame reader), `rustix` for the syscalls (mapping the slot, `recv`, `poll`) and
+//! `libc` for one call rustix does not offer, `sigaction` (see `install_sigterm_handler`).
+//! Workers that speak the protocol by hand can use [`WorkerSlot`] and [`proto`] directly.
+
+#![warn(missing_docs)]
 
 use std::cell::Cell;
-use std::fmt::Display;
+use std::fmt::{self, Display};
 use std::io::{self, Write};
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::proto::{self, Header, Hello, Kind, FLAG_IN_SLOT, HEADER_BYTES};
-use crate::shm::{Slot, SlotError, SLOT_ABI_VERSION};
+pub use acgi_proto as proto;
+
+use proto::slot::{SlotError, SLOT_ABI_VERSION};
+use proto::{Header, Hello, Kind, Parsed, ReadBuffer, FLAG_IN_SLOT, HEADER_BYTES};
+
+mod slot;
+pub use slot::WorkerSlot;
 
 /// Environment variable naming the control socket's descriptor number.
 pub const ENV_CONTROL_FD: &str = "ACGI_CONTROL_FD";
@@ -63,6 +75,10 @@ extern "C" fn on_sigterm(_signal: libc::c_int) {
 /// SIGTERM sets a flag instead of killing the process, without SA_RESTART, so that a worker
 /// blocked waiting for its next job wakes (EINTR) and exits cleanly, and one in a job finishes
 /// and answers it first. The bridge sends SIGKILL after its grace period if that takes too long.
+///
+/// This is the crate's one use of `libc`: rustix has no portable `sigaction` (only a raw kernel
+/// one for libc implementations, which would need our own signal-return trampoline), and std
+/// has none at all.
 fn install_sigterm_handler() {
     // SAFETY: installing an async-signal-safe handler (one atomic store) for SIGTERM.
     unsafe {
@@ -84,22 +100,70 @@ fn truncate_message(message: &str) -> &[u8] {
 }
 
 /// Why a worker loop ended other than by the bridge closing the control socket.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug)]
 pub enum WorkerError {
-    #[error("not started by acgi-bridge: {0} is not set or not a descriptor number")]
+    /// The named environment variable is missing or not a descriptor number: this process was
+    /// not started by a bridge.
     NotUnderBridge(&'static str),
-    #[error("control socket: {0}")]
-    Io(#[from] io::Error),
-    #[error("slot: {0}")]
-    Slot(#[from] SlotError),
-    #[error("bridge sent a malformed frame: {0}")]
-    Frame(#[from] proto::FrameError),
-    #[error("bridge sent an unexpected {0:?} frame")]
+    /// Reading or writing the control socket failed.
+    Io(io::Error),
+    /// The slot could not be attached, or the bridge broke the slot protocol.
+    Slot(SlotError),
+    /// The bridge sent a frame header that does not decode.
+    Frame(proto::FrameError),
+    /// The bridge sent a frame other than a `Job`.
     UnexpectedKind(Kind),
+}
+
+impl Display for WorkerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            WorkerError::NotUnderBridge(name) => write!(
+                f,
+                "not started by acgi-bridge: {name} is not set or not a descriptor number"
+            ),
+            WorkerError::Io(error) => write!(f, "control socket: {error}"),
+            WorkerError::Slot(error) => write!(f, "slot: {error}"),
+            WorkerError::Frame(error) => write!(f, "bridge sent a malformed frame: {error}"),
+            WorkerError::UnexpectedKind(kind) => {
+                write!(f, "bridge sent an unexpected {kind:?} frame")
+            }
+        }
+    }
+}
+
+impl std::error::Error for WorkerError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            WorkerError::Io(error) => Some(error),
+            WorkerError::Slot(error) => Some(error),
+            WorkerError::Frame(error) => Some(error),
+            WorkerError::NotUnderBridge(_) | WorkerError::UnexpectedKind(_) => None,
+        }
+    }
+}
+
+impl From<io::Error> for WorkerError {
+    fn from(error: io::Error) -> Self {
+        WorkerError::Io(error)
+    }
+}
+
+impl From<SlotError> for WorkerError {
+    fn from(error: SlotError) -> Self {
+        WorkerError::Slot(error)
+    }
+}
+
+impl From<proto::FrameError> for WorkerError {
+    fn from(error: proto::FrameError) -> Self {
+        WorkerError::Frame(error)
+    }
 }
 
 /// What a handler may return: bytes for a reply, or an error message for the caller.
 pub trait IntoReply {
+    /// The reply's bytes, or the message of a handler error.
     fn into_reply(self) -> Result<Vec<u8>, String>;
 }
 
@@ -164,7 +228,7 @@ where
             return Ok(());
         };
         let remaining_ms = match job {
-            JobPayload::Queued => 0,
+            JobPayload::Queued(_) => 0,
             _ => session
                 .slot
                 .header()
@@ -180,7 +244,15 @@ where
                 let request = unsafe { session.slot.request_bytes(len) };
                 handler(request).into_reply()
             }
-            JobPayload::Inline | JobPayload::Queued => handler(&session.inline).into_reply(),
+            JobPayload::Inline(header) | JobPayload::Queued(header) => {
+                // The handler reads the payload where it was received; the frame is consumed
+                // once it is done with.
+                let reply = handler(session.input.payload(&header)).into_reply();
+                session
+                    .input
+                    .consume(HEADER_BYTES + header.payload_len as usize);
+                reply
+            }
         };
         session.finish(reply)?;
         // Replies wait in `out` only while more jobs are already buffered, and not long.
@@ -203,26 +275,27 @@ const OUT_BYTES_FLUSH: usize = 64 * 1024;
 const IN_BYTES: usize = 64 * 1024;
 
 enum JobPayload {
+    /// The request is in the slot, this long.
     InSlot(usize),
-    Inline,
-    /// A queued job: inline, answered inline, the slot untouched.
-    Queued,
+    /// The request followed this `Job` header on the socket; the whole frame is at the front
+    /// of the read buffer until the handler is done with it.
+    Inline(Header),
+    /// A queued job: inline (at the front of the read buffer, like `Inline`), answered inline,
+    /// the slot untouched.
+    Queued(Header),
 }
 
 /// The worker side of one control connection.
 struct Session {
     control: UnixStream,
-    slot: Slot,
+    slot: WorkerSlot,
     sequence: u64,
-    inline: Vec<u8>,
     payload_bytes_max: u32,
     /// The job in hand was sent queued.
     queued: bool,
-    /// Bytes read from the control socket: `in_buf[in_start..in_end]` is not yet parsed. One
-    /// read takes every job the bridge has queued, so a busy worker reads once per batch.
-    in_buf: Vec<u8>,
-    in_start: usize,
-    in_end: usize,
+    /// Bytes read from the control socket and not yet consumed. One read takes every job the
+    /// bridge has queued, so a busy worker reads once per batch.
+    input: ReadBuffer,
     /// Answer frames not yet written, and since when the oldest has waited.
     out: Vec<u8>,
     out_since: Option<std::time::Instant>,
@@ -256,7 +329,7 @@ impl Session {
                 OwnedFd::from_raw_fd(slot_fd),
             )
         };
-        let slot = Slot::attach(slot_fd)?;
+        let slot = WorkerSlot::attach(slot_fd)?;
         let payload_bytes_max = std::env::var(ENV_MAX_PAYLOAD)
             .ok()
             .and_then(|value| value.parse().ok())
@@ -265,12 +338,9 @@ impl Session {
             control,
             slot,
             sequence: 0,
-            inline: Vec::new(),
             payload_bytes_max,
             queued: false,
-            in_buf: vec![0; IN_BYTES],
-            in_start: 0,
-            in_end: 0,
+            input: ReadBuffer::new(IN_BYTES),
             out: Vec::new(),
             out_since: None,
         })
@@ -286,29 +356,23 @@ impl Session {
         Ok(())
     }
 
-    /// Make sure `need` unparsed bytes are buffered, reading (and waiting) as needed. Returns
-    /// false on EOF before any byte of a frame, or when SIGTERM interrupted the wait then.
+    /// Make sure `need` unconsumed bytes are buffered, reading (and waiting) as needed.
+    /// Returns false on EOF before any byte of a frame, or when SIGTERM interrupted the wait
+    /// then.
     fn fill(&mut self, need: usize) -> io::Result<bool> {
-        while self.in_end - self.in_start < need {
-            if self.in_buf.len() - self.in_start < need || self.in_end == self.in_buf.len() {
-                self.in_buf.copy_within(self.in_start..self.in_end, 0);
-                self.in_end -= self.in_start;
-                self.in_start = 0;
-                if self.in_buf.len() < need {
-                    self.in_buf.resize(need, 0);
-                }
-            }
-            let at_frame_start = self.in_end == self.in_start;
+        while self.input.len() < need {
+            let at_frame_start = self.input.is_empty();
+            self.input.prepare_read(need);
             // Take what has arrived without waiting; only when nothing has, flush the answers
             // and wait in poll(POLLIN), not in read: the bridge consuming our last reply wakes
             // the socket's wait queue with EPOLLOUT, which would wake a task blocked in read
             // for nothing (a context switch per request); poll's wait filters by event.
-            let spare = &mut self.in_buf[self.in_end..];
+            let spare = self.input.spare();
             match rustix::net::recv(&self.control, spare, rustix::net::RecvFlags::DONTWAIT) {
                 Ok((0, _)) if at_frame_start => return Ok(false),
                 Ok((0, _)) => return Err(io::ErrorKind::UnexpectedEof.into()),
                 Ok((n, _)) => {
-                    self.in_end += n;
+                    self.input.commit(n);
                     continue;
                 }
                 Err(rustix::io::Errno::AGAIN) => {}
@@ -338,18 +402,6 @@ impl Session {
         Ok(true)
     }
 
-    /// Take `len` buffered bytes (after `fill`) into `inline`.
-    fn take_inline(&mut self, len: usize) -> io::Result<()> {
-        if !self.fill(len)? {
-            return Err(io::ErrorKind::UnexpectedEof.into());
-        }
-        self.inline.clear();
-        self.inline
-            .extend_from_slice(&self.in_buf[self.in_start..self.in_start + len]);
-        self.in_start += len;
-        Ok(())
-    }
-
     fn hello(&mut self) -> Result<(), WorkerError> {
         let hello = Hello {
             slot_abi_version: SLOT_ABI_VERSION,
@@ -364,14 +416,20 @@ impl Session {
         Ok(())
     }
 
-    /// Wait for the next job; `None` when the bridge closed the socket.
+    /// Wait for the next job, its whole frame; `None` when the bridge closed the socket.
     fn next_job(&mut self) -> Result<Option<JobPayload>, WorkerError> {
-        if !self.fill(HEADER_BYTES)? {
-            return Ok(None);
-        }
-        let bytes = &self.in_buf[self.in_start..self.in_start + HEADER_BYTES];
-        let header = Header::decode(bytes, self.payload_bytes_max)?;
-        self.in_start += HEADER_BYTES;
+        let header = loop {
+            match self.input.parse(self.payload_bytes_max) {
+                Parsed::Frame(header) => break header,
+                Parsed::Bad(error) => return Err(error.into()),
+                Parsed::NeedMore => {
+                    let need = self.input.frame_bytes_needed(self.payload_bytes_max);
+                    if !self.fill(need)? {
+                        return Ok(None);
+                    }
+                }
+            }
+        };
         if header.kind != Kind::Job {
             return Err(WorkerError::UnexpectedKind(header.kind));
         }
@@ -380,9 +438,8 @@ impl Session {
             if header.in_slot() {
                 return Err(SlotError::BadHeader("queued job marked in-slot").into());
             }
-            self.take_inline(header.payload_len as usize)?;
             self.queued = true;
-            return Ok(Some(JobPayload::Queued));
+            return Ok(Some(JobPayload::Queued(header)));
         }
         self.queued = false;
         let in_slot = self.slot.take_job(self.sequence)?;
@@ -391,13 +448,13 @@ impl Session {
             if header.payload_len != 0 {
                 return Err(SlotError::BadHeader("in-slot job with a socket payload").into());
             }
+            self.input.consume(HEADER_BYTES);
             Ok(Some(JobPayload::InSlot(len)))
         } else {
             if in_slot.is_some() {
                 return Err(SlotError::BadHeader("socket job with an in-slot length").into());
             }
-            self.take_inline(header.payload_len as usize)?;
-            Ok(Some(JobPayload::Inline))
+            Ok(Some(JobPayload::Inline(header)))
         }
     }
 
