@@ -8,11 +8,11 @@
 //! - [`config`]: the daemon's configuration and its validation.
 //! - `engine` and `pool`: the daemon itself (one io_uring event loop per core).
 
+pub use acgi_client as client;
 pub use acgi_proto as proto;
 pub use acgi_worker as worker;
 
 pub mod alloc_count;
-pub mod client;
 pub mod config;
 pub mod engine;
 pub mod metrics;

@@ -1,40 +1,51 @@
 //! Client SDK: call services through a bridge, from async Rust (tokio) or from blocking code.
 //!
 //! ```no_run
-//! # async fn demo() -> Result<(), acgi_bridge::client::CallError> {
-//! let client = acgi_bridge::client::Client::connect("/run/acgi-bridge.sock").await?;
-//! let reply = client.call("echo", b"hello".to_vec()).await?;
+//! # fn demo() -> Result<(), acgi_client::CallError> {
+//! let mut client = acgi_client::BlockingClient::connect("/run/acgi-bridge.sock")?;
+//! let reply = client.call("echo", b"hello")?;
 //! # Ok(()) }
 //! ```
 //!
-//! One connection carries many calls at once: each call gets a fresh request id, and the reader
-//! task matches replies to calls by id, in whatever order they come. Service names are resolved
-//! to ids once per connection (a `Resolve` frame) and cached.
+//! - [`BlockingClient`], always: one call at a time, or `send` + `receive` to pipeline. It
+//!   depends on std and `acgi-proto` only.
+//! - `Client`, with the default feature `tokio`: many calls in flight on one connection; each
+//!   call gets a fresh request id, and a reader task matches replies to calls by id, in
+//!   whatever order they come. Build with `default-features = false` for the blocking client
+//!   without tokio.
 //!
+//! Service names are resolved to ids once per connection (a `Resolve` frame) and cached.
 //! Addresses: `unix:/path`, `tcp:host:port`, or bare: a string containing `/` is a Unix socket
 //! path, anything else is a TCP `host:port`.
 
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 use std::collections::HashMap;
+use std::fmt;
 use std::io::{self, Read, Write};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::oneshot;
+pub use acgi_proto as proto;
 
-use crate::proto::{self, ErrorCode, Header, Kind, HEADER_BYTES};
+use proto::{ErrorCode, Header, Kind, HEADER_BYTES};
+
+#[cfg(feature = "tokio")]
+mod async_client;
+#[cfg(feature = "tokio")]
+pub use async_client::Client;
 
 /// Where a bridge listens.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Addr {
+    /// A Unix stream socket at this path.
     Unix(PathBuf),
+    /// A TCP `host:port`.
     Tcp(String),
 }
 
 impl Addr {
+    /// Read an address in one of the forms the module docs list (any string is one).
     pub fn parse(text: &str) -> Addr {
         if let Some(path) = text.strip_prefix("unix:") {
             Addr::Unix(PathBuf::from(path))
@@ -51,7 +62,9 @@ impl Addr {
 /// Which service to call: by name (resolved once and cached) or by numeric id.
 #[derive(Clone, Debug)]
 pub enum Service<'a> {
+    /// The service's registered name.
     Name(&'a str),
+    /// The service's id on the wire.
     Id(u32),
 }
 
@@ -68,17 +81,49 @@ impl From<u32> for Service<'_> {
 }
 
 /// Why a call failed.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug)]
 pub enum CallError {
     /// The bridge answered with an error frame.
-    #[error("{}: {message}", describe_code(*.code))]
-    Remote { code: u16, message: String },
-    #[error("connection: {0}")]
-    Io(#[from] io::Error),
-    #[error("bridge broke the protocol: {0}")]
+    Remote {
+        /// The frame's code (an [`ErrorCode`] when this version knows it, see [`CallError::code`]).
+        code: u16,
+        /// The bridge's or the handler's message.
+        message: String,
+    },
+    /// Connecting, reading or writing failed.
+    Io(io::Error),
+    /// The bridge sent something this client cannot accept.
     Protocol(String),
-    #[error("connection closed before the reply arrived")]
+    /// The connection closed before the reply arrived.
     Closed,
+}
+
+impl fmt::Display for CallError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CallError::Remote { code, message } => {
+                write!(f, "{}: {message}", describe_code(*code))
+            }
+            CallError::Io(error) => write!(f, "connection: {error}"),
+            CallError::Protocol(what) => write!(f, "bridge broke the protocol: {what}"),
+            CallError::Closed => f.write_str("connection closed before the reply arrived"),
+        }
+    }
+}
+
+impl std::error::Error for CallError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            CallError::Io(error) => Some(error),
+            _ => None,
+        }
+    }
+}
+
+impl From<io::Error> for CallError {
+    fn from(error: io::Error) -> Self {
+        CallError::Io(error)
+    }
 }
 
 fn describe_code(code: u16) -> String {
@@ -107,7 +152,9 @@ impl From<proto::FrameError> for CallError {
 /// A decoded answer frame.
 #[derive(Debug)]
 pub struct Answer {
+    /// The checked header.
     pub header: Header,
+    /// The payload that followed it.
     pub payload: Vec<u8>,
 }
 
@@ -123,196 +170,6 @@ impl Answer {
             other => Err(CallError::Protocol(format!("unexpected {other:?} frame"))),
         }
     }
-}
-
-/// Payloads up to this size are sent in the same write as their header.
-const SMALL_FRAME_BYTES: usize = 4096;
-
-type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Answer>>>>;
-
-/// A pipelined async connection to a bridge. Cheap to clone; clones share the connection.
-#[derive(Clone)]
-pub struct Client {
-    inner: Arc<Inner>,
-}
-
-struct Inner {
-    writer: tokio::sync::Mutex<Box<dyn AsyncWrite + Send + Unpin>>,
-    pending: Pending,
-    next_request_id: AtomicU64,
-    services: Mutex<HashMap<String, u32>>,
-    reader: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Inner {
-    fn drop(&mut self) {
-        self.reader.abort();
-    }
-}
-
-impl Client {
-    /// Connect to a bridge at `addr` (see the module docs for the address forms).
-    pub async fn connect(addr: &str) -> Result<Client, CallError> {
-        match Addr::parse(addr) {
-            Addr::Unix(path) => {
-                let (read, write) = tokio::net::UnixStream::connect(path).await?.into_split();
-                Ok(Client::from_halves(read, write))
-            }
-            Addr::Tcp(host_port) => {
-                let stream = tokio::net::TcpStream::connect(host_port).await?;
-                stream.set_nodelay(true)?;
-                let (read, write) = stream.into_split();
-                Ok(Client::from_halves(read, write))
-            }
-        }
-    }
-
-    fn from_halves<R, W>(read: R, write: W) -> Client
-    where
-        R: AsyncRead + Send + Unpin + 'static,
-        W: AsyncWrite + Send + Unpin + 'static,
-    {
-        let pending: Pending = Arc::default();
-        // Buffered: one read takes every answer that has arrived (not two reads per answer).
-        let read = tokio::io::BufReader::with_capacity(READ_BUFFER_BYTES, read);
-        let reader = tokio::spawn(read_answers(read, Arc::clone(&pending)));
-        Client {
-            inner: Arc::new(Inner {
-                writer: tokio::sync::Mutex::new(Box::new(write)),
-                pending,
-                next_request_id: AtomicU64::new(1),
-                services: Mutex::default(),
-                reader,
-            }),
-        }
-    }
-
-    /// Call `service` with `payload`; resolves when its reply (or error) arrives.
-    pub async fn call<'a>(
-        &self,
-        service: impl Into<Service<'a>>,
-        payload: impl AsRef<[u8]>,
-    ) -> Result<Vec<u8>, CallError> {
-        let service_id = self.service_id(service.into()).await?;
-        self.exchange(Kind::Request, service_id, payload.as_ref())
-            .await?
-            .into_result()
-    }
-
-    /// Call with a deadline: if no worker has taken the request within `timeout`, the bridge
-    /// answers `deadline exceeded` (code 10) without running it. The worker can read the time
-    /// left. Resolves when the reply arrives (a request already running is not interrupted).
-    pub async fn call_with_timeout<'a>(
-        &self,
-        service: impl Into<Service<'a>>,
-        payload: impl AsRef<[u8]>,
-        timeout: std::time::Duration,
-    ) -> Result<Vec<u8>, CallError> {
-        let service_id = self.service_id(service.into()).await?;
-        let framed = with_timeout_prefix(payload.as_ref(), timeout);
-        self.exchange_flags(Kind::Request, proto::FLAG_TIMEOUT, service_id, &framed)
-            .await?
-            .into_result()
-    }
-
-    /// The numeric id of `service`, asking the bridge on first use of a name.
-    pub async fn service_id(&self, service: Service<'_>) -> Result<u32, CallError> {
-        let name = match service {
-            Service::Id(id) => return Ok(id),
-            Service::Name(name) => name,
-        };
-        if let Some(id) = self.inner.services.lock().expect("not poisoned").get(name) {
-            return Ok(*id);
-        }
-        let answer = self.exchange(Kind::Resolve, 0, name.as_bytes()).await?;
-        let id = answer.header.service_id;
-        answer.into_result()?;
-        self.inner
-            .services
-            .lock()
-            .expect("not poisoned")
-            .insert(name.to_string(), id);
-        Ok(id)
-    }
-
-    async fn exchange(
-        &self,
-        kind: Kind,
-        service_id: u32,
-        payload: &[u8],
-    ) -> Result<Answer, CallError> {
-        self.exchange_flags(kind, 0, service_id, payload).await
-    }
-
-    async fn exchange_flags(
-        &self,
-        kind: Kind,
-        flags: u16,
-        service_id: u32,
-        payload: &[u8],
-    ) -> Result<Answer, CallError> {
-        let request_id = self.inner.next_request_id.fetch_add(1, Ordering::Relaxed);
-        let (sender, receiver) = oneshot::channel();
-        self.inner
-            .pending
-            .lock()
-            .expect("not poisoned")
-            .insert(request_id, sender);
-        let mut header = Header::new(kind, service_id, request_id, payload.len() as u32);
-        header.flags = flags;
-        let written = if payload.len() <= SMALL_FRAME_BYTES {
-            // One write per call: header and payload together.
-            let mut frame = [0u8; HEADER_BYTES + SMALL_FRAME_BYTES];
-            frame[..HEADER_BYTES].copy_from_slice(&header.encode());
-            frame[HEADER_BYTES..HEADER_BYTES + payload.len()].copy_from_slice(payload);
-            let frame = &frame[..HEADER_BYTES + payload.len()];
-            self.inner.writer.lock().await.write_all(frame).await
-        } else {
-            let mut writer = self.inner.writer.lock().await;
-            let mut result = writer.write_all(&header.encode()).await;
-            if result.is_ok() {
-                result = writer.write_all(payload).await;
-            }
-            result
-        };
-        if let Err(error) = written {
-            self.inner
-                .pending
-                .lock()
-                .expect("not poisoned")
-                .remove(&request_id);
-            return Err(error.into());
-        }
-        receiver.await.map_err(|_| CallError::Closed)
-    }
-}
-
-/// Read buffer of the async client's connection.
-const READ_BUFFER_BYTES: usize = 64 * 1024;
-
-async fn read_answers<R: AsyncRead + Unpin>(mut read: R, pending: Pending) {
-    let mut bytes = [0u8; HEADER_BYTES];
-    loop {
-        if read.read_exact(&mut bytes).await.is_err() {
-            break;
-        }
-        let Ok(header) = Header::decode(&bytes, proto::PAYLOAD_BYTES_MAX_CEILING) else {
-            break;
-        };
-        let mut payload = vec![0u8; header.payload_len as usize];
-        if read.read_exact(&mut payload).await.is_err() {
-            break;
-        }
-        let waiter = pending
-            .lock()
-            .expect("not poisoned")
-            .remove(&header.request_id);
-        if let Some(waiter) = waiter {
-            let _ = waiter.send(Answer { header, payload });
-        }
-    }
-    // Dropping the senders wakes every waiting call with `Closed`.
-    pending.lock().expect("not poisoned").clear();
 }
 
 /// The payload of a `FLAG_TIMEOUT` request: the timeout in ms (u32 LE, at least 1), then the
@@ -361,6 +218,7 @@ pub struct BlockingClient {
 }
 
 impl BlockingClient {
+    /// Connect to a bridge at `addr` (see the module docs for the address forms).
     pub fn connect(addr: &str) -> Result<BlockingClient, CallError> {
         let stream = match Addr::parse(addr) {
             Addr::Unix(path) => {
@@ -397,6 +255,7 @@ impl BlockingClient {
         answer.into_result()
     }
 
+    /// The numeric id of `service`, asking the bridge on first use of a name.
     pub fn service_id(&mut self, service: Service<'_>) -> Result<u32, CallError> {
         let name = match service {
             Service::Id(id) => return Ok(id),
@@ -421,7 +280,7 @@ impl BlockingClient {
         self.send_frame(Kind::Request, service_id, payload)
     }
 
-    /// Send a request with a deadline (see [`Client::call_with_timeout`]); returns its id.
+    /// Send a request with a deadline (see `Client::call_with_timeout`); returns its id.
     pub fn send_with_timeout(
         &mut self,
         service_id: u32,
