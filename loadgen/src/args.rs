@@ -14,7 +14,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use acgi_bridge::proto::PAYLOAD_BYTES_MAX_DEFAULT;
+use acgi_proto::PAYLOAD_BYTES_MAX_DEFAULT;
 use clap::{Args as ClapArgs, Parser, Subcommand};
 
 use crate::hgrm::Unit;

@@ -12,8 +12,8 @@
 use std::io::{self, Read, Write};
 use std::time::{Duration, Instant};
 
-use acgi_bridge::client::{Addr, Answer};
-use acgi_bridge::proto::{self, Header, Kind, HEADER_BYTES};
+use acgi_client::{Addr, Answer};
+use acgi_proto::{self as proto, Header, Kind, Parsed, ReadBuffer, HEADER_BYTES};
 
 use crate::mix::Rng;
 use crate::payload::{first_difference, Payload};
@@ -22,6 +22,11 @@ use crate::workload::{Window, Workload};
 
 /// Most requests in flight per connection (the `--depth` bound).
 const PLACES: u64 = 4096;
+/// Base size of a connection's read buffer, and the room a read gets beyond the largest
+/// request's frame (echo replies are as large), so that such replies pass without the buffer
+/// shrinking and growing again.
+const INPUT_BYTES: usize = 256 * 1024;
+const INPUT_SPARE_BYTES: usize = 64 * 1024;
 /// How often a blocked read wakes to look at the clock.
 const READ_TIMEOUT: Duration = Duration::from_millis(100);
 
@@ -111,8 +116,9 @@ impl Driver {
         let mut outstanding = 0u64;
         let mut sequence = 0u64;
         let mut out = Vec::with_capacity(64 * 1024);
-        let mut input = vec![0u8; 256 * 1024];
-        let (mut start, mut end) = (0usize, 0usize);
+        let payload_bytes_max = self.workload.payloads.values().map(|kind| kind.len()).max();
+        let frame_bytes_max = HEADER_BYTES + payload_bytes_max.unwrap_or(0);
+        let mut input = ReadBuffer::new(INPUT_BYTES.max(frame_bytes_max + INPUT_SPARE_BYTES));
         let mut send = |place: u64,
                         now: Instant,
                         out: &mut Vec<u8>,
@@ -164,21 +170,14 @@ impl Driver {
             if outstanding == 0 || Instant::now() >= hard_stop {
                 break;
             }
-            if input.len() - end < 64 * 1024 {
-                input.copy_within(start..end, 0);
-                end -= start;
-                start = 0;
-                if input.len() - end < 64 * 1024 {
-                    input.resize(input.len() * 2, 0);
-                }
-            }
-            match stream.read(&mut input[end..]) {
+            input.prepare_read(input.frame_bytes_needed(proto::PAYLOAD_BYTES_MAX_CEILING));
+            match stream.read(input.spare()) {
                 Ok(0) => {
                     recorder.record_error(ErrorClass::Closed);
                     recorder.record_stopped_early();
                     return recorder;
                 }
-                Ok(n) => end += n,
+                Ok(n) => input.commit(n),
                 Err(error)
                     if matches!(
                         error.kind(),
@@ -196,30 +195,16 @@ impl Driver {
                 }
             }
             let now = Instant::now();
-            while end - start >= HEADER_BYTES {
-                let header = match Header::decode(
-                    &input[start..start + HEADER_BYTES],
-                    proto::PAYLOAD_BYTES_MAX_CEILING,
-                ) {
-                    Ok(header) => header,
-                    Err(_) => {
+            loop {
+                let header = match input.parse(proto::PAYLOAD_BYTES_MAX_CEILING) {
+                    Parsed::Frame(header) => header,
+                    Parsed::NeedMore => break,
+                    Parsed::Bad(_) => {
                         recorder.record_error(ErrorClass::Protocol);
                         recorder.record_stopped_early();
                         return recorder;
                     }
                 };
-                let frame_bytes = HEADER_BYTES + header.payload_len as usize;
-                let frame_end = start + frame_bytes;
-                if end < frame_end {
-                    if frame_bytes + 64 * 1024 > input.len() {
-                        // A frame larger than the buffer: make room for it and a read more.
-                        input.copy_within(start..end, 0);
-                        end -= start;
-                        start = 0;
-                        input.resize(frame_bytes + 64 * 1024, 0);
-                    }
-                    break;
-                }
                 let place = header.request_id % PLACES;
                 let Some(call) = in_flight.get_mut(place as usize).and_then(Option::take) else {
                     recorder.record_error(ErrorClass::Protocol);
@@ -227,7 +212,7 @@ impl Driver {
                     return recorder;
                 };
                 outstanding -= 1;
-                let reply = &input[start + HEADER_BYTES..frame_end];
+                let reply = input.payload(&header);
                 let measured = call.started >= measure_start && call.started < measure_end;
                 if header.kind == Kind::Reply {
                     if measured {
@@ -267,7 +252,7 @@ impl Driver {
                         recorder.record_warmup_error();
                     }
                 }
-                start = frame_end;
+                input.consume(HEADER_BYTES + header.payload_len as usize);
                 if now < measure_end {
                     send(
                         place,

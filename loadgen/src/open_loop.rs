@@ -223,7 +223,7 @@ pub async fn run(plan: &Plan) -> Result<Outcome, RunError> {
 
 /// One request, owned by its task.
 struct Call {
-    client: acgi_bridge::client::Client,
+    client: acgi_client::Client,
     service_id: u32,
     bytes: Vec<u8>,
     verify: bool,

@@ -18,7 +18,7 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use acgi_bridge::client::CallError;
+use acgi_client::CallError;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 use tokio::time::Instant;

@@ -15,8 +15,8 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use acgi_bridge::client::CallError;
-use acgi_bridge::proto::ErrorCode;
+use acgi_client::CallError;
+use acgi_proto::ErrorCode;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 

@@ -12,7 +12,7 @@
 
 use std::time::Duration;
 
-use acgi_bridge::client::{CallError, Client, Service};
+use acgi_client::{CallError, Client, Service};
 use tokio::time::Instant;
 
 use crate::mix::{PayloadKind, Weighted};

@@ -10,10 +10,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use acgi_bridge::proto::{Header, Kind, HEADER_BYTES, PAYLOAD_BYTES_MAX_DEFAULT};
 use acgi_loadgen::mix::PayloadKind;
 use acgi_loadgen::workload::Workload;
 use acgi_loadgen::{closed_loop, open_loop};
+use acgi_proto::{Header, Kind, HEADER_BYTES, PAYLOAD_BYTES_MAX_DEFAULT};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixListener;
 use tokio::time::Instant;
