@@ -1,10 +1,18 @@
 //! acgi-bridge: lets asynchronous servers call synchronous code through pools of long-lived
 //! worker processes, handing requests over in shared-memory slots.
 //!
-//! - [`proto`]: the wire format (frame header, kinds, error codes), shared by everyone.
-//! - [`shm`]: the slot layout and state machine shared by the bridge and its workers.
-//! - [`client`]: the caller SDK (async with tokio, and blocking).
-//! - [`worker`]: the worker SDK (`serve(|request| reply)`).
+//! What callers and workers need lives in small crates of its own, which this crate re-exports
+//! under the names the daemon has always used:
+//!
+//! - [`proto`] = `acgi-proto` (std only): the wire format (frame header, kinds, error codes),
+//!   the slot ABI and its validated accessors, and `ReadBuffer`, the one frame reader.
+//! - [`client`] = `acgi-client`: the caller SDK (blocking, and async with tokio).
+//! - [`worker`] = `acgi-worker`: the worker SDK (`serve(|request| reply)`).
+//!
+//! The daemon itself:
+//!
+//! - [`shm`]: the bridge's slots: creating each worker's memfd and mapping it (the layout and
+//!   accessors are `proto::slot`'s, re-exported).
 //! - [`config`]: the daemon's configuration and its validation.
 //! - `engine` and `pool`: the daemon itself (one io_uring event loop per core).
 
