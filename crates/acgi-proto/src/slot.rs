@@ -423,6 +423,25 @@ impl SlotView {
         }
     }
 
+    /// Bridge: copy `bytes` into the data area at `offset` (part of a request read into the
+    /// slot). Only while the bridge owns the data area (the slot is Free, before
+    /// `fill_in_place`). Panics when the range is outside the data area.
+    pub fn write_data(&self, offset: usize, bytes: &[u8]) {
+        assert!(
+            offset
+                .checked_add(bytes.len())
+                .is_some_and(|end| end <= self.capacity as usize),
+            "a write of {} bytes at {offset} into a slot of {}",
+            bytes.len(),
+            self.capacity
+        );
+        // SAFETY: the range is inside the data area (checked above), which is inside the
+        // mapping; `bytes` is ours and cannot overlap the shared mapping.
+        unsafe {
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.data_ptr().add(offset), bytes.len())
+        };
+    }
+
     /// Bridge: where a read may put request bytes, `offset` into the data area. Only while the
     /// slot is Free (the bridge owns the data area), before `fill_in_place`.
     pub fn data_address_mut(&self, offset: usize) -> *mut u8 {
@@ -572,6 +591,25 @@ mod tests {
             assert_eq!(SlotState::from_u32(raw).unwrap() as u32, raw);
         }
         assert_eq!(SlotState::from_u32(4), None);
+    }
+
+    #[test]
+    fn write_data_lands_in_place_and_refuses_a_range_past_the_data_area() {
+        // Proves the bridge's one copy into a slot (a request read in parts) writes where it
+        // is told and checks offset + length against the capacity.
+        let mut memory = region(64);
+        let (bridge, worker) = views(&mut memory);
+        bridge.write_data(0, b"abc");
+        bridge.write_data(3, b"def");
+        bridge.fill_in_place(9, 6, 0).unwrap();
+        assert_eq!(worker.take_job(9).unwrap(), Some(6));
+        // SAFETY: the worker side holds the slot in Taken with len 6.
+        assert_eq!(unsafe { worker.request_bytes(6) }, b"abcdef");
+        bridge.write_data(60, b"wxyz");
+        let past_the_end = std::panic::catch_unwind(|| bridge.write_data(61, b"wxyz"));
+        assert!(past_the_end.is_err());
+        let overflowing = std::panic::catch_unwind(|| bridge.write_data(usize::MAX, b"x"));
+        assert!(overflowing.is_err());
     }
 
     #[test]

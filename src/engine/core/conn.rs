@@ -211,10 +211,9 @@ impl Core {
                 worker.is_filled_by(index),
                 "a direct read into a slot not marked as filled by it"
             );
-            let at = worker.slot.data_address_mut(into.filled as usize);
-            // SAFETY: the worker is filling, so its slot is Free and the data area ours;
-            // `take` fits what is left of the payload, which fits the slot.
-            unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), at, take) };
+            // The slot is being filled by this connection, so its data area is ours; `take`
+            // fits what is left of the payload (the copy checks it against the slot).
+            worker.slot.write_data(into.filled as usize, &data[..take]);
             into.filled += take as u32;
             data = &data[take..];
         }

@@ -99,12 +99,9 @@ impl Core {
         let header = conn.read.peek_header(max).expect("the request's header");
         let prefix = conn.read.len() - HEADER_BYTES;
         self.counters.direct_read_prefix_bytes += prefix as u64;
-        let source = &conn.read.filled()[HEADER_BYTES..];
-        // SAFETY: the worker is Idle, so its slot is Free and its data area ours; `prefix` is
-        // less than the payload length, which fits the slot; the source is our own buffer.
-        unsafe {
-            std::ptr::copy_nonoverlapping(source.as_ptr(), w.slot.data_address_mut(0), prefix)
-        };
+        // The worker was Idle, so its slot is Free and its data area ours; `prefix` is less
+        // than the payload length, which fits the slot (the copy checks both).
+        w.slot.write_data(0, &conn.read.filled()[HEADER_BYTES..]);
         conn.read.consume(HEADER_BYTES + prefix);
         if conn.recv == Recv::Multi {
             // The rest goes straight into the slot: stop the multishot receive (what it still
