@@ -15,6 +15,7 @@
 //!   accessors are `proto::slot`'s, re-exported).
 //! - [`config`]: the daemon's configuration and its validation.
 //! - `engine` and `pool`: the daemon itself (one io_uring event loop per core).
+//! - [`logging`]: log output that never blocks or ends the bridge.
 
 pub use acgi_client as client;
 pub use acgi_proto as proto;
@@ -23,6 +24,7 @@ pub use acgi_worker as worker;
 pub mod alloc_count;
 pub mod config;
 pub mod engine;
+pub mod logging;
 pub mod metrics;
 pub mod pool;
 pub mod shm;

@@ -85,18 +85,9 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
-}
-
 fn serve(path: &std::path::Path, log: &str) -> ExitCode {
-    init_logging(log);
+    // Held to the end: dropping it flushes the queued lines (for a bounded time).
+    let _log = acgi_bridge::logging::init(log);
     let config = match Config::load(path) {
         Ok(config) => config,
         Err(error) => {

@@ -113,6 +113,9 @@ pub struct Bridge {
     pub admin: PathBuf,
     /// The metrics endpoint's address, when the config has `metrics_listen`.
     pub metrics: Option<String>,
+    /// The read end of the bridge's stderr, when the test asked for a pipe
+    /// ([`BridgeBuilder::stderr_pipe`]); drop it to make the bridge's writes fail with EPIPE.
+    pub stderr: Option<std::os::fd::OwnedFd>,
     _temp: Option<tempfile::TempDir>,
 }
 
@@ -122,6 +125,7 @@ pub struct BridgeBuilder {
     services: Vec<ServiceSpec>,
     top: String,
     state_dir: Option<PathBuf>,
+    stderr_pipe: bool,
 }
 
 impl BridgeBuilder {
@@ -140,6 +144,14 @@ impl BridgeBuilder {
     /// Start the bridge through this command line (it must exec the bridge with the rest).
     pub fn wrapper(mut self, command: &[&str]) -> BridgeBuilder {
         self.wrapper = command.iter().map(|a| a.to_string()).collect();
+        self
+    }
+
+    /// Send the bridge's stderr into a pipe the test holds (`Bridge::stderr`) instead of the
+    /// log file: a reader that never reads, or one that goes away. (`Bridge::log` is then
+    /// empty.)
+    pub fn stderr_pipe(mut self) -> BridgeBuilder {
+        self.stderr_pipe = true;
         self
     }
 
@@ -169,6 +181,12 @@ impl BridgeBuilder {
         let config = dir.join("bridge.toml");
         std::fs::write(&config, self.config_text(&dir)).expect("write config");
         let log = std::fs::File::create(dir.join("bridge.log")).expect("log file");
+        let (stderr, stderr_read): (Stdio, _) = if self.stderr_pipe {
+            let (read, write) = rustix::pipe::pipe().expect("pipe");
+            (Stdio::from(write), Some(read))
+        } else {
+            (Stdio::from(log), None)
+        };
         let mut command = match self.wrapper.split_first() {
             Some((program, args)) => {
                 let mut command = Command::new(program);
@@ -183,7 +201,7 @@ impl BridgeBuilder {
             .args(["--log", "info"])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(log)
+            .stderr(stderr)
             .spawn()
             .expect("start acgi-bridge");
         let mut stdout = BufReader::new(child.stdout.take().expect("piped"));
@@ -215,6 +233,7 @@ impl BridgeBuilder {
             tcp,
             admin,
             metrics,
+            stderr: stderr_read,
             _temp: Some(temp),
         }
     }
@@ -226,6 +245,7 @@ pub fn bridge() -> BridgeBuilder {
         services: Vec::new(),
         top: String::new(),
         state_dir: None,
+        stderr_pipe: false,
     }
 }
 

@@ -12,3 +12,4 @@ mod lifecycle;
 mod metrics;
 mod pool;
 mod roundtrip;
+mod unkillable;

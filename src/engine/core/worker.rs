@@ -601,5 +601,7 @@ pub(super) fn describe_exit(info: &libc::siginfo_t) -> String {
 
 pub(super) fn log_worker_line(service: &str, pid: i32, stream: &str, line: &[u8]) {
     let text = String::from_utf8_lossy(line);
-    tracing::info!(target: "acgi_bridge::worker_output", service, pid, stream, "{}", text.trim_end());
+    // A worker's bytes, escaped: no raw CR, ESC or other control character reaches the log.
+    let text = crate::logging::escape_controls(text.trim_end());
+    tracing::info!(target: "acgi_bridge::worker_output", service, pid, stream, "{}", text);
 }

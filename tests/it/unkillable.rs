@@ -1,0 +1,71 @@
+//! Issue 10, first steps: the bridge's log output can neither freeze nor end it.
+
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use crate::common::{bridge, Bridge, ServiceSpec};
+
+/// Call the faulty service with `command` from another thread; its reply and how long it
+/// took, or `None` when no answer came within `limit` (a frozen core).
+fn call_within(bridge: &Bridge, command: &[u8], limit: Duration) -> Option<(Vec<u8>, Duration)> {
+    let mut client = bridge.client();
+    let command = command.to_vec();
+    let (done, answer) = mpsc::channel();
+    std::thread::spawn(move || {
+        let started = Instant::now();
+        let reply = client.call("faulty", &command);
+        let _ = done.send((reply, started.elapsed()));
+    });
+    let (reply, took) = answer.recv_timeout(limit).ok()?;
+    Some((reply.expect("an answer"), took))
+}
+
+#[test]
+fn a_stderr_reader_that_never_reads_does_not_delay_callers() {
+    // Proves logging never blocks a core: with the bridge's stderr a pipe nobody reads, a
+    // worker that prints 3 000 lines (each logged by the bridge, far more than the pipe holds)
+    // does not stop the bridge from answering, and the lines it could not write are counted.
+    let bridge = bridge()
+        .stderr_pipe()
+        .top("cores = 1")
+        .service(ServiceSpec::faulty().workers(2, 2))
+        .start();
+    let limit = Duration::from_secs(10);
+    for _ in 0..3 {
+        let (reply, _) = call_within(&bridge, b"stderr 3000", limit)
+            .expect("the bridge answers while its log reader stalls");
+        assert_eq!(reply, b"ok");
+    }
+    for _ in 0..20 {
+        let (reply, took) = call_within(&bridge, b"echo still here", limit)
+            .expect("the bridge answers while its log reader stalls");
+        assert_eq!(reply, b"still here");
+        assert!(took < Duration::from_secs(1), "an echo took {took:?}");
+    }
+    // Status answers too (it is served by the same loops).
+    assert!(bridge.status().counters.requests_ok >= 23);
+    assert!(
+        bridge.stderr.is_some(),
+        "the pipe stays open and unread until the end"
+    );
+}
+
+#[test]
+fn a_stderr_reader_that_goes_away_does_not_end_the_bridge() {
+    // Proves EPIPE on stderr is survived: after the log reader closes its end, the bridge
+    // logs (a worker's 3 000 lines, connection events), keeps answering, and stops cleanly.
+    let mut bridge = bridge()
+        .stderr_pipe()
+        .service(ServiceSpec::faulty().workers(1, 1))
+        .start();
+    drop(bridge.stderr.take());
+    let limit = Duration::from_secs(10);
+    let (reply, _) = call_within(&bridge, b"stderr 3000", limit).expect("answered");
+    assert_eq!(reply, b"ok");
+    for _ in 0..10 {
+        let (reply, _) = call_within(&bridge, b"echo alive", limit).expect("answered");
+        assert_eq!(reply, b"alive");
+    }
+    let status = bridge.stop();
+    assert!(status.success(), "exit {status}");
+}
