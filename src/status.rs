@@ -3,8 +3,9 @@
 //!
 //! Admin protocol: connect to the admin Unix socket, send one line `status\n`, read the JSON
 //! document (one object, then `\n`) until the bridge closes the connection. The admin socket is
-//! served by the event loop itself, apart from the pools, so it answers even when every pool is
-//! saturated.
+//! served by the bridge's control thread, apart from the pools and the cores' loops, so it
+//! answers even when every pool is saturated; the document is built there from every core's
+//! report (`engine::report`).
 
 #![forbid(unsafe_code)]
 

@@ -1,14 +1,19 @@
-//! The daemon: process setup (signals, listeners, the spawner thread) and the per-core loop.
+//! The daemon: process setup (signals, listeners, the spawner thread), the per-core loop and
+//! the control thread.
 //!
 //! [`run`] blocks SIGTERM/SIGINT before any thread starts so that they arrive only through
-//! core 0's signalfd, binds the listeners, starts one event-loop thread per configured core
-//! (pinned to its CPU, with its own ring, spawner, connections and pool shards; see
-//! `docs/scaling.md`), prints one `ready` line on stdout once every core is set up (tests and
-//! scripts wait for it instead of sleeping), and waits for the cores to finish a graceful stop.
+//! the control thread's signalfd, binds the listeners, starts one event-loop thread per
+//! configured core (pinned to its CPU, with its own ring, spawner, connections and pool shards;
+//! see `docs/scaling.md`; every core runs the same loop), then the control thread (signals, the
+//! admin socket, `/metrics`, interval logs: `control`), prints one `ready` line on stdout once
+//! every core is set up (tests and scripts wait for it instead of sleeping), and waits for the
+//! cores to finish a graceful stop, then ends the control thread.
 
 pub mod buffer;
+pub mod control;
 pub mod core;
 pub mod io;
+pub mod report;
 pub mod shared;
 pub mod spawn;
 pub mod table;
@@ -35,7 +40,7 @@ fn stop_signals() -> anyhow::Result<OwnedFd> {
         if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
             bail!("cannot block SIGTERM/SIGINT");
         }
-        let fd = libc::signalfd(-1, &set, libc::SFD_CLOEXEC);
+        let fd = libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK);
         if fd < 0 {
             return Err(std::io::Error::last_os_error()).context("signalfd");
         }
@@ -92,6 +97,7 @@ fn pin_to(cpu: usize) -> std::io::Result<()> {
 
 /// Run the bridge until SIGTERM/SIGINT and a graceful stop.
 pub fn run(config: Config) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
     let config = Arc::new(config);
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("creating state_dir {}", config.state_dir.display()))?;
@@ -101,8 +107,9 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         .map_err(|reason| anyhow::anyhow!("cores: {reason}"))?;
     let cores = cpus.len();
     let signal_fd = stop_signals()?;
+    self::core::check_memlock(&config, cores);
     // Each core's listeners: the Unix socket is shared (every core accepts on it), TCP is one
-    // SO_REUSEPORT socket per core; admin and metrics are served by core 0.
+    // SO_REUSEPORT socket per core; admin and metrics are the control thread's.
     let mut listeners: Vec<Vec<(OwnedFd, ListenerKind)>> = (0..cores).map(|_| Vec::new()).collect();
     let mut ready = String::from("acgi-bridge ready");
     if let Some(path) = &config.listen.unix {
@@ -133,20 +140,36 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         ready.push_str(&format!(" tcp={local}"));
         tracing::info!(addr = %local, cores, "listening on TCP");
     }
+    let mut metrics_listener = None;
     if let Some(addr) = &config.metrics_listen {
         let listener = std::net::TcpListener::bind(addr)
             .with_context(|| format!("binding the metrics endpoint {addr}"))?;
         let local = listener.local_addr()?;
         rustix::net::listen(&listener, 128)?;
-        listeners[0].push((listener.into(), ListenerKind::Metrics));
+        metrics_listener = Some(OwnedFd::from(listener));
         ready.push_str(&format!(" metrics={local}"));
         tracing::info!(addr = %local, "serving Prometheus metrics at /metrics");
     }
     let admin = config.admin_socket_path();
     let admin_mode = config::parse_mode(&config.admin_socket_mode).expect("validated");
-    listeners[0].push((bind_unix(&admin, admin_mode)?, ListenerKind::Admin));
+    let admin_listener = bind_unix(&admin, admin_mode)?;
     ready.push_str(&format!(" admin={}", admin.display()));
     ready.push_str(&format!(" cores={cores}"));
+    let interval_logger = match &config.histogram_log_dir {
+        Some(dir) => {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("creating histogram_log_dir {}", dir.display()))?;
+            let interval = std::time::Duration::from_millis(config.histogram_log_interval_ms);
+            let logger = crate::metrics::IntervalLogger::new(
+                dir,
+                interval,
+                config.histogram_log_rotate_bytes,
+            )
+            .with_context(|| format!("opening the interval log in {}", dir.display()))?;
+            Some(logger)
+        }
+        None => None,
+    };
 
     let shard_max: Vec<Vec<u32>> = (0..cores)
         .map(|core| {
@@ -158,13 +181,11 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         })
         .collect();
     let shared = Arc::new(self::shared::Shared::new(&shard_max).context("creating eventfds")?);
-    let mut signal_fd = Some(signal_fd);
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();
     let mut threads = Vec::new();
     for (index, (cpu, listeners)) in cpus.iter().copied().zip(listeners).enumerate() {
         let setup_config = Arc::clone(&config);
         let shared = Arc::clone(&shared);
-        let signal_fd = signal_fd.take();
         let ready_tx = ready_tx.clone();
         let thread = std::thread::Builder::new()
             .name(format!("acgi-core-{index}"))
@@ -192,7 +213,6 @@ pub fn run(config: Config) -> anyhow::Result<()> {
                         shared,
                         config: setup_config,
                         listeners,
-                        signal_fd,
                         spawner,
                     })
                     .context(
@@ -223,6 +243,15 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             .recv()
             .context("a core thread died while starting")??;
     }
+    let control = self::control::start(self::control::ControlSetup {
+        shared: Arc::clone(&shared),
+        config: Arc::clone(&config),
+        signal_fd,
+        admin: admin_listener,
+        metrics: metrics_listener,
+        interval_logger,
+        started,
+    })?;
     {
         let mut stdout = std::io::stdout().lock();
         writeln!(stdout, "{ready}")?;
@@ -237,6 +266,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             Err(_) => bail!("a core thread panicked"),
         }
     }
+    totals.add(&control.stop()?);
     tracing::info!(counters = ?totals, "stopped");
     Ok(())
 }

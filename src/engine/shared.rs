@@ -2,7 +2,9 @@
 //! service, and the process-wide shutdown state.
 //!
 //! Nothing here is on a core's own data path: a core touches another core's state only to
-//! forward a request, hand over a connection, answer a forwarded request, or gather a report.
+//! forward a request, hand over a connection or answer a forwarded request; the control thread
+//! (`super::control`) posts stop messages and report requests, which carry their own reply
+//! channel.
 //!
 //! Inbox: a `Mutex<Vec<Msg>>` per core, woken through the receiving core's ring (an eventfd it
 //! always has a read armed on). Wake-ups are coalesced: a sender writes the eventfd only when
@@ -10,7 +12,8 @@
 //! at any moment is either in the drained batch or triggers a new wake-up. The receiver swaps
 //! the whole vector out, so neither side allocates once the vectors have grown. The queue is
 //! bounded by what feeds it: forwards need a claimed idle worker or start slot, connections
-//! are bounded by `connections_max`, answers by forwards.
+//! are bounded by `connections_max`, answers by forwards, report requests by the control
+//! thread, which waits for each gathering to end before it starts another.
 //!
 //! Placement counts (`ShardCounts`): each core stores its shard's idle workers, room to start
 //! workers and backlog length at the end of every loop turn (only when they changed, to keep
@@ -20,17 +23,20 @@
 //! rebalances again as soon as any core has an idle worker.
 //!
 //! Shutdown without losing a forwarded request: a core increments `forwards_in_flight` *before*
-//! it checks `shutdown` (and backs out if set); core 0 sets `shutdown` before telling the
-//! others; a core is finished only once `forwards_in_flight` is 0. With sequentially
+//! it checks `shutdown` (and backs out if set); the control thread sets `shutdown` before
+//! telling any core; a core is finished only once `forwards_in_flight` is 0. With sequentially
 //! consistent operations on both, either the forwarding core sees the flag, or the finishing
 //! core sees the count.
 
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{mpsc, Mutex};
 use std::time::Instant;
 
-use super::core::{CoreReport, ListenerKind};
+use super::report::CoreReport;
+
+/// Where a core sends the report it was asked for.
+pub type ReportReply = mpsc::Sender<Box<CoreReport>>;
 
 /// A message from one core to another.
 pub enum Msg {
@@ -39,13 +45,15 @@ pub enum Msg {
     /// The whole answer frame (Reply or Error) to a request you forwarded.
     Answer { request: u64, frame: Vec<u8> },
     /// A caller connection accepted elsewhere; it is already counted in your `callers`.
-    Connection { fd: OwnedFd, kind: ListenerKind },
+    Connection { fd: OwnedFd },
     /// Stop gracefully (`now: false`) or give up waiting (`now: true`, a second signal).
     Shutdown { now: bool },
-    /// Core 0 wants your report (for status, metrics or the end of a latency interval).
-    ReportRequest { id: u64, end_interval: bool },
-    /// A core's report, for core 0.
-    Report { id: u64, report: Box<CoreReport> },
+    /// The control thread wants your report (for status, metrics or the end of a latency
+    /// interval: then start a new interval first); send it on `reply`.
+    Report {
+        end_interval: bool,
+        reply: ReportReply,
+    },
     /// Nothing to handle: look at the shared counts again (an idle worker appeared, or every
     /// core has finished).
     Wake,
@@ -128,6 +136,21 @@ impl Shared {
         let core = &self.cores[to];
         core.inbox.lock().expect("not poisoned").push(msg);
         !core.wake_pending.swap(true, Ordering::SeqCst)
+    }
+
+    /// Post a message and wake core `to` at once (a write to its eventfd): for a thread that has
+    /// no ring to carry the wake-up, the control thread.
+    pub fn send(&self, to: usize, msg: Msg) {
+        if self.post(to, msg) {
+            // An eventfd adds the 8-byte native-endian count written to it. It is non-blocking
+            // and only fails when the count would overflow, when a wake-up is pending anyway.
+            let _ = rustix::io::write(&self.cores[to].wake, &1u64.to_ne_bytes());
+        }
+    }
+
+    /// Whether every core has finished (and none answers messages any more).
+    pub fn all_cores_finished(&self) -> bool {
+        self.cores_finished.load(Ordering::SeqCst) == self.cores.len()
     }
 
     /// Take everything in core `me`'s inbox, swapping in `batch` (empty, with capacity).

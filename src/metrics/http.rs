@@ -83,6 +83,19 @@ pub fn http_response(
     ))
 }
 
+/// A 503 with `reason` as its body: the bridge could not build the snapshot (for a request
+/// `http_response` found complete and valid).
+pub fn unavailable_response(reason: &str) -> Vec<u8> {
+    let body = format!("metrics unavailable: {reason}\n");
+    response(
+        "503 Service Unavailable",
+        "text/plain; charset=utf-8",
+        &[],
+        body.as_bytes(),
+        true,
+    )
+}
+
 /// The length of the head including its terminating blank line (CRLF CRLF, or bare LFs, which
 /// RFC 9112 lets a server accept), if it is all there.
 fn head_end(request: &[u8]) -> Option<usize> {

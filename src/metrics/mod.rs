@@ -9,8 +9,11 @@
 //!   core 0: LatencyHistograms ─┐  (recorded without locks, one set per core)
 //!   core 1: LatencyHistograms ─┼─ add() ─> MetricsSnapshot ─> encode_prometheus ─> GET /metrics
 //!   core N: LatencyHistograms ─┘                           └─> percentiles ─> status
-//!   core loop, every interval: LatencyHistograms since last interval ─> IntervalLogger ─> .hlog
+//!   every interval: the cores' last intervals ─> IntervalLogger ─> .hlog
 //! ```
+//!
+//! Everything right of the cores' histograms runs on the bridge's control thread
+//! (`engine::control`), never on a core's loop.
 //!
 //! It must never do I/O on the data path nor allocate there: [`LatencyHistograms::record`] writes
 //! into histograms allocated once (fixed memory, auto-resize off) and never panics, whatever the
@@ -31,7 +34,7 @@ use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
 pub use counters::BridgeCounters;
-pub use http::{http_response, REQUEST_HEAD_BYTES_MAX};
+pub use http::{http_response, unavailable_response, REQUEST_HEAD_BYTES_MAX};
 pub use interval_log::IntervalLogger;
 pub use prometheus::{
     check_with_promtool, encode_prometheus, prometheus_buckets, PromtoolError, BUCKET_BOUNDS_US,

@@ -33,7 +33,7 @@ impl Core {
         if conn.recv.in_flight() || conn.phase != Phase::Open {
             return;
         }
-        if self.provided.is_some() && conn.kind.is_caller() && !conn.provided_off {
+        if self.provided.is_some() && !conn.provided_off {
             // One receive stays armed; each completion brings a buffer the kernel picked.
             let fd = Target::of(&conn.fd, conn.file);
             let entry = op::recv_multi(fd, Token::conn(OpKind::ConnRecvMulti, index));
@@ -87,11 +87,7 @@ impl Core {
             Ok(n) => n as usize,
         };
         conn.read.commit(received);
-        match conn.kind {
-            ListenerKind::Admin => self.handle_admin(index),
-            ListenerKind::Metrics => self.handle_metrics(index),
-            ListenerKind::Unix | ListenerKind::Tcp => self.handle_frames(index),
-        }
+        self.handle_frames(index);
         if let Some(conn) = self.conns.get_mut(index) {
             if conn.read.is_empty() {
                 // Back to multishot receives (if it had fallen back from them).
@@ -501,11 +497,6 @@ impl Core {
             return;
         }
         let flushed = conn.send.queued_bytes() == 0 && !conn.send.in_flight;
-        if flushed && conn.phase == Phase::Flushing && !conn.kind.is_caller() {
-            // HTTP and admin answers end with the connection: send FIN before closing so that
-            // a client's unread bytes cannot turn the close into a reset that eats the answer.
-            let _ = rustix::net::shutdown(&conn.fd, rustix::net::Shutdown::Write);
-        }
         let caller_done = conn.phase == Phase::Flushing
             || (conn.phase == Phase::ReadClosed && conn.requests_in_flight == 0);
         let stopping_and_idle = self.shutdown_deadline.is_some()
@@ -550,13 +541,9 @@ impl Core {
             if let Some(file) = conn.file {
                 self.unregister_file(file);
             }
-            if conn.kind.is_caller() {
-                self.shared.cores[self.index]
-                    .callers
-                    .fetch_sub(1, Ordering::Relaxed);
-            } else {
-                self.aux_conns -= 1;
-            }
+            self.shared.cores[self.index]
+                .callers
+                .fetch_sub(1, Ordering::Relaxed);
         }
     }
 

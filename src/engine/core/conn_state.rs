@@ -4,7 +4,7 @@
 //!
 //! ```text
 //!   Open --caller's EOF--> ReadClosed --last answer sent--> (close)
-//!    |  \--protocol error / admin or metrics answer--> Flushing --queue empty--> (close)
+//!    |  \--protocol error--> Flushing --queue empty--> (close)
 //!    +-- any, on close: ops cancelled --> Closing --last op completed--> freed
 //! ```
 
@@ -46,8 +46,7 @@ pub(super) enum Phase {
     Open,
     /// The caller shut down its side: answer what is in flight, then close.
     ReadClosed,
-    /// Stop reading; close once the queued answers are sent (after a protocol error, or an
-    /// admin or metrics answer).
+    /// Stop reading; close once the queued answers are sent (after a protocol error).
     Flushing,
     /// Closed: its ops are cancelled and the entry goes once they have completed. Answers
     /// still owed to its requests are dropped when they arrive (its handle no longer matches
@@ -87,12 +86,6 @@ impl Conn {
                 "{handle:?}: a slot send not marked in flight"
             );
         }
-        if !self.kind.is_caller() {
-            assert!(
-                self.into_slot.is_none() && self.slot_send.is_none(),
-                "{handle:?}: an admin or metrics connection touching a slot"
-            );
-        }
     }
 }
 
@@ -111,8 +104,6 @@ pub(super) struct Conn {
     pub(super) requests_in_flight: u32,
     /// A reply being sent straight from a worker's slot (header + fixed write, linked).
     pub(super) slot_send: Option<SlotSend>,
-    /// Which listener it came from: callers speak frames, admin lines, metrics HTTP.
-    pub(super) kind: ListenerKind,
     /// The payload of the request at the front is being read into a worker's slot.
     pub(super) into_slot: Option<IntoSlot>,
     /// Its index in the ring's registered-file table, if registered.

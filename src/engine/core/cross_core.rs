@@ -44,21 +44,17 @@ impl Core {
             Msg::Answer { request, frame } => {
                 self.on_answer(RequestHandle::from_raw(request), frame)
             }
-            Msg::Connection { fd, kind } => self.add_conn(fd, kind, true),
+            Msg::Connection { fd } => self.add_conn(fd, true),
             Msg::Shutdown { now: false } => {
                 if self.shutdown_deadline.is_none() {
                     self.begin_shutdown();
                 }
             }
             Msg::Shutdown { now: true } => self.shutdown_deadline = Some(self.now),
-            Msg::ReportRequest { id, end_interval } => {
-                if end_interval {
-                    self.end_interval();
-                }
-                let report = Box::new(self.report());
-                self.post(0, Msg::Report { id, report });
-            }
-            Msg::Report { id, report } => self.on_report(id, &report),
+            Msg::Report {
+                end_interval,
+                reply,
+            } => self.on_report_request(end_interval, reply),
             Msg::Wake => {}
         }
     }

@@ -11,8 +11,7 @@ impl Core {
     pub(super) fn try_direct_read(&mut self, index: ConnHandle) {
         let max = self.config.max_payload_bytes;
         let conn = &self.conns[index];
-        if !conn.kind.is_caller()
-            || conn.into_slot.is_some()
+        if conn.into_slot.is_some()
             || conn.discard > 0
             || conn.phase == Phase::Flushing
             || self.shutdown_deadline.is_some()

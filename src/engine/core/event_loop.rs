@@ -56,10 +56,7 @@ impl Core {
     }
 
     pub(super) fn next_deadline(&self) -> Option<Instant> {
-        let mut deadline = Some(
-            self.shutdown_deadline
-                .map_or(self.interval_end, |d| d.min(self.interval_end)),
-        );
+        let mut deadline = self.shutdown_deadline;
         let mut consider = |at: Option<Instant>| {
             if let Some(at) = at {
                 deadline = Some(deadline.map_or(at, |d| d.min(at)));
@@ -71,7 +68,6 @@ impl Core {
         for listener in &self.listeners {
             consider(listener.rearm_at);
         }
-        consider(self.aux_deadlines.front().map(|(deadline, _)| *deadline));
         consider(
             self.direct_deadlines
                 .front()
@@ -82,7 +78,6 @@ impl Core {
 
     pub(super) fn on_timers(&mut self) {
         let now = self.now;
-        self.expire_aux_connections();
         self.expire_direct_reads();
         for service in 0..self.services.len() {
             if self.services[service]
@@ -113,27 +108,6 @@ impl Core {
                 self.shutdown_deadline = Some(now + SHUTDOWN_FLUSH_GRACE);
                 self.force_shutdown();
             }
-        }
-        if now >= self.interval_end {
-            // Core 0 keeps the interval clock: every core ends its interval when asked, and
-            // core 0 logs the merged interval.
-            let interval = Duration::from_millis(self.config.histogram_log_interval_ms);
-            let wall_now = std::time::SystemTime::now();
-            let purpose = Purpose::Interval(self.interval_start_wall, wall_now);
-            self.interval_start_wall = wall_now;
-            self.interval_end = self.now + interval;
-            self.start_gather(purpose);
-        }
-    }
-
-    /// A latency interval ended: keep it as "last interval" for status.
-    pub(super) fn end_interval(&mut self) {
-        for service in &mut self.services {
-            std::mem::swap(
-                &mut service.latency_last_interval,
-                &mut service.latency_interval,
-            );
-            service.latency_interval.reset();
         }
     }
 
@@ -189,7 +163,6 @@ impl Core {
                 }
                 self.free_worker_if_done(index);
             }
-            OpKind::Signal => self.on_signal(result),
             OpKind::SpawnWake => self.on_spawn_wake(),
             OpKind::Inbox => self.on_inbox(result),
             OpKind::WakeSent => {

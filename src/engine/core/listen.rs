@@ -1,5 +1,5 @@
-//! Listeners, signals and the spawner's wake-up: accepting connections (and handing them to
-//! the core with the fewest), admin and metrics connections' deadlines, the stop signals.
+//! Listeners and the spawner's wake-up: accepting caller connections (and handing them to the
+//! core with the fewest), and taking the spawner's results.
 
 use super::*;
 
@@ -36,12 +36,8 @@ impl Core {
     }
 
     pub(super) fn on_new_connection(&mut self, fd: OwnedFd, kind: ListenerKind) {
-        let aux = !kind.is_caller();
         let callers = self.shared.callers_total();
-        if self.shutdown_deadline.is_some()
-            || (!aux && callers >= self.config.connections_max as u64)
-            || (aux && self.aux_conns >= AUX_CONNECTIONS_MAX)
-        {
+        if self.shutdown_deadline.is_some() || callers >= self.config.connections_max as u64 {
             self.counters.connections_refused += 1;
             tracing::debug!(connections = self.conns.len(), "refusing a connection");
             return;
@@ -49,47 +45,42 @@ impl Core {
         if kind == ListenerKind::Tcp {
             let _ = rustix::net::sockopt::set_tcp_nodelay(&fd, true);
         }
-        if !aux {
-            // Keep the cores' connection counts even: hand the connection to the core with
-            // the fewest when that is not us (counted there at once, so that concurrent
-            // accepts see it).
-            let cores = &self.shared.cores;
-            let count = |core: usize| cores[core].callers.load(Ordering::Relaxed);
-            let least = (0..cores.len()).min_by_key(|&c| (count(c), c != self.index));
-            if let Some(core) = least.filter(|&c| c != self.index && count(c) < count(self.index)) {
-                cores[core].callers.fetch_add(1, Ordering::Relaxed);
-                self.counters.connections_handed_over += 1;
-                self.post(core, Msg::Connection { fd, kind });
-                return;
-            }
+        // Keep the cores' connection counts even: hand the connection to the core with the
+        // fewest when that is not us (counted there at once, so that concurrent accepts see it).
+        let cores = &self.shared.cores;
+        let count = |core: usize| cores[core].callers.load(Ordering::Relaxed);
+        let least = (0..cores.len()).min_by_key(|&c| (count(c), c != self.index));
+        if let Some(core) = least.filter(|&c| c != self.index && count(c) < count(self.index)) {
+            cores[core].callers.fetch_add(1, Ordering::Relaxed);
+            self.counters.connections_handed_over += 1;
+            self.post(core, Msg::Connection { fd });
+            return;
         }
-        self.add_conn(fd, kind, false);
+        self.add_conn(fd, false);
     }
 
     /// Register a connection on this core. `counted`: it is in our `callers` count already
     /// (handed over by another core).
-    pub(super) fn add_conn(&mut self, fd: OwnedFd, kind: ListenerKind, counted: bool) {
-        let aux = !kind.is_caller();
-        if !aux {
-            if self.shutdown_deadline.is_some() {
-                // Handed over just as we began stopping.
+    pub(super) fn add_conn(&mut self, fd: OwnedFd, counted: bool) {
+        if self.shutdown_deadline.is_some() {
+            // Handed over just as we began stopping.
+            if counted {
                 self.shared.cores[self.index]
                     .callers
                     .fetch_sub(1, Ordering::Relaxed);
-                self.counters.connections_refused += 1;
-                return;
             }
-            if !counted {
-                self.shared.cores[self.index]
-                    .callers
-                    .fetch_add(1, Ordering::Relaxed);
-            }
+            self.counters.connections_refused += 1;
+            return;
         }
-        self.aux_conns += usize::from(aux);
+        if !counted {
+            self.shared.cores[self.index]
+                .callers
+                .fetch_add(1, Ordering::Relaxed);
+        }
         let index = self.conns.insert(Conn {
             fd,
             // With provided buffers, a caller's buffer holds memory only while bytes wait in it.
-            read: if self.provided.is_some() && kind.is_caller() {
+            read: if self.provided.is_some() {
                 ReadBuffer::released(CONN_READ_BYTES)
             } else {
                 ReadBuffer::new(CONN_READ_BYTES)
@@ -104,59 +95,9 @@ impl Core {
             file: None,
             provided_off: false,
             large_last: false,
-            kind,
         });
-        if aux {
-            self.aux_deadlines
-                .push_back((self.now + AUX_CONNECTION_TIMEOUT, index));
-        } else {
-            self.conns[index].file = self.register_file(self.conns[index].fd.as_raw_fd());
-        }
+        self.conns[index].file = self.register_file(self.conns[index].fd.as_raw_fd());
         self.arm_conn_recv(index);
-    }
-
-    /// Close admin and metrics connections that have not finished within their timeout (a
-    /// client that sends half a request must not hold one of the few places for ever).
-    pub(super) fn expire_aux_connections(&mut self) {
-        while let Some(&(deadline, conn)) = self.aux_deadlines.front() {
-            if deadline > self.now {
-                return;
-            }
-            self.aux_deadlines.pop_front();
-            if let Some(index) = self.live_conn(conn) {
-                tracing::debug!("closing an admin or metrics connection that timed out");
-                self.close_conn(index);
-            }
-        }
-    }
-
-    pub(super) fn arm_signal(&mut self) {
-        self.signal_in_flight = true;
-        let fd = self.signal_fd.as_ref().expect("core 0 has the signalfd");
-        let token = Token::core(OpKind::Signal, 0);
-        let entry = op::read(fd.as_raw_fd(), &mut self.signal_buf[..], token);
-        self.ring.push(entry);
-    }
-
-    pub(super) fn on_signal(&mut self, result: Result<u32, Errno>) {
-        self.signal_in_flight = false;
-        if matches!(result, Ok(4..)) {
-            let signo = u32::from_ne_bytes(self.signal_buf[0..4].try_into().expect("4 bytes"));
-            let now = self.shutdown_deadline.is_some();
-            if now {
-                tracing::warn!(signal = signo, "second signal: stopping now");
-                self.shutdown_deadline = Some(self.now);
-            } else {
-                tracing::info!(signal = signo, "stopping: finishing requests in flight");
-                // Before telling anyone: see `shared` on not losing a forwarded request.
-                self.shared.shutdown.store(true, Ordering::SeqCst);
-                self.begin_shutdown();
-            }
-            for core in 1..self.shared.cores.len() {
-                self.post(core, Msg::Shutdown { now });
-            }
-        }
-        self.arm_signal();
     }
 
     pub(super) fn arm_spawn_wake(&mut self) {

@@ -9,7 +9,7 @@
 //! | `worker`, `worker_state`, `fault` | workers: spawn result, handshake, jobs and answers, output, retirement, reaping | answer → its request's caller |
 //! | `slot_send` | a reply sent straight from a worker's slot | slot → caller (`SlotUse::Lent`) |
 //! | `request`, `dispatch` | the request table; the pool policy's actions turned into spawns, dispatches, rejections | pool ↔ engine |
-//! | `cross_core`, `report`, `listen`, `shutdown`, `tables` | other cores, status/metrics, listeners and signals, stopping, the ring's tables | |
+//! | `cross_core`, `report`, `listen`, `shutdown`, `tables` | other cores' messages, this core's report, accepting callers, stopping, the ring's tables | |
 //! | `invariants` | the relations between the tables, checked after every completion in debug builds | |
 //!
 //! The ring itself is behind `super::io` (the only code that names io_uring); connections,
@@ -31,9 +31,10 @@
 //! (or, for a forwarded request, sent back to its core as a frame) -> `Pool::on_job_done`.
 //!
 //! Several cores: each runs one `Core` on its own thread and ring; they meet only through
-//! `super::shared` (inboxes, placement counts, the shutdown flag). Core 0 also takes the stop
-//! signals, serves the admin socket and `/metrics` (merging every core's report), and keeps the
-//! latency-interval clock.
+//! `super::shared` (inboxes, placement counts, the shutdown flag). Every core runs the same
+//! loop: the stop signals, the admin socket, `/metrics` and the latency-interval clock belong
+//! to the control thread (`super::control`), which reaches a core only through its inbox
+//! (`Msg::Shutdown`, `Msg::Report`), so that encoding and file writes never stall callers.
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -48,18 +49,19 @@ use super::io::{
 };
 
 use super::buffer::{Parsed, ReadBuffer, SendQueue};
+use super::report::{CoreReport, ShardReport};
+use super::shared::ReportReply;
 use super::shared::{self, Forward, Msg, Shared};
 use super::spawn::{SpawnRequest, SpawnResult, Spawned, Spawner};
 use super::table::{Handle, Table};
 use crate::config::Config;
-use crate::metrics::{self, IntervalLogger, LatencyHistograms, MetricsSnapshot, ServiceMetrics};
+use crate::metrics::LatencyHistograms;
 use crate::pool::{Action, Gone, Pool, RejectReason, StopReason};
 use crate::proto::{
     self, ErrorCode, FrameError, Header, Hello, Kind, FLAG_IN_SLOT, FLAG_TIMEOUT, HEADER_BYTES,
     TIMEOUT_PREFIX_BYTES,
 };
 use crate::shm::{Slot, SLOT_ABI_VERSION};
-use crate::status::{ServiceStatus, Status};
 
 /// Base read-buffer size of a caller connection.
 const CONN_READ_BYTES: usize = 2 * 1024;
@@ -81,12 +83,6 @@ const SLOT_SEND_BYTES_MIN: u32 = 4096;
 const FIXED_BUFFERS_MAX: u32 = 1 << 14;
 /// After the shutdown timeout, how long the answers it produced may take to reach their callers.
 const SHUTDOWN_FLUSH_GRACE: Duration = Duration::from_secs(1);
-/// How long an admin or metrics connection may take to send its request and get its answer.
-const AUX_CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
-/// Admin and metrics connections open at once at most.
-const AUX_CONNECTIONS_MAX: usize = 64;
-/// Longest admin command line.
-const ADMIN_LINE_BYTES_MAX: usize = 256;
 /// Request payloads at least this long are read from the caller's socket straight into an
 /// idle worker's slot (when one is idle and the payload fits), not copied through the bridge.
 const DIRECT_READ_BYTES_MIN: u32 = 4096;
@@ -117,6 +113,7 @@ mod worker_state;
 
 use conn_state::{Conn, IntoSlot, Phase, Recv, SlotSend};
 use fault::WorkerFault;
+pub(crate) use tables::check_memlock;
 use tables::*;
 use worker::kill;
 use worker_state::{Job, JobPath, PipeLog, SlotUse, Worker, WorkerState};
@@ -144,30 +141,19 @@ impl Token {
     }
 }
 
-/// Names a caller (or admin/metrics) connection of this core.
+/// Names a caller connection of this core.
 type ConnHandle = Handle<Conn>;
 /// Names a worker of this core.
 type WorkerHandle = Handle<Worker>;
 /// Names a request of this core.
 type RequestHandle = Handle<Request>;
 
-/// What a listener accepts.
+/// What a listener accepts: callers, on a Unix socket or on TCP. (The admin socket and the
+/// metrics endpoint are the control thread's.)
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ListenerKind {
-    /// Callers, on a Unix socket.
     Unix,
-    /// Callers, on TCP.
     Tcp,
-    /// The admin socket (`status`): served apart from the pools and `connections_max`.
-    Admin,
-    /// The Prometheus endpoint (HTTP `GET /metrics`), also apart from the pools.
-    Metrics,
-}
-
-impl ListenerKind {
-    fn is_caller(self) -> bool {
-        matches!(self, ListenerKind::Unix | ListenerKind::Tcp)
-    }
 }
 
 struct Listener {
@@ -256,7 +242,7 @@ pub struct ServiceCounters {
 }
 
 impl ServiceCounters {
-    fn add(&mut self, other: &ServiceCounters) {
+    pub(crate) fn add(&mut self, other: &ServiceCounters) {
         self.ok += other.ok;
         for (mine, theirs) in self.errors.iter_mut().zip(&other.errors) {
             *mine += theirs;
@@ -270,7 +256,7 @@ impl ServiceCounters {
     }
 
     /// Worker faults by label, every one in order (zeros included).
-    fn faults(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+    pub(crate) fn faults(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
         WorkerFault::LABELS
             .iter()
             .copied()
@@ -278,7 +264,7 @@ impl ServiceCounters {
     }
 
     /// Failed requests by error code, every code in order (zeros included).
-    fn failures(&self) -> impl Iterator<Item = (ErrorCode, u64)> + '_ {
+    pub(crate) fn failures(&self) -> impl Iterator<Item = (ErrorCode, u64)> + '_ {
         (1..self.errors.len())
             .filter_map(|code| Some((ErrorCode::from_u16(code as u16)?, self.errors[code])))
     }
@@ -290,16 +276,14 @@ pub type Counters = crate::metrics::BridgeCounters;
 
 pub struct Core {
     ring: Ring,
-    /// This core's number (0 owns signals, the admin socket, metrics and interval logs).
+    /// This core's number (every core runs the same loop; the number names its inbox, its
+    /// placement counts and its share of each service).
     index: usize,
     shared: Arc<Shared>,
     /// Messages taken from the inbox, being handled (kept for its capacity).
     inbox_batch: Vec<Msg>,
     inbox_buf: Box<[u8; 8]>,
     inbox_in_flight: bool,
-    /// Reports being gathered from every core (core 0).
-    gathers: Vec<Gather>,
-    next_gather: u64,
     /// Where the next search for another core starts (spreads forwards).
     next_core: usize,
     /// This core counted itself in `cores_finished`.
@@ -313,10 +297,6 @@ pub struct Core {
     workers: Table<Worker>,
     requests: Table<Request>,
     job_sequence: u64,
-    /// Core 0 only.
-    signal_fd: Option<OwnedFd>,
-    signal_buf: Box<[u8; 128]>,
-    signal_in_flight: bool,
     spawner: Spawner,
     wake_buf: Box<[u8; 8]>,
     wake_in_flight: bool,
@@ -338,17 +318,8 @@ pub struct Core {
     shutdown_deadline: Option<Instant>,
     /// The shutdown timeout has passed once (answers are being flushed).
     shutdown_forced: bool,
-    /// When the current latency interval ends, when it started, and its log (if configured).
-    interval_end: Instant,
-    interval_start_wall: std::time::SystemTime,
-    interval_logger: Option<IntervalLogger>,
-    /// Connections in `conns` that are admin or metrics connections.
-    aux_conns: usize,
-    /// When each admin or metrics connection must be done (in accept order).
-    aux_deadlines: VecDeque<(Instant, ConnHandle)>,
     /// When each direct read into a slot must be done: (deadline, connection, request).
     direct_deadlines: VecDeque<(Instant, ConnHandle, RequestHandle)>,
-    started: Instant,
     now: Instant,
     pub counters: Counters,
 }
@@ -359,104 +330,7 @@ pub struct CoreSetup {
     pub shared: Arc<Shared>,
     pub config: Arc<Config>,
     pub listeners: Vec<(OwnedFd, ListenerKind)>,
-    /// Core 0 takes the stop signals.
-    pub signal_fd: Option<OwnedFd>,
     pub spawner: Spawner,
-}
-
-/// What a gathered report is for.
-enum Purpose {
-    /// An admin `status` command on this connection.
-    Status(ConnHandle),
-    /// `GET /metrics` on this connection (the request, to answer it once merged).
-    Metrics(ConnHandle, Vec<u8>),
-    /// A latency interval ended (wall-clock start and end, for the interval log).
-    Interval(std::time::SystemTime, std::time::SystemTime),
-}
-
-/// Reports being collected from every core (core 0).
-struct Gather {
-    id: u64,
-    purpose: Purpose,
-    merged: CoreReport,
-    waiting: usize,
-}
-
-/// One core's share of everything status and metrics report. Core 0 merges the cores' reports
-/// into one (adding counts, merging histograms) and builds status and metrics from it.
-pub struct CoreReport {
-    connections: u64,
-    /// Caller connections, and requests answered (run here), of each core (this one's at its
-    /// index, zeros elsewhere until merged).
-    connections_by_core: Vec<u64>,
-    requests_by_core: Vec<u64>,
-    files_registered: u64,
-    /// Caller connections holding a read buffer now (the others wait on provided buffers).
-    read_buffers_held: u64,
-    slots_registered: u64,
-    worker_processes: u64,
-    counters: Counters,
-    services: Vec<ShardReport>,
-}
-
-/// One core's shard of one service.
-struct ShardReport {
-    starting: u32,
-    idle: u32,
-    busy: u32,
-    stopping: u32,
-    min_workers: u32,
-    max_workers: u32,
-    backlog: u32,
-    failing: bool,
-    spawn_rate: u32,
-    stats: crate::pool::Stats,
-    pids: Vec<i32>,
-    counters: ServiceCounters,
-    latency: LatencyHistograms,
-    latency_last_interval: LatencyHistograms,
-}
-
-impl CoreReport {
-    fn add(&mut self, other: &CoreReport) {
-        self.connections += other.connections;
-        for (mine, theirs) in self
-            .connections_by_core
-            .iter_mut()
-            .zip(&other.connections_by_core)
-        {
-            *mine += theirs;
-        }
-        for (mine, theirs) in self
-            .requests_by_core
-            .iter_mut()
-            .zip(&other.requests_by_core)
-        {
-            *mine += theirs;
-        }
-        self.slots_registered += other.slots_registered;
-        self.files_registered += other.files_registered;
-        self.read_buffers_held += other.read_buffers_held;
-        self.worker_processes += other.worker_processes;
-        self.counters.add(&other.counters);
-        for (mine, theirs) in self.services.iter_mut().zip(&other.services) {
-            mine.starting += theirs.starting;
-            mine.idle += theirs.idle;
-            mine.busy += theirs.busy;
-            mine.stopping += theirs.stopping;
-            mine.min_workers += theirs.min_workers;
-            mine.max_workers += theirs.max_workers;
-            mine.backlog += theirs.backlog;
-            mine.failing |= theirs.failing;
-            mine.spawn_rate += theirs.spawn_rate;
-            mine.stats.add(&theirs.stats);
-            mine.pids.extend_from_slice(&theirs.pids);
-            mine.counters.add(&theirs.counters);
-            mine.latency.add(&theirs.latency);
-            mine.latency_last_interval
-                .add(&theirs.latency_last_interval);
-        }
-    }
 }
 
 impl Core {
@@ -491,21 +365,6 @@ impl Core {
         let fixed_buffers_free = ring.register_buffer_table(buffer_table_entries(shard_workers));
         let files_free = ring.register_file_table(config.connections_max + shard_workers * 2);
         let provided = ring.provided_buffers(config.provided_buffers);
-        if index == 0 {
-            check_memlock(&config, cores);
-        }
-        let interval = Duration::from_millis(config.histogram_log_interval_ms);
-        let interval_logger = match &config.histogram_log_dir {
-            Some(dir) if index == 0 => {
-                std::fs::create_dir_all(dir)?;
-                Some(IntervalLogger::new(
-                    dir,
-                    interval,
-                    config.histogram_log_rotate_bytes,
-                )?)
-            }
-            _ => None,
-        };
         let listeners = setup
             .listeners
             .into_iter()
@@ -523,8 +382,6 @@ impl Core {
             inbox_batch: Vec::with_capacity(256),
             inbox_buf: Box::new([0; 8]),
             inbox_in_flight: false,
-            gathers: Vec::new(),
-            next_gather: 0,
             next_core: index,
             done: false,
             config,
@@ -536,9 +393,6 @@ impl Core {
             workers: Table::with_capacity(64),
             requests: Table::with_capacity(1024),
             job_sequence: 0,
-            signal_fd: setup.signal_fd,
-            signal_buf: Box::new([0; 128]),
-            signal_in_flight: false,
             spawner: setup.spawner,
             wake_buf: Box::new([0; 8]),
             wake_in_flight: false,
@@ -553,26 +407,12 @@ impl Core {
             fixed_buffer_warning_logged: false,
             shutdown_deadline: None,
             shutdown_forced: false,
-            aux_conns: 0,
-            aux_deadlines: VecDeque::new(),
             direct_deadlines: VecDeque::new(),
-            // Only core 0 keeps the interval clock (see `on_timers`).
-            interval_end: if index == 0 {
-                now + interval
-            } else {
-                now + Duration::from_secs(100 * 365 * 86400)
-            },
-            interval_start_wall: std::time::SystemTime::now(),
-            interval_logger,
-            started: now,
             now,
             counters: Counters::default(),
         };
         for index in 0..core.listeners.len() {
             core.arm_accept(index);
-        }
-        if core.signal_fd.is_some() {
-            core.arm_signal();
         }
         core.arm_spawn_wake();
         core.arm_inbox();

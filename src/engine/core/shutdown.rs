@@ -13,12 +13,6 @@ impl Core {
                 self.ring.cancel(Token::core(OpKind::Accept, index));
             }
         }
-        if self.index == 0 {
-            if let Some(path) = &self.config.listen.unix {
-                let _ = std::fs::remove_file(path);
-            }
-            let _ = std::fs::remove_file(self.config.admin_socket_path());
-        }
         for service in 0..self.services.len() {
             let now = self.now;
             self.services[service].pool.begin_stop(now);
@@ -30,7 +24,6 @@ impl Core {
         }
     }
 
-    /// The shutdown timeout passed: fail what is still queued or running and kill every worker.
     /// The shutdown timeout passed: answer every request still running or queued with
     /// `shutting down`, kill every worker, and give the answers a moment to go out.
     pub(super) fn force_shutdown(&mut self) {
@@ -86,6 +79,6 @@ impl Core {
     }
 
     pub(super) fn all_cores_done(&self) -> bool {
-        self.shared.cores_finished.load(Ordering::SeqCst) == self.shared.cores.len()
+        self.shared.all_cores_finished()
     }
 }

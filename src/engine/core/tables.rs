@@ -66,7 +66,7 @@ pub(super) fn buffer_table_entries(workers: u32) -> u32 {
 
 /// Registered buffers are charged to RLIMIT_MEMLOCK unless the process has CAP_IPC_LOCK. Say
 /// at startup, with the numbers and the fix, when the configured pools cannot all be registered.
-pub(super) fn check_memlock(config: &Config, cores: usize) {
+pub(crate) fn check_memlock(config: &Config, cores: usize) {
     let page = rustix::param::page_size() as u64;
     let needed: u64 = config
         .services

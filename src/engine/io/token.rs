@@ -12,7 +12,7 @@ pub enum OpKind {
     WorkerStdout = 6,
     WorkerStderr = 7,
     WorkerWait = 8,
-    Signal = 9,
+    // (9 was the signalfd read: the stop signals are the control thread's now.)
     SpawnWake = 10,
     Cancel = 11,
     /// The reply header of a send from a slot (linked to `ConnSendFixed`).
@@ -40,7 +40,6 @@ impl OpKind {
             6 => OpKind::WorkerStdout,
             7 => OpKind::WorkerStderr,
             8 => OpKind::WorkerWait,
-            9 => OpKind::Signal,
             10 => OpKind::SpawnWake,
             11 => OpKind::Cancel,
             12 => OpKind::ConnSendHeader,

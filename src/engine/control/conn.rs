@@ -1,0 +1,229 @@
+//! One admin or metrics connection of the control thread: a non-blocking socket, the request it
+//! has sent so far, and the answer being written back. One request per connection; the
+//! connection closes after its answer.
+//!
+//! ```text
+//!   Reading --whole request--> (the control thread gathers if it needs to) --> Writing
+//!   Reading --EOF, error, deadline--> (close)
+//!   Writing --all written: shutdown(SHUT_WR)--> (close)
+//!   Writing --error, deadline--> (close)
+//! ```
+//!
+//! It never blocks: every read and write is non-blocking and bounded (the request by
+//! `ADMIN_LINE_BYTES_MAX` or `metrics::REQUEST_HEAD_BYTES_MAX`), and the control thread closes
+//! a connection that is not done by its deadline. Request bytes are untrusted: a bad request
+//! gets an error answer, never a panic.
+
+use std::os::fd::OwnedFd;
+use std::time::Instant;
+
+use rustix::io::Errno;
+use rustix::net::{RecvFlags, SendFlags};
+
+use crate::metrics::{self, MetricsSnapshot};
+
+/// Longest admin command line.
+pub(super) const ADMIN_LINE_BYTES_MAX: usize = 256;
+
+/// What a connection speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Protocol {
+    /// The admin socket: one command line (`status`), answered with one line.
+    Admin,
+    /// The Prometheus endpoint: one HTTP/1.x request (`GET /metrics`).
+    Metrics,
+}
+
+impl Protocol {
+    /// The most request bytes kept: one more than an admin line may have (to tell it is too
+    /// long), a whole HTTP head.
+    fn request_bytes_max(self) -> usize {
+        match self {
+            Protocol::Admin => ADMIN_LINE_BYTES_MAX + 1,
+            Protocol::Metrics => metrics::REQUEST_HEAD_BYTES_MAX,
+        }
+    }
+}
+
+/// Where a connection is in its life.
+#[derive(Debug, PartialEq, Eq)]
+enum State {
+    /// Reading its request (`request[..filled]` so far).
+    Reading,
+    /// Writing `answer[written..]`.
+    Writing { answer: Vec<u8>, written: usize },
+}
+
+/// What the control thread should do with a connection after an event.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Next {
+    /// Wait for it to become readable (or writable) again.
+    Wait,
+    /// Its answer needs every core's report: gather, then `answer_status`/`answer_metrics`.
+    Gather(Wants),
+    /// Close it.
+    Close,
+}
+
+/// What a whole request asks for, when it needs the cores' reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Wants {
+    Status,
+    Metrics,
+}
+
+pub(super) struct AuxConn {
+    fd: OwnedFd,
+    protocol: Protocol,
+    request: Box<[u8]>,
+    filled: usize,
+    state: State,
+    /// When it must be done, answer written or not.
+    pub(super) deadline: Instant,
+}
+
+impl AuxConn {
+    pub(super) fn new(fd: OwnedFd, protocol: Protocol, deadline: Instant) -> AuxConn {
+        AuxConn {
+            fd,
+            protocol,
+            request: vec![0; protocol.request_bytes_max()].into_boxed_slice(),
+            filled: 0,
+            state: State::Reading,
+            deadline,
+        }
+    }
+
+    pub(super) fn fd(&self) -> &OwnedFd {
+        &self.fd
+    }
+
+    /// Whether it waits to write (else to read).
+    pub(super) fn writing(&self) -> bool {
+        matches!(self.state, State::Writing { .. })
+    }
+
+    /// The socket is readable (or hung up): read what is there, and see whether the request
+    /// is whole.
+    pub(super) fn on_readable(&mut self) -> Next {
+        debug_assert_eq!(self.state, State::Reading);
+        loop {
+            if self.filled == self.request.len() {
+                // As much as a request may have: it is whole or too long (and answered so).
+                return match self.on_request() {
+                    Next::Wait if !self.writing() => Next::Close,
+                    next => next,
+                };
+            }
+            match rustix::net::recv(
+                &self.fd,
+                &mut self.request[self.filled..],
+                RecvFlags::empty(),
+            ) {
+                Ok((0, _)) => return Next::Close,
+                Ok((n, _)) => {
+                    self.filled += n;
+                    match self.on_request() {
+                        Next::Wait if !self.writing() => {}
+                        next => return next,
+                    }
+                }
+                Err(Errno::INTR) => {}
+                Err(Errno::AGAIN) => return Next::Wait,
+                Err(error) => {
+                    tracing::debug!(%error, "an admin or metrics connection failed");
+                    return Next::Close;
+                }
+            }
+        }
+    }
+
+    /// Look at the request so far: answer it, ask for a gathering, or wait for more.
+    fn on_request(&mut self) -> Next {
+        let request = &self.request[..self.filled];
+        match self.protocol {
+            Protocol::Admin => {
+                let Some(end) = request.iter().position(|b| *b == b'\n') else {
+                    if request.len() > ADMIN_LINE_BYTES_MAX {
+                        return self.answer(b"error: command line too long\n".to_vec());
+                    }
+                    return Next::Wait;
+                };
+                let command = String::from_utf8_lossy(&request[..end]).trim().to_string();
+                match command.as_str() {
+                    "status" => Next::Gather(Wants::Status),
+                    other => {
+                        let reply = format!("error: unknown command {other:?} (try \"status\")\n");
+                        self.answer(reply.into_bytes())
+                    }
+                }
+            }
+            Protocol::Metrics => {
+                let mut wants_snapshot = false;
+                let response = metrics::http_response(request, || {
+                    wants_snapshot = true;
+                    MetricsSnapshot::default()
+                });
+                match response {
+                    // A whole, valid `GET /metrics`: answered once every core has reported.
+                    Some(_) if wants_snapshot => Next::Gather(Wants::Metrics),
+                    Some(response) => self.answer(response),
+                    None => Next::Wait,
+                }
+            }
+        }
+    }
+
+    /// Answer a `status` command with the JSON document (or the reason there is none).
+    pub(super) fn answer_status(&mut self, status: Result<&crate::status::Status, String>) -> Next {
+        debug_assert_eq!(self.protocol, Protocol::Admin);
+        let answer = match status {
+            Ok(status) => {
+                let mut json = serde_json::to_vec(status).expect("status serializes");
+                json.push(b'\n');
+                json
+            }
+            Err(reason) => format!("error: {reason}\n").into_bytes(),
+        };
+        self.answer(answer)
+    }
+
+    /// Answer `GET`/`HEAD /metrics` with the snapshot (or a 503 saying why there is none).
+    pub(super) fn answer_metrics(&mut self, snapshot: Result<MetricsSnapshot, String>) -> Next {
+        debug_assert_eq!(self.protocol, Protocol::Metrics);
+        let response = match snapshot {
+            Ok(snapshot) => metrics::http_response(&self.request[..self.filled], || snapshot)
+                .expect("a request found whole stays whole"),
+            Err(reason) => metrics::unavailable_response(&reason),
+        };
+        self.answer(response)
+    }
+
+    /// Start writing the answer (and write what the socket takes now).
+    fn answer(&mut self, answer: Vec<u8>) -> Next {
+        debug_assert_eq!(self.state, State::Reading);
+        self.state = State::Writing { answer, written: 0 };
+        self.on_writable()
+    }
+
+    /// The socket is writable: write what is left; once all is written, send FIN (so that a
+    /// client's unread bytes cannot turn the close into a reset that eats the answer) and close.
+    pub(super) fn on_writable(&mut self) -> Next {
+        let State::Writing { answer, written } = &mut self.state else {
+            unreachable!("writable while reading");
+        };
+        while *written < answer.len() {
+            match rustix::net::send(&self.fd, &answer[*written..], SendFlags::NOSIGNAL) {
+                Ok(n) => *written += n,
+                Err(Errno::INTR) => {}
+                Err(Errno::AGAIN) => return Next::Wait,
+                Err(error) => {
+                    tracing::debug!(%error, "sending to an admin or metrics connection failed");
+                    return Next::Close;
+                }
+            }
+        }
+        let _ = rustix::net::shutdown(&self.fd, rustix::net::Shutdown::Write);
+        Next::Close
+    }
+}

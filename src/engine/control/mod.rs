@@ -1,0 +1,438 @@
+//! The control thread: everything the bridge does that is not serving callers. It owns the
+//! stop signals (a signalfd), the admin socket (`acgi-bridge status`), the `/metrics` endpoint
+//! and the latency-interval clock (with the interval log), so that every core runs the same
+//! loop and no JSON or Prometheus encoding, no file write and no slow client ever stalls a
+//! caller.
+//!
+//! ```text
+//!   signalfd ──────> set shared.shutdown, then Msg::Shutdown to every core
+//!   admin, /metrics ─┐
+//!   interval clock ──┴─> Msg::Report { reply } to every core ──> merge ──> Status / Prometheus
+//!                                                                      └─> interval log
+//! ```
+//!
+//! A plain thread with a `poll(2)` loop over non-blocking sockets (`conn`: one admin or metrics
+//! connection each, at most `AUX_CONNECTIONS_MAX` at once, each closed at its deadline). It
+//! reaches a core only through the core's inbox (`Shared::send`: the message, then the core's
+//! wake eventfd) and hears back on the channel the message carries; it waits for a gathering
+//! at most `REPORT_WAIT_MAX` and answers with an error rather than hang when a core is stuck.
+//!
+//! Invariants: `shared.shutdown` is set before any core is told to stop (see `shared`); it
+//! never blocks on a client (every socket op is non-blocking, every buffer bounded); it runs
+//! until `ControlHandle::stop`, which `engine::run` calls once every core has finished.
+
+#![forbid(unsafe_code)]
+
+mod conn;
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant, SystemTime};
+
+use rustix::event::{PollFd, PollFlags};
+use rustix::io::Errno;
+use rustix::net::SocketFlags;
+
+use self::conn::{AuxConn, Next, Protocol, Wants};
+use super::report::{self, CoreReport};
+use super::shared::{Msg, Shared};
+use crate::config::Config;
+use crate::metrics::{BridgeCounters, IntervalLogger};
+
+/// How long an admin or metrics connection may take to send its request and get its answer.
+const AUX_CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
+/// Admin and metrics connections open at once at most.
+const AUX_CONNECTIONS_MAX: usize = 64;
+/// How long a gathering waits for every core's report before it gives up.
+const REPORT_WAIT_MAX: Duration = Duration::from_secs(1);
+/// While waiting for reports, how often to look whether the cores have all finished (then
+/// nobody will answer).
+const REPORT_WAIT_STEP: Duration = Duration::from_millis(50);
+/// Connections accepted from one listener per loop turn at most (the rest wait a turn).
+const ACCEPTS_PER_TURN_MAX: usize = 64;
+
+/// What the control thread is given at startup.
+pub struct ControlSetup {
+    pub shared: Arc<Shared>,
+    pub config: Arc<Config>,
+    /// Receives SIGTERM and SIGINT (blocked in every thread).
+    pub signal_fd: OwnedFd,
+    /// The admin socket's listener.
+    pub admin: OwnedFd,
+    /// The metrics endpoint's listener, when `metrics_listen` is set.
+    pub metrics: Option<OwnedFd>,
+    /// The interval log, when `histogram_log_dir` is set.
+    pub interval_logger: Option<IntervalLogger>,
+    /// When the bridge started (for status's uptime).
+    pub started: Instant,
+}
+
+/// The running control thread.
+pub struct ControlHandle {
+    thread: std::thread::JoinHandle<BridgeCounters>,
+    stop: OwnedFd,
+}
+
+impl ControlHandle {
+    /// End the thread (once the cores have finished) and return what it counted.
+    pub fn stop(self) -> anyhow::Result<BridgeCounters> {
+        rustix::io::write(&self.stop, &1u64.to_ne_bytes())?;
+        self.thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("the control thread panicked"))
+    }
+}
+
+/// Why a gathering of the cores' reports failed.
+#[derive(Debug, thiserror::Error)]
+enum GatherError {
+    #[error("{answered} of {cores} cores reported within {waited:?} (the bridge is stopping or a core is stuck)")]
+    Unanswered {
+        answered: usize,
+        cores: usize,
+        waited: Duration,
+    },
+}
+
+/// Start the control thread.
+pub fn start(setup: ControlSetup) -> anyhow::Result<ControlHandle> {
+    use anyhow::Context;
+    let stop = rustix::event::eventfd(
+        0,
+        rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
+    )
+    .context("creating the control thread's eventfd")?;
+    rustix::io::ioctl_fionbio(&setup.admin, true).context("admin socket: O_NONBLOCK")?;
+    if let Some(metrics) = &setup.metrics {
+        rustix::io::ioctl_fionbio(metrics, true).context("metrics socket: O_NONBLOCK")?;
+    }
+    let interval = Duration::from_millis(setup.config.histogram_log_interval_ms);
+    let control = Control {
+        stop: stop.try_clone()?,
+        signal_fd: setup.signal_fd,
+        admin: Some(setup.admin),
+        metrics: setup.metrics,
+        conns: Vec::with_capacity(AUX_CONNECTIONS_MAX),
+        interval,
+        interval_end: Instant::now() + interval,
+        interval_start_wall: SystemTime::now(),
+        interval_logger: setup.interval_logger,
+        stopping: false,
+        counters: BridgeCounters::default(),
+        shared: setup.shared,
+        config: setup.config,
+        started: setup.started,
+    };
+    let thread = std::thread::Builder::new()
+        .name("acgi-control".into())
+        .spawn(move || control.run())
+        .context("starting the control thread")?;
+    Ok(ControlHandle { thread, stop })
+}
+
+struct Control {
+    shared: Arc<Shared>,
+    config: Arc<Config>,
+    started: Instant,
+    /// Readable once `ControlHandle::stop` was called.
+    stop: OwnedFd,
+    signal_fd: OwnedFd,
+    /// The listeners, until the bridge begins stopping.
+    admin: Option<OwnedFd>,
+    metrics: Option<OwnedFd>,
+    conns: Vec<AuxConn>,
+    interval: Duration,
+    /// When the current latency interval ends, and when (wall clock) it started.
+    interval_end: Instant,
+    interval_start_wall: SystemTime,
+    interval_logger: Option<IntervalLogger>,
+    /// A stop signal has come (the next one means "now").
+    stopping: bool,
+    /// What this thread counts (connections refused over the budget), added to every report.
+    counters: BridgeCounters,
+}
+
+/// Which descriptor a poll entry watches.
+#[derive(Clone, Copy)]
+enum Polled {
+    Stop,
+    Signal,
+    Listener(Protocol),
+    Conn(usize),
+}
+
+impl Control {
+    fn run(mut self) -> BridgeCounters {
+        let mut polled: Vec<Polled> = Vec::with_capacity(4 + AUX_CONNECTIONS_MAX);
+        let mut ready: Vec<(Polled, PollFlags)> = Vec::with_capacity(4 + AUX_CONNECTIONS_MAX);
+        loop {
+            let now = Instant::now();
+            if now >= self.interval_end {
+                self.end_interval(now);
+            }
+            self.expire_conns(now);
+            let deadline = self
+                .conns
+                .iter()
+                .map(|conn| conn.deadline)
+                .fold(self.interval_end, Instant::min);
+            let timeout = deadline.saturating_duration_since(Instant::now());
+            let timeout = rustix::event::Timespec::try_from(timeout).expect("a short timeout");
+            polled.clear();
+            ready.clear();
+            {
+                let mut watched: Vec<(Polled, &OwnedFd, PollFlags)> =
+                    Vec::with_capacity(4 + self.conns.len());
+                watched.push((Polled::Stop, &self.stop, PollFlags::IN));
+                watched.push((Polled::Signal, &self.signal_fd, PollFlags::IN));
+                if let Some(admin) = &self.admin {
+                    let what = Polled::Listener(Protocol::Admin);
+                    watched.push((what, admin, PollFlags::IN));
+                }
+                if let Some(metrics) = &self.metrics {
+                    let what = Polled::Listener(Protocol::Metrics);
+                    watched.push((what, metrics, PollFlags::IN));
+                }
+                for (index, conn) in self.conns.iter().enumerate() {
+                    let flags = if conn.writing() {
+                        PollFlags::OUT
+                    } else {
+                        PollFlags::IN
+                    };
+                    watched.push((Polled::Conn(index), conn.fd(), flags));
+                }
+                polled.extend(watched.iter().map(|(what, _, _)| *what));
+                let mut fds: Vec<PollFd<'_>> = watched
+                    .iter()
+                    .map(|(_, fd, flags)| PollFd::new(*fd, *flags))
+                    .collect();
+                match rustix::event::poll(&mut fds, Some(&timeout)) {
+                    Ok(_) | Err(Errno::INTR) => {}
+                    Err(error) => panic!("poll on the control thread's descriptors: {error}"),
+                }
+                ready.extend(
+                    polled
+                        .iter()
+                        .zip(&fds)
+                        .filter(|(_, fd)| !fd.revents().is_empty())
+                        .map(|(what, fd)| (*what, fd.revents())),
+                );
+            }
+            let mut closed = Vec::new();
+            for &(what, flags) in &ready {
+                match what {
+                    Polled::Stop => return self.counters,
+                    Polled::Signal => self.on_signal(),
+                    Polled::Listener(protocol) => self.on_acceptable(protocol),
+                    Polled::Conn(index) => {
+                        if self.on_conn_ready(index, flags) == Next::Close {
+                            closed.push(index);
+                        }
+                    }
+                }
+            }
+            // Highest index first, so that each swap_remove moves an entry not yet removed.
+            closed.sort_unstable_by(|a, b| b.cmp(a));
+            for index in closed {
+                self.conns.swap_remove(index);
+            }
+        }
+    }
+
+    /// Read every pending stop signal.
+    fn on_signal(&mut self) {
+        let mut info = [0u8; 128];
+        loop {
+            match rustix::io::read(&self.signal_fd, &mut info) {
+                Ok(n) if n >= 4 => {
+                    let signal = u32::from_ne_bytes(info[0..4].try_into().expect("4 bytes"));
+                    self.on_stop_signal(signal);
+                }
+                Ok(_) => return,
+                Err(Errno::INTR) => {}
+                Err(Errno::AGAIN) => return,
+                Err(error) => {
+                    tracing::error!(%error, "reading the signalfd failed");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// SIGTERM or SIGINT: stop gracefully; a second one: stop now.
+    fn on_stop_signal(&mut self, signal: u32) {
+        let now = self.stopping;
+        if now {
+            tracing::warn!(signal, "second signal: stopping now");
+        } else {
+            tracing::info!(signal, "stopping: finishing requests in flight");
+            self.stopping = true;
+            // Before telling any core: see `shared` on not losing a forwarded request.
+            self.shared.shutdown.store(true, Ordering::SeqCst);
+            if let Some(path) = &self.config.listen.unix {
+                let _ = std::fs::remove_file(path);
+            }
+            let _ = std::fs::remove_file(self.config.admin_socket_path());
+            // No new admin or metrics connections (those open are still answered).
+            self.admin = None;
+            self.metrics = None;
+        }
+        for core in 0..self.shared.cores.len() {
+            self.shared.send(core, Msg::Shutdown { now });
+        }
+    }
+
+    /// A listener has connections waiting: take them (refusing those over the budget).
+    fn on_acceptable(&mut self, protocol: Protocol) {
+        for _ in 0..ACCEPTS_PER_TURN_MAX {
+            let listener = match protocol {
+                Protocol::Admin => self.admin.as_ref(),
+                Protocol::Metrics => self.metrics.as_ref(),
+            };
+            let Some(listener) = listener else {
+                return;
+            };
+            let flags = SocketFlags::NONBLOCK | SocketFlags::CLOEXEC;
+            match rustix::net::accept_with(listener.as_fd(), flags) {
+                Ok(fd) => {
+                    if self.conns.len() >= AUX_CONNECTIONS_MAX {
+                        self.counters.connections_refused += 1;
+                        tracing::debug!(
+                            connections = self.conns.len(),
+                            "refusing an admin or metrics connection"
+                        );
+                        continue;
+                    }
+                    if protocol == Protocol::Metrics {
+                        let _ = rustix::net::sockopt::set_tcp_nodelay(&fd, true);
+                    }
+                    let deadline = Instant::now() + AUX_CONNECTION_TIMEOUT;
+                    self.conns.push(AuxConn::new(fd, protocol, deadline));
+                }
+                Err(Errno::INTR) => {}
+                Err(Errno::AGAIN) => return,
+                Err(error) => {
+                    // Out of descriptors, say: the connection waits in the backlog.
+                    tracing::warn!(%error, "accepting an admin or metrics connection failed");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// A connection's socket is ready: read its request (gathering and answering once it is
+    /// whole) or write its answer.
+    fn on_conn_ready(&mut self, index: usize, flags: PollFlags) -> Next {
+        let conn = &mut self.conns[index];
+        if conn.writing() {
+            if flags.intersects(PollFlags::ERR | PollFlags::NVAL) {
+                return Next::Close;
+            }
+            return conn.on_writable();
+        }
+        match conn.on_readable() {
+            Next::Gather(wants) => self.answer(index, wants),
+            next => next,
+        }
+    }
+
+    /// Gather every core's report and answer connection `index` from it.
+    fn answer(&mut self, index: usize, wants: Wants) -> Next {
+        let merged = self.gather(false).map_err(|error| error.to_string());
+        let conn = &mut self.conns[index];
+        match wants {
+            Wants::Status => {
+                let uptime = self.started.elapsed();
+                let status = merged.map(|merged| report::status(&self.config, &merged, uptime));
+                conn.answer_status(status.as_ref().map_err(Clone::clone))
+            }
+            Wants::Metrics => {
+                let snapshot = merged.map(|merged| report::metrics_snapshot(&self.config, &merged));
+                conn.answer_metrics(snapshot)
+            }
+        }
+    }
+
+    /// Close connections past their deadline (a client that sends half a request, or reads
+    /// nothing, must not hold one of the few places for ever).
+    fn expire_conns(&mut self, now: Instant) {
+        let before = self.conns.len();
+        self.conns.retain(|conn| conn.deadline > now);
+        if self.conns.len() < before {
+            tracing::debug!(
+                closed = before - self.conns.len(),
+                "closing admin or metrics connections that timed out"
+            );
+        }
+    }
+
+    /// The latency interval ended: every core starts a new one, and the merged last interval
+    /// goes to the log.
+    fn end_interval(&mut self, now: Instant) {
+        let wall_now = SystemTime::now();
+        let start = std::mem::replace(&mut self.interval_start_wall, wall_now);
+        self.interval_end = now + self.interval;
+        match self.gather(true) {
+            Ok(merged) => {
+                if let Some(logger) = &mut self.interval_logger {
+                    let histograms = merged.last_intervals(&self.config);
+                    if let Err(error) = logger.append(wall_now, start, &histograms) {
+                        tracing::warn!(%error, "cannot append to the histogram log");
+                    }
+                }
+            }
+            Err(error) => tracing::warn!(%error, "a latency interval ended without every core"),
+        }
+    }
+
+    /// Ask every core for its report (`end_interval`: and to start a new latency interval),
+    /// wait for them all (bounded), and merge them, with this thread's counts.
+    fn gather(&mut self, end_interval: bool) -> Result<CoreReport, GatherError> {
+        let cores = self.shared.cores.len();
+        let started = Instant::now();
+        let unanswered = |answered| GatherError::Unanswered {
+            answered,
+            cores,
+            waited: started.elapsed(),
+        };
+        if self.shared.all_cores_finished() {
+            return Err(unanswered(0));
+        }
+        let (reply, reports) = mpsc::channel();
+        for core in 0..cores {
+            let reply = reply.clone();
+            self.shared.send(
+                core,
+                Msg::Report {
+                    end_interval,
+                    reply,
+                },
+            );
+        }
+        drop(reply);
+        let deadline = started + REPORT_WAIT_MAX;
+        let mut merged: Option<Box<CoreReport>> = None;
+        let mut answered = 0;
+        while answered < cores {
+            let wait = deadline
+                .saturating_duration_since(Instant::now())
+                .min(REPORT_WAIT_STEP);
+            match reports.recv_timeout(wait) {
+                Ok(report) => {
+                    answered += 1;
+                    match &mut merged {
+                        Some(merged) => merged.add(&report),
+                        None => merged = Some(report),
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout)
+                    if Instant::now() < deadline && !self.shared.all_cores_finished() => {}
+                Err(_) => return Err(unanswered(answered)),
+            }
+        }
+        let mut merged = *merged.expect("at least one core");
+        merged.counters.add(&self.counters);
+        Ok(merged)
+    }
+}

@@ -1,0 +1,251 @@
+//! What a core reports, and what the control thread builds from the merged reports: the status
+//! document (`crate::status`) and the metrics snapshot (`/metrics`).
+//!
+//! A core fills in a [`CoreReport`] on its own loop when asked (a copy of its counts and
+//! histograms, nothing encoded); the control thread adds the cores' reports together
+//! ([`CoreReport::add`]) and builds [`status`] and [`metrics_snapshot`] from the sum and the
+//! config, off every core's loop. What a report leaves out (service names, ids, modes) comes
+//! from the config, which every thread has.
+//!
+//! Invariant: every report of one bridge has one entry per configured service, in config order,
+//! and per-core vectors as long as the core count, so that `add` pairs like with like.
+
+#![forbid(unsafe_code)]
+
+use std::time::Duration;
+
+use super::core::{Counters, ServiceCounters};
+use crate::config::Config;
+use crate::metrics::{self, LatencyHistograms, MetricsSnapshot, ServiceMetrics};
+use crate::status::{ServiceStatus, Status};
+
+/// One core's share of everything status and metrics report (or, once merged, the whole
+/// bridge's).
+pub struct CoreReport {
+    pub(super) connections: u64,
+    /// Caller connections, and requests answered (run here), of each core (this one's at its
+    /// index, zeros elsewhere until merged).
+    pub(super) connections_by_core: Vec<u64>,
+    pub(super) requests_by_core: Vec<u64>,
+    pub(super) files_registered: u64,
+    /// Caller connections holding a read buffer now (the others wait on provided buffers).
+    pub(super) read_buffers_held: u64,
+    pub(super) slots_registered: u64,
+    pub(super) worker_processes: u64,
+    pub(super) counters: Counters,
+    /// One per configured service, in config order.
+    pub(super) services: Vec<ShardReport>,
+}
+
+/// One core's shard of one service.
+pub(super) struct ShardReport {
+    pub(super) starting: u32,
+    pub(super) idle: u32,
+    pub(super) busy: u32,
+    pub(super) stopping: u32,
+    pub(super) min_workers: u32,
+    pub(super) max_workers: u32,
+    pub(super) backlog: u32,
+    pub(super) failing: bool,
+    pub(super) spawn_rate: u32,
+    pub(super) stats: crate::pool::Stats,
+    pub(super) pids: Vec<i32>,
+    pub(super) counters: ServiceCounters,
+    pub(super) latency: LatencyHistograms,
+    pub(super) latency_last_interval: LatencyHistograms,
+}
+
+impl CoreReport {
+    /// Add another core's report to this one.
+    pub(super) fn add(&mut self, other: &CoreReport) {
+        assert_eq!(self.services.len(), other.services.len(), "same services");
+        assert_eq!(
+            self.connections_by_core.len(),
+            other.connections_by_core.len(),
+            "same cores"
+        );
+        self.connections += other.connections;
+        for (mine, theirs) in self
+            .connections_by_core
+            .iter_mut()
+            .zip(&other.connections_by_core)
+        {
+            *mine += theirs;
+        }
+        for (mine, theirs) in self
+            .requests_by_core
+            .iter_mut()
+            .zip(&other.requests_by_core)
+        {
+            *mine += theirs;
+        }
+        self.slots_registered += other.slots_registered;
+        self.files_registered += other.files_registered;
+        self.read_buffers_held += other.read_buffers_held;
+        self.worker_processes += other.worker_processes;
+        self.counters.add(&other.counters);
+        for (mine, theirs) in self.services.iter_mut().zip(&other.services) {
+            mine.starting += theirs.starting;
+            mine.idle += theirs.idle;
+            mine.busy += theirs.busy;
+            mine.stopping += theirs.stopping;
+            mine.min_workers += theirs.min_workers;
+            mine.max_workers += theirs.max_workers;
+            mine.backlog += theirs.backlog;
+            mine.failing |= theirs.failing;
+            mine.spawn_rate += theirs.spawn_rate;
+            mine.stats.add(&theirs.stats);
+            mine.pids.extend_from_slice(&theirs.pids);
+            mine.counters.add(&theirs.counters);
+            mine.latency.add(&theirs.latency);
+            mine.latency_last_interval
+                .add(&theirs.latency_last_interval);
+        }
+    }
+
+    /// Each service's name and its latencies in the last complete interval (for the log).
+    pub(super) fn last_intervals<'a>(
+        &'a self,
+        config: &'a Config,
+    ) -> Vec<(&'a str, &'a LatencyHistograms)> {
+        debug_assert_eq!(config.services.len(), self.services.len());
+        config
+            .services
+            .iter()
+            .zip(&self.services)
+            .map(|(service, shard)| (service.name.as_str(), &shard.latency_last_interval))
+            .collect()
+    }
+}
+
+/// The metrics snapshot (`/metrics`) from the merged reports of every core.
+pub(super) fn metrics_snapshot(config: &Config, report: &CoreReport) -> MetricsSnapshot {
+    debug_assert_eq!(config.services.len(), report.services.len());
+    let services = config
+        .services
+        .iter()
+        .zip(&report.services)
+        .map(|(service, shard)| {
+            let stats = shard.stats;
+            let counters = &shard.counters;
+            let requests_failed = counters
+                .failures()
+                .map(|(code, count)| (code.metric_name(), count))
+                .collect();
+            ServiceMetrics {
+                name: service.name.clone(),
+                id: service.id,
+                requests_ok: counters.ok,
+                requests_failed,
+                bytes_in: counters.bytes_in,
+                bytes_out: counters.bytes_out,
+                copy_path: counters.copy_path,
+                worker_faults: counters.faults().collect(),
+                spawns: stats.spawns,
+                exits: vec![
+                    ("recycled", stats.exits_recycled),
+                    ("idle", stats.exits_idle),
+                    ("crashed", stats.exits_crashed),
+                    ("timed_out", stats.exits_timed_out),
+                    ("killed", stats.exits_killed),
+                    ("shutdown", stats.exits_shutdown),
+                    ("failed_start", stats.failed_starts),
+                ],
+                workers: vec![
+                    ("starting", shard.starting as u64),
+                    ("idle", shard.idle as u64),
+                    ("busy", shard.busy as u64),
+                    ("stopping", shard.stopping as u64),
+                ],
+                backlog: shard.backlog as u64,
+                latency: shard.latency.clone(),
+            }
+        })
+        .collect();
+    MetricsSnapshot {
+        connections: report.connections,
+        slots_in_use: report.slots_registered,
+        connections_by_core: report.connections_by_core.clone(),
+        counters: report.counters.clone(),
+        services,
+    }
+}
+
+/// The status report (see `crate::status`) from the merged reports of every core.
+pub(super) fn status(config: &Config, report: &CoreReport, uptime: Duration) -> Status {
+    // Read first: building the report allocates.
+    let allocations = crate::alloc_count::allocations();
+    debug_assert_eq!(config.services.len(), report.services.len());
+    let services = config
+        .services
+        .iter()
+        .zip(&report.services)
+        .map(|(service, shard)| {
+            let stats = shard.stats;
+            let requests_failed = shard
+                .counters
+                .failures()
+                .filter(|(_, count)| *count > 0)
+                .map(|(code, count)| (code.as_str().to_string(), count))
+                .collect();
+            ServiceStatus {
+                id: service.id,
+                name: service.name.clone(),
+                mode: format!("{:?}", service.policy().mode).to_lowercase(),
+                state: if shard.failing { "failing" } else { "ok" }.to_string(),
+                workers_starting: shard.starting,
+                workers_idle: shard.idle,
+                workers_busy: shard.busy,
+                workers_stopping: shard.stopping,
+                min_workers: shard.min_workers,
+                max_workers: shard.max_workers,
+                backlog: shard.backlog,
+                backlog_max_seen: stats.backlog_len_max,
+                requests_ok: shard.counters.ok,
+                requests_failed,
+                spawns: stats.spawns,
+                failed_starts: stats.failed_starts,
+                exits_recycled: stats.exits_recycled,
+                exits_idle: stats.exits_idle,
+                exits_crashed: stats.exits_crashed,
+                exits_timed_out: stats.exits_timed_out,
+                exits_killed: stats.exits_killed,
+                exits_shutdown: stats.exits_shutdown,
+                worker_faults: shard
+                    .counters
+                    .faults()
+                    .filter(|(_, count)| *count > 0)
+                    .map(|(fault, count)| (fault.to_string(), count))
+                    .collect(),
+                spawn_rate: shard.spawn_rate,
+                pids: shard.pids.clone(),
+                latency_since_start: latency_summary(&shard.latency),
+                latency_last_interval: latency_summary(&shard.latency_last_interval),
+            }
+        })
+        .collect();
+    Status {
+        allocations,
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        pid: std::process::id(),
+        uptime_ms: uptime.as_millis() as u64,
+        cores: report.connections_by_core.len() as u32,
+        connections: report.connections,
+        connections_by_core: report.connections_by_core.clone(),
+        requests_by_core: report.requests_by_core.clone(),
+        slots_registered: report.slots_registered,
+        files_registered: report.files_registered,
+        read_buffers_held: report.read_buffers_held,
+        worker_processes: report.worker_processes,
+        counters: report.counters.clone(),
+        services,
+    }
+}
+
+fn latency_summary(histograms: &LatencyHistograms) -> crate::status::Latency {
+    crate::status::Latency {
+        total: metrics::percentiles(&histograms.total),
+        queue_wait: metrics::percentiles(&histograms.queue_wait),
+        service: metrics::percentiles(&histograms.service),
+    }
+}
