@@ -3,6 +3,7 @@
 mod bad_input;
 mod common;
 mod conformance;
+mod control;
 mod cores;
 mod direct;
 mod faults;

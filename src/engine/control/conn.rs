@@ -224,6 +224,20 @@ impl AuxConn {
             }
         }
         let _ = rustix::net::shutdown(&self.fd, rustix::net::Shutdown::Write);
+        self.discard_input();
         Next::Close
+    }
+
+    /// Read and drop what the client sent beyond its request (an over-long line, a body), so
+    /// that closing with unread bytes does not reset the connection under the answer. Bounded:
+    /// a client still sending after this gets its reset.
+    fn discard_input(&mut self) {
+        let mut scratch = [0u8; 4096];
+        for _ in 0..16 {
+            match rustix::net::recv(&self.fd, &mut scratch, RecvFlags::empty()) {
+                Ok((0, _)) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
     }
 }
