@@ -13,7 +13,8 @@
 //! the whole vector out, so neither side allocates once the vectors have grown. The queue is
 //! bounded by what feeds it: forwards need a claimed idle worker or start slot, connections
 //! are bounded by `connections_max`, answers by forwards, report requests by the control
-//! thread, which waits for each gathering to end before it starts another.
+//! thread, which waits for each gathering to end (or give up after a second) before it starts
+//! another.
 //!
 //! Placement counts (`ShardCounts`): each core stores its shard's idle workers, room to start
 //! workers and backlog length at the end of every loop turn (only when they changed, to keep
