@@ -65,6 +65,9 @@ define_counters! {
         requests_forwarded,
         /// Connections handed to another core at accept (the one with the fewest).
         connections_handed_over,
+        /// Log lines dropped because the reader of the bridge's stderr did not keep up (the
+        /// log queue holds at most LOG_LINES_BUFFERED_MAX lines).
+        log_lines_dropped,
     }
 }
 

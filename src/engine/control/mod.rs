@@ -433,6 +433,8 @@ impl Control {
         }
         let mut merged = *merged.expect("at least one core");
         merged.counters.add(&self.counters);
+        // Lines the log writer dropped are counted by the process, not by a core.
+        merged.counters.log_lines_dropped = crate::logging::lines_dropped();
         Ok(merged)
     }
 }
