@@ -28,17 +28,31 @@ use anyhow::{bail, Context};
 use self::core::ListenerKind;
 use crate::config::{self, Config};
 
-/// Block the stop signals for this thread (and every thread it starts) and return a signalfd
-/// that receives them.
+/// The signals the control thread takes through its signalfd: the stop signals (TERM, INT)
+/// and the routine ones operators and tools send (HUP: reload, USR1: reopen logs, USR2), none
+/// of which may take its default action (ending the bridge at once).
+pub const HANDLED_SIGNALS: [i32; 5] = [
+    libc::SIGTERM,
+    libc::SIGINT,
+    libc::SIGHUP,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+];
+
+/// Block the handled signals for this thread (and every thread it starts) and return a
+/// signalfd that receives them. SIGPIPE is ignored (as the Rust runtime already does, made
+/// explicit): a caller or worker that closes its socket must never end the bridge.
 fn stop_signals() -> anyhow::Result<OwnedFd> {
     // SAFETY: plain libc calls on a local sigset; signalfd returns a new descriptor we own.
     unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::sigaddset(&mut set, libc::SIGINT);
+        for signal in HANDLED_SIGNALS {
+            libc::sigaddset(&mut set, signal);
+        }
         if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
-            bail!("cannot block SIGTERM/SIGINT");
+            bail!("cannot block the handled signals");
         }
         let fd = libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK);
         if fd < 0 {

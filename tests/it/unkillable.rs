@@ -74,3 +74,38 @@ fn a_stderr_reader_that_goes_away_does_not_end_the_bridge() {
     let status = bridge.stop();
     assert!(status.success(), "exit {status}");
 }
+
+#[test]
+fn routine_signals_leave_the_bridge_serving_and_requests_in_flight_answered() {
+    // Proves HUP, USR1, USR2 and PIPE do not take their default action (which ends the
+    // process at once): a request running while they arrive is answered, later ones too, each
+    // signal is logged, and SIGTERM still stops the bridge cleanly afterwards.
+    let mut bridge = bridge()
+        .service(ServiceSpec::faulty().workers(2, 2))
+        .start();
+    let unix = bridge.unix.clone();
+    let running = {
+        let mut client = bridge.client();
+        std::thread::spawn(move || client.call("faulty", b"sleep 500"))
+    };
+    // The sleep is running once a worker is busy with it.
+    bridge.wait_status("the sleep running", |s| s.services[0].workers_busy == 1);
+    for signal in [libc::SIGHUP, libc::SIGUSR1, libc::SIGUSR2, libc::SIGPIPE] {
+        bridge.signal(signal);
+    }
+    assert_eq!(running.join().unwrap().unwrap(), b"slept");
+    let mut client = bridge.client();
+    for _ in 0..5 {
+        assert_eq!(client.call("faulty", b"echo after").unwrap(), b"after");
+    }
+    let log = bridge.log();
+    assert!(log.contains("SIGHUP"), "{log}");
+    assert!(log.contains("SIGUSR1"), "{log}");
+    drop(client);
+    let status = bridge.stop();
+    assert!(status.success(), "exit {status}");
+    assert!(
+        !std::path::Path::new(&unix).exists(),
+        "the socket file is removed"
+    );
+}

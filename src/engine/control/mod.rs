@@ -240,14 +240,27 @@ impl Control {
         }
     }
 
-    /// Read every pending stop signal.
+    /// Read every pending signal (`HANDLED_SIGNALS`).
     fn on_signal(&mut self) {
         let mut info = [0u8; 128];
         loop {
             match rustix::io::read(&self.signal_fd, &mut info) {
                 Ok(n) if n >= 4 => {
                     let signal = u32::from_ne_bytes(info[0..4].try_into().expect("4 bytes"));
-                    self.on_stop_signal(signal);
+                    match signal as i32 {
+                        libc::SIGTERM | libc::SIGINT => self.on_stop_signal(signal),
+                        libc::SIGHUP => tracing::warn!(
+                            signal,
+                            "SIGHUP: configuration reload is not supported yet; the running \
+                             configuration stays in effect"
+                        ),
+                        libc::SIGUSR1 => tracing::info!(
+                            signal,
+                            "SIGUSR1: the log goes to stderr, which is reopened by whoever \
+                             holds it; nothing to reopen"
+                        ),
+                        _ => tracing::info!(signal, "signal ignored"),
+                    }
                 }
                 Ok(_) => return,
                 Err(Errno::INTR) => {}
