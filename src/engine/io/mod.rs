@@ -139,12 +139,13 @@ impl Ring {
     /// Queue one entry, submitting first when the queue is full (a bounded number of times:
     /// then the ring is wedged and the panic names the sizes).
     pub fn push(&mut self, sqe: Sqe) {
+        let entry = sqe.entry();
         for _ in 0..PUSH_ATTEMPTS_MAX {
             // SAFETY: every `Sqe` comes from a constructor in `op`, whose ownership contract
             // the engine keeps: the memory and descriptors an entry names stay valid until its
             // completion, because their owners are freed only once no op of theirs is in
             // flight.
-            let pushed = unsafe { self.ring_mut().submission().push(&sqe.0) };
+            let pushed = unsafe { self.ring_mut().submission().push(&entry) };
             if pushed.is_ok() {
                 return;
             }
