@@ -109,3 +109,78 @@ fn routine_signals_leave_the_bridge_serving_and_requests_in_flight_answered() {
         "the socket file is removed"
     );
 }
+
+/// Resident memory of a process, in bytes (`VmRSS` from /proc).
+fn rss_bytes(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    kib * 1024
+}
+
+/// Wait (bounded) until the peer has read everything sent on `stream` (`SIOCOUTQ` on a Unix
+/// stream socket: the bytes the peer has not read yet).
+fn wait_until_read(stream: &std::os::unix::net::UnixStream) {
+    use std::os::fd::AsRawFd;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut unread: libc::c_int = 0;
+        // SAFETY: TIOCOUTQ (SIOCOUTQ) writes one int to the pointer; the socket is ours.
+        let rc = unsafe { libc::ioctl(stream.as_raw_fd(), libc::TIOCOUTQ, &mut unread) };
+        assert_eq!(rc, 0, "SIOCOUTQ: {}", std::io::Error::last_os_error());
+        if unread == 0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the bridge never read {unread} bytes"
+        );
+        std::thread::yield_now();
+    }
+}
+
+#[test]
+fn headers_claiming_large_payloads_cost_their_bytes_not_their_claims() {
+    // Proves a caller's claim never sizes an allocation: 20 connections each send a request
+    // header announcing 16 MiB (the default max_payload_bytes) and 100 bytes of it, then wait.
+    // Before, each read buffer was resized and zero-filled to 16 MiB at once (+320 MiB RSS);
+    // now the bridge holds what arrived (a burst each), and every other caller is served.
+    use std::io::Write as _;
+    use std::os::unix::net::UnixStream;
+
+    use acgi_bridge::proto::{Header, Kind};
+
+    let bridge = bridge()
+        .top("cores = 1")
+        .service(ServiceSpec::echo().workers(1, 1))
+        .start();
+    let mut client = bridge.client();
+    assert_eq!(client.call("echo", b"warm").unwrap(), b"warm");
+    let before = rss_bytes(bridge.pid());
+    let claimers: Vec<UnixStream> = (0..20)
+        .map(|id| {
+            let mut stream = UnixStream::connect(&bridge.unix).unwrap();
+            let mut frame = Header::new(Kind::Request, 1, id, 16 << 20)
+                .encode()
+                .to_vec();
+            frame.extend_from_slice(&[b'x'; 100]);
+            stream.write_all(&frame).unwrap();
+            stream
+        })
+        .collect();
+    for stream in &claimers {
+        wait_until_read(stream);
+    }
+    // A round trip through the same core: every receive it completed before is handled.
+    assert_eq!(
+        client.call("echo", b"still served").unwrap(),
+        b"still served"
+    );
+    let grown = rss_bytes(bridge.pid()).saturating_sub(before);
+    assert!(
+        grown < 32 << 20,
+        "20 headers claiming 16 MiB each grew the bridge by {} MiB",
+        grown >> 20
+    );
+    drop(claimers);
+}

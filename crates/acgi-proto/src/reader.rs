@@ -104,9 +104,21 @@ impl ReadBuffer {
         }
     }
 
-    /// Make room for at least `total` contiguous bytes from `start` and a non-empty tail (as
-    /// large as the current burst), and shrink once a frame larger than a burst has passed.
+    /// Make room towards `total` contiguous bytes from `start` (the frame being read) and a
+    /// non-empty tail (as large as the current burst), and shrink once a frame larger than a
+    /// burst has passed.
+    ///
+    /// The room grows with what has arrived, at most doubling it per call, never straight to
+    /// `total`: a header claiming a large payload costs its sender the bytes it actually sends
+    /// (at most twice that, plus a burst), not the claim. Callers read again until the frame
+    /// is whole, as they must anyway (a read may return fewer bytes than there is room for).
     pub fn prepare_read(&mut self, total: usize) {
+        let arrived = self.end - self.start;
+        self.reserve(total.min(arrived.saturating_mul(2).max(self.burst)));
+    }
+
+    /// Make room for `total` contiguous bytes from `start` (bytes that are here: no cap).
+    fn reserve(&mut self, total: usize) {
         if self.start > 0 {
             // What is left is at most one partial frame: moving it is cheap.
             self.bytes.copy_within(self.start..self.end, 0);
@@ -155,7 +167,8 @@ impl ReadBuffer {
 
     /// Copy `data` in after what is buffered (from a provided buffer), growing as needed.
     pub fn append(&mut self, data: &[u8]) {
-        self.prepare_read(self.len() + data.len());
+        // These bytes have arrived: room for all of them, whatever the frame claims.
+        self.reserve(self.len() + data.len());
         self.bytes[self.end..self.end + data.len()].copy_from_slice(data);
         self.end += data.len();
     }
@@ -213,6 +226,43 @@ impl ReadBuffer {
 mod tests {
     use super::*;
     use crate::frame::{encode_frame, Kind};
+
+    #[test]
+    fn a_header_claiming_a_large_payload_does_not_size_the_buffer() {
+        // Proves memory follows the bytes that arrive, not the claim: after a 24-byte header
+        // announcing 16 MiB, the buffer holds a burst, and it grows at most twofold per read as
+        // the payload comes, while the frame still reassembles whole.
+        let len = 16 << 20;
+        let header = Header::new(Kind::Request, 1, 7, len as u32).encode();
+        let mut buffer = ReadBuffer::new(2048);
+        buffer.prepare_read(0);
+        buffer.spare()[..HEADER_BYTES].copy_from_slice(&header);
+        buffer.commit(HEADER_BYTES);
+        buffer.prepare_read(buffer.frame_bytes_needed(1 << 30));
+        assert!(
+            buffer.allocated() <= 2 * BURST_BYTES_MAX,
+            "{}",
+            buffer.allocated()
+        );
+        let mut arrived = HEADER_BYTES;
+        while arrived < HEADER_BYTES + len {
+            buffer.prepare_read(buffer.frame_bytes_needed(1 << 30));
+            assert!(
+                buffer.allocated() <= 2 * arrived.max(BURST_BYTES_MAX) + 1,
+                "{} bytes held for {arrived} arrived",
+                buffer.allocated()
+            );
+            let spare = buffer.spare();
+            let n = spare.len().min(HEADER_BYTES + len - arrived);
+            spare[..n].fill(b'p');
+            buffer.commit(n);
+            arrived += n;
+        }
+        match buffer.parse(1 << 30) {
+            Parsed::Frame(frame) => assert_eq!(frame.payload_len as usize, len),
+            _ => panic!("the frame reassembles"),
+        }
+    }
 
     fn feed(buffer: &mut ReadBuffer, bytes: &[u8]) {
         let mut rest = bytes;
