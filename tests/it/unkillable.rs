@@ -184,3 +184,56 @@ fn headers_claiming_large_payloads_cost_their_bytes_not_their_claims() {
     );
     drop(claimers);
 }
+
+#[test]
+fn ping_and_resolve_cannot_amplify_or_buffer_what_a_caller_sends() {
+    // Proves the per-kind bounds: an 8 MiB Resolve name of control bytes gets a short fixed
+    // error (it used to be echoed escaped: a 40 MiB frame), a Ping over 4 KiB gets error 2
+    // instead of a Pong echoing it, neither payload is buffered whole, and the connection
+    // goes on answering afterwards.
+    use std::io::{Read as _, Write as _};
+    use std::os::unix::net::UnixStream;
+
+    use acgi_bridge::proto::{ErrorCode, Header, Kind};
+
+    fn read_frame(stream: &mut UnixStream) -> (Header, Vec<u8>) {
+        let mut bytes = [0u8; 24];
+        stream.read_exact(&mut bytes).unwrap();
+        let header = Header::decode(&bytes, 1 << 24).unwrap();
+        let mut payload = vec![0; header.payload_len as usize];
+        stream.read_exact(&mut payload).unwrap();
+        (header, payload)
+    }
+
+    let bridge = bridge().service(ServiceSpec::echo().workers(1, 1)).start();
+    let mut raw = UnixStream::connect(&bridge.unix).unwrap();
+    let name = vec![0x01u8; 8 << 20];
+    let mut frame = Header::new(Kind::Resolve, 0, 1, name.len() as u32)
+        .encode()
+        .to_vec();
+    frame.extend_from_slice(&name);
+    let big_ping = vec![b'p'; 8192];
+    frame.extend_from_slice(&Header::new(Kind::Ping, 0, 2, big_ping.len() as u32).encode());
+    frame.extend_from_slice(&big_ping);
+    frame.extend_from_slice(&Header::new(Kind::Ping, 0, 3, 5).encode());
+    frame.extend_from_slice(b"hello");
+    let writer = {
+        let mut raw = raw.try_clone().unwrap();
+        std::thread::spawn(move || raw.write_all(&frame).unwrap())
+    };
+    let (resolved, message) = read_frame(&mut raw);
+    assert_eq!((resolved.kind, resolved.request_id), (Kind::Error, 1));
+    assert_eq!(resolved.code, ErrorCode::UnknownService as u16);
+    assert!(
+        message.len() < 128,
+        "{} bytes of error message",
+        message.len()
+    );
+    let (pinged, _) = read_frame(&mut raw);
+    assert_eq!((pinged.kind, pinged.request_id), (Kind::Error, 2));
+    assert_eq!(pinged.code, ErrorCode::PayloadTooLarge as u16);
+    let (pong, payload) = read_frame(&mut raw);
+    assert_eq!((pong.kind, pong.request_id), (Kind::Pong, 3));
+    assert_eq!(payload, b"hello");
+    writer.join().unwrap();
+}

@@ -242,6 +242,26 @@ impl Core {
                 }
                 continue;
             }
+            if let Some(header) = conn.read.peek_header(max) {
+                // Ping and Resolve have bounds of their own, checked on the header (before
+                // their payload is buffered): a Pong echoes its payload, and an unknown
+                // name would be echoed in the error.
+                let refused = match header.kind {
+                    Kind::Ping if header.payload_len > PING_PAYLOAD_BYTES_MAX => Some((
+                        ErrorCode::PayloadTooLarge,
+                        "a Ping payload is at most 4096 bytes",
+                    )),
+                    Kind::Resolve if header.payload_len > RESOLVE_NAME_BYTES_MAX => Some((
+                        ErrorCode::UnknownService,
+                        "no service has a name that long (names are at most 64 bytes)",
+                    )),
+                    _ => None,
+                };
+                if let Some((code, message)) = refused {
+                    self.refuse_payload(index, &header, code, message);
+                    continue;
+                }
+            }
             match conn.read.parse(max) {
                 Parsed::NeedMore => {
                     self.try_direct_read(index);
@@ -282,20 +302,11 @@ impl Core {
                 Parsed::Bad(FrameError::PayloadTooLarge { header, max })
                     if header.kind.is_caller_to_bridge() =>
                 {
-                    conn.read.consume(HEADER_BYTES);
-                    conn.discard = header.payload_len as u64;
-                    self.counters.requests_failed += 1;
                     let message = format!(
                         "payload of {} bytes is over the maximum of {max} bytes",
                         header.payload_len
                     );
-                    self.answer_error(
-                        index,
-                        header.request_id,
-                        header.service_id,
-                        ErrorCode::PayloadTooLarge,
-                        &message,
-                    );
+                    self.refuse_payload(index, &header, ErrorCode::PayloadTooLarge, &message);
                 }
                 Parsed::Bad(error) => {
                     let filled = conn.read.filled();
@@ -308,6 +319,25 @@ impl Core {
     }
 
     /// Answer a malformed frame, then close the connection: frame boundaries are lost.
+    /// Answer the frame at the front with an error without buffering its payload: the header
+    /// goes, the payload is skipped as it arrives, and the connection goes on.
+    pub(super) fn refuse_payload(
+        &mut self,
+        index: ConnHandle,
+        header: &Header,
+        code: ErrorCode,
+        message: &str,
+    ) {
+        let conn = &mut self.conns[index];
+        let buffered = conn.read.len() - HEADER_BYTES;
+        let skip_now = buffered.min(header.payload_len as usize);
+        conn.read.consume(HEADER_BYTES + skip_now);
+        conn.discard = (header.payload_len as usize - skip_now) as u64;
+        self.counters.requests_failed += 1;
+        let (request_id, service_id) = (header.request_id, header.service_id);
+        self.answer_error(index, request_id, service_id, code, message);
+    }
+
     pub(super) fn malformed(&mut self, index: ConnHandle, request_id: u64, error: &FrameError) {
         self.counters.malformed_frames += 1;
         tracing::debug!(%error, "malformed frame from a caller; closing the connection");

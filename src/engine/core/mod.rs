@@ -89,6 +89,10 @@ const DIRECT_READ_BYTES_MIN: u32 = 4096;
 /// A caller whose payload has not all arrived this long after a direct read began (holding a
 /// worker) is disconnected.
 const DIRECT_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest `Ping` payload (a `Pong` echoes it): beyond, error 2 and the payload is skipped.
+const PING_PAYLOAD_BYTES_MAX: u32 = 4096;
+/// Longest `Resolve` name (service names are 1-64 bytes): beyond, error 3 with a fixed message.
+const RESOLVE_NAME_BYTES_MAX: u32 = 64;
 /// Idle connections' read buffers kept for reuse at most.
 const READ_SPARES_MAX: usize = 4096;
 /// Delay before re-arming an accept that failed (e.g. out of descriptors).
