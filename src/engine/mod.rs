@@ -85,8 +85,11 @@ fn bind_unix(path: &std::path::Path, mode: u32) -> anyhow::Result<OwnedFd> {
     Ok(listener.into())
 }
 
-/// A TCP listener with SO_REUSEPORT, so that every core can have its own on the same port.
-fn bind_tcp_reuseport(addr: std::net::SocketAddr) -> std::io::Result<OwnedFd> {
+/// The TCP listener, shared by every core (each keeps a multishot accept on it, and hands the
+/// connection to the core with the fewest). Not SO_REUSEPORT: with it, any process of the same
+/// user (a second bridge, a hostile worker) could bind the same port and take a share of the
+/// new callers; without it, such a bind fails with EADDRINUSE.
+fn bind_tcp(addr: std::net::SocketAddr) -> std::io::Result<OwnedFd> {
     use rustix::net::{AddressFamily, SocketFlags, SocketType};
     let family = if addr.is_ipv4() {
         AddressFamily::INET
@@ -94,8 +97,9 @@ fn bind_tcp_reuseport(addr: std::net::SocketAddr) -> std::io::Result<OwnedFd> {
         AddressFamily::INET6
     };
     let fd = rustix::net::socket_with(family, SocketType::STREAM, SocketFlags::CLOEXEC, None)?;
+    // (SO_REUSEADDR only lets a restart bind while old connections sit in TIME_WAIT; it never
+    // lets two listeners share a port.)
     rustix::net::sockopt::set_socket_reuseaddr(&fd, true)?;
-    rustix::net::sockopt::set_socket_reuseport(&fd, true)?;
     rustix::net::bind(&fd, &addr)?;
     rustix::net::listen(&fd, 4096)?;
     Ok(fd)
@@ -122,8 +126,8 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     let cores = cpus.len();
     let signal_fd = stop_signals()?;
     self::core::check_memlock(&config, cores);
-    // Each core's listeners: the Unix socket is shared (every core accepts on it), TCP is one
-    // SO_REUSEPORT socket per core; admin and metrics are the control thread's.
+    // Each core's listeners: the Unix socket and the TCP socket are shared (every core accepts
+    // on them); admin and metrics are the control thread's.
     let mut listeners: Vec<Vec<(OwnedFd, ListenerKind)>> = (0..cores).map(|_| Vec::new()).collect();
     let mut ready = String::from("acgi-bridge ready");
     if let Some(path) = &config.listen.unix {
@@ -141,16 +145,16 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             .with_context(|| format!("resolving TCP {addr}"))?
             .next()
             .with_context(|| format!("TCP {addr} resolves to nothing"))?;
-        let first = bind_tcp_reuseport(wanted).with_context(|| format!("binding TCP {addr}"))?;
-        // Port 0 picked a port: the other cores bind that one.
-        let first = std::net::TcpListener::from(first);
-        let local = first.local_addr()?;
-        let first = OwnedFd::from(first);
-        listeners[0].push((first, ListenerKind::Tcp));
+        let listener = bind_tcp(wanted).with_context(|| {
+            format!("binding TCP {addr} (is another bridge or process serving it?)")
+        })?;
+        let local = rustix::net::getsockname(&listener)?;
+        let local = std::net::SocketAddr::try_from(local)
+            .map_err(|_| anyhow::anyhow!("TCP {addr}: not an IP address"))?;
         for core in listeners.iter_mut().skip(1) {
-            let fd = bind_tcp_reuseport(local).with_context(|| format!("binding TCP {local}"))?;
-            core.push((fd, ListenerKind::Tcp));
+            core.push((listener.try_clone()?, ListenerKind::Tcp));
         }
+        listeners[0].push((listener, ListenerKind::Tcp));
         ready.push_str(&format!(" tcp={local}"));
         tracing::info!(addr = %local, cores, "listening on TCP");
     }

@@ -126,6 +126,7 @@ pub struct BridgeBuilder {
     top: String,
     state_dir: Option<PathBuf>,
     stderr_pipe: bool,
+    tcp: String,
 }
 
 impl BridgeBuilder {
@@ -166,8 +167,9 @@ impl BridgeBuilder {
         let mut text = format!("state_dir = {:?}\n", state_dir.display().to_string());
         text.push_str(&self.top);
         text.push_str(&format!(
-            "[listen]\nunix = {:?}\ntcp = \"127.0.0.1:0\"\n",
-            dir.join("bridge.sock").display().to_string()
+            "[listen]\nunix = {:?}\ntcp = {:?}\n",
+            dir.join("bridge.sock").display().to_string(),
+            self.tcp
         ));
         for service in &self.services {
             text.push_str(&service.toml());
@@ -175,7 +177,21 @@ impl BridgeBuilder {
         text
     }
 
+    /// Listen on this TCP address instead of an ephemeral port of 127.0.0.1.
+    pub fn tcp(mut self, addr: &str) -> BridgeBuilder {
+        self.tcp = addr.to_string();
+        self
+    }
+
     pub fn start(self) -> Bridge {
+        match self.try_start() {
+            Ok(bridge) => bridge,
+            Err(why) => panic!("{why}"),
+        }
+    }
+
+    /// Start the bridge; `Err` with its exit status and log when it does not get ready.
+    pub fn try_start(self) -> Result<Bridge, String> {
         let temp = tempfile::tempdir().expect("tempdir");
         let dir = temp.path().to_path_buf();
         let config = dir.join("bridge.toml");
@@ -210,7 +226,9 @@ impl BridgeBuilder {
         if !line.starts_with("acgi-bridge ready") {
             let status = child.wait().expect("wait");
             let log = std::fs::read_to_string(dir.join("bridge.log")).unwrap_or_default();
-            panic!("bridge did not start ({status}); stdout {line:?}; log:\n{log}");
+            return Err(format!(
+                "bridge did not start ({status}); stdout {line:?}; log:\n{log}"
+            ));
         }
         let field = |name: &str| {
             line.split_whitespace()
@@ -225,7 +243,7 @@ impl BridgeBuilder {
             .split_whitespace()
             .find_map(|word| word.strip_prefix("metrics="))
             .map(str::to_string);
-        Bridge {
+        Ok(Bridge {
             child: Some(child),
             _stdout: stdout,
             dir,
@@ -235,7 +253,7 @@ impl BridgeBuilder {
             metrics,
             stderr: stderr_read,
             _temp: Some(temp),
-        }
+        })
     }
 }
 
@@ -246,6 +264,7 @@ pub fn bridge() -> BridgeBuilder {
         top: String::new(),
         state_dir: None,
         stderr_pipe: false,
+        tcp: "127.0.0.1:0".to_string(),
     }
 }
 

@@ -237,3 +237,42 @@ fn ping_and_resolve_cannot_amplify_or_buffer_what_a_caller_sends() {
     assert_eq!(payload, b"hello");
     writer.join().unwrap();
 }
+
+#[test]
+fn a_tcp_port_being_served_cannot_be_shared() {
+    // Proves the listening port is the bridge's alone: a process that binds it with
+    // SO_REUSEPORT (what any process of the same user could do to the old per-core listeners,
+    // taking a share of new callers) gets EADDRINUSE, and a second bridge configured on the
+    // same port refuses to start and says why, while the first keeps serving.
+    use rustix::net::{AddressFamily, SocketFlags, SocketType};
+
+    let first = bridge()
+        .top("cores = 2")
+        .service(ServiceSpec::echo().workers(1, 2))
+        .start();
+    let port: std::net::SocketAddr = first.tcp.parse().unwrap();
+    let rogue = rustix::net::socket_with(
+        AddressFamily::INET,
+        SocketType::STREAM,
+        SocketFlags::CLOEXEC,
+        None,
+    )
+    .unwrap();
+    rustix::net::sockopt::set_socket_reuseport(&rogue, true).unwrap();
+    rustix::net::sockopt::set_socket_reuseaddr(&rogue, true).unwrap();
+    assert_eq!(
+        rustix::net::bind(&rogue, &port),
+        Err(rustix::io::Errno::ADDRINUSE),
+        "another process could join the bridge's port"
+    );
+    let second = bridge()
+        .tcp(&first.tcp)
+        .service(ServiceSpec::echo().workers(1, 1))
+        .try_start();
+    let why = second
+        .err()
+        .expect("a second bridge on the same port must not start");
+    assert!(why.contains("binding TCP"), "{why}");
+    let mut client = first.tcp_client();
+    assert_eq!(client.call("echo", b"mine").unwrap(), b"mine");
+}
