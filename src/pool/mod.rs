@@ -393,6 +393,19 @@ impl Pool {
         self.actions.pop_front()
     }
 
+    /// Take, ahead of the queue, the `Dispatch` this pool just decided for `request` (the
+    /// engine needs it at once: a direct read must know its worker before the connection reads
+    /// on). `None` when the request was not dispatched (it was rejected or queued).
+    pub fn take_dispatch(&mut self, request: RequestId) -> Option<WorkerId> {
+        let at = self.actions.iter().position(
+            |action| matches!(action, Action::Dispatch { request: r, .. } if *r == request),
+        )?;
+        match self.actions.remove(at) {
+            Some(Action::Dispatch { worker, .. }) => Some(worker),
+            _ => unreachable!("found above"),
+        }
+    }
+
     pub fn stats(&self) -> Stats {
         self.stats
     }

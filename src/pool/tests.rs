@@ -45,6 +45,29 @@ fn starts_initial_workers_per_mode() {
 }
 
 #[test]
+fn take_dispatch_takes_only_that_requests_dispatch_ahead_of_the_queue() {
+    // Proves the engine's direct read can take its worker at once while the pool's other
+    // actions stay queued in order; a request that was not dispatched has nothing to take.
+    let now = Instant::now();
+    let mut pool = Pool::new(now, Policy::with_workers(2, 2, 10), 1);
+    drain(&mut pool);
+    ready(&mut pool, now, 100, 2);
+    pool.on_request(now, 1, None);
+    pool.on_request(now, 2, None);
+    pool.on_request(now, 3, None); // no idle worker left: queued
+    assert_eq!(pool.take_dispatch(2), Some(100));
+    assert_eq!(pool.take_dispatch(2), None, "taken once");
+    assert_eq!(pool.take_dispatch(3), None, "queued, not dispatched");
+    assert_eq!(
+        drain(&mut pool),
+        vec![Action::Dispatch {
+            request: 1,
+            worker: 101
+        }]
+    );
+}
+
+#[test]
 fn reuses_idle_workers_most_recent_first() {
     // Proves dispatch goes to an idle worker without spawning.
     let now = Instant::now();

@@ -421,7 +421,7 @@ impl Core {
                 self.services[service]
                     .pool
                     .on_request(now, request.to_raw(), deadline);
-                self.run_pool_actions(service);
+                self.pool_touched(service);
                 return;
             }
             _ => unreachable!("checked by is_caller_to_bridge"),

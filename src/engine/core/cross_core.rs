@@ -182,7 +182,7 @@ impl Core {
             self.services[service]
                 .pool
                 .on_request(now, request.to_raw(), forward.deadline);
-            self.run_pool_actions(service);
+            self.pool_touched(service);
             return;
         }
         let request = self.requests.insert(Request {
@@ -202,7 +202,7 @@ impl Core {
         self.services[service]
             .pool
             .on_request(now, request.to_raw(), forward.deadline);
-        self.run_pool_actions(service);
+        self.pool_touched(service);
     }
 
     /// The answer to a request we forwarded: pass it to the caller.
@@ -253,7 +253,7 @@ impl Core {
                     self.services[service]
                         .pool
                         .on_request(now, request.to_raw(), deadline);
-                    self.run_pool_actions(service);
+                    self.pool_touched(service);
                     break;
                 }
             }

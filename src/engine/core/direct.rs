@@ -52,18 +52,21 @@ impl Core {
         let now = self.now;
         let request = self.add_caller_request(index, header.request_id, service, Vec::new(), None);
         self.requests[request].direct = true;
-        // An idle worker takes it at once: `dispatch_direct` sets up the read.
-        self.services[service]
-            .pool
-            .on_request(now, request.to_raw(), None);
-        self.run_pool_actions(service);
-        debug_assert!(self.conns[index].into_slot.is_some() || !self.request_is_live(request));
-        let conn = &mut self.conns[index];
-        if conn.into_slot.is_none() && !conn.is_closing() {
-            // Not dispatched after all (the policy refused it and it was answered): skip
-            // its payload.
-            conn.read.consume(HEADER_BYTES + prefix);
-            conn.discard = (header.payload_len as usize - prefix) as u64;
+        // An idle worker takes it at once, and the read into its slot must be set up before the
+        // connection reads on: take that one dispatch now (the pool's other actions, a spawn
+        // of a spare say, run with the rest after this handler).
+        let pool = &mut self.services[service].pool;
+        pool.on_request(now, request.to_raw(), None);
+        let worker = pool.take_dispatch(request.to_raw());
+        self.pool_touched(service);
+        match worker {
+            Some(worker) => self.dispatch_direct(request, WorkerHandle::from_raw(worker)),
+            None => {
+                // Refused after all (its rejection answers it): skip its payload.
+                let conn = &mut self.conns[index];
+                conn.read.consume(HEADER_BYTES + prefix);
+                conn.discard = (header.payload_len as usize - prefix) as u64;
+            }
         }
     }
 

@@ -3,7 +3,27 @@
 use super::*;
 
 impl Core {
-    pub(super) fn run_pool_actions(&mut self, service: usize) {
+    /// A pool got an event: its actions run once the current handler is done
+    /// ([`Core::run_effects`]), so no handler runs another owner's code in the middle of its
+    /// own (and none can free what its caller still holds).
+    pub(super) fn pool_touched(&mut self, service: usize) {
+        if !self.pools_touched_set[service] {
+            self.pools_touched_set[service] = true;
+            self.pools_touched.push(service);
+        }
+    }
+
+    /// The one place the pools' actions are carried out, called by the loop after every
+    /// completion and after its timers: every touched pool's actions, until none is left (an
+    /// action may touch a pool again). Bounded by the number of services at any moment.
+    pub(super) fn run_effects(&mut self) {
+        while let Some(service) = self.pools_touched.pop() {
+            self.pools_touched_set[service] = false;
+            self.run_pool_actions(service);
+        }
+    }
+
+    fn run_pool_actions(&mut self, service: usize) {
         while let Some(action) = self.services[service].pool.next_action() {
             match action {
                 Action::Spawn => self.request_spawn(service),

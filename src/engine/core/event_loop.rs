@@ -26,15 +26,21 @@ impl Core {
                 for index in 0..self.completions.len() {
                     let completion = self.completions[index];
                     self.complete(completion);
+                    self.run_effects();
                     #[cfg(debug_assertions)]
                     self.check_invariants();
                 }
             }
             if self.shared.cores.len() > 1 {
                 self.rebalance();
-                self.publish();
             }
             self.on_timers();
+            self.run_effects();
+            #[cfg(debug_assertions)]
+            self.check_invariants();
+            if self.shared.cores.len() > 1 {
+                self.publish();
+            }
             if self.finished() {
                 // Wake-ups and answers for other cores may still sit in the submission queue.
                 self.ring.submit()?;
@@ -86,7 +92,7 @@ impl Core {
                 .is_some_and(|t| t <= now)
             {
                 self.services[service].pool.tick(now);
-                self.run_pool_actions(service);
+                self.pool_touched(service);
             }
         }
         for index in 0..self.listeners.len() {

@@ -294,6 +294,10 @@ pub struct Core {
     done: bool,
     config: Arc<Config>,
     services: Vec<Service>,
+    /// Services whose pool got an event since the loop last ran their actions (and the same
+    /// as a set, by service index): see `pool_touched` and `run_effects`.
+    pools_touched: Vec<usize>,
+    pools_touched_set: Vec<bool>,
     service_by_id: HashMap<u32, usize>,
     service_by_name: HashMap<String, usize>,
     listeners: Vec<Listener>,
@@ -389,6 +393,8 @@ impl Core {
             next_core: index,
             done: false,
             config,
+            pools_touched: Vec::with_capacity(services.len()),
+            pools_touched_set: vec![false; services.len()],
             services,
             service_by_id,
             service_by_name,
@@ -421,8 +427,9 @@ impl Core {
         core.arm_spawn_wake();
         core.arm_inbox();
         for service in 0..core.services.len() {
-            core.run_pool_actions(service);
+            core.pool_touched(service);
         }
+        core.run_effects();
         Ok(core)
     }
 }

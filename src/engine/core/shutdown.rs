@@ -16,7 +16,7 @@ impl Core {
         for service in 0..self.services.len() {
             let now = self.now;
             self.services[service].pool.begin_stop(now);
-            self.run_pool_actions(service);
+            self.pool_touched(service);
         }
         let conns = self.conns.handles();
         for index in conns {
@@ -46,7 +46,7 @@ impl Core {
         }
         for service in 0..self.services.len() {
             self.services[service].pool.abort(ErrorCode::ShuttingDown);
-            self.run_pool_actions(service);
+            self.pool_touched(service);
         }
     }
 

@@ -12,7 +12,7 @@ impl Core {
                 tracing::error!(service = %name, "{message}");
                 let now = self.now;
                 self.services[service].pool.on_spawn_failed(now);
-                self.run_pool_actions(service);
+                self.pool_touched(service);
                 return;
             }
         };
@@ -54,7 +54,7 @@ impl Core {
         self.services[service]
             .pool
             .on_worker_started(now, index.to_raw());
-        self.run_pool_actions(service);
+        self.pool_touched(service);
     }
 
     pub(super) fn arm_worker_wait(&mut self, index: WorkerHandle) {
@@ -262,7 +262,7 @@ impl Core {
                             id,
                             accepts_queue,
                         );
-                        self.run_pool_actions(service);
+                        self.pool_touched(service);
                     }
                     Some(hello) => {
                         let found = hello.slot_abi_version;
@@ -428,7 +428,7 @@ impl Core {
             .and_then(|_| rss_bytes(worker.pid));
         let now = self.now;
         self.services[service].pool.on_job_done(now, id, rss);
-        self.run_pool_actions(service);
+        self.pool_touched(service);
     }
 
     /// A worker broke the protocol: kill it, take it out of the pool, and answer the request
@@ -492,7 +492,7 @@ impl Core {
                 self.fail_request(request, ErrorCode::WorkerFailed, &message);
             }
         }
-        self.run_pool_actions(service);
+        self.pool_touched(service);
     }
 
     /// The policy stopped a worker: close its control socket (the SDK exits on EOF) and send
