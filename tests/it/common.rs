@@ -7,6 +7,7 @@ use std::process::{Child, ChildStdout, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use acgi_bridge::client::BlockingClient;
+use acgi_bridge::proto::Header;
 
 /// Path of an example executable built next to the test binary (`cargo test` builds examples).
 pub fn example(name: &str) -> PathBuf {
@@ -510,4 +511,17 @@ pub fn pipeline_tagged(
             answer.header.request_id
         );
     }
+}
+
+/// Read one whole frame (header and payload) from a raw connection to the bridge.
+pub fn read_frame(stream: &mut std::os::unix::net::UnixStream) -> (Header, Vec<u8>) {
+    use std::io::Read;
+    let mut bytes = [0u8; 24];
+    stream.read_exact(&mut bytes).expect("a frame header");
+    let header = Header::decode(&bytes, 1 << 24).expect("a valid header");
+    let mut payload = vec![0; header.payload_len as usize];
+    stream
+        .read_exact(&mut payload)
+        .expect("the frame's payload");
+    (header, payload)
 }

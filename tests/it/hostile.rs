@@ -2,22 +2,12 @@
 //! bookkeeping: each is killed for its violation (the log says which), its caller gets `worker
 //! failed`, and the bridge goes on serving everyone else, its other workers' slots untouched.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::net::UnixStream;
 
 use acgi_bridge::proto::{ErrorCode, Header, Kind};
 
-use crate::common::{bridge, tagged_payload, Bridge, ServiceSpec};
-
-/// Read one whole frame from a raw connection.
-fn read_frame(stream: &mut UnixStream) -> (Header, Vec<u8>) {
-    let mut bytes = [0u8; 24];
-    stream.read_exact(&mut bytes).unwrap();
-    let header = Header::decode(&bytes, 1 << 24).unwrap();
-    let mut payload = vec![0; header.payload_len as usize];
-    stream.read_exact(&mut payload).unwrap();
-    (header, payload)
-}
+use crate::common::{bridge, read_frame, tagged_payload, Bridge, ServiceSpec};
 
 /// A request frame's header and the first `sent` bytes of its `len`-byte payload, which
 /// starts with `EARLY!` (what the `--answer-early` worker watches its slot for).

@@ -191,19 +191,12 @@ fn ping_and_resolve_cannot_amplify_or_buffer_what_a_caller_sends() {
     // error (it used to be echoed escaped: a 40 MiB frame), a Ping over 4 KiB gets error 2
     // instead of a Pong echoing it, neither payload is buffered whole, and the connection
     // goes on answering afterwards.
-    use std::io::{Read as _, Write as _};
+    use std::io::Write as _;
     use std::os::unix::net::UnixStream;
 
     use acgi_bridge::proto::{ErrorCode, Header, Kind};
 
-    fn read_frame(stream: &mut UnixStream) -> (Header, Vec<u8>) {
-        let mut bytes = [0u8; 24];
-        stream.read_exact(&mut bytes).unwrap();
-        let header = Header::decode(&bytes, 1 << 24).unwrap();
-        let mut payload = vec![0; header.payload_len as usize];
-        stream.read_exact(&mut payload).unwrap();
-        (header, payload)
-    }
+    use crate::common::read_frame;
 
     let bridge = bridge().service(ServiceSpec::echo().workers(1, 1)).start();
     let mut raw = UnixStream::connect(&bridge.unix).unwrap();
