@@ -61,6 +61,9 @@ define_counters! {
         direct_read_prefix_bytes,
         /// Multishot receives that found every provided buffer in use (then plain receives).
         provided_buffers_ran_out,
+        /// Requests dropped before they ran because their caller's connection closed while
+        /// they waited for a worker.
+        requests_abandoned,
         /// Requests run on another core than their caller's, to use an idle worker there.
         requests_forwarded,
         /// Connections handed to another core at accept (the one with the fewest).

@@ -393,6 +393,25 @@ impl Pool {
         self.actions.pop_front()
     }
 
+    /// The caller of a waiting request has gone: take the request out of the backlog, never
+    /// to run. Returns whether it was waiting here (false: it was dispatched already, answered,
+    /// or is not this pool's).
+    pub fn withdraw(&mut self, request: RequestId) -> bool {
+        let Some(queued) = self.queued.remove(&request) else {
+            return false;
+        };
+        if let Some((at, _)) = queued.expires {
+            self.expiries.remove(&(at, request));
+        }
+        // The FIFO skips ids no longer queued when it pops them; compact it when withdrawn
+        // ids pile up, so that its length stays bounded by the backlog's.
+        if self.backlog.len() > 2 * self.queued.len() + 64 {
+            let queued = &self.queued;
+            self.backlog.retain(|waiting| queued.contains_key(waiting));
+        }
+        true
+    }
+
     /// Take, ahead of the queue, the `Dispatch` this pool just decided for `request` (the
     /// engine needs it at once: a direct read must know its worker before the connection reads
     /// on). `None` when the request was not dispatched (it was rejected or queued).

@@ -45,6 +45,42 @@ fn starts_initial_workers_per_mode() {
 }
 
 #[test]
+fn a_withdrawn_request_never_runs_and_the_backlog_stays_bounded() {
+    // Proves withdraw takes a waiting request out for good (the next idle worker gets the one
+    // behind it), refuses one already dispatched, and that withdrawing many leaves no growth.
+    let now = Instant::now();
+    let mut pool = Pool::new(now, Policy::with_workers(1, 1, 10_000), 1);
+    drain(&mut pool);
+    ready(&mut pool, now, 100, 1);
+    pool.on_request(now, 1, None); // runs
+    pool.on_request(now, 2, None); // waits
+    pool.on_request(now, 3, None); // waits
+    assert!(!pool.withdraw(1), "already dispatched");
+    assert!(pool.withdraw(2));
+    assert!(!pool.withdraw(2), "withdrawn once");
+    drain(&mut pool);
+    pool.on_job_done(now, 100, None);
+    assert_eq!(
+        drain(&mut pool),
+        vec![Action::Dispatch {
+            request: 3,
+            worker: 100
+        }]
+    );
+    for id in 10..5_000 {
+        pool.on_request(now, id, None);
+        assert!(pool.withdraw(id));
+    }
+    assert_eq!(pool.backlog_len(), 0);
+    assert!(
+        pool.backlog.len() <= 64 + 1,
+        "{} stale ids kept",
+        pool.backlog.len()
+    );
+    pool.check_invariants();
+}
+
+#[test]
 fn take_dispatch_takes_only_that_requests_dispatch_ahead_of_the_queue() {
     // Proves the engine's direct read can take its worker at once while the pool's other
     // actions stay queued in order; a request that was not dispatched has nothing to take.

@@ -269,3 +269,47 @@ fn a_tcp_port_being_served_cannot_be_shared() {
     let mut client = first.tcp_client();
     assert_eq!(client.call("echo", b"mine").unwrap(), b"mine");
 }
+
+#[test]
+fn requests_waiting_for_a_caller_that_has_gone_never_run() {
+    // Proves abandoned work is dropped: a caller pipelines 20 requests of 256 KiB behind a busy
+    // worker, then resets its connection. The 20 leave the backlog (counted as abandoned, their
+    // payloads freed) instead of running one by one for nobody; the worker's next job is a
+    // live caller's.
+    use std::io::Write as _;
+
+    use acgi_bridge::proto::{Header, Kind};
+
+    let bridge = bridge()
+        .service(ServiceSpec::faulty().workers(1, 1))
+        .top("cores = 1")
+        .start();
+    let sleeper = {
+        let mut client = bridge.client();
+        std::thread::spawn(move || client.call("faulty", b"sleep 1000"))
+    };
+    bridge.wait_status("the sleep running", |s| s.services[0].workers_busy == 1);
+    let mut leaver = std::net::TcpStream::connect(&bridge.tcp).unwrap();
+    let mut frames = Vec::new();
+    for id in 0..20u64 {
+        let mut payload = b"echo ".to_vec();
+        payload.resize(256 * 1024, b'x');
+        frames.extend_from_slice(&Header::new(Kind::Request, 3, id, payload.len() as u32).encode());
+        frames.extend_from_slice(&payload);
+    }
+    leaver.write_all(&frames).unwrap();
+    bridge.wait_status("20 requests waiting", |s| s.services[0].backlog == 20);
+    // Close with a reset (linger 0): the bridge's next receive fails and it closes its end.
+    rustix::net::sockopt::set_socket_linger(&leaver, Some(Duration::ZERO)).unwrap();
+    drop(leaver);
+    let status = bridge.wait_status("the 20 abandoned", |s| s.counters.requests_abandoned == 20);
+    assert_eq!(status.services[0].backlog, 0);
+    assert_eq!(sleeper.join().unwrap().unwrap(), b"slept");
+    let mut client = bridge.client();
+    assert_eq!(client.call("faulty", b"echo next").unwrap(), b"next");
+    let status = bridge.service_status("faulty");
+    assert_eq!(
+        status.requests_ok, 2,
+        "only the sleep and the live echo ran: {status:#?}"
+    );
+}

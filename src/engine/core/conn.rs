@@ -546,6 +546,8 @@ impl Core {
         }
         let recv = conn.recv;
         conn.phase = Phase::Closing;
+        self.abandon_waiting_requests(index);
+        let conn = &self.conns[index];
         let send = conn.send.in_flight;
         let from_slot = conn.slot_send.is_some();
         let into_slot = conn.into_slot.is_some();

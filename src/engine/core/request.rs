@@ -47,6 +47,33 @@ impl Core {
         self.live_conn(conn_handle).map(Dest::Conn)
     }
 
+    /// The connection is closed: its requests still waiting for a worker are taken out of
+    /// their pools and dropped, never to run (`requests_abandoned`), and their payloads freed.
+    /// Those a worker already holds run to the end; their answers are dropped. (Requests sent
+    /// to another core run there.)
+    pub(super) fn abandon_waiting_requests(&mut self, conn: ConnHandle) {
+        if self.conns[conn].requests_in_flight == 0 {
+            return;
+        }
+        let waiting: Vec<RequestHandle> = self
+            .requests
+            .iter()
+            .filter(|(_, r)| {
+                r.origin == Origin::Conn(conn) && r.dispatched.is_none() && r.forwarded_to.is_none()
+            })
+            .map(|(request, _)| request)
+            .collect();
+        for request in waiting {
+            let service = self.requests[request].service;
+            if self.services[service].pool.withdraw(request.to_raw()) {
+                let entry = self.requests.remove(request);
+                self.recycle_payload(entry.payload);
+                self.conns[conn].requests_in_flight -= 1;
+                self.counters.requests_abandoned += 1;
+            }
+        }
+    }
+
     /// An empty buffer for a payload or frame, from the spares when there is one.
     pub(super) fn spare_buffer(&mut self) -> Vec<u8> {
         let mut buffer = self.spare_payloads.pop().unwrap_or_default();
