@@ -35,6 +35,14 @@ pub struct Config {
     /// Most caller connections open at once; further connections are closed at accept.
     #[serde(default = "default_connections_max")]
     pub connections_max: u32,
+    /// A caller that has begun a frame (its header or its payload) and sends no byte of it for
+    /// this long is disconnected, in milliseconds (0: never).
+    #[serde(default = "default_caller_frame_timeout_ms")]
+    pub caller_frame_timeout_ms: u64,
+    /// A caller connection with nothing in flight either way (no request, no partial frame, no
+    /// answer queued) that sends nothing for this long is closed, in milliseconds (0: never).
+    #[serde(default = "default_caller_idle_timeout_ms")]
+    pub caller_idle_timeout_ms: u64,
     /// How long SIGTERM waits for requests in flight before failing them, in milliseconds.
     #[serde(default = "default_shutdown_timeout_ms")]
     pub shutdown_timeout_ms: u64,
@@ -293,6 +301,12 @@ fn default_write_queue_max_bytes() -> u64 {
 }
 fn default_connections_max() -> u32 {
     10_000
+}
+fn default_caller_frame_timeout_ms() -> u64 {
+    10_000
+}
+fn default_caller_idle_timeout_ms() -> u64 {
+    600_000
 }
 fn default_shutdown_timeout_ms() -> u64 {
     30_000
@@ -779,6 +793,8 @@ mod tests {
         assert_eq!(config.write_queue_max_bytes, 64 * 1024 * 1024);
         assert_eq!(config.connections_max, 10_000);
         assert_eq!(config.shutdown_timeout_ms, 30_000);
+        assert_eq!(config.caller_frame_timeout_ms, 10_000);
+        assert_eq!(config.caller_idle_timeout_ms, 600_000);
         assert_eq!(config.admin_socket_mode, "0600");
         assert_eq!(service.mode, Mode::Dynamic);
         assert_eq!(service.start_workers, None);

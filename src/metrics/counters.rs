@@ -49,6 +49,10 @@ define_counters! {
         /// Connections refused at accept (connections_max, the admin and metrics budget, or
         /// shutting down).
         connections_refused,
+        /// Callers disconnected for stalling mid-frame (caller_frame_timeout_ms).
+        callers_timed_out,
+        /// Caller connections closed after idling (caller_idle_timeout_ms).
+        callers_idle_closed,
         /// Callers disconnected for not reading their answers (write_queue_max_bytes).
         slow_callers_disconnected,
         /// Replies sent straight from a worker's slot (no copy through the bridge).

@@ -313,3 +313,47 @@ fn requests_waiting_for_a_caller_that_has_gone_never_run() {
         "only the sleep and the live echo ran: {status:#?}"
     );
 }
+
+#[test]
+fn callers_that_stall_mid_frame_or_idle_are_disconnected_and_busy_ones_are_not() {
+    // Proves the caller timeouts: a connection that sends part of a header and stops is closed
+    // after caller_frame_timeout_ms, one that sends nothing after caller_idle_timeout_ms, and
+    // one whose request runs longer than both keeps its connection and gets its answer.
+    use std::io::{Read as _, Write as _};
+    use std::os::unix::net::UnixStream;
+
+    let bridge = bridge()
+        .top("caller_frame_timeout_ms = 300")
+        .top("caller_idle_timeout_ms = 600")
+        .service(ServiceSpec::faulty().workers(1, 1))
+        .start();
+    let closed_after = |stream: &mut UnixStream| {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let started = Instant::now();
+        let mut byte = [0u8; 1];
+        let n = stream.read(&mut byte).expect("EOF, not a timeout");
+        assert_eq!(n, 0, "the bridge closes the connection");
+        started.elapsed()
+    };
+    let busy = {
+        let mut client = bridge.client();
+        std::thread::spawn(move || client.call("faulty", b"sleep 1500"))
+    };
+    let mut stalled = UnixStream::connect(&bridge.unix).unwrap();
+    stalled.write_all(&[0x6B, 0xAC, 0x01, 0x01, 0, 0]).unwrap();
+    let mut idle = UnixStream::connect(&bridge.unix).unwrap();
+    let stalled_for = closed_after(&mut stalled);
+    assert!(stalled_for >= Duration::from_millis(200), "{stalled_for:?}");
+    let idle_for = closed_after(&mut idle);
+    assert!(idle_for >= Duration::from_millis(200), "{idle_for:?}");
+    assert_eq!(
+        busy.join().unwrap().unwrap(),
+        b"slept",
+        "a request in flight is not idle"
+    );
+    let status = bridge.status();
+    assert!(status.counters.callers_timed_out >= 1, "{status:#?}");
+    assert!(status.counters.callers_idle_closed >= 1, "{status:#?}");
+}

@@ -86,6 +86,7 @@ impl Core {
             }
             Ok(n) => n as usize,
         };
+        conn.last_byte = self.now;
         conn.read.commit(received);
         self.handle_frames(index);
         if let Some(conn) = self.conns.get_mut(index) {
@@ -109,6 +110,7 @@ impl Core {
         }
         if let Some(bid) = completion.buffer_id() {
             if let (Ok(n @ 1..), false) = (result, conn.is_closing()) {
+                conn.last_byte = self.now;
                 self.take_provided(index, bid, n as usize);
             }
             if let Some(provided) = &mut self.provided {
@@ -515,6 +517,42 @@ impl Core {
         }
         self.arm_conn_send(index);
         self.close_conn_if_finished(index);
+    }
+
+    /// Disconnect callers that stall mid-frame (`caller_frame_timeout_ms`) and close
+    /// connections idle too long (`caller_idle_timeout_ms`). Runs once per
+    /// `CALLER_SWEEP_INTERVAL`; each connection is looked at once per sweep.
+    pub(super) fn sweep_callers(&mut self) {
+        let frame_timeout = Duration::from_millis(self.config.caller_frame_timeout_ms);
+        let idle_timeout = Duration::from_millis(self.config.caller_idle_timeout_ms);
+        let now = self.now;
+        let mut stalled = std::mem::take(&mut self.sweep_scratch);
+        stalled.clear();
+        for (index, conn) in self.conns.iter() {
+            if conn.phase != Phase::Open && conn.phase != Phase::ReadClosed {
+                continue;
+            }
+            let quiet = now.saturating_duration_since(conn.last_byte);
+            if !frame_timeout.is_zero() && conn.mid_frame() && quiet >= frame_timeout {
+                stalled.push((index, true));
+            } else if !idle_timeout.is_zero() && conn.is_idle() && quiet >= idle_timeout {
+                stalled.push((index, false));
+            }
+        }
+        for &(index, mid_frame) in &stalled {
+            if mid_frame {
+                self.counters.callers_timed_out += 1;
+                tracing::debug!(
+                    "a caller sent part of a frame and nothing more for {} ms; disconnecting it",
+                    frame_timeout.as_millis()
+                );
+            } else {
+                self.counters.callers_idle_closed += 1;
+            }
+            self.close_conn(index);
+        }
+        self.sweep_scratch = stalled;
+        self.next_caller_sweep = now + CALLER_SWEEP_INTERVAL;
     }
 
     /// Close a connection whose caller is done (read side closed or protocol error) once every

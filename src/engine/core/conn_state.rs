@@ -74,6 +74,21 @@ impl Conn {
         }
     }
 
+    /// Whether it is in the middle of a frame from its caller (a partial header or payload
+    /// buffered, a payload being skipped or read into a slot).
+    pub(super) fn mid_frame(&self) -> bool {
+        !self.read.is_empty() || self.discard > 0 || self.into_slot.is_some()
+    }
+
+    /// Whether nothing is in flight either way: no request, no partial frame, no answer
+    /// queued or being sent.
+    pub(super) fn is_idle(&self) -> bool {
+        self.requests_in_flight == 0
+            && !self.mid_frame()
+            && self.send.queued_bytes() == 0
+            && !self.send.in_flight
+    }
+
     /// The relations between its fields (debug builds, after every completion).
     pub(super) fn check_invariants(&self, handle: ConnHandle) {
         assert!(
@@ -113,6 +128,9 @@ pub(super) struct Conn {
     /// Its last request went straight into a slot: read the next header alone (if it is
     /// large too, none of its payload is copied).
     pub(super) large_last: bool,
+    /// When its caller last sent a byte (or it was accepted): the frame and idle timeouts
+    /// count from here.
+    pub(super) last_byte: Instant,
 }
 
 /// A request payload being read from the caller's socket straight into a worker's slot (the

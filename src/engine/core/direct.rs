@@ -135,7 +135,10 @@ impl Core {
             return;
         }
         let received = match result {
-            Ok(n @ 1..) => n,
+            Ok(n @ 1..) => {
+                conn.last_byte = self.now;
+                n
+            }
             Ok(_) => {
                 self.close_conn(index);
                 return;

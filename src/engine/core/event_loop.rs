@@ -74,6 +74,9 @@ impl Core {
         for listener in &self.listeners {
             consider(listener.rearm_at);
         }
+        if !self.conns.is_empty() {
+            consider(Some(self.next_caller_sweep));
+        }
         consider(
             self.direct_deadlines
                 .front()
@@ -85,6 +88,9 @@ impl Core {
     pub(super) fn on_timers(&mut self) {
         let now = self.now;
         self.expire_direct_reads();
+        if now >= self.next_caller_sweep {
+            self.sweep_callers();
+        }
         for service in 0..self.services.len() {
             if self.services[service]
                 .pool

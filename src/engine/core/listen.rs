@@ -95,6 +95,7 @@ impl Core {
             file: None,
             provided_off: false,
             large_last: false,
+            last_byte: self.now,
         });
         self.conns[index].file = self.register_file(self.conns[index].fd.as_raw_fd());
         self.arm_conn_recv(index);

@@ -93,6 +93,9 @@ const DIRECT_READ_TIMEOUT: Duration = Duration::from_secs(5);
 const PING_PAYLOAD_BYTES_MAX: u32 = 4096;
 /// Longest `Resolve` name (service names are 1-64 bytes): beyond, error 3 with a fixed message.
 const RESOLVE_NAME_BYTES_MAX: u32 = 64;
+/// How often the caller connections are swept for frame and idle timeouts (the timeouts are
+/// enforced to within this).
+const CALLER_SWEEP_INTERVAL: Duration = Duration::from_millis(100);
 /// Idle connections' read buffers kept for reuse at most.
 const READ_SPARES_MAX: usize = 4096;
 /// Delay before re-arming an accept that failed (e.g. out of descriptors).
@@ -298,6 +301,9 @@ pub struct Core {
     /// as a set, by service index): see `pool_touched` and `run_effects`.
     pools_touched: Vec<usize>,
     pools_touched_set: Vec<bool>,
+    /// When `sweep_callers` runs next, and its buffer (kept for its capacity).
+    next_caller_sweep: Instant,
+    sweep_scratch: Vec<(ConnHandle, bool)>,
     service_by_id: HashMap<u32, usize>,
     service_by_name: HashMap<String, usize>,
     listeners: Vec<Listener>,
@@ -393,6 +399,8 @@ impl Core {
             next_core: index,
             done: false,
             config,
+            next_caller_sweep: now + CALLER_SWEEP_INTERVAL,
+            sweep_scratch: Vec::new(),
             pools_touched: Vec::with_capacity(services.len()),
             pools_touched_set: vec![false; services.len()],
             services,
