@@ -105,6 +105,53 @@ fn bind_tcp(addr: std::net::SocketAddr) -> std::io::Result<OwnedFd> {
     Ok(fd)
 }
 
+/// Descriptors each worker costs the bridge: its control socket, its slot's memfd, its stdout
+/// and stderr pipes (and one spare for the spawn in progress).
+const FDS_PER_WORKER: u64 = 5;
+/// Descriptors kept beyond connections and workers: listeners, rings, eventfds, the signalfd,
+/// the log, files the bridge opens (interval logs, /proc reads).
+const FDS_RESERVE: u64 = 256;
+
+/// Raise the soft RLIMIT_NOFILE to the hard limit (the default soft limit, often 1024, is far
+/// below `connections_max`), and say at startup when even the hard limit cannot hold
+/// `connections_max` callers plus every worker the pools may run: then accepts and spawns fail
+/// under load with "too many open files".
+fn raise_nofile_limit(config: &Config) {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let limit = getrlimit(Resource::Nofile);
+    let hard = limit.maximum;
+    // Workers get the limit the bridge was started with, not the raised one (a worker that
+    // uses select(2) breaks on descriptors over 1023).
+    spawn::WORKER_NOFILE_SOFT.store(
+        limit.current.unwrap_or(u64::MAX),
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    if limit.current != hard {
+        let raised = rustix::process::Rlimit {
+            current: hard,
+            maximum: hard,
+        };
+        if let Err(error) = setrlimit(Resource::Nofile, raised) {
+            tracing::warn!(%error, "cannot raise RLIMIT_NOFILE to its hard limit");
+        }
+    }
+    let soft = getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX);
+    let workers: u64 = config.services.iter().map(|s| s.max_workers as u64).sum();
+    let needed = config.connections_max as u64 + workers * FDS_PER_WORKER + FDS_RESERVE;
+    if soft < needed {
+        tracing::warn!(
+            nofile_limit = soft,
+            needed,
+            "RLIMIT_NOFILE is {soft} but connections_max ({}) plus {workers} workers need about \
+             {needed} descriptors: raise the limit (ulimit -n, systemd LimitNOFILE=) or lower \
+             connections_max",
+            config.connections_max
+        );
+    } else {
+        tracing::debug!(nofile_limit = soft, needed, "descriptors suffice");
+    }
+}
+
 /// Pin the calling thread to one CPU.
 fn pin_to(cpu: usize) -> std::io::Result<()> {
     let mut set = rustix::thread::CpuSet::new();
@@ -126,6 +173,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     let cores = cpus.len();
     let signal_fd = stop_signals()?;
     self::core::check_memlock(&config, cores);
+    raise_nofile_limit(&config);
     // Each core's listeners: the Unix socket and the TCP socket are shared (every core accepts
     // on them); admin and metrics are the control thread's.
     let mut listeners: Vec<Vec<(OwnedFd, ListenerKind)>> = (0..cores).map(|_| Vec::new()).collect();

@@ -23,6 +23,10 @@ use std::sync::{Arc, Mutex};
 use crate::shm::Slot;
 use crate::worker;
 
+/// The soft RLIMIT_NOFILE workers are started with: the one the bridge itself was started
+/// with, before it raised its own (0: leave it as inherited).
+pub static WORKER_NOFILE_SOFT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// Everything needed to start one worker of a service.
 pub struct SpawnRequest {
     pub service_index: usize,
@@ -135,7 +139,7 @@ fn spawn(request: &SpawnRequest, parent_pid: i32) -> Result<Spawned, String> {
         .stderr(Stdio::piped())
         .process_group(0);
     // SAFETY: the closure runs in the forked child before exec and calls only async-signal-safe
-    // functions (fcntl, dup2, sigprocmask, prctl, getppid) on descriptors it owns there.
+    // functions (fcntl, dup2, getrlimit, setrlimit, sigprocmask, prctl, getppid) on descriptors it owns there.
     unsafe {
         command.pre_exec(move || {
             // Move both descriptors above 2 first so that dup2 onto 3 and 4 cannot clobber
@@ -147,6 +151,15 @@ fn spawn(request: &SpawnRequest, parent_pid: i32) -> Result<Spawned, String> {
             }
             if libc::dup2(control, 3) < 0 || libc::dup2(slot, 4) < 0 {
                 return Err(std::io::Error::last_os_error());
+            }
+            // The soft descriptor limit the bridge started with (it raised its own).
+            let soft = WORKER_NOFILE_SOFT.load(std::sync::atomic::Ordering::Relaxed);
+            if soft != 0 {
+                let mut limit: libc::rlimit = std::mem::zeroed();
+                if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+                    limit.rlim_cur = soft.min(limit.rlim_max);
+                    libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+                }
             }
             let mut empty: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut empty);

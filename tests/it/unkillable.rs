@@ -357,3 +357,62 @@ fn callers_that_stall_mid_frame_or_idle_are_disconnected_and_busy_ones_are_not()
     assert!(status.counters.callers_timed_out >= 1, "{status:#?}");
     assert!(status.counters.callers_idle_closed >= 1, "{status:#?}");
 }
+
+/// The soft and hard "Max open files" of a process, from /proc/PID/limits.
+fn nofile_limits(pid: i32) -> (String, String) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let mut fields = line.split_whitespace().skip(3);
+    (
+        fields.next().unwrap().to_string(),
+        fields.next().unwrap().to_string(),
+    )
+}
+
+#[test]
+fn the_descriptor_limit_is_raised_for_the_bridge_not_its_workers_and_a_short_one_is_named() {
+    // Proves RLIMIT_NOFILE handling: started with a soft limit of 256 under a hard 8192, the
+    // bridge raises its own to 8192 (connections_max needs it) while its workers start with
+    // the 256 it was given; with a hard limit too small for connections_max plus the workers,
+    // the startup log says so and names the fix.
+    let raised = bridge()
+        .wrapper(&["prlimit", "--nofile=256:8192"])
+        .top("connections_max = 4000")
+        .service(ServiceSpec::echo().workers(1, 1))
+        .start();
+    assert_eq!(
+        nofile_limits(raised.pid()),
+        ("8192".to_string(), "8192".to_string())
+    );
+    let status = raised.wait_status("a worker", |s| s.services[0].workers_idle == 1);
+    let worker = status.services[0].pids[0];
+    assert_eq!(
+        nofile_limits(worker).0,
+        "256",
+        "the worker keeps the original soft limit"
+    );
+    assert!(
+        !raised.log().contains("RLIMIT_NOFILE is"),
+        "{}",
+        raised.log()
+    );
+    drop(raised);
+
+    let short = bridge()
+        .wrapper(&["prlimit", "--nofile=256:512"])
+        .service(ServiceSpec::echo().workers(1, 1))
+        .start();
+    let log = short.log();
+    assert!(
+        log.contains("RLIMIT_NOFILE is 512") && log.contains("LimitNOFILE"),
+        "{log}"
+    );
+    let mut client = short.client();
+    assert_eq!(
+        client.call("echo", b"still serving").unwrap(),
+        b"still serving"
+    );
+}
