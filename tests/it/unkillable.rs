@@ -416,3 +416,43 @@ fn the_descriptor_limit_is_raised_for_the_bridge_not_its_workers_and_a_short_one
         b"still serving"
     );
 }
+
+#[test]
+fn a_frame_cut_short_by_the_callers_eof_gets_error_7_after_every_other_answer() {
+    // Proves the protocol's EOF rule: a caller that shuts its side in the middle of a frame
+    // gets its earlier request's answer first, then Error 7 (with the cut frame's request id
+    // when its header was whole, else 0), then the end of the stream.
+    use std::io::{Read as _, Write as _};
+    use std::os::unix::net::UnixStream;
+
+    use acgi_bridge::proto::{ErrorCode, Header, Kind};
+
+    use crate::common::read_frame;
+
+    let bridge = bridge()
+        .service(ServiceSpec::faulty().workers(1, 1))
+        .start();
+    for (cut, expected_id) in [(10usize, 0u64), (24 + 3, 9)] {
+        let mut raw = UnixStream::connect(&bridge.unix).unwrap();
+        let mut bytes = Header::new(Kind::Request, 3, 5, 9).encode().to_vec();
+        bytes.extend_from_slice(b"sleep 300");
+        let mut cut_frame = Header::new(Kind::Request, 3, 9, 100).encode().to_vec();
+        cut_frame.extend_from_slice(&[b'x'; 100]);
+        bytes.extend_from_slice(&cut_frame[..cut]);
+        raw.write_all(&bytes).unwrap();
+        raw.shutdown(std::net::Shutdown::Write).unwrap();
+        let (reply, payload) = read_frame(&mut raw);
+        assert_eq!((reply.kind, reply.request_id), (Kind::Reply, 5));
+        assert_eq!(payload, b"slept");
+        let (error, _) = read_frame(&mut raw);
+        assert_eq!(
+            (error.kind, error.code, error.request_id),
+            (Kind::Error, ErrorCode::MalformedFrame as u16, expected_id),
+            "cut after {cut} bytes"
+        );
+        let mut rest = Vec::new();
+        raw.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty(), "nothing after the error");
+    }
+    assert!(bridge.status().counters.malformed_frames >= 2);
+}

@@ -564,6 +564,18 @@ impl Core {
         if conn.is_closing() {
             return;
         }
+        if conn.phase == Phase::ReadClosed && conn.requests_in_flight == 0 {
+            if let Some(request_id) = self.conns[index].cut_short.take() {
+                // Every earlier request is answered: the unfinished frame's error goes last.
+                self.counters.malformed_frames += 1;
+                let message = "the connection ended in the middle of a frame";
+                self.answer_error(index, request_id, 0, ErrorCode::MalformedFrame, message);
+                return;
+            }
+        }
+        let Some(conn) = self.conns.get(index) else {
+            return;
+        };
         let flushed = conn.send.queued_bytes() == 0 && !conn.send.in_flight;
         let caller_done = conn.phase == Phase::Flushing
             || (conn.phase == Phase::ReadClosed && conn.requests_in_flight == 0);

@@ -60,10 +60,18 @@ impl Conn {
     }
 
     /// The caller shut down its side (EOF): answer what is in flight, then close. (A
-    /// connection already flushing or closing stays so.)
+    /// connection already flushing or closing stays so.) A frame it left unfinished is
+    /// answered with Error 7 after everything else (`cut_short`).
     pub(super) fn read_side_closed(&mut self) {
         if self.phase == Phase::Open {
             self.phase = Phase::ReadClosed;
+            if !self.read.is_empty() && self.into_slot.is_none() {
+                let filled = self.read.filled();
+                self.cut_short = Some(match filled.get(16..24) {
+                    Some(id) => u64::from_le_bytes(id.try_into().expect("8 bytes")),
+                    None => 0,
+                });
+            }
         }
     }
 
@@ -131,6 +139,10 @@ pub(super) struct Conn {
     /// When its caller last sent a byte (or it was accepted): the frame and idle timeouts
     /// count from here.
     pub(super) last_byte: Instant,
+    /// The caller's EOF came in the middle of a frame (the request id it carried, 0 when its
+    /// header was cut short too): once every earlier request is answered, an Error 7 with this
+    /// id goes out last, then the connection closes.
+    pub(super) cut_short: Option<u64>,
 }
 
 /// A request payload being read from the caller's socket straight into a worker's slot (the

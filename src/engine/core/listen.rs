@@ -96,6 +96,7 @@ impl Core {
             provided_off: false,
             large_last: false,
             last_byte: self.now,
+            cut_short: None,
         });
         self.conns[index].file = self.register_file(self.conns[index].fd.as_raw_fd());
         self.arm_conn_recv(index);
