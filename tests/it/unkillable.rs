@@ -456,3 +456,26 @@ fn a_frame_cut_short_by_the_callers_eof_gets_error_7_after_every_other_answer() 
     }
     assert!(bridge.status().counters.malformed_frames >= 2);
 }
+
+#[test]
+fn idle_metrics_connections_cannot_lock_the_operator_out_of_status() {
+    // Proves admin and metrics have separate budgets: 64 idle /metrics connections (what used
+    // to fill the one shared budget of 64) leave status answering; the metrics connections
+    // over their own budget are refused and counted.
+    let bridge = bridge()
+        .top("metrics_listen = \"127.0.0.1:0\"")
+        .service(ServiceSpec::echo().workers(1, 1))
+        .start();
+    let metrics = bridge.metrics.clone().expect("a metrics endpoint");
+    let idle: Vec<std::net::TcpStream> = (0..64)
+        .map(|_| std::net::TcpStream::connect(&metrics).unwrap())
+        .collect();
+    let status = bridge.wait_status("the idle scrapers over budget refused", |s| {
+        s.counters.connections_refused >= 16
+    });
+    assert_eq!(status.counters.connections_refused, 16, "{status:#?}");
+    for _ in 0..5 {
+        assert_eq!(bridge.status().services.len(), 1);
+    }
+    drop(idle);
+}

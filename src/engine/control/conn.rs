@@ -83,6 +83,11 @@ pub(super) struct AuxConn {
 }
 
 impl AuxConn {
+    /// Which endpoint it came from.
+    pub(super) fn protocol(&self) -> Protocol {
+        self.protocol
+    }
+
     pub(super) fn new(fd: OwnedFd, protocol: Protocol, deadline: Instant) -> AuxConn {
         AuxConn {
             fd,

@@ -12,7 +12,8 @@
 //! ```
 //!
 //! A plain thread with a `poll(2)` loop over non-blocking sockets (`conn`: one admin or metrics
-//! connection each, at most `AUX_CONNECTIONS_MAX` at once, each closed at its deadline). It
+//! connection each, at most `ADMIN_CONNECTIONS_MAX` admin and `METRICS_CONNECTIONS_MAX` metrics
+//! connections at once, each closed at its deadline). It
 //! reaches a core only through the core's inbox (`Shared::send`: the message, then the core's
 //! wake eventfd) and hears back on the channel the message carries; it waits for a gathering
 //! at most `REPORT_WAIT_MAX` and answers with an error rather than hang when a core is stuck.
@@ -42,8 +43,11 @@ use crate::metrics::{BridgeCounters, IntervalLogger};
 
 /// How long an admin or metrics connection may take to send its request and get its answer.
 const AUX_CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
-/// Admin and metrics connections open at once at most.
-const AUX_CONNECTIONS_MAX: usize = 64;
+/// Admin and metrics connections open at once at most, each endpoint with its own budget so
+/// that idle scrapers can never lock the operator out of `status` (nor the other way round).
+const ADMIN_CONNECTIONS_MAX: usize = 16;
+const METRICS_CONNECTIONS_MAX: usize = 48;
+const AUX_CONNECTIONS_MAX: usize = ADMIN_CONNECTIONS_MAX + METRICS_CONNECTIONS_MAX;
 /// How long a gathering waits for every core's report before it gives up.
 const REPORT_WAIT_MAX: Duration = Duration::from_secs(1);
 /// While waiting for reports, how often to look whether the cores have all finished (then
@@ -309,7 +313,16 @@ impl Control {
             let flags = SocketFlags::NONBLOCK | SocketFlags::CLOEXEC;
             match rustix::net::accept_with(listener.as_fd(), flags) {
                 Ok(fd) => {
-                    if self.conns.len() >= AUX_CONNECTIONS_MAX {
+                    let budget = match protocol {
+                        Protocol::Admin => ADMIN_CONNECTIONS_MAX,
+                        Protocol::Metrics => METRICS_CONNECTIONS_MAX,
+                    };
+                    let open = self
+                        .conns
+                        .iter()
+                        .filter(|c| c.protocol() == protocol)
+                        .count();
+                    if open >= budget {
                         self.counters.connections_refused += 1;
                         tracing::debug!(
                             connections = self.conns.len(),
