@@ -397,11 +397,8 @@ impl Pool {
     /// to run. Returns whether it was waiting here (false: it was dispatched already, answered,
     /// or is not this pool's).
     pub fn withdraw(&mut self, request: RequestId) -> bool {
-        let Some(queued) = self.queued.remove(&request) else {
+        if !self.unqueue(request) {
             return false;
-        };
-        if let Some((at, _)) = queued.expires {
-            self.expiries.remove(&(at, request));
         }
         // The FIFO skips ids no longer queued when it pops them; compact it when withdrawn
         // ids pile up, so that its length stays bounded by the backlog's.
@@ -999,14 +996,23 @@ impl Pool {
     /// Pop the oldest live queued request.
     fn pop_backlog(&mut self) -> Option<RequestId> {
         while let Some(request) = self.backlog.pop_front() {
-            if let Some(queued) = self.queued.remove(&request) {
-                if let Some((at, _)) = queued.expires {
-                    self.expiries.remove(&(at, request));
-                }
+            if self.unqueue(request) {
                 return Some(request);
             }
         }
         None
+    }
+
+    /// Take `request` out of the waiting set and its expiry (the FIFO entry, if any, is
+    /// skipped when popped). Returns whether it was waiting.
+    fn unqueue(&mut self, request: RequestId) -> bool {
+        let Some(queued) = self.queued.remove(&request) else {
+            return false;
+        };
+        if let Some((at, _)) = queued.expires {
+            self.expiries.remove(&(at, request));
+        }
+        true
     }
 
     /// A worker is free (`Idle` state): give it the oldest waiting request, else park it.
