@@ -74,7 +74,9 @@ impl Core {
         for listener in &self.listeners {
             consider(listener.rearm_at);
         }
-        if !self.conns.is_empty() {
+        let caller_timeouts =
+            self.config.caller_frame_timeout_ms > 0 || self.config.caller_idle_timeout_ms > 0;
+        if caller_timeouts && !self.conns.is_empty() {
             consider(Some(self.next_caller_sweep));
         }
         consider(
