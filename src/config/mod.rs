@@ -35,6 +35,17 @@ pub struct Config {
     /// Most caller connections open at once; further connections are closed at accept.
     #[serde(default = "default_connections_max")]
     pub connections_max: u32,
+    /// Caller connections kept for the Unix socket: TCP callers together may hold at most
+    /// `connections_max` minus this, so a flood over TCP cannot lock out local callers
+    /// (applies only when the bridge listens on both).
+    #[serde(default = "default_unix_connections_reserved")]
+    pub unix_connections_reserved: u32,
+    /// Most caller connections one Unix-socket peer (by its uid) may hold at once.
+    #[serde(default = "default_connections_per_uid_max")]
+    pub connections_per_uid_max: u32,
+    /// Most caller connections one TCP peer (by its IP address) may hold at once.
+    #[serde(default = "default_connections_per_ip_max")]
+    pub connections_per_ip_max: u32,
     /// A caller that has begun a frame (its header or its payload) and sends no byte of it for
     /// this long is disconnected, in milliseconds (0: never).
     #[serde(default = "default_caller_frame_timeout_ms")]
@@ -302,6 +313,15 @@ fn default_write_queue_max_bytes() -> u64 {
 fn default_connections_max() -> u32 {
     10_000
 }
+fn default_unix_connections_reserved() -> u32 {
+    1_000
+}
+fn default_connections_per_uid_max() -> u32 {
+    5_000
+}
+fn default_connections_per_ip_max() -> u32 {
+    1_000
+}
 fn default_caller_frame_timeout_ms() -> u64 {
     10_000
 }
@@ -514,6 +534,26 @@ impl Config {
         }
         if self.connections_max == 0 {
             problem("connections_max".into(), "must be at least 1".into());
+        }
+        if self.listen.unix.is_some()
+            && self.listen.tcp.is_some()
+            && self.unix_connections_reserved >= self.connections_max
+        {
+            problem(
+                "unix_connections_reserved".into(),
+                format!(
+                    "must be under connections_max ({}), or TCP callers could never connect",
+                    self.connections_max
+                ),
+            );
+        }
+        for (key, value) in [
+            ("connections_per_uid_max", self.connections_per_uid_max),
+            ("connections_per_ip_max", self.connections_per_ip_max),
+        ] {
+            if value == 0 {
+                problem(key.into(), "must be at least 1".into());
+            }
         }
         if self.listen.unix.is_none() && self.listen.tcp.is_none() {
             problem(

@@ -9,6 +9,7 @@
 //! every core is set up (tests and scripts wait for it instead of sleeping), and waits for the
 //! cores to finish a graceful stop, then ends the control thread.
 
+pub mod admission;
 pub mod buffer;
 pub mod control;
 pub mod core;
@@ -246,7 +247,9 @@ pub fn run(config: Config) -> anyhow::Result<()> {
                 .collect()
         })
         .collect();
-    let shared = Arc::new(self::shared::Shared::new(&shard_max).context("creating eventfds")?);
+    let admission = admission::Admission::new(admission::Limits::from_config(&config));
+    let shared =
+        Arc::new(self::shared::Shared::new(&shard_max, admission).context("creating eventfds")?);
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();
     let mut threads = Vec::new();
     for (index, (cpu, listeners)) in cpus.iter().copied().zip(listeners).enumerate() {

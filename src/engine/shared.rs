@@ -34,6 +34,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering}
 use std::sync::{mpsc, Mutex};
 use std::time::Instant;
 
+use super::admission::{Admission, Ticket};
 use super::report::CoreReport;
 
 /// Where a core sends the report it was asked for.
@@ -45,8 +46,9 @@ pub enum Msg {
     Forward(Forward),
     /// The whole answer frame (Reply or Error) to a request you forwarded.
     Answer { request: u64, frame: Vec<u8> },
-    /// A caller connection accepted elsewhere; it is already counted in your `callers`.
-    Connection { fd: OwnedFd },
+    /// A caller connection accepted elsewhere; it is already counted in your `callers` and
+    /// admitted (its ticket goes back to `Shared::admission` when it closes).
+    Connection { fd: OwnedFd, ticket: Ticket },
     /// Stop gracefully (`now: false`) or give up waiting (`now: true`, a second signal).
     Shutdown { now: bool },
     /// The control thread wants your report (for status, metrics or the end of a latency
@@ -98,11 +100,14 @@ pub struct Shared {
     pub forwards_in_flight: AtomicU64,
     /// Cores whose work is done; all exit when it reaches the core count.
     pub cores_finished: AtomicUsize,
+    /// Caller connections over all cores, against connections_max, the Unix reserve and the
+    /// per-peer limits.
+    pub admission: Admission,
 }
 
 impl Shared {
     /// `shard_max[core][service]`: each core's share of each service's max_workers.
-    pub fn new(shard_max: &[Vec<u32>]) -> std::io::Result<Shared> {
+    pub fn new(shard_max: &[Vec<u32>], admission: Admission) -> std::io::Result<Shared> {
         let mut cores = Vec::with_capacity(shard_max.len());
         for maxes in shard_max {
             cores.push(CoreShared {
@@ -127,6 +132,7 @@ impl Shared {
             shutdown: AtomicBool::new(false),
             forwards_in_flight: AtomicU64::new(0),
             cores_finished: AtomicUsize::new(0),
+            admission,
         })
     }
 
@@ -212,7 +218,13 @@ mod tests {
     fn posting_asks_for_one_wake_until_the_inbox_is_drained() {
         // Proves wake-ups coalesce: only the first post after a drain asks for one, and a drain
         // takes every message posted before it.
-        let shared = Shared::new(&[vec![1], vec![1]]).expect("eventfds");
+        let limits = super::super::admission::Limits {
+            total: 1,
+            tcp: 1,
+            per_uid: 1,
+            per_ip: 1,
+        };
+        let shared = Shared::new(&[vec![1], vec![1]], Admission::new(limits)).expect("eventfds");
         assert!(shared.post(1, Msg::Wake));
         assert!(!shared.post(1, Msg::Wake));
         let mut batch = Vec::new();

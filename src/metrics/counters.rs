@@ -46,9 +46,15 @@ define_counters! {
         /// Caller frames that broke the protocol (answered with error 7, then the connection
         /// closed).
         malformed_frames,
-        /// Connections refused at accept (connections_max, the admin and metrics budget, or
-        /// shutting down).
+        /// Connections refused at accept (every reason: connections_max, the Unix reserve, a
+        /// peer's limit, the admin and metrics budget, or shutting down).
         connections_refused,
+        /// TCP connections refused because TCP callers held all but
+        /// unix_connections_reserved of connections_max.
+        connections_refused_tcp_share,
+        /// Connections refused because their peer (uid on Unix, address on TCP) held
+        /// connections_per_uid_max / connections_per_ip_max.
+        connections_refused_per_peer,
         /// Callers disconnected for stalling mid-frame (caller_frame_timeout_ms).
         callers_timed_out,
         /// Caller connections closed after idling (caller_idle_timeout_ms).

@@ -128,6 +128,7 @@ pub struct BridgeBuilder {
     state_dir: Option<PathBuf>,
     stderr_pipe: bool,
     tcp: String,
+    public_socket: bool,
 }
 
 impl BridgeBuilder {
@@ -172,10 +173,20 @@ impl BridgeBuilder {
             dir.join("bridge.sock").display().to_string(),
             self.tcp
         ));
+        if self.public_socket {
+            text.push_str("unix_mode = \"0666\"\n");
+        }
         for service in &self.services {
             text.push_str(&service.toml());
         }
         text
+    }
+
+    /// Let every local user reach the Unix socket (mode 0666 in a directory others may
+    /// traverse): for tests whose caller is an unprivileged user.
+    pub fn public_socket(mut self) -> BridgeBuilder {
+        self.public_socket = true;
+        self
     }
 
     /// Listen on this TCP address instead of an ephemeral port of 127.0.0.1.
@@ -195,6 +206,11 @@ impl BridgeBuilder {
     pub fn try_start(self) -> Result<Bridge, String> {
         let temp = tempfile::tempdir().expect("tempdir");
         let dir = temp.path().to_path_buf();
+        if self.public_socket {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))
+                .expect("chmod the test directory");
+        }
         let config = dir.join("bridge.toml");
         std::fs::write(&config, self.config_text(&dir)).expect("write config");
         let log = std::fs::File::create(dir.join("bridge.log")).expect("log file");
@@ -266,6 +282,7 @@ pub fn bridge() -> BridgeBuilder {
         state_dir: None,
         stderr_pipe: false,
         tcp: "127.0.0.1:0".to_string(),
+        public_socket: false,
     }
 }
 

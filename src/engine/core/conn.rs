@@ -619,9 +619,12 @@ impl Core {
         let conn = &self.conns[index];
         if conn.is_closing() && !conn.recv.in_flight() && !conn.send.in_flight {
             debug_assert!(conn.into_slot.is_none());
-            let conn = self.conns.remove(index);
+            let mut conn = self.conns.remove(index);
             if let Some(file) = conn.file {
                 self.unregister_file(file);
+            }
+            if let Some(ticket) = conn.ticket.take() {
+                self.shared.admission.release(ticket);
             }
             self.shared.cores[self.index]
                 .callers

@@ -143,6 +143,9 @@ pub(super) struct Conn {
     /// header was cut short too): once every earlier request is answered, an Error 7 with this
     /// id goes out last, then the connection closes.
     pub(super) cut_short: Option<u64>,
+    /// Its place in the admission counts (connections_max, the Unix reserve, its peer's
+    /// limit); returned when the entry goes. Always `Some` until then.
+    pub(super) ticket: Option<Ticket>,
 }
 
 /// A request payload being read from the caller's socket straight into a worker's slot (the

@@ -44,7 +44,7 @@ impl Core {
             Msg::Answer { request, frame } => {
                 self.on_answer(RequestHandle::from_raw(request), frame)
             }
-            Msg::Connection { fd } => self.add_conn(fd, true),
+            Msg::Connection { fd, ticket } => self.add_conn(fd, ticket, true),
             Msg::Shutdown { now: false } => {
                 if self.shutdown_deadline.is_none() {
                     self.begin_shutdown();

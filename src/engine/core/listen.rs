@@ -36,13 +36,21 @@ impl Core {
     }
 
     pub(super) fn on_new_connection(&mut self, fd: OwnedFd, kind: ListenerKind) {
-        let callers = self.shared.callers_total();
-        if self.shutdown_deadline.is_some() || callers >= self.config.connections_max as u64 {
+        if self.shutdown_deadline.is_some() {
             self.counters.connections_refused += 1;
-            tracing::debug!(connections = self.conns.len(), "refusing a connection");
             return;
         }
-        if kind == ListenerKind::Tcp {
+        let tcp = kind == ListenerKind::Tcp;
+        let Some(peer) = Peer::of(&fd, tcp) else {
+            // Gone before we could ask who it was.
+            self.counters.connections_refused += 1;
+            return;
+        };
+        let ticket = match self.shared.admission.admit(peer) {
+            Ok(ticket) => ticket,
+            Err(refused) => return self.refuse_connection(peer, refused),
+        };
+        if tcp {
             let _ = rustix::net::sockopt::set_tcp_nodelay(&fd, true);
         }
         // Keep the cores' connection counts even: hand the connection to the core with the
@@ -53,15 +61,53 @@ impl Core {
         if let Some(core) = least.filter(|&c| c != self.index && count(c) < count(self.index)) {
             cores[core].callers.fetch_add(1, Ordering::Relaxed);
             self.counters.connections_handed_over += 1;
-            self.post(core, Msg::Connection { fd });
+            self.post(core, Msg::Connection { fd, ticket });
             return;
         }
-        self.add_conn(fd, false);
+        self.add_conn(fd, ticket, false);
+    }
+
+    /// Close a connection a bound refused (by dropping it), count it, and say so at most once
+    /// a second per core.
+    fn refuse_connection(&mut self, peer: Peer, refused: Refused) {
+        self.counters.connections_refused += 1;
+        let (key, limit) = match refused {
+            Refused::Full => ("connections_max", self.config.connections_max),
+            Refused::TcpShare => {
+                self.counters.connections_refused_tcp_share += 1;
+                (
+                    "unix_connections_reserved",
+                    self.config.connections_max - self.config.unix_connections_reserved,
+                )
+            }
+            Refused::PeerFull => {
+                self.counters.connections_refused_per_peer += 1;
+                match peer {
+                    Peer::Uid(_) => (
+                        "connections_per_uid_max",
+                        self.config.connections_per_uid_max,
+                    ),
+                    Peer::Ip(_) => ("connections_per_ip_max", self.config.connections_per_ip_max),
+                }
+            }
+        };
+        if self
+            .refusal_logged
+            .is_none_or(|at| self.now.duration_since(at) >= REFUSAL_LOG_INTERVAL)
+        {
+            self.refusal_logged = Some(self.now);
+            tracing::warn!(
+                %peer,
+                limit,
+                "refusing a caller connection: {key} reached (further refusals are counted in \
+                 connections_refused, and logged at most once a second)"
+            );
+        }
     }
 
     /// Register a connection on this core. `counted`: it is in our `callers` count already
     /// (handed over by another core).
-    pub(super) fn add_conn(&mut self, fd: OwnedFd, counted: bool) {
+    pub(super) fn add_conn(&mut self, fd: OwnedFd, ticket: Ticket, counted: bool) {
         if self.shutdown_deadline.is_some() {
             // Handed over just as we began stopping.
             if counted {
@@ -69,6 +115,7 @@ impl Core {
                     .callers
                     .fetch_sub(1, Ordering::Relaxed);
             }
+            self.shared.admission.release(ticket);
             self.counters.connections_refused += 1;
             return;
         }
@@ -97,6 +144,7 @@ impl Core {
             large_last: false,
             last_byte: self.now,
             cut_short: None,
+            ticket: Some(ticket),
         });
         self.conns[index].file = self.register_file(self.conns[index].fd.as_raw_fd());
         self.arm_conn_recv(index);

@@ -48,6 +48,7 @@ use super::io::{
     PROVIDED_BUFFER_BYTES,
 };
 
+use super::admission::{Peer, Refused, Ticket};
 use super::buffer::{Parsed, ReadBuffer, SendQueue};
 use super::report::{CoreReport, ShardReport};
 use super::shared::ReportReply;
@@ -100,6 +101,8 @@ const CALLER_SWEEP_INTERVAL: Duration = Duration::from_millis(100);
 const READ_SPARES_MAX: usize = 4096;
 /// Delay before re-arming an accept that failed (e.g. out of descriptors).
 const ACCEPT_RETRY_DELAY: Duration = Duration::from_millis(100);
+/// A core logs refused connections at most this often (each is counted).
+const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(1);
 
 mod conn;
 mod conn_state;
@@ -334,6 +337,8 @@ pub struct Core {
     shutdown_forced: bool,
     /// When each direct read into a slot must be done: (deadline, connection, request).
     direct_deadlines: VecDeque<(Instant, ConnHandle, RequestHandle)>,
+    /// When a refused connection was last logged (see `REFUSAL_LOG_INTERVAL`).
+    refusal_logged: Option<Instant>,
     now: Instant,
     pub counters: Counters,
 }
@@ -426,6 +431,7 @@ impl Core {
             shutdown_deadline: None,
             shutdown_forced: false,
             direct_deadlines: VecDeque::new(),
+            refusal_logged: None,
             now,
             counters: Counters::default(),
         };

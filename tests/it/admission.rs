@@ -1,0 +1,211 @@
+//! Issue 10: who may hold how many caller connections. A flood over TCP cannot lock out the
+//! Unix socket's callers, and one peer (a uid on Unix, an address on TCP) cannot take every
+//! connection. The floods come from real separate processes, as the unprivileged user who
+//! would start them where that is the point.
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
+use std::process::{Child, Command, Stdio};
+
+use crate::common::{bridge, Bridge, ServiceSpec};
+
+/// Opens connections one by one and sends a `Ping` on each: a connection the bridge admitted
+/// answers with a `Pong`, one it refused is closed (EOF or a reset). Prints the tally, then
+/// holds every admitted connection open until its stdin closes.
+const HOLDER: &str = r#"
+import socket, struct, sys
+addr, count, source = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+held, admitted, refused = [], 0, 0
+for i in range(count):
+    if ":" in addr:
+        host, port = addr.rsplit(":", 1)
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if source != "-":
+            s.bind((source, 0))
+        s.connect((host, int(port)))
+    else:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(addr)
+    try:
+        s.sendall(struct.pack("<HBBHHIIQ", 0xAC6B, 1, 6, 0, 0, 0, 0, i + 1))
+        head = b""
+        while len(head) < 24:
+            more = s.recv(24 - len(head))
+            if not more:
+                break
+            head += more
+    except OSError:
+        head = b""
+    if len(head) == 24 and head[3] == 7:
+        admitted += 1
+        held.append(s)
+    else:
+        refused += 1
+        s.close()
+print(f"admitted={admitted} refused={refused}", flush=True)
+sys.stdin.read()
+"#;
+
+/// The system's python3: a user's own (pyenv's under /root, say) may be out of an
+/// unprivileged user's reach.
+fn python3() -> &'static str {
+    if std::path::Path::new("/usr/bin/python3").exists() {
+        "/usr/bin/python3"
+    } else {
+        "python3"
+    }
+}
+
+/// A process holding connections (closed when dropped).
+struct Holder {
+    child: Child,
+    admitted: u32,
+    refused: u32,
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.wait();
+    }
+}
+
+/// Open `count` connections to `addr` (a Unix path or `host:port`), from `source` (an address
+/// to bind, TCP only) and as `uid` (through `setpriv`) when given.
+fn hold(addr: &str, count: u32, source: Option<&str>, uid: Option<u32>) -> Holder {
+    let mut command = match uid {
+        Some(uid) => {
+            let mut command = Command::new("setpriv");
+            command.args([
+                &format!("--reuid={uid}"),
+                &format!("--regid={uid}"),
+                "--clear-groups",
+                python3(),
+            ]);
+            command
+        }
+        None => Command::new(python3()),
+    };
+    let mut child = command
+        .args([
+            "-c",
+            HOLDER,
+            addr,
+            &count.to_string(),
+            source.unwrap_or("-"),
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start python3");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let field = |name: &str| -> u32 {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(name))
+            .unwrap_or_else(|| panic!("holder printed {line:?}"))
+            .parse()
+            .unwrap()
+    };
+    Holder {
+        admitted: field("admitted="),
+        refused: field("refused="),
+        child,
+    }
+}
+
+fn echo_works(bridge: &Bridge, tcp: bool) -> bool {
+    let client = if tcp {
+        acgi_bridge::client::BlockingClient::connect(&bridge.tcp)
+    } else {
+        acgi_bridge::client::BlockingClient::connect(&bridge.unix)
+    };
+    client
+        .and_then(|mut c| c.call("echo", b"still served"))
+        .map(|reply| reply == b"still served")
+        .unwrap_or(false)
+}
+
+#[test]
+fn a_tcp_flood_from_an_unprivileged_user_cannot_lock_out_unix_callers() {
+    // Proves the Unix reserve: an unprivileged local user opening connections over TCP gets
+    // connections_max minus unix_connections_reserved of them and no more, and the Unix
+    // socket's callers are still served; the refusals are counted by their reason.
+    let bridge = bridge()
+        .top("connections_max = 120")
+        .top("unix_connections_reserved = 20")
+        .service(ServiceSpec::echo().workers(1, 1))
+        .start();
+    let flood = hold(&bridge.tcp, 130, None, Some(65534));
+    assert_eq!((flood.admitted, flood.refused), (100, 30));
+    assert!(
+        echo_works(&bridge, false),
+        "a Unix caller is served during the flood"
+    );
+    assert!(!echo_works(&bridge, true), "TCP is full");
+    let counters = bridge.status().counters;
+    assert_eq!(counters.connections_refused_tcp_share, 31);
+    assert_eq!(counters.connections_refused, 31);
+    drop(flood);
+    // Once the flood has gone its connections are given back: TCP callers get in again.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !echo_works(&bridge, true) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "TCP connections were not given back"
+        );
+        std::thread::yield_now();
+    }
+}
+
+#[test]
+fn one_address_cannot_take_every_tcp_connection() {
+    // Proves connections_per_ip_max: a caller at 127.0.0.1 gets 5 connections, the sixth is
+    // closed at once and counted, and a caller at 127.0.0.2 still gets in.
+    let bridge = bridge()
+        .top("connections_per_ip_max = 5")
+        .service(ServiceSpec::echo().workers(1, 1))
+        .start();
+    let first = hold(&bridge.tcp, 8, Some("127.0.0.1"), None);
+    assert_eq!((first.admitted, first.refused), (5, 3));
+    let other = hold(&bridge.tcp, 2, Some("127.0.0.2"), None);
+    assert_eq!((other.admitted, other.refused), (2, 0));
+    assert!(echo_works(&bridge, false), "the Unix socket is unaffected");
+    let status = bridge.status();
+    assert_eq!(status.counters.connections_refused_per_peer, 3);
+    let log = bridge.log();
+    assert!(
+        log.contains("connections_per_ip_max reached") && log.contains("127.0.0.1"),
+        "the refusal is logged with its bound and peer:\n{log}"
+    );
+}
+
+#[test]
+fn one_uid_cannot_take_every_unix_connection() {
+    // Proves connections_per_uid_max from SO_PEERCRED: an unprivileged user allowed onto the
+    // Unix socket (mode 0666) gets 4 connections and no more, while root's callers are served.
+    let bridge = bridge()
+        .top("connections_per_uid_max = 4")
+        .service(ServiceSpec::echo().workers(1, 1))
+        .public_socket()
+        .start();
+    let mode = |path: &str| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(
+        mode(&bridge.unix),
+        0o666,
+        "the test config opens the socket"
+    );
+    let nobody = hold(&bridge.unix, 6, None, Some(65534));
+    assert_eq!((nobody.admitted, nobody.refused), (4, 2));
+    for _ in 0..3 {
+        assert!(
+            echo_works(&bridge, false),
+            "root's callers are not nobody's"
+        );
+    }
+    let status = bridge.status();
+    assert_eq!(status.counters.connections_refused_per_peer, 2);
+    assert!(bridge.log().contains("uid 65534"), "{}", bridge.log());
+}
