@@ -54,6 +54,20 @@ pub struct Config {
     /// answer queued) that sends nothing for this long is closed, in milliseconds (0: never).
     #[serde(default = "default_caller_idle_timeout_ms")]
     pub caller_idle_timeout_ms: u64,
+    /// Requests one caller connection may have in flight (accepted and not yet answered): at
+    /// this many, the bridge reads nothing more from it until one is answered.
+    #[serde(default = "default_caller_requests_in_flight_max")]
+    pub caller_requests_in_flight_max: u32,
+    /// Payload bytes the bridge may hold in memory for one caller connection's requests in
+    /// flight: past this, it reads nothing more from it until some are answered (the frame
+    /// that crosses the bound is taken whole).
+    #[serde(default = "default_caller_bytes_in_flight_max")]
+    pub caller_bytes_in_flight_max: u64,
+    /// Payload bytes of requests the bridge holds in memory over all callers (waiting for a
+    /// worker, running from a copy, or being received), split evenly between the cores: when
+    /// a core's share is spent it reads no new request until some are answered.
+    #[serde(default = "default_request_bytes_buffered_max")]
+    pub request_bytes_buffered_max: u64,
     /// How long SIGTERM waits for requests in flight before failing them, in milliseconds.
     #[serde(default = "default_shutdown_timeout_ms")]
     pub shutdown_timeout_ms: u64,
@@ -322,6 +336,15 @@ fn default_connections_per_uid_max() -> u32 {
 fn default_connections_per_ip_max() -> u32 {
     1_000
 }
+fn default_caller_requests_in_flight_max() -> u32 {
+    1024
+}
+fn default_caller_bytes_in_flight_max() -> u64 {
+    64 * 1024 * 1024
+}
+fn default_request_bytes_buffered_max() -> u64 {
+    1024 * 1024 * 1024
+}
 fn default_caller_frame_timeout_ms() -> u64 {
     10_000
 }
@@ -550,9 +573,34 @@ impl Config {
         for (key, value) in [
             ("connections_per_uid_max", self.connections_per_uid_max),
             ("connections_per_ip_max", self.connections_per_ip_max),
+            (
+                "caller_requests_in_flight_max",
+                self.caller_requests_in_flight_max,
+            ),
         ] {
             if value == 0 {
                 problem(key.into(), "must be at least 1".into());
+            }
+        }
+        for (key, value) in [
+            (
+                "caller_bytes_in_flight_max",
+                self.caller_bytes_in_flight_max,
+            ),
+            (
+                "request_bytes_buffered_max",
+                self.request_bytes_buffered_max,
+            ),
+        ] {
+            if value < u64::from(self.max_payload_bytes) {
+                problem(
+                    key.into(),
+                    format!(
+                        "must be at least max_payload_bytes ({}), or a request of that size \
+                         could wait for ever",
+                        self.max_payload_bytes
+                    ),
+                );
             }
         }
         if self.listen.unix.is_none() && self.listen.tcp.is_none() {

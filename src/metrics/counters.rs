@@ -59,6 +59,13 @@ define_counters! {
         callers_timed_out,
         /// Caller connections closed after idling (caller_idle_timeout_ms).
         callers_idle_closed,
+        /// Times a caller connection stopped being read because it had
+        /// caller_requests_in_flight_max requests or caller_bytes_in_flight_max payload bytes
+        /// in flight.
+        callers_paused_in_flight,
+        /// Times a caller connection stopped being read because its core's share of
+        /// request_bytes_buffered_max was spent.
+        callers_paused_budget,
         /// Callers disconnected for not reading their answers (write_queue_max_bytes).
         slow_callers_disconnected,
         /// Replies sent straight from a worker's slot (no copy through the bridge).

@@ -175,9 +175,9 @@ fn one_address_cannot_take_every_tcp_connection() {
     assert!(echo_works(&bridge, false), "the Unix socket is unaffected");
     let status = bridge.status();
     assert_eq!(status.counters.connections_refused_per_peer, 3);
-    let log = bridge.log();
+    let log = bridge.wait_log("connections_per_ip_max reached");
     assert!(
-        log.contains("connections_per_ip_max reached") && log.contains("127.0.0.1"),
+        log.contains("127.0.0.1"),
         "the refusal is logged with its bound and peer:\n{log}"
     );
 }
@@ -207,5 +207,134 @@ fn one_uid_cannot_take_every_unix_connection() {
     }
     let status = bridge.status();
     assert_eq!(status.counters.connections_refused_per_peer, 2);
-    assert!(bridge.log().contains("uid 65534"), "{}", bridge.log());
+    bridge.wait_log("uid 65534");
+}
+
+/// Pipeline `payloads` to the faulty service (id 3) on one connection from another thread, and
+/// receive every answer there: the bridge may stop reading it for a while, so sends block.
+fn pipeline_in_thread(
+    bridge: &Bridge,
+    payloads: Vec<Vec<u8>>,
+) -> std::thread::JoinHandle<Vec<(acgi_bridge::proto::Kind, Vec<u8>)>> {
+    let mut client = bridge.client();
+    std::thread::spawn(move || {
+        let ids: Vec<u64> = payloads
+            .iter()
+            .map(|payload| client.send(3, payload).unwrap())
+            .collect();
+        let mut answers = Vec::new();
+        for id in ids {
+            let answer = client.receive().unwrap();
+            assert_eq!(answer.header.request_id, id, "answers in order");
+            answers.push((answer.header.kind, answer.payload));
+        }
+        answers
+    })
+}
+
+fn echo_command(tag: u8, len: usize) -> Vec<u8> {
+    let mut payload = b"echo ".to_vec();
+    payload.resize(len, tag);
+    payload
+}
+
+#[test]
+fn one_connection_cannot_pipeline_past_its_requests_in_flight() {
+    // Proves caller_requests_in_flight_max: behind a request that keeps the only worker busy,
+    // a connection pipelining 12 requests gets 4 accepted (1 running, 3 waiting) and is read
+    // no further until one is answered; then every request is answered, in order, with its
+    // own reply.
+    let bridge = bridge()
+        .top("cores = 1")
+        .top("caller_requests_in_flight_max = 4")
+        .service(ServiceSpec::faulty().workers(1, 1))
+        .start();
+    bridge.wait_status("the worker idle", |s| s.services[0].workers_idle == 1);
+    let mut payloads = vec![b"sleep 2000".to_vec()];
+    payloads.extend((1..12).map(|tag| echo_command(tag, 64)));
+    let sender = pipeline_in_thread(&bridge, payloads.clone());
+    let status = bridge.wait_status("the connection paused", |s| {
+        s.counters.callers_paused_in_flight >= 1
+    });
+    let faulty = &status.services[0];
+    assert_eq!(
+        (faulty.workers_busy, faulty.backlog),
+        (1, 3),
+        "4 requests in flight: {status:#?}"
+    );
+    let answers = sender.join().unwrap();
+    assert_eq!(answers.len(), 12);
+    assert_eq!(answers[0].1, b"slept");
+    for (tag, (kind, reply)) in answers.iter().enumerate().skip(1) {
+        assert_eq!(*kind, acgi_bridge::proto::Kind::Reply);
+        assert_eq!(reply[..], payloads[tag][5..], "request {tag}'s own reply");
+    }
+    assert!(bridge.service_status("faulty").backlog_max_seen <= 3);
+}
+
+#[test]
+fn one_connection_cannot_hold_more_payload_bytes_than_its_bound() {
+    // Proves caller_bytes_in_flight_max: with 2 MiB allowed per connection, 10 pipelined 1 MiB
+    // requests behind a busy worker are taken two at a time (the one crossing the bound is
+    // taken whole), and all are answered with their own bytes.
+    let bridge = bridge()
+        .top("cores = 1")
+        .top("max_payload_bytes = 1048576")
+        .top("caller_bytes_in_flight_max = 2097152")
+        .service(ServiceSpec::faulty().workers(1, 1))
+        .start();
+    bridge.wait_status("the worker idle", |s| s.services[0].workers_idle == 1);
+    let mut payloads = vec![b"sleep 2000".to_vec()];
+    payloads.extend((1..11).map(|tag| echo_command(tag, 1 << 20)));
+    let sender = pipeline_in_thread(&bridge, payloads.clone());
+    let status = bridge.wait_status("the connection paused", |s| {
+        s.counters.callers_paused_in_flight >= 1
+    });
+    let faulty = &status.services[0];
+    assert_eq!(
+        (faulty.workers_busy, faulty.backlog),
+        (1, 2),
+        "2 MiB of payload in flight: {status:#?}"
+    );
+    let answers = sender.join().unwrap();
+    for (tag, (kind, reply)) in answers.iter().enumerate().skip(1) {
+        assert_eq!(*kind, acgi_bridge::proto::Kind::Reply);
+        assert!(reply[..] == payloads[tag][5..], "request {tag}'s own reply");
+    }
+}
+
+#[test]
+fn the_request_bytes_budget_pauses_callers_and_every_request_still_runs() {
+    // Proves request_bytes_buffered_max: 8 callers each sending a 1 MiB request while the
+    // only worker is busy get 3 of them accepted within a 4 MiB budget; the others are not
+    // read (not even their payloads) until room is made, and then every one runs and gets
+    // its own reply: nothing waits for ever.
+    let bridge = bridge()
+        .top("cores = 1")
+        .top("max_payload_bytes = 1048576")
+        .top("request_bytes_buffered_max = 4194304")
+        .service(ServiceSpec::faulty().workers(1, 1))
+        .start();
+    bridge.wait_status("the worker idle", |s| s.services[0].workers_idle == 1);
+    let blocker = pipeline_in_thread(&bridge, vec![b"sleep 2000".to_vec()]);
+    bridge.wait_status("the worker busy", |s| s.services[0].workers_busy == 1);
+    let senders: Vec<_> = (1..=8u8)
+        .map(|tag| {
+            (
+                tag,
+                pipeline_in_thread(&bridge, vec![echo_command(tag, 1 << 20)]),
+            )
+        })
+        .collect();
+    let status = bridge.wait_status("callers paused", |s| s.counters.callers_paused_budget >= 5);
+    assert_eq!(status.services[0].backlog, 3, "{status:#?}");
+    assert_eq!(blocker.join().unwrap()[0].1, b"slept");
+    for (tag, sender) in senders {
+        let answers = sender.join().unwrap();
+        assert!(
+            answers[0].1[..] == echo_command(tag, 1 << 20)[5..],
+            "caller {tag}'s own reply"
+        );
+    }
+    assert!(bridge.service_status("faulty").backlog_max_seen <= 3);
 }

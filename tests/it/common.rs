@@ -338,6 +338,23 @@ impl Bridge {
         std::fs::read_to_string(self.dir.join("bridge.log")).unwrap_or_default()
     }
 
+    /// The log once it contains `needle` (bounded): the bridge writes its log from a thread
+    /// of its own, so a line can land a moment after the event it tells of.
+    pub fn wait_log(&self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let log = self.log();
+            if log.contains(needle) {
+                return log;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the log never said {needle:?}:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Send a signal to the bridge.
     pub fn signal(&self, signal: i32) {
         // SAFETY: kill(2) on the pid of our own child, which has not been reaped.

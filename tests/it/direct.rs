@@ -150,7 +150,7 @@ fn a_caller_that_stalls_mid_payload_is_disconnected_and_others_are_served() {
     let mut rest = Vec::new();
     staller.read_to_end(&mut rest).unwrap();
     bridge.wait_status("the worker back", |s| s.services[0].workers_idle == 2);
-    assert!(bridge.log().contains("disconnecting it"));
+    bridge.wait_log("disconnecting it");
     let payload = tagged_payload(2, 60_000);
     assert!(client.call("echo", &payload).unwrap() == payload);
 }

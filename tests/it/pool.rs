@@ -103,7 +103,7 @@ fn a_hung_request_times_out_and_its_worker_is_killed_and_replaced() {
     let status = bridge.service_status("faulty");
     assert_eq!(status.exits_timed_out, 1, "{status:#?}");
     assert_eq!(status.requests_failed.get("timed out"), Some(&1));
-    assert!(bridge.log().contains("request timed out"));
+    bridge.wait_log("request timed out");
 }
 
 #[test]

@@ -204,8 +204,7 @@ fn without_cap_ipc_lock_and_a_small_memlock_limit_slots_fall_back_and_work() {
             );
         }
     }
-    let log = bridge.log();
-    assert!(log.contains("RLIMIT_MEMLOCK is 384 KiB"), "{log}");
+    let log = bridge.wait_log("RLIMIT_MEMLOCK is 384 KiB");
     assert!(log.contains("CAP_IPC_LOCK"), "{log}");
 }
 

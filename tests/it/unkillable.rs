@@ -98,9 +98,9 @@ fn routine_signals_leave_the_bridge_serving_and_requests_in_flight_answered() {
     for _ in 0..5 {
         assert_eq!(client.call("faulty", b"echo after").unwrap(), b"after");
     }
-    let log = bridge.log();
+    bridge.wait_log("SIGHUP");
+    let log = bridge.wait_log("SIGUSR1");
     assert!(log.contains("SIGHUP"), "{log}");
-    assert!(log.contains("SIGUSR1"), "{log}");
     drop(client);
     let status = bridge.stop();
     assert!(status.success(), "exit {status}");

@@ -30,7 +30,7 @@ impl Core {
             self.ring.push(entry);
             return;
         }
-        if conn.recv.in_flight() || conn.phase != Phase::Open {
+        if conn.recv.in_flight() || conn.phase != Phase::Open || conn.paused.is_some() {
             return;
         }
         if self.provided.is_some() && !conn.provided_off {
@@ -244,6 +244,10 @@ impl Core {
                 }
                 continue;
             }
+            if !self.may_take_frame(index) {
+                return;
+            }
+            let conn = &mut self.conns[index];
             if let Some(header) = conn.read.peek_header(max) {
                 // Ping and Resolve have bounds of their own, checked on the header (before
                 // their payload is buffered): a Pong echoes its payload, and an unknown
@@ -267,6 +271,7 @@ impl Core {
             match conn.read.parse(max) {
                 Parsed::NeedMore => {
                     self.try_direct_read(index);
+                    self.reserve_partial_frame(index);
                     return;
                 }
                 Parsed::Frame(header) => {
@@ -294,6 +299,8 @@ impl Core {
                     }
                     // A whole frame in the buffer: reads of whole bursts serve this caller.
                     conn.large_last = false;
+                    // Its reservation becomes the request's own count (add_caller_request).
+                    self.request_bytes -= u64::from(std::mem::take(&mut conn.reserved));
                     let mut payload = self.spare_payloads.pop().unwrap_or_default();
                     payload.clear();
                     payload.extend_from_slice(conn.read.payload(&header));
@@ -441,6 +448,8 @@ impl Core {
         deadline: Option<Instant>,
     ) -> RequestHandle {
         self.conns[index].requests_in_flight += 1;
+        let held_bytes = payload.len() as u32;
+        self.hold_request_bytes(index, held_bytes);
         self.requests.insert(Request {
             origin: Origin::Conn(index),
             forwarded_to: None,
@@ -448,6 +457,7 @@ impl Core {
             caller_request_id,
             service,
             payload,
+            held_bytes,
             deadline,
             arrived: self.now,
             dispatched: None,
@@ -532,6 +542,10 @@ impl Core {
             if conn.phase != Phase::Open && conn.phase != Phase::ReadClosed {
                 continue;
             }
+            if conn.paused.is_some() {
+                // Not read because of us: its silence is not its fault.
+                continue;
+            }
             let quiet = now.saturating_duration_since(conn.last_byte);
             if !frame_timeout.is_zero() && conn.mid_frame() && quiet >= frame_timeout {
                 stalled.push((index, true));
@@ -596,6 +610,7 @@ impl Core {
         }
         let recv = conn.recv;
         conn.phase = Phase::Closing;
+        self.release_reservation(index);
         self.abandon_waiting_requests(index);
         let conn = &self.conns[index];
         let send = conn.send.in_flight;

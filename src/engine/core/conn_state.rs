@@ -65,13 +65,21 @@ impl Conn {
     pub(super) fn read_side_closed(&mut self) {
         if self.phase == Phase::Open {
             self.phase = Phase::ReadClosed;
-            if !self.read.is_empty() && self.into_slot.is_none() {
-                let filled = self.read.filled();
-                self.cut_short = Some(match filled.get(16..24) {
-                    Some(id) => u64::from_le_bytes(id.try_into().expect("8 bytes")),
-                    None => 0,
-                });
+            if self.paused.is_none() {
+                self.note_cut_short();
             }
+        }
+    }
+
+    /// After its EOF: bytes left in its buffer are a frame cut short (while it is paused they
+    /// are whole frames not yet taken: looked at again once it resumes).
+    pub(super) fn note_cut_short(&mut self) {
+        if !self.read.is_empty() && self.into_slot.is_none() && self.cut_short.is_none() {
+            let filled = self.read.filled();
+            self.cut_short = Some(match filled.get(16..24) {
+                Some(id) => u64::from_le_bytes(id.try_into().expect("8 bytes")),
+                None => 0,
+            });
         }
     }
 
@@ -146,6 +154,12 @@ pub(super) struct Conn {
     /// Its place in the admission counts (connections_max, the Unix reserve, its peer's
     /// limit); returned when the entry goes. Always `Some` until then.
     pub(super) ticket: Option<Ticket>,
+    /// Why it is not being read, if it is not (see `backpressure`).
+    pub(super) paused: Option<Pause>,
+    /// Payload bytes its requests in flight hold in memory (`caller_bytes_in_flight_max`).
+    pub(super) bytes_in_flight: u64,
+    /// Bytes it holds in the core's request budget for the frame it is receiving.
+    pub(super) reserved: u32,
 }
 
 /// A request payload being read from the caller's socket straight into a worker's slot (the

@@ -195,6 +195,7 @@ impl Core {
             caller_request_id: forward.caller_request_id,
             service,
             payload: forward.payload,
+            held_bytes: 0,
             deadline: forward.deadline,
             arrived: forward.arrived,
             dispatched: None,
@@ -218,6 +219,7 @@ impl Core {
         if let Some(conn) = self.conns.get_mut(conn_handle) {
             conn.requests_in_flight -= 1;
         }
+        self.release_request_bytes(conn_handle, entry.held_bytes);
         if let Some(conn) = self.live_conn(conn_handle) {
             self.conns[conn].send.tail().extend_from_slice(&frame);
             self.after_queueing(conn);

@@ -17,9 +17,17 @@ impl Core {
     /// completion and after its timers: every touched pool's actions, until none is left (an
     /// action may touch a pool again). Bounded by the number of services at any moment.
     pub(super) fn run_effects(&mut self) {
-        while let Some(service) = self.pools_touched.pop() {
-            self.pools_touched_set[service] = false;
-            self.run_pool_actions(service);
+        loop {
+            while let Some(service) = self.pools_touched.pop() {
+                self.pools_touched_set[service] = false;
+                self.run_pool_actions(service);
+            }
+            // Connections paused for backpressure that have room again (their new requests
+            // touch pools: round again).
+            self.resume_paused();
+            if self.pools_touched.is_empty() {
+                return;
+            }
         }
     }
 

@@ -4,6 +4,10 @@
 
 use super::*;
 
+/// Above this many requests, the budget's sum is not recomputed after every completion (the
+/// check would make a deep backlog quadratic).
+const INVARIANT_SUM_REQUESTS_MAX: usize = 1024;
+
 impl Core {
     /// Panics naming the first relation that does not hold.
     pub(super) fn check_invariants(&self) {
@@ -41,6 +45,19 @@ impl Core {
                     );
                 }
             }
+        }
+        if self.requests.len() <= INVARIANT_SUM_REQUESTS_MAX {
+            let reserved: u64 = self.conns.iter().map(|(_, c)| u64::from(c.reserved)).sum();
+            let held: u64 = self
+                .requests
+                .iter()
+                .map(|(_, r)| u64::from(r.held_bytes))
+                .sum();
+            assert_eq!(
+                self.request_bytes,
+                reserved + held,
+                "the request budget's count is not what connections reserve plus requests hold"
+            );
         }
         for (index, conn) in self.conns.iter() {
             conn.check_invariants(index);

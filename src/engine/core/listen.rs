@@ -145,6 +145,9 @@ impl Core {
             last_byte: self.now,
             cut_short: None,
             ticket: Some(ticket),
+            paused: None,
+            bytes_in_flight: 0,
+            reserved: 0,
         });
         self.conns[index].file = self.register_file(self.conns[index].fd.as_raw_fd());
         self.arm_conn_recv(index);

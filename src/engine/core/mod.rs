@@ -104,6 +104,7 @@ const ACCEPT_RETRY_DELAY: Duration = Duration::from_millis(100);
 /// A core logs refused connections at most this often (each is counted).
 const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(1);
 
+mod backpressure;
 mod conn;
 mod conn_state;
 mod cross_core;
@@ -121,6 +122,7 @@ mod tables;
 mod worker;
 mod worker_state;
 
+use backpressure::Pause;
 use conn_state::{Conn, IntoSlot, Phase, Recv, SlotSend};
 use fault::WorkerFault;
 pub(crate) use tables::check_memlock;
@@ -201,6 +203,9 @@ struct Request {
     caller_request_id: u64,
     service: usize,
     payload: Vec<u8>,
+    /// Payload bytes counted against its caller's connection and this core's budget (0 for
+    /// requests other cores sent us: their home core counts them).
+    held_bytes: u32,
     /// The caller's deadline (FLAG_TIMEOUT), if any.
     deadline: Option<Instant>,
     arrived: Instant,
@@ -339,6 +344,14 @@ pub struct Core {
     direct_deadlines: VecDeque<(Instant, ConnHandle, RequestHandle)>,
     /// When a refused connection was last logged (see `REFUSAL_LOG_INTERVAL`).
     refusal_logged: Option<Instant>,
+    /// Payload bytes held for this core's callers' requests, and reserved for frames being
+    /// received; its share of `request_bytes_buffered_max` (see `backpressure`).
+    request_bytes: u64,
+    request_bytes_share: u64,
+    /// Connections paused for the budget, oldest first (handles may be stale).
+    budget_waiters: VecDeque<ConnHandle>,
+    /// Connections to read again after the current handler.
+    resume_pending: Vec<ConnHandle>,
     now: Instant,
     pub counters: Counters,
 }
@@ -359,6 +372,7 @@ impl Core {
         let now = Instant::now();
         let (index, shared) = (setup.index, setup.shared);
         let cores = shared.cores.len();
+        let request_bytes_share = (config.request_bytes_buffered_max / cores as u64).max(1);
         let mut services = Vec::new();
         let mut service_by_id = HashMap::new();
         let mut service_by_name = HashMap::new();
@@ -432,6 +446,10 @@ impl Core {
             shutdown_forced: false,
             direct_deadlines: VecDeque::new(),
             refusal_logged: None,
+            request_bytes: 0,
+            request_bytes_share,
+            budget_waiters: VecDeque::new(),
+            resume_pending: Vec::new(),
             now,
             counters: Counters::default(),
         };

@@ -44,6 +44,7 @@ impl Core {
         if let Some(conn) = self.conns.get_mut(conn_handle) {
             conn.requests_in_flight -= 1;
         }
+        self.release_request_bytes(conn_handle, entry.held_bytes);
         self.live_conn(conn_handle).map(Dest::Conn)
     }
 
@@ -69,6 +70,7 @@ impl Core {
                 let entry = self.requests.remove(request);
                 self.recycle_payload(entry.payload);
                 self.conns[conn].requests_in_flight -= 1;
+                self.release_request_bytes(conn, entry.held_bytes);
                 self.counters.requests_abandoned += 1;
             }
         }
