@@ -104,16 +104,17 @@ fn partial_request(len: usize, sent: usize) -> Vec<u8> {
 
 #[test]
 fn a_caller_that_leaves_mid_payload_frees_its_worker() {
-    // Proves the abort: a caller that closes after half of a large payload fails only its own
-    // request; the worker that was waiting for the payload serves the next caller.
+    // Proves the abort: a caller that closes after two thirds of a large payload (enough for
+    // the direct read to begin, with a second worker idle) fails only its own request; the
+    // worker that was waiting for the payload serves the next caller.
     let bridge = bridge()
         .top("cores = 1")
-        .service(ServiceSpec::echo().workers(1, 1))
+        .service(ServiceSpec::echo().workers(2, 2))
         .start();
-    bridge.wait_status("1 worker", |s| s.services[0].workers_idle == 1);
+    bridge.wait_status("2 workers", |s| s.services[0].workers_idle == 2);
     for _ in 0..3 {
         let mut stream = UnixStream::connect(&bridge.unix).unwrap();
-        stream.write_all(&partial_request(60_000, 20_000)).unwrap();
+        stream.write_all(&partial_request(60_000, 40_000)).unwrap();
         bridge.wait_status("the direct read to begin", |s| {
             s.services[0].workers_busy == 1
         });
@@ -123,21 +124,21 @@ fn a_caller_that_leaves_mid_payload_frees_its_worker() {
     }
     let status = bridge.service_status("echo");
     assert_eq!(status.requests_failed.get("malformed frame"), Some(&3));
-    assert_eq!(status.spawns, 1, "the worker was never replaced");
+    assert_eq!(status.spawns, 2, "no worker was replaced");
 }
 
 #[test]
 fn a_caller_that_stalls_mid_payload_is_disconnected_and_others_are_served() {
-    // Proves the direct-read timeout: a caller that sends a header and part of a large payload,
-    // then nothing, holds a worker only until the timeout; meanwhile the other worker serves
-    // everyone else.
+    // Proves the direct-read timeout: a caller that sends a header and most of a large payload
+    // (so the direct read begins), then nothing, holds a worker only until the timeout;
+    // meanwhile the other worker serves everyone else.
     let bridge = bridge()
         .top("cores = 1")
         .service(ServiceSpec::echo().workers(2, 2))
         .start();
     bridge.wait_status("2 workers", |s| s.services[0].workers_idle == 2);
     let mut staller = UnixStream::connect(&bridge.unix).unwrap();
-    staller.write_all(&partial_request(60_000, 100)).unwrap();
+    staller.write_all(&partial_request(60_000, 40_000)).unwrap();
     bridge.wait_status("the direct read to begin", |s| {
         s.services[0].workers_busy == 1
     });
@@ -160,18 +161,19 @@ fn jobs_queued_behind_a_payload_still_arriving_run_after_it() {
     // Proves the order on a worker that takes queued jobs: while a large payload is still
     // arriving into its slot, requests queued to the same worker wait, and its `Job` goes
     // ahead of theirs, so every answer is matched to its own request.
-    let mut echo = ServiceSpec::echo().workers(1, 1);
+    let mut echo = ServiceSpec::echo().workers(2, 2);
     echo.extra = "worker_queue_depth = 8\n".into();
-    // (With provided buffers: the multishot receive is cancelled for the direct read.)
+    // (With provided buffers: the multishot receive is cancelled for the direct read. Two
+    // workers: a direct read of a payload not all there never takes the last idle one.)
     let bridge = bridge()
         .top("cores = 1")
         .top("provided_buffers = 1024")
         .service(echo)
         .start();
-    bridge.wait_status("1 worker", |s| s.services[0].workers_idle == 1);
+    bridge.wait_status("2 workers", |s| s.services[0].workers_idle == 2);
     let full = tagged_payload(7, 60_000);
     let mut slow = UnixStream::connect(&bridge.unix).unwrap();
-    slow.write_all(&partial_request(60_000, 100)).unwrap();
+    slow.write_all(&partial_request(60_000, 40_000)).unwrap();
     bridge.wait_status("the direct read to begin", |s| {
         s.services[0].workers_busy == 1
     });
@@ -179,7 +181,7 @@ fn jobs_queued_behind_a_payload_still_arriving_run_after_it() {
     let ids: Vec<u64> = (0..3)
         .map(|tag| other.send(1, &tagged_payload(100 + tag, 200)).unwrap())
         .collect();
-    slow.write_all(&full[100..]).unwrap();
+    slow.write_all(&full[40_000..]).unwrap();
     let mut header = [0u8; 24];
     slow.read_exact(&mut header).unwrap();
     let header = Header::decode(&header, 1 << 24).unwrap();
@@ -187,13 +189,18 @@ fn jobs_queued_behind_a_payload_still_arriving_run_after_it() {
     let mut reply = vec![0; header.payload_len as usize];
     slow.read_exact(&mut reply).unwrap();
     assert!(reply == full);
-    for (tag, id) in ids.into_iter().enumerate() {
+    // (Two workers: the other caller's answers may come in any order, each with its id.)
+    let mut answered = std::collections::HashMap::new();
+    for _ in 0..ids.len() {
         let answer = other.receive().unwrap();
-        assert_eq!(
-            (answer.header.kind, answer.header.request_id),
-            (Kind::Reply, id)
+        assert_eq!(answer.header.kind, Kind::Reply);
+        answered.insert(answer.header.request_id, answer.payload);
+    }
+    for (tag, id) in ids.into_iter().enumerate() {
+        assert!(
+            answered[&id] == tagged_payload(100 + tag as u64, 200),
+            "request {id}"
         );
-        assert!(answer.payload == tagged_payload(100 + tag as u64, 200));
     }
     assert_eq!(bridge.status().counters.requests_read_into_slot, 1);
 }
@@ -255,4 +262,75 @@ fn a_worker_that_takes_queued_jobs_sends_large_replies_from_its_slot_and_keeps_w
         status.services[0].spawns, 1,
         "the worker never broke the protocol"
     );
+}
+
+#[test]
+fn slow_uploads_hold_no_worker_and_a_bystander_is_served_at_once() {
+    // Proves the direct read waits for the payload: four callers that each send a large
+    // request's header and 10 bytes, then stall, take no worker (before, each held one for
+    // 5 s, and a bystander's echo waited for them); every worker stays idle for the bystander,
+    // and each slow request, once its payload is complete, still gets its own reply.
+    let bridge = bridge()
+        .top("cores = 1")
+        .service(ServiceSpec::echo().workers(4, 4))
+        .start();
+    bridge.wait_status("4 workers", |s| s.services[0].workers_idle == 4);
+    let mut slow: Vec<UnixStream> = (0..4)
+        .map(|_| {
+            let mut stream = UnixStream::connect(&bridge.unix).unwrap();
+            stream.write_all(&partial_request(60_000, 10)).unwrap();
+            stream
+        })
+        .collect();
+    // Once the bridge has read what they sent, they have had their chance to take workers.
+    for stream in &slow {
+        wait_until_read(stream);
+    }
+    let status = bridge.status();
+    assert_eq!(
+        (
+            status.services[0].workers_idle,
+            status.services[0].workers_busy
+        ),
+        (4, 0),
+        "slow uploads hold no worker: {status:#?}"
+    );
+    let mut bystander = bridge.client();
+    for tag in 0..20 {
+        let started = std::time::Instant::now();
+        let payload = tagged_payload(tag, 100);
+        assert!(bystander.call("echo", &payload).unwrap() == payload);
+        let took = started.elapsed();
+        assert!(
+            took < std::time::Duration::from_secs(1),
+            "an echo took {took:?}"
+        );
+    }
+    let full = tagged_payload(7, 60_000);
+    for stream in &mut slow {
+        stream.write_all(&full[10..]).unwrap();
+        let (header, reply) = crate::common::read_frame(stream);
+        assert_eq!((header.kind, header.request_id), (Kind::Reply, 7));
+        assert!(reply == full, "the slow upload's own reply");
+    }
+}
+
+/// Wait (bounded) until the bridge has read everything sent on `stream` (`SIOCOUTQ`).
+fn wait_until_read(stream: &UnixStream) {
+    use std::os::fd::AsRawFd;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let mut unread: libc::c_int = 0;
+        // SAFETY: TIOCOUTQ (SIOCOUTQ) writes one int to the pointer; the socket is ours.
+        let rc = unsafe { libc::ioctl(stream.as_raw_fd(), libc::TIOCOUTQ, &mut unread) };
+        assert_eq!(rc, 0, "SIOCOUTQ: {}", std::io::Error::last_os_error());
+        if unread == 0 {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{unread} bytes never read"
+        );
+        std::thread::yield_now();
+    }
 }

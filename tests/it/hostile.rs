@@ -23,12 +23,20 @@ fn early_request(service_id: u32, request_id: u64, len: usize, sent: usize) -> (
 
 /// The early answer against one pool configuration.
 fn an_early_answer_is_a_violation(bridge: &Bridge) {
+    // Two workers idle (an on-demand pool starts them for two requests at once).
+    std::thread::scope(|scope| {
+        for _ in 0..2 {
+            scope.spawn(|| bridge.client().call("faulty", b"sleep 1500").unwrap());
+        }
+    });
+    bridge.wait_status("2 idle workers", |s| s.services[0].workers_idle == 2);
     let mut client = bridge.client();
     // The worker learns its sequence from one ordinary job (it guesses the next one).
     assert_eq!(client.call("faulty", b"echo warm").unwrap(), b"warm");
     let first_pid = client.call("faulty", b"pid").unwrap();
     let mut raw = UnixStream::connect(&bridge.unix).unwrap();
-    let (frame, payload) = early_request(3, 77, 32 * 1024, 100);
+    // Two thirds of the payload: enough for the bridge to begin the direct read.
+    let (frame, payload) = early_request(3, 77, 32 * 1024, 20_000);
     raw.write_all(&frame).unwrap();
     // The worker sees `EARLY!` land in its slot (the prefix the bridge copied when it began
     // the direct read) and answers before its Job frame is sent.
@@ -46,7 +54,7 @@ fn an_early_answer_is_a_violation(bridge: &Bridge) {
     );
     // The rest of the payload still arrives and is read (into the dead worker's slot, which
     // lives until the read ends): the connection stays usable.
-    raw.write_all(&payload[100..]).unwrap();
+    raw.write_all(&payload[20_000..]).unwrap();
     raw.write_all(&Header::new(Kind::Ping, 0, 78, 0).encode())
         .unwrap();
     let (pong, _) = read_frame(&mut raw);
@@ -82,17 +90,19 @@ fn a_worker_that_answers_a_direct_read_before_its_job_is_killed() {
     // answers while the bridge is still reading the caller's payload into its slot is killed,
     // the caller gets `worker failed` (not a reply), and the bridge keeps serving, in a
     // static pool and in an on-demand one that may shrink to no worker at all.
+    // (A direct read of a payload not all there needs a second idle worker: it never takes
+    // the last one.)
     let static_pool = ServiceSpec::faulty()
-        .workers(1, 1)
+        .workers(2, 2)
         .args(&["--answer-early"]);
     let first = bridge().top("cores = 1").service(static_pool).start();
     an_early_answer_is_a_violation(&first);
     drop(first);
 
     let mut ondemand = ServiceSpec::faulty()
-        .workers(0, 1)
+        .workers(0, 2)
         .args(&["--answer-early"]);
-    ondemand.extra = "mode = \"ondemand\"\nidle_timeout_ms = 100\n".into();
+    ondemand.extra = "mode = \"ondemand\"\nidle_timeout_ms = 5000\n".into();
     let mut bridge = bridge().top("cores = 1").service(ondemand).start();
     an_early_answer_is_a_violation(&bridge);
     assert!(bridge.stop().success(), "{}", bridge.log());

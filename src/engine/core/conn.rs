@@ -33,6 +33,17 @@ impl Core {
         if conn.recv.in_flight() || conn.phase != Phase::Open || conn.paused.is_some() {
             return;
         }
+        if conn.awaiting.is_some() {
+            // A large request's header is in, the rest of its payload is not: wait for it in
+            // the socket rather than copy it as it trickles (see `try_direct_read`).
+            let entry = op::poll_readable(
+                Target::of(&conn.fd, conn.file),
+                Token::conn(OpKind::ConnPoll, index),
+            );
+            conn.recv = Recv::Poll;
+            self.ring.push(entry);
+            return;
+        }
         if self.provided.is_some() && !conn.provided_off {
             // One receive stays armed; each completion brings a buffer the kernel picked.
             let fd = Target::of(&conn.fd, conn.file);
@@ -270,7 +281,9 @@ impl Core {
             }
             match conn.read.parse(max) {
                 Parsed::NeedMore => {
-                    self.try_direct_read(index);
+                    let direct = self.try_direct_read(index, false);
+                    self.conns[index].awaiting =
+                        (direct == DirectRead::AwaitPayload).then(AwaitPayload::default);
                     self.reserve_partial_frame(index);
                     return;
                 }

@@ -21,6 +21,9 @@ pub(super) enum Recv {
     Multi,
     /// A receive of a request's payload straight into a worker's slot (`Conn::into_slot`).
     IntoSlot,
+    /// A poll for the rest of a large request's payload, before a worker is committed to it
+    /// (`direct.rs`).
+    Poll,
 }
 
 impl Recv {
@@ -35,6 +38,7 @@ impl Recv {
             Recv::Plain => Some(OpKind::ConnRecv),
             Recv::Multi => Some(OpKind::ConnRecvMulti),
             Recv::IntoSlot => Some(OpKind::ConnRecvSlot),
+            Recv::Poll => Some(OpKind::ConnPoll),
         }
     }
 }
@@ -160,6 +164,19 @@ pub(super) struct Conn {
     pub(super) bytes_in_flight: u64,
     /// Bytes it holds in the core's request budget for the frame it is receiving.
     pub(super) reserved: u32,
+    /// Its next receive is a poll: a large request's header is in and the rest of its payload
+    /// is not all in the socket yet (`DirectRead::AwaitPayload`, `direct.rs`).
+    pub(super) awaiting: Option<AwaitPayload>,
+}
+
+/// Waiting for a large request's payload to arrive in the socket before committing a worker:
+/// what the last poll saw.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) struct AwaitPayload {
+    /// Bytes in the socket at the last poll.
+    pub(super) seen: u64,
+    /// Polls so far for this payload.
+    pub(super) polls: u32,
 }
 
 /// A request payload being read from the caller's socket straight into a worker's slot (the

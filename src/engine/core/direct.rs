@@ -3,12 +3,25 @@
 
 use super::*;
 
+/// What `try_direct_read` did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum DirectRead {
+    /// A worker is committed and the rest of the payload is being read into its slot.
+    Started,
+    /// Not a direct read (the payload takes the copy path).
+    No,
+    /// A candidate whose payload has not begun to arrive: poll for it before deciding.
+    AwaitPayload,
+}
+
 impl Core {
     /// The frame at the front of a caller's buffer is a request whose payload has not all
-    /// arrived. When it is large, fits the service's slots and a worker of ours is idle,
-    /// dispatch it now and read the rest of its payload from the socket straight into that
-    /// worker's slot: no copy through the bridge (only the part already read is copied).
-    pub(super) fn try_direct_read(&mut self, index: ConnHandle) {
+    /// arrived. When it is large, fits the service's slots, a worker of ours is idle and the
+    /// rest of the payload is already in the socket (or half of it, and the worker is not the
+    /// service's last idle one), dispatch it now and read the rest of its payload from the socket straight into that worker's
+    /// slot: no copy through the bridge (only the part already read is copied). Otherwise
+    /// the payload takes the copy path, and this is tried again as more of it arrives.
+    pub(super) fn try_direct_read(&mut self, index: ConnHandle, after_poll: bool) -> DirectRead {
         let max = self.config.max_payload_bytes;
         let conn = &self.conns[index];
         if conn.into_slot.is_some()
@@ -16,27 +29,27 @@ impl Core {
             || conn.phase == Phase::Flushing
             || self.shutdown_deadline.is_some()
         {
-            return;
+            return DirectRead::No;
         }
         let Some(header) = conn.read.peek_header(max) else {
-            return;
+            return DirectRead::No;
         };
         // (A caller's deadline travels in front of the payload: those take the copy path.)
         if header.kind != Kind::Request
             || header.flags != 0
             || header.payload_len < DIRECT_READ_BYTES_MIN
         {
-            return;
+            return DirectRead::No;
         }
         let Some(&service) = self.service_by_id.get(&header.service_id) else {
-            return;
+            return DirectRead::No;
         };
         let pool = &self.services[service].pool;
         if header.payload_len > self.services[service].slot_capacity
             || pool.idle() == 0
             || !pool.takes_now()
         {
-            return;
+            return DirectRead::No;
         }
         if self.workers.iter().any(|(_, w)| {
             w.service == service
@@ -44,10 +57,42 @@ impl Core {
                 && w.state == WorkerState::Idle
         }) {
             // The policy might pick a worker whose slot is still being sent from.
-            return;
+            return DirectRead::No;
         }
         let prefix = conn.read.len() - HEADER_BYTES;
         debug_assert!(prefix < header.payload_len as usize);
+        // Only once the payload is (mostly) here: a caller that sends slowly holds only its
+        // own buffer, never a worker.
+        let missing = (header.payload_len as usize - prefix) as u64;
+        let spare_worker = pool.idle() > 1;
+        let (arrived, whole, mostly) = if conn.recv == Recv::Multi {
+            // Bytes a multishot receive takes are out of the socket at once: judge by what we
+            // hold. (A large frame ends the multishot receives; then this is tried again.)
+            let held = prefix as u64;
+            (
+                held,
+                false,
+                held * 2 >= u64::from(header.payload_len) && spare_worker,
+            )
+        } else {
+            let arrived = rustix::io::ioctl_fionread(&conn.fd).unwrap_or(0);
+            // (A payload larger than the socket holds can never be all there: half will do,
+            // from a caller sending that fast, when the worker is not the last idle one.)
+            (
+                arrived,
+                arrived >= missing,
+                arrived * 2 >= missing && spare_worker,
+            )
+        };
+        if !whole && !mostly {
+            // Nothing of the rest here yet: wait for it in the socket (once; after the poll,
+            // what has come is read the ordinary way and this is tried again).
+            return if arrived == 0 && !after_poll && conn.recv != Recv::Multi {
+                DirectRead::AwaitPayload
+            } else {
+                DirectRead::No
+            };
+        }
         self.conns[index].large_last = true;
         let now = self.now;
         let request = self.add_caller_request(index, header.request_id, service, Vec::new(), None);
@@ -60,13 +105,66 @@ impl Core {
         let worker = pool.take_dispatch(request.to_raw());
         self.pool_touched(service);
         match worker {
-            Some(worker) => self.dispatch_direct(request, WorkerHandle::from_raw(worker)),
+            Some(worker) => {
+                self.dispatch_direct(request, WorkerHandle::from_raw(worker));
+                DirectRead::Started
+            }
             None => {
                 // Refused after all (its rejection answers it): skip its payload.
                 let conn = &mut self.conns[index];
                 conn.read.consume(HEADER_BYTES + prefix);
                 conn.discard = (header.payload_len as usize - prefix) as u64;
+                DirectRead::No
             }
+        }
+    }
+
+    /// Bytes of the front request's payload not yet read from the socket (0 when there is no
+    /// header at the front).
+    fn payload_missing(&self, index: ConnHandle) -> u64 {
+        let conn = &self.conns[index];
+        let Some(header) = conn.read.peek_header(self.config.max_payload_bytes) else {
+            return 0;
+        };
+        let prefix = conn.read.len().saturating_sub(HEADER_BYTES) as u64;
+        u64::from(header.payload_len).saturating_sub(prefix)
+    }
+
+    /// The poll for a large request's payload completed: bytes (or the caller's EOF) have
+    /// come. Start the direct read if the payload is (mostly) here now, else read what came
+    /// the ordinary way.
+    pub(super) fn on_conn_poll(&mut self, index: ConnHandle, result: Result<u32, Errno>) {
+        let conn = &mut self.conns[index];
+        conn.recv = Recv::Idle;
+        if conn.is_closing() {
+            self.free_conn_if_done(index);
+            return;
+        }
+        if let Err(error) = result {
+            tracing::debug!(%error, "polling a caller connection failed");
+            self.close_conn(index);
+            return;
+        }
+        conn.last_byte = self.now;
+        let last = conn.awaiting.take().unwrap_or_default();
+        let arrived = rustix::io::ioctl_fionread(&conn.fd).unwrap_or(0);
+        let growing = arrived > last.seen && last.polls < AWAIT_PAYLOAD_POLLS_MAX;
+        if growing && arrived < self.payload_missing(index) {
+            // It is coming (the caller is in the middle of writing it): look again. The poll
+            // is level-triggered, so for a caller that has stopped the next one shows no
+            // growth, and what came is then read the ordinary way.
+            self.conns[index].awaiting = Some(AwaitPayload {
+                seen: arrived,
+                polls: last.polls + 1,
+            });
+            self.arm_conn_recv(index);
+            return;
+        }
+        if self.try_direct_read(index, true) == DirectRead::Started {
+            self.release_reservation(index);
+        }
+        if self.conns.get(index).is_some_and(|c| !c.is_closing()) {
+            self.arm_conn_recv(index);
         }
     }
 

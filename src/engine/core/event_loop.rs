@@ -140,6 +140,7 @@ impl Core {
             OpKind::ConnRecv
             | OpKind::ConnRecvSlot
             | OpKind::ConnRecvMulti
+            | OpKind::ConnPoll
             | OpKind::ConnSend
             | OpKind::ConnSendHeader
             | OpKind::ConnSendFixed => {
@@ -153,6 +154,7 @@ impl Core {
                     OpKind::ConnRecv => self.on_conn_recv(index, result),
                     OpKind::ConnRecvSlot => self.on_conn_recv_slot(index, result),
                     OpKind::ConnRecvMulti => self.on_conn_recv_multi(index, completion),
+                    OpKind::ConnPoll => self.on_conn_poll(index, result),
                     OpKind::ConnSend => self.on_conn_send(index, result),
                     kind => self.on_slot_send(index, kind == OpKind::ConnSendHeader, result),
                 }

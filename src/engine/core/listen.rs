@@ -148,6 +148,7 @@ impl Core {
             paused: None,
             bytes_in_flight: 0,
             reserved: 0,
+            awaiting: None,
         });
         self.conns[index].file = self.register_file(self.conns[index].fd.as_raw_fd());
         self.arm_conn_recv(index);

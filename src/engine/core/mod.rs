@@ -87,6 +87,10 @@ const SHUTDOWN_FLUSH_GRACE: Duration = Duration::from_secs(1);
 /// Request payloads at least this long are read from the caller's socket straight into an
 /// idle worker's slot (when one is idle and the payload fits), not copied through the bridge.
 const DIRECT_READ_BYTES_MIN: u32 = 4096;
+/// While a large payload is arriving (more of it in the socket at each poll, as when the
+/// caller is in the middle of writing it), polls for the rest at most this many times before
+/// reading what came the ordinary way.
+const AWAIT_PAYLOAD_POLLS_MAX: u32 = 64;
 /// A caller whose payload has not all arrived this long after a direct read began (holding a
 /// worker) is disconnected.
 const DIRECT_READ_TIMEOUT: Duration = Duration::from_secs(5);
@@ -123,7 +127,8 @@ mod worker;
 mod worker_state;
 
 use backpressure::Pause;
-use conn_state::{Conn, IntoSlot, Phase, Recv, SlotSend};
+use conn_state::{AwaitPayload, Conn, IntoSlot, Phase, Recv, SlotSend};
+use direct::DirectRead;
 use fault::WorkerFault;
 pub(crate) use tables::check_memlock;
 use tables::*;

@@ -57,6 +57,9 @@ pub(super) enum Op {
     RecvMulti {
         target: Target,
     },
+    PollReadable {
+        target: Target,
+    },
     ReadFixed {
         target: Target,
         buf: *mut u8,
@@ -115,6 +118,13 @@ impl Sqe {
             Op::RecvMulti { target } => {
                 on_target!(target, |fd| opcode::RecvMulti::new(fd, PROVIDED_GROUP)
                     .build())
+            }
+            Op::PollReadable { target } => {
+                on_target!(target, |fd| opcode::PollAdd::new(
+                    fd,
+                    (libc::POLLIN | libc::POLLRDHUP) as u32
+                )
+                .build())
             }
             Op::ReadFixed {
                 target,
@@ -200,6 +210,13 @@ pub fn accept_multi(listener: &OwnedFd, token: Token) -> Sqe {
 pub fn recv(target: Target, buf: &mut [u8], token: Token) -> Sqe {
     let (buf, len) = (buf.as_mut_ptr(), buf.len().min(u32::MAX as usize) as u32);
     sqe(Op::Recv { target, buf, len }, token)
+}
+
+/// Complete once the socket has bytes to read (or its peer has gone): one-shot and
+/// level-triggered, so it completes at once when bytes are waiting already. Contract: none
+/// beyond the descriptor's (it names no memory).
+pub fn poll_readable(target: Target, token: Token) -> Sqe {
+    sqe(Op::PollReadable { target }, token)
 }
 
 /// Receive until cancelled, each completion into a buffer the kernel picks from the core's

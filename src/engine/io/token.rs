@@ -27,6 +27,9 @@ pub enum OpKind {
     ConnRecvSlot = 16,
     /// A multishot receive from a caller into the core's provided buffers.
     ConnRecvMulti = 17,
+    /// Waiting for the rest of a large request's payload to arrive before committing a worker
+    /// to it (a poll for readability).
+    ConnPoll = 18,
 }
 
 impl OpKind {
@@ -48,6 +51,7 @@ impl OpKind {
             15 => OpKind::WakeSent,
             16 => OpKind::ConnRecvSlot,
             17 => OpKind::ConnRecvMulti,
+            18 => OpKind::ConnPoll,
             _ => return None,
         })
     }
