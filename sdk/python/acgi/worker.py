@@ -304,7 +304,9 @@ class _Session:
             try:
                 reply: Optional[Reply] = handler(request)
                 message = None
-                if not isinstance(reply, (bytes, bytearray, memoryview)):
+                if isinstance(reply, memoryview):
+                    reply = reply.cast("B") if reply.c_contiguous else reply.tobytes()
+                elif not isinstance(reply, (bytes, bytearray)):
                     message = (f"the handler returned {type(reply).__name__}, "
                                f"not bytes, bytearray or memoryview")
                     reply = None
@@ -315,9 +317,17 @@ class _Session:
             self._answer(header, job[0].transport, reply, message)
             held = time.monotonic() - self.out_since
             if (len(self.out) >= OUT_BYTES_FLUSH or held >= REPLY_HOLD_SECONDS
-                    or self.input.missing() > 0):
+                    or not self._frame_buffered()):
                 # No further job is already here (or this one waited long enough): send now.
                 self.flush()
+
+    def _frame_buffered(self) -> bool:
+        """Whether a whole next frame has already been read (a bad one counts as not: the
+        answers go out before the protocol error ends the worker)."""
+        try:
+            return self.input.missing() == 0
+        except FrameError:
+            return False
 
     def _take(self, header: Header, payload: bytes):
         """Check a ``Job`` (§8.1) and take its request; ``(Job, request bytes)``."""
