@@ -18,7 +18,7 @@ REQUEST, REPLY, ERROR, RESOLVE, RESOLVED, PING, PONG = 1, 2, 3, 4, 5, 6, 7
 HELLO, JOB, DONE, FAIL = 16, 17, 18, 19
 IN_SLOT, TIMEOUT, QUEUED = 0x1, 0x2, 0x4
 BOUND_DEFAULT = 16 * 1024 * 1024
-SMALL_BOUND = 16  # the bound of the too_large vectors (a bridge may be configured with it)
+SMALL_BOUND = 64  # the too_large vectors' bound: a bridge can run with it (its slots are >= 64)
 
 HEADER_COMMENT = """\
 # acgi-bridge frame conformance vectors, protocol version 1 (docs/protocol.md §1-§4, §6.3).

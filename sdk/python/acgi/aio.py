@@ -31,6 +31,10 @@ __all__ = ["AsyncClient"]
 Answer = Tuple[Header, bytes]
 
 
+class _ResolveAbandoned(Exception):
+    """The call whose ``Resolve`` others were waiting on gave up before the answer."""
+
+
 class _Connection(asyncio.Protocol):
     """The connection's state: the reader, the calls waiting, and the write flow control."""
 
@@ -182,24 +186,35 @@ class AsyncClient:
         return await self._bounded(self._resolve(service), timeout)
 
     async def _resolve(self, name: str) -> int:
-        pending = self._resolving.get(name)
-        if pending is None:
-            pending = asyncio.get_running_loop().create_future()
-            self._resolving[name] = pending
+        while True:
+            cached = self._services.get(name)
+            if cached is not None:
+                return cached
+            pending = self._resolving.get(name)
+            if pending is None:
+                return await self._resolve_first(name)
             try:
-                answer = await self._exchange(Kind.RESOLVE, 0, check_name(name))
-                header, _ = answer_result(*answer, Kind.RESOLVED)
-            except BaseException as error:
-                del self._resolving[name]
-                if not pending.done():
-                    pending.set_exception(error)
-                pending.exception()  # retrieved: no "never retrieved" warning when nobody else waits
-                raise
-            self._services[name] = header.service_id
+                return await asyncio.shield(pending)
+            except _ResolveAbandoned:
+                continue  # the call that asked gave up (timeout, cancel): ask again
+
+    async def _resolve_first(self, name: str) -> int:
+        pending: "asyncio.Future[int]" = asyncio.get_running_loop().create_future()
+        self._resolving[name] = pending
+        try:
+            answer = await self._exchange(Kind.RESOLVE, 0, check_name(name))
+            header, _ = answer_result(*answer, Kind.RESOLVED)
+        except BaseException as error:
             del self._resolving[name]
-            pending.set_result(header.service_id)
-            return header.service_id
-        return await asyncio.shield(pending)
+            if isinstance(error, asyncio.CancelledError):
+                error = _ResolveAbandoned()
+            pending.set_exception(error)
+            pending.exception()  # retrieved: no warning when no other call waits on it
+            raise
+        del self._resolving[name]
+        self._services[name] = header.service_id
+        pending.set_result(header.service_id)
+        return header.service_id
 
     async def ping(self, payload=b"", *, timeout: Optional[float] = None) -> bytes:
         """Round trip a ``Ping`` (payload at most 4096 bytes); the ``Pong``'s payload."""

@@ -48,7 +48,8 @@ def toml_string(text: str) -> str:
 
 
 def python_service(service_id: int, name: str, *, min_workers: int = 1, max_workers: int = 4,
-                   extra: str = "", queued: bool = True) -> str:
+                   extra: str = "", queued: bool = True,
+                   slot_size_bytes: int = SLOT_SIZE_BYTES) -> str:
     """A ``[[service]]`` whose workers are tests/service.py on the SDK in this tree."""
     args = [str(SERVICE_PY)] + ([] if queued else ["--no-queued"])
     return (
@@ -57,7 +58,7 @@ def python_service(service_id: int, name: str, *, min_workers: int = 1, max_work
         f"args = [{', '.join(toml_string(a) for a in args)}]\n"
         f"env = {{ PYTHONPATH = {toml_string(str(SDK))} }}\n"
         f"min_workers = {min_workers}\nmax_workers = {max_workers}\n"
-        f"slot_size_bytes = {SLOT_SIZE_BYTES}\nbacklog_max = 10000\n{extra}\n"
+        f"slot_size_bytes = {slot_size_bytes}\nbacklog_max = 10000\n{extra}\n"
     )
 
 

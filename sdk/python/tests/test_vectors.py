@@ -177,8 +177,10 @@ def small_bridge():
     """A bridge with max_payload_bytes = the too_large vectors' bound."""
     bounds = {v.bound for v in V.of("too_large")}
     assert len(bounds) == 1
-    running = start_bridge(top=f"max_payload_bytes = {bounds.pop()}",
-                           services=[python_service(1, "echo", min_workers=1, max_workers=1)])
+    bound = bounds.pop()
+    running = start_bridge(top=f"max_payload_bytes = {bound}",
+                           services=[python_service(1, "echo", min_workers=1, max_workers=1,
+                                                    slot_size_bytes=bound)])
     yield running
     running.stop()
 

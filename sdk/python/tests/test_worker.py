@@ -33,7 +33,7 @@ def test_the_transport_follows_the_size(bridge):
     # Proves the worker really takes small requests from the slot and large ones from the socket.
     with acgi.Client(bridge.unix) as client:
         assert client.call("echo", b"@@job") == b"slot"
-        assert client.call("echo", b"@@job".ljust(SLOT_SIZE_BYTES + 1, b" ")) == b"socket"
+        assert client.call("echo", b"@@job:".ljust(SLOT_SIZE_BYTES + 1, b" ")) == b"socket"
 
 
 def test_replies_larger_than_the_slot_and_than_the_bound(bridge):
