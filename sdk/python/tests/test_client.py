@@ -194,7 +194,7 @@ def test_reply_bound_refuses_an_oversized_reply_without_allocating_it(fake_serve
     tracemalloc.start()
     try:
         with pytest.raises(acgi.ProtocolError, match="over the bound"):
-            client.call(1, b"hello")
+            client.call(1, b"hello", timeout=10)  # a client that waited for 4 GiB times out
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -221,7 +221,7 @@ def test_async_reply_bound_refuses_an_oversized_reply(fake_server):
         tracemalloc.start()
         try:
             with pytest.raises(acgi.ProtocolError, match="over the bound"):
-                await client.call(1, b"hello")
+                await client.call(1, b"hello", timeout=10)
             _, peak = tracemalloc.get_traced_memory()
         finally:
             tracemalloc.stop()
