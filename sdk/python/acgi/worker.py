@@ -39,7 +39,7 @@ import time
 from typing import Callable, NamedTuple, Optional, Union
 
 from ._framing import RECV_BYTES, FrameBuffer
-from .protocol import (FLAG_IN_SLOT, FLAG_QUEUED, HEADER_BYTES, PAYLOAD_BYTES_MAX_DEFAULT,
+from .protocol import (FLAG_IN_SLOT, FLAG_QUEUED, PAYLOAD_BYTES_MAX_DEFAULT,
                        REQUEST_LEN_INLINE, SLOT_ABI_VERSION, SLOT_CAPACITY_BYTES_MIN,
                        SLOT_HEADER_BYTES, SLOT_MAGIC, FrameError, Header, Hello, Kind,
                        encode_frame, encode_header)
@@ -213,7 +213,9 @@ class _Session:
         self.out_since = 0.0
         self.poller = select.poll()
         self.poller.register(self.control, select.POLLIN)
+        # The signal wake-up socket pair (see watch_sigterm); kept open for the process's life.
         self.wakeup: Optional[socket.socket] = None
+        self._wakeup_writer: Optional[socket.socket] = None
 
     def watch_sigterm(self) -> None:
         """SIGTERM sets the stop flag; the signal also writes a byte to a socket the poll
