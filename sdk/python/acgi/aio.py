@@ -157,17 +157,19 @@ class AsyncClient:
     def closed(self) -> bool:
         return self._connection.failure is not None
 
-    async def call(self, service: Service, payload=b"", *,
-                   timeout: Optional[float] = None) -> bytes:
+    async def call(self, service: Service, payload=b"", *, timeout: Optional[float] = None,
+                   queue_timeout: Optional[float] = None) -> bytes:
         """Call ``service`` (name or id) with ``payload``; the reply's bytes.
 
-        ``timeout`` (seconds) bounds the whole call (resolving included) and is sent to the
-        bridge as the request's own timeout (§2.2a): if no worker has taken it in time it never
-        runs; the handler can read the time left with :func:`acgi.worker.remaining`. Raises
-        :class:`CallTimeout` when no answer came in time, :class:`CallError` (by code) for an
+        ``timeout`` (seconds) bounds the whole call (resolving included): :class:`CallTimeout`
+        when no answer came in time. ``queue_timeout`` (seconds, default ``timeout``) is sent
+        to the bridge as the request's own timeout (§2.2a): if no worker has taken it in time
+        it never runs (:class:`DeadlineExceeded`, code 10); the handler can read the time left
+        with :func:`acgi.worker.remaining`. Raises :class:`CallError` (by code) for an
         ``Error`` answer, :class:`ConnectionClosed` when the connection ended first.
         """
-        return await self._bounded(self._call(service, payload, timeout), timeout)
+        sent = timeout if queue_timeout is None else queue_timeout
+        return await self._bounded(self._call(service, payload, sent), timeout)
 
     async def _call(self, service: Service, payload, timeout: Optional[float]) -> bytes:
         service_id = await self.resolve(service)

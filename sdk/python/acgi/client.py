@@ -60,17 +60,20 @@ class Client:
 
     # -- calls ---------------------------------------------------------------------------------
 
-    def call(self, service: Service, payload=b"", *, timeout: Optional[float] = None) -> bytes:
+    def call(self, service: Service, payload=b"", *, timeout: Optional[float] = None,
+             queue_timeout: Optional[float] = None) -> bytes:
         """Call ``service`` with ``payload``; the reply's bytes.
 
-        ``timeout`` (seconds) is sent to the bridge as the request's own timeout (§2.2a: if no
-        worker has taken it by then it never runs, and the handler sees the time left in
-        :func:`acgi.worker.remaining`), and bounds the wait here: :class:`CallTimeout` when no
-        answer came in time. Raises :class:`CallError` (by code), :class:`ConnectionClosed`.
+        ``timeout`` (seconds) bounds the wait here: :class:`CallTimeout` when no answer came in
+        time. ``queue_timeout`` (seconds, default ``timeout``) is sent to the bridge as the
+        request's own timeout (§2.2a): if no worker has taken it by then it never runs
+        (:class:`DeadlineExceeded`, code 10), and the handler sees the time left in
+        :func:`acgi.worker.remaining`. Raises :class:`CallError` (by code),
+        :class:`ConnectionClosed`.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         service_id = self.resolve(service, timeout=timeout)
-        flags, body = request_payload(payload, timeout)
+        flags, body = request_payload(payload, timeout if queue_timeout is None else queue_timeout)
         request_id = self._send(Kind.REQUEST, service_id, body, flags)
         return answer_result(*self._wait(request_id, deadline), Kind.REPLY)[1]
 

@@ -148,3 +148,21 @@ def test_sigterm_while_idle_stops_the_worker_at_once(lone_bridge):
         os.kill(pid, signal.SIGTERM)
         assert wait_exit(pid, 10), "the idle worker did not exit on SIGTERM"
         assert int(client.call("solo", b"@@pid", timeout=20)) != pid
+
+
+def test_a_request_no_worker_takes_in_its_queue_timeout_never_runs(lone_bridge):
+    # Proves queue_timeout reaches the bridge as the TIMEOUT flag: behind a busy lone worker,
+    # the request is answered DeadlineExceeded (code 10, never ran, retryable) without running.
+    async def main():
+        client = await acgi.AsyncClient.connect(lone_bridge.unix)
+        busy = asyncio.ensure_future(client.call("solo", b"@@sleep:1.5"))
+        await asyncio.sleep(0)  # its frame goes first and takes the one worker
+        with pytest.raises(acgi.DeadlineExceeded) as raised:
+            await client.call("solo", b"@@fail:this must not run", queue_timeout=0.2)
+        assert raised.value.code == 10 and raised.value.retryable
+        assert not raised.value.may_have_run
+        assert await busy == b"slept"
+        await client.close()
+    asyncio.run(main())
+    with acgi.Client(lone_bridge.unix) as client:
+        assert client.call("solo", b"@@remaining", queue_timeout=3.0) != b"None"
