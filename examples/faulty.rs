@@ -24,6 +24,13 @@
 //!
 //! More lies, as commands: `fail-in-slot` and `fail-timeout-flag` answer with a `Fail` that
 //! carries the `IN_SLOT` or the `TIMEOUT` flag, which §9 forbids.
+//!
+//! Attacks on the bridge and the machine (docs/security.md), as commands:
+//! - `truncate-slot`: ftruncate its slot memfd to 0 bytes. Refused (the slot is sealed), it
+//!   replies `ftruncate refused: errno N`; allowed, it sends an in-slot `Done` without touching
+//!   the slot again, so the bridge reads a header that no longer exists (SIGBUS).
+//! - `grow-slot`: ftruncate its slot to 1 MiB more; replies `ftruncate refused: errno N` or
+//!   `slot grew`.
 
 use std::io::{Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
@@ -73,6 +80,10 @@ fn main() {
     let crash_on = value("--crash-on");
     // SAFETY: the bridge passed these descriptors to this process; each is taken once.
     let mut control = unsafe { UnixStream::from_raw_fd(env_fd(ENV_CONTROL_FD)) };
+    // A second descriptor of the slot memfd, kept for the attacks on its size.
+    // SAFETY: fcntl(F_DUPFD_CLOEXEC) on the inherited slot descriptor; the copy is ours.
+    let slot_fd = unsafe { libc::fcntl(env_fd(ENV_SLOT_FD), libc::F_DUPFD_CLOEXEC, 10) };
+    assert!(slot_fd >= 0, "dup of the slot descriptor");
     let slot =
         WorkerSlot::attach(unsafe { OwnedFd::from_raw_fd(env_fd(ENV_SLOT_FD)) }).expect("slot");
     if flag("--garbage").is_some() {
@@ -206,6 +217,30 @@ fn main() {
                 send(&mut control, fail, message);
                 continue;
             }
+            "truncate-slot" => {
+                // SAFETY: ftruncate on our own descriptor of the slot memfd.
+                if unsafe { libc::ftruncate(slot_fd, 0) } == 0 {
+                    // The slot is gone: touching it would fault here. Claim a reply in it.
+                    let mut done = Header::new(Kind::Done, 0, sequence, 0);
+                    done.flags = FLAG_IN_SLOT;
+                    send(&mut control, done, &[]);
+                    continue;
+                }
+                Ok(refused("ftruncate"))
+            }
+            "grow-slot" => {
+                // SAFETY: fstat into a local, then ftruncate on our own slot descriptor.
+                let grown = unsafe {
+                    let mut stat: libc::stat = std::mem::zeroed();
+                    libc::fstat(slot_fd, &mut stat) == 0
+                        && libc::ftruncate(slot_fd, stat.st_size + (1 << 20)) == 0
+                };
+                if grown {
+                    Ok(b"slot grew".to_vec())
+                } else {
+                    Ok(refused("ftruncate"))
+                }
+            }
             "extra-hello" => {
                 send(
                     &mut control,
@@ -251,6 +286,16 @@ fn main() {
             }
         }
     }
+}
+
+/// The reply naming the errno of a refused system call.
+fn refused(call: &str) -> Vec<u8> {
+    let error = std::io::Error::last_os_error();
+    format!(
+        "{call} refused: errno {} ({error})",
+        error.raw_os_error().unwrap_or(0)
+    )
+    .into_bytes()
 }
 
 /// Between jobs: wait until either a `Job` frame can be read (false) or a request starting

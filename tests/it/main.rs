@@ -9,6 +9,7 @@ mod cores;
 mod direct;
 mod faults;
 mod hostile;
+mod isolation;
 mod kv;
 mod lifecycle;
 mod metrics;
