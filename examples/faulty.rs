@@ -31,6 +31,19 @@
 //!   the slot again, so the bridge reads a header that no longer exists (SIGBUS).
 //! - `grow-slot`: ftruncate its slot to 1 MiB more; replies `ftruncate refused: errno N` or
 //!   `slot grew`.
+//! - `report`: what it was started with, one `name: value` line each: `fds` (its open
+//!   descriptors), `SigIgn`, `SigBlk`, `SigCgt`, `NoNewPrivs`, `CapEff`, `Uid`, `Gid`, `Groups`
+//!   (from /proc/self/status), `dumpable`, `umask`, `cwd`, `pgid`, `sid`, and the rlimits
+//!   `core`, `nofile`, `as`, `nproc` (`soft/hard`, `-1` for unlimited).
+//! - `environ`: its environment, one `NAME=value` a line.
+//! - `double-fork`: fork a child that calls setsid (leaving the worker's process group and
+//!   session) and forks a grandchild that sleeps forever; the child exits, and the reply is
+//!   the grandchild's pid: a process that escaped the worker.
+//! - `open PATH`: try to open PATH for reading; replies `opened` or `refused: errno N (...)`.
+//! - `signal PID`: send signal 0 to PID (the permission check of kill(2)); replies `allowed`
+//!   or `refused: errno N (...)`.
+//!
+//! It applies `ACGI_DUMPABLE` as the SDK does (`acgi_worker::apply_dumpable`).
 
 use std::io::{Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
@@ -78,6 +91,7 @@ fn main() {
         std::thread::sleep(Duration::from_millis(ms));
     }
     let crash_on = value("--crash-on");
+    acgi_worker::apply_dumpable().expect("PR_SET_DUMPABLE");
     // SAFETY: the bridge passed these descriptors to this process; each is taken once.
     let mut control = unsafe { UnixStream::from_raw_fd(env_fd(ENV_CONTROL_FD)) };
     // A second descriptor of the slot memfd, kept for the attacks on its size.
@@ -241,6 +255,31 @@ fn main() {
                     Ok(refused("ftruncate"))
                 }
             }
+            "report" => Ok(report().into_bytes()),
+            "environ" => {
+                let lines: Vec<String> = std::env::vars_os()
+                    .map(|(k, v)| format!("{}={}", k.to_string_lossy(), v.to_string_lossy()))
+                    .collect();
+                Ok(lines.join("\n").into_bytes())
+            }
+            "double-fork" => Ok(double_fork().to_string().into_bytes()),
+            "open" => match std::fs::File::open(argument) {
+                Ok(_) => Ok(b"opened".to_vec()),
+                Err(error) => Ok(format!(
+                    "refused: errno {} ({error})",
+                    error.raw_os_error().unwrap_or(0)
+                )
+                .into_bytes()),
+            },
+            "signal" => {
+                let pid: i32 = argument.parse().unwrap_or(0);
+                // SAFETY: kill(2) with signal 0 only checks whether we may signal `pid`.
+                if pid > 0 && unsafe { libc::kill(pid, 0) } == 0 {
+                    Ok(b"allowed".to_vec())
+                } else {
+                    Ok(refused("kill"))
+                }
+            }
             "extra-hello" => {
                 send(
                     &mut control,
@@ -285,6 +324,103 @@ fn main() {
                 send(&mut control, header, message.as_bytes());
             }
         }
+    }
+}
+
+/// What this process was started with (the `report` command).
+fn report() -> String {
+    let mut lines = Vec::new();
+    let fds: Vec<String> = std::fs::read_dir("/proc/self/fd")
+        .map(|dir| {
+            let mut fds: Vec<i32> = dir
+                .flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .collect();
+            fds.sort();
+            fds.iter().map(|fd| fd.to_string()).collect()
+        })
+        .unwrap_or_default();
+    // (read_dir's own descriptor is among them: the highest.)
+    lines.push(format!("fds: {}", fds.join(" ")));
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    for line in status.lines() {
+        let name = line.split(':').next().unwrap_or("");
+        if [
+            "SigIgn",
+            "SigBlk",
+            "SigCgt",
+            "NoNewPrivs",
+            "CapEff",
+            "Uid",
+            "Gid",
+            "Groups",
+        ]
+        .contains(&name)
+        {
+            lines.push(line.split_whitespace().collect::<Vec<_>>().join(" "));
+        }
+    }
+    // SAFETY: prctl/umask/getpgid/getsid/getrlimit with plain arguments and local out-values.
+    unsafe {
+        lines.push(format!("dumpable: {}", libc::prctl(libc::PR_GET_DUMPABLE)));
+        let mask = libc::umask(0);
+        libc::umask(mask);
+        lines.push(format!("umask: {mask:04o}"));
+        lines.push(format!("pgid: {}", libc::getpgid(0)));
+        lines.push(format!("sid: {}", libc::getsid(0)));
+        for (name, resource) in [
+            ("core", libc::RLIMIT_CORE),
+            ("nofile", libc::RLIMIT_NOFILE),
+            ("as", libc::RLIMIT_AS),
+            ("nproc", libc::RLIMIT_NPROC),
+        ] {
+            let mut limit: libc::rlimit = std::mem::zeroed();
+            libc::getrlimit(resource, &mut limit);
+            let show = |v: libc::rlim_t| {
+                if v == libc::RLIM_INFINITY {
+                    "-1".to_string()
+                } else {
+                    v.to_string()
+                }
+            };
+            lines.push(format!(
+                "{name}: {}/{}",
+                show(limit.rlim_cur),
+                show(limit.rlim_max)
+            ));
+        }
+    }
+    let cwd = std::env::current_dir().unwrap_or_default();
+    lines.push(format!("cwd: {}", cwd.display()));
+    lines.join("\n")
+}
+
+/// Fork a child that leaves the process group and session (setsid) and forks a grandchild
+/// that sleeps forever, then exits; returns the grandchild's pid.
+fn double_fork() -> i32 {
+    let mut pipe = [0i32; 2];
+    // SAFETY: pipe/fork/setsid/write/read/waitpid/pause/_exit on local values; this process
+    // is single-threaded, so the children may do anything until they exit.
+    unsafe {
+        assert_eq!(libc::pipe(pipe.as_mut_ptr()), 0);
+        let child = libc::fork();
+        if child == 0 {
+            libc::setsid();
+            let grandchild = libc::fork();
+            if grandchild == 0 {
+                loop {
+                    libc::pause();
+                }
+            }
+            libc::write(pipe[1], (&grandchild as *const i32).cast(), 4);
+            libc::_exit(0);
+        }
+        let mut grandchild = 0i32;
+        libc::read(pipe[0], (&mut grandchild as *mut i32).cast(), 4);
+        libc::waitpid(child, std::ptr::null_mut(), 0);
+        libc::close(pipe[0]);
+        libc::close(pipe[1]);
+        grandchild
     }
 }
 

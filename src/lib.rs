@@ -14,6 +14,8 @@
 //! - [`shm`]: the bridge's slots: creating each worker's memfd and mapping it (the layout and
 //!   accessors are `proto::slot`'s, re-exported).
 //! - [`config`]: the daemon's configuration and its validation.
+//! - [`confine`]: the worker boundary: the bridge's own hardening, workers' identities and
+//!   executables, and the reaper of their escaped descendants (docs/security.md).
 //! - `engine` and `pool`: the daemon itself (one io_uring event loop per core).
 //! - [`logging`]: log output that never blocks or ends the bridge.
 
@@ -23,6 +25,7 @@ pub use acgi_worker as worker;
 
 pub mod alloc_count;
 pub mod config;
+pub mod confine;
 pub mod engine;
 pub mod logging;
 pub mod metrics;

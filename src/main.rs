@@ -179,6 +179,9 @@ fn status(admin: Option<PathBuf>, config: Option<PathBuf>, json: bool) -> ExitCo
 fn check(path: &std::path::Path) -> ExitCode {
     match Config::load(path) {
         Ok(config) => {
+            for warning in config.warnings() {
+                eprintln!("{}: warning: {warning}", path.display());
+            }
             println!(
                 "{}: ok ({} services)",
                 path.display(),

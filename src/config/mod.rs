@@ -106,6 +106,9 @@ pub struct Config {
     /// saturation, see docs/performance.md) = plain receives into per-connection buffers.
     #[serde(default = "default_provided_buffers")]
     pub provided_buffers: u32,
+    /// When the bridge runs as root, refuse a service without `user` (instead of a warning).
+    #[serde(default)]
+    pub require_user: bool,
     /// Where to listen.
     pub listen: Listen,
     /// The services, at least one.
@@ -202,9 +205,45 @@ pub struct ServiceConfig {
     /// Arguments passed to the worker.
     #[serde(default)]
     pub args: Vec<String>,
-    /// Extra environment variables for the worker (the bridge's own environment is inherited).
+    /// Extra environment variables for the worker, set over the rest (`ACGI_*` is reserved).
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// Start workers with a cleared environment: only PATH (`SAFE_PATH` unless `env` sets
+    /// it), the `inherit_env` names, `env` and the protocol's variables. False: the bridge's
+    /// whole environment is inherited.
+    #[serde(default = "default_true")]
+    pub clear_env: bool,
+    /// Variables copied from the bridge's environment when `clear_env` is on.
+    #[serde(default)]
+    pub inherit_env: Vec<String>,
+    /// RLIMIT_CORE of the workers, soft and hard, in bytes (0: no core files).
+    #[serde(default)]
+    pub rlimit_core: u64,
+    /// Let workers stay dumpable (core files, ptrace and /proc/PID/mem by their own user).
+    #[serde(default)]
+    pub dumpable: bool,
+    /// The user workers run as: a name or a numeric uid (default: the bridge's own).
+    pub user: Option<String>,
+    /// The group workers run as: a name or a numeric gid (default: the user's primary group).
+    pub group: Option<String>,
+    /// The workers' working directory, entered as their user (default: the bridge's).
+    pub chdir: Option<PathBuf>,
+    /// The workers' umask, as an octal string (default: the bridge's).
+    pub umask: Option<String>,
+    /// RLIMIT_NOFILE of the workers, soft and hard (default: the soft limit the bridge was
+    /// started with, under its hard limit).
+    pub rlimit_nofile: Option<u64>,
+    /// RLIMIT_AS of the workers in bytes, soft and hard (default: inherited).
+    pub rlimit_as: Option<u64>,
+    /// RLIMIT_NPROC of the workers, soft and hard (default: inherited). Counted per real uid:
+    /// every process of the user, not per worker.
+    pub rlimit_nproc: Option<u64>,
+    /// The resolved user (from `user`/`group`), filled in by [`Config::load`].
+    #[serde(skip)]
+    pub identity: Option<crate::confine::Identity>,
+    /// The executable, resolved, checked and held open by [`Config::load`].
+    #[serde(skip)]
+    pub exec_file: Option<crate::confine::ExecFile>,
     /// How the pool sizes itself: `static`, `dynamic` or `ondemand` (PHP-FPM's meanings).
     #[serde(default = "default_mode")]
     pub mode: Mode,
@@ -275,7 +314,27 @@ pub struct ServiceConfig {
     pub worker_queue_depth: u32,
 }
 
+/// The PATH a worker gets when its environment is cleared and its service sets none.
+pub const SAFE_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+
 impl ServiceConfig {
+    /// The PATH this service's workers run with, and their `exec` is looked up on: the
+    /// service's `env.PATH`, else [`SAFE_PATH`] with `clear_env`, else the bridge's own.
+    pub fn worker_path(&self) -> std::ffi::OsString {
+        if let Some(path) = self.env.get("PATH") {
+            return path.into();
+        }
+        if self.clear_env {
+            return SAFE_PATH.into();
+        }
+        std::env::var_os("PATH").unwrap_or_else(|| SAFE_PATH.into())
+    }
+
+    /// The `umask` key's bits (validated by [`Config::problems`]).
+    pub fn umask_bits(&self) -> Option<u32> {
+        self.umask.as_deref().and_then(parse_mode)
+    }
+
     /// The pool policy this service's keys describe.
     pub fn policy(&self) -> Policy {
         let optional = |ms: u64| (ms > 0).then(|| Duration::from_millis(ms));
@@ -312,6 +371,9 @@ impl ServiceConfig {
     }
 }
 
+fn default_true() -> bool {
+    true
+}
 fn default_provided_buffers() -> u32 {
     0
 }
@@ -457,6 +519,8 @@ fn list(problems: &[Problem]) -> String {
 pub const WORKERS_MAX_PER_SERVICE: u32 = 4096;
 /// Longest duration accepted for any `*_ms` key: one day.
 pub const DURATION_MS_MAX: u64 = 86_400_000;
+/// Lowest `rlimit_as` accepted: 16 MiB.
+pub const RLIMIT_AS_MIN_BYTES: u64 = 16 << 20;
 /// Highest value accepted for `backlog_max`.
 pub const BACKLOG_MAX_CEILING: u32 = 1 << 20;
 
@@ -478,7 +542,10 @@ impl Config {
             message,
         })?;
         config.resolve_paths(&base_dir);
-        let problems = config.problems();
+        let mut problems = config.problems();
+        if problems.is_empty() {
+            problems = config.resolve_services();
+        }
         if problems.is_empty() {
             Ok(config)
         } else {
@@ -519,6 +586,77 @@ impl Config {
                 service.exec = resolve(&service.exec);
             }
         }
+    }
+
+    /// Resolve each service's identity and open its executable (checking it is trusted):
+    /// what `load` does once the config is otherwise valid. Returns the problems found.
+    pub fn resolve_services(&mut self) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        let bridge_uid = rustix::process::geteuid().as_raw();
+        for (index, service) in self.services.iter_mut().enumerate() {
+            let key = |field: &str| format!("service[{index}].{field}");
+            service.identity = match &service.user {
+                Some(user) => {
+                    match crate::confine::resolve_identity(user, service.group.as_deref()) {
+                        Ok(identity) => Some(identity),
+                        Err(reason) => {
+                            problems.push(Problem {
+                                key: key("user"),
+                                reason,
+                            });
+                            continue;
+                        }
+                    }
+                }
+                None => None,
+            };
+            let owner = service.identity.as_ref().map_or(bridge_uid, |i| i.uid);
+            let path = service.worker_path();
+            match crate::confine::open_exec(&service.exec, &path.to_string_lossy(), owner) {
+                Ok(file) => service.exec_file = Some(file),
+                Err(reason) => problems.push(Problem {
+                    key: key("exec"),
+                    reason,
+                }),
+            }
+        }
+        if self.require_user && bridge_uid == 0 {
+            problems.extend(self.root_services().into_iter().map(|index| {
+                Problem {
+                    key: format!("service[{index}].user"),
+                    reason: "require_user is set and the bridge runs as root: set `user` so that \
+                         this service's workers do not run as root"
+                        .into(),
+                }
+            }));
+        }
+        problems
+    }
+
+    /// The services whose workers would run as root (the bridge runs as root and they set
+    /// no `user`).
+    pub fn root_services(&self) -> Vec<usize> {
+        if !rustix::process::geteuid().is_root() {
+            return Vec::new();
+        }
+        (0..self.services.len())
+            .filter(|&index| self.services[index].user.is_none())
+            .collect()
+    }
+
+    /// What is allowed but unsafe, each naming its key (`check` prints them, `serve` logs them).
+    pub fn warnings(&self) -> Vec<Problem> {
+        self.root_services()
+            .into_iter()
+            .map(|index| Problem {
+                key: format!("service[{index}].user"),
+                reason: format!(
+                    "service {} has no `user` and the bridge runs as root: its workers run as \
+                     root (set `user`, or `require_user = true` to refuse this)",
+                    self.services[index].name
+                ),
+            })
+            .collect()
     }
 
     /// Every problem in the config, each naming its key.
@@ -692,7 +830,7 @@ impl Config {
                     format!("{:?} is used by another service", service.name),
                 );
             }
-            if let Err(reason) = check_executable(&service.exec) {
+            if let Err(reason) = check_executable(&service.exec, &service.worker_path()) {
                 problem(key("exec"), reason);
             }
             if service.max_workers == 0 || service.max_workers > WORKERS_MAX_PER_SERVICE {
@@ -787,6 +925,55 @@ impl Config {
                     format!("must be at most {BACKLOG_MAX_CEILING}"),
                 );
             }
+            if let Some(umask) = &service.umask {
+                if parse_mode(umask).is_none_or(|bits| bits > 0o777) {
+                    problem(
+                        key("umask"),
+                        format!("{umask:?} is not an octal umask like \"0027\""),
+                    );
+                }
+            }
+            if let Some(dir) = &service.chdir {
+                if !dir.is_absolute() {
+                    problem(key("chdir"), "must be an absolute path".into());
+                }
+            }
+            if service.group.is_some() && service.user.is_none() {
+                problem(key("group"), "needs `user` as well".into());
+            }
+            for name in &service.inherit_env {
+                if name.is_empty() || name.contains('=') || name.contains('\0') {
+                    problem(
+                        key("inherit_env"),
+                        format!("{name:?} is not a valid variable name"),
+                    );
+                }
+                if name.starts_with("ACGI_") {
+                    problem(
+                        key("inherit_env"),
+                        format!("{name} is reserved for the bridge"),
+                    );
+                }
+            }
+            for (name, value) in [
+                ("rlimit_nofile", service.rlimit_nofile),
+                ("rlimit_nproc", service.rlimit_nproc),
+            ] {
+                if value == Some(0) {
+                    problem(key(name), "must be at least 1".into());
+                }
+            }
+            if service
+                .rlimit_as
+                .is_some_and(|bytes| bytes < RLIMIT_AS_MIN_BYTES)
+            {
+                problem(
+                    key("rlimit_as"),
+                    format!(
+                        "must be at least {RLIMIT_AS_MIN_BYTES} bytes (no worker starts below)"
+                    ),
+                );
+            }
             for name in service.env.keys() {
                 if name.is_empty() || name.contains('=') || name.contains('\0') {
                     problem(key("env"), format!("{name:?} is not a valid variable name"));
@@ -828,13 +1015,12 @@ pub fn parse_mode(text: &str) -> Option<u32> {
 }
 
 /// Is `exec` something we can start? Bare names are looked up on PATH.
-fn check_executable(exec: &Path) -> Result<(), String> {
+fn check_executable(exec: &Path, path: &std::ffi::OsStr) -> Result<(), String> {
     use std::os::unix::fs::PermissionsExt;
     let candidates: Vec<PathBuf> = if exec.components().count() > 1 || exec.is_absolute() {
         vec![exec.to_path_buf()]
     } else {
-        let path = std::env::var_os("PATH").unwrap_or_default();
-        std::env::split_paths(&path)
+        std::env::split_paths(path)
             .map(|dir| dir.join(exec))
             .collect()
     };
@@ -851,7 +1037,11 @@ fn check_executable(exec: &Path) -> Result<(), String> {
     if candidates.len() == 1 {
         Err(format!("{} does not exist", exec.display()))
     } else {
-        Err(format!("{} is not found on PATH", exec.display()))
+        Err(format!(
+            "{} is not found on the workers' PATH ({})",
+            exec.display(),
+            path.to_string_lossy()
+        ))
     }
 }
 

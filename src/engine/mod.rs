@@ -173,6 +173,35 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         .map_err(|reason| anyhow::anyhow!("cores: {reason}"))?;
     let cores = cpus.len();
     let signal_fd = stop_signals()?;
+    crate::confine::harden_bridge().context("PR_SET_DUMPABLE / PR_SET_CHILD_SUBREAPER")?;
+    crate::confine::start_orphan_reaper().context("starting the orphan reaper")?;
+    for warning in config.warnings() {
+        tracing::warn!(key = %warning.key, "{}", warning.reason);
+    }
+    for service in &config.services {
+        let exec = service
+            .exec_file
+            .as_ref()
+            .context("the config was not loaded")?;
+        let (uid, gid) = service.identity.as_ref().map_or_else(
+            || {
+                (
+                    rustix::process::geteuid().as_raw(),
+                    rustix::process::getegid().as_raw(),
+                )
+            },
+            |i| (i.uid, i.gid),
+        );
+        tracing::info!(
+            service = %service.name,
+            exec = %exec.path.display(),
+            script = exec.script,
+            uid,
+            gid,
+            clear_env = service.clear_env,
+            "service workers run this executable"
+        );
+    }
     self::core::check_memlock(&config, cores);
     raise_nofile_limit(&config);
     // Each core's listeners: the Unix socket and the TCP socket are shared (every core accepts
@@ -336,6 +365,8 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         }
     }
     totals.add(&control.stop()?);
+    // No descendant of a worker outlives the bridge.
+    crate::confine::kill_all_children();
     tracing::info!(counters = ?totals, "stopped");
     Ok(())
 }

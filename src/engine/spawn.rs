@@ -6,20 +6,38 @@
 //! on its ring. The spawner thread lives as long as the bridge: a worker's parent-death signal
 //! fires when the thread that forked it exits.
 //!
-//! In the child, before exec: the signal mask is cleared (the bridge blocks SIGTERM/SIGINT for
-//! its signalfd, and masks survive exec), the parent-death signal is set to SIGKILL, and the
-//! worker gets its own process group (a terminal's Ctrl-C reaches the bridge, which stops the
-//! workers in order).
+//! Everything the child needs (argv, envp, rlimits, identity, the executable's descriptor) is
+//! built before the fork: between fork and exec the child makes only system calls, in this
+//! order, and reports a failure (which step, errno) on a close-on-exec pipe the spawner reads
+//! until exec succeeds or the child exits:
+//!
+//! 1. its own process group (so the bridge can signal the worker's whole group, and a
+//!    terminal's Ctrl-C reaches the bridge alone), parent-death signal SIGKILL;
+//! 2. stdin `/dev/null`, stdout and stderr the bridge's pipes, the control socket on 3, the
+//!    slot on 4, the executable on 5 (close-on-exec unless it is a `#!` script, whose
+//!    interpreter opens it as /dev/fd/5), and every other descriptor closed (close_range);
+//! 3. every signal's disposition reset to default and the signal mask cleared (the bridge
+//!    ignores SIGPIPE and blocks its handled signals; both survive exec);
+//! 4. rlimits (RLIMIT_NOFILE, RLIMIT_CORE, and RLIMIT_AS / RLIMIT_NPROC when configured), the
+//!    umask, then the identity (setgroups, setresgid, setresuid: raw system calls, which change
+//!    only this one thread, the only one there is), then the working directory (as the user);
+//! 5. PR_SET_NO_NEW_PRIVS 1 and PR_SET_DUMPABLE 0 (exec resets dumpability, so the worker
+//!    re-applies it from `ACGI_DUMPABLE`: protocol §6.1);
+//! 6. execveat(5, "", argv, envp, AT_EMPTY_PATH): the file checked at config load, whatever
+//!    now lies at its path.
+//!
+//! The spawner holds the worker registry's lock (`confine`) from before the fork until the
+//! worker is registered, so the orphan reaper never mistakes a new worker for an escapee.
 
 use std::collections::BTreeMap;
+use std::ffi::{CString, OsStr, OsString};
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
+use crate::config::{Config, ServiceConfig};
 use crate::shm::Slot;
 use crate::worker;
 
@@ -27,17 +45,13 @@ use crate::worker;
 /// with, before it raised its own (0: leave it as inherited).
 pub static WORKER_NOFILE_SOFT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
-/// Everything needed to start one worker of a service.
+/// The environment variable telling the worker whether to stay dumpable (`1`) or not (`0`).
+pub const ENV_DUMPABLE: &str = "ACGI_DUMPABLE";
+
+/// Everything needed to start one worker of a service: the service's index in the config.
 pub struct SpawnRequest {
     pub service_index: usize,
-    pub service_name: String,
-    pub service_id: u32,
-    pub exec: PathBuf,
-    pub args: Vec<String>,
-    pub env: BTreeMap<String, String>,
-    pub slot_capacity: u32,
-    pub max_payload_bytes: u32,
-    pub state_dir: PathBuf,
+    pub config: Arc<Config>,
 }
 
 /// A started worker process and the bridge's ends of its descriptors.
@@ -112,82 +126,418 @@ impl Spawner {
     }
 }
 
+/// A worker's whole environment: with `clear_env` (the default) the safe PATH and the
+/// `inherit_env` names copied from the bridge, else the bridge's own environment; then the
+/// service's `env` table; then the protocol's `ACGI_*` variables (§6.1), which nothing else
+/// may set (inherited `ACGI_*` variables are dropped).
+pub fn environment(config: &Config, service: &ServiceConfig) -> BTreeMap<OsString, OsString> {
+    let mut env: BTreeMap<OsString, OsString> = BTreeMap::new();
+    if service.clear_env {
+        env.insert("PATH".into(), crate::config::SAFE_PATH.into());
+        for name in &service.inherit_env {
+            if let Some(value) = std::env::var_os(name) {
+                env.insert(name.into(), value);
+            }
+        }
+    } else {
+        env.extend(std::env::vars_os());
+    }
+    env.retain(|name, _| !name.as_bytes().starts_with(b"ACGI_"));
+    for (name, value) in &service.env {
+        env.insert(name.into(), value.into());
+    }
+    let protocol: [(&str, OsString); 8] = [
+        (worker::ENV_CONTROL_FD, "3".into()),
+        (worker::ENV_SLOT_FD, "4".into()),
+        (
+            worker::ENV_MAX_PAYLOAD,
+            config.max_payload_bytes.to_string().into(),
+        ),
+        (worker::ENV_SERVICE, service.name.clone().into()),
+        ("ACGI_SERVICE_ID", service.id.to_string().into()),
+        (worker::ENV_STATE_DIR, config.state_dir.clone().into()),
+        (
+            ENV_DUMPABLE,
+            if service.dumpable { "1" } else { "0" }.into(),
+        ),
+        ("PATH", service.worker_path()),
+    ];
+    for (name, value) in protocol {
+        env.insert(name.into(), value);
+    }
+    env
+}
+
+/// The steps of the child between fork and exec, named in the error a failed one reports.
+const STEPS: [&str; 12] = [
+    "setpgid",
+    "PR_SET_PDEATHSIG",
+    "the bridge exited during spawn",
+    "moving descriptors",
+    "close_range",
+    "setrlimit",
+    "setgroups",
+    "setresgid",
+    "setresuid",
+    "chdir",
+    "PR_SET_NO_NEW_PRIVS",
+    "execveat",
+];
+
+/// One rlimit to set in the child: resource, soft, hard, and the config key it comes from.
+struct Limit {
+    resource: libc::__rlimit_resource_t,
+    value: libc::rlimit,
+    key: &'static str,
+}
+
+fn to_cstring(bytes: &[u8]) -> Result<CString, String> {
+    CString::new(bytes).map_err(|_| format!("{:?} contains a NUL byte", OsStr::from_bytes(bytes)))
+}
+
+/// The rlimits a service's workers are given.
+fn limits(service: &ServiceConfig) -> Vec<Limit> {
+    let exact = |value: u64| libc::rlimit {
+        rlim_cur: value as libc::rlim_t,
+        rlim_max: value as libc::rlim_t,
+    };
+    let mut limits = vec![Limit {
+        resource: libc::RLIMIT_CORE,
+        value: exact(service.rlimit_core),
+        key: "rlimit_core",
+    }];
+    match service.rlimit_nofile {
+        Some(value) => limits.push(Limit {
+            resource: libc::RLIMIT_NOFILE,
+            value: exact(value),
+            key: "rlimit_nofile",
+        }),
+        None => {
+            // The soft limit the bridge started with (it raised its own), under today's hard.
+            let soft = WORKER_NOFILE_SOFT.load(std::sync::atomic::Ordering::Relaxed);
+            let hard = rustix::process::getrlimit(rustix::process::Resource::Nofile).maximum;
+            if soft != 0 {
+                let hard = hard.unwrap_or(libc::RLIM_INFINITY);
+                limits.push(Limit {
+                    resource: libc::RLIMIT_NOFILE,
+                    value: libc::rlimit {
+                        rlim_cur: soft.min(hard),
+                        rlim_max: hard,
+                    },
+                    key: "rlimit_nofile",
+                });
+            }
+        }
+    }
+    if let Some(value) = service.rlimit_as {
+        limits.push(Limit {
+            resource: libc::RLIMIT_AS,
+            value: exact(value),
+            key: "rlimit_as",
+        });
+    }
+    if let Some(value) = service.rlimit_nproc {
+        limits.push(Limit {
+            resource: libc::RLIMIT_NPROC,
+            value: exact(value),
+            key: "rlimit_nproc",
+        });
+    }
+    limits
+}
+
 fn spawn(request: &SpawnRequest, parent_pid: i32) -> Result<Spawned, String> {
-    let name = &request.service_name;
-    let slot = Slot::create(&format!("acgi-slot-{name}"), request.slot_capacity)
+    let config = &*request.config;
+    let service = &config.services[request.service_index];
+    let name = &service.name;
+    let exec = service
+        .exec_file
+        .as_ref()
+        .ok_or_else(|| format!("service {name}: its executable was not opened at config load"))?;
+    let slot = Slot::create(&format!("acgi-slot-{name}"), service.slot_size_bytes)
         .map_err(|e| format!("service {name}: cannot create a slot: {e}"))?;
     let (bridge_end, worker_end) =
         UnixStream::pair().map_err(|e| format!("service {name}: socketpair failed: {e}"))?;
-    let worker_fd = worker_end.as_raw_fd();
-    let slot_fd = slot.fd().as_raw_fd();
 
-    let mut command = Command::new(&request.exec);
-    command
-        .args(&request.args)
-        .envs(&request.env)
-        .env(worker::ENV_CONTROL_FD, "3")
-        .env(worker::ENV_SLOT_FD, "4")
-        .env(
-            worker::ENV_MAX_PAYLOAD,
-            request.max_payload_bytes.to_string(),
+    // Everything the child uses, built (allocated) before the fork.
+    let mut argv_strings = vec![to_cstring(exec.path.as_os_str().as_bytes())?];
+    for arg in &service.args {
+        argv_strings.push(to_cstring(arg.as_bytes())?);
+    }
+    let mut envp_strings = Vec::new();
+    for (key, value) in environment(config, service) {
+        let mut pair = key.into_vec();
+        pair.push(b'=');
+        pair.extend_from_slice(value.as_bytes());
+        envp_strings.push(to_cstring(&pair)?);
+    }
+    let argv: Vec<*const libc::c_char> = argv_strings
+        .iter()
+        .map(|s| s.as_ptr())
+        .chain([std::ptr::null()])
+        .collect();
+    let envp: Vec<*const libc::c_char> = envp_strings
+        .iter()
+        .map(|s| s.as_ptr())
+        .chain([std::ptr::null()])
+        .collect();
+    let limits = limits(service);
+    let chdir = match &service.chdir {
+        Some(dir) => Some(to_cstring(dir.as_os_str().as_bytes())?),
+        None => None,
+    };
+    let umask = service.umask_bits();
+    let identity = service.identity.as_ref();
+    let groups: Vec<libc::gid_t> = identity.map(|i| i.groups.clone()).unwrap_or_default();
+    let empty_path = c"";
+    let open = |path: &std::path::Path| {
+        rustix::fs::open(
+            path,
+            rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
         )
-        .env(worker::ENV_SERVICE, name)
-        .env("ACGI_SERVICE_ID", request.service_id.to_string())
-        .env(worker::ENV_STATE_DIR, &request.state_dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0);
-    // SAFETY: the closure runs in the forked child before exec and calls only async-signal-safe
-    // functions (fcntl, dup2, getrlimit, setrlimit, sigprocmask, prctl, getppid) on descriptors it owns there.
-    unsafe {
-        command.pre_exec(move || {
-            // Move both descriptors above 2 first so that dup2 onto 3 and 4 cannot clobber
-            // one with the other; dup2 clears close-on-exec on the copies.
-            let control = libc::fcntl(worker_fd, libc::F_DUPFD_CLOEXEC, 10);
-            let slot = libc::fcntl(slot_fd, libc::F_DUPFD_CLOEXEC, 10);
-            if control < 0 || slot < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if libc::dup2(control, 3) < 0 || libc::dup2(slot, 4) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // The soft descriptor limit the bridge started with (it raised its own).
-            let soft = WORKER_NOFILE_SOFT.load(std::sync::atomic::Ordering::Relaxed);
-            if soft != 0 {
-                let mut limit: libc::rlimit = std::mem::zeroed();
-                if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
-                    limit.rlim_cur = soft.min(limit.rlim_max);
-                    libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-                }
-            }
-            let mut empty: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut empty);
-            libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if libc::getppid() != parent_pid {
-                return Err(std::io::Error::other("the bridge exited during spawn"));
-            }
-            Ok(())
+        .map_err(|e| format!("service {name}: {}: {e}", path.display()))
+    };
+    let stdin = open(std::path::Path::new("/dev/null"))?;
+    let pipe = || {
+        rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+            .map_err(|e| format!("service {name}: pipe failed: {e}"))
+    };
+    let (stdout_read, stdout_write) = pipe()?;
+    let (stderr_read, stderr_write) = pipe()?;
+    let (report_read, report_write) = pipe()?;
+    let fds = ChildFds {
+        stdin: stdin.as_raw_fd(),
+        stdout: stdout_write.as_raw_fd(),
+        stderr: stderr_write.as_raw_fd(),
+        control: worker_end.as_raw_fd(),
+        slot: slot.fd().as_raw_fd(),
+        exec: exec.fd.as_raw_fd(),
+        report: report_write.as_raw_fd(),
+    };
+    let script = exec.script;
+
+    let mut registry = crate::confine::registry();
+    // SAFETY: fork(2). The child runs only `child_setup`, which makes system calls on values
+    // built above (owned by this frame, alive in the child's copy of it) and ends in exec or
+    // _exit: no allocation, no lock, nothing that is not async-signal-safe.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(format!(
+            "service {name}: fork failed: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    if pid == 0 {
+        // SAFETY: in the child of fork (see above); it never returns.
+        unsafe {
+            let (step, errno) = child_setup(
+                &fds,
+                parent_pid,
+                script,
+                &limits,
+                umask,
+                identity.map(|i| (i.uid, i.gid)),
+                &groups,
+                chdir.as_deref(),
+                argv.as_ptr(),
+                envp.as_ptr(),
+                empty_path.as_ptr(),
+            );
+            let report = [step, errno as u32];
+            let bytes = std::slice::from_raw_parts(report.as_ptr().cast::<u8>(), 8);
+            libc::write(fds.report, bytes.as_ptr().cast(), bytes.len());
+            libc::_exit(127);
+        }
+    }
+    drop(report_write);
+    drop(worker_end);
+    drop(stdout_write);
+    drop(stderr_write);
+    // Until exec succeeds (EOF: the pipe was close-on-exec) or a step fails (its report).
+    let mut report = [0u8; 8];
+    let mut got = 0;
+    while got < report.len() {
+        match rustix::io::read(&report_read, &mut report[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(_) => break,
+        }
+    }
+    if got == 0 {
+        registry.insert(pid);
+        drop(registry);
+        tracing::debug!(service = %name, pid, exec = %exec.path.display(), "worker exec'd");
+        // The core reaps the child through its ring (WAITID).
+        return Ok(Spawned {
+            pid,
+            control: bridge_end.into(),
+            stdout: stdout_read,
+            stderr: stderr_read,
+            slot,
         });
     }
-    let mut child = command.spawn().map_err(|e| {
-        format!(
-            "service {name}: cannot start worker {}: {e}",
-            request.exec.display()
-        )
-    })?;
-    drop(worker_end);
-    let stdout = child.stdout.take().expect("piped").into();
-    let stderr = child.stderr.take().expect("piped").into();
-    // The core reaps the child through its ring (WAITID); `Child` is dropped without waiting.
-    Ok(Spawned {
-        pid: child.id() as i32,
-        control: bridge_end.into(),
-        stdout,
-        stderr,
-        slot,
-    })
+    // The child failed before exec and exits: reap it here (it was never registered).
+    // SAFETY: waitpid on our own child, which nobody else waits for (the reaper is held off).
+    unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
+    drop(registry);
+    let step = u32::from_ne_bytes(report[..4].try_into().expect("4 bytes")) as usize;
+    let errno = i32::from_ne_bytes(report[4..].try_into().expect("4 bytes"));
+    let what = STEPS.get(step).copied().unwrap_or("setup");
+    let error = std::io::Error::from_raw_os_error(errno);
+    let hint = match what {
+        "setrlimit" => {
+            let keys: Vec<&str> = limits.iter().map(|l| l.key).collect();
+            format!(" (one of {keys:?} is over the bridge's own hard limit)")
+        }
+        "setgroups" | "setresgid" | "setresuid" => {
+            " (changing user needs the bridge to run as root or with CAP_SETUID/CAP_SETGID)".into()
+        }
+        _ => String::new(),
+    };
+    Err(format!(
+        "service {name}: cannot start worker {}: {what}: {error}{hint}",
+        exec.path.display()
+    ))
+}
+
+/// The descriptors the child arranges, as they are numbered in the parent.
+struct ChildFds {
+    stdin: i32,
+    stdout: i32,
+    stderr: i32,
+    control: i32,
+    slot: i32,
+    exec: i32,
+    report: i32,
+}
+
+/// The child's steps between fork and exec; returns (step, errno) of the one that failed.
+///
+/// # Safety
+///
+/// Only in the child of a fork, which must end with `_exit` when this returns.
+#[allow(clippy::too_many_arguments)]
+unsafe fn child_setup(
+    fds: &ChildFds,
+    parent_pid: i32,
+    script: bool,
+    limits: &[Limit],
+    umask: Option<u32>,
+    identity: Option<(u32, u32)>,
+    groups: &[libc::gid_t],
+    chdir: Option<&std::ffi::CStr>,
+    argv: *const *const libc::c_char,
+    envp: *const *const libc::c_char,
+    empty_path: *const libc::c_char,
+) -> (u32, i32) {
+    let errno = || std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+    // SAFETY (whole body): system calls on plain values and on descriptors this process owns;
+    // the pointers are into the parent frame's argv/envp/groups, copied into this process.
+    unsafe {
+        if libc::setpgid(0, 0) != 0 {
+            return (0, errno());
+        }
+        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+            return (1, errno());
+        }
+        if libc::getppid() != parent_pid {
+            return (2, 0);
+        }
+        // Move every descriptor above the targets first, so that no dup2 clobbers a source.
+        let sources = [
+            fds.stdin,
+            fds.stdout,
+            fds.stderr,
+            fds.control,
+            fds.slot,
+            fds.exec,
+            fds.report,
+        ];
+        let mut moved = [0i32; 7];
+        for (slot, &fd) in moved.iter_mut().zip(sources.iter()) {
+            *slot = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 10);
+            if *slot < 0 {
+                return (3, errno());
+            }
+        }
+        // dup2 clears close-on-exec on 0-5; the report pipe goes to 6 and keeps it.
+        for (target, &fd) in moved[..6].iter().enumerate() {
+            if libc::dup2(fd, target as i32) < 0 {
+                return (3, errno());
+            }
+        }
+        if libc::dup3(moved[6], 6, libc::O_CLOEXEC) < 0 {
+            return (3, errno());
+        }
+        if !script && libc::fcntl(5, libc::F_SETFD, libc::FD_CLOEXEC) < 0 {
+            return (3, errno());
+        }
+        // From here on the report pipe is 6 (its failure reports go there).
+        if libc::close_range(7, libc::c_uint::MAX, 0) != 0 {
+            return report_on(6, 4, errno());
+        }
+        // The raw system call, so that the C library's reserved signals (32, 33), which its
+        // wrapper refuses, are reset too. All zeros is SIG_DFL, no flags, an empty mask.
+        let action = [0u64; 4];
+        for signal in 1..=64 {
+            if signal != libc::SIGKILL && signal != libc::SIGSTOP {
+                libc::syscall(
+                    libc::SYS_rt_sigaction,
+                    signal,
+                    action.as_ptr(),
+                    std::ptr::null_mut::<u64>(),
+                    8usize,
+                );
+            }
+        }
+        let mut empty: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut empty);
+        libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+        for limit in limits {
+            if libc::setrlimit(limit.resource, &limit.value) != 0 {
+                return report_on(6, 5, errno());
+            }
+        }
+        if let Some(mask) = umask {
+            libc::umask(mask as libc::mode_t);
+        }
+        if let Some((uid, gid)) = identity {
+            if libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) != 0 {
+                return report_on(6, 6, errno());
+            }
+            if libc::syscall(libc::SYS_setresgid, gid, gid, gid) != 0 {
+                return report_on(6, 7, errno());
+            }
+            if libc::syscall(libc::SYS_setresuid, uid, uid, uid) != 0 {
+                return report_on(6, 8, errno());
+            }
+        }
+        if let Some(dir) = chdir {
+            if libc::chdir(dir.as_ptr()) != 0 {
+                return report_on(6, 9, errno());
+            }
+        }
+        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1 as libc::c_ulong, 0, 0, 0) != 0 {
+            return report_on(6, 10, errno());
+        }
+        libc::prctl(libc::PR_SET_DUMPABLE, 0 as libc::c_ulong);
+        libc::execveat(5, empty_path, argv.cast(), envp.cast(), libc::AT_EMPTY_PATH);
+        report_on(6, 11, errno())
+    }
+}
+
+/// Write a failed step's report on `fd` directly (used once the report pipe has moved); the
+/// caller's write to the old number then fails harmlessly.
+///
+/// # Safety
+///
+/// Only in the child of a fork.
+unsafe fn report_on(fd: i32, step: u32, errno: i32) -> (u32, i32) {
+    let report = [step, errno as u32];
+    // SAFETY: writing 8 bytes of a local array to a descriptor this process owns.
+    unsafe { libc::write(fd, report.as_ptr().cast(), 8) };
+    // SAFETY: _exit ends the child without running anything of the parent's.
+    unsafe { libc::_exit(127) }
 }

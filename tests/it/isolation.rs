@@ -34,3 +34,141 @@ fn a_worker_cannot_truncate_or_grow_its_slot() {
     let status = bridge.service_status("faulty");
     assert_eq!(status.spawns, 2, "no worker was lost: {status:#?}");
 }
+
+/// Is the test running as root (creating users, changing uid)? Tests that need it say so and
+/// return when it is not.
+fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+/// One `name: value` line of a `report` reply.
+fn field<'a>(report: &'a str, name: &str) -> &'a str {
+    report
+        .lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(": "))
+        .unwrap_or_else(|| panic!("no {name} in the report:\n{report}"))
+}
+
+fn report(client: &mut acgi_bridge::client::BlockingClient, service: &str) -> String {
+    String::from_utf8(client.call(service, b"report").unwrap()).unwrap()
+}
+
+/// Poll (bounded) until `pid` is gone (or a zombie no one will wait for much longer).
+fn wait_gone(pid: i32, what: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        if stat.is_empty() {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what} (pid {pid}) is still there: {stat}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// A shell wrapper that starts the bridge with descriptors 7 and 8 open, SIGQUIT and SIGALRM
+/// ignored, and these extra environment variables (`NAME=value`).
+fn leaky_wrapper(env: &[&str]) -> Vec<String> {
+    let mut command: Vec<String> = vec!["env".into()];
+    command.extend(env.iter().map(|v| v.to_string()));
+    command.extend([
+        "sh".into(),
+        "-c".into(),
+        "trap '' QUIT ALRM; exec 7</dev/null 8>/dev/null; exec \"$@\"".into(),
+        "sh".into(),
+    ]);
+    command
+}
+
+#[test]
+fn a_worker_starts_with_nothing_the_bridge_inherited() {
+    // Proves spawn hardening: the bridge inherits descriptors 7 and 8 and two ignored signals,
+    // yet its worker holds only 0-4, every signal is default and none blocked, it cannot gain
+    // privileges (NoNewPrivs), dumps no core (RLIMIT_CORE 0/0), is not dumpable, and leads its
+    // own process group; `dumpable = true` and `rlimit_core` change only those two.
+    let wrapper = leaky_wrapper(&[]);
+    let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+    let mut loose = ServiceSpec::new(4, "loose", crate::common::example("faulty")).workers(1, 1);
+    loose.extra = "dumpable = true\nrlimit_core = 1048576\n".into();
+    let bridge = bridge()
+        .wrapper(&wrapper)
+        .service(ServiceSpec::faulty().workers(1, 1))
+        .service(loose)
+        .start();
+    let bridge_fds = crate::common::fd_list(bridge.pid());
+    assert!(
+        bridge_fds.iter().any(|fd| fd.starts_with("7 ")),
+        "the bridge inherited fd 7: {bridge_fds:?}"
+    );
+    let mut client = bridge.client();
+    let report = report(&mut client, "faulty");
+    // (5 is the one listing /proc/self/fd, 10 faulty's own copy of its slot.)
+    assert_eq!(field(&report, "fds"), "0 1 2 3 4 5 10", "{report}");
+    // Only SIGPIPE (bit 12), which faulty's own Rust runtime ignores at startup: not the
+    // bridge's QUIT and ALRM, nor anything else ignored on the way to it.
+    assert_eq!(field(&report, "SigIgn"), "0000000000001000", "{report}");
+    assert_eq!(field(&report, "SigBlk"), "0000000000000000", "{report}");
+    assert_eq!(field(&report, "NoNewPrivs"), "1", "{report}");
+    assert_eq!(field(&report, "core"), "0/0", "{report}");
+    assert_eq!(field(&report, "dumpable"), "0", "{report}");
+    let pid = String::from_utf8(client.call("faulty", b"pid").unwrap()).unwrap();
+    assert_eq!(field(&report, "pgid"), pid, "its own process group");
+    let loose = self::report(&mut client, "loose");
+    assert_eq!(field(&loose, "dumpable"), "1", "{loose}");
+    assert_eq!(field(&loose, "core"), "1048576/1048576", "{loose}");
+    assert_eq!(field(&loose, "NoNewPrivs"), "1", "{loose}");
+}
+
+#[test]
+fn the_bridge_is_not_dumpable_even_to_its_own_uid() {
+    // Proves PR_SET_DUMPABLE 0 on the bridge: run as uid 65534 (not root), its worker, of the
+    // same uid, cannot open /proc/<bridge>/mem or /proc/<bridge>/fd, which a same-uid process
+    // could otherwise.
+    if !is_root() {
+        eprintln!("skipped: needs root to start the bridge as another user");
+        return;
+    }
+    let wrapper = [
+        "sh",
+        "-c",
+        "chown -R 65534:65534 \"$(dirname \"$4\")\"; \
+         exec setpriv --reuid 65534 --regid 65534 --clear-groups \"$@\"",
+        "sh",
+    ];
+    let bridge = bridge()
+        .wrapper(&wrapper)
+        .service(ServiceSpec::faulty().workers(1, 1))
+        .start();
+    let mut client = bridge.client();
+    let report = report(&mut client, "faulty");
+    assert!(field(&report, "Uid").starts_with("Uid: 65534") || report.contains("Uid: 65534"));
+    for path in ["mem", "fd"] {
+        let probe = format!("open /proc/{}/{path}", bridge.pid());
+        let reply = String::from_utf8(client.call("faulty", probe.as_bytes()).unwrap()).unwrap();
+        assert!(reply.starts_with("refused: errno 13"), "{path}: {reply}");
+    }
+}
+
+#[test]
+fn a_double_forked_escapee_does_not_outlive_its_worker_or_the_bridge() {
+    // Proves the subreaper: a grandchild that left the worker's process group and session
+    // (fork, setsid, fork) is re-parented to the bridge, killed and reaped, and the log says so.
+    let mut bridge = bridge()
+        .service(ServiceSpec::faulty().workers(1, 1))
+        .start();
+    let mut client = bridge.client();
+    let reply = client.call("faulty", b"double-fork").unwrap();
+    let grandchild: i32 = String::from_utf8(reply).unwrap().parse().unwrap();
+    assert!(grandchild > 0);
+    wait_gone(grandchild, "the escaped grandchild");
+    let log = bridge.log();
+    assert!(log.contains("escaped its worker"), "{log}");
+    // The worker itself is untouched, and a second escapee dies with the bridge at the latest.
+    let reply = client.call("faulty", b"double-fork").unwrap();
+    let second: i32 = String::from_utf8(reply).unwrap().parse().unwrap();
+    assert!(bridge.stop().success());
+    wait_gone(second, "the second escapee after the bridge stopped");
+}

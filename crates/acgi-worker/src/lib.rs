@@ -47,6 +47,21 @@ pub const ENV_MAX_PAYLOAD: &str = "ACGI_MAX_PAYLOAD_BYTES";
 pub const ENV_SERVICE: &str = "ACGI_SERVICE";
 /// Environment variable with the bridge's `state_dir`.
 pub const ENV_STATE_DIR: &str = "ACGI_STATE_DIR";
+/// Environment variable saying whether the worker stays dumpable (`1`) or not (`0`, and when
+/// absent): exec resets dumpability, so the worker applies it itself (protocol §6.1).
+pub const ENV_DUMPABLE: &str = "ACGI_DUMPABLE";
+
+/// Apply `ACGI_DUMPABLE`: unless it is `1`, make this process non-dumpable (no core file; its
+/// memory and /proc files out of reach of other processes of its user). `serve` calls it first;
+/// a worker that speaks the protocol itself should too.
+pub fn apply_dumpable() -> io::Result<()> {
+    let dumpable = std::env::var(ENV_DUMPABLE).is_ok_and(|value| value == "1");
+    // SAFETY: prctl with integer arguments, on this process only.
+    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, dumpable as libc::c_ulong) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
 
 /// Set by SIGTERM: finish the job in hand, then return from `serve`.
 static STOP_REQUESTED: AtomicBool = AtomicBool::new(false);
@@ -204,6 +219,7 @@ where
     R: IntoReply,
 {
     let mut session = Session::from_env()?;
+    apply_dumpable().map_err(WorkerError::Io)?;
     install_sigterm_handler();
     session.hello()?;
     let served = serve_jobs(&mut session, &mut handler);

@@ -114,17 +114,9 @@ impl Core {
     }
 
     pub(super) fn request_spawn(&mut self, service: usize) {
-        let config = &self.config.services[service];
         self.spawner.request(SpawnRequest {
             service_index: service,
-            service_name: config.name.clone(),
-            service_id: config.id,
-            exec: config.exec.clone(),
-            args: config.args.clone(),
-            env: config.env.clone(),
-            slot_capacity: config.slot_size_bytes,
-            max_payload_bytes: self.config.max_payload_bytes,
-            state_dir: self.config.state_dir.clone(),
+            config: Arc::clone(&self.config),
         });
     }
 

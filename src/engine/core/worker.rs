@@ -528,6 +528,7 @@ impl Core {
             return;
         }
         worker.reaped = true;
+        crate::confine::forget_worker(worker.pid);
         let status = describe_exit(&worker.siginfo);
         let reason = match &worker.fate {
             Some(fate) => format!("{fate} ({status})"),
@@ -581,10 +582,16 @@ pub(super) fn rss_bytes(pid: i32) -> Option<u64> {
 }
 
 pub(super) fn kill(worker: &Worker, signal: i32) {
-    // Never signal a reaped pid: it may belong to another process by now.
+    // Never signal a reaped pid: it may belong to another process by now. The worker leads
+    // its own process group (spawn.rs): the group gets the signal too, so its children go with
+    // it (the worker itself is signalled apart, in case it left its group).
     if !worker.reaped {
-        // SAFETY: kill(2) with a pid we spawned and have not reaped yet.
-        unsafe { libc::kill(worker.pid, signal) };
+        // SAFETY: kill(2) with a pid we spawned and have not reaped yet, and with the group it
+        // leads (whose id cannot be reused while the unreaped leader holds it).
+        unsafe {
+            libc::kill(-worker.pid, signal);
+            libc::kill(worker.pid, signal);
+        }
     }
 }
 
