@@ -172,3 +172,62 @@ fn a_double_forked_escapee_does_not_outlive_its_worker_or_the_bridge() {
     assert!(bridge.stop().success());
     wait_gone(second, "the second escapee after the bridge stopped");
 }
+
+/// A worker's environment, as `NAME=value` lines.
+fn environ(client: &mut acgi_bridge::client::BlockingClient, service: &str) -> Vec<String> {
+    let reply = client.call(service, b"environ").unwrap();
+    String::from_utf8(reply)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn a_worker_gets_none_of_the_bridges_secrets_unless_named() {
+    // Proves clear_env (the default): a bridge started with DB_PASSWORD=secret gives its
+    // workers only the safe PATH, the protocol's ACGI_* variables, the service's `env` and the
+    // names in `inherit_env`; `clear_env = false` inherits everything but ACGI_*.
+    let wrapper = leaky_wrapper(&["DB_PASSWORD=secret", "OTHER=other", "ACGI_FORGED=1"]);
+    let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+    let faulty = crate::common::example("faulty");
+    let mut named = ServiceSpec::new(4, "named", faulty.clone()).workers(1, 1);
+    named.extra = "inherit_env = [\"DB_PASSWORD\", \"NOT_SET\"]\nenv = { EXTRA = \"x\" }\n".into();
+    let mut open = ServiceSpec::new(5, "open", faulty).workers(1, 1);
+    open.extra = "clear_env = false\n".into();
+    let bridge = bridge()
+        .wrapper(&wrapper)
+        .service(ServiceSpec::faulty().workers(1, 1))
+        .service(named)
+        .service(open)
+        .start();
+    let mut client = bridge.client();
+    let env = environ(&mut client, "faulty");
+    let names: Vec<&str> = env.iter().filter_map(|l| l.split('=').next()).collect();
+    assert_eq!(
+        names,
+        [
+            "ACGI_CONTROL_FD",
+            "ACGI_DUMPABLE",
+            "ACGI_MAX_PAYLOAD_BYTES",
+            "ACGI_SERVICE",
+            "ACGI_SERVICE_ID",
+            "ACGI_SLOT_FD",
+            "ACGI_STATE_DIR",
+            "PATH"
+        ],
+        "{env:?}"
+    );
+    assert!(env.contains(&"PATH=/usr/local/bin:/usr/bin:/bin".to_string()));
+    assert!(env.contains(&"ACGI_SERVICE=faulty".to_string()));
+    let env = environ(&mut client, "named");
+    assert!(env.contains(&"DB_PASSWORD=secret".to_string()), "{env:?}");
+    assert!(env.contains(&"EXTRA=x".to_string()), "{env:?}");
+    assert!(!env
+        .iter()
+        .any(|l| l.starts_with("OTHER=") || l.starts_with("NOT_SET")));
+    let env = environ(&mut client, "open");
+    assert!(env.contains(&"DB_PASSWORD=secret".to_string()), "{env:?}");
+    assert!(env.contains(&"OTHER=other".to_string()), "{env:?}");
+    assert!(!env.iter().any(|l| l.starts_with("ACGI_FORGED")), "{env:?}");
+}
