@@ -111,6 +111,10 @@ pub fn sweep_orphans() -> usize {
         }
         found += 1;
         let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let alive = stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z'));
         // SAFETY: kill(2) and waitid(2) on a child of this process that nobody else waits
         // for (workers are in the registry; the lock keeps spawns out meanwhile).
         let reaped = unsafe {
@@ -124,12 +128,14 @@ pub fn sweep_orphans() -> usize {
             ) == 0
                 && info.si_pid() == pid
         };
-        if !reaped {
+        // (One already dead is only reaped; a live one is reaped at once or at the next sweep.)
+        if alive {
             tracing::warn!(
                 pid,
                 comm = comm.trim_end(),
-                "killed a process that escaped its worker's process group and outlived its \
-                 parent (workers may not leave processes behind)"
+                reaped,
+                "killed a process that escaped its worker and outlived its parent (workers may \
+                 not leave processes behind)"
             );
         }
     }

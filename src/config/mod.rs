@@ -1096,6 +1096,57 @@ mod tests {
         assert_eq!(config.provided_buffers, 0);
         assert_eq!(config.idle_spin_us, 0);
         assert_eq!(config.worker_affinity, WorkerAffinity::Any);
+        // The worker boundary's keys (docs/security.md).
+        assert!(!config.require_user);
+        assert!(service.clear_env && service.inherit_env.is_empty());
+        assert_eq!((service.rlimit_core, service.dumpable), (0, false));
+        assert_eq!((&service.user, &service.group), (&None, &None));
+        assert_eq!((&service.chdir, &service.umask), (&None, &None));
+        assert_eq!(
+            (
+                service.rlimit_nofile,
+                service.rlimit_as,
+                service.rlimit_nproc
+            ),
+            (None, None, None)
+        );
+        assert_eq!(service.worker_path(), SAFE_PATH);
+    }
+
+    #[test]
+    fn bad_identity_keys_are_named() {
+        // Proves the identity keys' validation: a bad umask, a relative chdir, a group without
+        // a user, a reserved inherit_env name, zero limits, and an unknown user at load.
+        let text = minimal()
+            + "umask = \"0999\"\nchdir = \"rel\"\ngroup = \"root\"\n\
+               inherit_env = [\"ACGI_X\"]\nrlimit_nofile = 0\nrlimit_as = 1\n";
+        let keys: Vec<String> = Config::parse(&text)
+            .unwrap()
+            .problems()
+            .into_iter()
+            .map(|p| p.key)
+            .collect();
+        for key in [
+            "umask",
+            "chdir",
+            "group",
+            "inherit_env",
+            "rlimit_nofile",
+            "rlimit_as",
+        ] {
+            assert!(
+                keys.contains(&format!("service[0].{key}")),
+                "{key}: {keys:?}"
+            );
+        }
+        let mut config = Config::parse(&(minimal() + "user = \"no-such-user-here\"\n")).unwrap();
+        let problems = config.resolve_services();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].key, "service[0].user");
+        assert!(
+            problems[0].reason.contains("no-such-user-here"),
+            "{problems:?}"
+        );
     }
 
     #[test]

@@ -164,8 +164,12 @@ fn a_double_forked_escapee_does_not_outlive_its_worker_or_the_bridge() {
     let grandchild: i32 = String::from_utf8(reply).unwrap().parse().unwrap();
     assert!(grandchild > 0);
     wait_gone(grandchild, "the escaped grandchild");
-    let log = bridge.log();
-    assert!(log.contains("escaped its worker"), "{log}");
+    // (The log is written by a thread of its own: poll it, bounded.)
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !bridge.log().contains("escaped its worker") {
+        assert!(std::time::Instant::now() < deadline, "{}", bridge.log());
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
     // The worker itself is untouched, and a second escapee dies with the bridge at the latest.
     let reply = client.call("faulty", b"double-fork").unwrap();
     let second: i32 = String::from_utf8(reply).unwrap().parse().unwrap();
@@ -230,4 +234,149 @@ fn a_worker_gets_none_of_the_bridges_secrets_unless_named() {
     assert!(env.contains(&"DB_PASSWORD=secret".to_string()), "{env:?}");
     assert!(env.contains(&"OTHER=other".to_string()), "{env:?}");
     assert!(!env.iter().any(|l| l.starts_with("ACGI_FORGED")), "{env:?}");
+}
+
+/// Create a system user (and its group) for the tests, if it does not exist yet; its uid.
+fn test_user(name: &str) -> u32 {
+    let exists = |name: &str| {
+        std::process::Command::new("id")
+            .args(["-u", name])
+            .output()
+            .ok()
+            .filter(|out| out.status.success())
+            .map(|out| {
+                String::from_utf8_lossy(&out.stdout)
+                    .trim()
+                    .parse::<u32>()
+                    .unwrap()
+            })
+    };
+    if let Some(uid) = exists(name) {
+        return uid;
+    }
+    // Two tests may race to create it: either useradd succeeds or the user exists after.
+    let _ = std::process::Command::new("useradd")
+        .args(["--system", "--no-create-home", "--user-group", "--shell"])
+        .args(["/usr/sbin/nologin", name])
+        .status();
+    exists(name).unwrap_or_else(|| panic!("cannot create the test user {name}"))
+}
+
+#[test]
+fn workers_of_different_users_cannot_reach_the_bridge_or_each_other() {
+    // Proves `user`: service A's worker runs as user a (its uid, gid and initgroups' groups,
+    // no capabilities, NoNewPrivs), with its umask, chdir and rlimits; it cannot open the
+    // bridge's /proc/PID/fd or /proc/PID/mem, cannot signal service B's worker (user b), and
+    // cannot truncate its slot, while its slot and control socket work as for any worker.
+    if !is_root() {
+        eprintln!("skipped: needs root to create users and change uid");
+        return;
+    }
+    let uid_a = test_user("acgi-test-a");
+    let uid_b = test_user("acgi-test-b");
+    let faulty = crate::common::example("faulty");
+    let mut a = ServiceSpec::new(4, "a", faulty.clone()).workers(1, 1);
+    a.extra = "user = \"acgi-test-a\"\numask = \"0027\"\nchdir = \"/tmp\"\n\
+               rlimit_nofile = 256\nrlimit_as = 4294967296\nrlimit_nproc = 4096\n"
+        .into();
+    let mut b = ServiceSpec::new(5, "b", faulty).workers(1, 1);
+    b.extra = format!("user = \"{uid_b}\"\n");
+    let bridge = bridge().service(a).service(b).start();
+    let mut client = bridge.client();
+    let report = report(&mut client, "a");
+    assert_eq!(
+        field(&report, "Uid"),
+        format!("{uid_a} {uid_a} {uid_a} {uid_a}")
+    );
+    let gid_a = field(&report, "Gid").split(' ').next().unwrap().to_string();
+    assert_ne!(gid_a, "0", "{report}");
+    assert_eq!(
+        field(&report, "Groups"),
+        gid_a,
+        "initgroups' list: {report}"
+    );
+    assert_eq!(field(&report, "CapEff"), "0000000000000000", "{report}");
+    assert_eq!(field(&report, "NoNewPrivs"), "1", "{report}");
+    assert_eq!(field(&report, "umask"), "0027", "{report}");
+    assert_eq!(field(&report, "cwd"), "/tmp", "{report}");
+    assert_eq!(field(&report, "nofile"), "256/256", "{report}");
+    assert_eq!(field(&report, "as"), "4294967296/4294967296", "{report}");
+    assert_eq!(field(&report, "nproc"), "4096/4096", "{report}");
+    let report_b = self::report(&mut client, "b");
+    assert!(report_b.contains(&format!("Uid: {uid_b} ")), "{report_b}");
+
+    let mut probe =
+        |command: String| String::from_utf8(client.call("a", command.as_bytes()).unwrap()).unwrap();
+    let bridge_pid = bridge.pid();
+    for path in ["fd", "mem", "environ"] {
+        let reply = probe(format!("open /proc/{bridge_pid}/{path}"));
+        assert!(reply.starts_with("refused: errno 13"), "{path}: {reply}");
+    }
+    let pid_b = String::from_utf8(bridge.client().call("b", b"pid").unwrap()).unwrap();
+    let reply = probe(format!("signal {pid_b}"));
+    assert!(reply.starts_with("kill refused: errno 1 "), "{reply}");
+    let reply = probe(format!("signal {bridge_pid}"));
+    assert!(reply.starts_with("kill refused: errno 1 "), "{reply}");
+    let reply = probe("truncate-slot".into());
+    assert!(reply.starts_with("ftruncate refused: errno 1 "), "{reply}");
+    // Non-dumpable after exec (the SDK's apply_dumpable): its /proc files belong to root.
+    let pid_a = probe("pid".into());
+    let owner = std::os::unix::fs::MetadataExt::uid(
+        &std::fs::metadata(format!("/proc/{pid_a}/environ")).unwrap(),
+    );
+    assert_eq!(owner, 0, "a non-dumpable worker's /proc files are root's");
+    // In-slot and copy-path requests still work for a worker of another uid.
+    assert_eq!(probe("echo hi".into()), "hi");
+    let big = format!("big {}", 200_000);
+    assert_eq!(client.call("a", big.as_bytes()).unwrap().len(), 200_000);
+}
+
+#[test]
+fn a_service_without_user_is_named_when_the_bridge_runs_as_root() {
+    // Proves the root warning: `check` names the service that would run as root and serve
+    // logs it; with `require_user = true` check fails naming service[0].user and serve refuses.
+    if !is_root() {
+        eprintln!("skipped: the warning is about a bridge running as root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let check = |top: &str| {
+        let builder = bridge().top(top).service(ServiceSpec::faulty());
+        let path = dir.path().join("check.toml");
+        std::fs::write(&path, builder.config_text(dir.path())).unwrap();
+        let out = std::process::Command::new(crate::common::bridge_exe())
+            .args(["check", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, stderr) = check("");
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        stderr.contains("warning: service[0].user: service faulty has no `user`"),
+        "{stderr}"
+    );
+    let (code, stderr) = check("require_user = true");
+    assert_eq!(code, Some(78), "{stderr}");
+    assert!(
+        stderr.contains("service[0].user: require_user is set"),
+        "{stderr}"
+    );
+    let bridge = bridge()
+        .service(ServiceSpec::faulty().workers(1, 1))
+        .start();
+    assert!(
+        bridge.log().contains("its workers run as root"),
+        "{}",
+        bridge.log()
+    );
+    let refused = crate::common::bridge()
+        .top("require_user = true")
+        .service(ServiceSpec::faulty())
+        .try_start();
+    assert!(refused.is_err_and(|why| why.contains("require_user")));
 }
