@@ -380,3 +380,139 @@ fn a_service_without_user_is_named_when_the_bridge_runs_as_root() {
         .try_start();
     assert!(refused.is_err_and(|why| why.contains("require_user")));
 }
+
+/// Run `acgi-bridge check` on a config with this one service: (exit code, stderr).
+fn check_service(dir: &std::path::Path, service: ServiceSpec) -> (Option<i32>, String) {
+    let path = dir.join("check.toml");
+    std::fs::write(&path, bridge().service(service).config_text(dir)).unwrap();
+    let out = std::process::Command::new(crate::common::bridge_exe())
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn the_executable_checked_at_load_is_the_one_that_runs() {
+    // Proves exec trust: the executable is opened once at load and run with execveat on that
+    // descriptor, so a file renamed over its path later is not what a new worker runs; a bare
+    // name is resolved on the worker's PATH and logged.
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("worker");
+    std::fs::copy(crate::common::example("faulty"), &path).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let bridge = bridge()
+        .service(ServiceSpec::new(3, "faulty", path.clone()).workers(1, 1))
+        .start();
+    let mut client = bridge.client();
+    let first: i32 = String::from_utf8(client.call("faulty", b"pid").unwrap())
+        .unwrap()
+        .parse()
+        .unwrap();
+    // Swap in another program (echo answers `pid` with `pid`), then make the pool respawn.
+    let swapped = dir.path().join("swapped");
+    std::fs::copy(crate::common::example("echo"), &swapped).unwrap();
+    std::fs::rename(&swapped, &path).unwrap();
+    assert!(client.call("faulty", b"exit").is_err());
+    let reply = String::from_utf8(client.call("faulty", b"pid").unwrap()).unwrap();
+    let second: i32 = reply
+        .parse()
+        .unwrap_or_else(|_| panic!("the swapped-in file ran: {reply:?}"));
+    assert_ne!(first, second, "a new worker");
+    let log = bridge.log();
+    assert!(
+        log.contains(&format!("exec={}", path.display())),
+        "the resolved path is logged: {log}"
+    );
+
+    // A bare name, found on the service's own PATH.
+    let examples = crate::common::example("faulty");
+    let mut bare = ServiceSpec::new(3, "faulty", "faulty".into()).workers(1, 1);
+    bare.extra = format!(
+        "env = {{ PATH = {:?} }}\n",
+        examples.parent().unwrap().display().to_string()
+    );
+    let bridge = crate::common::bridge().service(bare).start();
+    assert!(bridge.client().call("faulty", b"pid").is_ok());
+    assert!(bridge
+        .log()
+        .contains(&format!("exec={}", examples.display())));
+}
+
+#[test]
+fn an_executable_others_can_change_is_refused_at_load() {
+    // Proves sshd-style StrictModes on `exec`: a file writable by group or others, or owned by
+    // a uid that is neither root nor the service's user, is a config error naming the path,
+    // from `check` and from `serve`; so is a missing name on the worker's PATH.
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("worker");
+    std::fs::copy(crate::common::example("faulty"), &path).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o775)).unwrap();
+    let service = || ServiceSpec::new(3, "faulty", path.clone()).workers(1, 1);
+    let (code, stderr) = check_service(dir.path(), service());
+    assert_eq!(code, Some(78), "{stderr}");
+    assert!(
+        stderr.contains("service[0].exec")
+            && stderr.contains(&path.display().to_string())
+            && stderr.contains("writable by its group or others (mode 0775)"),
+        "{stderr}"
+    );
+    let refused = bridge().service(service()).try_start();
+    assert!(refused.is_err_and(|why| why.contains("writable by its group or others")));
+    if is_root() {
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::os::unix::fs::chown(&path, Some(65533), Some(65533)).unwrap();
+        let (code, stderr) = check_service(dir.path(), service());
+        assert_eq!(code, Some(78), "{stderr}");
+        assert!(stderr.contains("is owned by uid 65533"), "{stderr}");
+        // Owned by the service's own user, it is trusted.
+        let mut owned = service();
+        owned.extra = "user = \"65533\"\ngroup = \"65533\"\n".into();
+        let (code, stderr) = check_service(dir.path(), owned);
+        assert_eq!(code, Some(0), "{stderr}");
+    }
+    let (code, stderr) = check_service(
+        dir.path(),
+        ServiceSpec::new(3, "faulty", "no-such-worker-anywhere".into()),
+    );
+    assert_eq!(code, Some(78), "{stderr}");
+    assert!(
+        stderr.contains("not found on the workers' PATH (/usr/local/bin:/usr/bin:/bin)"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn scripts_run_through_their_interpreter_from_the_held_descriptor() {
+    // Proves execveat works for `#!` scripts (the interpreter opens the held descriptor as
+    // /dev/fd/5): a `#!/bin/sh` script that execs faulty, and the Python worker written from
+    // the spec (`#!/usr/bin/env python3`), both serve.
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("worker.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nexec {} \"$@\"\n",
+            crate::common::example("faulty").display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let python =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/py_echo_worker.py");
+    let bridge = bridge()
+        .service(ServiceSpec::new(3, "faulty", script).workers(1, 1))
+        .service(ServiceSpec::new(6, "py", python).workers(1, 1))
+        .start();
+    let mut client = bridge.client();
+    assert_eq!(client.call("faulty", b"echo from sh").unwrap(), b"from sh");
+    assert_eq!(client.call("py", b"from python").unwrap(), b"from python");
+    assert!(bridge.log().contains("script=true"), "{}", bridge.log());
+}
