@@ -8,12 +8,13 @@
 //!   (no core file, no ptrace or /proc/PID/mem from same-uid processes, /proc/PID/* owned by
 //!   root) and a child subreaper, so that a worker's descendants that leave its process group
 //!   (setsid, double fork) are re-parented to the bridge instead of to init;
-//! - the registry of live worker pids ([`WorkerRegistry`]): the spawner adds a worker while it
-//!   still holds the registry's lock from before the fork, the core removes it when it reaps it;
+//! - the registry of live worker pids ([`WorkerRegistry`]): the spawner adds a child while it
+//!   still holds the registry's lock from before the fork, the core removes it when it reaps it
+//!   (the spawner, for a child whose setup failed);
 //! - the orphan reaper ([`start_orphan_reaper`]): every [`ORPHAN_SWEEP_INTERVAL`] it kills and
 //!   reaps every child of the bridge that is not a registered worker. Such a child can only be
 //!   a worker's descendant that outlived its parent: no process a worker starts may outlive the
-//!   worker that started it, nor the bridge ([`kill_all_children`] at exit);
+//!   worker that started it, nor the bridge ([`KillChildrenOnDrop`] at exit);
 //! - resolving a service's identity (user, group, supplementary groups) and checking that its
 //!   executable is trusted, at config load, before any fork.
 //!
@@ -152,6 +153,16 @@ pub fn start_orphan_reaper() -> std::io::Result<()> {
             sweep_orphans();
         })?;
     Ok(())
+}
+
+/// Calls [`kill_all_children`] when dropped: held by `engine::run` so that every way out of
+/// it (a graceful stop, a core's error) kills the escapees left.
+pub struct KillChildrenOnDrop;
+
+impl Drop for KillChildrenOnDrop {
+    fn drop(&mut self) {
+        kill_all_children();
+    }
 }
 
 /// At exit: SIGKILL every child still there (escapees; workers are gone by now, and would die

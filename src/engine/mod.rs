@@ -175,6 +175,8 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     let signal_fd = stop_signals()?;
     crate::confine::harden_bridge().context("PR_SET_DUMPABLE / PR_SET_CHILD_SUBREAPER")?;
     crate::confine::start_orphan_reaper().context("starting the orphan reaper")?;
+    // However run() ends, no descendant of a worker outlives the bridge.
+    let _kill_children = crate::confine::KillChildrenOnDrop;
     for warning in config.warnings() {
         tracing::warn!(key = %warning.key, "{}", warning.reason);
     }
@@ -365,8 +367,6 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         }
     }
     totals.add(&control.stop()?);
-    // No descendant of a worker outlives the bridge.
-    crate::confine::kill_all_children();
     tracing::info!(counters = ?totals, "stopped");
     Ok(())
 }

@@ -27,7 +27,9 @@
 //!    now lies at its path.
 //!
 //! The spawner holds the worker registry's lock (`confine`) from before the fork until the
-//! worker is registered, so the orphan reaper never mistakes a new worker for an escapee.
+//! child is registered (just after the fork, before waiting for its exec), so the orphan reaper
+//! never mistakes a new worker for an escapee; a child whose setup fails is reaped here and
+//! unregistered.
 
 use std::collections::BTreeMap;
 use std::ffi::{CString, OsStr, OsString};
@@ -350,6 +352,8 @@ fn spawn(request: &SpawnRequest, parent_pid: i32) -> Result<Spawned, String> {
             libc::_exit(127);
         }
     }
+    registry.insert(pid);
+    drop(registry);
     drop(report_write);
     drop(worker_end);
     drop(stdout_write);
@@ -366,8 +370,6 @@ fn spawn(request: &SpawnRequest, parent_pid: i32) -> Result<Spawned, String> {
         }
     }
     if got == 0 {
-        registry.insert(pid);
-        drop(registry);
         tracing::debug!(service = %name, pid, exec = %exec.path.display(), "worker exec'd");
         // The core reaps the child through its ring (WAITID).
         return Ok(Spawned {
@@ -378,10 +380,11 @@ fn spawn(request: &SpawnRequest, parent_pid: i32) -> Result<Spawned, String> {
             slot,
         });
     }
-    // The child failed before exec and exits: reap it here (it was never registered).
-    // SAFETY: waitpid on our own child, which nobody else waits for (the reaper is held off).
+    // The child failed before exec and exits: reap it here (no core knows it), then forget it.
+    // SAFETY: waitpid on our own child, which nobody else waits for (the reaper skips it while
+    // it is registered).
     unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
-    drop(registry);
+    crate::confine::forget_worker(pid);
     let step = u32::from_ne_bytes(report[..4].try_into().expect("4 bytes")) as usize;
     let errno = i32::from_ne_bytes(report[4..].try_into().expect("4 bytes"));
     let what = STEPS.get(step).copied().unwrap_or("setup");
