@@ -174,6 +174,20 @@ pub fn kill_all_children() {
     }
 }
 
+/// `CAP_SETGID` and `CAP_SETUID` (linux/capability.h), which changing a worker's ids needs.
+pub const CAP_SETGID: u32 = 6;
+pub const CAP_SETUID: u32 = 7;
+
+/// Does this process have `capability` (a `CAP_*` number) in its effective set?
+pub fn has_capability(capability: u32) -> bool {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .is_some_and(|set| set & (1u64 << capability) != 0)
+}
+
 /// Who a service's workers run as, resolved at config load.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Identity {

@@ -610,6 +610,22 @@ impl Config {
                 }
                 None => None,
             };
+            if let Some(identity) = &service.identity {
+                let bridge_gid = rustix::process::getegid().as_raw();
+                let changes = identity.uid != bridge_uid || identity.gid != bridge_gid;
+                let may = crate::confine::has_capability(crate::confine::CAP_SETUID)
+                    && crate::confine::has_capability(crate::confine::CAP_SETGID);
+                if changes && !may {
+                    problems.push(Problem {
+                        key: key("user"),
+                        reason: format!(
+                            "running workers as {} (uid {}, gid {}) needs the bridge to run as \
+                             root or with CAP_SETUID and CAP_SETGID; it runs as uid {bridge_uid}",
+                            identity.user, identity.uid, identity.gid
+                        ),
+                    });
+                }
+            }
             let owner = service.identity.as_ref().map_or(bridge_uid, |i| i.uid);
             let path = service.worker_path();
             match crate::confine::open_exec(&service.exec, &path.to_string_lossy(), owner) {
