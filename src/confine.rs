@@ -71,8 +71,9 @@ pub fn registry() -> MutexGuard<'static, WorkerRegistry> {
 impl WorkerRegistry {
     pub fn insert(&mut self, pid: i32) {
         assert!(pid > 0);
-        let fresh = self.pids.insert(pid);
-        assert!(fresh, "worker pid {pid} registered twice");
+        // (A pid reaped a moment ago may be the kernel's next one before its core has called
+        // `forget_worker`: it is ours again either way.)
+        self.pids.insert(pid);
     }
 
     fn contains(&self, pid: i32) -> bool {
