@@ -8,6 +8,27 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
 
+thread_local! {
+    /// This thread's allocations are not counted (housekeeping threads off the data path).
+    static UNCOUNTED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Stop counting the calling thread's allocations, for the rest of its life: for housekeeping
+/// threads (the orphan reaper) whose periodic work is not the data path the count is about.
+pub fn stop_counting_this_thread() {
+    UNCOUNTED.with(|uncounted| uncounted.set(true));
+}
+
+fn count() {
+    // (try_with: during a thread's teardown its locals may be gone; count then.)
+    if !UNCOUNTED
+        .try_with(|uncounted| uncounted.get())
+        .unwrap_or(false)
+    {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 /// The system allocator, counting calls to `alloc` and `realloc`.
 pub struct CountingAllocator;
 
@@ -15,19 +36,19 @@ pub struct CountingAllocator;
 // on the memory handed out.
 unsafe impl GlobalAlloc for CountingAllocator {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        count();
         // SAFETY: forwarded with the caller's layout, under the caller's contract.
         unsafe { System.alloc(layout) }
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        count();
         // SAFETY: as above.
         unsafe { System.alloc_zeroed(layout) }
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        count();
         // SAFETY: as above; ptr was allocated by this allocator with this layout.
         unsafe { System.realloc(ptr, layout, new_size) }
     }

@@ -149,9 +149,12 @@ pub fn sweep_orphans() -> usize {
 pub fn start_orphan_reaper() -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("acgi-reaper".into())
-        .spawn(|| loop {
-            std::thread::sleep(ORPHAN_SWEEP_INTERVAL);
-            sweep_orphans();
+        .spawn(|| {
+            crate::alloc_count::stop_counting_this_thread();
+            loop {
+                std::thread::sleep(ORPHAN_SWEEP_INTERVAL);
+                sweep_orphans();
+            }
         })?;
     Ok(())
 }
