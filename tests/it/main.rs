@@ -15,4 +15,5 @@ mod lifecycle;
 mod metrics;
 mod pool;
 mod roundtrip;
+mod sdk_c;
 mod unkillable;

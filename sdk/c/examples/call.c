@@ -83,6 +83,7 @@ int main(int argc, char **argv) {
 
     client = acgi_client_connect(argv[optind], &err);
     if (client == NULL) {
+        if (argc - optind == 2) free(request);
         fprintf(stderr, "acgi-call: failed kind=%d retry=%s: %s\n", (int)err.kind,
                 retry_name(err.retry), err.message);
         return 4;
