@@ -133,7 +133,11 @@ impl Sanitizers {
                 format!("{}:\n{text}", entry.path().display())
             })
             .collect();
-        assert!(reports.is_empty(), "sanitizer reports:\n{}", reports.join("\n"));
+        assert!(
+            reports.is_empty(),
+            "sanitizer reports:\n{}",
+            reports.join("\n")
+        );
     }
 }
 
@@ -153,6 +157,13 @@ fn c_bridge() -> BridgeBuilder {
 /// that each C worker exited 0 (ASan's leak check runs at exit and would exit 99), and that
 /// no sanitizer wrote a report.
 fn finish(mut bridge: Bridge, san: &Sanitizers) {
+    // A worker still starting (a replacement) may get SIGTERM before its SDK is listening
+    // for it; only workers that said Hello are held to exiting 0.
+    bridge.wait_status("no worker starting", |s| {
+        s.services
+            .iter()
+            .all(|service| service.workers_starting == 0)
+    });
     let status = bridge.stop();
     assert!(status.success(), "bridge exit: {status}");
     let log = bridge.log();
@@ -230,7 +241,7 @@ fn wait_pid_file(path: &Path) -> i32 {
 /// Wait (bounded) for the bridge to log the exit of `pid`; returns that line.
 fn wait_exit_logged(bridge: &Bridge, pid: i32) -> String {
     let deadline = Instant::now() + Duration::from_secs(20);
-    let needle = format!("pid={pid}");
+    let needle = format!("pid={pid} ");
     loop {
         let log = bridge.log();
         if let Some(line) = log
@@ -275,9 +286,17 @@ fn c_zlib_worker_round_trips_in_and_over_the_slot() {
     // The paths, by size: noise of 100 000 bytes is over the slot both ways; zeros are a
     // copy-path request with an in-slot reply, and the reverse for 'u'.
     let big = client.call("zlib", &op(b'c', &noise(100_000))).unwrap();
-    assert!(big.len() > SLOT_BYTES, "compressed noise is {} bytes", big.len());
+    assert!(
+        big.len() > SLOT_BYTES,
+        "compressed noise is {} bytes",
+        big.len()
+    );
     let small = client.call("zlib", &op(b'c', &zeros)).unwrap();
-    assert!(small.len() < SLOT_BYTES, "compressed zeros are {} bytes", small.len());
+    assert!(
+        small.len() < SLOT_BYTES,
+        "compressed zeros are {} bytes",
+        small.len()
+    );
 
     // The C client, over Unix and TCP, with binary payloads on stdin.
     for addr in [&bridge.unix, &bridge.tcp] {
@@ -286,7 +305,10 @@ fn c_zlib_worker_round_trips_in_and_over_the_slot() {
         assert!(compressed.status.success(), "{}", stderr_of(&compressed));
         let restored = c_call(&san, &[addr, "20"], Some(&op(b'u', &compressed.stdout)));
         assert!(restored.status.success(), "{}", stderr_of(&restored));
-        assert!(restored.stdout == data, "the C client's round trip changed the bytes");
+        assert!(
+            restored.stdout == data,
+            "the C client's round trip changed the bytes"
+        );
     }
     finish(bridge, &san);
 }
@@ -304,20 +326,39 @@ fn c_handler_errors_reach_the_caller_as_code_8() {
         .start();
     let mut client = bridge.client();
     let error = client.call("zlib", b"xyz").unwrap_err();
-    assert_eq!(remote_code(&error), Some(ErrorCode::ServiceError), "{error}");
-    assert!(error.to_string().contains("unknown op byte 0x78"), "{error}");
+    assert_eq!(
+        remote_code(&error),
+        Some(ErrorCode::ServiceError),
+        "{error}"
+    );
+    assert!(
+        error.to_string().contains("unknown op byte 0x78"),
+        "{error}"
+    );
     let error = client
         .call("zlib", &op(b'u', b"\x05\0\0\0not zlib"))
         .unwrap_err();
-    assert_eq!(remote_code(&error), Some(ErrorCode::ServiceError), "{error}");
+    assert_eq!(
+        remote_code(&error),
+        Some(ErrorCode::ServiceError),
+        "{error}"
+    );
     assert!(error.to_string().contains("uncompress"), "{error}");
     for service in ["cserve", "cloop"] {
         let error = client.call(service, "fail boom ü".as_bytes()).unwrap_err();
-        assert_eq!(remote_code(&error), Some(ErrorCode::ServiceError), "{error}");
+        assert_eq!(
+            remote_code(&error),
+            Some(ErrorCode::ServiceError),
+            "{error}"
+        );
         assert!(error.to_string().ends_with("boom ü"), "{error}");
         let too_big = format!("big {}", PAYLOAD_MAX + 1);
         let error = client.call(service, too_big.as_bytes()).unwrap_err();
-        assert_eq!(remote_code(&error), Some(ErrorCode::ServiceError), "{error}");
+        assert_eq!(
+            remote_code(&error),
+            Some(ErrorCode::ServiceError),
+            "{error}"
+        );
         assert!(
             error.to_string().contains(&format!(
                 "reply of {} bytes is over the bridge's maximum of {PAYLOAD_MAX} bytes",
@@ -326,7 +367,10 @@ fn c_handler_errors_reach_the_caller_as_code_8() {
             "{error}"
         );
         let at_max = format!("big {PAYLOAD_MAX}");
-        assert_eq!(client.call(service, at_max.as_bytes()).unwrap().len(), PAYLOAD_MAX);
+        assert_eq!(
+            client.call(service, at_max.as_bytes()).unwrap().len(),
+            PAYLOAD_MAX
+        );
         // Echo in and over the slot, through this API.
         for len in [0, 10, SLOT_BYTES - 5, SLOT_BYTES + 1, 200_000] {
             let data = noise(len);
@@ -388,7 +432,7 @@ fn c_client_reports_codes_timeouts_and_its_reply_bound() {
     let pid_file = dir.path().join("busy.pid");
     let busy = {
         let unix = bridge.unix.clone();
-        let command = format!("sleep 1500 {}", pid_file.display());
+        let command = format!("sleep 3000 {}", pid_file.display());
         std::thread::spawn(move || {
             BlockingClient::connect(&unix)
                 .unwrap()
@@ -555,9 +599,16 @@ impl HandDriven {
         // clears close-on-exec on the copies).
         unsafe {
             command.pre_exec(move || {
-                if libc::dup2(their_fd, 3) < 0 || libc::dup2(slot_fd, 4) < 0 {
+                // Copies above 4 first, so that neither source is overwritten by the other's
+                // dup2 when it already is 3 or 4.
+                let control = libc::fcntl(their_fd, libc::F_DUPFD, 10);
+                let slot = libc::fcntl(slot_fd, libc::F_DUPFD, 10);
+                if control < 0 || slot < 0 || libc::dup2(control, 3) < 0 || libc::dup2(slot, 4) < 0
+                {
                     return Err(std::io::Error::last_os_error());
                 }
+                libc::close(control);
+                libc::close(slot);
                 Ok(())
             });
         }
@@ -576,7 +627,17 @@ impl HandDriven {
     fn read_frame(&mut self) -> (acgi_bridge::proto::Header, Vec<u8>) {
         use std::io::Read;
         let mut bytes = [0u8; 24];
-        self.control.read_exact(&mut bytes).expect("a frame from the worker");
+        if let Err(error) = self.control.read_exact(&mut bytes) {
+            let _ = self.child.kill();
+            let mut stderr = String::new();
+            let _ = self
+                .child
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut stderr);
+            panic!("no frame from the worker ({error}); its stderr:\n{stderr}");
+        }
         let header = acgi_bridge::proto::Header::decode(&bytes, 1 << 30).expect("valid header");
         let mut payload = vec![0; header.payload_len as usize];
         self.control.read_exact(&mut payload).expect("its payload");
@@ -612,7 +673,12 @@ impl HandDriven {
             std::thread::sleep(Duration::from_millis(5));
         };
         let mut stderr = String::new();
-        let _ = self.child.stderr.take().unwrap().read_to_string(&mut stderr);
+        let _ = self
+            .child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut stderr);
         (status.code(), stderr)
     }
 }
@@ -639,7 +705,10 @@ fn c_worker_frames_and_slot_moves_are_the_spec_s() {
         w.slot.fill(11, Some(b"echo in slot"), 0).unwrap();
         w.send(&HandDriven::job(11, FLAG_IN_SLOT, 0), b"");
         let (done, payload) = w.read_frame();
-        assert_eq!((done.kind, done.flags, done.request_id), (Kind::Done, FLAG_IN_SLOT, 11));
+        assert_eq!(
+            (done.kind, done.flags, done.request_id),
+            (Kind::Done, FLAG_IN_SLOT, 11)
+        );
         assert!(payload.is_empty());
         let mut reply = Vec::new();
         assert_eq!(w.slot.take_reply(11, true, &mut reply).unwrap(), 7);
@@ -649,7 +718,10 @@ fn c_worker_frames_and_slot_moves_are_the_spec_s() {
         w.slot.fill(12, Some(b"big 65"), 0).unwrap();
         w.send(&HandDriven::job(12, FLAG_IN_SLOT, 0), b"");
         let (done, payload) = w.read_frame();
-        assert_eq!((done.kind, done.flags, done.request_id), (Kind::Done, 0, 12));
+        assert_eq!(
+            (done.kind, done.flags, done.request_id),
+            (Kind::Done, 0, 12)
+        );
         assert_eq!(payload, vec![b'x'; 65]);
         assert_eq!(w.slot.peek_reply(12).unwrap(), 0);
         w.slot.release_reply();
@@ -665,7 +737,10 @@ fn c_worker_frames_and_slot_moves_are_the_spec_s() {
         // A queued job: answered on the socket; the slot (Free here) is left alone.
         w.send(&HandDriven::job(14, FLAG_QUEUED, 6), b"echo q");
         let (done, payload) = w.read_frame();
-        assert_eq!((done.kind, done.flags, done.request_id), (Kind::Done, 0, 14));
+        assert_eq!(
+            (done.kind, done.flags, done.request_id),
+            (Kind::Done, 0, 14)
+        );
         assert_eq!(payload, b"q");
         assert_eq!(w.slot.state(), 0, "a queued job must not touch the slot");
 
@@ -673,7 +748,10 @@ fn c_worker_frames_and_slot_moves_are_the_spec_s() {
         w.slot.fill(15, Some(b"fail nope"), 0).unwrap();
         w.send(&HandDriven::job(15, FLAG_IN_SLOT, 0), b"");
         let (fail, payload) = w.read_frame();
-        assert_eq!((fail.kind, fail.flags, fail.request_id), (Kind::Fail, 0, 15));
+        assert_eq!(
+            (fail.kind, fail.flags, fail.request_id),
+            (Kind::Fail, 0, 15)
+        );
         assert_eq!(payload, b"nope");
         assert_eq!(w.slot.peek_reply(15).unwrap(), 0);
         w.slot.release_reply();
@@ -691,7 +769,7 @@ fn c_worker_exits_non_zero_when_the_bridge_breaks_the_protocol() {
     use acgi_bridge::proto::{Header, FLAG_IN_SLOT, FLAG_QUEUED};
     let san = Sanitizers::new();
     type Setup = fn(&mut HandDriven);
-    let cases: Vec<(&str, Setup, &str)> = vec![
+    let cases: &[(&str, Setup, &str)] = &[
         (
             "a Job while the slot is Free",
             |w| w.send(&HandDriven::job(1, FLAG_IN_SLOT, 0), b""),
@@ -709,7 +787,10 @@ fn c_worker_exits_non_zero_when_the_bridge_breaks_the_protocol() {
             "request_len over the capacity",
             |w| {
                 w.slot.fill(1, Some(b"echo x"), 0).unwrap();
-                w.slot.header().request_len.store(65, std::sync::atomic::Ordering::Release);
+                w.slot
+                    .header()
+                    .request_len
+                    .store(65, std::sync::atomic::Ordering::Release);
                 w.send(&HandDriven::job(1, FLAG_IN_SLOT, 0), b"");
             },
             "over the capacity",
@@ -732,7 +813,9 @@ fn c_worker_exits_non_zero_when_the_bridge_breaks_the_protocol() {
         ),
         (
             "a payload over ACGI_MAX_PAYLOAD_BYTES",
-            |w| w.send(&HandDriven::job(1, 0, 1001), b""),
+            |w| {
+                let _ = w.control.write_all(&HandDriven::job(1, 0, 1001).encode());
+            },
             "too_large",
         ),
         (
@@ -755,19 +838,122 @@ fn c_worker_exits_non_zero_when_the_bridge_breaks_the_protocol() {
         (
             "EOF inside a frame",
             |w| {
-                let _ = w.control.write_all(&Header::new(Kind::Job, 0, 1, 10).encode()[..10]);
+                let _ = w
+                    .control
+                    .write_all(&Header::new(Kind::Job, 0, 1, 10).encode()[..10]);
             },
             "inside a frame",
         ),
     ];
     for mode in ["serve", "loop"] {
-        for (what, setup, reason) in &cases {
+        for (what, setup, reason) in cases {
             let mut w = HandDriven::start(&san, mode, 64, 1000);
             assert_eq!(w.read_frame().0.kind, Kind::Hello);
             setup(&mut w);
             let (code, stderr) = w.exit();
             assert_eq!(code, Some(2), "{mode}, {what}: {stderr}");
             assert!(stderr.contains(reason), "{mode}, {what}: {stderr}");
+        }
+    }
+    san.assert_clean();
+}
+
+#[test]
+fn c_client_checks_every_answer_it_reads() {
+    // Proves the C client, against a hand-written bridge: skips an answer for another request
+    // id, refuses a reply header over its bound before reading the payload (and skips it),
+    // treats a frame a bridge may not send or a length over 2^30 as a protocol error, and a
+    // close before the answer as "closed, outcome unknown".
+    use acgi_bridge::proto::Header;
+    use std::io::Read;
+    let san = Sanitizers::new();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fake.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let addr = path.display().to_string();
+    type Answer = fn(u64) -> Vec<u8>;
+    let cases: &[(&str, Answer, Option<i32>, &str)] = &[
+        (
+            "another id first",
+            |id| {
+                let mut bytes = Vec::new();
+                for (rid, text) in [(id + 7, &b"not yours"[..]), (id, &b"yours"[..])] {
+                    let header = Header::new(Kind::Reply, 5, rid, text.len() as u32);
+                    acgi_bridge::proto::encode_frame(&mut bytes, &header, text);
+                }
+                bytes
+            },
+            Some(0),
+            "",
+        ),
+        (
+            "a reply over the bound",
+            |id| {
+                let mut bytes = Vec::new();
+                let header = Header::new(Kind::Reply, 5, id, 5000);
+                acgi_bridge::proto::encode_frame(&mut bytes, &header, &[1u8; 5000]);
+                bytes
+            },
+            Some(4),
+            "answer of 5000 bytes is over this client's bound of 1000 bytes",
+        ),
+        (
+            "a Job to a caller",
+            |id| Header::new(Kind::Job, 5, id, 0).encode().to_vec(),
+            Some(4),
+            "kind 17",
+        ),
+        (
+            "flags on a Reply",
+            |id| {
+                let mut header = Header::new(Kind::Reply, 5, id, 0);
+                header.flags = 1;
+                header.encode().to_vec()
+            },
+            Some(4),
+            "flags 0x0001",
+        ),
+        (
+            "a length over 2^30",
+            |id| {
+                Header::new(Kind::Reply, 5, id, (1 << 30) + 1)
+                    .encode()
+                    .to_vec()
+            },
+            Some(4),
+            "bad header (too_large)",
+        ),
+        (
+            "close before the answer",
+            |_| Vec::new(),
+            Some(4),
+            "retry=if-idempotent: the bridge closed the connection",
+        ),
+    ];
+    for &(what, answer, code, text) in cases {
+        let server = std::thread::spawn({
+            let listener = listener.try_clone().unwrap();
+            move || {
+                let (mut stream, _) = listener.accept().unwrap();
+                let mut head = [0u8; 24];
+                stream.read_exact(&mut head).unwrap();
+                let header = Header::decode(&head, 1 << 30).unwrap();
+                let mut payload = vec![0; header.payload_len as usize];
+                stream.read_exact(&mut payload).unwrap();
+                assert_eq!((header.kind, header.service_id), (Kind::Request, 5));
+                let _ = stream.write_all(&answer(header.request_id));
+            }
+        });
+        let output = c_call(&san, &["-m", "1000", &addr, "5", "ping"], None);
+        server.join().unwrap();
+        assert_eq!(output.status.code(), code, "{what}: {}", stderr_of(&output));
+        assert!(
+            stderr_of(&output).contains(text),
+            "{what}: {}",
+            stderr_of(&output)
+        );
+        if code == Some(0) {
+            assert_eq!(output.stdout, b"yours", "{what}");
         }
     }
     san.assert_clean();

@@ -28,16 +28,21 @@ static void put_u32(uint8_t *p, uint32_t v) {
 }
 
 static const char *compress_op(const uint8_t *data, size_t len, acgi_reply *reply) {
+    /* The worst case, or what the payload bound leaves: compress2 says Z_BUF_ERROR when the
+     * compressed form does not fit. */
+    size_t room = acgi_reply_space(reply);
     uLongf out_len = compressBound((uLong)len);
     uint8_t *out;
     int rc;
-    if (len > UINT32_MAX) return "input too large";
+    if (len > UINT32_MAX || room < 4) return "input too large";
+    if (out_len > room - 4) out_len = (uLongf)(room - 4);
     out = acgi_reply_reserve(reply, 4 + (size_t)out_len);
-    if (out == NULL)
-        return acgi_reply_errorf(reply, "compressed form of %zu bytes would be over the bridge's "
-                                        "payload bound", len);
+    if (out == NULL) return "out of memory";
     put_u32(out, (uint32_t)len);
     rc = compress2(out + 4, &out_len, data, (uLong)len, Z_DEFAULT_COMPRESSION);
+    if (rc == Z_BUF_ERROR)
+        return acgi_reply_errorf(reply, "compressed form of %zu bytes would be over the bridge's "
+                                        "payload bound", len);
     if (rc != Z_OK) return acgi_reply_errorf(reply, "compress2: %s", zError(rc));
     acgi_reply_commit(reply, 4 + (size_t)out_len);
     return NULL;

@@ -150,6 +150,8 @@ int acgi_reply_write(acgi_reply *reply, const void *data, size_t len);
  * with acgi_reply_commit. NULL as for acgi_reply_write. Valid until the next reply call. */
 uint8_t *acgi_reply_reserve(acgi_reply *reply, size_t len);
 void acgi_reply_commit(acgi_reply *reply, size_t len);
+/* Bytes that may still be written before the reply reaches max_payload_bytes. */
+size_t acgi_reply_space(const acgi_reply *reply);
 /* Bytes written so far. */
 size_t acgi_reply_len(const acgi_reply *reply);
 /* Drop what was written (e.g. before writing a different reply). */
@@ -179,7 +181,9 @@ int acgi_worker_serve(acgi_handler handler, void *ctx);
 /* Attach to the control socket and slot inherited from the bridge (§6), check the slot, and
  * send Hello. NULL on failure, with the reason in `why` (if not NULL, `why_bytes` long). */
 acgi_worker *acgi_worker_open(unsigned options, char *why, size_t why_bytes);
-/* Close the descriptors and unmap the slot. */
+/* Unmap the slot and free the worker; call it just before exiting. The control socket is
+ * left open (close-on-exec) for the process's exit to close: the bridge treats its closing as
+ * the worker's end and SIGKILLs a process that closed it and is still running. */
 void acgi_worker_close(acgi_worker *worker);
 /* The control socket, to poll for POLLIN: a Job (or EOF) is readable. The SDK reads it with
  * MSG_DONTWAIT and writes answers blocking; do not read or write it yourself. */

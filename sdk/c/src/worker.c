@@ -303,7 +303,9 @@ acgi_worker *acgi_worker_open(unsigned options, char *why, size_t why_bytes) {
 void acgi_worker_close(acgi_worker *w) {
     if (w == NULL) return;
     if (w->map != NULL) munmap(w->map, w->map_bytes);
-    if (w->control_fd >= 0) close(w->control_fd);
+    /* The control socket stays open until the process exits: the bridge takes its closing as
+     * the worker's end, and kills a worker that closes it while still running (exit handlers,
+     * a sanitizer's leak check), which would hide the real exit status. */
     free(w->in);
     free(w);
 }
@@ -591,7 +593,7 @@ uint8_t *acgi_reply_reserve(acgi_reply *r, size_t len) {
         r->wanted = len > SIZE_MAX - r->len ? SIZE_MAX : r->len + len;
         return NULL;
     }
-    if (r->cap - r->len < len) {
+    if (r->data == NULL || r->cap - r->len < len) {
         size_t cap = r->cap > 0 ? r->cap : 4096;
         uint8_t *grown;
         while (cap - r->len < len) cap = cap > r->max / 2 ? r->max : cap * 2;
@@ -612,6 +614,7 @@ void acgi_reply_commit(acgi_reply *r, size_t len) {
 }
 
 size_t acgi_reply_len(const acgi_reply *r) { return r->len; }
+size_t acgi_reply_space(const acgi_reply *r) { return r->max - r->len; }
 
 void acgi_reply_clear(acgi_reply *r) {
     r->len = 0;
