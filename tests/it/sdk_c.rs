@@ -238,24 +238,25 @@ fn wait_pid_file(path: &Path) -> i32 {
     }
 }
 
-/// Wait (bounded) for the bridge to log the exit of `pid`; returns that line.
-fn wait_exit_logged(bridge: &Bridge, pid: i32) -> String {
+/// Wait (bounded) for a line of the bridge's log that satisfies `found`; returns it.
+fn wait_log_line(bridge: &Bridge, what: &str, found: impl Fn(&str) -> bool) -> String {
     let deadline = Instant::now() + Duration::from_secs(20);
-    let needle = format!("pid={pid} ");
     loop {
         let log = bridge.log();
-        if let Some(line) = log
-            .lines()
-            .find(|line| line.contains("worker exited") && line.contains(&needle))
-        {
+        if let Some(line) = log.lines().find(|line| found(line)) {
             return line.to_string();
         }
-        assert!(
-            Instant::now() < deadline,
-            "the exit of worker {pid} was never logged:\n{log}"
-        );
+        assert!(Instant::now() < deadline, "never logged: {what}\n{log}");
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// Wait (bounded) for the bridge to log the exit of `pid`; returns that line.
+fn wait_exit_logged(bridge: &Bridge, pid: i32) -> String {
+    let needle = format!("pid={pid} ");
+    wait_log_line(bridge, &format!("the exit of worker {pid}"), |line| {
+        line.contains("worker exited") && line.contains(&needle)
+    })
 }
 
 #[test]
@@ -562,6 +563,13 @@ fn c_worker_pipelined_and_queued_jobs_keep_their_order() {
         let left: i64 = String::from_utf8_lossy(&answer.payload).parse().unwrap();
         assert!((1..=5000).contains(&left), "remaining ms {left}");
         assert_eq!(client.call(id, b"deadline").unwrap(), b"-1");
+    }
+    // The test worker logs its first queued job: the queued path really ran, in both APIs.
+    for name in ["cserve", "cloop"] {
+        let service = format!("service=\"{name}\"");
+        wait_log_line(&bridge, &format!("a queued job for {name}"), |line| {
+            line.contains("first queued job") && line.contains(&service)
+        });
     }
     let status = bridge.status();
     for service in &status.services {

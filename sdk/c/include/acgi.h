@@ -216,6 +216,8 @@ enum acgi_job_result acgi_worker_next_job(acgi_worker *worker, acgi_job *job, in
  * 0 on success, -1 when writing failed (acgi_worker_error says why). */
 int acgi_worker_reply(acgi_worker *worker, const void *reply, size_t reply_len);
 int acgi_worker_fail(acgi_worker *worker, const char *message);
+/* The outstanding job (the one a handler is running), NULL when none. */
+const acgi_job *acgi_worker_current_job(const acgi_worker *worker);
 /* Milliseconds left before the outstanding job's caller deadline (§2.2a), at least 0; -1 when
  * it has none (or is queued: queued jobs carry no deadline). */
 int64_t acgi_worker_remaining_ms(const acgi_worker *worker);

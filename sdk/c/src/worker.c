@@ -315,6 +315,10 @@ uint32_t acgi_worker_slot_capacity(const acgi_worker *w) { return w->capacity; }
 uint32_t acgi_worker_payload_bytes_max(const acgi_worker *w) { return w->payload_max; }
 const char *acgi_worker_error(const acgi_worker *w) { return w->error; }
 
+const acgi_job *acgi_worker_current_job(const acgi_worker *w) {
+    return w->outstanding ? &w->job : NULL;
+}
+
 int64_t acgi_worker_remaining_ms(const acgi_worker *w) {
     int64_t left;
     if (!w->outstanding || w->deadline_ms < 0) return -1;
