@@ -966,3 +966,58 @@ fn c_client_checks_every_answer_it_reads() {
     }
     san.assert_clean();
 }
+
+#[test]
+fn c_client_resolves_once_and_goes_on_after_a_skipped_reply() {
+    // Proves, against a hand-written bridge, that the C client resolves a name once per
+    // connection (then uses the cached id), and that after a reply over its bound (skipped)
+    // the same connection carries the next calls.
+    use acgi_bridge::proto::Header;
+    use std::io::Read;
+    let san = Sanitizers::new();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fake.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let server = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        let (mut resolves, mut requests) = (0, 0);
+        loop {
+            let mut head = [0u8; 24];
+            if stream.read_exact(&mut head).is_err() {
+                return (resolves, requests); // the client closed
+            }
+            let header = Header::decode(&head, 1 << 30).unwrap();
+            let mut payload = vec![0; header.payload_len as usize];
+            stream.read_exact(&mut payload).unwrap();
+            let mut out = Vec::new();
+            match header.kind {
+                Kind::Resolve => {
+                    resolves += 1;
+                    assert_eq!(payload, b"svc");
+                    let answer = Header::new(Kind::Resolved, 5, header.request_id, 0);
+                    out.extend_from_slice(&answer.encode());
+                }
+                Kind::Request => {
+                    requests += 1;
+                    assert_eq!(header.service_id, 5);
+                    let body: &[u8] = if requests == 1 { &[9u8; 5000] } else { b"ok" };
+                    let answer = Header::new(Kind::Reply, 5, header.request_id, body.len() as u32);
+                    acgi_bridge::proto::encode_frame(&mut out, &answer, body);
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+            stream.write_all(&out).unwrap();
+        }
+    });
+    let addr = path.display().to_string();
+    let output = c_call(&san, &["-n", "3", "-m", "1000", &addr, "svc", "x"], None);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr_of(&output));
+    assert_eq!(output.stdout, b"okok");
+    assert_eq!(
+        stderr_of(&output).trim(),
+        "acgi-call: failed kind=reply_too_large retry=no: answer of 5000 bytes is over this client's bound of \
+         1000 bytes"
+    );
+    assert_eq!(server.join().unwrap(), (1, 3), "(resolves, requests)");
+    san.assert_clean();
+}

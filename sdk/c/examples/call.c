@@ -1,15 +1,18 @@
 /*
  * acgi-call: call one service through a bridge with the C client and print the reply.
  *
- *   acgi-call [-t TIMEOUT_MS] [-m MAX_REPLY_BYTES] [-i IO_TIMEOUT_MS] ADDR SERVICE [PAYLOAD]
+ *   acgi-call [-t TIMEOUT_MS] [-m MAX_REPLY_BYTES] [-i IO_TIMEOUT_MS] [-n COUNT] ADDR SERVICE
+ *             [PAYLOAD]
  *
  * ADDR: a Unix socket path or host:port. SERVICE: a name, or a number for a service id.
  * PAYLOAD: the request bytes; without it, stdin is read (up to MAX_REPLY_BYTES, the bound
  * of both directions). The reply goes to stdout as raw bytes.
+ * -n COUNT makes the same call COUNT times on one connection (the name is resolved once),
+ * printing each reply and each error; the exit status is then the last call's.
  * Exit status: 0 reply; 3 the bridge answered an error; 4 a local or connection error;
  * 2 usage. On error one line on stderr:
  *   acgi-call: error code=N retry=no|yes|if-idempotent: MESSAGE   (the bridge's error)
- *   acgi-call: failed kind=K retry=...: MESSAGE                   (local)
+ *   acgi-call: failed kind=KIND retry=...: MESSAGE   (local: acgi_error_kind_name)
  */
 #define _POSIX_C_SOURCE 200809L
 
@@ -39,21 +42,25 @@ static int parse_u32(const char *text, uint32_t *out) {
 }
 
 static int usage(void) {
-    fprintf(stderr, "usage: acgi-call [-t TIMEOUT_MS] [-m MAX_BYTES] [-i IO_TIMEOUT_MS] ADDR "
-                    "SERVICE [PAYLOAD]\n");
+    fprintf(stderr, "usage: acgi-call [-t TIMEOUT_MS] [-m MAX_BYTES] [-i IO_TIMEOUT_MS] "
+                    "[-n COUNT] ADDR SERVICE [PAYLOAD]\n");
     return 2;
 }
 
 int main(int argc, char **argv) {
     uint32_t timeout_ms = 0, max_bytes = ACGI_PAYLOAD_BYTES_MAX_DEFAULT, io_timeout_ms = 0, id;
+    uint32_t count = 1, done;
     uint8_t *request = NULL, *reply = NULL;
     size_t request_len = 0, reply_len = 0;
     acgi_client *client;
     acgi_error err;
-    int opt, rc;
+    int opt, rc = 0;
 
-    while ((opt = getopt(argc, argv, "t:m:i:")) != -1) {
-        uint32_t *target = opt == 't' ? &timeout_ms : opt == 'm' ? &max_bytes : &io_timeout_ms;
+    while ((opt = getopt(argc, argv, "t:m:i:n:")) != -1) {
+        uint32_t *target = opt == 't'   ? &timeout_ms
+                           : opt == 'm' ? &max_bytes
+                           : opt == 'i' ? &io_timeout_ms
+                                        : &count;
         if (opt == '?' || parse_u32(optarg, target) < 0) return usage();
     }
     if (argc - optind < 2 || argc - optind > 3) return usage();
@@ -84,31 +91,36 @@ int main(int argc, char **argv) {
     client = acgi_client_connect(argv[optind], &err);
     if (client == NULL) {
         if (argc - optind == 2) free(request);
-        fprintf(stderr, "acgi-call: failed kind=%d retry=%s: %s\n", (int)err.kind,
+        fprintf(stderr, "acgi-call: failed kind=%s retry=%s: %s\n",
+                acgi_error_kind_name(err.kind),
                 retry_name(err.retry), err.message);
         return 4;
     }
     acgi_client_set_payload_bytes_max(client, max_bytes);
     acgi_client_set_io_timeout_ms(client, io_timeout_ms);
-    if (parse_u32(argv[optind + 1], &id) == 0)
-        rc = acgi_client_call_id(client, id, request, request_len, timeout_ms, &reply, &reply_len,
-                                 &err);
-    else
-        rc = acgi_client_call(client, argv[optind + 1], request, request_len, timeout_ms, &reply,
-                              &reply_len, &err);
-    if (argc - optind == 2) free(request);
-    acgi_client_close(client);
-    if (rc < 0) {
-        if (err.kind == ACGI_ERR_REMOTE) {
+    for (done = 0; done < count; done++) {
+        if (parse_u32(argv[optind + 1], &id) == 0)
+            rc = acgi_client_call_id(client, id, request, request_len, timeout_ms, &reply,
+                                     &reply_len, &err);
+        else
+            rc = acgi_client_call(client, argv[optind + 1], request, request_len, timeout_ms,
+                                  &reply, &reply_len, &err);
+        if (rc < 0 && err.kind == ACGI_ERR_REMOTE) {
             fprintf(stderr, "acgi-call: error code=%d retry=%s: %s\n", err.code,
                     retry_name(err.retry), err.message);
-            return 3;
+            rc = 3;
+        } else if (rc < 0) {
+            fprintf(stderr, "acgi-call: failed kind=%s retry=%s: %s\n",
+                    acgi_error_kind_name(err.kind),
+                    retry_name(err.retry), err.message);
+            rc = 4;
+        } else if (reply_len > 0 && fwrite(reply, 1, reply_len, stdout) != reply_len) {
+            rc = 4;
         }
-        fprintf(stderr, "acgi-call: failed kind=%d retry=%s: %s\n", (int)err.kind,
-                retry_name(err.retry), err.message);
-        return 4;
+        free(reply);
+        reply = NULL;
     }
-    if (reply_len > 0 && fwrite(reply, 1, reply_len, stdout) != reply_len) rc = 4;
-    free(reply);
+    if (argc - optind == 2) free(request);
+    acgi_client_close(client);
     return rc;
 }

@@ -255,6 +255,10 @@ typedef struct acgi_error {
     char message[ACGI_ERROR_MESSAGE_BYTES_MAX];
 } acgi_error;
 
+/* "remote", "connect", "io", "closed", "io_timeout", "protocol", "reply_too_large", "usage",
+ * "nomem"; "none". */
+const char *acgi_error_kind_name(enum acgi_error_kind kind);
+
 /* Connect to "unix:/path", "tcp:host:port", or bare: a path when it contains '/', else
  * host:port ("[::1]:7878" for IPv6). TCP gets TCP_NODELAY. NULL on failure (err filled). */
 acgi_client *acgi_client_connect(const char *addr, acgi_error *err);

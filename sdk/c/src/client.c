@@ -77,6 +77,22 @@ static int error_set(acgi_error *err, enum acgi_error_kind kind, int code, int s
     return -1;
 }
 
+const char *acgi_error_kind_name(enum acgi_error_kind kind) {
+    switch (kind) {
+    case ACGI_ERR_NONE: return "none";
+    case ACGI_ERR_REMOTE: return "remote";
+    case ACGI_ERR_CONNECT: return "connect";
+    case ACGI_ERR_IO: return "io";
+    case ACGI_ERR_CLOSED: return "closed";
+    case ACGI_ERR_IO_TIMEOUT: return "io_timeout";
+    case ACGI_ERR_PROTOCOL: return "protocol";
+    case ACGI_ERR_REPLY_TOO_LARGE: return "reply_too_large";
+    case ACGI_ERR_USAGE: return "usage";
+    case ACGI_ERR_NOMEM: return "nomem";
+    }
+    return "?";
+}
+
 static void error_clear(acgi_error *err) {
     if (err == NULL) return;
     memset(err, 0, sizeof *err);
@@ -192,7 +208,8 @@ void acgi_client_close(acgi_client *c) {
 }
 
 void acgi_client_set_payload_bytes_max(acgi_client *c, uint32_t bytes) {
-    c->payload_max = bytes > ACGI_PAYLOAD_BYTES_MAX_CEILING ? ACGI_PAYLOAD_BYTES_MAX_CEILING : bytes;
+    c->payload_max =
+        bytes > ACGI_PAYLOAD_BYTES_MAX_CEILING ? ACGI_PAYLOAD_BYTES_MAX_CEILING : bytes;
 }
 
 void acgi_client_set_io_timeout_ms(acgi_client *c, uint32_t ms) {
@@ -470,7 +487,8 @@ int acgi_client_ping(acgi_client *c, const void *payload, size_t len, acgi_error
     struct answer a;
     int same;
     error_clear(err);
-    if (len > 4096) return error_set(err, ACGI_ERR_USAGE, 0, 0, "a Ping carries at most 4096 bytes");
+    if (len > 4096)
+        return error_set(err, ACGI_ERR_USAGE, 0, 0, "a Ping carries at most 4096 bytes");
     if (round_trip(c, ACGI_KIND_PING, 0, 0, NULL, 0, payload, len, &a, err) < 0) return -1;
     if (a.h.kind == ACGI_KIND_ERROR) {
         int rc = remote_error(&a, err);

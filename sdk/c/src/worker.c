@@ -472,7 +472,8 @@ enum acgi_job_result acgi_worker_next_job(acgi_worker *w, acgi_job *job, int tim
         }
         sequence = __atomic_load_n(slot_u64(w, SLOT_OFFSET_JOB_SEQUENCE), __ATOMIC_RELAXED);
         request_len = __atomic_load_n(slot_u32(w, SLOT_OFFSET_REQUEST_LEN), __ATOMIC_RELAXED);
-        deadline_remaining = __atomic_load_n(slot_u64(w, SLOT_OFFSET_DEADLINE_MS), __ATOMIC_RELAXED);
+        deadline_remaining =
+            __atomic_load_n(slot_u64(w, SLOT_OFFSET_DEADLINE_MS), __ATOMIC_RELAXED);
         if (sequence != h.request_id) {
             set_error(w, "the slot's job sequence %llu is not the Job's %llu",
                       (unsigned long long)sequence, (unsigned long long)h.request_id);
@@ -499,7 +500,8 @@ enum acgi_job_result acgi_worker_next_job(acgi_worker *w, acgi_job *job, int tim
         if (deadline_remaining > 0) {
             /* Bounded so that the sum cannot overflow: a century is "no practical limit". */
             const uint64_t cap = (uint64_t)100 * 365 * 24 * 3600 * 1000;
-            w->deadline_ms = now_ms() + (int64_t)(deadline_remaining < cap ? deadline_remaining : cap);
+            w->deadline_ms =
+                now_ms() + (int64_t)(deadline_remaining < cap ? deadline_remaining : cap);
         }
     }
     w->job = *job;

@@ -264,7 +264,8 @@ int main(int argc, char **argv) {
         while (got > 0 && (text[got - 1] == '\n' || text[got - 1] == '\r')) text[--got] = '\0';
         if (got == 0 || text[0] == '#') continue;
         memset(&v, 0, sizeof v);
-        for (field = strtok_r(text, " ", &save); field != NULL; field = strtok_r(NULL, " ", &save)) {
+        for (field = strtok_r(text, " ", &save); field != NULL;
+             field = strtok_r(NULL, " ", &save)) {
             char *eq;
             if (v.klass == NULL) {
                 v.klass = field;
