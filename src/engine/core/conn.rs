@@ -260,6 +260,12 @@ impl Core {
             }
             let conn = &mut self.conns[index];
             if let Some(header) = conn.read.peek_header(max) {
+                // A kind or flag a caller may not send is malformed as soon as its header is
+                // here (before its payload is buffered, and before any size refusal).
+                if let Some(error) = caller_may_not_send(&header) {
+                    self.malformed(index, header.request_id, &error);
+                    return;
+                }
                 // Ping and Resolve have bounds of their own, checked on the header (before
                 // their payload is buffered): a Pong echoes its payload, and an unknown
                 // name would be echoed in the error.
@@ -288,25 +294,7 @@ impl Core {
                     return;
                 }
                 Parsed::Frame(header) => {
-                    if !header.kind.is_caller_to_bridge() {
-                        let error = FrameError::UnknownKind {
-                            found: header.kind as u8,
-                        };
-                        self.malformed(index, header.request_id, &error);
-                        return;
-                    }
-                    let allowed = if header.kind == Kind::Request {
-                        FLAG_TIMEOUT
-                    } else {
-                        0
-                    };
-                    let short_timeout = header.flags & FLAG_TIMEOUT != 0
-                        && (header.payload_len as usize) < TIMEOUT_PREFIX_BYTES;
-                    if header.flags & !allowed != 0 || short_timeout {
-                        // IN_SLOT is for workers; TIMEOUT needs its 4-byte prefix.
-                        let error = FrameError::UnknownFlags {
-                            found: header.flags,
-                        };
+                    if let Some(error) = caller_may_not_send(&header) {
                         self.malformed(index, header.request_id, &error);
                         return;
                     }
@@ -667,4 +655,25 @@ impl Core {
             .filter(|c| !c.is_closing())
             .map(|_| conn)
     }
+}
+
+/// Why a caller may not send this (otherwise valid) header, if it may not (§1.3, §1.4): a
+/// bridge→caller or worker kind, a flag other than `TIMEOUT` on a `Request`, or `TIMEOUT`
+/// without room for its 4-byte prefix.
+fn caller_may_not_send(header: &Header) -> Option<FrameError> {
+    if !header.kind.is_caller_to_bridge() {
+        return Some(FrameError::UnknownKind {
+            found: header.kind as u8,
+        });
+    }
+    let allowed = if header.kind == Kind::Request {
+        FLAG_TIMEOUT
+    } else {
+        0
+    };
+    let short_timeout =
+        header.flags & FLAG_TIMEOUT != 0 && (header.payload_len as usize) < TIMEOUT_PREFIX_BYTES;
+    (header.flags & !allowed != 0 || short_timeout).then_some(FrameError::UnknownFlags {
+        found: header.flags,
+    })
 }
