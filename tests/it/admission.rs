@@ -334,8 +334,12 @@ fn the_request_bytes_budget_pauses_callers_and_every_request_still_runs() {
             )
         })
         .collect();
-    let status = bridge.wait_status("callers paused", |s| s.counters.callers_paused_budget >= 5);
-    assert_eq!(status.services[0].backlog, 3, "{status:#?}");
+    // Frames being received hold their reservations too: once they are whole, 3 wait, and the
+    // other 5 callers are not read.
+    let status = bridge.wait_status("3 waiting, the rest paused", |s| {
+        s.services[0].backlog == 3 && s.counters.callers_paused_budget >= 5
+    });
+    assert_eq!(status.services[0].backlog_max_seen, 3, "{status:#?}");
     assert_eq!(blocker.join().unwrap()[0].1, b"slept");
     for (tag, sender) in senders {
         let answers = sender.join().unwrap();

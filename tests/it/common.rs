@@ -433,20 +433,29 @@ impl Drop for Bridge {
 
 /// Children of `pid` (all of its threads), with their state letters.
 pub fn children_of(pid: i32) -> Vec<(i32, char)> {
+    // Every process whose parent is `pid`, from each one's stat (the per-task `children` files
+    // are documented as unreliable while processes come and go).
     let mut children = Vec::new();
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
         return children;
     };
-    for task in tasks.flatten() {
-        let list = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
-        for child in list
-            .split_whitespace()
-            .filter_map(|p| p.parse::<i32>().ok())
-        {
-            let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
-            let state = stat
-                .rsplit_once(") ")
-                .and_then(|(_, rest)| rest.chars().next());
+    for entry in entries.flatten() {
+        let Some(child) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
+        // pid (comm) state ppid ...: comm may hold spaces and parentheses, so split at the last.
+        let Some((_, rest)) = stat.rsplit_once(") ") else {
+            continue;
+        };
+        let mut fields = rest.split_whitespace();
+        let state = fields.next().and_then(|s| s.chars().next());
+        let parent = fields.next().and_then(|p| p.parse::<i32>().ok());
+        if parent == Some(pid) {
             children.push((child, state.unwrap_or('?')));
         }
     }

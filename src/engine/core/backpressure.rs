@@ -31,8 +31,9 @@ use super::*;
 pub(super) enum Pause {
     /// Too many of its own requests (or their bytes) are in flight.
     InFlight,
-    /// This core's request-bytes budget is spent; it waits in `budget_waiters`.
-    Budget,
+    /// This core's request-bytes budget is spent; it waits in `budget_waiters`. `need`: the
+    /// bytes its next frame must reserve (0 when its next header is not here yet).
+    Budget { need: u32 },
 }
 
 impl Core {
@@ -50,7 +51,7 @@ impl Core {
             Pause::InFlight
         } else if conn.reserved == 0 && self.over_budget(0) {
             self.counters.callers_paused_budget += 1;
-            Pause::Budget
+            Pause::Budget { need: 0 }
         } else {
             return true;
         };
@@ -67,7 +68,7 @@ impl Core {
     fn pause(&mut self, index: ConnHandle, pause: Pause) {
         let conn = &mut self.conns[index];
         conn.paused = Some(pause);
-        if pause == Pause::Budget {
+        if matches!(pause, Pause::Budget { .. }) {
             self.budget_waiters.push_back(index);
         }
         if conn.recv == Recv::Multi {
@@ -100,7 +101,7 @@ impl Core {
         let need = header.payload_len;
         if self.over_budget(u64::from(need)) {
             self.counters.callers_paused_budget += 1;
-            self.pause(index, Pause::Budget);
+            self.pause(index, Pause::Budget { need });
             return;
         }
         self.conns[index].reserved = need;
@@ -142,15 +143,27 @@ impl Core {
         while let Some(conn) = self.resume_pending.pop() {
             self.resume(conn);
         }
-        while !self.budget_waiters.is_empty() && !self.over_budget(0) {
-            let conn = self.budget_waiters.pop_front().expect("not empty");
-            self.resume(conn);
-            if self.budget_waiters.back() == Some(&conn) {
-                // Its next frame does not fit yet: it stays first in line, and the rest wait
-                // behind it (no frame is passed over for ever by smaller ones).
+        while let Some(&front) = self.budget_waiters.front() {
+            let need = match self.conns.get(front).and_then(|c| c.paused) {
+                Some(Pause::Budget { need }) => need,
+                _ => {
+                    // Gone, or closed while it waited.
+                    self.budget_waiters.pop_front();
+                    continue;
+                }
+            };
+            if self.over_budget(u64::from(need)) {
+                // The oldest waiter's frame does not fit yet: everyone waits behind it (no
+                // frame is passed over for ever by smaller ones).
+                return;
+            }
+            self.budget_waiters.pop_front();
+            self.resume(front);
+            if self.budget_waiters.back() == Some(&front) {
+                // It paused again (its next frame is larger than the room): first in line.
                 self.budget_waiters.pop_back();
-                self.budget_waiters.push_front(conn);
-                break;
+                self.budget_waiters.push_front(front);
+                return;
             }
             while let Some(conn) = self.resume_pending.pop() {
                 self.resume(conn);
