@@ -1,72 +1,20 @@
-//! `acgi-bridge`: the daemon (`serve`), a one-shot client (`call`) and a config checker
-//! (`check`). Thin: everything lives in the library.
+//! `acgi-bridge`: the daemon (`serve`), a one-shot client (`call`), the status reader (`status`)
+//! and a config checker (`check`). Thin: the command line is `acgi_bridge::cli` (so that the man
+//! pages are generated from it), everything else lives in the library.
 
 use std::io::{IsTerminal, Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use acgi_bridge::cli::{self, Cli, Command};
 use acgi_bridge::client::{BlockingClient, CallError};
 use acgi_bridge::config::{Config, ConfigError};
-use clap::{Parser, Subcommand};
+use clap::Parser;
 
 /// Counts allocations so that status can show the data path allocates nothing per request.
 #[global_allocator]
 static ALLOCATOR: acgi_bridge::alloc_count::CountingAllocator =
     acgi_bridge::alloc_count::CountingAllocator;
-
-/// Default address of `call`: the bundled config's Unix socket.
-const DEFAULT_CONNECT: &str = "/tmp/acgi-bridge.sock";
-
-#[derive(Parser)]
-#[command(
-    name = "acgi-bridge",
-    version,
-    about = "Lets asynchronous servers call synchronous code"
-)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Run the bridge.
-    Serve {
-        /// The config file.
-        #[arg(long, short)]
-        config: PathBuf,
-        /// Log filter (tracing EnvFilter syntax); RUST_LOG overrides it.
-        #[arg(long, default_value = "info")]
-        log: String,
-    },
-    /// Call a service once and print its reply on stdout.
-    Call {
-        /// Bridge address: a Unix socket path, unix:PATH, host:port or tcp:host:port.
-        #[arg(long, env = "ACGI_BRIDGE_ADDR", default_value = DEFAULT_CONNECT)]
-        connect: String,
-        /// Service name or numeric id.
-        service: String,
-        /// The payload; `-` reads it from stdin; omitted means empty.
-        payload: Option<String>,
-    },
-    /// Print each service's pool state and counters, from the admin socket.
-    Status {
-        /// The admin socket; default: the one named by --config.
-        #[arg(long, conflicts_with = "config")]
-        admin: Option<PathBuf>,
-        /// Find the admin socket from this config file.
-        #[arg(long, short)]
-        config: Option<PathBuf>,
-        /// Print the JSON document instead of the table.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Validate a config file and name each bad key with the reason.
-    Check {
-        #[arg(long, short)]
-        config: PathBuf,
-    },
-}
 
 fn main() -> ExitCode {
     match Cli::parse().command {
@@ -117,8 +65,9 @@ fn call(connect: &str, service: &str, payload: Option<String>) -> ExitCode {
         Some(text) => text.as_bytes().to_vec(),
         None => Vec::new(),
     };
+    let addr = cli::connect_addr(connect);
     let result =
-        BlockingClient::connect(connect).and_then(|mut client| match service.parse::<u32>() {
+        BlockingClient::connect(&addr).and_then(|mut client| match service.parse::<u32>() {
             Ok(id) => client.call(id, &payload),
             Err(_) => client.call(service, &payload),
         });
@@ -182,11 +131,8 @@ fn check(path: &std::path::Path) -> ExitCode {
             for warning in config.warnings() {
                 eprintln!("{}: warning: {warning}", path.display());
             }
-            println!(
-                "{}: ok ({} services)",
-                path.display(),
-                config.services.len()
-            );
+            let services = cli::count_noun(config.services.len(), "service", "services");
+            println!("{}: ok ({services})", path.display());
             ExitCode::SUCCESS
         }
         Err(ConfigError::Invalid { path, problems }) => {

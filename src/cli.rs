@@ -1,0 +1,137 @@
+//! The command line of the `acgi-bridge` binary: its clap definitions, and nothing that acts on
+//! them. They live in the library so that the man pages and shell completions (`xtask dist`)
+//! are generated from the very definitions the binary parses, never from a copy.
+
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// Default address of `call`: the bundled config's Unix socket.
+pub const DEFAULT_CONNECT: &str = "/tmp/acgi-bridge.sock";
+
+/// The version `--version` prints: the crate's, and the commit it was built from when the
+/// build could ask git (`build.rs`), e.g. `0.1.0 (7f87202)`.
+pub const VERSION: &str = env!("ACGI_BRIDGE_VERSION");
+
+#[derive(Parser)]
+#[command(
+    name = "acgi-bridge",
+    version = VERSION,
+    about = "Lets asynchronous servers call synchronous code",
+    long_about = "Lets asynchronous servers call synchronous code: callers send an RPC over a \
+                  Unix or TCP socket, and the bridge hands it to a pool of long-lived worker \
+                  processes and returns their reply."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run the bridge.
+    ///
+    /// Under systemd it reports readiness (READY=1) and pets the watchdog when NOTIFY_SOCKET
+    /// and WATCHDOG_USEC are set, and uses the sockets systemd passes (LISTEN_FDS) instead of
+    /// binding its own; see docs/operations.md.
+    Serve {
+        /// The config file.
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+        /// Log filter (tracing EnvFilter syntax); RUST_LOG overrides it.
+        #[arg(long, default_value = "info", value_name = "FILTER")]
+        log: String,
+    },
+    /// Call a service once and print its reply on stdout.
+    Call {
+        /// Bridge address: unix:PATH, tcp:HOST:PORT, or bare. A bare value ending in :PORT
+        /// (digits) and containing no '/' is TCP (127.0.0.1:7878, localhost:7878); any other
+        /// bare value is a Unix socket path (bridge.sock, ./bridge.sock, /run/x.sock).
+        #[arg(
+            long,
+            env = "ACGI_BRIDGE_ADDR",
+            default_value = DEFAULT_CONNECT,
+            value_name = "ADDR"
+        )]
+        connect: String,
+        /// Service name or numeric id.
+        service: String,
+        /// The payload; `-` reads it from stdin; omitted means empty.
+        payload: Option<String>,
+    },
+    /// Print each service's pool state and counters, from the admin socket.
+    Status {
+        /// The admin socket; default: the one named by --config.
+        #[arg(long, conflicts_with = "config", value_name = "SOCKET")]
+        admin: Option<PathBuf>,
+        /// Find the admin socket from this config file.
+        #[arg(long, short, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Print the JSON document instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Validate a config file and name each bad key with the reason.
+    Check {
+        /// The config file to validate (nothing is bound or started).
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+    },
+}
+
+/// The address `call --connect` gives the client, in the client's own spelling: a bare value
+/// that is not `HOST:PORT` becomes `unix:VALUE`, so that `--connect bridge.sock` (a relative
+/// path without `./`) reaches the socket instead of failing to resolve a host.
+pub fn connect_addr(value: &str) -> String {
+    if value.starts_with("unix:") || value.starts_with("tcp:") || value.contains('/') {
+        return value.to_string();
+    }
+    let is_host_port = value.rsplit_once(':').is_some_and(|(host, port)| {
+        !host.is_empty() && !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit())
+    });
+    if is_host_port {
+        value.to_string()
+    } else {
+        format!("unix:{value}")
+    }
+}
+
+/// `1 service`, `2 services`.
+pub fn count_noun(count: usize, singular: &str, plural: &str) -> String {
+    if count == 1 {
+        format!("{count} {singular}")
+    } else {
+        format!("{count} {plural}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connect_addr_reads_bare_names_as_unix_paths() {
+        // Proves the documented rule: '/' or no trailing :PORT means a Unix path.
+        assert_eq!(connect_addr("bridge.sock"), "unix:bridge.sock");
+        assert_eq!(connect_addr("./bridge.sock"), "./bridge.sock");
+        assert_eq!(connect_addr("/run/a.sock"), "/run/a.sock");
+        assert_eq!(connect_addr("127.0.0.1:7878"), "127.0.0.1:7878");
+        assert_eq!(connect_addr("localhost:7878"), "localhost:7878");
+        assert_eq!(connect_addr("[::1]:7878"), "[::1]:7878");
+        assert_eq!(connect_addr("unix:x"), "unix:x");
+        assert_eq!(connect_addr("tcp:h:1"), "tcp:h:1");
+        assert_eq!(connect_addr("odd:name"), "unix:odd:name");
+        assert_eq!(connect_addr(":7878"), "unix::7878");
+    }
+
+    #[test]
+    fn the_cli_definition_is_consistent() {
+        // Proves clap accepts the definitions (conflicts, defaults) as a whole.
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+        assert_eq!(count_noun(1, "service", "services"), "1 service");
+        assert_eq!(count_noun(2, "service", "services"), "2 services");
+    }
+}
