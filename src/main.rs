@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use acgi_bridge::cli::{self, Cli, Command};
 use acgi_bridge::client::{BlockingClient, CallError};
 use acgi_bridge::config::{Config, ConfigError};
+use acgi_bridge::engine::systemd::Systemd;
 use clap::Parser;
 
 /// Counts allocations so that status can show the data path allocates nothing per request.
@@ -34,8 +35,18 @@ fn main() -> ExitCode {
 }
 
 fn serve(path: &std::path::Path, log: &str) -> ExitCode {
+    // SAFETY: the process has one thread here (the log writer starts below, the engine later),
+    // which `from_env` needs to remove systemd's variables from the environment.
+    let systemd = unsafe { Systemd::from_env() };
     // Held to the end: dropping it flushes the queued lines (for a bounded time).
     let _log = acgi_bridge::logging::init(log);
+    let systemd = match systemd {
+        Ok(systemd) => systemd,
+        Err(error) => {
+            tracing::error!("{error}");
+            return ExitCode::FAILURE;
+        }
+    };
     let config = match Config::load(path) {
         Ok(config) => config,
         Err(error) => {
@@ -43,7 +54,7 @@ fn serve(path: &std::path::Path, log: &str) -> ExitCode {
             return ExitCode::from(78);
         }
     };
-    match acgi_bridge::engine::run(config) {
+    match acgi_bridge::engine::run(config, systemd) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!("{error:#}");

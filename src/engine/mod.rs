@@ -17,6 +17,7 @@ pub mod io;
 pub mod report;
 pub mod shared;
 pub mod spawn;
+pub mod systemd;
 pub mod table;
 
 use std::io::Write;
@@ -161,8 +162,9 @@ fn pin_to(cpu: usize) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Run the bridge until SIGTERM/SIGINT and a graceful stop.
-pub fn run(config: Config) -> anyhow::Result<()> {
+/// Run the bridge until SIGTERM/SIGINT and a graceful stop, with the listeners systemd passed
+/// (socket activation) or its own.
+pub fn run(config: Config, mut systemd: self::systemd::Systemd) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     let config = Arc::new(config);
     std::fs::create_dir_all(&config.state_dir)
@@ -206,13 +208,25 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     }
     self::core::check_memlock(&config, cores);
     raise_nofile_limit(&config);
+    // Sockets systemd passed replace the binds below; a passed Unix socket is never unlinked
+    // (only the paths in `unlink_at_stop` are, at shutdown).
+    let mut activated = systemd
+        .take_listeners(&config)
+        .context("socket activation")?;
+    let mut unlink_at_stop = Vec::new();
     // Each core's listeners: the Unix socket and the TCP socket are shared (every core accepts
     // on them); admin and metrics are the control thread's.
     let mut listeners: Vec<Vec<(OwnedFd, ListenerKind)>> = (0..cores).map(|_| Vec::new()).collect();
     let mut ready = String::from("acgi-bridge ready");
     if let Some(path) = &config.listen.unix {
         let mode = config::parse_mode(&config.listen.unix_mode).expect("validated");
-        let listener = bind_unix(path, mode)?;
+        let listener = match activated.unix.take() {
+            Some(passed) => passed,
+            None => {
+                unlink_at_stop.push(path.clone());
+                bind_unix(path, mode)?
+            }
+        };
         for core in listeners.iter_mut().skip(1) {
             core.push((listener.try_clone()?, ListenerKind::Unix));
         }
@@ -225,9 +239,12 @@ pub fn run(config: Config) -> anyhow::Result<()> {
             .with_context(|| format!("resolving TCP {addr}"))?
             .next()
             .with_context(|| format!("TCP {addr} resolves to nothing"))?;
-        let listener = bind_tcp(wanted).with_context(|| {
-            format!("binding TCP {addr} (is another bridge or process serving it?)")
-        })?;
+        let listener = match activated.tcp.take() {
+            Some(passed) => passed,
+            None => bind_tcp(wanted).with_context(|| {
+                format!("binding TCP {addr} (is another bridge or process serving it?)")
+            })?,
+        };
         let local = rustix::net::getsockname(&listener)?;
         let local = std::net::SocketAddr::try_from(local)
             .map_err(|_| anyhow::anyhow!("TCP {addr}: not an IP address"))?;
@@ -240,8 +257,11 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     }
     let mut metrics_listener = None;
     if let Some(addr) = &config.metrics_listen {
-        let listener = std::net::TcpListener::bind(addr)
-            .with_context(|| format!("binding the metrics endpoint {addr}"))?;
+        let listener = match activated.metrics.take() {
+            Some(passed) => std::net::TcpListener::from(passed),
+            None => std::net::TcpListener::bind(addr)
+                .with_context(|| format!("binding the metrics endpoint {addr}"))?,
+        };
         let local = listener.local_addr()?;
         rustix::net::listen(&listener, 128)?;
         metrics_listener = Some(OwnedFd::from(listener));
@@ -250,7 +270,13 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     }
     let admin = config.admin_socket_path();
     let admin_mode = config::parse_mode(&config.admin_socket_mode).expect("validated");
-    let admin_listener = bind_unix(&admin, admin_mode)?;
+    let admin_listener = match activated.admin.take() {
+        Some(passed) => passed,
+        None => {
+            unlink_at_stop.push(admin.clone());
+            bind_unix(&admin, admin_mode)?
+        }
+    };
     ready.push_str(&format!(" admin={}", admin.display()));
     ready.push_str(&format!(" cores={cores}"));
     let interval_logger = match &config.histogram_log_dir {
@@ -351,12 +377,30 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         metrics: metrics_listener,
         interval_logger,
         started,
+        unlink_at_stop,
+        watchdog_interval: systemd.watchdog_interval(),
     })?;
     {
         let mut stdout = std::io::stdout().lock();
         writeln!(stdout, "{ready}")?;
         stdout.flush()?;
     }
+    // The same moment as the ready line: every listener is open and every core runs its loop
+    // with its spawner started (a request that arrives before its service's first worker is
+    // ready waits in the backlog).
+    let services = config.services.len();
+    let status = format!(
+        "serving {} on {} core{}: {}",
+        if services == 1 {
+            "1 service".to_string()
+        } else {
+            format!("{services} services")
+        },
+        cores,
+        if cores == 1 { "" } else { "s" },
+        ready.trim_start_matches("acgi-bridge ready ")
+    );
+    self::systemd::notify_ready(&status);
     tracing::info!(cores, cpus = ?cpus, "running");
     let mut totals = self::core::Counters::default();
     for thread in threads {

@@ -16,4 +16,5 @@ mod metrics;
 mod pool;
 mod roundtrip;
 mod sdk_c;
+mod systemd;
 mod unkillable;

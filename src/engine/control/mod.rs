@@ -70,6 +70,12 @@ pub struct ControlSetup {
     pub interval_logger: Option<IntervalLogger>,
     /// When the bridge started (for status's uptime).
     pub started: Instant,
+    /// The socket files the bridge bound itself, removed when it begins stopping (a socket
+    /// systemd passed is systemd's, and stays).
+    pub unlink_at_stop: Vec<std::path::PathBuf>,
+    /// How often to send systemd WATCHDOG=1, when the unit has `WatchdogSec=`: from this
+    /// thread's loop, so that a stuck control thread stops petting and systemd restarts it.
+    pub watchdog_interval: Option<Duration>,
 }
 
 /// The running control thread.
@@ -127,6 +133,8 @@ pub fn start(setup: ControlSetup) -> anyhow::Result<ControlHandle> {
         shared: setup.shared,
         config: setup.config,
         started: setup.started,
+        unlink_at_stop: setup.unlink_at_stop,
+        watchdog: setup.watchdog_interval.map(|every| (every, Instant::now())),
     };
     let thread = std::thread::Builder::new()
         .name("acgi-control".into())
@@ -155,6 +163,9 @@ struct Control {
     stopping: bool,
     /// What this thread counts (connections refused over the budget), added to every report.
     counters: BridgeCounters,
+    unlink_at_stop: Vec<std::path::PathBuf>,
+    /// The watchdog period and when to pet it next.
+    watchdog: Option<(Duration, Instant)>,
 }
 
 /// Which descriptor a poll entry watches.
@@ -176,10 +187,17 @@ impl Control {
                 self.end_interval(now);
             }
             self.expire_conns(now);
+            if let Some((every, next)) = &mut self.watchdog {
+                if now >= *next {
+                    super::systemd::notify_watchdog();
+                    *next = now + *every;
+                }
+            }
             let deadline = self
                 .conns
                 .iter()
                 .map(|conn| conn.deadline)
+                .chain(self.watchdog.map(|(_, next)| next))
                 .fold(self.interval_end, Instant::min);
             let timeout = deadline.saturating_duration_since(Instant::now());
             let timeout = rustix::event::Timespec::try_from(timeout).expect("a short timeout");
@@ -287,10 +305,10 @@ impl Control {
             self.stopping = true;
             // Before telling any core: see `shared` on not losing a forwarded request.
             self.shared.shutdown.store(true, Ordering::SeqCst);
-            if let Some(path) = &self.config.listen.unix {
+            super::systemd::notify_stopping();
+            for path in &self.unlink_at_stop {
                 let _ = std::fs::remove_file(path);
             }
-            let _ = std::fs::remove_file(self.config.admin_socket_path());
             // No new admin or metrics connections (those open are still answered).
             self.admin = None;
             self.metrics = None;
