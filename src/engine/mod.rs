@@ -2,12 +2,14 @@
 //! the control thread.
 //!
 //! [`run`] blocks SIGTERM/SIGINT before any thread starts so that they arrive only through
-//! the control thread's signalfd, binds the listeners, starts one event-loop thread per
+//! the control thread's signalfd, binds the listeners (or takes those systemd passed: see
+//! `systemd`), starts one event-loop thread per
 //! configured core (pinned to its CPU, with its own ring, spawner, connections and pool shards;
 //! see `docs/scaling.md`; every core runs the same loop), then the control thread (signals, the
 //! admin socket, `/metrics`, interval logs: `control`), prints one `ready` line on stdout once
-//! every core is set up (tests and scripts wait for it instead of sleeping), and waits for the
-//! cores to finish a graceful stop, then ends the control thread.
+//! every core is set up (tests and scripts wait for it instead of sleeping) and tells systemd
+//! READY=1 at the same moment, and waits for the cores to finish a graceful stop, then ends the
+//! control thread.
 
 pub mod admission;
 pub mod buffer;

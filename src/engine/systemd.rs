@@ -38,6 +38,9 @@ use sd_notify::NotifyState;
 
 use crate::config::Config;
 
+/// The shortest time between two WATCHDOG=1.
+const WATCHDOG_INTERVAL_MIN: Duration = Duration::from_millis(10);
+
 /// A listener of the config, as socket activation names it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
@@ -233,9 +236,12 @@ impl Systemd {
         !self.passed.is_empty()
     }
 
-    /// How often to send WATCHDOG=1: half of WATCHDOG_USEC, as sd_watchdog_enabled(3) advises.
+    /// How often to send WATCHDOG=1: half of WATCHDOG_USEC, as sd_watchdog_enabled(3) advises
+    /// (at least `WATCHDOG_INTERVAL_MIN`, so that an absurdly short period cannot make the
+    /// control thread spin).
     pub fn watchdog_interval(&self) -> Option<Duration> {
-        self.watchdog.map(|period| period / 2)
+        self.watchdog
+            .map(|period| (period / 2).max(WATCHDOG_INTERVAL_MIN))
     }
 
     /// Match the passed sockets to the config's listeners (rules in the module doc).
