@@ -311,14 +311,28 @@ fn systemd_socket_activation_serves_the_passed_unix_socket_and_leaves_it() {
     // Proves a call over a socket systemd-socket-activate bound and passed (by name) is served,
     // that workers inherit neither the socket nor LISTEN_*, and that the socket file is not
     // unlinked at shutdown (it is systemd's).
+    serve_activated(Some("unix"));
+}
+
+#[test]
+fn systemd_socket_activation_matches_an_unnamed_socket_by_its_address() {
+    // Proves a passed socket whose name is none of unix/tcp/admin/metrics (systemd's default)
+    // is taken for the listener bound at its address.
+    serve_activated(None);
+}
+
+/// Start the bridge with its `listen.unix` passed by systemd-socket-activate (named `fdname`,
+/// or by default), call it, stop it, and check what the activation tests prove.
+fn serve_activated(fdname: Option<&str>) {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("activated.sock");
     let listen = format!("unix = {:?}", sock.display().to_string());
-    let mut activated = Activated::start(
-        dir,
-        &listen,
-        &["-l", sock.to_str().unwrap(), "--fdname=unix"],
-    );
+    let mut options = vec!["-l".to_string(), sock.display().to_string()];
+    if let Some(name) = fdname {
+        options.push(format!("--fdname={name}"));
+    }
+    let options: Vec<&str> = options.iter().map(String::as_str).collect();
+    let mut activated = Activated::start(dir, &listen, &options);
     // This first connection is what makes systemd-socket-activate exec the bridge.
     assert_eq!(call_echo(&sock, b"activated"), b"activated");
     let ready = wait_line(&activated.stdout, "the ready line", |l| {
