@@ -568,3 +568,24 @@ pub fn read_frame(stream: &mut std::os::unix::net::UnixStream) -> (Header, Vec<u
         .expect("the frame's payload");
     (header, payload)
 }
+
+/// Wait (bounded) until the peer has read everything sent on `stream` (`SIOCOUTQ` on a Unix
+/// stream socket: the bytes the peer has not read yet).
+pub fn wait_until_read(stream: &std::os::unix::net::UnixStream) {
+    use std::os::fd::AsRawFd;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut unread: libc::c_int = 0;
+        // SAFETY: TIOCOUTQ (SIOCOUTQ) writes one int to the pointer; the socket is ours.
+        let rc = unsafe { libc::ioctl(stream.as_raw_fd(), libc::TIOCOUTQ, &mut unread) };
+        assert_eq!(rc, 0, "SIOCOUTQ: {}", std::io::Error::last_os_error());
+        if unread == 0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the bridge never read {unread} bytes"
+        );
+        std::thread::yield_now();
+    }
+}

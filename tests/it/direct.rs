@@ -5,7 +5,7 @@ use std::os::unix::net::UnixStream;
 
 use acgi_bridge::proto::{Header, Kind};
 
-use crate::common::{bridge, pipeline_tagged, tagged_payload, ServiceSpec};
+use crate::common::{bridge, pipeline_tagged, tagged_payload, wait_until_read, ServiceSpec};
 
 #[test]
 fn large_requests_are_read_straight_into_worker_slots_and_come_back_whole() {
@@ -312,25 +312,5 @@ fn slow_uploads_hold_no_worker_and_a_bystander_is_served_at_once() {
         let (header, reply) = crate::common::read_frame(stream);
         assert_eq!((header.kind, header.request_id), (Kind::Reply, 7));
         assert!(reply == full, "the slow upload's own reply");
-    }
-}
-
-/// Wait (bounded) until the bridge has read everything sent on `stream` (`SIOCOUTQ`).
-fn wait_until_read(stream: &UnixStream) {
-    use std::os::fd::AsRawFd;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        let mut unread: libc::c_int = 0;
-        // SAFETY: TIOCOUTQ (SIOCOUTQ) writes one int to the pointer; the socket is ours.
-        let rc = unsafe { libc::ioctl(stream.as_raw_fd(), libc::TIOCOUTQ, &mut unread) };
-        assert_eq!(rc, 0, "SIOCOUTQ: {}", std::io::Error::last_os_error());
-        if unread == 0 {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{unread} bytes never read"
-        );
-        std::thread::yield_now();
     }
 }

@@ -3,7 +3,7 @@
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use crate::common::{bridge, Bridge, ServiceSpec};
+use crate::common::{bridge, wait_until_read, Bridge, ServiceSpec};
 
 /// Call the faulty service with `command` from another thread; its reply and how long it
 /// took, or `None` when no answer came within `limit` (a frozen core).
@@ -116,27 +116,6 @@ fn rss_bytes(pid: i32) -> u64 {
     let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
     let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
     kib * 1024
-}
-
-/// Wait (bounded) until the peer has read everything sent on `stream` (`SIOCOUTQ` on a Unix
-/// stream socket: the bytes the peer has not read yet).
-fn wait_until_read(stream: &std::os::unix::net::UnixStream) {
-    use std::os::fd::AsRawFd;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let mut unread: libc::c_int = 0;
-        // SAFETY: TIOCOUTQ (SIOCOUTQ) writes one int to the pointer; the socket is ours.
-        let rc = unsafe { libc::ioctl(stream.as_raw_fd(), libc::TIOCOUTQ, &mut unread) };
-        assert_eq!(rc, 0, "SIOCOUTQ: {}", std::io::Error::last_os_error());
-        if unread == 0 {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the bridge never read {unread} bytes"
-        );
-        std::thread::yield_now();
-    }
 }
 
 #[test]
