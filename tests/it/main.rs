@@ -16,5 +16,6 @@ mod metrics;
 mod pool;
 mod roundtrip;
 mod sdk_c;
+mod sdks;
 mod systemd;
 mod unkillable;

@@ -22,7 +22,7 @@ const SLOT_BYTES: usize = 4096;
 const PAYLOAD_MAX: usize = 1 << 20;
 
 /// The directory the SDK was built into (ASan+UBSan build), building it on first use.
-fn c_build() -> &'static Path {
+pub(crate) fn c_build() -> &'static Path {
     static BUILD: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     match BUILD.get_or_init(build_sdk) {
         Ok(dir) => dir,

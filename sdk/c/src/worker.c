@@ -548,7 +548,8 @@ int acgi_worker_fail(acgi_worker *w, const char *message) {
         set_error(w, "fail called with no job outstanding");
         return -1;
     }
-    if (message == NULL || *message == '\0') message = "handler failed";
+    /* The handler's message as it is, even empty (every SDK does the same); NULL is none. */
+    if (message == NULL) message = "";
     len = strlen(message);
     cut = len < ACGI_FAIL_MESSAGE_BYTES_MAX ? len : ACGI_FAIL_MESSAGE_BYTES_MAX;
     if (cut > w->payload_max) cut = w->payload_max;

@@ -313,7 +313,8 @@ class _Session:
                                f"not bytes, bytearray or memoryview")
                     reply = None
             except Exception as exception:  # the handler's failure is the caller's error 8
-                reply, message = None, str(exception) or type(exception).__name__
+                # The message as the handler gave it, even empty: every SDK sends it unchanged.
+                reply, message = None, str(exception)
             finally:
                 _job, _deadline = None, None
             self._answer(header, job[0].transport, reply, message)
