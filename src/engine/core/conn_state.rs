@@ -110,6 +110,7 @@ impl Conn {
     }
 
     /// The relations between its fields (debug builds, after every completion).
+    #[cfg(debug_assertions)]
     pub(super) fn check_invariants(&self, handle: ConnHandle) {
         assert!(
             self.recv != Recv::IntoSlot || self.into_slot.is_some(),

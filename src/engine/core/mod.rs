@@ -116,6 +116,7 @@ mod direct;
 mod dispatch;
 mod event_loop;
 mod fault;
+#[cfg(debug_assertions)]
 mod invariants;
 mod listen;
 mod report;

@@ -155,6 +155,7 @@ impl Worker {
 
     /// The relations between its state, its jobs and its slot's use. Panics naming the one
     /// that does not hold: our own bookkeeping is broken, not the worker's.
+    #[cfg(debug_assertions)]
     pub(super) fn check_invariants(&self, queue_depth: u32) {
         let busy = matches!(self.state, WorkerState::Busy(_));
         assert!(
