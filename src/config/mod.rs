@@ -190,6 +190,21 @@ pub struct Listen {
     pub unix_mode: String,
     /// TCP `host:port` to listen on; port 0 picks a free port (printed at startup).
     pub tcp: Option<String>,
+    /// Unix callers allowed, by the uid the kernel reports for them (`SO_PEERCRED`), besides
+    /// `allowed_gids`; both empty (the default): anyone the socket's mode lets in.
+    #[serde(default)]
+    pub allowed_uids: Vec<u32>,
+    /// Unix callers allowed by their primary gid (`SO_PEERCRED`).
+    #[serde(default)]
+    pub allowed_gids: Vec<u32>,
+    /// TCP callers allowed, as addresses or CIDR blocks (`"10.0.0.0/8"`, `"::1"`); empty (the
+    /// default): any that can reach the port.
+    #[serde(default)]
+    pub allowed_clients: Vec<String>,
+    /// Allow `tcp` on an address other than loopback without TLS (which the bridge does not
+    /// speak yet): callers' requests and replies cross the network in the clear.
+    #[serde(default)]
+    pub insecure_plaintext: bool,
 }
 
 /// One service: a pool of worker processes running `exec`.
@@ -662,7 +677,8 @@ impl Config {
 
     /// What is allowed but unsafe, each naming its key (`check` prints them, `serve` logs them).
     pub fn warnings(&self) -> Vec<Problem> {
-        self.root_services()
+        let mut warnings: Vec<Problem> = self
+            .root_services()
             .into_iter()
             .map(|index| Problem {
                 key: format!("service[{index}].user"),
@@ -672,7 +688,32 @@ impl Config {
                     self.services[index].name
                 ),
             })
-            .collect()
+            .collect();
+        let exposed = |addr: &str| {
+            addr.parse::<std::net::SocketAddr>()
+                .is_ok_and(|a| !a.ip().is_loopback())
+        };
+        if self.metrics_listen.as_deref().is_some_and(exposed) {
+            warnings.push(Problem {
+                key: "metrics_listen".into(),
+                reason: "is reachable from other hosts: anyone who can reach it reads the \
+                         service names, rates and latencies (and /readyz), without \
+                         authentication"
+                    .into(),
+            });
+        }
+        if self.listen.insecure_plaintext
+            && self.listen.tcp.as_deref().is_some_and(exposed)
+            && self.listen.allowed_clients.is_empty()
+        {
+            warnings.push(Problem {
+                key: "listen.allowed_clients".into(),
+                reason: "is empty while listen.tcp is reachable from other hosts in plaintext: \
+                         any host that reaches the port may call every service"
+                    .into(),
+            });
+        }
+        warnings
     }
 
     /// Every problem in the config, each naming its key.
@@ -802,11 +843,26 @@ impl Config {
             );
         }
         if let Some(tcp) = &self.listen.tcp {
-            if tcp.parse::<std::net::SocketAddr>().is_err() {
-                problem(
+            match tcp.parse::<std::net::SocketAddr>() {
+                Err(_) => problem(
                     "listen.tcp".into(),
                     format!("{tcp:?} is not an ip:port address like \"127.0.0.1:7878\""),
-                );
+                ),
+                Ok(addr) if !addr.ip().is_loopback() && !self.listen.insecure_plaintext => problem(
+                    "listen.tcp".into(),
+                    format!(
+                        "{tcp:?} is reachable from other hosts, and the bridge does not \
+                             speak TLS yet: callers' payloads would cross the network in the \
+                             clear; listen on loopback, or set listen.insecure_plaintext = true \
+                             (and listen.allowed_clients) if the network is trusted"
+                    ),
+                ),
+                Ok(_) => {}
+            }
+        }
+        for (index, client) in self.listen.allowed_clients.iter().enumerate() {
+            if let Err(reason) = crate::engine::admission::IpNet::parse(client) {
+                problem(format!("listen.allowed_clients[{index}]"), reason);
             }
         }
         if self.services.is_empty() {

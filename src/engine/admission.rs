@@ -1,6 +1,9 @@
 //! Who may hold how many caller connections.
 //!
-//! Three bounds are checked at accept, in this order, for every caller connection of every core:
+//! Who may connect is checked first: a Unix caller's uid or gid against `listen.allowed_uids`
+//! and `listen.allowed_gids` (from `SO_PEERCRED`, which the kernel fills in, so a caller cannot
+//! lie), a TCP caller's address against `listen.allowed_clients` (addresses and CIDR blocks).
+//! Then three bounds are checked, in this order, for every caller connection of every core:
 //!
 //! 1. `connections_max`: caller connections over all listeners;
 //! 2. TCP callers together hold at most `connections_max - unix_connections_reserved` (when the
@@ -31,6 +34,117 @@ pub enum Peer {
     Uid(u32),
     /// A TCP caller: its address (the port is not part of who it is).
     Ip(IpAddr),
+}
+
+/// A caller as the kernel reports it: its peer, and on Unix its primary gid.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Caller {
+    pub peer: Peer,
+    pub gid: Option<u32>,
+}
+
+impl Caller {
+    /// The caller at the other end of a freshly accepted connection; `None` when the kernel
+    /// will not say (the caller has gone already): such a connection is refused.
+    pub fn of(fd: &OwnedFd, tcp: bool) -> Option<Caller> {
+        if tcp {
+            return Some(Caller {
+                peer: Peer::of(fd, true)?,
+                gid: None,
+            });
+        }
+        let cred = rustix::net::sockopt::socket_peercred(fd).ok()?;
+        Some(Caller {
+            peer: Peer::Uid(cred.uid.as_raw()),
+            gid: Some(cred.gid.as_raw()),
+        })
+    }
+}
+
+/// An address block: an address and how many of its leading bits matter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IpNet {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl IpNet {
+    /// `"10.0.0.0/8"`, `"fd00::/8"`, or one address (`"127.0.0.2"`, `"::1"`).
+    pub fn parse(text: &str) -> Result<IpNet, String> {
+        let (addr, prefix) = match text.split_once('/') {
+            Some((addr, prefix)) => (addr, Some(prefix)),
+            None => (text, None),
+        };
+        let addr: IpAddr = addr.parse().map_err(|_| {
+            format!("{text:?} is not an address or a CIDR block like \"10.0.0.0/8\"")
+        })?;
+        let bits = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => bits,
+            Some(p) => match p.parse::<u8>() {
+                Ok(p) if p <= bits => p,
+                _ => return Err(format!("{text:?}: the prefix must be 0 to {bits}")),
+            },
+        };
+        Ok(IpNet { addr, prefix })
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Who may connect at all (the `listen.allowed_*` keys).
+#[derive(Clone, Debug, Default)]
+pub struct Access {
+    uids: Vec<u32>,
+    gids: Vec<u32>,
+    clients: Vec<IpNet>,
+}
+
+impl Access {
+    pub fn from_config(config: &Config) -> Access {
+        Access {
+            uids: config.listen.allowed_uids.clone(),
+            gids: config.listen.allowed_gids.clone(),
+            clients: config
+                .listen
+                .allowed_clients
+                .iter()
+                .map(|c| IpNet::parse(c).expect("validated"))
+                .collect(),
+        }
+    }
+
+    /// Whether this caller may connect.
+    pub fn allows(&self, caller: &Caller) -> bool {
+        match caller.peer {
+            Peer::Uid(uid) => {
+                (self.uids.is_empty() && self.gids.is_empty())
+                    || self.uids.contains(&uid)
+                    || caller.gid.is_some_and(|gid| self.gids.contains(&gid))
+            }
+            Peer::Ip(ip) => self.clients.is_empty() || self.clients.iter().any(|n| n.contains(ip)),
+        }
+    }
 }
 
 impl Peer {
@@ -68,6 +182,8 @@ impl std::fmt::Display for Peer {
 /// Why a connection was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Refused {
+    /// The caller is not in `listen.allowed_uids` / `allowed_gids` / `allowed_clients`.
+    NotAllowed,
     /// `connections_max` connections are open.
     Full,
     /// TCP callers hold all but the connections reserved for Unix callers.
@@ -124,15 +240,25 @@ struct Counts {
 /// The shared counts of caller connections.
 pub struct Admission {
     limits: Limits,
+    access: Access,
     counts: Mutex<Counts>,
 }
 
 impl Admission {
-    pub fn new(limits: Limits) -> Admission {
+    pub fn new(limits: Limits, access: Access) -> Admission {
         Admission {
             limits,
+            access,
             counts: Mutex::new(Counts::default()),
         }
+    }
+
+    /// Count a new connection from `caller`, or say why it is refused.
+    pub fn admit_caller(&self, caller: &Caller) -> Result<Ticket, Refused> {
+        if !self.access.allows(caller) {
+            return Err(Refused::NotAllowed);
+        }
+        self.admit(caller.peer)
     }
 
     /// Count a new connection from `peer`, or say which bound refuses it.
@@ -191,12 +317,60 @@ mod tests {
     use std::net::Ipv4Addr;
 
     fn admission() -> Admission {
-        Admission::new(Limits {
-            total: 6,
-            tcp: 4,
-            per_uid: 3,
-            per_ip: 2,
-        })
+        Admission::new(
+            Limits {
+                total: 6,
+                tcp: 4,
+                per_uid: 3,
+                per_ip: 2,
+            },
+            Access::default(),
+        )
+    }
+
+    #[test]
+    fn address_blocks_contain_what_their_prefix_says() {
+        let net = IpNet::parse("10.1.0.0/16").unwrap();
+        assert!(net.contains("10.1.255.3".parse().unwrap()));
+        assert!(!net.contains("10.2.0.1".parse().unwrap()));
+        assert!(
+            net.contains("::ffff:10.1.0.9".parse().unwrap()),
+            "v4-mapped is v4"
+        );
+        let one = IpNet::parse("127.0.0.2").unwrap();
+        assert!(one.contains("127.0.0.2".parse().unwrap()));
+        assert!(!one.contains("127.0.0.1".parse().unwrap()));
+        assert!(IpNet::parse("0.0.0.0/0")
+            .unwrap()
+            .contains("8.8.8.8".parse().unwrap()));
+        assert!(IpNet::parse("::1")
+            .unwrap()
+            .contains("::1".parse().unwrap()));
+        assert!(IpNet::parse("10.0.0.0/33").is_err());
+        assert!(IpNet::parse("example.com").is_err());
+    }
+
+    #[test]
+    fn the_allow_lists_let_in_only_whom_they_name() {
+        let access = Access {
+            uids: vec![1000],
+            gids: vec![50],
+            clients: vec![IpNet::parse("127.0.0.2").unwrap()],
+        };
+        let unix = |uid, gid| Caller {
+            peer: Peer::Uid(uid),
+            gid: Some(gid),
+        };
+        assert!(access.allows(&unix(1000, 1)));
+        assert!(access.allows(&unix(7, 50)));
+        assert!(!access.allows(&unix(65534, 65534)));
+        let tcp = |ip: &str| Caller {
+            peer: Peer::Ip(ip.parse().unwrap()),
+            gid: None,
+        };
+        assert!(access.allows(&tcp("127.0.0.2")));
+        assert!(!access.allows(&tcp("127.0.0.1")));
+        assert!(Access::default().allows(&tcp("127.0.0.1")));
     }
 
     const A: Peer = Peer::Ip(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1)));

@@ -306,7 +306,10 @@ pub fn run(config: Config, mut systemd: self::systemd::Systemd) -> anyhow::Resul
                 .collect()
         })
         .collect();
-    let admission = admission::Admission::new(admission::Limits::from_config(&config));
+    let admission = admission::Admission::new(
+        admission::Limits::from_config(&config),
+        admission::Access::from_config(&config),
+    );
     let shared =
         Arc::new(self::shared::Shared::new(&shard_max, admission).context("creating eventfds")?);
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<anyhow::Result<()>>();

@@ -224,7 +224,8 @@ mod tests {
             per_uid: 1,
             per_ip: 1,
         };
-        let shared = Shared::new(&[vec![1], vec![1]], Admission::new(limits)).expect("eventfds");
+        let admission = Admission::new(limits, super::super::admission::Access::default());
+        let shared = Shared::new(&[vec![1], vec![1]], admission).expect("eventfds");
         assert!(shared.post(1, Msg::Wake));
         assert!(!shared.post(1, Msg::Wake));
         let mut batch = Vec::new();

@@ -55,6 +55,9 @@ define_counters! {
         /// Connections refused because their peer (uid on Unix, address on TCP) held
         /// connections_per_uid_max / connections_per_ip_max.
         connections_refused_per_peer,
+        /// Connections refused because their caller is not in listen.allowed_uids /
+        /// allowed_gids (Unix, by SO_PEERCRED) or listen.allowed_clients (TCP).
+        connections_refused_not_allowed,
         /// Callers disconnected for stalling mid-frame (caller_frame_timeout_ms).
         callers_timed_out,
         /// Caller connections closed after idling (caller_idle_timeout_ms).

@@ -350,3 +350,122 @@ fn the_request_bytes_budget_pauses_callers_and_every_request_still_runs() {
     }
     assert!(bridge.service_status("faulty").backlog_max_seen <= 3);
 }
+
+#[test]
+fn unix_callers_not_in_the_allow_list_are_refused_by_their_kernel_credentials() {
+    // Proves listen.allowed_uids with SO_PEERCRED: the socket is open to everyone (0666), but
+    // only uid 0 is allowed: nobody's connections are closed at accept and counted, root's
+    // calls are served.
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("skipped: starting a caller as another user needs root");
+        return;
+    }
+    let bridge = bridge()
+        .public_socket()
+        .listen("allowed_uids = [0]")
+        .service(ServiceSpec::echo().workers(1, 1))
+        .start();
+    let nobody = hold(&bridge.unix, 3, None, Some(65534));
+    assert_eq!((nobody.admitted, nobody.refused), (0, 3));
+    assert!(echo_works(&bridge, false), "root is allowed");
+    let counters = bridge.status().counters;
+    assert_eq!(counters.connections_refused_not_allowed, 3);
+    bridge.wait_log("not in listen.allowed_uids");
+}
+
+#[test]
+fn tcp_callers_outside_allowed_clients_are_refused() {
+    // Proves listen.allowed_clients: with only 127.0.0.2 allowed, a caller at 127.0.0.1 is
+    // closed at accept, one at 127.0.0.2 is served.
+    let bridge = bridge()
+        .listen("allowed_clients = [\"127.0.0.2/32\"]")
+        .service(ServiceSpec::echo().workers(1, 1))
+        .start();
+    let outsider = hold(&bridge.tcp, 2, Some("127.0.0.1"), None);
+    assert_eq!((outsider.admitted, outsider.refused), (0, 2));
+    let insider = hold(&bridge.tcp, 2, Some("127.0.0.2"), None);
+    assert_eq!((insider.admitted, insider.refused), (2, 0));
+    assert_eq!(bridge.status().counters.connections_refused_not_allowed, 2);
+}
+
+#[test]
+fn a_plaintext_listener_reachable_from_other_hosts_is_refused_by_check() {
+    // Proves the check: tcp on 0.0.0.0 without TLS is an error naming the fix; with
+    // insecure_plaintext it passes, with a warning while allowed_clients is empty.
+    let dir = tempfile::tempdir().unwrap();
+    let check = |listen: &str| {
+        let config = dir.path().join("bridge.toml");
+        let text = bridge()
+            .tcp("0.0.0.0:0")
+            .listen(listen)
+            .service(ServiceSpec::echo())
+            .config_text(dir.path());
+        std::fs::write(&config, text).unwrap();
+        Command::new(crate::common::bridge_exe())
+            .args(["check", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap()
+    };
+    let refused = check("");
+    let stderr = String::from_utf8_lossy(&refused.stderr).into_owned()
+        + &String::from_utf8_lossy(&refused.stdout);
+    assert!(!refused.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("listen.tcp") && stderr.contains("insecure_plaintext"),
+        "{stderr}"
+    );
+    let allowed = check("insecure_plaintext = true");
+    let output = String::from_utf8_lossy(&allowed.stderr).into_owned()
+        + &String::from_utf8_lossy(&allowed.stdout);
+    assert!(allowed.status.success(), "{output}");
+    assert!(output.contains("allowed_clients"), "the warning: {output}");
+}
+
+#[test]
+fn the_admin_socket_answers_only_the_bridges_own_user_and_root() {
+    // Proves the admin peer check: even with the admin socket opened to everyone (0666), a
+    // command from nobody gets the connection closed unanswered; root's status works.
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("skipped: starting a caller as another user needs root");
+        return;
+    }
+    let bridge = bridge()
+        .public_socket()
+        .top("admin_socket_mode = \"0666\"")
+        .service(ServiceSpec::echo().workers(1, 1))
+        .start();
+    let script = r#"
+import socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect(sys.argv[1])
+try:
+    s.sendall(b"status\n")
+    data = s.recv(65536)
+except OSError:
+    data = b""
+print("answered" if data else "closed", flush=True)
+"#;
+    let output = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            python3(),
+            "-c",
+            script,
+        ])
+        .arg(&bridge.admin)
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout).trim(),
+        "closed",
+        "{output:?}"
+    );
+    assert!(
+        bridge.status().services[0].name == "echo",
+        "root is answered"
+    );
+    bridge.wait_log("refusing an admin connection from another user");
+}

@@ -129,6 +129,7 @@ pub struct BridgeBuilder {
     stderr_pipe: bool,
     tcp: String,
     public_socket: bool,
+    listen_extra: String,
 }
 
 impl BridgeBuilder {
@@ -176,10 +177,18 @@ impl BridgeBuilder {
         if self.public_socket {
             text.push_str("unix_mode = \"0666\"\n");
         }
+        text.push_str(&self.listen_extra);
         for service in &self.services {
             text.push_str(&service.toml());
         }
         text
+    }
+
+    /// An extra line in the `[listen]` table (e.g. `allowed_uids = [0]`).
+    pub fn listen(mut self, line: &str) -> BridgeBuilder {
+        self.listen_extra.push_str(line);
+        self.listen_extra.push('\n');
+        self
     }
 
     /// Let every local user reach the Unix socket (mode 0666 in a directory others may
@@ -283,6 +292,7 @@ pub fn bridge() -> BridgeBuilder {
         stderr_pipe: false,
         tcp: "127.0.0.1:0".to_string(),
         public_socket: false,
+        listen_extra: String::new(),
     }
 }
 

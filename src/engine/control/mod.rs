@@ -351,6 +351,13 @@ impl Control {
                     if protocol == Protocol::Metrics {
                         let _ = rustix::net::sockopt::set_tcp_nodelay(&fd, true);
                     }
+                    if protocol == Protocol::Admin && !admin_peer_allowed(&fd) {
+                        // Only the bridge's own user and root may run admin commands: not a
+                        // worker running as another user, whatever the socket's mode says.
+                        self.counters.connections_refused += 1;
+                        tracing::warn!("refusing an admin connection from another user");
+                        continue;
+                    }
                     let deadline = Instant::now() + AUX_CONNECTION_TIMEOUT;
                     self.conns.push(AuxConn::new(fd, protocol, deadline));
                 }
@@ -481,4 +488,12 @@ impl Control {
         merged.counters.log_lines_dropped = crate::logging::lines_dropped();
         Ok(merged)
     }
+}
+
+/// Whether the peer of an admin connection is root or the bridge's own effective user (by
+/// `SO_PEERCRED`, which the peer cannot forge).
+fn admin_peer_allowed(fd: &std::os::fd::OwnedFd) -> bool {
+    let bridge = rustix::process::geteuid();
+    rustix::net::sockopt::socket_peercred(fd)
+        .is_ok_and(|cred| cred.uid.is_root() || cred.uid == bridge)
 }

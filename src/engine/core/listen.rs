@@ -41,12 +41,13 @@ impl Core {
             return;
         }
         let tcp = kind == ListenerKind::Tcp;
-        let Some(peer) = Peer::of(&fd, tcp) else {
+        let Some(caller) = Caller::of(&fd, tcp) else {
             // Gone before we could ask who it was.
             self.counters.connections_refused += 1;
             return;
         };
-        let ticket = match self.shared.admission.admit(peer) {
+        let peer = caller.peer;
+        let ticket = match self.shared.admission.admit_caller(&caller) {
             Ok(ticket) => ticket,
             Err(refused) => return self.refuse_connection(peer, refused),
         };
@@ -72,6 +73,26 @@ impl Core {
     fn refuse_connection(&mut self, peer: Peer, refused: Refused) {
         self.counters.connections_refused += 1;
         let (key, limit) = match refused {
+            Refused::NotAllowed => {
+                self.counters.connections_refused_not_allowed += 1;
+                let key = match peer {
+                    Peer::Uid(_) => "listen.allowed_uids / allowed_gids",
+                    Peer::Ip(_) => "listen.allowed_clients",
+                };
+                if self
+                    .refusal_logged
+                    .is_none_or(|at| self.now.duration_since(at) >= REFUSAL_LOG_INTERVAL)
+                {
+                    self.refusal_logged = Some(self.now);
+                    tracing::warn!(
+                        %peer,
+                        "refusing a caller connection: not in {key} (further refusals are \
+                         counted in connections_refused_not_allowed, and logged at most once a \
+                         second)"
+                    );
+                }
+                return;
+            }
             Refused::Full => ("connections_max", self.config.connections_max),
             Refused::TcpShare => {
                 self.counters.connections_refused_tcp_share += 1;

@@ -48,7 +48,7 @@ use super::io::{
     PROVIDED_BUFFER_BYTES,
 };
 
-use super::admission::{Peer, Refused, Ticket};
+use super::admission::{Caller, Peer, Refused, Ticket};
 use super::buffer::{Parsed, ReadBuffer, SendQueue};
 use super::report::{CoreReport, ShardReport};
 use super::shared::ReportReply;
