@@ -147,16 +147,23 @@ impl ErrorCode {
         })
     }
 
-    /// Whether the same request may succeed if sent again later.
+    /// Whether sending the same request again later can help, and cannot run it twice
+    /// (protocol §3's table): 3, 6 (on another bridge), 9 and 10, which never ran it. Codes 4
+    /// and 5 may have run it: see [`ErrorCode::is_retryable_if_idempotent`].
     pub fn is_retryable(self) -> bool {
         matches!(
             self,
             ErrorCode::Overloaded
-                | ErrorCode::WorkerFailed
-                | ErrorCode::TimedOut
-                | ErrorCode::ServiceUnavailable
                 | ErrorCode::ShuttingDown
+                | ErrorCode::ServiceUnavailable
+                | ErrorCode::DeadlineExceeded
         )
+    }
+
+    /// Whether a retry can help when running the request twice is harmless: the retryable
+    /// codes, and 4 and 5 (the service may or may not have run it).
+    pub fn is_retryable_if_idempotent(self) -> bool {
+        self.is_retryable() || matches!(self, ErrorCode::WorkerFailed | ErrorCode::TimedOut)
     }
 
     /// The name callers see in messages (`"worker failed"`).
