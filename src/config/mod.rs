@@ -234,6 +234,17 @@ pub struct ServiceConfig {
     /// RLIMIT_CORE of the workers, soft and hard, in bytes (0: no core files).
     #[serde(default)]
     pub rlimit_core: u64,
+    /// Unix callers that may call this service, by uid (`SO_PEERCRED`), besides
+    /// `allowed_gids`; when either is set, only Unix callers that match may (TCP callers
+    /// cannot prove a uid). Both empty (the default): every caller that may connect.
+    #[serde(default)]
+    pub allowed_uids: Vec<u32>,
+    /// Unix callers that may call this service, by primary gid.
+    #[serde(default)]
+    pub allowed_gids: Vec<u32>,
+    /// The listeners whose callers may call this service: `"unix"`, `"tcp"` (default both).
+    #[serde(default = "default_allowed_listeners")]
+    pub allowed_listeners: Vec<String>,
     /// Let workers stay dumpable (core files, ptrace and /proc/PID/mem by their own user).
     #[serde(default)]
     pub dumpable: bool,
@@ -403,6 +414,9 @@ fn default_write_queue_max_bytes() -> u64 {
 }
 fn default_connections_max() -> u32 {
     10_000
+}
+fn default_allowed_listeners() -> Vec<String> {
+    vec!["unix".into(), "tcp".into()]
 }
 fn default_unix_connections_reserved() -> u32 {
     1_000
@@ -877,6 +891,14 @@ impl Config {
                     key("id"),
                     "must be 1 or more (0 means no service on the wire)".into(),
                 );
+            }
+            for listener in &service.allowed_listeners {
+                if listener != "unix" && listener != "tcp" {
+                    problem(
+                        key("allowed_listeners"),
+                        format!("{listener:?} is not a listener: use \"unix\" or \"tcp\""),
+                    );
+                }
             }
             if !ids.insert(service.id) {
                 problem(

@@ -179,6 +179,44 @@ impl std::fmt::Display for Peer {
     }
 }
 
+/// Who may call one service (its `allowed_uids`, `allowed_gids`, `allowed_listeners`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceAcl {
+    uids: Vec<u32>,
+    gids: Vec<u32>,
+    unix: bool,
+    tcp: bool,
+}
+
+impl ServiceAcl {
+    /// `None` when the service lets every caller that may connect call it.
+    pub fn from_config(service: &crate::config::ServiceConfig) -> Option<ServiceAcl> {
+        let acl = ServiceAcl {
+            uids: service.allowed_uids.clone(),
+            gids: service.allowed_gids.clone(),
+            unix: service.allowed_listeners.iter().any(|l| l == "unix"),
+            tcp: service.allowed_listeners.iter().any(|l| l == "tcp"),
+        };
+        let open = acl.uids.is_empty() && acl.gids.is_empty() && acl.unix && acl.tcp;
+        (!open).then_some(acl)
+    }
+
+    /// Whether this caller may call the service.
+    pub fn allows(&self, caller: &Caller) -> bool {
+        let by_identity = !self.uids.is_empty() || !self.gids.is_empty();
+        match caller.peer {
+            Peer::Uid(uid) => {
+                self.unix
+                    && (!by_identity
+                        || self.uids.contains(&uid)
+                        || caller.gid.is_some_and(|gid| self.gids.contains(&gid)))
+            }
+            // A TCP caller has no uid to prove.
+            Peer::Ip(_) => self.tcp && !by_identity,
+        }
+    }
+}
+
 /// Why a connection was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Refused {
@@ -196,12 +234,17 @@ pub enum Refused {
 #[derive(Debug, PartialEq, Eq)]
 #[must_use = "a ticket must be returned to Admission::release when its connection goes"]
 pub struct Ticket {
-    peer: Peer,
+    caller: Caller,
 }
 
 impl Ticket {
     pub fn peer(&self) -> Peer {
-        self.peer
+        self.caller.peer
+    }
+
+    /// Who holds it, as the kernel said at accept.
+    pub fn caller(&self) -> &Caller {
+        &self.caller
     }
 }
 
@@ -258,11 +301,12 @@ impl Admission {
         if !self.access.allows(caller) {
             return Err(Refused::NotAllowed);
         }
-        self.admit(caller.peer)
+        self.admit(*caller)
     }
 
-    /// Count a new connection from `peer`, or say which bound refuses it.
-    pub fn admit(&self, peer: Peer) -> Result<Ticket, Refused> {
+    /// Count a new connection from `caller`, or say which bound refuses it.
+    fn admit(&self, caller: Caller) -> Result<Ticket, Refused> {
+        let peer = caller.peer;
         let mut counts = self.counts.lock().expect("not poisoned");
         if counts.total >= self.limits.total {
             return Err(Refused::Full);
@@ -284,13 +328,13 @@ impl Admission {
         if peer.is_tcp() {
             counts.tcp += 1;
         }
-        Ok(Ticket { peer })
+        Ok(Ticket { caller })
     }
 
     /// The connection holding `ticket` has gone.
     pub fn release(&self, ticket: Ticket) {
         let mut counts = self.counts.lock().expect("not poisoned");
-        let peer = ticket.peer;
+        let peer = ticket.caller.peer;
         match counts.per_peer.get_mut(&peer) {
             Some(held) if *held > 1 => *held -= 1,
             Some(_) => {
@@ -373,9 +417,23 @@ mod tests {
         assert!(Access::default().allows(&tcp("127.0.0.1")));
     }
 
-    const A: Peer = Peer::Ip(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1)));
-    const B: Peer = Peer::Ip(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)));
-    const C: Peer = Peer::Ip(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 3)));
+    const A: Caller = ip(1);
+    const B: Caller = ip(2);
+    const C: Caller = ip(3);
+
+    const fn ip(last: u8) -> Caller {
+        Caller {
+            peer: Peer::Ip(IpAddr::V4(Ipv4Addr::new(127, 0, 0, last))),
+            gid: None,
+        }
+    }
+
+    fn uid(uid: u32) -> Caller {
+        Caller {
+            peer: Peer::Uid(uid),
+            gid: Some(uid),
+        }
+    }
 
     #[test]
     fn each_bound_refuses_in_its_turn_and_release_gives_room_back() {
@@ -387,21 +445,21 @@ mod tests {
         let _b2 = admission.admit(B).unwrap();
         // Four TCP connections: the other two are the Unix callers'.
         assert_eq!(admission.admit(C), Err(Refused::TcpShare));
-        let _u1 = admission.admit(Peer::Uid(1000)).unwrap();
-        let _u2 = admission.admit(Peer::Uid(0)).unwrap();
-        assert_eq!(admission.admit(Peer::Uid(0)), Err(Refused::Full));
+        let _u1 = admission.admit(uid(1000)).unwrap();
+        let _u2 = admission.admit(uid(0)).unwrap();
+        assert_eq!(admission.admit(uid(0)), Err(Refused::Full));
         assert_eq!(admission.open(), (6, 4));
         admission.release(a1);
         assert_eq!(admission.open(), (5, 3));
         let _c1 = admission.admit(C).unwrap();
-        assert_eq!(admission.admit(Peer::Uid(5)), Err(Refused::Full));
+        assert_eq!(admission.admit(uid(5)), Err(Refused::Full));
     }
 
     #[test]
     fn the_peer_map_forgets_peers_with_nothing_open() {
         let admission = admission();
         for _ in 0..100 {
-            let ticket = admission.admit(Peer::Uid(7)).unwrap();
+            let ticket = admission.admit(uid(7)).unwrap();
             admission.release(ticket);
         }
         assert!(admission.counts.lock().unwrap().per_peer.is_empty());
@@ -411,10 +469,8 @@ mod tests {
     #[test]
     fn uids_are_bounded_apart_from_addresses() {
         let admission = admission();
-        let _t: Vec<Ticket> = (0..3)
-            .map(|_| admission.admit(Peer::Uid(9)).unwrap())
-            .collect();
-        assert_eq!(admission.admit(Peer::Uid(9)), Err(Refused::PeerFull));
-        assert!(admission.admit(Peer::Uid(10)).is_ok());
+        let _t: Vec<Ticket> = (0..3).map(|_| admission.admit(uid(9)).unwrap()).collect();
+        assert_eq!(admission.admit(uid(9)), Err(Refused::PeerFull));
+        assert!(admission.admit(uid(10)).is_ok());
     }
 }

@@ -469,3 +469,76 @@ print("answered" if data else "closed", flush=True)
     );
     bridge.wait_log("refusing an admin connection from another user");
 }
+
+#[test]
+fn a_service_answers_only_the_callers_its_rules_allow() {
+    // Proves the per-service rules: `echo` is for uid 0 only and `faulty` for Unix
+    // callers only. An unprivileged caller on the (open) Unix socket gets code 11 from echo
+    // and is served by faulty; a TCP caller gets code 11 from faulty; root over Unix gets both.
+    // The refused requests never reach a worker, and the connection stays usable.
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("skipped: starting a caller as another user needs root");
+        return;
+    }
+    let mut echo = ServiceSpec::echo().workers(1, 1);
+    echo.extra = "allowed_uids = [0]\n".into();
+    let mut faulty = ServiceSpec::faulty().workers(1, 1);
+    faulty.extra = "allowed_listeners = [\"unix\"]\n".into();
+    let bridge = bridge()
+        .public_socket()
+        .service(echo)
+        .service(faulty)
+        .start();
+    // nobody: echo (id 1) then faulty (id 3) on one connection; prints each answer's kind and
+    // code.
+    let script = r#"
+import socket, struct, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect(sys.argv[1])
+def call(service, rid, payload):
+    s.sendall(struct.pack("<HBBHHIIQ", 0xAC6B, 1, 1, 0, 0, service, len(payload), rid) + payload)
+    head = b""
+    while len(head) < 24:
+        head += s.recv(24 - len(head))
+    _, _, kind, _, code, _, length, answered = struct.unpack("<HBBHHIIQ", head)
+    body = b""
+    while len(body) < length:
+        body += s.recv(length - len(body))
+    print(f"{answered} kind={kind} code={code}", flush=True)
+call(1, 1, b"hi")
+call(3, 2, b"echo there")
+"#;
+    let output = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            python3(),
+            "-c",
+            script,
+        ])
+        .arg(&bridge.unix)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(
+        stdout.lines().collect::<Vec<_>>(),
+        ["1 kind=3 code=11", "2 kind=2 code=0"],
+        "{output:?}"
+    );
+    let mut root = bridge.client();
+    assert_eq!(root.call("echo", b"root").unwrap(), b"root");
+    assert_eq!(root.call("faulty", b"echo unix").unwrap(), b"unix");
+    let error = bridge.tcp_client().call("faulty", b"echo tcp").unwrap_err();
+    assert_eq!(
+        error.code(),
+        Some(acgi_bridge::proto::ErrorCode::NotAllowed),
+        "{error}"
+    );
+    let status = bridge.service_status("faulty");
+    assert_eq!(
+        status.requests_failed.get("not allowed"),
+        Some(&1),
+        "{status:?}"
+    );
+}

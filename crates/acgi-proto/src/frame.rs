@@ -127,6 +127,8 @@ pub enum ErrorCode {
     ServiceUnavailable = 9,
     /// The caller's deadline passed before a worker could take the request.
     DeadlineExceeded = 10,
+    /// The service's rules do not let this caller call it (its uid, gid or listener).
+    NotAllowed = 11,
 }
 
 impl ErrorCode {
@@ -143,6 +145,7 @@ impl ErrorCode {
             8 => ErrorCode::ServiceError,
             9 => ErrorCode::ServiceUnavailable,
             10 => ErrorCode::DeadlineExceeded,
+            11 => ErrorCode::NotAllowed,
             _ => return None,
         })
     }
@@ -179,6 +182,7 @@ impl ErrorCode {
             ErrorCode::ServiceError => "service error",
             ErrorCode::ServiceUnavailable => "service unavailable",
             ErrorCode::DeadlineExceeded => "deadline exceeded",
+            ErrorCode::NotAllowed => "not allowed",
         }
     }
 }
@@ -197,6 +201,7 @@ impl ErrorCode {
             ErrorCode::ServiceError => "service_error",
             ErrorCode::ServiceUnavailable => "service_unavailable",
             ErrorCode::DeadlineExceeded => "deadline_exceeded",
+            ErrorCode::NotAllowed => "not_allowed",
         }
     }
 }

@@ -126,6 +126,7 @@ const char *acgi_code_name(int code) {
     case ACGI_CODE_SERVICE_ERROR: return "service error";
     case ACGI_CODE_SERVICE_UNAVAILABLE: return "service unavailable";
     case ACGI_CODE_DEADLINE_EXCEEDED: return "deadline exceeded";
+    case ACGI_CODE_NOT_ALLOWED: return "not allowed";
     default: return "unknown code";
     }
 }
@@ -141,7 +142,7 @@ enum acgi_retry acgi_code_retry(int code) {
     case ACGI_CODE_TIMED_OUT:
         return ACGI_RETRY_IF_IDEMPOTENT;
     default:
-        return ACGI_RETRY_NO; /* 1, 2, 7, 8 and every code this version does not know */
+        return ACGI_RETRY_NO; /* 1, 2, 7, 8, 11 and every code this version does not know */
     }
 }
 

@@ -6,7 +6,7 @@
     ├── CallError            the bridge answered with an Error frame (§3); .code, .retryable
     │   ├── UnknownService (1), PayloadTooLarge (2), Overloaded (3), WorkerFailed (4),
     │   │   TimedOut (5), ShuttingDown (6), MalformedFrame (7), ServiceError (8),
-    │   │   ServiceUnavailable (9), DeadlineExceeded (10)
+    │   │   ServiceUnavailable (9), DeadlineExceeded (10), NotAllowed (11)
     ├── ConnectionClosed     the connection ended; calls in flight have an unknown outcome
     │   └── ProtocolError    the bridge sent bytes the spec forbids; the connection was closed
     └── CallTimeout          no answer within the call's timeout (also a TimeoutError)
@@ -21,13 +21,13 @@ from .protocol import ErrorCode
 __all__ = [
     "AcgiError", "CallError", "UnknownService", "PayloadTooLarge", "Overloaded",
     "WorkerFailed", "TimedOut", "ShuttingDown", "MalformedFrame", "ServiceError",
-    "ServiceUnavailable", "DeadlineExceeded", "ConnectionClosed", "ProtocolError",
+    "ServiceUnavailable", "DeadlineExceeded", "NotAllowed", "ConnectionClosed", "ProtocolError",
     "CallTimeout", "call_error",
 ]
 
 # §3 "did the service run it?": "no" codes never ran; every other code (including codes this
 # version does not know) may have run.
-_NEVER_RAN = frozenset({1, 3, 6, 7, 9, 10})
+_NEVER_RAN = frozenset({1, 3, 6, 7, 9, 10, 11})
 # §3 "retry can help?" and §11 item 8: codes a retry of the same request can fix without any
 # risk of running it twice...
 _RETRYABLE = frozenset({3, 6, 9, 10})
@@ -143,11 +143,17 @@ class DeadlineExceeded(CallError):
     code_value = 10
 
 
+class NotAllowed(CallError):
+    """Code 11: the service's rules do not let this caller call it; it never ran."""
+
+    code_value = 11
+
+
 _BY_CODE: Dict[int, Type[CallError]] = {
     cls.code_value: cls
     for cls in (UnknownService, PayloadTooLarge, Overloaded, WorkerFailed, TimedOut,
                 ShuttingDown, MalformedFrame, ServiceError, ServiceUnavailable,
-                DeadlineExceeded)
+                DeadlineExceeded, NotAllowed)
     if cls.code_value is not None
 }
 

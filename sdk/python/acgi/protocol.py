@@ -101,6 +101,7 @@ class ErrorCode(enum.IntEnum):
     SERVICE_ERROR = 8
     SERVICE_UNAVAILABLE = 9
     DEADLINE_EXCEEDED = 10
+    NOT_ALLOWED = 11
 
     @property
     def label(self) -> str:

@@ -408,6 +408,24 @@ impl Core {
                     self.recycle_payload(payload);
                     return;
                 };
+                if !self.may_call(index, service) {
+                    self.counters.requests_failed += 1;
+                    self.services[service].counters.errors[ErrorCode::NotAllowed as usize] += 1;
+                    let message = format!(
+                        "service {} does not let this caller call it (its allowed_uids, \
+                         allowed_gids or allowed_listeners)",
+                        self.services[service].name
+                    );
+                    self.answer_error(
+                        index,
+                        header.request_id,
+                        header.service_id,
+                        ErrorCode::NotAllowed,
+                        &message,
+                    );
+                    self.recycle_payload(payload);
+                    return;
+                }
                 let now = self.now;
                 let mut payload = payload;
                 let mut deadline = None;
@@ -437,6 +455,17 @@ impl Core {
             _ => unreachable!("checked by is_caller_to_bridge"),
         }
         self.recycle_payload(payload);
+    }
+
+    /// Whether the caller of connection `index` may call `service` (its ACL, if it has one).
+    pub(super) fn may_call(&self, index: ConnHandle, service: usize) -> bool {
+        match &self.services[service].acl {
+            None => true,
+            Some(acl) => self.conns[index]
+                .ticket
+                .as_ref()
+                .is_some_and(|ticket| acl.allows(ticket.caller())),
+        }
     }
 
     /// A new request from caller connection `index`; returns its handle.

@@ -44,6 +44,10 @@ impl Core {
         let Some(&service) = self.service_by_id.get(&header.service_id) else {
             return DirectRead::No;
         };
+        if !self.may_call(index, service) {
+            // Refused once the frame is whole (on_caller_frame).
+            return DirectRead::No;
+        }
         let pool = &self.services[service].pool;
         if header.payload_len > self.services[service].slot_capacity
             || pool.idle() == 0

@@ -238,6 +238,9 @@ impl Request {
 struct Service {
     id: u32,
     name: String,
+    /// Who may call it (`allowed_uids`, `allowed_gids`, `allowed_listeners`); `None`: every
+    /// caller that may connect.
+    acl: Option<crate::engine::admission::ServiceAcl>,
     pool: Pool,
     slot_capacity: u32,
     counters: ServiceCounters,
@@ -251,8 +254,8 @@ struct Service {
 #[derive(Clone, Copy, Debug, Default, serde::Serialize)]
 pub struct ServiceCounters {
     pub ok: u64,
-    /// Indexed by error code (1..=10); index 0 unused.
-    pub errors: [u64; 11],
+    /// Indexed by error code (1..=11); index 0 unused.
+    pub errors: [u64; 12],
     /// Payload bytes of requests handed to workers, and of replies sent back.
     pub bytes_in: u64,
     pub bytes_out: u64,
@@ -388,6 +391,7 @@ impl Core {
             services.push(Service {
                 id: service.id,
                 name: service.name.clone(),
+                acl: crate::engine::admission::ServiceAcl::from_config(service),
                 pool: Pool::new(
                     now,
                     service.policy().shard(index, cores),
