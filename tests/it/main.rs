@@ -2,6 +2,7 @@
 
 mod admission;
 mod bad_input;
+mod client_sdk;
 mod common;
 mod conformance;
 mod control;

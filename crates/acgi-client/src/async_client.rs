@@ -9,7 +9,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::oneshot;
 
 use crate::proto::{self, Header, Kind, HEADER_BYTES};
-use crate::{with_timeout_prefix, Addr, Answer, CallError, Service};
+use crate::{with_timeout_prefix, Addr, Answer, CallError, ConnectOptions, Service};
 
 /// Payloads up to this size are sent in the same write as their header.
 const SMALL_FRAME_BYTES: usize = 4096;
@@ -44,23 +44,37 @@ impl Drop for Inner {
 }
 
 impl Client {
-    /// Connect to a bridge at `addr` (see the module docs for the address forms).
+    /// Connect to a bridge at `addr` (see the module docs for the address forms) with the
+    /// default [`ConnectOptions`].
     pub async fn connect(addr: &str) -> Result<Client, CallError> {
+        Client::connect_with(addr, &ConnectOptions::new()).await
+    }
+
+    /// Connect with `options` (the reply bound, the server's expected uid).
+    pub async fn connect_with(addr: &str, options: &ConnectOptions) -> Result<Client, CallError> {
+        let bound = options.reply_bytes_max;
         match Addr::parse(addr) {
             Addr::Unix(path) => {
-                let (read, write) = tokio::net::UnixStream::connect(path).await?.into_split();
-                Ok(Client::from_halves(read, write))
+                let stream = tokio::net::UnixStream::connect(path).await?;
+                options.check_server(&stream)?;
+                let (read, write) = stream.into_split();
+                Ok(Client::from_halves(read, write, bound))
             }
             Addr::Tcp(host_port) => {
+                if options.expected_uid.is_some() {
+                    return Err(CallError::Protocol(
+                        "expected_uid needs a Unix socket: a TCP peer has no uid to check".into(),
+                    ));
+                }
                 let stream = tokio::net::TcpStream::connect(host_port).await?;
                 stream.set_nodelay(true)?;
                 let (read, write) = stream.into_split();
-                Ok(Client::from_halves(read, write))
+                Ok(Client::from_halves(read, write, bound))
             }
         }
     }
 
-    fn from_halves<R, W>(read: R, write: W) -> Client
+    fn from_halves<R, W>(read: R, write: W, reply_bytes_max: u32) -> Client
     where
         R: AsyncRead + Send + Unpin + 'static,
         W: AsyncWrite + Send + Unpin + 'static,
@@ -68,7 +82,7 @@ impl Client {
         let pending: Pending = Arc::default();
         // Buffered: one read takes every answer that has arrived (not two reads per answer).
         let read = tokio::io::BufReader::with_capacity(READ_BUFFER_BYTES, read);
-        let reader = tokio::spawn(read_answers(read, Arc::clone(&pending)));
+        let reader = tokio::spawn(read_answers(read, Arc::clone(&pending), reply_bytes_max));
         Client {
             inner: Arc::new(Inner {
                 writer: tokio::sync::Mutex::new(Box::new(write)),
@@ -183,13 +197,16 @@ impl Client {
 /// Read buffer of the async client's connection.
 const READ_BUFFER_BYTES: usize = 64 * 1024;
 
-async fn read_answers<R: AsyncRead + Unpin>(mut read: R, pending: Pending) {
+/// Read answers and hand each to its call; a frame over `reply_bytes_max` (checked on its
+/// header, before any allocation) or a malformed one ends the connection: every call in flight
+/// then fails with `Closed`.
+async fn read_answers<R: AsyncRead + Unpin>(mut read: R, pending: Pending, reply_bytes_max: u32) {
     let mut bytes = [0u8; HEADER_BYTES];
     loop {
         if read.read_exact(&mut bytes).await.is_err() {
             break;
         }
-        let Ok(header) = Header::decode(&bytes, proto::PAYLOAD_BYTES_MAX_CEILING) else {
+        let Ok(header) = Header::decode(&bytes, reply_bytes_max) else {
             break;
         };
         let mut payload = vec![0u8; header.payload_len as usize];

@@ -59,6 +59,104 @@ impl Addr {
     }
 }
 
+/// The largest reply payload a client accepts by default: the bridge's default
+/// `max_payload_bytes` (16 MiB). A larger `payload_len` is a protocol error found on the
+/// 24-byte header, before anything is allocated for the payload.
+pub const REPLY_BYTES_MAX_DEFAULT: u32 = proto::PAYLOAD_BYTES_MAX_DEFAULT;
+
+/// How to connect: the reply bound, an optional check of who serves a Unix socket, and
+/// timeouts. `ConnectOptions::new().expected_uid(0).blocking(addr)`.
+#[derive(Clone, Debug)]
+pub struct ConnectOptions {
+    reply_bytes_max: u32,
+    expected_uid: Option<u32>,
+    io_timeout: Option<std::time::Duration>,
+}
+
+impl Default for ConnectOptions {
+    fn default() -> Self {
+        ConnectOptions {
+            reply_bytes_max: REPLY_BYTES_MAX_DEFAULT,
+            expected_uid: None,
+            io_timeout: None,
+        }
+    }
+}
+
+impl ConnectOptions {
+    /// The defaults: replies up to [`REPLY_BYTES_MAX_DEFAULT`], no owner check, no timeout.
+    pub fn new() -> ConnectOptions {
+        ConnectOptions::default()
+    }
+
+    /// Accept replies up to `bytes` (set it to the bridge's `max_payload_bytes`).
+    pub fn reply_bytes_max(mut self, bytes: u32) -> ConnectOptions {
+        self.reply_bytes_max = bytes.min(proto::PAYLOAD_BYTES_MAX_CEILING);
+        self
+    }
+
+    /// On a Unix socket, refuse to talk unless the process serving it runs as `uid`
+    /// (`SO_PEERCRED`, filled in by the kernel): a squatter on the socket path gets nothing.
+    pub fn expected_uid(mut self, uid: u32) -> ConnectOptions {
+        self.expected_uid = Some(uid);
+        self
+    }
+
+    /// Bound every read and write of the blocking client (an expired one fails the call with
+    /// an I/O error; the connection should then be dropped).
+    pub fn io_timeout(mut self, timeout: std::time::Duration) -> ConnectOptions {
+        self.io_timeout = Some(timeout);
+        self
+    }
+
+    /// Connect a [`BlockingClient`] to `addr` with these options.
+    pub fn blocking(&self, addr: &str) -> Result<BlockingClient, CallError> {
+        let stream = match Addr::parse(addr) {
+            Addr::Unix(path) => {
+                let stream = std::os::unix::net::UnixStream::connect(path)?;
+                self.check_server(&stream)?;
+                stream.set_read_timeout(self.io_timeout)?;
+                stream.set_write_timeout(self.io_timeout)?;
+                BlockingStream::Unix(stream)
+            }
+            Addr::Tcp(host_port) => {
+                if self.expected_uid.is_some() {
+                    return Err(CallError::Protocol(
+                        "expected_uid needs a Unix socket: a TCP peer has no uid to check".into(),
+                    ));
+                }
+                let stream = std::net::TcpStream::connect(host_port)?;
+                stream.set_nodelay(true)?;
+                stream.set_read_timeout(self.io_timeout)?;
+                stream.set_write_timeout(self.io_timeout)?;
+                BlockingStream::Tcp(stream)
+            }
+        };
+        Ok(BlockingClient {
+            stream,
+            next_request_id: 1,
+            services: HashMap::new(),
+            reply_bytes_max: self.reply_bytes_max,
+        })
+    }
+
+    /// The check of [`ConnectOptions::expected_uid`] on a connected Unix socket.
+    fn check_server(&self, socket: &impl std::os::fd::AsFd) -> Result<(), CallError> {
+        let Some(expected) = self.expected_uid else {
+            return Ok(());
+        };
+        let cred = rustix::net::sockopt::socket_peercred(socket).map_err(io::Error::from)?;
+        let uid = cred.uid.as_raw();
+        if uid != expected {
+            return Err(CallError::Protocol(format!(
+                "the socket is served by uid {uid}, not the expected {expected}: not talking \
+                 to it"
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// Which service to call: by name (resolved once and cached) or by numeric id.
 #[derive(Clone, Debug)]
 pub enum Service<'a> {
@@ -215,26 +313,14 @@ pub struct BlockingClient {
     stream: BlockingStream,
     next_request_id: u64,
     services: HashMap<String, u32>,
+    reply_bytes_max: u32,
 }
 
 impl BlockingClient {
-    /// Connect to a bridge at `addr` (see the module docs for the address forms).
+    /// Connect to a bridge at `addr` (see the module docs for the address forms) with the
+    /// default [`ConnectOptions`].
     pub fn connect(addr: &str) -> Result<BlockingClient, CallError> {
-        let stream = match Addr::parse(addr) {
-            Addr::Unix(path) => {
-                BlockingStream::Unix(std::os::unix::net::UnixStream::connect(path)?)
-            }
-            Addr::Tcp(host_port) => {
-                let stream = std::net::TcpStream::connect(host_port)?;
-                stream.set_nodelay(true)?;
-                BlockingStream::Tcp(stream)
-            }
-        };
-        Ok(BlockingClient {
-            stream,
-            next_request_id: 1,
-            services: HashMap::new(),
-        })
+        ConnectOptions::new().blocking(addr)
     }
 
     /// Call `service` and wait for its answer. Do not mix with outstanding `send`s.
@@ -324,7 +410,8 @@ impl BlockingClient {
             }
             Err(error) => return Err(error.into()),
         }
-        let header = Header::decode(&bytes, proto::PAYLOAD_BYTES_MAX_CEILING)?;
+        // The bound is checked on the header: a claimed length over it allocates nothing.
+        let header = Header::decode(&bytes, self.reply_bytes_max)?;
         let mut payload = vec![0u8; header.payload_len as usize];
         self.stream.read_exact(&mut payload)?;
         Ok(Answer { header, payload })
