@@ -66,23 +66,88 @@ fn stop_signals() -> anyhow::Result<OwnedFd> {
     }
 }
 
+/// `state_dir` holds the services' data: refuse one that another user owns (other than root)
+/// or that group or others may write (they could plant or replace what services read there).
+fn check_state_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(dir)
+        .with_context(|| format!("looking at state_dir {}", dir.display()))?;
+    let me = rustix::process::geteuid().as_raw();
+    if meta.uid() != me && meta.uid() != 0 {
+        bail!(
+            "state_dir {} belongs to uid {}, not the bridge's ({me}) or root",
+            dir.display(),
+            meta.uid()
+        );
+    }
+    if meta.mode() & 0o022 != 0 {
+        bail!(
+            "state_dir {} is writable by its group or others (mode {:o}): chmod go-w it",
+            dir.display(),
+            meta.mode() & 0o7777
+        );
+    }
+    Ok(())
+}
+
+/// Bind a Unix listener at `path` with permission bits `mode`, safely: only a stale *socket*
+/// of our own user is ever removed (never a file, a directory or another user's socket); the
+/// directory must not let other users replace the socket (writable by others without the
+/// sticky bit); and the socket has its mode from the moment it exists (the umask is set for
+/// the bind), so no caller can connect in between.
 fn bind_unix(path: &std::path::Path, mode: u32) -> anyhow::Result<OwnedFd> {
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) => {
+            if !meta.file_type().is_socket() {
+                bail!(
+                    "{} exists and is not a socket: not replacing it (remove it, or choose \
+                     another listen.unix)",
+                    path.display()
+                );
+            }
+            let me = rustix::process::geteuid().as_raw();
+            if meta.uid() != me {
+                bail!(
+                    "{} is a socket of uid {}, not ours ({me}): not replacing it",
+                    path.display(),
+                    meta.uid()
+                );
+            }
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                bail!(
+                    "{} is in use by a running process (another bridge?)",
+                    path.display()
+                );
+            }
+            std::fs::remove_file(path)
+                .with_context(|| format!("removing the stale socket {}", path.display()))?;
+        }
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+        Err(error) => {
+            return Err(error).with_context(|| format!("looking at {}", path.display()));
+        }
+    }
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+        let meta = std::fs::metadata(parent)
+            .with_context(|| format!("looking at {}", parent.display()))?;
+        if meta.mode() & 0o002 != 0 && meta.mode() & 0o1000 == 0 {
             bail!(
-                "{} is in use by a running process (another bridge?)",
+                "{} is writable by every user and not sticky: anyone could replace the socket \
+                 {} (use a directory only the bridge's user can write, e.g. /run/acgi-bridge)",
+                parent.display(),
                 path.display()
             );
         }
-        std::fs::remove_file(path)
-            .with_context(|| format!("removing the stale socket {}", path.display()))?;
     }
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent)
-            .with_context(|| format!("creating {}", parent.display()))?;
-    }
-    let listener = std::os::unix::net::UnixListener::bind(path)
-        .with_context(|| format!("binding the Unix socket {}", path.display()))?;
+    // The socket file gets `mode` at creation: bind under a umask that leaves only it.
+    let umask = rustix::fs::Mode::from_bits_truncate(!mode & 0o777);
+    let previous = rustix::process::umask(umask);
+    let bound = std::os::unix::net::UnixListener::bind(path);
+    rustix::process::umask(previous);
+    let listener = bound.with_context(|| format!("binding the Unix socket {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .with_context(|| format!("setting the mode of {}", path.display()))?;
     rustix::net::listen(&listener, 4096)?;
@@ -171,6 +236,7 @@ pub fn run(config: Config, mut systemd: self::systemd::Systemd) -> anyhow::Resul
     let config = Arc::new(config);
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("creating state_dir {}", config.state_dir.display()))?;
+    check_state_dir(&config.state_dir)?;
     let cpus = config
         .cores
         .cpus(&config::allowed_cpus())

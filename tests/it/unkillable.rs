@@ -458,3 +458,61 @@ fn idle_metrics_connections_cannot_lock_the_operator_out_of_status() {
     }
     drop(idle);
 }
+
+/// Start the bridge on `builder`'s config in `dir` and expect it to refuse: its stderr.
+fn refused_start(dir: &std::path::Path, builder: crate::common::BridgeBuilder) -> String {
+    let config = dir.join("bridge.toml");
+    std::fs::write(&config, builder.config_text(dir)).unwrap();
+    let output = std::process::Command::new(crate::common::bridge_exe())
+        .args(["serve", "--config"])
+        .arg(&config)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!output.status.success(), "the bridge started");
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn only_a_stale_socket_of_ours_is_ever_replaced() {
+    // Proves the socket path's safety: a regular file where the socket goes is left alone
+    // (before, any file there was unlinked), and a directory that every user may write
+    // without the sticky bit (anyone could swap the socket) is refused; the bridge says why.
+    // (A sticky one like /tmp is fine: the README's bundled config runs there.)
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("bridge.sock"), b"precious").unwrap();
+    let stderr = refused_start(dir.path(), bridge().service(ServiceSpec::echo()));
+    assert!(stderr.contains("is not a socket"), "{stderr}");
+    assert_eq!(
+        std::fs::read(dir.path().join("bridge.sock")).unwrap(),
+        b"precious"
+    );
+
+    let open = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(open.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let stderr = refused_start(open.path(), bridge().service(ServiceSpec::echo()));
+    assert!(
+        stderr.contains("writable by every user and not sticky"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_state_dir_others_may_write_is_refused() {
+    // Proves the state_dir check: group- or world-writable, the bridge refuses to start
+    // (another user could plant what the services read there).
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("shared-state");
+    std::fs::create_dir(&state).unwrap();
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o775)).unwrap();
+    let stderr = refused_start(
+        dir.path(),
+        bridge().state_dir(&state).service(ServiceSpec::echo()),
+    );
+    assert!(
+        stderr.contains("writable by its group or others"),
+        "{stderr}"
+    );
+}
