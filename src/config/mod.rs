@@ -306,6 +306,11 @@ pub struct ServiceConfig {
     /// Recycle a worker whose resident memory is over this after a request; 0 = never.
     #[serde(default)]
     pub max_rss_bytes: u64,
+    /// Lines of its workers' stdout and stderr the bridge logs per second (per core, in bursts
+    /// of up to twice this); further lines are dropped, counted, and summed up in a
+    /// "suppressed N lines" line. 0 = no limit.
+    #[serde(default = "default_log_lines_per_second")]
+    pub log_lines_per_second: u32,
     /// A request running longer is answered `timed out` and its worker replaced; 0 = never.
     #[serde(default = "default_request_timeout_ms")]
     pub request_timeout_ms: u64,
@@ -414,6 +419,9 @@ fn default_write_queue_max_bytes() -> u64 {
 }
 fn default_connections_max() -> u32 {
     10_000
+}
+fn default_log_lines_per_second() -> u32 {
+    100
 }
 fn default_allowed_listeners() -> Vec<String> {
     vec!["unix".into(), "tcp".into()]

@@ -91,6 +91,9 @@ define_counters! {
         /// Log lines dropped because the reader of the bridge's stderr did not keep up (the
         /// log queue holds at most LOG_LINES_BUFFERED_MAX lines).
         log_lines_dropped,
+        /// Lines of worker output not logged because their service was over its
+        /// log_lines_per_second.
+        worker_lines_suppressed,
     }
 }
 

@@ -25,10 +25,13 @@ fn a_stderr_reader_that_never_reads_does_not_delay_callers() {
     // Proves logging never blocks a core: with the bridge's stderr a pipe nobody reads, a
     // worker that prints 3 000 lines (each logged by the bridge, far more than the pipe holds)
     // does not stop the bridge from answering, and the lines it could not write are counted.
+    // (No output budget: every line goes to the logger, which must drop, not block.)
+    let mut faulty = ServiceSpec::faulty().workers(2, 2);
+    faulty.extra = "log_lines_per_second = 0\n".into();
     let bridge = bridge()
         .stderr_pipe()
         .top("cores = 1")
-        .service(ServiceSpec::faulty().workers(2, 2))
+        .service(faulty)
         .start();
     let limit = Duration::from_secs(10);
     for _ in 0..3 {
@@ -59,10 +62,9 @@ fn a_stderr_reader_that_never_reads_does_not_delay_callers() {
 fn a_stderr_reader_that_goes_away_does_not_end_the_bridge() {
     // Proves EPIPE on stderr is survived: after the log reader closes its end, the bridge
     // logs (a worker's 3 000 lines, connection events), keeps answering, and stops cleanly.
-    let mut bridge = bridge()
-        .stderr_pipe()
-        .service(ServiceSpec::faulty().workers(1, 1))
-        .start();
+    let mut faulty = ServiceSpec::faulty().workers(1, 1);
+    faulty.extra = "log_lines_per_second = 0\n".into();
+    let mut bridge = bridge().stderr_pipe().service(faulty).start();
     drop(bridge.stderr.take());
     let limit = Duration::from_secs(10);
     let (reply, _) = call_within(&bridge, b"stderr 3000", limit).expect("answered");
@@ -515,4 +517,36 @@ fn a_state_dir_others_may_write_is_refused() {
         stderr.contains("writable by its group or others"),
         "{stderr}"
     );
+}
+
+#[test]
+fn a_worker_that_floods_its_output_is_rate_limited_and_the_rest_counted() {
+    // Proves log_lines_per_second: a worker printing 1 000 lines with a budget of 10 a second
+    // (bursts of 20) gets about 20 into the log; the rest are counted, and summed up in one
+    // "suppressed" line once the budget has room again.
+    let mut faulty = ServiceSpec::faulty().workers(1, 1);
+    faulty.extra = "log_lines_per_second = 10\n".into();
+    let bridge = bridge().top("cores = 1").service(faulty).start();
+    let mut client = bridge.client();
+    assert_eq!(client.call("faulty", b"stderr 1000").unwrap(), b"ok");
+    let status = bridge.wait_status("lines suppressed", |s| {
+        s.counters.worker_lines_suppressed >= 900
+    });
+    assert!(status.counters.worker_lines_suppressed <= 1000);
+    // One more line once a token is back brings the summary (poll: each call is one line).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !bridge.log().contains("lines of worker output") {
+        assert!(
+            Instant::now() < deadline,
+            "no summary line:\n{}",
+            bridge.log()
+        );
+        assert_eq!(client.call("faulty", b"stderr 1").unwrap(), b"ok");
+    }
+    let logged = bridge
+        .log()
+        .lines()
+        .filter(|l| l.contains("faulty worker stderr line"))
+        .count();
+    assert!(logged < 100, "{logged} worker lines reached the log");
 }

@@ -241,6 +241,8 @@ struct Service {
     /// Who may call it (`allowed_uids`, `allowed_gids`, `allowed_listeners`); `None`: every
     /// caller that may connect.
     acl: Option<crate::engine::admission::ServiceAcl>,
+    /// The budget of its workers' output lines (`log_lines_per_second`).
+    output: OutputBudget,
     pool: Pool,
     slot_capacity: u32,
     counters: ServiceCounters,
@@ -248,6 +250,45 @@ struct Service {
     latency: LatencyHistograms,
     latency_interval: LatencyHistograms,
     latency_last_interval: LatencyHistograms,
+}
+
+/// A token bucket for a service's worker output lines: `rate` per second, bursts up to twice
+/// that. Lines over it are dropped and counted, then summed up in one line.
+struct OutputBudget {
+    rate: u32,
+    tokens: f64,
+    refilled: Instant,
+    suppressed: u64,
+}
+
+impl OutputBudget {
+    fn new(rate: u32, now: Instant) -> OutputBudget {
+        OutputBudget {
+            rate,
+            tokens: f64::from(rate) * 2.0,
+            refilled: now,
+            suppressed: 0,
+        }
+    }
+
+    /// Whether a line may be logged now; `Some(n)` first when `n` lines were suppressed
+    /// since the last one logged (to be said before it).
+    fn take(&mut self, now: Instant) -> (bool, Option<u64>) {
+        if self.rate == 0 {
+            return (true, None);
+        }
+        let rate = f64::from(self.rate);
+        let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * rate).min(rate * 2.0);
+        self.refilled = now;
+        if self.tokens < 1.0 {
+            self.suppressed += 1;
+            return (false, None);
+        }
+        self.tokens -= 1.0;
+        let suppressed = std::mem::take(&mut self.suppressed);
+        (true, (suppressed > 0).then_some(suppressed))
+    }
 }
 
 /// Requests of one service by outcome (for status).
@@ -392,6 +433,7 @@ impl Core {
                 id: service.id,
                 name: service.name.clone(),
                 acl: crate::engine::admission::ServiceAcl::from_config(service),
+                output: OutputBudget::new(service.log_lines_per_second, now),
                 pool: Pool::new(
                     now,
                     service.policy().shard(index, cores),

@@ -122,10 +122,17 @@ impl Core {
         stderr: bool,
         result: Result<u32, Errno>,
     ) {
+        let now = self.now;
         let worker = &mut self.workers[index];
-        let service = &self.services[worker.service].name;
-        let pid = worker.pid;
-        let stream = if stderr { "stderr" } else { "stdout" };
+        let Service { name, output, .. } = &mut self.services[worker.service];
+        let mut out = WorkerOutput {
+            service: name,
+            pid: worker.pid,
+            stream: if stderr { "stderr" } else { "stdout" },
+            budget: output,
+            suppressed: &mut self.counters.worker_lines_suppressed,
+            now,
+        };
         let pipe = if stderr {
             &mut worker.stderr
         } else {
@@ -135,7 +142,7 @@ impl Core {
         let Ok(read @ 1..) = result else {
             pipe.open = false;
             if !pipe.line.is_empty() {
-                log_worker_line(service, pid, stream, &pipe.line);
+                out.line(&pipe.line);
                 pipe.line.clear();
             }
             return;
@@ -144,12 +151,12 @@ impl Core {
         for piece in data.split_inclusive(|b| *b == b'\n') {
             if let Some(line) = piece.strip_suffix(b"\n") {
                 pipe.line.extend_from_slice(line);
-                log_worker_line(service, pid, stream, &pipe.line);
+                out.line(&pipe.line);
                 pipe.line.clear();
             } else {
                 pipe.line.extend_from_slice(piece);
                 if pipe.line.len() >= PIPE_READ_BYTES {
-                    log_worker_line(service, pid, stream, &pipe.line);
+                    out.line(&pipe.line);
                     pipe.line.clear();
                 }
             }
@@ -603,6 +610,33 @@ pub(super) fn describe_exit(info: &libc::siginfo_t) -> String {
         libc::CLD_KILLED => format!("killed by signal {status}"),
         libc::CLD_DUMPED => format!("killed by signal {status} (core dumped)"),
         code => format!("ended (si_code {code}, status {status})"),
+    }
+}
+
+/// Where one read of a worker's output goes: the log, within its service's line budget.
+struct WorkerOutput<'a> {
+    service: &'a str,
+    pid: i32,
+    stream: &'static str,
+    budget: &'a mut OutputBudget,
+    suppressed: &'a mut u64,
+    now: Instant,
+}
+
+impl WorkerOutput<'_> {
+    fn line(&mut self, line: &[u8]) {
+        match self.budget.take(self.now) {
+            (false, _) => *self.suppressed += 1,
+            (true, earlier) => {
+                if let Some(count) = earlier {
+                    tracing::warn!(
+                        service = self.service,
+                        "suppressed {count} lines of worker output (over log_lines_per_second)"
+                    );
+                }
+                log_worker_line(self.service, self.pid, self.stream, line);
+            }
+        }
     }
 }
 
