@@ -16,6 +16,8 @@
 #![warn(missing_docs)]
 
 pub mod frame;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod reader;
 pub mod slot;
 
