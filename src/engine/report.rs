@@ -16,7 +16,8 @@ use std::time::Duration;
 
 use super::core::{Counters, ServiceCounters};
 use crate::config::Config;
-use crate::metrics::{self, LatencyHistograms, MetricsSnapshot, ServiceMetrics};
+use crate::config::ServiceConfig;
+use crate::metrics::{self, LatencyHistograms, MetricsSnapshot, ServiceMetrics, ServiceState};
 use crate::status::{ServiceStatus, Status};
 
 /// One core's share of everything status and metrics report (or, once merged, the whole
@@ -118,8 +119,54 @@ impl CoreReport {
     }
 }
 
-/// The metrics snapshot (`/metrics`) from the merged reports of every core.
-pub(super) fn metrics_snapshot(config: &Config, report: &CoreReport) -> MetricsSnapshot {
+/// A service's state from its merged shards (`stopping`: the bridge is stopping).
+fn service_state(service: &ServiceConfig, shard: &ShardReport, stopping: bool) -> ServiceState {
+    // The workers the pool keeps running whatever the demand.
+    let floor = match service.policy().mode {
+        crate::pool::Mode::Static => shard.max_workers,
+        crate::pool::Mode::Dynamic | crate::pool::Mode::OnDemand => shard.min_workers,
+    };
+    if stopping {
+        ServiceState::Stopping
+    } else if shard.failing {
+        ServiceState::Failing
+    } else if shard.idle + shard.busy == 0 && floor > 0 {
+        ServiceState::Starting
+    } else {
+        ServiceState::Ok
+    }
+}
+
+/// Why the bridge is not ready (`/readyz`), one short line per service that is not `ok`; empty
+/// when every service can serve. (That the bridge is stopping is the control thread's to say.)
+pub(super) fn not_ready(config: &Config, report: &CoreReport) -> Vec<String> {
+    debug_assert_eq!(config.services.len(), report.services.len());
+    config
+        .services
+        .iter()
+        .zip(&report.services)
+        .filter_map(|(service, shard)| {
+            let why = match service_state(service, shard, false) {
+                ServiceState::Ok | ServiceState::Stopping => return None,
+                ServiceState::Failing => {
+                    "failing (crash loop: requests refused, restarts backing off)".to_string()
+                }
+                ServiceState::Starting => {
+                    format!("starting (no worker up yet, {} starting)", shard.starting)
+                }
+            };
+            Some(format!("service {}: {why}", service.name))
+        })
+        .collect()
+}
+
+/// The metrics snapshot (`/metrics`) from the merged reports of every core (`stopping`: the
+/// bridge is stopping), with a reading of the bridge's own process.
+pub(super) fn metrics_snapshot(
+    config: &Config,
+    report: &CoreReport,
+    stopping: bool,
+) -> MetricsSnapshot {
     debug_assert_eq!(config.services.len(), report.services.len());
     let services = config
         .services
@@ -158,6 +205,10 @@ pub(super) fn metrics_snapshot(config: &Config, report: &CoreReport) -> MetricsS
                     ("stopping", shard.stopping as u64),
                 ],
                 backlog: shard.backlog as u64,
+                state: service_state(service, shard, stopping),
+                min_workers: shard.min_workers as u64,
+                max_workers: shard.max_workers as u64,
+                backlog_max: service.backlog_max as u64,
                 latency: shard.latency.clone(),
             }
         })
@@ -168,6 +219,9 @@ pub(super) fn metrics_snapshot(config: &Config, report: &CoreReport) -> MetricsS
         connections_by_core: report.connections_by_core.clone(),
         counters: report.counters.clone(),
         services,
+        process: metrics::ProcessMetrics::read()
+            .inspect_err(|error| tracing::debug!(%error, "cannot read /proc/self"))
+            .ok(),
     }
 }
 

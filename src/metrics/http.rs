@@ -17,46 +17,60 @@
 //! | `GET /metrics`                  | 200, `text/plain; version=0.0.4`, the text |
 //! | `HEAD /metrics`                 | 200, same headers, no body                |
 
-use super::{encode_prometheus, MetricsSnapshot, CONTENT_TYPE};
+use super::{encode, ExpositionFormat, MetricsSnapshot};
 
 /// Longest request head (request line, headers and the blank line) accepted, in bytes.
 pub const REQUEST_HEAD_BYTES_MAX: usize = 8 * 1024;
 
-/// The path the exposition is served on.
+/// The paths served.
 const METRICS_PATH: &[u8] = b"/metrics";
+const HEALTH_PATH: &[u8] = b"/healthz";
+const READY_PATH: &[u8] = b"/readyz";
 
-/// Parse one HTTP/1.x request from `request` (all bytes received on the connection so far).
-/// `None`: the head is incomplete, read more. `Some(bytes)`: the complete response to write
-/// before closing. `snapshot` is called only for a valid `GET` or `HEAD` of `/metrics`.
-pub fn http_response(
-    request: &[u8],
-    snapshot: impl FnOnce() -> MetricsSnapshot,
-) -> Option<Vec<u8>> {
+/// What a request asks for, once [`parse_request`] has seen it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HttpRequest {
+    /// The head is not complete: read more.
+    Incomplete,
+    /// A valid `GET`/`HEAD /metrics`: answer with [`metrics_response`] once the snapshot is
+    /// built, in the format the `Accept` header chose.
+    Metrics {
+        with_body: bool,
+        format: ExpositionFormat,
+    },
+    /// A valid `GET`/`HEAD /readyz`: answer with [`readiness_response`] once the cores have
+    /// reported.
+    Ready { with_body: bool },
+}
+
+/// Parse one HTTP/1.x request from `request` (all bytes received on the connection so far):
+/// `Ok(what it asks for)` when it needs the engine, `Err(response)` when it is answered by
+/// what it is alone (malformed, wrong path or method, `/healthz`).
+pub fn parse_request(request: &[u8]) -> Result<HttpRequest, Vec<u8>> {
     let head = match head_end(request) {
         Some(end) if end <= REQUEST_HEAD_BYTES_MAX => &request[..end],
-        Some(_) => return Some(bad_request()),
-        None if request.len() >= REQUEST_HEAD_BYTES_MAX => return Some(bad_request()),
+        Some(_) => return Err(bad_request()),
+        None if request.len() >= REQUEST_HEAD_BYTES_MAX => return Err(bad_request()),
         None => {
             // Answer garbage (say, the bridge's binary protocol sent to this port) as soon as
             // its first line shows it, rather than waiting for 8 KiB that may never come.
             return match request.iter().position(|b| *b == b'\n') {
-                Some(end) if request_line(trim_cr(&request[..end])).is_none() => {
-                    Some(bad_request())
-                }
-                None if request.iter().any(|b| !is_request_line_byte(*b)) => Some(bad_request()),
-                _ => None,
+                Some(end) if request_line(trim_cr(&request[..end])).is_none() => Err(bad_request()),
+                None if request.iter().any(|b| !is_request_line_byte(*b)) => Err(bad_request()),
+                _ => Ok(HttpRequest::Incomplete),
             };
         }
     };
     let Some(parsed) = parse_head(head) else {
-        return Some(bad_request());
+        return Err(bad_request());
     };
-    if parsed.path != METRICS_PATH {
-        return Some(response(
+    let known = [METRICS_PATH, HEALTH_PATH, READY_PATH];
+    if !known.contains(&parsed.path) {
+        return Err(response(
             "404 Not Found",
-            "text/plain; charset=utf-8",
+            TEXT,
             &[],
-            b"not found: the metrics are at /metrics\n",
+            b"not found: the metrics are at /metrics (and /healthz, /readyz)\n",
             true,
         ));
     }
@@ -64,37 +78,89 @@ pub fn http_response(
         b"GET" => true,
         b"HEAD" => false,
         _ => {
-            return Some(response(
+            return Err(response(
                 "405 Method Not Allowed",
-                "text/plain; charset=utf-8",
+                TEXT,
                 &["Allow: GET, HEAD"],
                 b"method not allowed: use GET\n",
                 true,
             ))
         }
     };
-    let text = encode_prometheus(&snapshot());
-    Some(response(
+    match parsed.path {
+        // Alive: this thread parsed the request, which is all liveness claims.
+        HEALTH_PATH => Err(response("200 OK", TEXT, &[], b"ok\n", with_body)),
+        READY_PATH => Ok(HttpRequest::Ready { with_body }),
+        _ => Ok(HttpRequest::Metrics {
+            with_body,
+            format: parsed.format,
+        }),
+    }
+}
+
+/// Parse one HTTP/1.x request from `request` (all bytes received on the connection so far).
+/// `None`: the head is incomplete, read more. `Some(bytes)`: the complete response to write
+/// before closing. `snapshot` is called only for a valid `GET` or `HEAD` of `/metrics`;
+/// `/readyz` is answered as if every condition held (the engine uses [`parse_request`]).
+pub fn http_response(
+    request: &[u8],
+    snapshot: impl FnOnce() -> MetricsSnapshot,
+) -> Option<Vec<u8>> {
+    match parse_request(request) {
+        Ok(HttpRequest::Incomplete) => None,
+        Ok(HttpRequest::Metrics { with_body, format }) => {
+            Some(metrics_response(&snapshot(), format, with_body))
+        }
+        Ok(HttpRequest::Ready { with_body }) => Some(readiness_response(&[], with_body)),
+        Err(response) => Some(response),
+    }
+}
+
+/// The 200 answer to `/metrics`: the snapshot in `format`, under its content type.
+pub fn metrics_response(
+    snapshot: &MetricsSnapshot,
+    format: ExpositionFormat,
+    with_body: bool,
+) -> Vec<u8> {
+    let text = encode(snapshot, format);
+    response(
         "200 OK",
-        CONTENT_TYPE,
+        format.content_type(),
         &[],
         text.as_bytes(),
         with_body,
-    ))
+    )
+}
+
+/// The answer to `/readyz`: 200 `ready` when `not_ready` is empty, else 503 with one line per
+/// condition that does not hold.
+pub fn readiness_response(not_ready: &[String], with_body: bool) -> Vec<u8> {
+    if not_ready.is_empty() {
+        return response("200 OK", TEXT, &[], b"ready\n", with_body);
+    }
+    let mut body = String::new();
+    for reason in not_ready {
+        body.push_str(reason);
+        body.push('\n');
+    }
+    response(
+        "503 Service Unavailable",
+        TEXT,
+        &[],
+        body.as_bytes(),
+        with_body,
+    )
 }
 
 /// A 503 with `reason` as its body: the bridge could not build the snapshot (for a request
 /// `http_response` found complete and valid).
 pub fn unavailable_response(reason: &str) -> Vec<u8> {
     let body = format!("metrics unavailable: {reason}\n");
-    response(
-        "503 Service Unavailable",
-        "text/plain; charset=utf-8",
-        &[],
-        body.as_bytes(),
-        true,
-    )
+    response("503 Service Unavailable", TEXT, &[], body.as_bytes(), true)
 }
+
+/// The content type of every plain-text answer that is not the exposition.
+const TEXT: &str = "text/plain; charset=utf-8";
 
 /// The length of the head including its terminating blank line (CRLF CRLF, or bare LFs, which
 /// RFC 9112 lets a server accept), if it is all there.
@@ -118,6 +184,8 @@ struct Head<'a> {
     method: &'a [u8],
     /// The path, without query string.
     path: &'a [u8],
+    /// The exposition format its `Accept` headers prefer.
+    format: ExpositionFormat,
 }
 
 /// Parse a complete head (request line, header lines, blank line); `None` if malformed.
@@ -125,6 +193,7 @@ fn parse_head(head: &[u8]) -> Option<Head<'_>> {
     let mut lines = head.split(|b| *b == b'\n').map(trim_cr);
     let (method, target, http11) = request_line(lines.next()?)?;
     let mut hosts = 0;
+    let mut accept = Accept::default();
     for line in lines {
         if line.is_empty() {
             break; // The blank line ending the head (parse_head gets nothing after it).
@@ -137,13 +206,85 @@ fn parse_head(head: &[u8]) -> Option<Head<'_>> {
                 return None;
             }
         }
+        if name.eq_ignore_ascii_case(b"accept") {
+            accept.add(value);
+        }
     }
     // RFC 9112 3.2: an HTTP/1.1 request without exactly one Host gets a 400.
     if hosts > 1 || (http11 && hosts == 0) {
         return None;
     }
     let path = path_of(target)?;
-    Some(Head { method, path })
+    Some(Head {
+        method,
+        path,
+        format: accept.format(),
+    })
+}
+
+/// The best quality (`q`, in thousandths) an `Accept` header list gives each format.
+#[derive(Default)]
+struct Accept {
+    openmetrics: u16,
+    text: u16,
+    /// Whether any `Accept` header came (none: the classic text, as for `*/*`).
+    seen: bool,
+}
+
+impl Accept {
+    /// Take one `Accept` header's media ranges (RFC 9110 12.5.1), ignoring what is malformed.
+    fn add(&mut self, value: &[u8]) {
+        self.seen = true;
+        for range in value.split(|b| *b == b',') {
+            let mut parts = range.split(|b| *b == b';').map(<[u8]>::trim_ascii);
+            let media = parts.next().unwrap_or_default().to_ascii_lowercase();
+            let mut q = 1000;
+            for parameter in parts {
+                let Some(eq) = parameter.iter().position(|b| *b == b'=') else {
+                    continue;
+                };
+                let (name, value) = (parameter[..eq].trim_ascii(), &parameter[eq + 1..]);
+                if name.eq_ignore_ascii_case(b"q") {
+                    q = quality(value.trim_ascii()).unwrap_or(0);
+                }
+            }
+            let slot = match media.as_slice() {
+                b"application/openmetrics-text" => &mut self.openmetrics,
+                b"text/plain" | b"text/*" | b"*/*" => &mut self.text,
+                _ => continue,
+            };
+            *slot = (*slot).max(q);
+        }
+    }
+
+    /// OpenMetrics when it is asked for at least as much as the classic text; else the text.
+    fn format(&self) -> ExpositionFormat {
+        if self.seen && self.openmetrics > 0 && self.openmetrics >= self.text {
+            ExpositionFormat::OpenMetrics
+        } else {
+            ExpositionFormat::Prometheus
+        }
+    }
+}
+
+/// An RFC 9110 qvalue (`0`, `0.5`, `1.000`) in thousandths.
+fn quality(value: &[u8]) -> Option<u16> {
+    let (whole, fraction) = match value.iter().position(|b| *b == b'.') {
+        Some(dot) => (&value[..dot], &value[dot + 1..]),
+        None => (value, &b""[..]),
+    };
+    if fraction.len() > 3 || !fraction.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let mut thousandths: u16 = 0;
+    for i in 0..3 {
+        thousandths = thousandths * 10 + fraction.get(i).map_or(0, |d| u16::from(d - b'0'));
+    }
+    match whole {
+        b"0" => Some(thousandths),
+        b"1" if thousandths == 0 => Some(1000),
+        _ => None,
+    }
 }
 
 /// `METHOD SP request-target SP HTTP/1.x`: the method, the target and whether it is 1.1.
@@ -264,6 +405,7 @@ fn response(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::metrics::encode_prometheus;
 
     fn respond(request: &[u8]) -> Option<String> {
         http_response(request, MetricsSnapshot::default)
@@ -357,6 +499,96 @@ mod tests {
             assert!(answer.contains("\r\nAllow: GET, HEAD\r\n"));
             assert!(answer.contains("\r\nConnection: close\r\n"));
         }
+    }
+
+    #[test]
+    fn healthz_is_answered_alone_and_readyz_asks_for_the_cores() {
+        // Proves: /healthz is 200 "ok" (HEAD: no body) without the engine; /readyz needs the
+        // engine, and its answer is 200 "ready" or a 503 with one line per reason.
+        let health = parse_request(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").unwrap_err();
+        let health = String::from_utf8(health).unwrap();
+        assert!(health.starts_with("HTTP/1.1 200 OK\r\n"), "{health}");
+        assert!(health.ends_with("\r\n\r\nok\n"), "{health}");
+        let head = parse_request(b"HEAD /healthz HTTP/1.0\r\n\r\n").unwrap_err();
+        assert!(String::from_utf8(head)
+            .unwrap()
+            .ends_with("Content-Length: 3\r\nConnection: close\r\n\r\n"));
+        assert_eq!(
+            parse_request(b"GET /readyz?verbose HTTP/1.1\r\nHost: x\r\n\r\n"),
+            Ok(HttpRequest::Ready { with_body: true })
+        );
+        let post = parse_request(b"POST /readyz HTTP/1.1\r\nHost: x\r\n\r\n").unwrap_err();
+        assert!(String::from_utf8(post)
+            .unwrap()
+            .starts_with("HTTP/1.1 405 "));
+        let ready = String::from_utf8(readiness_response(&[], true)).unwrap();
+        assert!(ready.starts_with("HTTP/1.1 200 OK\r\n") && ready.ends_with("\r\n\r\nready\n"));
+        let reasons = [
+            "shutting down".to_string(),
+            "service kv: failing".to_string(),
+        ];
+        let not_ready = String::from_utf8(readiness_response(&reasons, true)).unwrap();
+        assert!(
+            not_ready.starts_with("HTTP/1.1 503 Service Unavailable\r\n"),
+            "{not_ready}"
+        );
+        assert!(not_ready.ends_with("\r\n\r\nshutting down\nservice kv: failing\n"));
+    }
+
+    #[test]
+    fn accept_chooses_openmetrics_only_when_preferred() {
+        // Proves: the Accept header picks OpenMetrics when it ranks it at least as high as the
+        // classic text (Prometheus' own header included), and the classic text otherwise.
+        let format = |accept: Option<&str>| {
+            let request = match accept {
+                Some(accept) => {
+                    format!("GET /metrics HTTP/1.1\r\nHost: x\r\nAccept: {accept}\r\n\r\n")
+                }
+                None => "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n".to_string(),
+            };
+            match parse_request(request.as_bytes()) {
+                Ok(HttpRequest::Metrics {
+                    format,
+                    with_body: true,
+                }) => format,
+                other => panic!("{other:?}"),
+            }
+        };
+        use ExpositionFormat::{OpenMetrics, Prometheus};
+        let prometheus_server = "application/openmetrics-text;version=1.0.0,application/\
+            openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+        assert_eq!(format(Some(prometheus_server)), OpenMetrics);
+        assert_eq!(format(Some("application/openmetrics-text")), OpenMetrics);
+        assert_eq!(
+            format(Some(
+                "Application/OpenMetrics-Text; version=1.0.0; charset=utf-8"
+            )),
+            OpenMetrics
+        );
+        assert_eq!(format(None), Prometheus);
+        assert_eq!(format(Some("*/*")), Prometheus);
+        assert_eq!(format(Some("text/plain")), Prometheus);
+        assert_eq!(
+            format(Some("text/plain;q=1, application/openmetrics-text;q=0.9")),
+            Prometheus
+        );
+        assert_eq!(format(Some("application/openmetrics-text;q=0")), Prometheus);
+        assert_eq!(
+            format(Some("application/openmetrics-text;q=bogus")),
+            Prometheus
+        );
+        assert_eq!(format(Some("application/json")), Prometheus);
+        let answer = http_response(
+            format!("GET /metrics HTTP/1.1\r\nHost: x\r\nAccept: {prometheus_server}\r\n\r\n")
+                .as_bytes(),
+            MetricsSnapshot::default,
+        )
+        .unwrap();
+        let answer = String::from_utf8(answer).unwrap();
+        assert!(answer.contains(
+            "\r\nContent-Type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\n"
+        ));
+        assert!(answer.ends_with("# EOF\n"));
     }
 
     #[test]

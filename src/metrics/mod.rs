@@ -26,6 +26,7 @@
 pub mod counters;
 mod http;
 pub mod interval_log;
+mod process;
 mod prometheus;
 
 use std::time::Duration;
@@ -34,11 +35,15 @@ use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
 pub use counters::BridgeCounters;
-pub use http::{http_response, unavailable_response, REQUEST_HEAD_BYTES_MAX};
+pub use http::{
+    http_response, metrics_response, parse_request, readiness_response, unavailable_response,
+    HttpRequest, REQUEST_HEAD_BYTES_MAX,
+};
 pub use interval_log::IntervalLogger;
+pub use process::ProcessMetrics;
 pub use prometheus::{
-    check_with_promtool, encode_prometheus, prometheus_buckets, PromtoolError, BUCKET_BOUNDS_US,
-    CONTENT_TYPE,
+    build_info, check_with_promtool, encode, encode_prometheus, prometheus_buckets,
+    ExpositionFormat, PromtoolError, BUCKET_BOUNDS_US, CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE,
 };
 
 /// Smallest latency the histograms tell apart, in microseconds.
@@ -178,6 +183,40 @@ pub struct MetricsSnapshot {
     /// The bridge-wide counters, summed across cores.
     pub counters: BridgeCounters,
     pub services: Vec<ServiceMetrics>,
+    /// The bridge's own process (`process_*`), when `/proc/self` could be read.
+    pub process: Option<ProcessMetrics>,
+}
+
+/// A service as `/readyz` and `acgi_bridge_service_state` see it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ServiceState {
+    /// It has an idle or busy worker, or needs none up to serve (it can start one).
+    #[default]
+    Ok,
+    /// It keeps workers running (`min_workers` > 0, or static) and none is up yet.
+    Starting,
+    /// Crash loop: requests are refused while it restarts workers with a backoff.
+    Failing,
+    /// The bridge is stopping.
+    Stopping,
+}
+
+impl ServiceState {
+    pub const ALL: [ServiceState; 4] = [
+        ServiceState::Ok,
+        ServiceState::Starting,
+        ServiceState::Failing,
+        ServiceState::Stopping,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServiceState::Ok => "ok",
+            ServiceState::Starting => "starting",
+            ServiceState::Failing => "failing",
+            ServiceState::Stopping => "stopping",
+        }
+    }
 }
 
 /// One service's counters, gauges and latencies since start.
@@ -205,6 +244,11 @@ pub struct ServiceMetrics {
     pub workers: Vec<(&'static str, u64)>,
     /// Requests waiting for a worker now.
     pub backlog: u64,
+    pub state: ServiceState,
+    /// The pool's bounds over every core, and the configured `backlog_max`.
+    pub min_workers: u64,
+    pub max_workers: u64,
+    pub backlog_max: u64,
     pub latency: LatencyHistograms,
 }
 

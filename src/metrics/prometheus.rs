@@ -1,4 +1,10 @@
-//! Prometheus text exposition (format 0.0.4) of a [`MetricsSnapshot`].
+//! Prometheus text exposition (format 0.0.4), or OpenMetrics 1.0.0 text for the scrapers that
+//! ask for it, of a [`MetricsSnapshot`]: one collector, encoded by `prometheus-client` in either
+//! format (OpenMetrics: counters' TYPE names without `_total`, `# UNIT` lines, `build` as an
+//! `info` family, and `# EOF` at the end).
+//!
+//! Names: every bridge family is prefixed `acgi_bridge_`; the `process_*` family (the names the
+//! Go and Python clients use, read from `/proc/self` per scrape: [`ProcessMetrics`]) is not.
 //!
 //! Owns the metric names, their help texts and the histogram bucket bounds. It never keeps
 //! state between scrapes: each scrape turns an owned snapshot into a small owned exposition
@@ -21,10 +27,46 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
 
 use super::counters::BridgeCounters;
-use super::{MetricsSnapshot, ServiceMetrics};
+use super::{MetricsSnapshot, ProcessMetrics, ServiceMetrics, ServiceState};
 
 /// The `Content-Type` of the exposition: `text/plain; version=0.0.4; charset=utf-8`.
 pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
+
+/// The `Content-Type` of the OpenMetrics exposition.
+pub const OPENMETRICS_CONTENT_TYPE: &str =
+    "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Which text format a scrape is encoded in (chosen by its `Accept` header).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExpositionFormat {
+    /// The classic Prometheus text, format 0.0.4.
+    Prometheus,
+    /// OpenMetrics 1.0.0 text.
+    OpenMetrics,
+}
+
+impl ExpositionFormat {
+    pub fn content_type(self) -> &'static str {
+        match self {
+            ExpositionFormat::Prometheus => CONTENT_TYPE,
+            ExpositionFormat::OpenMetrics => OPENMETRICS_CONTENT_TYPE,
+        }
+    }
+}
+
+/// The bridge's version and the commit it was built from (`build.rs`: the git commit, or
+/// `ACGI_BRIDGE_GIT_COMMIT`), `unknown` when the build knew none.
+pub fn build_info() -> (&'static str, &'static str) {
+    let version = env!("CARGO_PKG_VERSION");
+    // `ACGI_BRIDGE_VERSION` is `0.1.0 (7f87202)`, or `0.1.0` without a commit.
+    let commit = env!("ACGI_BRIDGE_VERSION")
+        .strip_prefix(version)
+        .and_then(|rest| rest.trim().strip_prefix('('))
+        .and_then(|rest| rest.strip_suffix(')'))
+        .filter(|commit| !commit.is_empty())
+        .unwrap_or("unknown");
+    (version, commit)
+}
 
 /// Upper bounds of the Prometheus histogram buckets, in microseconds (10 µs to 60 s; `+Inf`
 /// is implicit).
@@ -38,13 +80,92 @@ const MICROS_PER_SECOND: f64 = 1_000_000.0;
 
 /// Encode a snapshot as Prometheus text (format 0.0.4), every family with HELP and TYPE.
 pub fn encode_prometheus(snapshot: &MetricsSnapshot) -> String {
-    let mut registry = Registry::with_prefix(PREFIX);
-    registry.register_collector(Box::new(Exposition::from_snapshot(snapshot)));
+    encode(snapshot, ExpositionFormat::Prometheus)
+}
+
+/// Encode a snapshot in `format`, every family with HELP and TYPE.
+pub fn encode(snapshot: &MetricsSnapshot, format: ExpositionFormat) -> String {
+    let mut registry = Registry::default();
+    if let Some(process) = snapshot.process {
+        registry.register_collector(Box::new(ProcessExposition(process)));
+    }
+    registry
+        .sub_registry_with_prefix(PREFIX)
+        .register_collector(Box::new(Exposition::from_snapshot(snapshot)));
     let mut text = String::with_capacity(4096 + 8192 * snapshot.services.len());
-    // Writing into a String cannot fail and the collector returns no error of its own.
-    prometheus_client::encoding::prometheus_text::encode(&mut text, &registry)
-        .expect("encoding metrics into a String cannot fail");
+    // Writing into a String cannot fail and the collectors return no error of their own.
+    match format {
+        ExpositionFormat::Prometheus => {
+            prometheus_client::encoding::prometheus_text::encode(&mut text, &registry)
+        }
+        ExpositionFormat::OpenMetrics => {
+            prometheus_client::encoding::text::encode(&mut text, &registry)
+        }
+    }
+    .expect("encoding metrics into a String cannot fail");
     text
+}
+
+/// The standard `process_*` family.
+#[derive(Debug)]
+struct ProcessExposition(ProcessMetrics);
+
+impl Collector for ProcessExposition {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
+        use MetricType::{Counter, Gauge};
+        let p = &self.0;
+        encoder
+            .encode_descriptor(
+                "process_cpu",
+                "Total user and system CPU time spent in seconds.",
+                Some(&Unit::Seconds),
+                Counter,
+            )?
+            .encode_counter::<NoLabelSet, _, u64>(&p.cpu_seconds, None)?;
+        encoder
+            .encode_descriptor(
+                "process_resident_memory",
+                "Resident memory size in bytes.",
+                Some(&Unit::Bytes),
+                Gauge,
+            )?
+            .encode_gauge(&p.resident_memory_bytes)?;
+        encoder
+            .encode_descriptor(
+                "process_virtual_memory",
+                "Virtual memory size in bytes.",
+                Some(&Unit::Bytes),
+                Gauge,
+            )?
+            .encode_gauge(&p.virtual_memory_bytes)?;
+        encoder
+            .encode_descriptor(
+                "process_open_fds",
+                "Number of open file descriptors.",
+                None,
+                Gauge,
+            )?
+            .encode_gauge(&p.open_fds)?;
+        if let Some(max_fds) = p.max_fds {
+            encoder
+                .encode_descriptor(
+                    "process_max_fds",
+                    "Maximum number of open file descriptors.",
+                    None,
+                    Gauge,
+                )?
+                .encode_gauge(&max_fds)?;
+        }
+        encoder
+            .encode_descriptor(
+                "process_start_time",
+                "Start time of the process since unix epoch in seconds.",
+                Some(&Unit::Seconds),
+                Gauge,
+            )?
+            .encode_gauge(&p.start_time_seconds)?;
+        Ok(())
+    }
 }
 
 /// Per-bucket (not cumulative) counts of `h` at [`BUCKET_BOUNDS_US`], then the overflow past
@@ -70,7 +191,8 @@ pub fn prometheus_buckets(h: &Histogram<u64>) -> [u64; BUCKET_BOUNDS_US.len() + 
 /// One histogram as Prometheus sees it.
 #[derive(Debug)]
 struct HistogramExposition {
-    /// `(upper bound in seconds, count in that bucket alone)`, finite bounds only.
+    /// `(upper bound in seconds, count in that bucket alone)`, ending with the `+Inf` bucket
+    /// (which OpenMetrics' encoder needs given; the classic one adds it only when missing).
     buckets: Vec<(f64, u64)>,
     sum_seconds: f64,
     count: u64,
@@ -81,8 +203,9 @@ impl HistogramExposition {
         let counts = prometheus_buckets(h);
         let buckets = BUCKET_BOUNDS_US
             .iter()
+            .map(|bound_us| *bound_us as f64 / MICROS_PER_SECOND)
+            .chain([f64::INFINITY])
             .zip(counts)
-            .map(|(bound_us, count)| (*bound_us as f64 / MICROS_PER_SECOND, count))
             .collect();
         Self {
             buckets,
@@ -105,6 +228,10 @@ struct ServiceExposition {
     exits: Vec<(&'static str, u64)>,
     workers: Vec<(&'static str, u64)>,
     backlog: u64,
+    state: ServiceState,
+    min_workers: u64,
+    max_workers: u64,
+    backlog_max: u64,
     queue_wait: HistogramExposition,
     service: HistogramExposition,
     total: HistogramExposition,
@@ -130,6 +257,10 @@ impl ServiceExposition {
             exits: s.exits.clone(),
             workers: s.workers.clone(),
             backlog: s.backlog,
+            state: s.state,
+            min_workers: s.min_workers,
+            max_workers: s.max_workers,
+            backlog_max: s.backlog_max,
             queue_wait: HistogramExposition::new(&s.latency.queue_wait, s.latency.queue_wait_sum),
             service: HistogramExposition::new(&s.latency.service, s.latency.service_sum),
             total: HistogramExposition::new(&s.latency.total, s.latency.total_sum),
@@ -320,6 +451,53 @@ impl Collector for Exposition {
             Gauge,
             |s| s.backlog,
         )?;
+        self.per_service(
+            e,
+            "service_min_workers",
+            "Workers the service keeps running even when idle (min_workers, over every core).",
+            Gauge,
+            |s| s.min_workers,
+        )?;
+        self.per_service(
+            e,
+            "service_max_workers",
+            "Most workers the service may run at once (max_workers, over every core).",
+            Gauge,
+            |s| s.max_workers,
+        )?;
+        self.per_service(
+            e,
+            "service_backlog_max",
+            "Requests that may wait for a worker before new ones are answered overloaded \
+             (backlog_max).",
+            Gauge,
+            |s| s.backlog_max,
+        )?;
+        let mut family = e.encode_descriptor(
+            "service_state",
+            "1 for the service's current state, 0 for the others: ok (serving, or able to \
+             start a worker), starting (its first workers are not up yet), failing (crash \
+             loop: requests refused, restarts backing off), stopping (the bridge is stopping). \
+             /readyz is 503 while any service is not ok.",
+            None,
+            Gauge,
+        )?;
+        for s in &self.services {
+            for state in ServiceState::ALL {
+                let labels = [("service", s.name.as_str()), ("state", state.as_str())];
+                family
+                    .encode_family(&labels)?
+                    .encode_gauge(&u64::from(s.state == state))?;
+            }
+        }
+        let (version, commit) = build_info();
+        e.encode_descriptor(
+            "build",
+            "The bridge's version and the git commit it was built from (unknown if none).",
+            None,
+            MetricType::Info,
+        )?
+        .encode_info(&[("version", version), ("commit", commit)])?;
         e.encode_descriptor("connections", "Caller connections open now.", None, Gauge)?
             .encode_gauge(&self.connections)?;
         e.encode_descriptor("slots_in_use", "Worker slots in use now.", None, Gauge)?
@@ -430,6 +608,10 @@ mod tests {
             exits: vec![("recycled", 1), ("crashed", 2)],
             workers: vec![("starting", 0), ("idle", 1), ("busy", 2), ("stopping", 0)],
             backlog: 5,
+            state: ServiceState::Failing,
+            min_workers: 1,
+            max_workers: 4,
+            backlog_max: 1024,
             latency: LatencyHistograms::new(),
         }
     }
@@ -452,6 +634,14 @@ mod tests {
                 ..Default::default()
             },
             services: vec![echo, service("kv")],
+            process: Some(ProcessMetrics {
+                cpu_seconds: 1.5,
+                resident_memory_bytes: 4096,
+                virtual_memory_bytes: 8192,
+                open_fds: 12,
+                max_fds: Some(1024),
+                start_time_seconds: 1_700_000_000.25,
+            }),
         }
     }
 
@@ -560,6 +750,17 @@ mod tests {
             ("acgi_bridge_queue_wait_seconds", "histogram"),
             ("acgi_bridge_service_seconds", "histogram"),
             ("acgi_bridge_request_duration_seconds", "histogram"),
+            ("acgi_bridge_service_min_workers", "gauge"),
+            ("acgi_bridge_service_max_workers", "gauge"),
+            ("acgi_bridge_service_backlog_max", "gauge"),
+            ("acgi_bridge_service_state", "gauge"),
+            ("acgi_bridge_build_info", "gauge"),
+            ("process_cpu_seconds_total", "counter"),
+            ("process_resident_memory_bytes", "gauge"),
+            ("process_virtual_memory_bytes", "gauge"),
+            ("process_open_fds", "gauge"),
+            ("process_max_fds", "gauge"),
+            ("process_start_time_seconds", "gauge"),
         ];
         // Every bridge-wide counter, from its one definition.
         let counters: Vec<String> = BridgeCounters::default()
@@ -593,6 +794,44 @@ mod tests {
         }
         assert_eq!(sample(&text, "acgi_bridge_connections"), 3.0);
         assert_eq!(sample(&text, "acgi_bridge_slots_in_use"), 2.0);
+        for (state, value) in [
+            ("ok", 0.0),
+            ("starting", 0.0),
+            ("failing", 1.0),
+            ("stopping", 0.0),
+        ] {
+            let series = format!("acgi_bridge_service_state{{service=\"kv\",state=\"{state}\"}}");
+            assert_eq!(sample(&text, &series), value, "{series}");
+        }
+        assert_eq!(
+            sample(&text, "acgi_bridge_service_max_workers{service=\"kv\"}"),
+            4.0
+        );
+        assert_eq!(
+            sample(&text, "acgi_bridge_service_min_workers{service=\"kv\"}"),
+            1.0
+        );
+        assert_eq!(
+            sample(&text, "acgi_bridge_service_backlog_max{service=\"kv\"}"),
+            1024.0
+        );
+        let (version, commit) = build_info();
+        assert_eq!(version, env!("CARGO_PKG_VERSION"));
+        assert!(
+            !commit.is_empty() && !commit.contains(['(', ')', ' ']),
+            "{commit}"
+        );
+        let build = format!("acgi_bridge_build_info{{version=\"{version}\",commit=\"{commit}\"}}");
+        assert_eq!(sample(&text, &build), 1.0);
+        assert_eq!(sample(&text, "process_cpu_seconds_total"), 1.5);
+        assert_eq!(sample(&text, "process_resident_memory_bytes"), 4096.0);
+        assert_eq!(sample(&text, "process_virtual_memory_bytes"), 8192.0);
+        assert_eq!(sample(&text, "process_open_fds"), 12.0);
+        assert_eq!(sample(&text, "process_max_fds"), 1024.0);
+        assert_eq!(
+            sample(&text, "process_start_time_seconds"),
+            1_700_000_000.25
+        );
         assert_eq!(
             sample(&text, "acgi_bridge_core_connections{core=\"1\"}"),
             2.0
@@ -659,9 +898,47 @@ mod tests {
         let text = encode_prometheus(&MetricsSnapshot::default());
         assert_eq!(
             text.lines().filter(|l| l.starts_with("# TYPE ")).count(),
-            15 + BridgeCounters::COUNT
+            20 + BridgeCounters::COUNT
         );
         assert_eq!(sample(&text, "acgi_bridge_connections"), 0.0);
+    }
+
+    #[test]
+    fn openmetrics_has_its_own_names_units_info_and_eof() {
+        // Proves: the OpenMetrics text names counter families without `_total` (samples keep
+        // it), gives units and the build `info` family, ends with `# EOF`, and carries the same
+        // samples as the classic text.
+        let text = encode(&snapshot(), ExpositionFormat::OpenMetrics);
+        assert!(text.ends_with("\n# EOF\n"), "{text}");
+        assert_eq!(text.matches("# EOF").count(), 1);
+        assert!(
+            text.contains("# TYPE acgi_bridge_requests counter\n"),
+            "{text}"
+        );
+        assert!(text.contains("# TYPE acgi_bridge_build info\n"), "{text}");
+        assert!(
+            text.contains(
+                "# TYPE process_cpu_seconds counter\n# UNIT process_cpu_seconds seconds\n"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("# UNIT acgi_bridge_request_duration_seconds seconds\n"));
+        // Histograms have every bucket, +Inf included, in both.
+        let classic = encode_prometheus(&snapshot());
+        let inf = "acgi_bridge_request_duration_seconds_bucket{le=\"+Inf\",service=\"echo\"} 7\n";
+        assert!(text.contains(inf), "{text}");
+        let buckets = |text: &str| text.lines().filter(|l| l.contains("_bucket{")).count();
+        assert_eq!(buckets(&text), buckets(&classic));
+        assert_eq!(buckets(&text), 3 * 2 * (BUCKET_BOUNDS_US.len() + 1));
+        // Every other sample is the same line in both.
+        let samples = |text: &str| -> Vec<String> {
+            text.lines()
+                .filter(|l| !l.starts_with('#') && !l.contains("_seconds_"))
+                .map(str::to_string)
+                .collect()
+        };
+        assert_eq!(samples(&text), samples(&classic));
+        assert!(!classic.contains("# EOF"));
     }
 
     #[test]

@@ -20,7 +20,7 @@ use std::time::Instant;
 use rustix::io::Errno;
 use rustix::net::{RecvFlags, SendFlags};
 
-use crate::metrics::{self, MetricsSnapshot};
+use crate::metrics::{self, ExpositionFormat, HttpRequest, MetricsSnapshot};
 
 /// Longest admin command line.
 pub(super) const ADMIN_LINE_BYTES_MAX: usize = 256;
@@ -30,7 +30,7 @@ pub(super) const ADMIN_LINE_BYTES_MAX: usize = 256;
 pub(super) enum Protocol {
     /// The admin socket: one command line (`status`), answered with one line.
     Admin,
-    /// The Prometheus endpoint: one HTTP/1.x request (`GET /metrics`).
+    /// The Prometheus endpoint: one HTTP/1.x request (`GET /metrics`, `/healthz`, `/readyz`).
     Metrics,
 }
 
@@ -59,7 +59,8 @@ enum State {
 pub(super) enum Next {
     /// Wait for it to become readable (or writable) again.
     Wait,
-    /// Its answer needs every core's report: gather, then `answer_status`/`answer_metrics`.
+    /// Its answer needs every core's report: gather, then `answer_status`, `answer_metrics` or
+    /// `answer_ready`.
     Gather(Wants),
     /// Close it.
     Close,
@@ -69,7 +70,14 @@ pub(super) enum Next {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Wants {
     Status,
-    Metrics,
+    Metrics {
+        with_body: bool,
+        format: ExpositionFormat,
+    },
+    /// `/readyz`.
+    Ready {
+        with_body: bool,
+    },
 }
 
 pub(super) struct AuxConn {
@@ -163,19 +171,15 @@ impl AuxConn {
                     }
                 }
             }
-            Protocol::Metrics => {
-                let mut wants_snapshot = false;
-                let response = metrics::http_response(request, || {
-                    wants_snapshot = true;
-                    MetricsSnapshot::default()
-                });
-                match response {
-                    // A whole, valid `GET /metrics`: answered once every core has reported.
-                    Some(_) if wants_snapshot => Next::Gather(Wants::Metrics),
-                    Some(response) => self.answer(response),
-                    None => Next::Wait,
+            // `/healthz` and every error are answered here, without the cores.
+            Protocol::Metrics => match metrics::parse_request(request) {
+                Ok(HttpRequest::Incomplete) => Next::Wait,
+                Ok(HttpRequest::Metrics { with_body, format }) => {
+                    Next::Gather(Wants::Metrics { with_body, format })
                 }
-            }
+                Ok(HttpRequest::Ready { with_body }) => Next::Gather(Wants::Ready { with_body }),
+                Err(response) => self.answer(response),
+            },
         }
     }
 
@@ -194,14 +198,24 @@ impl AuxConn {
     }
 
     /// Answer `GET`/`HEAD /metrics` with the snapshot (or a 503 saying why there is none).
-    pub(super) fn answer_metrics(&mut self, snapshot: Result<MetricsSnapshot, String>) -> Next {
+    pub(super) fn answer_metrics(
+        &mut self,
+        snapshot: Result<MetricsSnapshot, String>,
+        with_body: bool,
+        format: ExpositionFormat,
+    ) -> Next {
         debug_assert_eq!(self.protocol, Protocol::Metrics);
         let response = match snapshot {
-            Ok(snapshot) => metrics::http_response(&self.request[..self.filled], || snapshot)
-                .expect("a request found whole stays whole"),
+            Ok(snapshot) => metrics::metrics_response(&snapshot, format, with_body),
             Err(reason) => metrics::unavailable_response(&reason),
         };
         self.answer(response)
+    }
+
+    /// Answer `GET`/`HEAD /readyz`: 200, or 503 with one line per condition that fails.
+    pub(super) fn answer_ready(&mut self, not_ready: &[String], with_body: bool) -> Next {
+        debug_assert_eq!(self.protocol, Protocol::Metrics);
+        self.answer(metrics::readiness_response(not_ready, with_body))
     }
 
     /// Start writing the answer (and write what the socket takes now).

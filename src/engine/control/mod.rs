@@ -1,6 +1,6 @@
 //! The control thread: everything the bridge does that is not serving callers. It owns the
 //! stop signals (a signalfd), the admin socket (`acgi-bridge status`), the `/metrics` endpoint
-//! and the latency-interval clock (with the interval log), so that every core runs the same
+//! (with `/healthz` and `/readyz`) and the latency-interval clock (with the interval log), so that every core runs the same
 //! loop and no JSON or Prometheus encoding, no file write and no slow client ever stalls a
 //! caller.
 //!
@@ -309,9 +309,10 @@ impl Control {
             for path in &self.unlink_at_stop {
                 let _ = std::fs::remove_file(path);
             }
-            // No new admin or metrics connections (those open are still answered).
+            // No new admin connections (those open are still answered). The metrics listener
+            // stays open until the bridge exits, so that /readyz says 503 "shutting down" and
+            // /healthz 200 while it drains (a closed port would look like a dead bridge).
             self.admin = None;
-            self.metrics = None;
         }
         for core in 0..self.shared.cores.len() {
             self.shared.send(core, Msg::Shutdown { now });
@@ -398,9 +399,23 @@ impl Control {
                 let status = merged.map(|merged| report::status(&self.config, &merged, uptime));
                 conn.answer_status(status.as_ref().map_err(Clone::clone))
             }
-            Wants::Metrics => {
-                let snapshot = merged.map(|merged| report::metrics_snapshot(&self.config, &merged));
-                conn.answer_metrics(snapshot)
+            Wants::Metrics { with_body, format } => {
+                let stopping = self.stopping;
+                let snapshot =
+                    merged.map(|merged| report::metrics_snapshot(&self.config, &merged, stopping));
+                conn.answer_metrics(snapshot, with_body, format)
+            }
+            Wants::Ready { with_body } => {
+                // Every condition that fails, each on its line (`docs/operations.md`).
+                let mut not_ready = Vec::new();
+                if self.stopping {
+                    not_ready.push("shutting down".to_string());
+                }
+                match merged {
+                    Ok(merged) => not_ready.extend(report::not_ready(&self.config, &merged)),
+                    Err(error) => not_ready.push(format!("cores: {error}")),
+                }
+                conn.answer_ready(&not_ready, with_body)
             }
         }
     }
