@@ -9,6 +9,7 @@ mod control;
 mod cores;
 mod direct;
 mod faults;
+mod health;
 mod hostile;
 mod isolation;
 mod kv;

@@ -88,7 +88,9 @@ impl Drop for Prometheus {
 #[test]
 fn a_real_prometheus_server_scrapes_the_bridge() {
     // Proves a real Prometheus server (Debian's package) scrapes the endpoint and can query the
-    // bridge's series.
+    // bridge's series, build info and process metrics. It asks for OpenMetrics first (the
+    // bridge serves it that: tests/it/health.rs), so its strict OpenMetrics parser accepting
+    // the scrape (health up, no lastError) validates the OpenMetrics exposition.
     let bridge = metrics_bridge("");
     let mut client = bridge.client();
     for _ in 0..5 {
@@ -134,6 +136,16 @@ fn a_real_prometheus_server_scrapes_the_bridge() {
     }
     let (_, targets) = http_get(&web, "/api/v1/targets").unwrap();
     assert!(targets.contains("\"health\":\"up\""), "{targets}");
+    assert!(targets.contains("\"lastError\":\"\""), "{targets}");
+    for query in [
+        "/api/v1/query?query=acgi_bridge_build_info",
+        "/api/v1/query?query=process_start_time_seconds",
+        "/api/v1/query?query=acgi_bridge_service_state%7Bstate%3D%22ok%22%7D",
+    ] {
+        let (status, body) = http_get(&web, query).unwrap();
+        assert_eq!(status, 200, "{body}");
+        assert!(body.contains("\"result\":[{"), "{query}: {body}");
+    }
 }
 
 #[test]
