@@ -1,5 +1,5 @@
-//! The `/metrics` endpoint's HTTP/1.x: parse one request from the bytes received so far and,
-//! once it is complete, build the whole response.
+//! The metrics listener's HTTP/1.x: parse one request from the bytes received so far and,
+//! once it is complete, say what it asks for or build the whole response.
 //!
 //! Owns no socket and keeps no state: the engine feeds it everything a connection has sent and
 //! writes back what it returns, then closes (`Connection: close`; one request per connection).
@@ -10,12 +10,18 @@
 //!
 //! | request                         | response                                  |
 //! |---------------------------------|-------------------------------------------|
-//! | incomplete head, <= 8 KiB       | `None`: read more                         |
+//! | incomplete head, <= 8 KiB       | `Incomplete`: read more                   |
 //! | head > 8 KiB, or malformed      | 400                                       |
-//! | path other than `/metrics`      | 404                                       |
-//! | `/metrics`, not GET or HEAD     | 405 with `Allow: GET, HEAD`               |
-//! | `GET /metrics`                  | 200, `text/plain; version=0.0.4`, the text |
-//! | `HEAD /metrics`                 | 200, same headers, no body                |
+//! | path other than the three below | 404                                       |
+//! | a known path, not GET or HEAD   | 405 with `Allow: GET, HEAD`               |
+//! | `GET /healthz`                  | 200 `ok`, at once (the engine is not asked) |
+//! | `GET /readyz`                   | `Ready`: 200 `ready`, or 503 with a line per reason |
+//! | `GET /metrics`                  | `Metrics`: 200, the exposition in the format `Accept` prefers |
+//! | `HEAD` of any of them           | the same headers, no body                 |
+//!
+//! `Accept` (RFC 9110 12.5.1, q-values honoured): OpenMetrics 1.0.0 when
+//! `application/openmetrics-text` is ranked at least as high as `text/plain` (or `text/*`,
+//! `*/*`); the classic text 0.0.4 otherwise, and when there is no `Accept`.
 
 use super::{encode, ExpositionFormat, MetricsSnapshot};
 
