@@ -15,8 +15,7 @@
 use std::time::Duration;
 
 use super::core::{Counters, ServiceCounters};
-use crate::config::Config;
-use crate::config::ServiceConfig;
+use crate::config::{Config, ServiceConfig};
 use crate::metrics::{self, LatencyHistograms, MetricsSnapshot, ServiceMetrics, ServiceState};
 use crate::status::{ServiceStatus, Status};
 

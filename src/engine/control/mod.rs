@@ -1,8 +1,8 @@
 //! The control thread: everything the bridge does that is not serving callers. It owns the
 //! stop signals (a signalfd), the admin socket (`acgi-bridge status`), the `/metrics` endpoint
-//! (with `/healthz` and `/readyz`) and the latency-interval clock (with the interval log), so that every core runs the same
-//! loop and no JSON or Prometheus encoding, no file write and no slow client ever stalls a
-//! caller.
+//! (with `/healthz`, answered alone, and `/readyz`, from a gathering) and the latency-interval
+//! clock (with the interval log), so that every core runs the same loop and no JSON or
+//! Prometheus encoding, no file write and no slow client ever stalls a caller.
 //!
 //! ```text
 //!   signalfd ──────> set shared.shutdown, then Msg::Shutdown to every core
