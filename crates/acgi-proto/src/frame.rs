@@ -576,11 +576,12 @@ mod tests {
     #[test]
     fn error_codes_are_stable() {
         // Proves the numeric codes never drift from their documented values.
-        for code in 1..=10u16 {
+        for code in 1..=11u16 {
             assert_eq!(ErrorCode::from_u16(code).unwrap() as u16, code);
         }
         assert_eq!(ErrorCode::from_u16(0), None);
-        assert_eq!(ErrorCode::from_u16(11), None);
+        assert_eq!(ErrorCode::from_u16(12), None);
+        assert_eq!(ErrorCode::NotAllowed as u16, 11);
     }
 
     #[test]
