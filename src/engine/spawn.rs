@@ -544,3 +544,86 @@ unsafe fn report_on(fd: i32, step: u32, errno: i32) -> (u32, i32) {
     // SAFETY: _exit ends the child without running anything of the parent's.
     unsafe { libc::_exit(127) }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a spawn costs the spawner thread when the bridge is large: `fork` copies the
+    /// parent's page tables, a vfork-style clone does not. Grows this process by
+    /// `ACGI_SPAWN_RSS_MIB` (default 512) MiB of touched memory, then times
+    /// `ACGI_SPAWN_COUNT` (default 200) spawns of `/bin/true` through the real [`Spawner`],
+    /// one at a time (request to result), and prints the mean and percentiles:
+    /// `cargo test --release --lib spawn_time -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn spawn_time_with_a_large_parent() {
+        let number = |name: &str, default: usize| {
+            std::env::var(name)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(default)
+        };
+        let mib = number("ACGI_SPAWN_RSS_MIB", 512);
+        let count = number("ACGI_SPAWN_COUNT", 200);
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let path = dir.path().join("bridge.toml");
+        let text = format!(
+            "state_dir = {:?}\n[listen]\nunix = \"bridge.sock\"\n[[service]]\nid = 1\nname = \"t\"\n\
+             exec = \"/bin/true\"\n",
+            dir.path().display().to_string()
+        );
+        std::fs::write(&path, text).expect("the config is written");
+        let config = Arc::new(Config::load(&path).expect("a valid config"));
+        let spawner = Spawner::start().expect("the spawner starts");
+        let mut ballast = vec![0u8; mib << 20];
+        for page in ballast.chunks_mut(4096) {
+            page[0] = 1;
+        }
+        let rss = std::fs::read_to_string("/proc/self/status")
+            .unwrap_or_default()
+            .lines()
+            .find(|l| l.starts_with("VmRSS"))
+            .unwrap_or("VmRSS: ?")
+            .to_string();
+        let mut times = Vec::with_capacity(count);
+        let mut results = Vec::new();
+        for _ in 0..count {
+            let start = std::time::Instant::now();
+            spawner.request(SpawnRequest {
+                service_index: 0,
+                config: Arc::clone(&config),
+            });
+            loop {
+                spawner.take_results(&mut results);
+                if !results.is_empty() {
+                    break;
+                }
+                let mut fds = [rustix::event::PollFd::new(
+                    &*spawner.wake,
+                    rustix::event::PollFlags::IN,
+                )];
+                let _ = rustix::event::poll(&mut fds, None);
+                let mut counter = [0u8; 8];
+                let _ = rustix::io::read(&*spawner.wake, &mut counter);
+            }
+            times.push(start.elapsed());
+            let spawned = results.pop().expect("one result").result.expect("a worker");
+            // SAFETY: waitpid on a child of this process that nothing else waits for.
+            unsafe { libc::waitpid(spawned.pid, std::ptr::null_mut(), 0) };
+            crate::confine::forget_worker(spawned.pid);
+        }
+        std::hint::black_box(&ballast);
+        times.sort();
+        let mean = times.iter().sum::<std::time::Duration>() / count as u32;
+        let at = |q: f64| times[((count - 1) as f64 * q) as usize];
+        println!(
+            "{count} spawns of /bin/true, parent {rss}: mean {mean:?}, p50 {:?}, p90 {:?}, \
+             p99 {:?}, max {:?}",
+            at(0.5),
+            at(0.9),
+            at(0.99),
+            at(1.0)
+        );
+    }
+}
