@@ -12,7 +12,7 @@
 //! until exec succeeds or the child exits:
 //!
 //! 1. its own process group (so the bridge can signal the worker's whole group, and a
-//!    terminal's Ctrl-C reaches the bridge alone), parent-death signal SIGKILL;
+//!    terminal's Ctrl-C reaches the bridge alone);
 //! 2. stdin `/dev/null`, stdout and stderr the bridge's pipes, the control socket on 3, the
 //!    slot on 4, the executable on 5 (close-on-exec unless it is a `#!` script, whose
 //!    interpreter opens it as /dev/fd/5), and every other descriptor closed (close_range);
@@ -20,7 +20,9 @@
 //!    ignores SIGPIPE and blocks its handled signals; both survive exec);
 //! 4. rlimits (RLIMIT_NOFILE, RLIMIT_CORE, and RLIMIT_AS / RLIMIT_NPROC when configured), the
 //!    umask, then the identity (setgroups, setresgid, setresuid: raw system calls, which change
-//!    only this one thread, the only one there is), then the working directory (as the user);
+//!    only this one thread, the only one there is), then the parent-death signal SIGKILL (a
+//!    change of effective ids clears it, so it comes after them), then the working directory
+//!    (as the user);
 //! 5. PR_SET_NO_NEW_PRIVS 1 and PR_SET_DUMPABLE 0 (exec resets dumpability, so the worker
 //!    re-applies it from `ACGI_DUMPABLE`: protocol §6.1);
 //! 6. execveat(5, "", argv, envp, AT_EMPTY_PATH): the file checked at config load, whatever
@@ -442,12 +444,6 @@ unsafe fn child_setup(
         if libc::setpgid(0, 0) != 0 {
             return (0, errno());
         }
-        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
-            return (1, errno());
-        }
-        if libc::getppid() != parent_pid {
-            return (2, 0);
-        }
         // Move every descriptor above the targets first, so that no dup2 clobbers a source.
         let sources = [
             fds.stdin,
@@ -516,6 +512,14 @@ unsafe fn child_setup(
             if libc::syscall(libc::SYS_setresuid, uid, uid, uid) != 0 {
                 return report_on(6, 8, errno());
             }
+        }
+        // After the identity: changing the effective ids (commit_creds) clears the
+        // parent-death signal.
+        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+            return report_on(6, 1, errno());
+        }
+        if libc::getppid() != parent_pid {
+            return report_on(6, 2, 0);
         }
         if let Some(dir) = chdir {
             if libc::chdir(dir.as_ptr()) != 0 {
