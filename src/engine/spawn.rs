@@ -6,30 +6,37 @@
 //! on its ring. The spawner thread lives as long as the bridge: a worker's parent-death signal
 //! fires when the thread that forked it exits.
 //!
-//! Everything the child needs (argv, envp, rlimits, identity, the executable's descriptor) is
-//! built before the fork: between fork and exec the child makes only system calls, in this
-//! order, and reports a failure (which step, errno) on a close-on-exec pipe the spawner reads
-//! until exec succeeds or the child exits:
+//! The child is made with clone(CLONE_VM | CLONE_VFORK) on a stack of its own: it shares the
+//! bridge's memory (no page tables to copy: a fork of a large bridge costs tens of
+//! milliseconds, this clone a fraction of one) and the spawner thread is suspended until it
+//! execs or exits. Only a child that changes its ids while `fs.suid_dumpable` is 1 is forked
+//! instead (see `spawn`). Everything the child needs (argv, envp, rlimits, identity, the
+//! executable's descriptor) is built before: until exec the child makes only system calls, on
+//! those values, in this order, and reports a failure (which step, errno) on a close-on-exec
+//! pipe the spawner reads once the child has exec'd or exited. It starts with every signal
+//! blocked (by the spawner, around the clone), so that no handler of the bridge's runs in it:
 //!
 //! 1. its own process group (so the bridge can signal the worker's whole group, and a
 //!    terminal's Ctrl-C reaches the bridge alone);
 //! 2. stdin `/dev/null`, stdout and stderr the bridge's pipes, the control socket on 3, the
 //!    slot on 4, the executable on 5 (close-on-exec unless it is a `#!` script, whose
 //!    interpreter opens it as /dev/fd/5), and every other descriptor closed (close_range);
-//! 3. every signal's disposition reset to default and the signal mask cleared (the bridge
-//!    ignores SIGPIPE and blocks its handled signals; both survive exec);
+//! 3. every signal's disposition reset to default (the bridge ignores SIGPIPE; that survives
+//!    exec);
 //! 4. rlimits (RLIMIT_NOFILE, RLIMIT_CORE, and RLIMIT_AS / RLIMIT_NPROC when configured), the
 //!    umask, then the identity (setgroups, setresgid, setresuid: raw system calls, which change
-//!    only this one thread, the only one there is), then the parent-death signal SIGKILL (a
-//!    change of effective ids clears it, so it comes after them), then the working directory
-//!    (as the user);
-//! 5. PR_SET_NO_NEW_PRIVS 1 and PR_SET_DUMPABLE 0 (exec resets dumpability, so the worker
-//!    re-applies it from `ACGI_DUMPABLE`: protocol §6.1);
-//! 6. execveat(5, "", argv, envp, AT_EMPTY_PATH): the file checked at config load, whatever
+//!    only this one task, not the bridge's threads as glibc's setxid wrappers would), then
+//!    PR_SET_DUMPABLE 0 (the change of ids set it to `fs.suid_dumpable`, on the bridge's memory
+//!    too; exec resets it, so the worker re-applies it from `ACGI_DUMPABLE`: protocol §6.1),
+//!    then the parent-death signal SIGKILL (a change of effective ids clears it, so it comes
+//!    after them), then the working directory (as the user);
+//! 5. PR_SET_NO_NEW_PRIVS 1;
+//! 6. the signal mask cleared (exec keeps it; the bridge blocks its handled signals), last;
+//! 7. execveat(5, "", argv, envp, AT_EMPTY_PATH): the file checked at config load, whatever
 //!    now lies at its path.
 //!
-//! The spawner holds the worker registry's lock (`confine`) from before the fork until the
-//! child is registered (just after the fork, before waiting for its exec), so the orphan reaper
+//! The spawner holds the worker registry's lock (`confine`) from before the clone until the
+//! child is registered (once it has exec'd, before reading its report), so the orphan reaper
 //! never mistakes a new worker for an escapee; a child whose setup fails is reaped here and
 //! unregistered.
 
@@ -94,9 +101,13 @@ impl Spawner {
         std::thread::Builder::new()
             .name("acgi-spawner".into())
             .spawn(move || {
+                let stack = ChildStack::new();
                 for request in receiver {
                     let service_index = request.service_index;
-                    let result = spawn(&request, parent_pid);
+                    let result = match &stack {
+                        Ok(stack) => spawn(&request, parent_pid, stack),
+                        Err(e) => Err(format!("no stack for a worker's child: {e}")),
+                    };
                     thread_results
                         .lock()
                         .expect("not poisoned")
@@ -250,7 +261,59 @@ fn limits(service: &ServiceConfig) -> Vec<Limit> {
     limits
 }
 
-fn spawn(request: &SpawnRequest, parent_pid: i32) -> Result<Spawned, String> {
+/// `fs.suid_dumpable` (None if it cannot be read).
+fn suid_dumpable() -> Option<u32> {
+    std::fs::read_to_string("/proc/sys/fs/suid_dumpable")
+        .ok()
+        .and_then(|text| text.trim().parse().ok())
+}
+
+/// The stack a `clone(CLONE_VM)` child runs on, with a guard page below it: mapped once by the
+/// spawner thread, used by one child at a time (the spawner is suspended while it runs).
+struct ChildStack {
+    base: *mut libc::c_void,
+    len: usize,
+}
+
+impl ChildStack {
+    /// Generous: the child's frames are a few hundred bytes of locals and libc wrappers.
+    const LEN: usize = 256 << 10;
+    const GUARD: usize = 4096;
+
+    fn new() -> std::io::Result<ChildStack> {
+        let len = Self::LEN + Self::GUARD;
+        // SAFETY: a fresh anonymous private mapping, then PROT_NONE on its lowest page; both
+        // only touch this new mapping.
+        unsafe {
+            let base = rustix::mm::mmap_anonymous(
+                std::ptr::null_mut(),
+                len,
+                rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
+                rustix::mm::MapFlags::PRIVATE | rustix::mm::MapFlags::STACK,
+            )?;
+            rustix::mm::mprotect(base, Self::GUARD, rustix::mm::MprotectFlags::empty())?;
+            Ok(ChildStack { base, len })
+        }
+    }
+
+    /// The top of the stack (it grows down), 16-byte aligned (the mapping is page-aligned).
+    fn top(&self) -> *mut libc::c_void {
+        // SAFETY: one past the end of the mapping, which is where a descending stack starts.
+        unsafe { self.base.cast::<u8>().add(self.len).cast() }
+    }
+}
+
+impl Drop for ChildStack {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, no child running on it (the spawner that owns
+        // it is suspended while one does).
+        unsafe {
+            let _ = rustix::mm::munmap(self.base, self.len);
+        }
+    }
+}
+
+fn spawn(request: &SpawnRequest, parent_pid: i32, stack: &ChildStack) -> Result<Spawned, String> {
     let config = &*request.config;
     let service = &config.services[request.service_index];
     let name = &service.name;
@@ -321,38 +384,102 @@ fn spawn(request: &SpawnRequest, parent_pid: i32) -> Result<Spawned, String> {
     };
     let script = exec.script;
 
+    let args = ChildArgs {
+        fds: &fds,
+        parent_pid,
+        script,
+        limits: &limits,
+        umask,
+        identity: identity.map(|i| (i.uid, i.gid)),
+        groups: &groups,
+        chdir: chdir.as_deref(),
+        argv: argv.as_ptr(),
+        envp: envp.as_ptr(),
+        empty_path: empty_path.as_ptr(),
+    };
+    // A child that shares our memory and then changes its ids makes our memory dumpable as
+    // `fs.suid_dumpable` says until it execs (commit_creds sets the shared mm's flag): with 1,
+    // a process of the worker's user could ptrace that child, i.e. the live bridge. Fork then.
+    // (With 2 the window exposes nothing: such memory is root's to read, as at 0.)
+    let share = identity.is_none() || matches!(suid_dumpable(), Some(0 | 2));
+
     let mut registry = crate::confine::registry();
-    // SAFETY: fork(2). The child runs only `child_setup`, which makes system calls on values
-    // built above (owned by this frame, alive in the child's copy of it) and ends in exec or
-    // _exit: no allocation, no lock, nothing that is not async-signal-safe.
-    let pid = unsafe { libc::fork() };
+    // Every signal blocked (the raw call: glibc's wrapper leaves its own 32 and 33 open) from
+    // before the child exists until it has reset every disposition, so that no handler of
+    // ours runs in it (with CLONE_VM, on our memory). The child clears its mask last.
+    let mut old_mask = [0u64; 1];
+    let all = [!0u64; 1];
+    // SAFETY: rt_sigprocmask on this thread with valid 8-byte sets.
+    unsafe {
+        libc::syscall(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_SETMASK,
+            all.as_ptr(),
+            old_mask.as_mut_ptr(),
+            8usize,
+        )
+    };
+    let dumpable = if share {
+        // SAFETY: prctl with integer arguments on this process.
+        unsafe { libc::prctl(libc::PR_GET_DUMPABLE) }
+    } else {
+        -1
+    };
+    let pid = if share {
+        // SAFETY: clone(CLONE_VM | CLONE_VFORK): the child runs `child_entry` on `stack`, a
+        // mapping of its own (the guard page below it faults rather than overwriting our
+        // memory), sharing our memory but not our descriptor table, filesystem context nor
+        // signal handler table (no CLONE_FILES, CLONE_FS, CLONE_SIGHAND: its dup2, chdir,
+        // umask and sigaction change its own copies; its rlimits and ids are its own). This
+        // thread is suspended until the child execs or exits, so `args` and everything it
+        // points to (this frame's values) stay alive and unchanged for it. The child makes
+        // only system calls on them: it allocates nothing, takes no lock, and writes no memory
+        // of ours but its stack and this thread's `errno` (it runs with our thread pointer;
+        // we read `errno` below only if clone failed, i.e. there was no child). Its signals
+        // are blocked (above) until it has reset every handler. The other threads of the
+        // bridge run on meanwhile and cannot see the child's writes (it writes nothing they
+        // read). Its parent is this thread, as after fork: the parent-death signal fires when
+        // it exits, and getppid() is our pid.
+        unsafe {
+            libc::clone(
+                child_entry,
+                stack.top(),
+                libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+                std::ptr::from_ref(&args).cast_mut().cast(),
+            )
+        }
+    } else {
+        // SAFETY: fork(2). The child runs only `child_main`, which makes system calls on
+        // values built above (owned by this frame, alive in the child's copy of it) and ends
+        // in exec or _exit: no allocation, no lock, nothing that is not async-signal-safe.
+        match unsafe { libc::fork() } {
+            // SAFETY: in the child of fork (see above); it never returns.
+            0 => unsafe { child_main(&args) },
+            pid => pid,
+        }
+    };
+    let clone_error = std::io::Error::last_os_error();
+    // SAFETY: as above, restoring this thread's mask.
+    unsafe {
+        libc::syscall(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_SETMASK,
+            old_mask.as_ptr(),
+            std::ptr::null_mut::<u64>(),
+            8usize,
+        )
+    };
+    // The child's PR_SET_DUMPABLE 0 (or its change of ids) was on our memory: put ours back.
+    // SAFETY: prctl with integer arguments on this process.
+    if dumpable >= 0 && unsafe { libc::prctl(libc::PR_GET_DUMPABLE) } != dumpable {
+        // SAFETY: as above.
+        unsafe { libc::prctl(libc::PR_SET_DUMPABLE, dumpable as libc::c_ulong) };
+    }
     if pid < 0 {
         return Err(format!(
-            "service {name}: fork failed: {}",
-            std::io::Error::last_os_error()
+            "service {name}: {} failed: {clone_error}",
+            if share { "clone" } else { "fork" }
         ));
-    }
-    if pid == 0 {
-        // SAFETY: in the child of fork (see above); it never returns.
-        unsafe {
-            let (step, errno) = child_setup(
-                &fds,
-                parent_pid,
-                script,
-                &limits,
-                umask,
-                identity.map(|i| (i.uid, i.gid)),
-                &groups,
-                chdir.as_deref(),
-                argv.as_ptr(),
-                envp.as_ptr(),
-                empty_path.as_ptr(),
-            );
-            let report = [step, errno as u32];
-            let bytes = std::slice::from_raw_parts(report.as_ptr().cast::<u8>(), 8);
-            libc::write(fds.report, bytes.as_ptr().cast(), bytes.len());
-            libc::_exit(127);
-        }
     }
     registry.insert(pid);
     drop(registry);
@@ -418,28 +545,70 @@ struct ChildFds {
     report: i32,
 }
 
-/// The child's steps between fork and exec; returns (step, errno) of the one that failed.
-///
-/// # Safety
-///
-/// Only in the child of a fork, which must end with `_exit` when this returns.
-#[allow(clippy::too_many_arguments)]
-unsafe fn child_setup(
-    fds: &ChildFds,
+/// What the child is given: pointers into the spawner's frame, valid until it execs or exits.
+struct ChildArgs<'a> {
+    fds: &'a ChildFds,
     parent_pid: i32,
     script: bool,
-    limits: &[Limit],
+    limits: &'a [Limit],
     umask: Option<u32>,
     identity: Option<(u32, u32)>,
-    groups: &[libc::gid_t],
-    chdir: Option<&std::ffi::CStr>,
+    groups: &'a [libc::gid_t],
+    chdir: Option<&'a std::ffi::CStr>,
     argv: *const *const libc::c_char,
     envp: *const *const libc::c_char,
     empty_path: *const libc::c_char,
-) -> (u32, i32) {
-    let errno = || std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+}
+
+/// The entry point of the `clone` child: `arg` is a `&ChildArgs`.
+extern "C" fn child_entry(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` is the `ChildArgs` of the suspended spawner (see `spawn`); this is the
+    // child of clone(CLONE_VM | CLONE_VFORK), which `child_main` ends with exec or _exit.
+    unsafe { child_main(&*arg.cast::<ChildArgs>()) }
+}
+
+/// The child: its setup and exec, or the failed step's report and `_exit`.
+///
+/// # Safety
+///
+/// Only in the child of a fork or of the spawner's clone.
+unsafe fn child_main(args: &ChildArgs) -> ! {
+    // SAFETY: see `child_setup`; the report is written from this stack to a pipe.
+    unsafe {
+        let (step, errno) = child_setup(args);
+        let report = [step, errno as u32];
+        libc::write(args.fds.report, report.as_ptr().cast(), 8);
+        libc::_exit(127)
+    }
+}
+
+/// The child's steps before exec; returns (step, errno) of the one that failed.
+///
+/// # Safety
+///
+/// Only in the child of a fork or of the spawner's clone, which must end with `_exit` when
+/// this returns. With CLONE_VM it shares the bridge's memory: it must only make system calls,
+/// reading the values `args` points to, and write nothing but its own stack (and `errno`,
+/// which is the suspended spawner thread's).
+unsafe fn child_setup(args: &ChildArgs) -> (u32, i32) {
+    let ChildArgs {
+        fds,
+        parent_pid,
+        script,
+        limits,
+        umask,
+        identity,
+        groups,
+        chdir,
+        argv,
+        envp,
+        empty_path,
+    } = *args;
+    // SAFETY: reads this thread's errno (the spawner's, with CLONE_VM: it is suspended).
+    let errno = || unsafe { *libc::__errno_location() };
     // SAFETY (whole body): system calls on plain values and on descriptors this process owns;
-    // the pointers are into the parent frame's argv/envp/groups, copied into this process.
+    // the pointers are into the spawner frame's argv/envp/groups (its copy after fork, itself
+    // after clone).
     unsafe {
         if libc::setpgid(0, 0) != 0 {
             return (0, errno());
@@ -491,9 +660,6 @@ unsafe fn child_setup(
                 );
             }
         }
-        let mut empty: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut empty);
-        libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
         for limit in limits {
             if libc::setrlimit(limit.resource, &limit.value) != 0 {
                 return report_on(6, 5, errno());
@@ -513,6 +679,8 @@ unsafe fn child_setup(
                 return report_on(6, 8, errno());
             }
         }
+        // At once after the identity, whose change set dumpability to `fs.suid_dumpable`.
+        libc::prctl(libc::PR_SET_DUMPABLE, 0 as libc::c_ulong);
         // After the identity: changing the effective ids (commit_creds) clears the
         // parent-death signal.
         if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
@@ -529,7 +697,16 @@ unsafe fn child_setup(
         if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1 as libc::c_ulong, 0, 0, 0) != 0 {
             return report_on(6, 10, errno());
         }
-        libc::prctl(libc::PR_SET_DUMPABLE, 0 as libc::c_ulong);
+        // Last, the mask (exec keeps it): every signal was blocked since before the child
+        // existed, and now has its default action, so none can run a handler of the bridge's.
+        let empty = [0u64; 1];
+        libc::syscall(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_SETMASK,
+            empty.as_ptr(),
+            std::ptr::null_mut::<u64>(),
+            8usize,
+        );
         libc::execveat(5, empty_path, argv.cast(), envp.cast(), libc::AT_EMPTY_PATH);
         report_on(6, 11, errno())
     }
