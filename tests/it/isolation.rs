@@ -552,3 +552,48 @@ fn a_user_the_bridge_cannot_become_is_a_config_error() {
         "{stderr}"
     );
 }
+
+#[test]
+fn workers_of_another_user_never_outlive_a_killed_bridge() {
+    // Proves that the parent-death signal survives `user`: the kernel clears it when a process
+    // changes its effective ids, so the spawner sets it after setresuid. The workers hang in a
+    // request (so they do not see their control socket close) when the bridge is killed.
+    if !is_root() {
+        eprintln!("skipped: needs root to create users and change uid");
+        return;
+    }
+    test_user("acgi-test-a");
+    let mut a = ServiceSpec::new(4, "a", crate::common::example("faulty")).workers(2, 2);
+    a.extra = "user = \"acgi-test-a\"\n".into();
+    let mut bridge = bridge().service(a).start();
+    let status = bridge.wait_status("2 workers", |s| s.services[0].workers_idle == 2);
+    let pids = status.services[0].pids.clone();
+    assert_eq!(pids.len(), 2);
+    let mut client = bridge.client();
+    for _ in 0..2 {
+        client.send(4, b"hang").unwrap();
+    }
+    bridge.wait_status("2 workers busy", |s| s.services[0].workers_busy == 2);
+    bridge.signal(libc::SIGKILL);
+    bridge
+        .wait_exit(std::time::Duration::from_secs(10))
+        .expect("the bridge died");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    for pid in pids {
+        // Gone, or a zombie waiting for init to reap it: either way no longer running.
+        loop {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let state = stat
+                .rsplit_once(") ")
+                .and_then(|(_, rest)| rest.chars().next());
+            if matches!(state, None | Some('Z' | 'X')) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "worker {pid} of another user outlived the bridge"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+}
