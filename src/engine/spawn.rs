@@ -101,13 +101,11 @@ impl Spawner {
         std::thread::Builder::new()
             .name("acgi-spawner".into())
             .spawn(move || {
-                let stack = ChildStack::new();
+                // (Without a stack, which only a failed mmap leaves us, every child is forked.)
+                let stack = ChildStack::new().ok();
                 for request in receiver {
                     let service_index = request.service_index;
-                    let result = match &stack {
-                        Ok(stack) => spawn(&request, parent_pid, stack),
-                        Err(e) => Err(format!("no stack for a worker's child: {e}")),
-                    };
+                    let result = spawn(&request, parent_pid, stack.as_ref());
                     thread_results
                         .lock()
                         .expect("not poisoned")
@@ -313,7 +311,13 @@ impl Drop for ChildStack {
     }
 }
 
-fn spawn(request: &SpawnRequest, parent_pid: i32, stack: &ChildStack) -> Result<Spawned, String> {
+/// Start one worker: with clone(CLONE_VM | CLONE_VFORK) on `stack`, else (no stack, or see
+/// below) with fork.
+fn spawn(
+    request: &SpawnRequest,
+    parent_pid: i32,
+    stack: Option<&ChildStack>,
+) -> Result<Spawned, String> {
     let config = &*request.config;
     let service = &config.services[request.service_index];
     let name = &service.name;
@@ -400,8 +404,11 @@ fn spawn(request: &SpawnRequest, parent_pid: i32, stack: &ChildStack) -> Result<
     // A child that shares our memory and then changes its ids makes our memory dumpable as
     // `fs.suid_dumpable` says until it execs (commit_creds sets the shared mm's flag): with 1,
     // a process of the worker's user could ptrace that child, i.e. the live bridge. Fork then.
-    // (With 2 the window exposes nothing: such memory is root's to read, as at 0.)
-    let share = identity.is_none() || matches!(suid_dumpable(), Some(0 | 2));
+    // With 2 (SUID_DUMP_ROOT) only root may ptrace or read it, as at 0; what the window, the
+    // few system calls from setresgid to the child's PR_SET_DUMPABLE 0, adds is that a crash
+    // of the bridge within it would leave a root-owned core file.
+    let stack = stack.filter(|_| identity.is_none() || matches!(suid_dumpable(), Some(0 | 2)));
+    let share = stack.is_some();
 
     let mut registry = crate::confine::registry();
     // Every signal blocked (the raw call: glibc's wrapper leaves its own 32 and 33 open) from
@@ -425,7 +432,7 @@ fn spawn(request: &SpawnRequest, parent_pid: i32, stack: &ChildStack) -> Result<
     } else {
         -1
     };
-    let pid = if share {
+    let pid = if let Some(stack) = stack {
         // SAFETY: clone(CLONE_VM | CLONE_VFORK): the child runs `child_entry` on `stack`, a
         // mapping of its own (the guard page below it faults rather than overwriting our
         // memory), sharing our memory but not our descriptor table, filesystem context nor
@@ -730,6 +737,72 @@ unsafe fn report_on(fd: i32, step: u32, errno: i32) -> (u32, i32) {
 mod tests {
     use super::*;
 
+    /// A config of one service running `/bin/true` with `extra` keys, in `dir`.
+    fn config(dir: &std::path::Path, extra: &str) -> Arc<Config> {
+        let path = dir.join("bridge.toml");
+        let text = format!(
+            "state_dir = {:?}\n[listen]\nunix = \"bridge.sock\"\n[[service]]\nid = 1\nname = \"t\"\n\
+             exec = \"/bin/true\"\n{extra}\n",
+            dir.display().to_string()
+        );
+        std::fs::write(&path, text).expect("the config is written");
+        Arc::new(Config::load(&path).expect("a valid config"))
+    }
+
+    /// This thread's signal mask.
+    fn mask() -> u64 {
+        let mut mask = 0u64;
+        // SAFETY: rt_sigprocmask reading this thread's mask into a valid 8-byte set.
+        unsafe {
+            libc::syscall(
+                libc::SYS_rt_sigprocmask,
+                libc::SIG_BLOCK,
+                std::ptr::null::<u64>(),
+                &mut mask,
+                8usize,
+            )
+        };
+        mask
+    }
+
+    #[test]
+    fn clone_and_fork_start_a_worker_and_report_a_failed_step_leaving_the_bridge_as_it_was() {
+        // Proves both ways of starting a child (clone(CLONE_VM | CLONE_VFORK) on a stack, and
+        // fork): a worker that execs is returned; one whose setup fails (chdir) is reported
+        // with its step and errno and reaped; and the spawner's signal mask and the process's
+        // dumpability are what they were before.
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let good = config(dir.path(), "");
+        let bad = config(dir.path(), "chdir = \"/nonexistent/acgi\"");
+        let stack = ChildStack::new().expect("a stack");
+        let parent_pid = std::process::id() as i32;
+        // SAFETY: prctl with integer arguments on this process.
+        let dumpable = unsafe { libc::prctl(libc::PR_GET_DUMPABLE) };
+        let before = mask();
+        for stack in [Some(&stack), None] {
+            let request = |config: &Arc<Config>| SpawnRequest {
+                service_index: 0,
+                config: Arc::clone(config),
+            };
+            let spawned = spawn(&request(&good), parent_pid, stack).expect("a worker");
+            let mut status = 0;
+            // SAFETY: waitpid on a child of this process that nothing else waits for.
+            unsafe { libc::waitpid(spawned.pid, &mut status, 0) };
+            crate::confine::forget_worker(spawned.pid);
+            assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0);
+            let error = spawn(&request(&bad), parent_pid, stack)
+                .err()
+                .expect("chdir fails");
+            assert!(
+                error.contains("chdir: No such file or directory"),
+                "{error}"
+            );
+            assert_eq!(mask(), before);
+            // SAFETY: as above.
+            assert_eq!(unsafe { libc::prctl(libc::PR_GET_DUMPABLE) }, dumpable);
+        }
+    }
+
     /// What a spawn costs the spawner thread when the bridge is large: `fork` copies the
     /// parent's page tables, a vfork-style clone does not. Grows this process by
     /// `ACGI_SPAWN_RSS_MIB` (default 512) MiB of touched memory, then times
@@ -748,14 +821,7 @@ mod tests {
         let mib = number("ACGI_SPAWN_RSS_MIB", 512);
         let count = number("ACGI_SPAWN_COUNT", 200);
         let dir = tempfile::tempdir().expect("a temporary directory");
-        let path = dir.path().join("bridge.toml");
-        let text = format!(
-            "state_dir = {:?}\n[listen]\nunix = \"bridge.sock\"\n[[service]]\nid = 1\nname = \"t\"\n\
-             exec = \"/bin/true\"\n",
-            dir.path().display().to_string()
-        );
-        std::fs::write(&path, text).expect("the config is written");
-        let config = Arc::new(Config::load(&path).expect("a valid config"));
+        let config = config(dir.path(), "");
         let spawner = Spawner::start().expect("the spawner starts");
         let mut ballast = vec![0u8; mib << 20];
         for page in ballast.chunks_mut(4096) {
