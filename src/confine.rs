@@ -9,8 +9,10 @@
 //!   root) and a child subreaper, so that a worker's descendants that leave its process group
 //!   (setsid, double fork) are re-parented to the bridge instead of to init;
 //! - the registry of live worker pids ([`WorkerRegistry`]): the spawner adds a child while it
-//!   still holds the registry's lock from before the fork, the core removes it when it reaps it
-//!   (the spawner, for a child whose setup failed);
+//!   still holds the registry's lock from before the fork, or (a vfork-style clone, which
+//!   returns only once the child has exec'd) marks the spawn under the lock and registers the
+//!   child after, the reaper sparing it meanwhile; the core removes it when it reaps it (the
+//!   spawner, for a child whose setup failed);
 //! - the orphan reaper ([`start_orphan_reaper`]): every [`ORPHAN_SWEEP_INTERVAL`] it kills and
 //!   reaps every child of the bridge that is not a registered worker. Such a child can only be
 //!   a worker's descendant that outlived its parent: no process a worker starts may outlive the
@@ -26,6 +28,7 @@ use std::ffi::{CStr, CString};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -60,6 +63,13 @@ static REGISTRY: Mutex<WorkerRegistry> = Mutex::new(WorkerRegistry {
     pids: BTreeSet::new(),
 });
 
+/// A spawn whose child cannot be registered before it has exec'd is under way (the spawner's
+/// clone(CLONE_VM | CLONE_VFORK) returns only then): changed only under the registry's lock.
+static SPAWNING: AtomicBool = AtomicBool::new(false);
+/// That child's pid, written by the kernel (CLONE_PARENT_SETTID) before the child runs; 0
+/// until then.
+static SPAWNING_PID: AtomicI32 = AtomicI32::new(0);
+
 /// Lock the registry. A spawner holds it from before its fork until it has registered the new
 /// worker, so the reaper never sees a worker it does not know.
 pub fn registry() -> MutexGuard<'static, WorkerRegistry> {
@@ -78,6 +88,23 @@ impl WorkerRegistry {
 
     fn contains(&self, pid: i32) -> bool {
         self.pids.contains(&pid)
+    }
+
+    /// A spawn starts whose child will be registered only once it has exec'd, without the
+    /// lock held meanwhile (a child stopped before exec would otherwise hold it, and every
+    /// core's `forget_worker`, for good): until [`Self::end_spawn`] the reaper spares the
+    /// child whose pid the kernel writes at the returned address (CLONE_PARENT_SETTID), and
+    /// skips its sweeps while that is still 0.
+    pub fn begin_spawn(&mut self) -> *mut libc::pid_t {
+        SPAWNING_PID.store(0, Ordering::SeqCst);
+        SPAWNING.store(true, Ordering::SeqCst);
+        SPAWNING_PID.as_ptr()
+    }
+
+    /// The spawn begun with [`Self::begin_spawn`] is over (its child registered or gone).
+    pub fn end_spawn(&mut self) {
+        SPAWNING.store(false, Ordering::SeqCst);
+        SPAWNING_PID.store(0, Ordering::SeqCst);
     }
 }
 
@@ -106,9 +133,18 @@ fn children() -> Vec<i32> {
 /// A killed escapee is reaped at this sweep if it is already dead, else at the next.
 pub fn sweep_orphans() -> usize {
     let registry = registry();
+    let children = children();
+    // (Read after the list: a child of a spawn under way that is in it has its pid written,
+    // or this sweep is skipped.)
+    let spawning = SPAWNING
+        .load(Ordering::SeqCst)
+        .then(|| SPAWNING_PID.load(Ordering::SeqCst));
+    if spawning == Some(0) {
+        return 0;
+    }
     let mut found = 0;
-    for pid in children() {
-        if registry.contains(pid) {
+    for pid in children {
+        if registry.contains(pid) || spawning == Some(pid) {
             continue;
         }
         found += 1;

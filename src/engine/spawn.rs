@@ -35,10 +35,11 @@
 //! 7. execveat(5, "", argv, envp, AT_EMPTY_PATH): the file checked at config load, whatever
 //!    now lies at its path.
 //!
-//! The spawner holds the worker registry's lock (`confine`) from before the clone until the
-//! child is registered (once it has exec'd, before reading its report), so the orphan reaper
-//! never mistakes a new worker for an escapee; a child whose setup fails is reaped here and
-//! unregistered.
+//! The orphan reaper must never mistake a new worker for an escapee: the spawner marks the
+//! spawn in the worker registry (`confine`) under its lock before the clone, the kernel writes
+//! the child's pid where the reaper reads it (CLONE_PARENT_SETTID), and the spawner registers
+//! the child once the clone has returned (a fork is made with the lock held throughout, as it
+//! returns at once). A child whose setup fails is reaped here and unregistered.
 
 use std::collections::BTreeMap;
 use std::ffi::{CString, OsStr, OsString};
@@ -410,7 +411,7 @@ fn spawn(
     let stack = stack.filter(|_| identity.is_none() || matches!(suid_dumpable(), Some(0 | 2)));
     let share = stack.is_some();
 
-    let mut registry = crate::confine::registry();
+    let mut registry = Some(crate::confine::registry());
     // Every signal blocked (the raw call: glibc's wrapper leaves its own 32 and 33 open) from
     // before the child exists until it has reset every disposition, so that no handler of
     // ours runs in it (with CLONE_VM, on our memory). The child clears its mask last.
@@ -433,6 +434,13 @@ fn spawn(
         -1
     };
     let pid = if let Some(stack) = stack {
+        // The registry's lock is not held across the clone, which returns only once the child
+        // has exec'd: a child stopped before that (SIGSTOP cannot be blocked, and the worker's
+        // user may send it once the ids are changed) would keep it held, and with it every
+        // core's `forget_worker`. The reaper spares the child whose pid the kernel writes at
+        // `in_flight` (CLONE_PARENT_SETTID, before the child runs) until `end_spawn` below.
+        let in_flight = registry.as_mut().expect("locked").begin_spawn();
+        registry = None;
         // SAFETY: clone(CLONE_VM | CLONE_VFORK): the child runs `child_entry` on `stack`, a
         // mapping of its own (the guard page below it faults rather than overwriting our
         // memory), sharing our memory but not our descriptor table, filesystem context nor
@@ -447,14 +455,18 @@ fn spawn(
         // bridge run on meanwhile and cannot see the child's writes (it writes nothing they
         // read). Its parent is this thread, as after fork: the parent-death signal fires when
         // it exits, and getppid() is our pid.
-        unsafe {
+        let pid = unsafe {
             libc::clone(
                 child_entry,
                 stack.top(),
-                libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+                libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PARENT_SETTID | libc::SIGCHLD,
                 std::ptr::from_ref(&args).cast_mut().cast(),
+                in_flight,
             )
-        }
+        };
+        // SAFETY: reading the registry's static (only read elsewhere meanwhile).
+        debug_assert!(pid < 0 || unsafe { in_flight.read_volatile() } == pid);
+        pid
     } else {
         // SAFETY: fork(2). The child runs only `child_main`, which makes system calls on
         // values built above (owned by this frame, alive in the child's copy of it) and ends
@@ -466,6 +478,8 @@ fn spawn(
         }
     };
     let clone_error = std::io::Error::last_os_error();
+    let mut registry = registry.unwrap_or_else(crate::confine::registry);
+    registry.end_spawn();
     // SAFETY: as above, restoring this thread's mask.
     unsafe {
         libc::syscall(
