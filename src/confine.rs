@@ -28,7 +28,7 @@ use std::ffi::{CStr, CString};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -57,18 +57,17 @@ pub fn harden_bridge() -> std::io::Result<()> {
 /// The pids of the workers the spawners started and the cores have not reaped yet.
 pub struct WorkerRegistry {
     pids: BTreeSet<i32>,
+    /// The spawns under way whose child is registered only once it has exec'd (a spawner's
+    /// clone(CLONE_VM | CLONE_VFORK) returns only then), at most one per spawner thread: each
+    /// the child's pid, written by the kernel (CLONE_PARENT_SETTID) before the child runs, 0
+    /// until then.
+    spawning: Vec<Arc<AtomicI32>>,
 }
 
 static REGISTRY: Mutex<WorkerRegistry> = Mutex::new(WorkerRegistry {
     pids: BTreeSet::new(),
+    spawning: Vec::new(),
 });
-
-/// A spawn whose child cannot be registered before it has exec'd is under way (the spawner's
-/// clone(CLONE_VM | CLONE_VFORK) returns only then): changed only under the registry's lock.
-static SPAWNING: AtomicBool = AtomicBool::new(false);
-/// That child's pid, written by the kernel (CLONE_PARENT_SETTID) before the child runs; 0
-/// until then.
-static SPAWNING_PID: AtomicI32 = AtomicI32::new(0);
 
 /// Lock the registry. A spawner holds it from before its fork until it has registered the new
 /// worker, so the reaper never sees a worker it does not know.
@@ -93,18 +92,17 @@ impl WorkerRegistry {
     /// A spawn starts whose child will be registered only once it has exec'd, without the
     /// lock held meanwhile (a child stopped before exec would otherwise hold it, and every
     /// core's `forget_worker`, for good): until [`Self::end_spawn`] the reaper spares the
-    /// child whose pid the kernel writes at the returned address (CLONE_PARENT_SETTID), and
-    /// skips its sweeps while that is still 0.
-    pub fn begin_spawn(&mut self) -> *mut libc::pid_t {
-        SPAWNING_PID.store(0, Ordering::SeqCst);
-        SPAWNING.store(true, Ordering::SeqCst);
-        SPAWNING_PID.as_ptr()
+    /// child whose pid the kernel writes in the returned cell (CLONE_PARENT_SETTID at its
+    /// `as_ptr()`), and skips its sweeps while that is still 0.
+    pub fn begin_spawn(&mut self) -> Arc<AtomicI32> {
+        let cell = Arc::new(AtomicI32::new(0));
+        self.spawning.push(Arc::clone(&cell));
+        cell
     }
 
     /// The spawn begun with [`Self::begin_spawn`] is over (its child registered or gone).
-    pub fn end_spawn(&mut self) {
-        SPAWNING.store(false, Ordering::SeqCst);
-        SPAWNING_PID.store(0, Ordering::SeqCst);
+    pub fn end_spawn(&mut self, cell: &Arc<AtomicI32>) {
+        self.spawning.retain(|c| !Arc::ptr_eq(c, cell));
     }
 }
 
@@ -136,15 +134,17 @@ pub fn sweep_orphans() -> usize {
     let children = children();
     // (Read after the list: a child of a spawn under way that is in it has its pid written,
     // or this sweep is skipped.)
-    let spawning = SPAWNING
-        .load(Ordering::SeqCst)
-        .then(|| SPAWNING_PID.load(Ordering::SeqCst));
-    if spawning == Some(0) {
+    let spawning: Vec<i32> = registry
+        .spawning
+        .iter()
+        .map(|cell| cell.load(Ordering::SeqCst))
+        .collect();
+    if spawning.contains(&0) {
         return 0;
     }
     let mut found = 0;
     for pid in children {
-        if registry.contains(pid) || spawning == Some(pid) {
+        if registry.contains(pid) || spawning.contains(&pid) {
             continue;
         }
         found += 1;

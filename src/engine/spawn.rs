@@ -46,6 +46,7 @@ use std::ffi::{CString, OsStr, OsString};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
@@ -412,6 +413,7 @@ fn spawn(
     let share = stack.is_some();
 
     let mut registry = Some(crate::confine::registry());
+    let mut spawn_cell = None;
     // Every signal blocked (the raw call: glibc's wrapper leaves its own 32 and 33 open) from
     // before the child exists until it has reset every disposition, so that no handler of
     // ours runs in it (with CLONE_VM, on our memory). The child clears its mask last.
@@ -439,7 +441,9 @@ fn spawn(
         // user may send it once the ids are changed) would keep it held, and with it every
         // core's `forget_worker`. The reaper spares the child whose pid the kernel writes at
         // `in_flight` (CLONE_PARENT_SETTID, before the child runs) until `end_spawn` below.
-        let in_flight = registry.as_mut().expect("locked").begin_spawn();
+        let cell = registry.as_mut().expect("locked").begin_spawn();
+        let in_flight = cell.as_ptr();
+        spawn_cell = Some(cell);
         registry = None;
         // SAFETY: clone(CLONE_VM | CLONE_VFORK): the child runs `child_entry` on `stack`, a
         // mapping of its own (the guard page below it faults rather than overwriting our
@@ -464,8 +468,8 @@ fn spawn(
                 in_flight,
             )
         };
-        // SAFETY: reading the registry's static (only read elsewhere meanwhile).
-        debug_assert!(pid < 0 || unsafe { in_flight.read_volatile() } == pid);
+        let written = spawn_cell.as_ref().map(|c| c.load(Ordering::SeqCst));
+        debug_assert!(pid < 0 || written == Some(pid), "{written:?} {pid}");
         pid
     } else {
         // SAFETY: fork(2). The child runs only `child_main`, which makes system calls on
@@ -479,7 +483,9 @@ fn spawn(
     };
     let clone_error = std::io::Error::last_os_error();
     let mut registry = registry.unwrap_or_else(crate::confine::registry);
-    registry.end_spawn();
+    if let Some(cell) = &spawn_cell {
+        registry.end_spawn(cell);
+    }
     // SAFETY: as above, restoring this thread's mask.
     unsafe {
         libc::syscall(
