@@ -56,6 +56,22 @@ fn python3() -> &'static str {
     }
 }
 
+/// Run `script` (Python) as nobody with `arg`, and wait for it.
+fn python_as_nobody(script: &str, arg: &std::path::Path) -> std::process::Output {
+    Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            python3(),
+            "-c",
+            script,
+        ])
+        .arg(arg)
+        .output()
+        .unwrap()
+}
+
 /// A process holding connections (closed when dropped).
 struct Holder {
     child: Child,
@@ -446,18 +462,7 @@ except OSError:
     data = b""
 print("answered" if data else "closed", flush=True)
 "#;
-    let output = Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            python3(),
-            "-c",
-            script,
-        ])
-        .arg(&bridge.admin)
-        .output()
-        .unwrap();
+    let output = python_as_nobody(script, &bridge.admin);
     assert_eq!(
         String::from_utf8_lossy(&output.stdout).trim(),
         "closed",
@@ -508,18 +513,7 @@ def call(service, rid, payload):
 call(1, 1, b"hi")
 call(3, 2, b"echo there")
 "#;
-    let output = Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            python3(),
-            "-c",
-            script,
-        ])
-        .arg(&bridge.unix)
-        .output()
-        .unwrap();
+    let output = python_as_nobody(script, std::path::Path::new(&bridge.unix));
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert_eq!(
         stdout.lines().collect::<Vec<_>>(),

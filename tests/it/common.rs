@@ -599,3 +599,39 @@ pub fn wait_until_read(stream: &std::os::unix::net::UnixStream) {
         std::thread::yield_now();
     }
 }
+
+/// One thread of another process, stopped with ptrace until dropped.
+pub struct FrozenThread {
+    tid: i32,
+}
+
+impl FrozenThread {
+    /// Stop thread `tid`; `None` when this environment forbids ptrace.
+    pub fn freeze(tid: i32) -> Option<FrozenThread> {
+        // SAFETY: ptrace and waitpid on a thread of our own child, with no memory passed.
+        unsafe {
+            let null = std::ptr::null_mut::<libc::c_void>();
+            if libc::ptrace(libc::PTRACE_SEIZE, tid, null, null) != 0 {
+                eprintln!(
+                    "ptrace is not permitted here ({}): skipping",
+                    std::io::Error::last_os_error()
+                );
+                return None;
+            }
+            assert_eq!(libc::ptrace(libc::PTRACE_INTERRUPT, tid, null, null), 0);
+            let mut status = 0;
+            assert_eq!(libc::waitpid(tid, &mut status, libc::__WALL), tid);
+        }
+        Some(FrozenThread { tid })
+    }
+}
+
+impl Drop for FrozenThread {
+    fn drop(&mut self) {
+        // SAFETY: as in `freeze`; the thread is in a ptrace stop, so it can be detached.
+        unsafe {
+            let null = std::ptr::null_mut::<libc::c_void>();
+            libc::ptrace(libc::PTRACE_DETACH, self.tid, null, null);
+        }
+    }
+}

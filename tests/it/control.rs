@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use acgi_bridge::client::BlockingClient;
 
-use crate::common::{bridge, http_get, Bridge, ServiceSpec};
+use crate::common::{bridge, http_get, Bridge, FrozenThread, ServiceSpec};
 
 /// A static echo pool of one worker per core, on two cores, with the metrics endpoint.
 fn two_core_echo() -> Bridge {
@@ -189,42 +189,6 @@ fn admin_commands_it_does_not_know_and_overlong_lines_get_an_error_line() {
     let answer = admin(&bridge.admin, &[b'x'; 300]);
     assert_eq!(answer, "error: command line too long\n");
     assert_eq!(bridge.status().cores, 2);
-}
-
-/// One thread of another process, stopped with ptrace until dropped.
-struct FrozenThread {
-    tid: i32,
-}
-
-impl FrozenThread {
-    /// Stop thread `tid`; `None` when this environment forbids ptrace.
-    fn freeze(tid: i32) -> Option<FrozenThread> {
-        // SAFETY: ptrace and waitpid on a thread of our own child, with no memory passed.
-        unsafe {
-            let null = std::ptr::null_mut::<libc::c_void>();
-            if libc::ptrace(libc::PTRACE_SEIZE, tid, null, null) != 0 {
-                eprintln!(
-                    "ptrace is not permitted here ({}): skipping",
-                    std::io::Error::last_os_error()
-                );
-                return None;
-            }
-            assert_eq!(libc::ptrace(libc::PTRACE_INTERRUPT, tid, null, null), 0);
-            let mut status = 0;
-            assert_eq!(libc::waitpid(tid, &mut status, libc::__WALL), tid);
-        }
-        Some(FrozenThread { tid })
-    }
-}
-
-impl Drop for FrozenThread {
-    fn drop(&mut self) {
-        // SAFETY: as in `freeze`; the thread is in a ptrace stop, so it can be detached.
-        unsafe {
-            let null = std::ptr::null_mut::<libc::c_void>();
-            libc::ptrace(libc::PTRACE_DETACH, self.tid, null, null);
-        }
-    }
 }
 
 /// The thread id of the bridge's thread named `name`.

@@ -5,7 +5,7 @@ use std::io::{Read, Write};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::common::{bridge, example, http_get, Bridge, ServiceSpec};
+use crate::common::{bridge, example, http_get, Bridge, FrozenThread, ServiceSpec};
 
 /// What a Prometheus 2.x server sends as `Accept` when it scrapes.
 const PROMETHEUS_ACCEPT: &str = "application/openmetrics-text;version=1.0.0,application/\
@@ -325,41 +325,6 @@ fn openmetrics_is_served_to_scrapers_that_ask_for_it_and_the_classic_text_otherw
         assert!(!text.contains("# EOF"));
         acgi_bridge::metrics::check_with_promtool(&text)
             .unwrap_or_else(|error| panic!("promtool: {error:?}\n{text}"));
-    }
-}
-
-struct FrozenThread {
-    tid: i32,
-}
-
-impl FrozenThread {
-    /// Stop thread `tid` (ptrace); `None` when this environment forbids ptrace.
-    fn freeze(tid: i32) -> Option<FrozenThread> {
-        // SAFETY: ptrace and waitpid on a thread of our own child, with no memory passed.
-        unsafe {
-            let null = std::ptr::null_mut::<libc::c_void>();
-            if libc::ptrace(libc::PTRACE_SEIZE, tid, null, null) != 0 {
-                eprintln!(
-                    "ptrace is not permitted here ({}): skipping",
-                    std::io::Error::last_os_error()
-                );
-                return None;
-            }
-            assert_eq!(libc::ptrace(libc::PTRACE_INTERRUPT, tid, null, null), 0);
-            let mut status = 0;
-            assert_eq!(libc::waitpid(tid, &mut status, libc::__WALL), tid);
-        }
-        Some(FrozenThread { tid })
-    }
-}
-
-impl Drop for FrozenThread {
-    fn drop(&mut self) {
-        // SAFETY: as in `freeze`; the thread is in a ptrace stop, so it can be detached.
-        unsafe {
-            let null = std::ptr::null_mut::<libc::c_void>();
-            libc::ptrace(libc::PTRACE_DETACH, self.tid, null, null);
-        }
     }
 }
 
