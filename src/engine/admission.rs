@@ -48,8 +48,15 @@ impl Caller {
     /// will not say (the caller has gone already): such a connection is refused.
     pub fn of(fd: &OwnedFd, tcp: bool) -> Option<Caller> {
         if tcp {
+            let addr = rustix::net::getpeername(fd).ok()??;
+            let ip = std::net::SocketAddr::try_from(addr).ok()?.ip();
+            // A v4 caller on a dual-stack socket is the same peer as over v4.
+            let ip = match ip {
+                IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+                v4 => v4,
+            };
             return Some(Caller {
-                peer: Peer::of(fd, true)?,
+                peer: Peer::Ip(ip),
                 gid: None,
             });
         }
@@ -148,23 +155,6 @@ impl Access {
 }
 
 impl Peer {
-    /// The peer of a freshly accepted connection; `None` when the kernel will not say (the
-    /// caller has gone already): such a connection is refused.
-    pub fn of(fd: &OwnedFd, tcp: bool) -> Option<Peer> {
-        if tcp {
-            let addr = rustix::net::getpeername(fd).ok()??;
-            let ip = std::net::SocketAddr::try_from(addr).ok()?.ip();
-            // A v4 caller on a dual-stack socket is the same peer as over v4.
-            Some(Peer::Ip(match ip {
-                IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-                v4 => v4,
-            }))
-        } else {
-            let cred = rustix::net::sockopt::socket_peercred(fd).ok()?;
-            Some(Peer::Uid(cred.uid.as_raw()))
-        }
-    }
-
     fn is_tcp(self) -> bool {
         matches!(self, Peer::Ip(_))
     }
@@ -346,6 +336,11 @@ impl Admission {
         if peer.is_tcp() {
             counts.tcp -= 1;
         }
+    }
+
+    /// The limits it enforces.
+    pub fn limits(&self) -> Limits {
+        self.limits
     }
 
     /// Connections open now: (all, over TCP).

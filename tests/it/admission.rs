@@ -7,7 +7,7 @@ use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::process::{Child, Command, Stdio};
 
-use crate::common::{bridge, Bridge, ServiceSpec};
+use crate::common::{bridge, python3, Bridge, ServiceSpec};
 
 /// Opens connections one by one and sends a `Ping` on each: a connection the bridge admitted
 /// answers with a `Pong`, one it refused is closed (EOF or a reset). Prints the tally, then
@@ -45,16 +45,6 @@ for i in range(count):
 print(f"admitted={admitted} refused={refused}", flush=True)
 sys.stdin.read()
 "#;
-
-/// The system's python3: a user's own (pyenv's under /root, say) may be out of an
-/// unprivileged user's reach.
-fn python3() -> &'static str {
-    if std::path::Path::new("/usr/bin/python3").exists() {
-        "/usr/bin/python3"
-    } else {
-        "python3"
-    }
-}
 
 /// Run `script` (Python) as nobody with `arg`, and wait for it.
 fn python_as_nobody(script: &str, arg: &std::path::Path) -> std::process::Output {

@@ -45,17 +45,12 @@ print("listening", flush=True)
 conn, _ = s.accept()
 conn.recv(1024)
 "#;
-    let python = if std::path::Path::new("/usr/bin/python3").exists() {
-        "/usr/bin/python3"
-    } else {
-        "python3"
-    };
     let mut squatter = Command::new("setpriv")
         .args([
             "--reuid=65534",
             "--regid=65534",
             "--clear-groups",
-            python,
+            crate::common::python3(),
             "-c",
             script,
         ])

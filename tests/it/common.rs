@@ -635,3 +635,13 @@ impl Drop for FrozenThread {
         }
     }
 }
+
+/// The system's python3: a user's own (pyenv's under /root, say) may be out of an
+/// unprivileged user's reach.
+pub fn python3() -> &'static str {
+    if std::path::Path::new("/usr/bin/python3").exists() {
+        "/usr/bin/python3"
+    } else {
+        "python3"
+    }
+}

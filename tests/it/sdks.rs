@@ -6,17 +6,9 @@
 use acgi_bridge::client::BlockingClient;
 use acgi_bridge::proto::Kind;
 
-use crate::common::{bridge, example, tagged_payload, ServiceSpec};
+use crate::common::{bridge, example, python3, tagged_payload, ServiceSpec};
 
 const SLOT_BYTES: u32 = 4096;
-
-fn python3() -> &'static str {
-    if std::path::Path::new("/usr/bin/python3").exists() {
-        "/usr/bin/python3"
-    } else {
-        "python3"
-    }
-}
 
 /// What a caller sees: a reply's bytes, or an error's code and message.
 type Outcome = Result<Vec<u8>, (u16, String)>;

@@ -61,11 +61,7 @@ impl Client {
                 Ok(Client::from_halves(read, write, bound))
             }
             Addr::Tcp(host_port) => {
-                if options.expected_uid.is_some() {
-                    return Err(CallError::Protocol(
-                        "expected_uid needs a Unix socket: a TCP peer has no uid to check".into(),
-                    ));
-                }
+                options.check_tcp_allowed()?;
                 let stream = tokio::net::TcpStream::connect(host_port).await?;
                 stream.set_nodelay(true)?;
                 let (read, write) = stream.into_split();

@@ -120,11 +120,7 @@ impl ConnectOptions {
                 BlockingStream::Unix(stream)
             }
             Addr::Tcp(host_port) => {
-                if self.expected_uid.is_some() {
-                    return Err(CallError::Protocol(
-                        "expected_uid needs a Unix socket: a TCP peer has no uid to check".into(),
-                    ));
-                }
+                self.check_tcp_allowed()?;
                 let stream = std::net::TcpStream::connect(host_port)?;
                 stream.set_nodelay(true)?;
                 stream.set_read_timeout(self.io_timeout)?;
@@ -138,6 +134,16 @@ impl ConnectOptions {
             services: HashMap::new(),
             reply_bytes_max: self.reply_bytes_max,
         })
+    }
+
+    /// `expected_uid` cannot be checked over TCP: refuse rather than skip it.
+    fn check_tcp_allowed(&self) -> Result<(), CallError> {
+        match self.expected_uid {
+            Some(_) => Err(CallError::Protocol(
+                "expected_uid needs a Unix socket: a TCP peer has no uid to check".into(),
+            )),
+            None => Ok(()),
+        }
     }
 
     /// The check of [`ConnectOptions::expected_uid`] on a connected Unix socket.

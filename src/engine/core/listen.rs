@@ -72,57 +72,44 @@ impl Core {
     /// a second per core.
     fn refuse_connection(&mut self, peer: Peer, refused: Refused) {
         self.counters.connections_refused += 1;
-        let (key, limit) = match refused {
-            Refused::NotAllowed => {
+        let limits = self.shared.admission.limits();
+        let (why, limit) = match (refused, peer) {
+            (Refused::NotAllowed, _) => {
                 self.counters.connections_refused_not_allowed += 1;
-                let key = match peer {
-                    Peer::Uid(_) => "listen.allowed_uids / allowed_gids",
-                    Peer::Ip(_) => "listen.allowed_clients",
+                let list = match peer {
+                    Peer::Uid(_) => "not in listen.allowed_uids / allowed_gids",
+                    Peer::Ip(_) => "not in listen.allowed_clients",
                 };
-                if self
-                    .refusal_logged
-                    .is_none_or(|at| self.now.duration_since(at) >= REFUSAL_LOG_INTERVAL)
-                {
-                    self.refusal_logged = Some(self.now);
-                    tracing::warn!(
-                        %peer,
-                        "refusing a caller connection: not in {key} (further refusals are \
-                         counted in connections_refused_not_allowed, and logged at most once a \
-                         second)"
-                    );
-                }
-                return;
+                (list, None)
             }
-            Refused::Full => ("connections_max", self.config.connections_max),
-            Refused::TcpShare => {
+            (Refused::Full, _) => ("connections_max reached", Some(limits.total)),
+            (Refused::TcpShare, _) => {
                 self.counters.connections_refused_tcp_share += 1;
-                (
-                    "unix_connections_reserved",
-                    self.config.connections_max - self.config.unix_connections_reserved,
-                )
+                ("unix_connections_reserved reached", Some(limits.tcp))
             }
-            Refused::PeerFull => {
+            (Refused::PeerFull, Peer::Uid(_)) => {
                 self.counters.connections_refused_per_peer += 1;
-                match peer {
-                    Peer::Uid(_) => (
-                        "connections_per_uid_max",
-                        self.config.connections_per_uid_max,
-                    ),
-                    Peer::Ip(_) => ("connections_per_ip_max", self.config.connections_per_ip_max),
-                }
+                ("connections_per_uid_max reached", Some(limits.per_uid))
+            }
+            (Refused::PeerFull, Peer::Ip(_)) => {
+                self.counters.connections_refused_per_peer += 1;
+                ("connections_per_ip_max reached", Some(limits.per_ip))
             }
         };
-        if self
+        let due = self
             .refusal_logged
-            .is_none_or(|at| self.now.duration_since(at) >= REFUSAL_LOG_INTERVAL)
-        {
-            self.refusal_logged = Some(self.now);
-            tracing::warn!(
-                %peer,
-                limit,
-                "refusing a caller connection: {key} reached (further refusals are counted in \
-                 connections_refused, and logged at most once a second)"
-            );
+            .is_none_or(|at| self.now.duration_since(at) >= REFUSAL_LOG_INTERVAL);
+        if !due {
+            return;
+        }
+        self.refusal_logged = Some(self.now);
+        let more = "further refusals are counted in connections_refused (by reason), and logged \
+                    at most once a second";
+        match limit {
+            Some(limit) => {
+                tracing::warn!(%peer, limit, "refusing a caller connection: {why} ({more})")
+            }
+            None => tracing::warn!(%peer, "refusing a caller connection: {why} ({more})"),
         }
     }
 
