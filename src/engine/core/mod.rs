@@ -4,9 +4,9 @@
 //! | room | owns | hand-offs |
 //! |---|---|---|
 //! | `event_loop` | the turn: wait, drain a batch of completions, route each by its token | completion → its owner's handler |
-//! | `conn`, `conn_state` | caller connections: receives, frames → requests, answers, the send queue, close | a request to `dispatch`/`cross_core` |
+//! | `conn`, `conn_state`, `conn_close`, `backpressure` | caller connections: receives, frames → requests, answers, the send queue, pausing and resuming, close | a request to `dispatch`/`cross_core` |
 //! | `direct` | a large payload read from the caller's socket straight into a worker's slot | caller → slot (`SlotUse::Filling`) |
-//! | `worker`, `worker_state`, `fault` | workers: spawn result, handshake, jobs and answers, output, retirement, reaping | answer → its request's caller |
+//! | `worker`, `worker_state`, `worker_output`, `fault` | workers: spawn result, handshake, jobs and answers, output and its budget, retirement, reaping | answer → its request's caller |
 //! | `slot_send` | a reply sent straight from a worker's slot | slot → caller (`SlotUse::Lent`) |
 //! | `request`, `dispatch` | the request table; the pool policy's actions turned into spawns, dispatches, rejections | pool ↔ engine |
 //! | `cross_core`, `report`, `listen`, `shutdown`, `tables` | other cores' messages, this core's report, accepting callers, stopping, the ring's tables | |
@@ -110,6 +110,7 @@ const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(1);
 
 mod backpressure;
 mod conn;
+mod conn_close;
 mod conn_state;
 mod cross_core;
 mod direct;
@@ -125,6 +126,7 @@ mod shutdown;
 mod slot_send;
 mod tables;
 mod worker;
+mod worker_output;
 mod worker_state;
 
 use backpressure::Pause;
@@ -134,6 +136,7 @@ use fault::WorkerFault;
 pub(crate) use tables::check_memlock;
 use tables::*;
 use worker::kill;
+use worker_output::OutputBudget;
 use worker_state::{Job, JobPath, PipeLog, SlotUse, Worker, WorkerState};
 
 /// The tokens of a connection's and a worker's ops carry their handle.
@@ -250,45 +253,6 @@ struct Service {
     latency: LatencyHistograms,
     latency_interval: LatencyHistograms,
     latency_last_interval: LatencyHistograms,
-}
-
-/// A token bucket for a service's worker output lines: `rate` per second, bursts up to twice
-/// that. Lines over it are dropped and counted, then summed up in one line.
-struct OutputBudget {
-    rate: u32,
-    tokens: f64,
-    refilled: Instant,
-    suppressed: u64,
-}
-
-impl OutputBudget {
-    fn new(rate: u32, now: Instant) -> OutputBudget {
-        OutputBudget {
-            rate,
-            tokens: f64::from(rate) * 2.0,
-            refilled: now,
-            suppressed: 0,
-        }
-    }
-
-    /// Whether a line may be logged now; `Some(n)` first when `n` lines were suppressed
-    /// since the last one logged (to be said before it).
-    fn take(&mut self, now: Instant) -> (bool, Option<u64>) {
-        if self.rate == 0 {
-            return (true, None);
-        }
-        let rate = f64::from(self.rate);
-        let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * rate).min(rate * 2.0);
-        self.refilled = now;
-        if self.tokens < 1.0 {
-            self.suppressed += 1;
-            return (false, None);
-        }
-        self.tokens -= 1.0;
-        let suppressed = std::mem::take(&mut self.suppressed);
-        (true, (suppressed > 0).then_some(suppressed))
-    }
 }
 
 /// Requests of one service by outcome (for status).

@@ -95,75 +95,6 @@ impl Core {
         }
     }
 
-    pub(super) fn arm_worker_pipe(&mut self, index: WorkerHandle, stderr: bool) {
-        let worker = &mut self.workers[index];
-        let kind = if stderr {
-            OpKind::WorkerStderr
-        } else {
-            OpKind::WorkerStdout
-        };
-        let token = Token::worker(kind, index);
-        let pipe = if stderr {
-            &mut worker.stderr
-        } else {
-            &mut worker.stdout
-        };
-        if pipe.in_flight || !pipe.open {
-            return;
-        }
-        pipe.in_flight = true;
-        let entry = op::read(pipe.fd.as_raw_fd(), &mut pipe.buf[..], token);
-        self.ring.push(entry);
-    }
-
-    pub(super) fn on_worker_pipe(
-        &mut self,
-        index: WorkerHandle,
-        stderr: bool,
-        result: Result<u32, Errno>,
-    ) {
-        let now = self.now;
-        let worker = &mut self.workers[index];
-        let Service { name, output, .. } = &mut self.services[worker.service];
-        let mut out = WorkerOutput {
-            service: name,
-            pid: worker.pid,
-            stream: if stderr { "stderr" } else { "stdout" },
-            budget: output,
-            suppressed: &mut self.counters.worker_lines_suppressed,
-            now,
-        };
-        let pipe = if stderr {
-            &mut worker.stderr
-        } else {
-            &mut worker.stdout
-        };
-        pipe.in_flight = false;
-        let Ok(read @ 1..) = result else {
-            pipe.open = false;
-            if !pipe.line.is_empty() {
-                out.line(&pipe.line);
-                pipe.line.clear();
-            }
-            return;
-        };
-        let data = &pipe.buf[..read as usize];
-        for piece in data.split_inclusive(|b| *b == b'\n') {
-            if let Some(line) = piece.strip_suffix(b"\n") {
-                pipe.line.extend_from_slice(line);
-                out.line(&pipe.line);
-                pipe.line.clear();
-            } else {
-                pipe.line.extend_from_slice(piece);
-                if pipe.line.len() >= PIPE_READ_BYTES {
-                    out.line(&pipe.line);
-                    pipe.line.clear();
-                }
-            }
-        }
-        self.arm_worker_pipe(index, stderr);
-    }
-
     pub(super) fn on_worker_send(&mut self, index: WorkerHandle, result: Result<u32, Errno>) {
         let worker = &mut self.workers[index];
         worker.send.complete(result.unwrap_or(0) as usize);
@@ -611,38 +542,4 @@ pub(super) fn describe_exit(info: &libc::siginfo_t) -> String {
         libc::CLD_DUMPED => format!("killed by signal {status} (core dumped)"),
         code => format!("ended (si_code {code}, status {status})"),
     }
-}
-
-/// Where one read of a worker's output goes: the log, within its service's line budget.
-struct WorkerOutput<'a> {
-    service: &'a str,
-    pid: i32,
-    stream: &'static str,
-    budget: &'a mut OutputBudget,
-    suppressed: &'a mut u64,
-    now: Instant,
-}
-
-impl WorkerOutput<'_> {
-    fn line(&mut self, line: &[u8]) {
-        match self.budget.take(self.now) {
-            (false, _) => *self.suppressed += 1,
-            (true, earlier) => {
-                if let Some(count) = earlier {
-                    tracing::warn!(
-                        service = self.service,
-                        "suppressed {count} lines of worker output (over log_lines_per_second)"
-                    );
-                }
-                log_worker_line(self.service, self.pid, self.stream, line);
-            }
-        }
-    }
-}
-
-pub(super) fn log_worker_line(service: &str, pid: i32, stream: &str, line: &[u8]) {
-    let text = String::from_utf8_lossy(line);
-    // A worker's bytes, escaped: no raw CR, ESC or other control character reaches the log.
-    let text = crate::logging::escape_controls(text.trim_end());
-    tracing::info!(target: "acgi_bridge::worker_output", service, pid, stream, "{}", text);
 }
