@@ -73,6 +73,17 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Reload the running bridge's config file (as SIGHUP does) and wait for the outcome:
+    /// services added, replaced (new workers first, blue/green) and removed, limits applied;
+    /// a bad config is refused and the running one keeps serving. Exits 1 when refused.
+    Reload {
+        /// The admin socket; default: the one named by --config.
+        #[arg(long, conflicts_with = "config", value_name = "SOCKET")]
+        admin: Option<PathBuf>,
+        /// Find the admin socket from this config file.
+        #[arg(long, short, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
     /// Validate a config file and name each bad key with the reason.
     Check {
         /// The config file to validate (nothing is bound or started).

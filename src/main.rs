@@ -26,6 +26,7 @@ fn main() -> ExitCode {
             payload,
         } => call(&connect, &service, payload),
         Command::Check { config } => check(&config),
+        Command::Reload { admin, config } => reload(admin, config),
         Command::Status {
             admin,
             config,
@@ -102,20 +103,49 @@ fn call(connect: &str, service: &str, payload: Option<String>) -> ExitCode {
     }
 }
 
-fn status(admin: Option<PathBuf>, config: Option<PathBuf>, json: bool) -> ExitCode {
-    let path = match (admin, config) {
-        (Some(path), _) => path,
+/// The admin socket from `--admin`, or from the config `--config` names.
+fn admin_path(admin: Option<PathBuf>, config: Option<PathBuf>) -> Result<PathBuf, ExitCode> {
+    match (admin, config) {
+        (Some(path), _) => Ok(path),
         (None, Some(config)) => match Config::load(&config) {
-            Ok(config) => config.admin_socket_path(),
+            Ok(config) => Ok(config.admin_socket_path()),
             Err(error) => {
                 eprintln!("{error}");
-                return ExitCode::from(78);
+                Err(ExitCode::from(78))
             }
         },
         (None, None) => {
             eprintln!("error: give --admin SOCKET or --config FILE");
-            return ExitCode::from(64);
+            Err(ExitCode::from(64))
         }
+    }
+}
+
+fn reload(admin: Option<PathBuf>, config: Option<PathBuf>) -> ExitCode {
+    let path = match admin_path(admin, config) {
+        Ok(path) => path,
+        Err(code) => return code,
+    };
+    match acgi_bridge::status::command(&path, "reload") {
+        Ok(answer) => {
+            println!("{answer}");
+            if answer.starts_with("ok") {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(error) => {
+            eprintln!("error: {}: {error}", path.display());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn status(admin: Option<PathBuf>, config: Option<PathBuf>, json: bool) -> ExitCode {
+    let path = match admin_path(admin, config) {
+        Ok(path) => path,
+        Err(code) => return code,
     };
     match acgi_bridge::status::query(&path) {
         Ok(status) if json => {

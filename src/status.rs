@@ -221,6 +221,21 @@ impl Status {
 }
 
 /// Ask the bridge behind the admin socket at `path` for its status.
+/// How long `command` waits for an answer (a reload waits for new workers, up to the bridge's
+/// `reload_timeout_ms`).
+pub const COMMAND_ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Send one admin command line and return its one-line answer (`ok: ...` or `error: ...`).
+pub fn command(path: &std::path::Path, line: &str) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::os::unix::net::UnixStream::connect(path)?;
+    stream.set_read_timeout(Some(COMMAND_ANSWER_TIMEOUT))?;
+    stream.write_all(format!("{line}\n").as_bytes())?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text)?;
+    Ok(text.trim_end().to_string())
+}
+
 pub fn query(path: &std::path::Path) -> std::io::Result<Status> {
     use std::io::{Read, Write};
     let mut stream = std::os::unix::net::UnixStream::connect(path)?;

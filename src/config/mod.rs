@@ -14,6 +14,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub mod reload;
+
 use crate::pool::{Mode, Policy};
 use crate::proto::{PAYLOAD_BYTES_MAX_CEILING, PAYLOAD_BYTES_MAX_DEFAULT};
 use crate::shm::{SLOT_CAPACITY_BYTES_DEFAULT, SLOT_CAPACITY_BYTES_MIN};
@@ -71,6 +73,10 @@ pub struct Config {
     /// How long SIGTERM waits for requests in flight before failing them, in milliseconds.
     #[serde(default = "default_shutdown_timeout_ms")]
     pub shutdown_timeout_ms: u64,
+    /// How long a reload waits for the new and replaced services' workers to come up before it
+    /// gives up (the running config keeps serving).
+    #[serde(default = "default_reload_timeout_ms")]
+    pub reload_timeout_ms: u64,
     /// TCP `ip:port` of the Prometheus endpoint (`GET /metrics`); none by default. Port 0
     /// picks a free port (printed in the ready line).
     pub metrics_listen: Option<String>,
@@ -117,6 +123,12 @@ pub struct Config {
     /// Directory of the config file; relative paths were resolved against it.
     #[serde(skip)]
     pub base_dir: PathBuf,
+    /// The file it was loaded from (reload reads it again); empty when parsed from text.
+    #[serde(skip)]
+    pub source: PathBuf,
+    /// Each top-level key but `service`, as canonical TOML text: what reload compares.
+    #[serde(skip)]
+    pub raw_keys: BTreeMap<String, String>,
 }
 
 /// The `worker_affinity` setting (see [`Config::worker_affinity`]).
@@ -270,6 +282,9 @@ pub struct ServiceConfig {
     /// The executable, resolved, checked and held open by [`Config::load`].
     #[serde(skip)]
     pub exec_file: Option<crate::confine::ExecFile>,
+    /// Its `[[service]]` table as canonical TOML text: what reload compares.
+    #[serde(skip)]
+    pub raw: String,
     /// How the pool sizes itself: `static`, `dynamic` or `ondemand` (PHP-FPM's meanings).
     #[serde(default = "default_mode")]
     pub mode: Mode,
@@ -453,6 +468,9 @@ fn default_caller_idle_timeout_ms() -> u64 {
 fn default_shutdown_timeout_ms() -> u64 {
     30_000
 }
+fn default_reload_timeout_ms() -> u64 {
+    30_000
+}
 fn default_worker_queue_depth() -> u32 {
     1
 }
@@ -579,6 +597,7 @@ impl Config {
             message,
         })?;
         config.resolve_paths(&base_dir);
+        config.source = path.to_path_buf();
         let mut problems = config.problems();
         if problems.is_empty() {
             problems = config.resolve_services();
@@ -595,7 +614,22 @@ impl Config {
 
     /// Parse TOML text without validating it.
     pub fn parse(text: &str) -> Result<Config, String> {
-        toml::from_str(text).map_err(|e| e.to_string().trim_end().to_string())
+        let error = |e: toml::de::Error| e.to_string().trim_end().to_string();
+        let mut config: Config = toml::from_str(text).map_err(error)?;
+        let table: toml::Table = toml::from_str(text).map_err(error)?;
+        for (key, value) in &table {
+            if key == "service" {
+                let tables = value.as_array().map(Vec::as_slice).unwrap_or_default();
+                for (service, table) in config.services.iter_mut().zip(tables) {
+                    service.raw = reload::canonical(table);
+                }
+            } else {
+                config
+                    .raw_keys
+                    .insert(key.clone(), reload::canonical(value));
+            }
+        }
+        Ok(config)
     }
 
     fn resolve_paths(&mut self, base_dir: &Path) {
@@ -753,6 +787,12 @@ impl Config {
             problem(
                 "write_queue_max_bytes".into(),
                 format!("must hold at least one whole answer ({frame_bytes_max} bytes)"),
+            );
+        }
+        if self.reload_timeout_ms == 0 {
+            problem(
+                "reload_timeout_ms".into(),
+                "must be at least 1 (a reload waits that long for new workers)".into(),
             );
         }
         if self.provided_buffers != 0

@@ -23,7 +23,7 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::os::fd::OwnedFd;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use crate::config::Config;
 
@@ -272,42 +272,48 @@ struct Counts {
 
 /// The shared counts of caller connections.
 pub struct Admission {
-    limits: Limits,
-    access: Access,
     counts: Mutex<Counts>,
+    /// The limits and access lists in force (replaced by a reload: connections already open
+    /// stay, new ones meet the new rules).
+    rules: Mutex<(Limits, Arc<Access>)>,
 }
 
 impl Admission {
     pub fn new(limits: Limits, access: Access) -> Admission {
         Admission {
-            limits,
-            access,
             counts: Mutex::new(Counts::default()),
+            rules: Mutex::new((limits, Arc::new(access))),
         }
+    }
+
+    /// Enforce new limits and access lists from now on (a reload).
+    pub fn update(&self, limits: Limits, access: Access) {
+        *self.rules.lock().expect("not poisoned") = (limits, Arc::new(access));
     }
 
     /// Count a new connection from `caller`, or say why it is refused.
     pub fn admit_caller(&self, caller: &Caller) -> Result<Ticket, Refused> {
-        if !self.access.allows(caller) {
+        let (limits, access) = self.rules.lock().expect("not poisoned").clone();
+        if !access.allows(caller) {
             return Err(Refused::NotAllowed);
         }
-        self.admit(*caller)
+        self.admit(*caller, limits)
     }
 
     /// Count a new connection from `caller`, or say which bound refuses it.
-    fn admit(&self, caller: Caller) -> Result<Ticket, Refused> {
+    fn admit(&self, caller: Caller, limits: Limits) -> Result<Ticket, Refused> {
         let peer = caller.peer;
         let mut counts = self.counts.lock().expect("not poisoned");
-        if counts.total >= self.limits.total {
+        if counts.total >= limits.total {
             return Err(Refused::Full);
         }
-        if peer.is_tcp() && counts.tcp >= self.limits.tcp {
+        if peer.is_tcp() && counts.tcp >= limits.tcp {
             return Err(Refused::TcpShare);
         }
         let peer_max = if peer.is_tcp() {
-            self.limits.per_ip
+            limits.per_ip
         } else {
-            self.limits.per_uid
+            limits.per_uid
         };
         let held = counts.per_peer.get(&peer).copied().unwrap_or(0);
         if held >= peer_max {
@@ -340,7 +346,7 @@ impl Admission {
 
     /// The limits it enforces.
     pub fn limits(&self) -> Limits {
-        self.limits
+        self.rules.lock().expect("not poisoned").0
     }
 
     /// Connections open now: (all, over TCP).
@@ -433,28 +439,28 @@ mod tests {
     #[test]
     fn each_bound_refuses_in_its_turn_and_release_gives_room_back() {
         let admission = admission();
-        let a1 = admission.admit(A).unwrap();
-        let _a2 = admission.admit(A).unwrap();
-        assert_eq!(admission.admit(A), Err(Refused::PeerFull));
-        let _b1 = admission.admit(B).unwrap();
-        let _b2 = admission.admit(B).unwrap();
+        let a1 = admission.admit_caller(&A).unwrap();
+        let _a2 = admission.admit_caller(&A).unwrap();
+        assert_eq!(admission.admit_caller(&A), Err(Refused::PeerFull));
+        let _b1 = admission.admit_caller(&B).unwrap();
+        let _b2 = admission.admit_caller(&B).unwrap();
         // Four TCP connections: the other two are the Unix callers'.
-        assert_eq!(admission.admit(C), Err(Refused::TcpShare));
-        let _u1 = admission.admit(uid(1000)).unwrap();
-        let _u2 = admission.admit(uid(0)).unwrap();
-        assert_eq!(admission.admit(uid(0)), Err(Refused::Full));
+        assert_eq!(admission.admit_caller(&C), Err(Refused::TcpShare));
+        let _u1 = admission.admit_caller(&uid(1000)).unwrap();
+        let _u2 = admission.admit_caller(&uid(0)).unwrap();
+        assert_eq!(admission.admit_caller(&uid(0)), Err(Refused::Full));
         assert_eq!(admission.open(), (6, 4));
         admission.release(a1);
         assert_eq!(admission.open(), (5, 3));
-        let _c1 = admission.admit(C).unwrap();
-        assert_eq!(admission.admit(uid(5)), Err(Refused::Full));
+        let _c1 = admission.admit_caller(&C).unwrap();
+        assert_eq!(admission.admit_caller(&uid(5)), Err(Refused::Full));
     }
 
     #[test]
     fn the_peer_map_forgets_peers_with_nothing_open() {
         let admission = admission();
         for _ in 0..100 {
-            let ticket = admission.admit(uid(7)).unwrap();
+            let ticket = admission.admit_caller(&uid(7)).unwrap();
             admission.release(ticket);
         }
         assert!(admission.counts.lock().unwrap().per_peer.is_empty());
@@ -464,8 +470,8 @@ mod tests {
     #[test]
     fn uids_are_bounded_apart_from_addresses() {
         let admission = admission();
-        let _t: Vec<Ticket> = (0..3).map(|_| admission.admit(uid(9)).unwrap()).collect();
-        assert_eq!(admission.admit(uid(9)), Err(Refused::PeerFull));
-        assert!(admission.admit(uid(10)).is_ok());
+        let _t: Vec<Ticket> = (0..3).map(|_| admission.admit_caller(&uid(9)).unwrap()).collect();
+        assert_eq!(admission.admit_caller(&uid(9)), Err(Refused::PeerFull));
+        assert!(admission.admit_caller(&uid(10)).is_ok());
     }
 }

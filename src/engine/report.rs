@@ -7,8 +7,11 @@
 //! config, off every core's loop. What a report leaves out (service names, ids, modes) comes
 //! from the config, which every thread has.
 //!
-//! Invariant: every report of one bridge has one entry per configured service, in config order,
-//! and per-core vectors as long as the core count, so that `add` pairs like with like.
+//! Invariant: per-core vectors are as long as the core count, so that `add` pairs like with
+//! like. Services are paired by id (a report has one entry per service id it runs; during a
+//! reload two cores may briefly run different configs, and a service's retired and warming
+//! slots add into its entry), and the status and metrics are built for the services of the
+//! control thread's config, each from its id's entry (zeros for one not reported yet).
 
 #![forbid(unsafe_code)]
 
@@ -33,12 +36,17 @@ pub struct CoreReport {
     pub(super) slots_registered: u64,
     pub(super) worker_processes: u64,
     pub(super) counters: Counters,
-    /// One per configured service, in config order.
+    /// One per service id.
     pub(super) services: Vec<ShardReport>,
 }
 
-/// One core's shard of one service.
-pub(super) struct ShardReport {
+/// One core's shard of one service (all its slots: see `core::reload`).
+#[derive(Clone)]
+pub(crate) struct ShardReport {
+    pub(super) id: u32,
+    pub(super) name: String,
+    /// It includes the service's live slot (whose limits it carries).
+    pub(super) live: bool,
     pub(super) starting: u32,
     pub(super) idle: u32,
     pub(super) busy: u32,
@@ -84,7 +92,87 @@ impl CoreReport {
         self.read_buffers_held += other.read_buffers_held;
         self.worker_processes += other.worker_processes;
         self.counters.add(&other.counters);
-        for (mine, theirs) in self.services.iter_mut().zip(&other.services) {
+        for theirs in &other.services {
+            add_shard(&mut self.services, theirs);
+        }
+    }
+
+    /// The entry of `service`, or zeros when no core reported it.
+    fn shard_or_empty(&self, service: &ServiceConfig) -> std::borrow::Cow<'_, ShardReport> {
+        match self.shard(service.id) {
+            Some(shard) => std::borrow::Cow::Borrowed(shard),
+            None => std::borrow::Cow::Owned(ShardReport::empty(service)),
+        }
+    }
+
+    /// The entry of service `id` (`None` when no core reported it).
+    pub(super) fn shard(&self, id: u32) -> Option<&ShardReport> {
+        self.services.iter().find(|shard| shard.id == id)
+    }
+
+    /// Each service's name and its latencies in the last complete interval (for the log).
+    pub(super) fn last_intervals<'a>(
+        &'a self,
+        config: &'a Config,
+    ) -> Vec<(&'a str, &'a LatencyHistograms)> {
+        config
+            .services
+            .iter()
+            .filter_map(|service| {
+                let shard = self.shard(service.id)?;
+                Some((service.name.as_str(), &shard.latency_last_interval))
+            })
+            .collect()
+    }
+}
+
+/// Fold one shard into a list of shards by service id (the core's own slots, then the cores).
+pub(crate) fn merge_shard(mut shards: Vec<ShardReport>, shard: ShardReport) -> Vec<ShardReport> {
+    match shards.iter_mut().find(|mine| mine.id == shard.id) {
+        Some(mine) => mine.add(&shard),
+        None => shards.push(shard),
+    }
+    shards
+}
+
+fn add_shard(shards: &mut Vec<ShardReport>, theirs: &ShardReport) {
+    match shards.iter_mut().find(|mine| mine.id == theirs.id) {
+        Some(mine) => mine.add(theirs),
+        None => shards.push(theirs.clone()),
+    }
+}
+
+impl ShardReport {
+    /// An entry for a service no core reported (yet).
+    fn empty(service: &ServiceConfig) -> ShardReport {
+        ShardReport {
+            id: service.id,
+            name: service.name.clone(),
+            live: false,
+            starting: 0,
+            idle: 0,
+            busy: 0,
+            stopping: 0,
+            min_workers: 0,
+            max_workers: 0,
+            backlog: 0,
+            failing: false,
+            spawn_rate: 0,
+            stats: Default::default(),
+            pids: Vec::new(),
+            counters: Default::default(),
+            latency: LatencyHistograms::new(),
+            latency_last_interval: LatencyHistograms::new(),
+        }
+    }
+
+    fn add(&mut self, theirs: &ShardReport) {
+        let mine = self;
+        {
+            mine.live |= theirs.live;
+            if theirs.live {
+                mine.name.clone_from(&theirs.name);
+            }
             mine.starting += theirs.starting;
             mine.idle += theirs.idle;
             mine.busy += theirs.busy;
@@ -101,20 +189,6 @@ impl CoreReport {
             mine.latency_last_interval
                 .add(&theirs.latency_last_interval);
         }
-    }
-
-    /// Each service's name and its latencies in the last complete interval (for the log).
-    pub(super) fn last_intervals<'a>(
-        &'a self,
-        config: &'a Config,
-    ) -> Vec<(&'a str, &'a LatencyHistograms)> {
-        debug_assert_eq!(config.services.len(), self.services.len());
-        config
-            .services
-            .iter()
-            .zip(&self.services)
-            .map(|(service, shard)| (service.name.as_str(), &shard.latency_last_interval))
-            .collect()
     }
 }
 
@@ -139,12 +213,12 @@ fn service_state(service: &ServiceConfig, shard: &ShardReport, stopping: bool) -
 /// Why the bridge is not ready (`/readyz`), one short line per service that is not `ok`; empty
 /// when every service can serve. (That the bridge is stopping is the control thread's to say.)
 pub(super) fn not_ready(config: &Config, report: &CoreReport) -> Vec<String> {
-    debug_assert_eq!(config.services.len(), report.services.len());
     config
         .services
         .iter()
-        .zip(&report.services)
+        .map(|service| (service, report.shard_or_empty(service)))
         .filter_map(|(service, shard)| {
+            let shard = &*shard;
             let why = match service_state(service, shard, false) {
                 ServiceState::Ok | ServiceState::Stopping => return None,
                 ServiceState::Failing => {
@@ -166,12 +240,12 @@ pub(super) fn metrics_snapshot(
     report: &CoreReport,
     stopping: bool,
 ) -> MetricsSnapshot {
-    debug_assert_eq!(config.services.len(), report.services.len());
     let services = config
         .services
         .iter()
-        .zip(&report.services)
+        .map(|service| (service, report.shard_or_empty(service)))
         .map(|(service, shard)| {
+            let shard = &*shard;
             let stats = shard.stats;
             let counters = &shard.counters;
             let requests_failed = counters
@@ -228,12 +302,12 @@ pub(super) fn metrics_snapshot(
 pub(super) fn status(config: &Config, report: &CoreReport, uptime: Duration) -> Status {
     // Read first: building the report allocates.
     let allocations = crate::alloc_count::allocations();
-    debug_assert_eq!(config.services.len(), report.services.len());
     let services = config
         .services
         .iter()
-        .zip(&report.services)
+        .map(|service| (service, report.shard_or_empty(service)))
         .map(|(service, shard)| {
+            let shard = &*shard;
             let stats = shard.stats;
             let requests_failed = shard
                 .counters

@@ -31,11 +31,12 @@
 
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{mpsc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::Instant;
 
 use super::admission::{Admission, Ticket};
 use super::report::CoreReport;
+use crate::config::Config;
 
 /// Where a core sends the report it was asked for.
 pub type ReportReply = mpsc::Sender<Box<CoreReport>>;
@@ -57,9 +58,44 @@ pub enum Msg {
         end_interval: bool,
         reply: ReportReply,
     },
+    /// A configuration reload's step (see `core::reload`).
+    Reload(ReloadStep),
     /// Nothing to handle: look at the shared counts again (an idle worker appeared, or every
     /// core has finished).
     Wake,
+}
+
+/// Where a core answers a reload step: its index and whether the step succeeded there.
+pub type ReloadReply = mpsc::Sender<(usize, Result<(), String>)>;
+
+/// The steps of a reload, sent to every core by the control thread: prepare everywhere, then
+/// commit everywhere (or abort everywhere), so that every core runs the same services.
+pub enum ReloadStep {
+    /// Start pools in these new slots, not yet serving, and answer once their workers are up
+    /// (or they cannot start).
+    Prepare {
+        plan: Arc<CorePlan>,
+        reply: ReloadReply,
+    },
+    /// Route the services to the prepared slots, retire the slots `plan.retire` names, and run
+    /// the new config; answer once done.
+    Commit { reply: ReloadReply },
+    /// Give the prepared slots up (they drain and stop); the running config stays.
+    Abort,
+}
+
+/// What one reload asks of each core.
+pub struct CorePlan {
+    /// The config the cores run once committed (keys that need a restart at their running
+    /// values: `config::reload::effective`).
+    pub config: Arc<Config>,
+    /// New slots to start: (slot, index of its service in `config`), slots in increasing order
+    /// from the first unused one.
+    pub start: Vec<(usize, usize)>,
+    /// Slots to retire at commit (replaced or removed services).
+    pub retire: Vec<usize>,
+    /// Services whose workers stay: (slot, index in `config`).
+    pub keep: Vec<(usize, usize)>,
 }
 
 /// A request moved to another core (its payload with it).
@@ -80,9 +116,16 @@ pub struct ShardCounts {
     pub idle: AtomicU32,
     pub room: AtomicU32,
     pub backlog: AtomicU32,
-    /// The shard's max_workers (fixed): 0 means this core never runs the service.
-    pub max_workers: u32,
+    /// The shard's max_workers: 0 means this core does not run the service (or no longer: a
+    /// slot retired by a reload).
+    pub max_workers: AtomicU32,
 }
+
+/// Service slots each core has room for: every service of the config the bridge started with,
+/// plus one for each service a reload started or replaced since (a replaced service keeps its
+/// old slot while it drains). A reload that would need more is refused: restart the bridge
+/// (`acgi-bridge upgrade` does it without a failed request).
+pub const SERVICE_SLOTS_MAX: usize = 1024;
 
 pub struct CoreShared {
     pub inbox: Mutex<Vec<Msg>>,
@@ -118,10 +161,9 @@ impl Shared {
                     rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
                 )?,
                 callers: AtomicU32::new(0),
-                services: maxes
-                    .iter()
-                    .map(|&max_workers| ShardCounts {
-                        max_workers,
+                services: (0..SERVICE_SLOTS_MAX.max(maxes.len()))
+                    .map(|slot| ShardCounts {
+                        max_workers: AtomicU32::new(maxes.get(slot).copied().unwrap_or(0)),
                         ..ShardCounts::default()
                     })
                     .collect(),

@@ -61,8 +61,10 @@ pub static WORKER_NOFILE_SOFT: std::sync::atomic::AtomicU64 = std::sync::atomic:
 /// The environment variable telling the worker whether to stay dumpable (`1`) or not (`0`).
 pub const ENV_DUMPABLE: &str = "ACGI_DUMPABLE";
 
-/// Everything needed to start one worker of a service: the service's index in the config.
+/// Everything needed to start one worker of a service: the service's index in the config, and
+/// the core's slot it is for (returned with the result).
 pub struct SpawnRequest {
+    pub slot: usize,
     pub service_index: usize,
     pub config: Arc<Config>,
 }
@@ -77,7 +79,8 @@ pub struct Spawned {
 }
 
 pub struct SpawnResult {
-    pub service_index: usize,
+    /// The core's service slot (`SpawnRequest::slot`).
+    pub slot: usize,
     pub result: Result<Spawned, String>,
 }
 
@@ -106,15 +109,12 @@ impl Spawner {
                 // (Without a stack, which only a failed mmap leaves us, every child is forked.)
                 let stack = ChildStack::new().ok();
                 for request in receiver {
-                    let service_index = request.service_index;
+                    let slot = request.slot;
                     let result = spawn(&request, parent_pid, stack.as_ref());
                     thread_results
                         .lock()
                         .expect("not poisoned")
-                        .push(SpawnResult {
-                            service_index,
-                            result,
-                        });
+                        .push(SpawnResult { slot, result });
                     let _ = rustix::io::write(&*thread_wake, &1u64.to_ne_bytes());
                 }
                 // The channel closed: the bridge is exiting. Park so that workers keep their
@@ -801,6 +801,7 @@ mod tests {
         let before = mask();
         for stack in [Some(&stack), None] {
             let request = |config: &Arc<Config>| SpawnRequest {
+                slot: 0,
                 service_index: 0,
                 config: Arc::clone(config),
             };
@@ -858,6 +859,7 @@ mod tests {
         for _ in 0..count {
             let start = std::time::Instant::now();
             spawner.request(SpawnRequest {
+                slot: 0,
                 service_index: 0,
                 config: Arc::clone(&config),
             });

@@ -464,6 +464,19 @@ pub fn notify_ready(status: &str) {
     notify(&[NotifyState::Ready, NotifyState::Status(status)]);
 }
 
+/// RELOADING=1 with MONOTONIC_USEC (what `Type=notify-reload` wants): a reload has begun;
+/// READY=1 (`notify_ready`) says it has ended.
+pub fn notify_reloading() {
+    let mut states = vec![
+        NotifyState::Reloading,
+        NotifyState::Status("reloading the configuration"),
+    ];
+    if let Ok(now) = NotifyState::monotonic_usec_now() {
+        states.push(now);
+    }
+    notify(&states);
+}
+
 /// STOPPING=1: a graceful stop has begun.
 pub fn notify_stopping() {
     notify(&[

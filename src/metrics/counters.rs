@@ -94,6 +94,11 @@ define_counters! {
         /// Lines of worker output not logged because their service was over its
         /// log_lines_per_second.
         worker_lines_suppressed,
+        /// Configuration reloads that took effect (SIGHUP or `acgi-bridge reload`).
+        reloads,
+        /// Reloads refused: a bad config, new workers that did not come up in
+        /// reload_timeout_ms, or the service slots spent (the running config stayed).
+        reloads_failed,
     }
 }
 

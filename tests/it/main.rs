@@ -16,6 +16,7 @@ mod kv;
 mod lifecycle;
 mod metrics;
 mod pool;
+mod reload;
 mod roundtrip;
 mod sdk_c;
 mod sdks;

@@ -536,3 +536,38 @@ fn systemd_cli_connect_bare_path_check_wording_and_version() {
         );
     }
 }
+
+#[test]
+fn notify_reloading_then_ready_on_every_reload_whatever_its_end() {
+    // Proves a SIGHUP reload sends RELOADING=1 with MONOTONIC_USEC, then READY=1, both when it
+    // takes effect and when the config is refused (systemd waits for the pair).
+    let notify = NotifySocket::bind();
+    let started = Instant::now();
+    let bridge = common::bridge()
+        .service(ServiceSpec::echo())
+        .wrapper(&["env", &notify.env()])
+        .start();
+    notify.until("READY=1", started + DEADLINE);
+    let config = bridge.dir.join("bridge.toml");
+    let good = std::fs::read_to_string(&config).unwrap();
+    for (text, outcome) in [
+        (good.replace("max_workers = 4", "max_workers = 3"), "reloaded in"),
+        (good.replace("max_workers = 4", "max_workers = 0"), "reload refused"),
+    ] {
+        std::fs::write(&config, text).unwrap();
+        bridge.signal(libc::SIGHUP);
+        let messages = notify.until("READY=1", Instant::now() + DEADLINE);
+        let reloading = messages
+            .iter()
+            .position(|m| m.iter().any(|l| l == "RELOADING=1"))
+            .unwrap_or_else(|| panic!("no RELOADING=1 before READY=1: {messages:?}"));
+        assert!(
+            messages[reloading]
+                .iter()
+                .any(|l| l.starts_with("MONOTONIC_USEC=")),
+            "RELOADING=1 without MONOTONIC_USEC: {messages:?}"
+        );
+        bridge.wait_log(outcome);
+    }
+    assert_eq!(bridge.client().call("echo", b"on").unwrap(), b"on");
+}

@@ -50,6 +50,8 @@ impl Protocol {
 enum State {
     /// Reading its request (`request[..filled]` so far).
     Reading,
+    /// Its command runs (a reload): nothing to read or write until its outcome.
+    Waiting,
     /// Writing `answer[written..]`.
     Writing { answer: Vec<u8>, written: usize },
 }
@@ -62,6 +64,9 @@ pub(super) enum Next {
     /// Its answer needs every core's report: gather, then `answer_status`, `answer_metrics` or
     /// `answer_ready`.
     Gather(Wants),
+    /// It asks for a configuration reload: start one (or join the one running), and answer with
+    /// `answer_outcome` once it has ended.
+    Reload,
     /// Close it.
     Close,
 }
@@ -88,6 +93,8 @@ pub(super) struct AuxConn {
     state: State,
     /// When it must be done, answer written or not.
     pub(super) deadline: Instant,
+    /// Names it while it waits for a command's outcome (its index in the list may change).
+    pub(super) id: u64,
 }
 
 impl AuxConn {
@@ -96,8 +103,9 @@ impl AuxConn {
         self.protocol
     }
 
-    pub(super) fn new(fd: OwnedFd, protocol: Protocol, deadline: Instant) -> AuxConn {
+    pub(super) fn new(fd: OwnedFd, protocol: Protocol, deadline: Instant, id: u64) -> AuxConn {
         AuxConn {
+            id,
             fd,
             protocol,
             request: vec![0; protocol.request_bytes_max()].into_boxed_slice(),
@@ -165,8 +173,14 @@ impl AuxConn {
                 let command = String::from_utf8_lossy(&request[..end]).trim().to_string();
                 match command.as_str() {
                     "status" => Next::Gather(Wants::Status),
+                    "reload" => {
+                        self.state = State::Waiting;
+                        Next::Reload
+                    }
                     other => {
-                        let reply = format!("error: unknown command {other:?} (try \"status\")\n");
+                        let reply = format!(
+                            "error: unknown command {other:?} (try \"status\" or \"reload\")\n"
+                        );
                         self.answer(reply.into_bytes())
                     }
                 }
@@ -219,6 +233,22 @@ impl AuxConn {
     }
 
     /// Start writing the answer (and write what the socket takes now).
+    /// Whether it waits for a command's outcome (nothing to poll for but a hang-up).
+    pub(super) fn waiting(&self) -> bool {
+        self.state == State::Waiting
+    }
+
+    /// Answer a command that ran (a reload) with its one line: `ok: ...` or `error: ...`.
+    pub(super) fn answer_outcome(&mut self, outcome: &Result<String, String>) -> Next {
+        debug_assert_eq!(self.state, State::Waiting);
+        let line = match outcome {
+            Ok(line) => format!("ok: {line}\n"),
+            Err(line) => format!("error: {line}\n"),
+        };
+        self.state = State::Reading;
+        self.answer(line.into_bytes())
+    }
+
     fn answer(&mut self, answer: Vec<u8>) -> Next {
         debug_assert_eq!(self.state, State::Reading);
         self.state = State::Writing { answer, written: 0 };

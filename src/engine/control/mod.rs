@@ -25,6 +25,7 @@
 #![forbid(unsafe_code)]
 
 mod conn;
+mod reload;
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::Ordering;
@@ -118,6 +119,7 @@ pub fn start(setup: ControlSetup) -> anyhow::Result<ControlHandle> {
         rustix::io::ioctl_fionbio(metrics, true).context("metrics socket: O_NONBLOCK")?;
     }
     let interval = Duration::from_millis(setup.config.histogram_log_interval_ms);
+    let slots = reload::Slots::new(&setup.config);
     let control = Control {
         stop: stop.try_clone()?,
         signal_fd: setup.signal_fd,
@@ -135,6 +137,9 @@ pub fn start(setup: ControlSetup) -> anyhow::Result<ControlHandle> {
         started: setup.started,
         unlink_at_stop: setup.unlink_at_stop,
         watchdog: setup.watchdog_interval.map(|every| (every, Instant::now())),
+        slots,
+        reload: None,
+        next_conn_id: 0,
     };
     let thread = std::thread::Builder::new()
         .name("acgi-control".into())
@@ -166,6 +171,11 @@ struct Control {
     unlink_at_stop: Vec<std::path::PathBuf>,
     /// The watchdog period and when to pet it next.
     watchdog: Option<(Duration, Instant)>,
+    /// The running config's service slots, and the reload under way (see `reload`).
+    slots: reload::Slots,
+    reload: Option<reload::Running>,
+    /// The id the next admin or metrics connection gets.
+    next_conn_id: u64,
 }
 
 /// Which descriptor a poll entry watches.
@@ -193,11 +203,17 @@ impl Control {
                     *next = now + *every;
                 }
             }
+            if let Some((outcome, waiters)) = self.poll_reload(now) {
+                self.answer_waiters(&outcome, &waiters);
+            }
+            let reload_poll = self.reload.as_ref().map(|_| now + reload::RELOAD_POLL);
             let deadline = self
                 .conns
                 .iter()
+                .filter(|conn| !conn.waiting())
                 .map(|conn| conn.deadline)
                 .chain(self.watchdog.map(|(_, next)| next))
+                .chain(reload_poll)
                 .fold(self.interval_end, Instant::min);
             let timeout = deadline.saturating_duration_since(Instant::now());
             let timeout = rustix::event::Timespec::try_from(timeout).expect("a short timeout");
@@ -217,7 +233,10 @@ impl Control {
                     watched.push((what, metrics, PollFlags::IN));
                 }
                 for (index, conn) in self.conns.iter().enumerate() {
-                    let flags = if conn.writing() {
+                    let flags = if conn.waiting() {
+                        // (A hang-up is reported whatever is asked for.)
+                        PollFlags::empty()
+                    } else if conn.writing() {
                         PollFlags::OUT
                     } else {
                         PollFlags::IN
@@ -271,11 +290,10 @@ impl Control {
                     let signal = u32::from_ne_bytes(info[0..4].try_into().expect("4 bytes"));
                     match signal as i32 {
                         libc::SIGTERM | libc::SIGINT => self.on_stop_signal(signal),
-                        libc::SIGHUP => tracing::warn!(
-                            signal,
-                            "SIGHUP: configuration reload is not supported yet; the running \
-                             configuration stays in effect"
-                        ),
+                        libc::SIGHUP => {
+                            // (Its outcome is logged; nobody waits for it.)
+                            let _ = self.start_reload(None);
+                        }
                         libc::SIGUSR1 => tracing::info!(
                             signal,
                             "SIGUSR1: the log goes to stderr, which is reopened by whoever \
@@ -360,7 +378,9 @@ impl Control {
                         continue;
                     }
                     let deadline = Instant::now() + AUX_CONNECTION_TIMEOUT;
-                    self.conns.push(AuxConn::new(fd, protocol, deadline));
+                    self.next_conn_id += 1;
+                    let id = self.next_conn_id;
+                    self.conns.push(AuxConn::new(fd, protocol, deadline, id));
                 }
                 Err(Errno::INTR) => {}
                 Err(Errno::AGAIN) => return,
@@ -383,8 +403,19 @@ impl Control {
             }
             return conn.on_writable();
         }
+        if conn.waiting() {
+            // It hung up while its reload runs (the reload goes on; only the answer is lost).
+            return Next::Close;
+        }
         match conn.on_readable() {
             Next::Gather(wants) => self.answer(index, wants),
+            Next::Reload => {
+                let id = conn.id;
+                match self.start_reload(Some(id)) {
+                    Some(outcome) => self.conns[index].answer_outcome(&outcome),
+                    None => Next::Wait,
+                }
+            }
             next => next,
         }
     }
@@ -420,11 +451,28 @@ impl Control {
         }
     }
 
+    /// A reload ended: answer the admin connections that asked for it (those still open).
+    fn answer_waiters(&mut self, outcome: &reload::Outcome, waiters: &[u64]) {
+        let mut closed = Vec::new();
+        for (index, conn) in self.conns.iter_mut().enumerate() {
+            if conn.waiting() && waiters.contains(&conn.id) {
+                conn.deadline = Instant::now() + AUX_CONNECTION_TIMEOUT;
+                if conn.answer_outcome(outcome) == Next::Close {
+                    closed.push(index);
+                }
+            }
+        }
+        for index in closed.into_iter().rev() {
+            self.conns.swap_remove(index);
+        }
+    }
+
     /// Close connections past their deadline (a client that sends half a request, or reads
     /// nothing, must not hold one of the few places for ever).
     fn expire_conns(&mut self, now: Instant) {
         let before = self.conns.len();
-        self.conns.retain(|conn| conn.deadline > now);
+        // (One waiting for a reload waits as long as the reload, which has its own bound.)
+        self.conns.retain(|conn| conn.waiting() || conn.deadline > now);
         if self.conns.len() < before {
             tracing::debug!(
                 closed = before - self.conns.len(),

@@ -55,6 +55,7 @@ impl Core {
                 end_interval,
                 reply,
             } => self.on_report_request(end_interval, reply),
+            Msg::Reload(step) => self.on_reload(step),
             Msg::Wake => {}
         }
     }
@@ -85,7 +86,7 @@ impl Core {
             return None;
         }
         (0..cores)
-            .filter(|&c| self.shared.cores[c].services[service].max_workers > 0)
+            .filter(|&c| self.shared.cores[c].services[service].max_workers.load(Ordering::Relaxed) > 0)
             .min_by_key(|&c| {
                 self.shared.cores[c].services[service]
                     .backlog
@@ -169,7 +170,7 @@ impl Core {
 
     /// Another core sent us a request to run.
     pub(super) fn on_forward(&mut self, forward: Forward) {
-        let service = forward.service;
+        let service = self.serving_slot(forward.service);
         let now = self.now;
         if forward.from == self.index {
             // One of ours, passed back to us by the core we sent it to: run it here.
@@ -178,6 +179,7 @@ impl Core {
             debug_assert!(entry.forwarded_to.is_some());
             entry.forwarded_to = None;
             entry.payload = forward.payload;
+            entry.service = service;
             self.forward_settled();
             self.services[service]
                 .pool
@@ -266,6 +268,10 @@ impl Core {
     /// core has a backlog for it, wake that core so that it forwards.
     pub(super) fn publish(&mut self) {
         for service in 0..self.services.len() {
+            if self.services[service].phase == SlotPhase::Retired {
+                // (Zeroed when it was retired: nobody forwards to it any more.)
+                continue;
+            }
             let pool = &self.services[service].pool;
             let (idle, room, backlog) = (pool.idle(), pool.room(), pool.backlog_len());
             let counts = &self.shared.cores[self.index].services[service];

@@ -77,7 +77,7 @@ impl Core {
             .saturating_duration_since(self.requests[request].arrived);
         match reason {
             RejectReason::BacklogFull => {
-                let config = &self.config.services[service];
+                let config = self.services[service].config();
                 format!(
                     "service {name} is at max_workers ({}) and its backlog is full ({})",
                     config.max_workers, config.backlog_max
@@ -114,9 +114,11 @@ impl Core {
     }
 
     pub(super) fn request_spawn(&mut self, service: usize) {
+        let entry = &self.services[service];
         self.spawner.request(SpawnRequest {
-            service_index: service,
-            config: Arc::clone(&self.config),
+            slot: service,
+            service_index: entry.config_index,
+            config: Arc::clone(&entry.config),
         });
     }
 

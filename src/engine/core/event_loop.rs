@@ -36,6 +36,7 @@ impl Core {
             }
             self.on_timers();
             self.run_effects();
+            self.check_reload();
             #[cfg(debug_assertions)]
             self.check_invariants();
             if self.shared.cores.len() > 1 {
@@ -74,6 +75,9 @@ impl Core {
         for listener in &self.listeners {
             consider(listener.rearm_at);
         }
+        if self.retired_unfolded > 0 {
+            consider(Some(self.next_fold_check));
+        }
         let caller_timeouts =
             self.config.caller_frame_timeout_ms > 0 || self.config.caller_idle_timeout_ms > 0;
         if caller_timeouts && !self.conns.is_empty() {
@@ -89,6 +93,7 @@ impl Core {
 
     pub(super) fn on_timers(&mut self) {
         let now = self.now;
+        self.fold_drained();
         self.expire_direct_reads();
         if now >= self.next_caller_sweep {
             self.sweep_callers();

@@ -120,6 +120,7 @@ mod fault;
 #[cfg(debug_assertions)]
 mod invariants;
 mod listen;
+mod reload;
 mod report;
 mod request;
 mod shutdown;
@@ -238,9 +239,29 @@ impl Request {
     }
 }
 
+/// Where a service slot is in its life (see `reload`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SlotPhase {
+    /// Started by a reload that is not committed yet: its workers come up, it takes no requests
+    /// from callers of this core.
+    Warming,
+    /// Serving: the slot the service's id and name map to.
+    Live,
+    /// Replaced or removed by a reload (or a prepared slot given up): it finishes what it holds,
+    /// then its workers stop.
+    Retired,
+    /// Retired, drained, and folded into its service's live slot (see `reload::fold_drained`):
+    /// nothing of it is reported or kept but its (empty) pool.
+    Folded,
+}
+
 struct Service {
     id: u32,
     name: String,
+    /// The config it was started from (its workers are spawned from it) and its index there.
+    config: Arc<Config>,
+    config_index: usize,
+    phase: SlotPhase,
     /// Who may call it (`allowed_uids`, `allowed_gids`, `allowed_listeners`); `None`: every
     /// caller that may connect.
     acl: Option<crate::engine::admission::ServiceAcl>,
@@ -249,10 +270,28 @@ struct Service {
     pool: Pool,
     slot_capacity: u32,
     counters: ServiceCounters,
-    /// Latency since start, in the interval running now, and in the last complete interval.
-    latency: LatencyHistograms,
-    latency_interval: LatencyHistograms,
-    latency_last_interval: LatencyHistograms,
+    /// Latency since start, in the interval running now, and in the last complete interval
+    /// (`None` once the slot is folded: the histograms are most of a slot's memory).
+    latency: Option<Box<ServiceLatency>>,
+    /// The pool statistics of this service's slots folded into this one.
+    folded_stats: crate::pool::Stats,
+}
+
+/// A service slot's latency histograms.
+struct ServiceLatency {
+    since_start: LatencyHistograms,
+    interval: LatencyHistograms,
+    last_interval: LatencyHistograms,
+}
+
+impl ServiceLatency {
+    fn new() -> Box<ServiceLatency> {
+        Box::new(ServiceLatency {
+            since_start: LatencyHistograms::new(),
+            interval: LatencyHistograms::new(),
+            last_interval: LatencyHistograms::new(),
+        })
+    }
 }
 
 /// Requests of one service by outcome (for status).
@@ -356,6 +395,11 @@ pub struct Core {
     shutdown_forced: bool,
     /// When each direct read into a slot must be done: (deadline, connection, request).
     direct_deadlines: VecDeque<(Instant, ConnHandle, RequestHandle)>,
+    /// The reload being prepared here: its new slots, and where to say they are ready.
+    reload: Option<reload::Pending>,
+    /// Retired slots not folded yet, and when to look whether they have drained.
+    retired_unfolded: usize,
+    next_fold_check: Instant,
     /// When a refused connection was last logged (see `REFUSAL_LOG_INTERVAL`).
     refusal_logged: Option<Instant>,
     /// Payload bytes held for this core's callers' requests, and reserved for frames being
@@ -393,22 +437,7 @@ impl Core {
         for (number, service) in config.services.iter().enumerate() {
             service_by_id.insert(service.id, number);
             service_by_name.insert(service.name.clone(), number);
-            services.push(Service {
-                id: service.id,
-                name: service.name.clone(),
-                acl: crate::engine::admission::ServiceAcl::from_config(service),
-                output: OutputBudget::new(service.log_lines_per_second, now),
-                pool: Pool::new(
-                    now,
-                    service.policy().shard(index, cores),
-                    seed_from(number + index * 1000),
-                ),
-                counters: ServiceCounters::default(),
-                latency: LatencyHistograms::new(),
-                latency_interval: LatencyHistograms::new(),
-                latency_last_interval: LatencyHistograms::new(),
-                slot_capacity: service.slot_size_bytes,
-            });
+            services.push(Service::new(&config, number, number, index, cores, now));
         }
         let shard_workers: u32 = services.iter().map(|s| s.pool.policy().max_workers).sum();
         let fixed_buffers_free = ring.register_buffer_table(buffer_table_entries(shard_workers));
@@ -462,6 +491,9 @@ impl Core {
             shutdown_forced: false,
             direct_deadlines: VecDeque::new(),
             refusal_logged: None,
+            reload: None,
+            retired_unfolded: 0,
+            next_fold_check: now,
             request_bytes: 0,
             request_bytes_share,
             budget_waiters: VecDeque::new(),
@@ -479,6 +511,43 @@ impl Core {
         }
         core.run_effects();
         Ok(core)
+    }
+}
+
+impl Service {
+    /// Service `config_index` of `config` in slot `slot` of core `core` (of `cores`), live.
+    fn new(
+        config: &Arc<Config>,
+        config_index: usize,
+        slot: usize,
+        core: usize,
+        cores: usize,
+        now: Instant,
+    ) -> Service {
+        let service = &config.services[config_index];
+        Service {
+            id: service.id,
+            name: service.name.clone(),
+            config: Arc::clone(config),
+            config_index,
+            phase: SlotPhase::Live,
+            acl: crate::engine::admission::ServiceAcl::from_config(service),
+            output: OutputBudget::new(service.log_lines_per_second, now),
+            pool: Pool::new(
+                now,
+                service.policy().shard(core, cores),
+                seed_from(slot + core * 1000),
+            ),
+            counters: ServiceCounters::default(),
+            latency: Some(ServiceLatency::new()),
+            folded_stats: crate::pool::Stats::default(),
+            slot_capacity: service.slot_size_bytes,
+        }
+    }
+
+    /// Its configuration.
+    fn config(&self) -> &crate::config::ServiceConfig {
+        &self.config.services[self.config_index]
     }
 }
 

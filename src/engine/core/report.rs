@@ -18,12 +18,10 @@ impl Core {
 
     /// A latency interval ended: keep it as "last interval" for status.
     pub(super) fn end_interval(&mut self) {
-        for service in &mut self.services {
-            std::mem::swap(
-                &mut service.latency_last_interval,
-                &mut service.latency_interval,
-            );
-            service.latency_interval.reset();
+        for latency in self.services.iter_mut().filter_map(|s| s.latency.as_mut()) {
+            let latency = &mut **latency;
+            std::mem::swap(&mut latency.last_interval, &mut latency.interval);
+            latency.interval.reset();
         }
     }
 
@@ -37,26 +35,38 @@ impl Core {
             .services
             .iter()
             .zip(pids_by_service)
+            .filter(|(service, _)| service.phase != SlotPhase::Folded)
             .map(|(service, pids)| {
+                let latency = service.latency.as_ref().expect("only folded slots have none");
                 let pool = &service.pool;
+                // Limits and state are the live slot's; a warming or retired slot of the same
+                // service adds its workers and what it counted.
+                let live = service.phase == SlotPhase::Live;
                 ShardReport {
+                    id: service.id,
+                    name: service.name.clone(),
+                    live,
                     starting: pool.starting(),
                     idle: pool.idle(),
                     busy: pool.busy(),
                     stopping: pool.stopping_count(),
-                    min_workers: pool.policy().min_workers,
-                    max_workers: pool.policy().max_workers,
+                    min_workers: if live { pool.policy().min_workers } else { 0 },
+                    max_workers: if live { pool.policy().max_workers } else { 0 },
                     backlog: pool.backlog_len(),
-                    failing: pool.is_failing(),
+                    failing: live && pool.is_failing(),
                     spawn_rate: pool.spawn_rate(),
-                    stats: pool.stats(),
+                    stats: {
+                        let mut stats = pool.stats();
+                        stats.add(&service.folded_stats);
+                        stats
+                    },
                     pids,
                     counters: service.counters,
-                    latency: service.latency.clone(),
-                    latency_last_interval: service.latency_last_interval.clone(),
+                    latency: latency.since_start.clone(),
+                    latency_last_interval: latency.last_interval.clone(),
                 }
             })
-            .collect();
+            .fold(Vec::new(), crate::engine::report::merge_shard);
         let cores = self.shared.cores.len();
         let connections = self.conns.len() as u64;
         let mut connections_by_core = vec![0; cores];

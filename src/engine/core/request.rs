@@ -20,11 +20,12 @@ impl Core {
             .saturating_duration_since(entry.arrived);
         let service_time = entry.dispatched.map(|d| now.saturating_duration_since(d));
         let total = now.saturating_duration_since(entry.arrived);
-        let service = &mut self.services[entry.service];
-        service.latency.record(queue_wait, service_time, total);
-        service
-            .latency_interval
-            .record(queue_wait, service_time, total);
+        let slot = self.accounting_slot(entry.service);
+        let service = &mut self.services[slot];
+        if let Some(latency) = &mut service.latency {
+            latency.since_start.record(queue_wait, service_time, total);
+            latency.interval.record(queue_wait, service_time, total);
+        }
         let counters = &mut service.counters;
         match outcome {
             None => {

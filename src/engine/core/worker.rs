@@ -4,7 +4,7 @@ use super::*;
 
 impl Core {
     pub(super) fn on_spawned(&mut self, result: SpawnResult) {
-        let service = result.service_index;
+        let service = result.slot;
         let name = self.services[service].name.clone();
         let spawned: Spawned = match result.result {
             Ok(spawned) => spawned,
