@@ -59,11 +59,7 @@ pub enum Change {
     /// Only in the new config.
     Start { new: usize },
     /// Different: new workers start beside the old ones and take over once up.
-    Replace {
-        old: usize,
-        new: usize,
-        why: String,
-    },
+    Replace { old: usize, new: usize, why: String },
     /// Only in the running config: it drains and stops.
     Remove { old: usize },
 }
@@ -219,7 +215,16 @@ fn why_replace(old: &ServiceConfig, new: &ServiceConfig) -> Option<String> {
                     file.fd.as_raw_fd()
                 }))
                 .ok()
-                .map(|m| (m.dev(), m.ino(), m.size(), m.mtime(), m.mtime_nsec(), m.ctime()))
+                .map(|m| {
+                    (
+                        m.dev(),
+                        m.ino(),
+                        m.size(),
+                        m.mtime(),
+                        m.mtime_nsec(),
+                        m.ctime(),
+                    )
+                })
             };
             if stat(was) != stat(is) {
                 return Some(format!("its executable {} changed", is.path.display()));
@@ -354,7 +359,11 @@ mod tests {
         let effective = effective(&old, new.clone(), &plan);
         assert_eq!(effective.caller_idle_timeout_ms, 2000);
         assert_eq!(effective.listen.unix, old.listen.unix, "sockets stay");
-        assert_eq!(effective.listen.allowed_uids, vec![0], "access lists are live");
+        assert_eq!(
+            effective.listen.allowed_uids,
+            vec![0],
+            "access lists are live"
+        );
         let summary = plan.summary(&old, &new);
         assert!(summary.contains("NOT applied"), "{summary}");
     }

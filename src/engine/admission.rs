@@ -470,7 +470,9 @@ mod tests {
     #[test]
     fn uids_are_bounded_apart_from_addresses() {
         let admission = admission();
-        let _t: Vec<Ticket> = (0..3).map(|_| admission.admit_caller(&uid(9)).unwrap()).collect();
+        let _t: Vec<Ticket> = (0..3)
+            .map(|_| admission.admit_caller(&uid(9)).unwrap())
+            .collect();
         assert_eq!(admission.admit_caller(&uid(9)), Err(Refused::PeerFull));
         assert!(admission.admit_caller(&uid(10)).is_ok());
     }

@@ -184,7 +184,7 @@ fn admin_commands_it_does_not_know_and_overlong_lines_get_an_error_line() {
     let answer = admin(&bridge.admin, b"reboot\n");
     assert_eq!(
         answer,
-        "error: unknown command \"reboot\" (try \"status\")\n"
+        "error: unknown command \"reboot\" (try \"status\" or \"reload\")\n"
     );
     let answer = admin(&bridge.admin, &[b'x'; 300]);
     assert_eq!(answer, "error: command line too long\n");

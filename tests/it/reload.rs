@@ -54,7 +54,9 @@ fn settled_pids(bridge: &Bridge, service: &str, count: u32) -> HashSet<i32> {
 
 /// The load generator (built by `cargo test --workspace`, or here if it is missing).
 fn loadgen() -> PathBuf {
-    let dir = Path::new(common::bridge_exe()).parent().expect("target dir");
+    let dir = Path::new(common::bridge_exe())
+        .parent()
+        .expect("target dir");
     let path = dir.join("acgi-loadgen");
     if !path.exists() {
         let status = Command::new(env!("CARGO"))
@@ -70,7 +72,15 @@ fn loadgen() -> PathBuf {
 fn start_load(bridge: &Bridge, service: &str, seconds: u32) -> std::process::Child {
     Command::new(loadgen())
         .args(["--connect", &bridge.unix, "--service", service])
-        .args(["--connections", "4", "--depth", "8", "--warmup-s", "0", "--verify"])
+        .args([
+            "--connections",
+            "4",
+            "--depth",
+            "8",
+            "--warmup-s",
+            "0",
+            "--verify",
+        ])
         .args(["--duration-s", &seconds.to_string(), "--json"])
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -148,10 +158,16 @@ fn reload_under_load_adds_replaces_and_removes_services_without_a_failed_request
         .and_then(|rest| rest.split(' ').next())
         .and_then(|ms| ms.parse().ok())
         .unwrap_or_else(|| panic!("no duration in {answer}"));
-    assert!(took >= 250, "took over after {took} ms, before its workers were up");
+    assert!(
+        took >= 250,
+        "took over after {took} ms, before its workers were up"
+    );
     let (completed, errors, mismatches, text) = load_result(load);
     assert_eq!(errors, 0, "failed requests across the reload: {text}");
-    assert_eq!(mismatches, 0, "replies that were not their request's: {text}");
+    assert_eq!(
+        mismatches, 0,
+        "replies that were not their request's: {text}"
+    );
     assert!(completed > 1000, "the load ran: {text}");
     // The new config is in effect: echo's workers are all new, echo2 serves, kv is gone.
     let now_echo = pids(&bridge, "echo");
@@ -178,15 +194,21 @@ fn reload_under_load_adds_replaces_and_removes_services_without_a_failed_request
     // from before the reload (nothing dropped with the old slots' memory).
     wait_for(&bridge, "the counts to include every request", |b| {
         let echo = b.service_status("echo");
-        echo.requests_ok >= completed + 1 && echo.latency_since_start.total.count >= completed + 1
+        echo.requests_ok > completed && echo.latency_since_start.total.count > completed
     });
     let metrics_like = bridge.service_status("echo");
-    assert!(metrics_like.spawns >= 4, "spawns of both slots: {}", metrics_like.spawns);
+    assert!(
+        metrics_like.spawns >= 4,
+        "spawns of both slots: {}",
+        metrics_like.spawns
+    );
 }
 
 #[test]
 fn a_bad_config_is_refused_and_the_running_one_keeps_serving() {
-    let bridge = common::bridge().service(fixed(ServiceSpec::echo(), 1)).start();
+    let bridge = common::bridge()
+        .service(fixed(ServiceSpec::echo(), 1))
+        .start();
     let before = settled_pids(&bridge, "echo", 1);
     let good = std::fs::read_to_string(config_path(&bridge)).unwrap();
     std::fs::write(
@@ -230,10 +252,17 @@ fn new_workers_that_do_not_start_abort_the_reload_and_the_old_ones_serve_on() {
         .workers(2, 4);
     rewrite(&bridge, &common::bridge().service(broken));
     let (ok, answer) = reload(&bridge);
-    assert!(!ok, "a reload whose workers cannot start took effect: {answer}");
+    assert!(
+        !ok,
+        "a reload whose workers cannot start took effect: {answer}"
+    );
     assert!(answer.contains("do not start"), "{answer}");
     assert_eq!(echo_call(&bridge, "echo", b"old ones"), b"old ones");
-    assert_eq!(settled_pids(&bridge, "echo", 2), before, "the old workers serve on");
+    assert_eq!(
+        settled_pids(&bridge, "echo", 2),
+        before,
+        "the old workers serve on"
+    );
     assert_eq!(bridge.status().counters.reloads_failed, 1);
     // The new slot's workers are stopped, not left starting.
     wait_for(&bridge, "only the old workers", |b| {
@@ -249,21 +278,29 @@ fn slow_new_workers_past_reload_timeout_abort_the_reload() {
         .service(fixed(ServiceSpec::echo(), 1))
         .start();
     let before = settled_pids(&bridge, "echo", 1);
-    let slow = ServiceSpec::new(1, "echo", common::example("faulty")).args(&["--slow-start", "5000"]);
-    let new = common::bridge().top("reload_timeout_ms = 300").service(slow);
+    let slow =
+        ServiceSpec::new(1, "echo", common::example("faulty")).args(&["--slow-start", "5000"]);
+    let new = common::bridge()
+        .top("reload_timeout_ms = 300")
+        .service(slow);
     rewrite(&bridge, &new);
     let started = Instant::now();
     let (ok, answer) = reload(&bridge);
     assert!(!ok, "{answer}");
     assert!(answer.contains("reload_timeout_ms"), "{answer}");
-    assert!(started.elapsed() < Duration::from_secs(5), "bounded by the timeout");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "bounded by the timeout"
+    );
     assert_eq!(echo_call(&bridge, "echo", b"x"), b"x");
     assert_eq!(settled_pids(&bridge, "echo", 1), before);
 }
 
 #[test]
 fn live_keys_apply_and_restart_keys_are_named_and_kept() {
-    let bridge = common::bridge().service(fixed(ServiceSpec::echo(), 1)).start();
+    let bridge = common::bridge()
+        .service(fixed(ServiceSpec::echo(), 1))
+        .start();
     let before = settled_pids(&bridge, "echo", 1);
     let cores = bridge.status().cores;
     // Two connections from this uid are fine now; after the reload only one is.
@@ -274,19 +311,23 @@ fn live_keys_apply_and_restart_keys_are_named_and_kept() {
     rewrite(&bridge, &new);
     let (ok, answer) = reload(&bridge);
     assert!(ok, "{answer}");
-    assert!(answer.contains("applied connections_per_uid_max"), "{answer}");
+    assert!(
+        answer.contains("applied connections_per_uid_max"),
+        "{answer}"
+    );
     assert!(
         answer.contains("NOT applied until a restart") && answer.contains("cores"),
         "{answer}"
     );
     assert!(answer.contains("1 unchanged"), "{answer}");
-    assert_eq!(pids(&bridge, "echo"), before, "an unchanged service keeps its workers");
+    assert_eq!(
+        pids(&bridge, "echo"),
+        before,
+        "an unchanged service keeps its workers"
+    );
     assert_eq!(bridge.status().cores, cores, "cores need a restart: kept");
     let mut first = bridge.client();
-    assert_eq!(
-        first.call("echo", b"one").unwrap(),
-        b"one"
-    );
+    assert_eq!(first.call("echo", b"one").unwrap(), b"one");
     let mut second = bridge.client();
     assert!(
         second.call("echo", b"two").is_err(),

@@ -551,8 +551,14 @@ fn notify_reloading_then_ready_on_every_reload_whatever_its_end() {
     let config = bridge.dir.join("bridge.toml");
     let good = std::fs::read_to_string(&config).unwrap();
     for (text, outcome) in [
-        (good.replace("max_workers = 4", "max_workers = 3"), "reloaded in"),
-        (good.replace("max_workers = 4", "max_workers = 0"), "reload refused"),
+        (
+            good.replace("max_workers = 4", "max_workers = 3"),
+            "reloaded in",
+        ),
+        (
+            good.replace("max_workers = 4", "max_workers = 0"),
+            "reload refused",
+        ),
     ] {
         std::fs::write(&config, text).unwrap();
         bridge.signal(libc::SIGHUP);

@@ -308,26 +308,29 @@ fn callers_that_stall_mid_frame_or_idle_are_disconnected_and_busy_ones_are_not()
         .top("caller_idle_timeout_ms = 600")
         .service(ServiceSpec::faulty().workers(1, 1))
         .start();
-    let closed_after = |stream: &mut UnixStream| {
+    // Measured from before each connection is made, so that a test thread descheduled on a
+    // loaded machine cannot make the bridge look early.
+    let closed_after = |stream: &mut UnixStream, since: Instant| {
         stream
             .set_read_timeout(Some(Duration::from_secs(10)))
             .unwrap();
-        let started = Instant::now();
         let mut byte = [0u8; 1];
         let n = stream.read(&mut byte).expect("EOF, not a timeout");
         assert_eq!(n, 0, "the bridge closes the connection");
-        started.elapsed()
+        since.elapsed()
     };
     let busy = {
         let mut client = bridge.client();
         std::thread::spawn(move || client.call("faulty", b"sleep 1500"))
     };
+    let stalled_since = Instant::now();
     let mut stalled = UnixStream::connect(&bridge.unix).unwrap();
     stalled.write_all(&[0x6B, 0xAC, 0x01, 0x01, 0, 0]).unwrap();
+    let idle_since = Instant::now();
     let mut idle = UnixStream::connect(&bridge.unix).unwrap();
-    let stalled_for = closed_after(&mut stalled);
+    let stalled_for = closed_after(&mut stalled, stalled_since);
     assert!(stalled_for >= Duration::from_millis(200), "{stalled_for:?}");
-    let idle_for = closed_after(&mut idle);
+    let idle_for = closed_after(&mut idle, idle_since);
     assert!(idle_for >= Duration::from_millis(200), "{idle_for:?}");
     assert_eq!(
         busy.join().unwrap().unwrap(),

@@ -291,6 +291,7 @@ impl Control {
                     match signal as i32 {
                         libc::SIGTERM | libc::SIGINT => self.on_stop_signal(signal),
                         libc::SIGHUP => {
+                            tracing::info!(signal, "SIGHUP: reloading the configuration");
                             // (Its outcome is logged; nobody waits for it.)
                             let _ = self.start_reload(None);
                         }
@@ -472,7 +473,8 @@ impl Control {
     fn expire_conns(&mut self, now: Instant) {
         let before = self.conns.len();
         // (One waiting for a reload waits as long as the reload, which has its own bound.)
-        self.conns.retain(|conn| conn.waiting() || conn.deadline > now);
+        self.conns
+            .retain(|conn| conn.waiting() || conn.deadline > now);
         if self.conns.len() < before {
             tracing::debug!(
                 closed = before - self.conns.len(),

@@ -86,7 +86,12 @@ impl Core {
             return None;
         }
         (0..cores)
-            .filter(|&c| self.shared.cores[c].services[service].max_workers.load(Ordering::Relaxed) > 0)
+            .filter(|&c| {
+                self.shared.cores[c].services[service]
+                    .max_workers
+                    .load(Ordering::Relaxed)
+                    > 0
+            })
             .min_by_key(|&c| {
                 self.shared.cores[c].services[service]
                     .backlog

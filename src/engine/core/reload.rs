@@ -61,8 +61,14 @@ impl Core {
                 self.services.len(),
                 "reload slots are numbered in order, the same on every core"
             );
-            let mut service =
-                Service::new(&plan.config, config_index, slot, self.index, cores, self.now);
+            let mut service = Service::new(
+                &plan.config,
+                config_index,
+                slot,
+                self.index,
+                cores,
+                self.now,
+            );
             service.phase = SlotPhase::Warming;
             let max_workers = service.pool.policy().max_workers;
             self.shared.cores[self.index].services[slot]
@@ -150,7 +156,8 @@ impl Core {
         let cores = self.shared.cores.len() as u64;
         self.request_bytes_share = (self.config.request_bytes_buffered_max / cores).max(1);
         // A larger budget or in-flight bound may let paused callers read again.
-        self.resume_pending.extend(self.budget_waiters.iter().copied());
+        self.resume_pending
+            .extend(self.budget_waiters.iter().copied());
         Ok(())
     }
 

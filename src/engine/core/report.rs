@@ -37,7 +37,10 @@ impl Core {
             .zip(pids_by_service)
             .filter(|(service, _)| service.phase != SlotPhase::Folded)
             .map(|(service, pids)| {
-                let latency = service.latency.as_ref().expect("only folded slots have none");
+                let latency = service
+                    .latency
+                    .as_ref()
+                    .expect("only folded slots have none");
                 let pool = &service.pool;
                 // Limits and state are the live slot's; a warming or retired slot of the same
                 // service adds its workers and what it counted.
