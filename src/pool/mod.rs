@@ -27,9 +27,17 @@
 //! flushed, and one worker at a time is started after an exponential backoff; the first worker
 //! that finishes its handshake brings the pool back to `ok`.
 //!
+//! The operator's commands (`acgi-bridge pause`, `resume`, `drain`, `recycle`, `kill-worker`,
+//! `set`) are events like the others: [`Intake`] says whether the pool takes requests (open,
+//! paused: they wait; draining: they are refused and the workers stop once nothing waits;
+//! stopping: the bridge's shutdown), a recycle replaces every worker one at a time (a spare
+//! first when `max_workers` leaves room), an admin kill is never a crash, and
+//! [`Pool::set_policy`] changes the limits live.
+//!
 //! Invariants ([`Pool::check_invariants`]): starting + idle + busy + stopping workers <=
-//! `max_workers`; the idle list is exactly the idle workers; no idle worker while requests wait
-//! (unless stopping); the backlog within `backlog_max`; a request is queued or held by one
+//! `max_workers` (after `set_policy` lowered it: <= the count then, coming down as workers
+//! leave, with nothing started meanwhile); the idle list is exactly the idle workers; no idle
+//! worker while requests wait (unless paused, draining or stopping); the backlog within `backlog_max`; a request is queued or held by one
 //! worker, never both, never by two.
 
 #![forbid(unsafe_code)]
@@ -154,6 +162,52 @@ impl Policy {
     }
 }
 
+/// Whether a pool takes requests: the operator's pause and drain, and the bridge's shutdown.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Intake {
+    /// Requests run as usual.
+    #[default]
+    Open,
+    /// `acgi-bridge pause`: jobs running finish; new requests wait in the backlog (within
+    /// `backlog_max` and their deadlines) and run after `resume`.
+    Paused,
+    /// `acgi-bridge drain`: new requests are refused; those running and queued finish, then
+    /// every worker stops. `resume` opens the pool again.
+    Draining,
+    /// The bridge is shutting down: as draining, for good.
+    Stopping,
+}
+
+impl Intake {
+    /// Its name in status.
+    pub fn name(self) -> &'static str {
+        match self {
+            Intake::Open => "open",
+            Intake::Paused => "paused",
+            Intake::Draining => "draining",
+            Intake::Stopping => "stopping",
+        }
+    }
+}
+
+/// Why the pool refused an operator's command.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    #[error("the service is draining: `acgi-bridge resume` it first")]
+    Draining,
+    #[error("the bridge is shutting down")]
+    Stopping,
+}
+
+/// A rolling restart in progress (`Pool::recycle`).
+#[derive(Clone, Debug)]
+struct Recycle {
+    /// Workers still to be replaced.
+    old: BTreeSet<WorkerId>,
+    /// Workers to keep serving (starting, idle or busy) meanwhile: those serving when it began.
+    target: u32,
+}
+
 /// Why the policy stopped a worker.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StopReason {
@@ -167,6 +221,8 @@ pub enum StopReason {
     StartupTimeout,
     /// The bridge is shutting down.
     Shutdown,
+    /// An operator killed it (`acgi-bridge kill-worker`): not a crash.
+    Killed,
 }
 
 /// How the engine learnt a worker is gone.
@@ -216,6 +272,8 @@ pub enum RejectReason {
     WorkerStopped,
     Failing,
     ShuttingDown,
+    /// The service is drained (`acgi-bridge drain`).
+    Draining,
 }
 
 /// Counters for status and tests.
@@ -236,6 +294,8 @@ pub struct Stats {
     pub exits_timed_out: u64,
     pub exits_killed: u64,
     pub exits_shutdown: u64,
+    /// Workers an operator killed (`kill-worker`), which are not crashes.
+    pub exits_admin_killed: u64,
     pub backlog_len_max: u32,
 }
 
@@ -258,6 +318,7 @@ impl Stats {
         self.exits_timed_out += other.exits_timed_out;
         self.exits_killed += other.exits_killed;
         self.exits_shutdown += other.exits_shutdown;
+        self.exits_admin_killed += other.exits_admin_killed;
         self.backlog_len_max += other.backlog_len_max;
     }
 }
@@ -327,7 +388,13 @@ pub struct Pool {
     queued: HashMap<RequestId, Queued>,
     expiries: BTreeSet<(Instant, RequestId)>,
     actions: VecDeque<Action>,
-    stopping: bool,
+    /// Whether it takes requests: open, paused or draining (the operator's), stopping (shutdown).
+    intake: Intake,
+    /// The operator's rolling restart (`acgi-bridge recycle`), while one runs.
+    recycle: Option<Recycle>,
+    /// `workers_total` never exceeds this: `max_workers`, or, after `set_policy` lowered it,
+    /// the count at that moment, coming down as the surplus leaves.
+    workers_cap: u32,
     failing: bool,
     /// Crashes and failed starts within the crash window.
     crashes: VecDeque<Instant>,
@@ -365,7 +432,9 @@ impl Pool {
             queued: HashMap::new(),
             expiries: BTreeSet::new(),
             actions: VecDeque::new(),
-            stopping: false,
+            intake: Intake::Open,
+            recycle: None,
+            workers_cap: 0,
             failing: false,
             crashes: VecDeque::new(),
             backoff: RESTART_BACKOFF_FIRST,
@@ -379,6 +448,7 @@ impl Pool {
             stats: Stats::default(),
             invariant_scratch: Default::default(),
         };
+        pool.workers_cap = pool.policy.max_workers;
         for _ in 0..initial.min(pool.policy.max_workers) {
             pool.spawn();
         }
@@ -470,15 +540,15 @@ impl Pool {
     /// A request arriving now would run or be queued on a worker at once (an idle worker, or
     /// a busy one with room for queued jobs), without waiting in the backlog.
     pub fn takes_now(&self) -> bool {
-        !self.stopping
+        self.intake == Intake::Open
             && !self.failing
             && (!self.idle.is_empty() || self.busy_with_room().is_some())
     }
 
     /// Workers the pool may still start (its max minus what it serves or starts), or 0 when it
-    /// cannot start any (failing, stopping).
+    /// cannot start any (failing, paused, draining, stopping).
     pub fn room(&self) -> u32 {
-        if self.failing || self.stopping {
+        if self.failing || self.intake != Intake::Open {
             return 0;
         }
         self.policy.max_workers.saturating_sub(self.serving())
@@ -529,7 +599,7 @@ impl Pool {
         }
         let reap_useful = !self.idle.is_empty()
             || (self.policy.max_lifetime.is_some() && !self.workers.is_empty());
-        if reap_useful && !self.stopping {
+        if reap_useful && !self.winding_down() {
             consider(self.next_reap);
         }
         deadline
@@ -544,9 +614,18 @@ impl Pool {
     }
 
     fn on_request_inner(&mut self, now: Instant, request: RequestId, deadline: Option<Instant>) {
-        if self.stopping {
+        if self.intake == Intake::Stopping {
             self.stats.rejected_shutting_down += 1;
             self.reject(request, ErrorCode::ShuttingDown, RejectReason::ShuttingDown);
+            return;
+        }
+        if self.intake == Intake::Draining {
+            self.stats.rejected_unavailable += 1;
+            self.reject(
+                request,
+                ErrorCode::ServiceUnavailable,
+                RejectReason::Draining,
+            );
             return;
         }
         if self.failing {
@@ -567,7 +646,8 @@ impl Pool {
             );
             return;
         }
-        if let Some(worker) = self.idle.pop_back() {
+        let paused = self.intake == Intake::Paused;
+        if let Some(worker) = (!paused).then(|| self.idle.pop_back()).flatten() {
             self.dispatch(now, request, worker);
             if self.policy.mode == Mode::Dynamic && self.policy.spare_min > 0 {
                 // Taking an idle worker may leave fewer spares than spare_min.
@@ -575,7 +655,7 @@ impl Pool {
             }
             return;
         }
-        if let Some(worker) = self.busy_with_room() {
+        if let Some(worker) = self.busy_with_room().filter(|_| !paused) {
             self.dispatch(now, request, worker);
             return;
         }
@@ -625,7 +705,7 @@ impl Pool {
                 queued_jobs: VecDeque::new(),
             },
         );
-        if self.stopping && self.queued.is_empty() {
+        if self.winding_down() && self.queued.is_empty() {
             self.stop(now, worker, StopReason::Shutdown);
         }
     }
@@ -634,6 +714,7 @@ impl Pool {
     pub fn on_spawn_failed(&mut self, now: Instant) {
         assert!(self.pending_spawns > 0, "a failed spawn without a spawn");
         self.pending_spawns -= 1;
+        self.lower_cap();
         self.stats.failed_starts += 1;
         self.on_crash(now);
         self.maintain(now);
@@ -691,6 +772,7 @@ impl Pool {
     }
 
     fn on_job_done_inner(&mut self, now: Instant, worker: WorkerId, rss_bytes: Option<u64>) {
+        let recycle_takes = self.recycle_takes(worker);
         let policy_rss = self.policy.max_rss_bytes;
         let lifetime = self.policy.max_lifetime;
         let entry = self
@@ -714,13 +796,17 @@ impl Pool {
             self.fill(now, worker);
             return;
         }
-        let recycle = entry.served >= entry.recycle_after
+        let recycle = recycle_takes
+            || entry.served >= entry.recycle_after
             || lifetime.is_some_and(|l| now.saturating_duration_since(entry.started_at) >= l)
             || rss_bytes
                 .zip(policy_rss)
                 .is_some_and(|(rss, max)| rss > max);
         entry.state = State::Idle { since: now };
         if recycle {
+            if let Some(admin) = &mut self.recycle {
+                admin.old.remove(&worker);
+            }
             self.stop(now, worker, StopReason::Recycled);
             self.maintain(now);
         } else {
@@ -770,8 +856,10 @@ impl Pool {
                 // Counted as a failed start when it timed out.
                 StopReason::StartupTimeout => {}
                 StopReason::Shutdown => self.stats.exits_shutdown += 1,
+                StopReason::Killed => self.stats.exits_admin_killed += 1,
             },
         }
+        self.lower_cap();
         self.maintain(now);
         self.finish_stop_if_drained(now);
         held
@@ -882,7 +970,7 @@ impl Pool {
     /// alone: stopping a worker that is needed again a moment later is pure churn.
     fn track_idle(&mut self, now: Instant) {
         let over = self.policy.mode == Mode::Dynamic
-            && !self.stopping
+            && self.intake == Intake::Open
             && self.idle() > self.policy.spare_max
             && self.serving() > self.policy.floor();
         match (over, self.idle_over_since) {
@@ -905,7 +993,15 @@ impl Pool {
     /// Stop taking requests; requests already accepted (busy or queued) are still served, then
     /// every worker is stopped (starting ones once they are ready, if nothing waits for them).
     pub fn begin_stop(&mut self, now: Instant) {
-        self.stopping = true;
+        self.intake = Intake::Stopping;
+        self.recycle = None;
+        self.serve_backlog(now);
+        self.stop_starting_if_idle(now);
+        self.finish_stop_if_drained(now);
+    }
+
+    /// Winding down with nothing queued: workers still starting will have nothing to do.
+    fn stop_starting_if_idle(&mut self, now: Instant) {
         if self.queued.is_empty() {
             let starting: Vec<WorkerId> = self
                 .workers
@@ -917,7 +1013,6 @@ impl Pool {
                 self.stop(now, worker, StopReason::Shutdown);
             }
         }
-        self.finish_stop_if_drained(now);
     }
 
     /// The shutdown timeout passed: reject what is queued and kill every worker.
@@ -936,10 +1031,242 @@ impl Pool {
 
     /// Stopping, and nothing is held, queued or starting any more.
     pub fn is_stopped(&self) -> bool {
-        self.stopping
+        self.intake == Intake::Stopping
             && self.workers.is_empty()
             && self.pending_spawns == 0
             && self.queued.is_empty()
+    }
+
+    // ----- the operator's commands (`acgi-bridge pause`, ... ; `engine::core::admin`) ---------
+
+    /// Whether it takes requests now.
+    pub fn intake(&self) -> Intake {
+        self.intake
+    }
+
+    /// Draining or stopping: no new request is taken, and workers stop once nothing waits.
+    pub fn winding_down(&self) -> bool {
+        matches!(self.intake, Intake::Draining | Intake::Stopping)
+    }
+
+    /// Draining, and nothing is held, queued or starting any more.
+    pub fn is_drained(&self) -> bool {
+        self.intake == Intake::Draining
+            && self.workers.is_empty()
+            && self.pending_spawns == 0
+            && self.queued.is_empty()
+    }
+
+    /// Pause (PgBouncer's PAUSE): jobs running finish; new requests wait in the backlog (within
+    /// `backlog_max` and their deadlines) until [`Pool::resume`]. Returns the intake before.
+    pub fn pause(&mut self, now: Instant) -> Result<Intake, Refused> {
+        let before = self.intake;
+        match before {
+            Intake::Open | Intake::Paused => self.intake = Intake::Paused,
+            Intake::Draining => return Err(Refused::Draining),
+            Intake::Stopping => return Err(Refused::Stopping),
+        }
+        self.track_idle(now);
+        Ok(before)
+    }
+
+    /// Open a paused or drained pool again: what waits is dispatched, the floor refilled.
+    pub fn resume(&mut self, now: Instant) -> Result<Intake, Refused> {
+        let before = self.intake;
+        match before {
+            Intake::Open | Intake::Paused | Intake::Draining => self.intake = Intake::Open,
+            Intake::Stopping => return Err(Refused::Stopping),
+        }
+        self.serve_backlog(now);
+        self.maintain(now);
+        self.track_idle(now);
+        Ok(before)
+    }
+
+    /// Drain: new requests are refused (`service unavailable`); those running and waiting are
+    /// served, then every worker is stopped. [`Pool::resume`] undoes it.
+    pub fn drain(&mut self, now: Instant) -> Result<Intake, Refused> {
+        let before = self.intake;
+        match before {
+            Intake::Open | Intake::Paused | Intake::Draining => self.intake = Intake::Draining,
+            Intake::Stopping => return Err(Refused::Stopping),
+        }
+        self.recycle = None;
+        self.serve_backlog(now);
+        self.stop_starting_if_idle(now);
+        self.finish_stop_if_drained(now);
+        self.track_idle(now);
+        Ok(before)
+    }
+
+    /// A rolling restart: every worker serving now is replaced after its current job, one at
+    /// a time. A replacement is started before the old worker is stopped when there is room
+    /// under `max_workers` (else the old one goes first), so that the workers ready never drop
+    /// below their count now minus one. Stops are counted as recycled, never as crashes.
+    /// Returns how many workers will be replaced.
+    pub fn recycle(&mut self, now: Instant) -> Result<u32, Refused> {
+        match self.intake {
+            Intake::Open | Intake::Paused => {}
+            Intake::Draining => return Err(Refused::Draining),
+            Intake::Stopping => return Err(Refused::Stopping),
+        }
+        let old: BTreeSet<WorkerId> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| !matches!(w.state, State::Stopping { .. }))
+            .map(|(id, _)| *id)
+            .collect();
+        let count = old.len() as u32;
+        let target = self.serving().min(self.policy.max_workers);
+        self.recycle = (count > 0).then_some(Recycle { old, target });
+        self.maintain(now);
+        Ok(count)
+    }
+
+    /// The operator kills `worker` (SIGKILL, through `Action::Kill`): it is out of service at
+    /// once, counted as an admin kill when it is gone (not a crash: the breaker never hears of
+    /// it). Returns the requests it held, which the engine answers with `worker failed`.
+    pub fn kill_worker(&mut self, now: Instant, worker: WorkerId) -> Vec<RequestId> {
+        let entry = self.workers.get_mut(&worker).expect("kill a known worker");
+        let mut held = Vec::new();
+        match entry.state {
+            State::Stopping { .. } => {}
+            state => {
+                if let State::Busy { request, .. } = state {
+                    held.push(request);
+                    held.extend(entry.queued_jobs.drain(..));
+                }
+                entry.state = State::Stopping {
+                    reason: StopReason::Killed,
+                    kill_at: None,
+                };
+                if let Some(position) = self.idle.iter().position(|w| *w == worker) {
+                    self.idle.remove(position);
+                }
+            }
+        }
+        self.actions.push_back(Action::Kill { worker });
+        self.maintain(now);
+        self.track_idle(now);
+        held
+    }
+
+    /// New limits, live (`acgi-bridge set`, and a reload's limit changes): the policy is
+    /// replaced. Over a lowered `max_workers`, idle workers are stopped at once and busy ones
+    /// after their job (counted as idle exits); over a lowered `backlog_max`, the newest
+    /// waiting requests are rejected `overloaded`; below a raised floor, workers are started.
+    pub fn set_policy(&mut self, now: Instant, policy: Policy) {
+        assert!(policy.max_workers >= 1 || policy.start_workers == 0);
+        assert!(policy.min_workers <= policy.max_workers);
+        assert!(policy.spare_min <= policy.spare_max);
+        assert!(policy.spawn_rate_max >= 1);
+        self.workers_cap = self.workers_total().max(policy.max_workers);
+        self.spawn_rate = self.spawn_rate.min(policy.spawn_rate_max);
+        self.policy = policy;
+        if let Some(recycle) = &mut self.recycle {
+            recycle.target = recycle.target.min(self.policy.max_workers);
+        }
+        while self.queued.len() as u32 > self.policy.backlog_max {
+            let Some(request) = self.backlog.pop_back() else {
+                break;
+            };
+            if self.unqueue(request) {
+                self.stats.rejected_overloaded += 1;
+                self.reject(request, ErrorCode::Overloaded, RejectReason::BacklogFull);
+            }
+        }
+        while self.serving() > self.policy.max_workers {
+            let Some(&worker) = self.idle.front() else {
+                break;
+            };
+            self.stop(now, worker, StopReason::Idle);
+        }
+        self.maintain(now);
+        self.track_idle(now);
+    }
+
+    /// Requests `worker` has answered (for status's per-worker rows).
+    pub fn served(&self, worker: WorkerId) -> Option<u64> {
+        self.workers.get(&worker).map(|w| w.served)
+    }
+
+    /// The request that has waited longest in the backlog, if any.
+    pub fn oldest_waiting(&self) -> Option<RequestId> {
+        self.backlog
+            .iter()
+            .find(|request| self.queued.contains_key(request))
+            .copied()
+    }
+
+    /// Idle workers take what waits (after a pause, or when winding down).
+    fn serve_backlog(&mut self, now: Instant) {
+        while !self.queued.is_empty() {
+            let Some(worker) = self.idle.pop_front() else {
+                break;
+            };
+            self.release(now, worker);
+        }
+    }
+
+    /// The recycle's next step, when it may take one: start a spare (make before break) or
+    /// stop an old idle worker. A busy old worker is stopped after its job (`on_job_done`).
+    fn step_recycle(&mut self, now: Instant) {
+        let Some(recycle) = &mut self.recycle else {
+            return;
+        };
+        let workers = &self.workers;
+        recycle.old.retain(|id| {
+            workers
+                .get(id)
+                .is_some_and(|w| !matches!(w.state, State::Stopping { .. }))
+        });
+        let (done, target) = (recycle.old.is_empty(), recycle.target);
+        if done || self.winding_down() {
+            self.recycle = None;
+            return;
+        }
+        if self.failing || self.starting() > 0 {
+            // A replacement is on its way (or the breaker owns the starts): wait for it.
+            return;
+        }
+        let ready = self.idle() + self.busy();
+        if ready < target {
+            return;
+        }
+        if ready == target && self.workers_total() < self.policy.max_workers {
+            self.spawn();
+            return;
+        }
+        let recycle = self.recycle.as_mut().expect("checked above");
+        if let Some(worker) = self
+            .idle
+            .iter()
+            .copied()
+            .find(|id| recycle.old.contains(id))
+        {
+            recycle.old.remove(&worker);
+            self.stop(now, worker, StopReason::Recycled);
+        }
+    }
+
+    /// Whether the recycle replaces busy `worker` now that its job is done.
+    fn recycle_takes(&self, worker: WorkerId) -> bool {
+        let Some(recycle) = &self.recycle else {
+            return false;
+        };
+        if !recycle.old.contains(&worker) || self.failing || self.starting() > 0 {
+            return false;
+        }
+        let ready = self.idle() + self.busy();
+        let full = self.workers_total() >= self.policy.max_workers;
+        ready > recycle.target || (ready == recycle.target && full)
+    }
+
+    /// Workers left: the cap a lowered `max_workers` left above it comes down with them.
+    fn lower_cap(&mut self) {
+        self.workers_cap = self
+            .workers_cap
+            .min(self.workers_total().max(self.policy.max_workers));
     }
 
     // ----- internals -----------------------------------------------------------------------------
@@ -1015,12 +1342,21 @@ impl Pool {
         true
     }
 
-    /// A worker is free (`Idle` state): give it the oldest waiting request, else park it.
+    /// A worker is free (`Idle` state): stop it if the pool is over a lowered `max_workers`,
+    /// else give it the oldest waiting request (unless paused), else park it.
     fn release(&mut self, now: Instant, worker: WorkerId) {
+        if self.serving() > self.policy.max_workers {
+            self.stop(now, worker, StopReason::Idle);
+            return;
+        }
+        if self.intake == Intake::Paused {
+            self.idle.push_back(worker);
+            return;
+        }
         if let Some(request) = self.pop_backlog() {
             self.dispatch(now, request, worker);
             self.fill(now, worker);
-        } else if self.stopping {
+        } else if self.winding_down() {
             self.stop(now, worker, StopReason::Shutdown);
         } else {
             self.idle.push_back(worker);
@@ -1054,7 +1390,7 @@ impl Pool {
             self.spawn_not_before = Some(now + self.backoff);
             return;
         }
-        if self.crashes.len() as u32 >= self.policy.crash_limit && !self.stopping {
+        if self.crashes.len() as u32 >= self.policy.crash_limit && !self.winding_down() {
             self.failing = true;
             self.spawn_not_before = Some(now + self.backoff);
             while let Some(request) = self.pop_backlog() {
@@ -1079,8 +1415,12 @@ impl Pool {
         // queued jobs, as the SDK's do): start only as many as the backlog needs.
         let absorbs = starting as usize * self.policy.queue_depth.max(1) as usize;
         let backlog_short = absorbs < self.queued.len();
-        if self.stopping {
+        if self.winding_down() {
             return backlog_short;
+        }
+        if self.intake == Intake::Paused {
+            // Nothing runs until `resume`: growing now would only start idle workers.
+            return false;
         }
         // A busy worker with room for queued jobs is as available as an idle one.
         let with_room = if self.policy.queue_depth > 1 {
@@ -1098,7 +1438,7 @@ impl Pool {
         if self.failing {
             // One probe at a time, after the backoff (and none once stopping: a failing pool
             // has nothing queued to serve).
-            if !self.stopping
+            if !self.winding_down()
                 && self.spawn_not_before.is_none()
                 && self.starting() == 0
                 && self.workers_total() < self.policy.max_workers
@@ -1111,8 +1451,16 @@ impl Pool {
         if self.spawn_not_before.is_some_and(|t| now < t) {
             return;
         }
-        while !self.stopping
+        while !self.winding_down()
             && self.serving() < self.policy.floor()
+            && self.workers_total() < self.policy.max_workers
+        {
+            self.spawn();
+        }
+        // A recycle replaces each worker it stopped, whatever the floor.
+        let recycle_target = self.recycle.as_ref().map_or(0, |r| r.target);
+        while !self.winding_down()
+            && self.serving() < recycle_target
             && self.workers_total() < self.policy.max_workers
         {
             self.spawn();
@@ -1123,6 +1471,7 @@ impl Pool {
         {
             self.spawn();
         }
+        self.step_recycle(now);
     }
 
     /// Spawn pacing: may one more paced spawn happen now? Windows of one second; a window that
@@ -1185,7 +1534,7 @@ impl Pool {
     }
 
     fn finish_stop_if_drained(&mut self, now: Instant) {
-        if self.stopping && self.queued.is_empty() {
+        if self.winding_down() && self.queued.is_empty() {
             while let Some(&worker) = self.idle.front() {
                 self.stop(now, worker, StopReason::Shutdown);
             }
@@ -1202,9 +1551,21 @@ impl Pool {
     /// Panics when an invariant is broken (debug builds and tests).
     pub fn check_invariants(&self) {
         assert!(
-            self.workers_total() <= self.policy.max_workers,
-            "over max_workers"
+            self.workers_total() <= self.workers_cap,
+            "over max_workers (or, after it was lowered, over the workers left)"
         );
+        assert!(self.workers_cap >= self.policy.max_workers);
+        if self.workers_cap > self.policy.max_workers {
+            // Above a lowered max_workers: nothing new starts until the surplus has left.
+            assert_eq!(
+                self.workers_cap,
+                self.workers_total().max(self.policy.max_workers)
+            );
+        }
+        if let Some(recycle) = &self.recycle {
+            assert!(recycle.target <= self.policy.max_workers);
+            assert!(!self.winding_down(), "recycling while winding down");
+        }
         let idle_states = self.count(|s| matches!(s, State::Idle { .. }));
         assert_eq!(
             idle_states as usize,
@@ -1214,7 +1575,7 @@ impl Pool {
         for worker in &self.idle {
             assert!(matches!(self.workers[worker].state, State::Idle { .. }));
         }
-        if !self.stopping {
+        if self.intake == Intake::Open {
             assert!(
                 self.idle.is_empty() || self.queued.is_empty(),
                 "idle worker while requests wait"

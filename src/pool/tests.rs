@@ -564,6 +564,9 @@ enum Event {
     },
     /// The engine's shutdown timeout: abort whatever is left.
     Abort,
+    /// An operator's command, chosen when it happens: pause, resume, drain, recycle, kill a
+    /// worker or set new limits.
+    Admin,
 }
 
 struct Rng(u64);
@@ -591,8 +594,9 @@ struct SimWorker {
 }
 
 /// One seeded run: random arrivals and service times, crashes, hangs, slow and failed starts,
-/// workers that ignore SIGTERM. Checks the invariants after every event.
-fn simulate(seed: u64) {
+/// workers that ignore SIGTERM (and, with `admin`, an operator's commands at random moments).
+/// Checks the invariants after every event.
+fn simulate(seed: u64, admin: bool) {
     let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
     let mode = [Mode::Static, Mode::Dynamic, Mode::OnDemand][rng.next(3) as usize];
     let max = 1 + rng.next(6) as u32;
@@ -642,6 +646,9 @@ fn simulate(seed: u64) {
     let arrivals_end = start + Duration::from_secs(20);
     push(&mut queue, start, Event::Arrival);
     push(&mut queue, start, Event::Tick);
+    if admin {
+        push(&mut queue, start + ms(rng.next(500)), Event::Admin);
+    }
     push(
         &mut queue,
         arrivals_end + Duration::from_secs(60),
@@ -651,7 +658,7 @@ fn simulate(seed: u64) {
     let mut steps = 0;
     while let Some(Reverse((at, _, event))) = queue.pop() {
         steps += 1;
-        assert!(steps < 2_000_000, "{context}: runaway simulation at {:?}: {event:?} stopping {} workers {:?} pending {} queued {} failing {} next {:?}", now.duration_since(start), pool.stopping, pool.workers, pool.pending_spawns, pool.queued.len(), pool.failing, pool.next_deadline().map(|d| d.duration_since(start)));
+        assert!(steps < 2_000_000, "{context}: runaway simulation at {:?}: {event:?} intake {:?} workers {:?} pending {} queued {} failing {} next {:?}", now.duration_since(start), pool.intake, pool.workers, pool.pending_spawns, pool.queued.len(), pool.failing, pool.next_deadline().map(|d| d.duration_since(start)));
         now = now.max(at);
         match event {
             Event::Arrival => {
@@ -757,6 +764,12 @@ fn simulate(seed: u64) {
                     pool.abort(ErrorCode::ShuttingDown);
                 }
             }
+            Event::Admin => {
+                if now < arrivals_end {
+                    simulate_admin(&mut pool, now, &mut rng, &mut workers, &mut answered);
+                    push(&mut queue, now + ms(rng.next(1500)), Event::Admin);
+                }
+            }
             Event::Dies { worker } => {
                 let Some(sim) = workers.get_mut(&worker) else {
                     continue;
@@ -822,17 +835,18 @@ fn simulate(seed: u64) {
             answered.values().all(|n| *n == 1),
             "{context}: a request answered twice"
         );
-        if !pool.is_failing() && !pool.stopping && pool.spawn_not_before.is_none() {
+        if !admin && !pool.is_failing() && !pool.winding_down() && pool.spawn_not_before.is_none() {
             // Stopping workers still count: max_workers bounds every live process, so a
             // replacement waits for the worker it replaces to be gone.
             assert!(pool.workers_total() >= floor, "{context}: below the floor");
         }
         // Idle above spare_max must be reaped within one interval, unless stopping any of them
         // would take the pool below min_workers.
-        if pool.policy.mode == Mode::Dynamic
+        if !admin
+            && pool.policy.mode == Mode::Dynamic
             && pool.idle() > spare_max
             && pool.serving() > floor
-            && !pool.stopping
+            && !pool.winding_down()
         {
             let since = *idle_over_since.get_or_insert(now);
             assert!(
@@ -853,6 +867,71 @@ fn simulate(seed: u64) {
     }
 }
 
+/// One random operator command, as `simulate` issues them (resume more often than the rest, so
+/// that the pool is open much of the time).
+fn simulate_admin(
+    pool: &mut Pool,
+    now: Instant,
+    rng: &mut Rng,
+    workers: &mut BTreeMap<WorkerId, SimWorker>,
+    answered: &mut HashMap<RequestId, u32>,
+) {
+    match rng.next(8) {
+        0 => drop(pool.pause(now)),
+        1 | 2 => drop(pool.resume(now)),
+        3 => drop(pool.drain(now)),
+        4 => drop(pool.recycle(now)),
+        5 | 6 => {
+            let alive: Vec<WorkerId> = pool
+                .workers
+                .keys()
+                .copied()
+                .filter(|id| workers.get(id).is_some_and(|w| w.alive))
+                .collect();
+            if alive.is_empty() {
+                return;
+            }
+            let worker = alive[rng.next(alive.len() as u64) as usize];
+            let returned = pool.kill_worker(now, worker);
+            let sim = workers.get_mut(&worker).expect("alive above");
+            let held: Vec<RequestId> = sim.held.drain(..).collect();
+            assert_eq!(returned, held, "kill_worker returned the wrong requests");
+            for request in returned {
+                *answered.entry(request).or_default() += 1;
+            }
+        }
+        _ => {
+            let mut policy = pool.policy().clone();
+            policy.max_workers = 1 + rng.next(6) as u32;
+            policy.min_workers = rng.next(policy.max_workers as u64 + 1) as u32;
+            policy.start_workers = policy
+                .start_workers
+                .clamp(policy.min_workers, policy.max_workers);
+            policy.spare_min = policy.spare_min.min(policy.max_workers);
+            policy.spare_max = policy.spare_max.max(policy.spare_min);
+            policy.backlog_max = rng.next(20) as u32;
+            pool.set_policy(now, policy);
+        }
+    }
+}
+
+#[test]
+fn simulation_with_an_operator_keeps_every_invariant() {
+    // Proves the operator's commands (pause, resume, drain, recycle, kill a worker, new limits)
+    // at random moments of the random workloads keep every invariant, answer every request
+    // exactly once, and let the pool stop. ACGI_SIM_SEED=N replays only that seed.
+    if let Some(seed) = std::env::var("ACGI_SIM_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+    {
+        simulate(seed, true);
+        return;
+    }
+    for seed in 1..=300 {
+        simulate(seed, true);
+    }
+}
+
 #[test]
 fn simulation_keeps_every_invariant_over_many_seeds() {
     // Proves, over random workloads and faults with a virtual clock, that every request is
@@ -863,11 +942,11 @@ fn simulation_keeps_every_invariant_over_many_seeds() {
         .ok()
         .and_then(|s| s.parse().ok())
     {
-        simulate(seed);
+        simulate(seed, false);
         return;
     }
     for seed in 1..=300 {
-        simulate(seed);
+        simulate(seed, false);
     }
 }
 
@@ -966,4 +1045,253 @@ fn a_backlogged_request_can_be_taken_out_with_its_expiry() {
         "only the request still in the backlog expires"
     );
     pool.check_invariants();
+}
+
+// ----- the operator's commands ------------------------------------------------------------------
+
+/// Carry out the pool's actions as a well-behaved engine would, at once: a spawn starts (ids
+/// from `next_id`) and becomes ready, a stop or kill ends the worker. Returns the actions seen.
+fn settle(pool: &mut Pool, now: Instant, next_id: &mut WorkerId) -> Vec<Action> {
+    let mut seen = Vec::new();
+    while let Some(action) = pool.next_action() {
+        match &action {
+            Action::Spawn => {
+                *next_id += 1;
+                pool.on_worker_started(now, *next_id);
+                pool.on_worker_ready(now, *next_id);
+            }
+            Action::Stop { worker, .. } | Action::Kill { worker } => {
+                pool.on_worker_gone(now, *worker, Gone::Exited);
+            }
+            _ => {}
+        }
+        pool.check_invariants();
+        seen.push(action);
+    }
+    seen
+}
+
+fn dispatched(actions: &[Action]) -> Vec<RequestId> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Dispatch { request, .. } => Some(*request),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn pause_holds_new_requests_in_the_backlog_and_resume_runs_them() {
+    // Proves a paused pool lets the running job finish but dispatches nothing new, not even to
+    // an idle worker, keeps backlog_max, grows no worker, and that resume runs what waited.
+    let now = Instant::now();
+    let mut pool = Pool::new(now, Policy::with_workers(2, 4, 3), 1);
+    drain(&mut pool);
+    ready(&mut pool, now, 100, 2);
+    pool.on_request(now, 1, None);
+    assert_eq!(dispatched(&drain(&mut pool)), [1]);
+    assert_eq!(pool.pause(now), Ok(Intake::Open));
+    for request in 2..=5 {
+        pool.on_request(now, request, None);
+    }
+    let actions = drain(&mut pool);
+    assert!(dispatched(&actions).is_empty(), "{actions:?}");
+    assert_eq!(spawns(&actions), 0, "no growth while paused");
+    assert!(
+        actions.contains(&Action::Reject {
+            request: 5,
+            code: ErrorCode::Overloaded,
+            reason: RejectReason::BacklogFull
+        }),
+        "the backlog keeps its bound: {actions:?}"
+    );
+    pool.on_job_done(now, 101, None);
+    assert!(dispatched(&drain(&mut pool)).is_empty(), "paused: parked");
+    assert_eq!((pool.idle(), pool.backlog_len()), (2, 3));
+    assert_eq!(pool.oldest_waiting(), Some(2));
+    assert_eq!(pool.resume(now), Ok(Intake::Paused));
+    let actions = drain(&mut pool);
+    assert_eq!(dispatched(&actions), [2, 3]);
+    assert_eq!(pool.backlog_len(), 1);
+}
+
+#[test]
+fn drain_serves_what_waits_then_stops_every_worker_and_resume_reopens() {
+    // Proves drain refuses new requests with service unavailable, still runs the running and
+    // queued ones, stops each worker once nothing waits, spawns none, and that resume undoes it.
+    let now = Instant::now();
+    let mut pool = Pool::new(now, Policy::with_workers(2, 2, 10), 1);
+    drain(&mut pool);
+    ready(&mut pool, now, 100, 2);
+    pool.on_request(now, 1, None);
+    pool.on_request(now, 2, None);
+    pool.on_request(now, 3, None);
+    drain(&mut pool);
+    assert_eq!(pool.drain(now), Ok(Intake::Open));
+    pool.on_request(now, 4, None);
+    assert_eq!(
+        drain(&mut pool),
+        [Action::Reject {
+            request: 4,
+            code: ErrorCode::ServiceUnavailable,
+            reason: RejectReason::Draining
+        }]
+    );
+    assert_eq!(pool.pause(now), Err(Refused::Draining));
+    assert_eq!(pool.recycle(now), Err(Refused::Draining));
+    pool.on_job_done(now, 101, None);
+    assert_eq!(
+        dispatched(&drain(&mut pool)),
+        [3],
+        "the queued one still runs"
+    );
+    pool.on_job_done(now, 100, None);
+    pool.on_job_done(now, 101, None);
+    let stops = drain(&mut pool);
+    assert_eq!(stops.len(), 2, "{stops:?}");
+    pool.on_worker_gone(now, 100, Gone::Exited);
+    pool.on_worker_gone(now, 101, Gone::Exited);
+    assert_eq!(spawns(&drain(&mut pool)), 0, "no refill while draining");
+    assert!(pool.is_drained() && !pool.is_stopped());
+    assert_eq!(pool.stats().exits_crashed, 0);
+    assert_eq!(pool.resume(now), Ok(Intake::Draining));
+    assert_eq!(spawns(&drain(&mut pool)), 2, "the floor comes back");
+    pool.begin_stop(now);
+    assert_eq!(pool.resume(now), Err(Refused::Stopping));
+}
+
+#[test]
+fn recycle_replaces_every_worker_one_at_a_time_making_before_breaking() {
+    // Proves a recycle replaces each worker serving when it began, keeps the ready workers at
+    // their count (a spare first, room allowing) and never under it minus one (no room), stops
+    // a busy worker only after its job, and counts the stops as recycled, not crashed.
+    for (max, expect_min_ready) in [(4, 3), (3, 2)] {
+        let now = Instant::now();
+        let mut policy = Policy::with_workers(3, max, 10);
+        policy.spare_max = max;
+        let mut pool = Pool::new(now, policy, 1);
+        let mut next_id = 0;
+        settle(&mut pool, now, &mut next_id);
+        let old: Vec<WorkerId> = pool.workers.keys().copied().collect();
+        assert_eq!(old.len(), 3);
+        pool.on_request(now, 1, None); // one old worker is busy throughout the recycle
+        let busy = match drain(&mut pool)[..] {
+            [Action::Dispatch { worker, .. }] => worker,
+            ref other => panic!("{other:?}"),
+        };
+        assert_eq!(pool.recycle(now), Ok(3));
+        let mut min_ready = u32::MAX;
+        for _ in 0..10 {
+            let mut next_action = pool.next_action();
+            while let Some(action) = next_action.take() {
+                match action {
+                    Action::Spawn => {
+                        next_id += 1;
+                        pool.on_worker_started(now, next_id);
+                        min_ready = min_ready.min(pool.idle() + pool.busy());
+                        pool.on_worker_ready(now, next_id);
+                    }
+                    Action::Stop { worker, reason } => {
+                        assert_eq!(reason, StopReason::Recycled);
+                        assert_ne!(worker, busy, "a busy worker is stopped after its job");
+                        min_ready = min_ready.min(pool.idle() + pool.busy());
+                        pool.on_worker_gone(now, worker, Gone::Exited);
+                    }
+                    other => panic!("{other:?}"),
+                }
+                pool.check_invariants();
+                next_action = pool.next_action();
+            }
+        }
+        assert!(pool.workers.contains_key(&busy), "still running its job");
+        pool.on_job_done(now, busy, None);
+        settle(&mut pool, now, &mut next_id);
+        assert!(
+            old.iter().all(|id| !pool.workers.contains_key(id)),
+            "max {max}: every old worker replaced: {:?}",
+            pool.workers.keys()
+        );
+        assert_eq!(pool.idle(), 3, "max {max}: back to three workers");
+        assert!(
+            min_ready >= expect_min_ready,
+            "max {max}: {min_ready} ready at the least"
+        );
+        assert_eq!(pool.stats().exits_recycled, 3);
+        assert_eq!(pool.stats().exits_crashed, 0);
+        assert!(pool.recycle.is_none(), "the recycle is over");
+    }
+}
+
+#[test]
+fn an_admin_kill_answers_the_held_request_and_never_trips_the_breaker() {
+    // Proves kill_worker takes the worker out at once, hands back its request (and the jobs
+    // queued behind it), kills it, counts an admin kill, replaces it, and that even with a
+    // crash limit of 1 the pool stays ok.
+    let now = Instant::now();
+    let mut policy = Policy::with_workers(1, 1, 10);
+    policy.crash_limit = 1;
+    let mut pool = Pool::new(now, policy, 1);
+    let mut next_id = 0;
+    settle(&mut pool, now, &mut next_id);
+    pool.on_request(now, 7, None);
+    drain(&mut pool);
+    assert_eq!(pool.kill_worker(now, 1), vec![7]);
+    assert_eq!(drain(&mut pool), [Action::Kill { worker: 1 }]);
+    pool.on_worker_gone(now, 1, Gone::Exited);
+    assert_eq!(spawns(&drain(&mut pool)), 1, "replaced");
+    assert!(!pool.is_failing());
+    assert_eq!(pool.stats().exits_admin_killed, 1);
+    assert_eq!(pool.stats().exits_crashed, 0);
+}
+
+#[test]
+fn set_policy_shrinks_after_jobs_and_grows_at_once() {
+    // Proves lowered limits stop idle workers at once and busy ones after their job, reject
+    // the newest waiting requests over a lowered backlog_max, start nothing while over the new
+    // max (the cap comes down as workers leave), and that raised limits start workers.
+    let now = Instant::now();
+    let mut pool = Pool::new(now, Policy::with_workers(4, 4, 10), 1);
+    let mut next_id = 0;
+    settle(&mut pool, now, &mut next_id);
+    for request in 1..=7 {
+        pool.on_request(now, request, None);
+    }
+    drain(&mut pool);
+    assert_eq!((pool.busy(), pool.backlog_len()), (4, 3));
+    let mut smaller = Policy::with_workers(1, 2, 1);
+    smaller.spare_max = 2;
+    pool.set_policy(now, smaller);
+    let actions = drain(&mut pool);
+    let rejected: Vec<RequestId> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Reject { request, .. } => Some(*request),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(rejected, [7, 6], "the newest over the new backlog_max");
+    assert_eq!(pool.workers_total(), 4, "busy workers finish their job");
+    pool.on_job_done(now, 1, None);
+    pool.on_job_done(now, 2, None);
+    let stops = drain(&mut pool);
+    assert_eq!(stops.len(), 2, "stopped after their job: {stops:?}");
+    assert!(stops.iter().all(|a| matches!(a, Action::Stop { .. })));
+    pool.on_worker_gone(now, 1, Gone::Exited);
+    assert_eq!(spawns(&drain(&mut pool)), 0);
+    pool.on_job_done(now, 3, None);
+    assert_eq!(
+        dispatched(&drain(&mut pool)),
+        [5],
+        "within the new max it serves on"
+    );
+    let mut larger = Policy::with_workers(3, 6, 10);
+    larger.spare_max = 6;
+    pool.set_policy(now, larger);
+    assert_eq!(
+        spawns(&drain(&mut pool)),
+        1,
+        "up to the new floor (3 serving)"
+    );
+    assert_eq!(pool.policy().max_workers, 6);
 }

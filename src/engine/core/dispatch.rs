@@ -106,6 +106,10 @@ impl Core {
                  retry later"
             ),
             RejectReason::ShuttingDown => "the bridge is shutting down".to_string(),
+            RejectReason::Draining => format!(
+                "service {name} is drained by an operator (acgi-bridge drain) and takes no \
+                 requests until `acgi-bridge resume {name}`"
+            ),
         }
     }
 

@@ -450,6 +450,7 @@ impl Core {
                 StopReason::TimedOut => "stopped: request timed out",
                 StopReason::StartupTimeout => "stopped: no handshake in time",
                 StopReason::Shutdown => "stopped: shutdown",
+                StopReason::Killed => "killed by an operator (acgi-bridge kill-worker)",
             }
             .to_string(),
         );
