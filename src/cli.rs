@@ -77,19 +77,83 @@ pub enum Command {
     /// services added, replaced (new workers first, blue/green) and removed, limits applied;
     /// a bad config is refused and the running one keeps serving. Exits 1 when refused.
     Reload {
-        /// The admin socket; default: the one named by --config.
-        #[arg(long, conflicts_with = "config", value_name = "SOCKET")]
-        admin: Option<PathBuf>,
-        /// Find the admin socket from this config file.
-        #[arg(long, short, value_name = "FILE")]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        admin: AdminSocket,
     },
     /// Validate a config file and name each bad key with the reason.
+    ///
+    /// Besides the keys, it checks what would fail at startup: a Unix socket path longer than
+    /// sun_path holds, a state_dir that cannot be created or written, a TCP port already in use
+    /// (it binds each, then closes it).
     Check {
-        /// The config file to validate (nothing is bound or started).
+        /// The config file to validate (nothing is started; each TCP port is bound and closed).
         #[arg(long, short, value_name = "FILE")]
         config: PathBuf,
+        /// Print the effective config (every key with its value after defaults) as TOML.
+        #[arg(long)]
+        print: bool,
     },
+    /// Pause a service: running requests finish, new ones wait in its backlog (bounded by
+    /// backlog_max and their deadlines) until `resume`.
+    Pause {
+        #[command(flatten)]
+        admin: AdminSocket,
+        /// The service's name or id.
+        service: String,
+    },
+    /// Resume a paused or drained service.
+    Resume {
+        #[command(flatten)]
+        admin: AdminSocket,
+        /// The service's name or id.
+        service: String,
+    },
+    /// Drain a service: running and waiting requests finish, then its workers stop; new
+    /// requests are refused (service unavailable) until `resume`.
+    Drain {
+        #[command(flatten)]
+        admin: AdminSocket,
+        /// The service's name or id.
+        service: String,
+    },
+    /// Replace every worker of a service, one at a time, each after its current request (a
+    /// rolling restart; not counted as crashes).
+    Recycle {
+        #[command(flatten)]
+        admin: AdminSocket,
+        /// The service's name or id.
+        service: String,
+    },
+    /// SIGKILL one worker: its running request gets `worker failed`; counted as an admin kill,
+    /// not a crash (the crash-loop breaker does not hear of it).
+    KillWorker {
+        #[command(flatten)]
+        admin: AdminSocket,
+        /// The worker's pid (`acgi-bridge status` lists them).
+        pid: i32,
+    },
+    /// Change a service's pool limits live, until the bridge restarts: any of
+    /// min_workers=N max_workers=N backlog_max=N, validated as in the config file.
+    Set {
+        #[command(flatten)]
+        admin: AdminSocket,
+        /// The service's name or id.
+        service: String,
+        /// The new limits, KEY=N each (min_workers, max_workers, backlog_max).
+        #[arg(required = true, value_name = "KEY=N")]
+        limits: Vec<String>,
+    },
+}
+
+/// Where an admin command finds the bridge: the admin socket, or the config that names it.
+#[derive(clap::Args, Clone, Debug)]
+pub struct AdminSocket {
+    /// The admin socket; default: the one named by --config.
+    #[arg(long, conflicts_with = "config", value_name = "SOCKET")]
+    pub admin: Option<PathBuf>,
+    /// Find the admin socket from this config file.
+    #[arg(long, short, value_name = "FILE")]
+    pub config: Option<PathBuf>,
 }
 
 /// The address `call --connect` gives the client, in the client's own spelling: a bare value

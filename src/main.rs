@@ -1,5 +1,6 @@
-//! `acgi-bridge`: the daemon (`serve`), a one-shot client (`call`), the status reader (`status`)
-//! and a config checker (`check`). Thin: the command line is `acgi_bridge::cli` (so that the man
+//! `acgi-bridge`: the daemon (`serve`), a one-shot client (`call`), the status reader (`status`),
+//! the admin commands (`pause`, `resume`, `drain`, `recycle`, `kill-worker`, `set`) and a config
+//! checker (`check`). Thin: the command line is `acgi_bridge::cli` (so that the man
 //! pages are generated from it), everything else lives in the library.
 
 use std::io::{IsTerminal, Read, Write};
@@ -25,13 +26,59 @@ fn main() -> ExitCode {
             service,
             payload,
         } => call(&connect, &service, payload),
-        Command::Check { config } => check(&config),
-        Command::Reload { admin, config } => reload(admin, config),
+        Command::Check { config, print } => check(&config, print),
+        Command::Reload { admin } => admin_command(&admin, "reload"),
         Command::Status {
             admin,
             config,
             json,
         } => status(admin, config, json),
+        Command::Pause { admin, service } => admin_command(&admin, &format!("pause {service}")),
+        Command::Resume { admin, service } => admin_command(&admin, &format!("resume {service}")),
+        Command::Drain { admin, service } => admin_command(&admin, &format!("drain {service}")),
+        Command::Recycle { admin, service } => admin_command(&admin, &format!("recycle {service}")),
+        Command::KillWorker { admin, pid } => admin_command(&admin, &format!("kill-worker {pid}")),
+        Command::Set {
+            admin,
+            service,
+            limits,
+        } => admin_command(&admin, &format!("set {service} {}", limits.join(" "))),
+    }
+}
+
+/// The admin socket from `--admin`, or from the config `--config` names.
+fn admin_socket_path(admin: Option<PathBuf>, config: Option<PathBuf>) -> Result<PathBuf, ExitCode> {
+    match (admin, config) {
+        (Some(path), _) => Ok(path),
+        (None, Some(config)) => match Config::load(&config) {
+            Ok(config) => Ok(config.admin_socket_path()),
+            Err(error) => {
+                eprintln!("{error}");
+                Err(ExitCode::from(78))
+            }
+        },
+        (None, None) => {
+            eprintln!("error: give --admin SOCKET or --config FILE");
+            Err(ExitCode::from(64))
+        }
+    }
+}
+
+/// One admin command: its one-line result on stdout, or the error on stderr and exit 1.
+fn admin_command(admin: &cli::AdminSocket, line: &str) -> ExitCode {
+    let path = match admin_socket_path(admin.admin.clone(), admin.config.clone()) {
+        Ok(path) => path,
+        Err(code) => return code,
+    };
+    match acgi_bridge::status::command(&path, line) {
+        Ok(result) => {
+            println!("{result}");
+            ExitCode::SUCCESS
+        }
+        Err(reason) => {
+            eprintln!("error: {reason}");
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -103,47 +150,8 @@ fn call(connect: &str, service: &str, payload: Option<String>) -> ExitCode {
     }
 }
 
-/// The admin socket from `--admin`, or from the config `--config` names.
-fn admin_path(admin: Option<PathBuf>, config: Option<PathBuf>) -> Result<PathBuf, ExitCode> {
-    match (admin, config) {
-        (Some(path), _) => Ok(path),
-        (None, Some(config)) => match Config::load(&config) {
-            Ok(config) => Ok(config.admin_socket_path()),
-            Err(error) => {
-                eprintln!("{error}");
-                Err(ExitCode::from(78))
-            }
-        },
-        (None, None) => {
-            eprintln!("error: give --admin SOCKET or --config FILE");
-            Err(ExitCode::from(64))
-        }
-    }
-}
-
-fn reload(admin: Option<PathBuf>, config: Option<PathBuf>) -> ExitCode {
-    let path = match admin_path(admin, config) {
-        Ok(path) => path,
-        Err(code) => return code,
-    };
-    match acgi_bridge::status::command(&path, "reload") {
-        Ok(answer) => {
-            println!("{answer}");
-            if answer.starts_with("ok") {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            }
-        }
-        Err(error) => {
-            eprintln!("error: {}: {error}", path.display());
-            ExitCode::FAILURE
-        }
-    }
-}
-
 fn status(admin: Option<PathBuf>, config: Option<PathBuf>, json: bool) -> ExitCode {
-    let path = match admin_path(admin, config) {
+    let path = match admin_socket_path(admin, config) {
         Ok(path) => path,
         Err(code) => return code,
     };
@@ -166,11 +174,28 @@ fn status(admin: Option<PathBuf>, config: Option<PathBuf>, json: bool) -> ExitCo
     }
 }
 
-fn check(path: &std::path::Path) -> ExitCode {
+fn check(path: &std::path::Path, print: bool) -> ExitCode {
     match Config::load(path) {
         Ok(config) => {
             for warning in config.warnings() {
                 eprintln!("{}: warning: {warning}", path.display());
+            }
+            let problems = config.runtime_problems();
+            for problem in &problems {
+                eprintln!("{}: {problem}", path.display());
+            }
+            if !problems.is_empty() {
+                return ExitCode::from(78);
+            }
+            if print {
+                match config.effective_toml() {
+                    Ok(text) => print!("{text}"),
+                    Err(error) => {
+                        eprintln!("error: cannot print the config: {error}");
+                        return ExitCode::FAILURE;
+                    }
+                }
+                return ExitCode::SUCCESS;
             }
             let services = cli::count_noun(config.services.len(), "service", "services");
             println!("{}: ok ({services})", path.display());

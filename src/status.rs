@@ -2,7 +2,10 @@
 //! `acgi-bridge status` prints it.
 //!
 //! Admin protocol: connect to the admin Unix socket, send one line `status\n`, read the JSON
-//! document (one object, then `\n`) until the bridge closes the connection. The admin socket is
+//! document (one object, then `\n`) until the bridge closes the connection. The other commands
+//! (`pause NAME`, `resume NAME`, `drain NAME`, `recycle NAME`, `kill-worker PID`,
+//! `set NAME key=value...`; docs/operations.md) are answered with one line, `ok: RESULT` or
+//! `error: REASON` ([`command`]). The admin socket is
 //! served by the bridge's control thread, apart from the pools and the cores' loops, so it
 //! answers even when every pool is saturated; the document is built there from every core's
 //! report (`engine::report`).
@@ -58,7 +61,9 @@ pub struct ServiceStatus {
     pub id: u32,
     pub name: String,
     pub mode: String,
-    /// `ok` or `failing` (crash loop: requests are refused until a worker starts cleanly).
+    /// `ok`; `failing` (crash loop: requests are refused until a worker starts cleanly);
+    /// `paused` (`acgi-bridge pause`: new requests wait); `draining`, then `drained` once its
+    /// last worker has gone (`acgi-bridge drain`: new requests are refused).
     pub state: String,
     pub workers_starting: u32,
     pub workers_idle: u32,
@@ -67,7 +72,14 @@ pub struct ServiceStatus {
     pub min_workers: u32,
     pub max_workers: u32,
     pub backlog: u32,
+    /// The live backlog bound (`backlog_max`, or what `acgi-bridge set` made it).
+    #[serde(default)]
+    pub backlog_max: u32,
     pub backlog_max_seen: u32,
+    /// How long the request that has waited longest in the backlog has waited (none waits:
+    /// absent).
+    #[serde(default)]
+    pub oldest_waiting_ms: Option<u64>,
     pub requests_ok: u64,
     /// Requests answered with an error, by error name (`overloaded`, `timed out`, ...).
     pub requests_failed: std::collections::BTreeMap<String, u64>,
@@ -79,6 +91,9 @@ pub struct ServiceStatus {
     pub exits_timed_out: u64,
     pub exits_killed: u64,
     pub exits_shutdown: u64,
+    /// Workers an operator killed (`acgi-bridge kill-worker`): not crashes.
+    #[serde(default)]
+    pub exits_admin_killed: u64,
     /// Workers killed or lost for breaking the worker protocol or their control socket, by
     /// fault (`early_answer`, `forbidden_flags`, ...; only those seen).
     #[serde(default)]
@@ -86,10 +101,30 @@ pub struct ServiceStatus {
     /// Spawns per second the pacing allows right now.
     pub spawn_rate: u32,
     pub pids: Vec<i32>,
+    /// One row per worker process.
+    #[serde(default)]
+    pub workers: Vec<WorkerStatus>,
     /// Latency percentiles since start and over the last complete interval
     /// (`histogram_log_interval_ms`).
     pub latency_since_start: Latency,
     pub latency_last_interval: Latency,
+}
+
+/// One worker process of a service.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct WorkerStatus {
+    pub pid: i32,
+    /// The core (event loop) that holds it.
+    pub core: u32,
+    /// `starting`, `idle`, `busy`, `lending its slot` (its reply is being sent), `stopping`,
+    /// `dead` (exited, not yet released).
+    pub state: String,
+    pub requests_served: u64,
+    /// How long its current request has run, when it runs one.
+    pub current_request_ms: Option<u64>,
+    /// Resident memory and CPU time (user + system) from /proc, when it could be read.
+    pub rss_bytes: Option<u64>,
+    pub cpu_ms: Option<u64>,
 }
 
 /// Percentiles of the three latencies the bridge records per service.
@@ -159,10 +194,14 @@ impl Status {
                 s.min_workers,
                 s.max_workers
             );
+            let oldest = s
+                .oldest_waiting_ms
+                .map(|ms| format!(", oldest waiting {ms} ms"))
+                .unwrap_or_default();
             let _ = writeln!(
                 out,
-                "  backlog   {} now, {} max seen",
-                s.backlog, s.backlog_max_seen
+                "  backlog   {} now (max {}), {} max seen{oldest}",
+                s.backlog, s.backlog_max, s.backlog_max_seen
             );
             let failed: Vec<String> = s
                 .requests_failed
@@ -182,13 +221,15 @@ impl Status {
             );
             let _ = writeln!(
                 out,
-                "  exits     {} recycled, {} idle, {} crashed, {} timed out, {} killed, {} shutdown",
+                "  exits     {} recycled, {} idle, {} crashed, {} timed out, {} killed, {} shutdown, \
+                 {} admin kills",
                 s.exits_recycled,
                 s.exits_idle,
                 s.exits_crashed,
                 s.exits_timed_out,
                 s.exits_killed,
-                s.exits_shutdown
+                s.exits_shutdown,
+                s.exits_admin_killed
             );
             if !s.worker_faults.is_empty() {
                 let faults: Vec<String> = s
@@ -198,6 +239,7 @@ impl Status {
                     .collect();
                 let _ = writeln!(out, "  faults    {}", faults.join(", "));
             }
+            render_workers(&mut out, &s.workers);
             for (label, latency) in [
                 ("last interval", &s.latency_last_interval),
                 ("since start", &s.latency_since_start),
@@ -220,22 +262,62 @@ impl Status {
     }
 }
 
-/// Ask the bridge behind the admin socket at `path` for its status.
+/// The per-worker table of a service.
+fn render_workers(out: &mut String, workers: &[WorkerStatus]) {
+    if workers.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "  {:<9} {:<4} {:<16} {:>8} {:>10} {:>10} {:>10}",
+        "pid", "core", "state", "served", "current", "rss", "cpu"
+    );
+    let or_dash = |value: Option<String>| value.unwrap_or_else(|| "-".to_string());
+    for w in workers {
+        let _ = writeln!(
+            out,
+            "  {:<9} {:<4} {:<16} {:>8} {:>10} {:>10} {:>10}",
+            w.pid,
+            w.core,
+            w.state,
+            w.requests_served,
+            or_dash(w.current_request_ms.map(|ms| format!("{ms} ms"))),
+            or_dash(
+                w.rss_bytes
+                    .map(|b| format!("{:.1} MiB", b as f64 / 1048576.0))
+            ),
+            or_dash(w.cpu_ms.map(|ms| format!("{:.2} s", ms as f64 / 1000.0))),
+        );
+    }
+}
+
+/// Send one admin command line (`pause echo`, `kill-worker 1234`, ...) to the bridge behind
+/// the admin socket at `path`: `Ok` with its one-line result, or `Err` with the bridge's
+/// reason (or the I/O error).
 /// How long `command` waits for an answer (a reload waits for new workers, up to the bridge's
 /// `reload_timeout_ms`).
 pub const COMMAND_ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
 
-/// Send one admin command line and return its one-line answer (`ok: ...` or `error: ...`).
-pub fn command(path: &std::path::Path, line: &str) -> std::io::Result<String> {
+pub fn command(path: &std::path::Path, line: &str) -> Result<String, String> {
     use std::io::{Read, Write};
-    let mut stream = std::os::unix::net::UnixStream::connect(path)?;
-    stream.set_read_timeout(Some(COMMAND_ANSWER_TIMEOUT))?;
-    stream.write_all(format!("{line}\n").as_bytes())?;
-    let mut text = String::new();
-    stream.read_to_string(&mut text)?;
-    Ok(text.trim_end().to_string())
+    let exchange = || -> std::io::Result<String> {
+        let mut stream = std::os::unix::net::UnixStream::connect(path)?;
+        stream.set_read_timeout(Some(COMMAND_ANSWER_TIMEOUT))?;
+        stream.write_all(format!("{line}\n").as_bytes())?;
+        let mut text = String::new();
+        stream.read_to_string(&mut text)?;
+        Ok(text)
+    };
+    let text = exchange().map_err(|error| format!("{}: {error}", path.display()))?;
+    let text = text.trim_end();
+    match (text.strip_prefix("ok: "), text.strip_prefix("error: ")) {
+        (Some(result), _) => Ok(result.to_string()),
+        (_, Some(reason)) => Err(reason.to_string()),
+        _ => Err(format!("unexpected answer from the bridge: {text:?}")),
+    }
 }
 
+/// Ask the bridge behind the admin socket at `path` for its status.
 pub fn query(path: &std::path::Path) -> std::io::Result<Status> {
     use std::io::{Read, Write};
     let mut stream = std::os::unix::net::UnixStream::connect(path)?;

@@ -12,7 +12,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 pub mod reload;
 
@@ -20,8 +20,10 @@ use crate::pool::{Mode, Policy};
 use crate::proto::{PAYLOAD_BYTES_MAX_CEILING, PAYLOAD_BYTES_MAX_DEFAULT};
 use crate::shm::{SLOT_CAPACITY_BYTES_DEFAULT, SLOT_CAPACITY_BYTES_MIN};
 
+mod check;
+
 /// The whole configuration file.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Where services keep state (databases, caches). Created at startup. Workers get it in
@@ -132,7 +134,7 @@ pub struct Config {
 }
 
 /// The `worker_affinity` setting (see [`Config::worker_affinity`]).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum WorkerAffinity {
     #[default]
@@ -192,7 +194,7 @@ impl Cores {
 }
 
 /// Listening sockets. At least one of `unix` and `tcp` must be set.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Listen {
     /// Path of the Unix stream socket. A stale socket file at the path is replaced.
@@ -220,7 +222,7 @@ pub struct Listen {
 }
 
 /// One service: a pool of worker processes running `exec`.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceConfig {
     /// Numeric id used on the wire; unique, 1 or more.

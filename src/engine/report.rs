@@ -45,8 +45,16 @@ pub struct CoreReport {
 pub(crate) struct ShardReport {
     pub(super) id: u32,
     pub(super) name: String,
-    /// It includes the service's live slot (whose limits it carries).
+    /// It includes the service's live slot (whose limits and intake it carries).
     pub(super) live: bool,
+    /// Open, paused or draining (the operator's), stopping (shutdown).
+    pub(super) intake: crate::pool::Intake,
+    /// The shard's live backlog bound (`acgi-bridge set` may have changed it).
+    pub(super) backlog_max: u32,
+    /// How long the request that has waited longest in the backlog has waited.
+    pub(super) oldest_waiting: Option<Duration>,
+    /// One row per worker process the core holds for the service.
+    pub(super) workers: Vec<WorkerRow>,
     pub(super) starting: u32,
     pub(super) idle: u32,
     pub(super) busy: u32,
@@ -61,6 +69,17 @@ pub(crate) struct ShardReport {
     pub(super) counters: ServiceCounters,
     pub(super) latency: LatencyHistograms,
     pub(super) latency_last_interval: LatencyHistograms,
+}
+
+/// One worker, as its core sees it.
+#[derive(Clone, Debug)]
+pub(crate) struct WorkerRow {
+    pub(crate) pid: i32,
+    pub(crate) core: u32,
+    pub(crate) state: &'static str,
+    pub(crate) requests_served: u64,
+    /// How long its current request has run, when it runs one.
+    pub(crate) running_for: Option<Duration>,
 }
 
 impl CoreReport {
@@ -149,6 +168,10 @@ impl ShardReport {
             id: service.id,
             name: service.name.clone(),
             live: false,
+            intake: crate::pool::Intake::Open,
+            backlog_max: 0,
+            oldest_waiting: None,
+            workers: Vec::new(),
             starting: 0,
             idle: 0,
             busy: 0,
@@ -169,6 +192,19 @@ impl ShardReport {
     fn add(&mut self, theirs: &ShardReport) {
         let mine = self;
         {
+            // The intake is the live slot's; the cores carry out each command in turn: while
+            // one is still open and another paused, say the further along (open < paused <
+            // draining < stopping).
+            if theirs.live {
+                mine.intake = if mine.live {
+                    mine.intake.max(theirs.intake)
+                } else {
+                    theirs.intake
+                };
+            }
+            mine.backlog_max += theirs.backlog_max;
+            mine.oldest_waiting = mine.oldest_waiting.max(theirs.oldest_waiting);
+            mine.workers.extend_from_slice(&theirs.workers);
             mine.live |= theirs.live;
             if theirs.live {
                 mine.name.clone_from(&theirs.name);
@@ -269,6 +305,7 @@ pub(super) fn metrics_snapshot(
                     ("timed_out", stats.exits_timed_out),
                     ("killed", stats.exits_killed),
                     ("shutdown", stats.exits_shutdown),
+                    ("admin_killed", stats.exits_admin_killed),
                     ("failed_start", stats.failed_starts),
                 ],
                 workers: vec![
@@ -319,7 +356,11 @@ pub(super) fn status(config: &Config, report: &CoreReport, uptime: Duration) -> 
                 id: service.id,
                 name: service.name.clone(),
                 mode: format!("{:?}", service.policy().mode).to_lowercase(),
-                state: if shard.failing { "failing" } else { "ok" }.to_string(),
+                state: status_state(shard).to_string(),
+                backlog_max: shard.backlog_max,
+                oldest_waiting_ms: shard.oldest_waiting.map(|d| d.as_millis() as u64),
+                exits_admin_killed: stats.exits_admin_killed,
+                workers: shard.workers.iter().map(worker_status).collect(),
                 workers_starting: shard.starting,
                 workers_idle: shard.idle,
                 workers_busy: shard.busy,
@@ -369,10 +410,95 @@ pub(super) fn status(config: &Config, report: &CoreReport, uptime: Duration) -> 
     }
 }
 
+/// A service's state in status: failing (the breaker), else what the operator made of it
+/// (paused, draining), else ok.
+fn status_state(shard: &ShardReport) -> &'static str {
+    use crate::pool::Intake;
+    match shard.intake {
+        _ if shard.failing => "failing",
+        Intake::Paused => "paused",
+        Intake::Draining if shard.idle + shard.busy + shard.starting + shard.stopping == 0 => {
+            "drained"
+        }
+        Intake::Draining => "draining",
+        Intake::Open | Intake::Stopping => "ok",
+    }
+}
+
+/// A worker's row, with its memory and CPU time read now from /proc (on the control thread:
+/// a core never reads /proc for status). A worker that has just exited has neither.
+fn worker_status(row: &WorkerRow) -> crate::status::WorkerStatus {
+    let usage = ProcUsage::read(row.pid);
+    crate::status::WorkerStatus {
+        pid: row.pid,
+        core: row.core,
+        state: row.state.to_string(),
+        requests_served: row.requests_served,
+        current_request_ms: row.running_for.map(|d| d.as_millis() as u64),
+        rss_bytes: usage.map(|u| u.rss_bytes),
+        cpu_ms: usage.map(|u| u.cpu_ms),
+    }
+}
+
+/// A process's resident memory and CPU time (user + system), from /proc/PID/statm and stat.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct ProcUsage {
+    rss_bytes: u64,
+    cpu_ms: u64,
+}
+
+impl ProcUsage {
+    fn read(pid: i32) -> Option<ProcUsage> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
+        let ticks = rustix::param::clock_ticks_per_second();
+        ProcUsage::parse(&stat, &statm, ticks, rustix::param::page_size() as u64)
+    }
+
+    /// proc(5): stat's fields 14 and 15 (utime, stime, in clock ticks) after the command name,
+    /// which may hold spaces and parentheses (so split at the last `)`); statm's second field
+    /// (resident pages).
+    fn parse(stat: &str, statm: &str, ticks_per_second: u64, page: u64) -> Option<ProcUsage> {
+        let (_, rest) = stat.rsplit_once(") ")?;
+        // rest starts at field 3 (state): utime is field 14, stime 15.
+        let mut fields = rest.split_whitespace().skip(11);
+        let utime: u64 = fields.next()?.parse().ok()?;
+        let stime: u64 = fields.next()?.parse().ok()?;
+        let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+        Some(ProcUsage {
+            rss_bytes: pages * page,
+            cpu_ms: (utime + stime) * 1000 / ticks_per_second.max(1),
+        })
+    }
+}
+
 fn latency_summary(histograms: &LatencyHistograms) -> crate::status::Latency {
     crate::status::Latency {
         total: metrics::percentiles(&histograms.total),
         queue_wait: metrics::percentiles(&histograms.queue_wait),
         service: metrics::percentiles(&histograms.service),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proc_usage_reads_cpu_and_memory_past_an_awkward_command_name() {
+        // Proves the stat parser splits at the last parenthesis and takes utime + stime.
+        let stat = "42 (a) (b c) S 1 42 42 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 3 0 1000 \
+                    123456 300 18446744073709551615";
+        let usage = ProcUsage::parse(stat, "1000 300 20 1 0 50 0", 100, 4096).unwrap();
+        assert_eq!(
+            usage,
+            ProcUsage {
+                rss_bytes: 300 * 4096,
+                cpu_ms: 3000
+            }
+        );
+        assert_eq!(ProcUsage::parse("garbage", "", 100, 4096), None);
+        let me = ProcUsage::read(std::process::id() as i32).expect("our own /proc entry");
+        assert!(me.rss_bytes > 0);
     }
 }

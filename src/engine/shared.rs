@@ -3,8 +3,8 @@
 //!
 //! Nothing here is on a core's own data path: a core touches another core's state only to
 //! forward a request, hand over a connection or answer a forwarded request; the control thread
-//! (`super::control`) posts stop messages and report requests, which carry their own reply
-//! channel.
+//! (`super::control`) posts stop messages, report requests and the operator's commands
+//! (`AdminCommand`), which carry their own reply channel.
 //!
 //! Inbox: a `Mutex<Vec<Msg>>` per core, woken through the receiving core's ring (an eventfd it
 //! always has a read armed on). Wake-ups are coalesced: a sender writes the eventfd only when
@@ -41,6 +41,59 @@ use crate::config::Config;
 /// Where a core sends the report it was asked for.
 pub type ReportReply = mpsc::Sender<Box<CoreReport>>;
 
+/// An operator's command for every core (`acgi-bridge pause`, ...): the control thread sends
+/// it (`control::admin`), each core carries it out on its shard (`core::admin`) and answers.
+#[derive(Clone)]
+/// (`service` is the service's id: each core finds its live slot.)
+pub enum AdminCommand {
+    Pause {
+        service: u32,
+    },
+    Resume {
+        service: u32,
+    },
+    Drain {
+        service: u32,
+    },
+    Recycle {
+        service: u32,
+    },
+    KillWorker {
+        pid: i32,
+    },
+    /// New live limits: the config with the service's new keys, validated; each core takes its
+    /// shard of them (`Policy::shard`).
+    SetLimits {
+        service: u32,
+        config: std::sync::Arc<crate::config::Config>,
+    },
+}
+
+/// What one core did with an [`AdminCommand`] (`Err`: why it could not, in a sentence).
+pub type AdminOutcome = Result<AdminDone, String>;
+
+/// Where a core sends its outcome: its index, and the outcome.
+pub type AdminReply = mpsc::Sender<(usize, AdminOutcome)>;
+
+/// One core's part of a command that worked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AdminDone {
+    /// The service's shard took it (pause, resume, drain, set): its intake before, and what
+    /// it holds now.
+    Service {
+        before: crate::pool::Intake,
+        busy: u32,
+        waiting: u32,
+        workers: u32,
+    },
+    /// The shard began a rolling restart of this many workers.
+    Recycling { workers: u32 },
+    /// This core had the worker and killed it; it held this many requests.
+    Killed { service: usize, requests: u32 },
+    /// This core has no worker with that pid.
+    NoSuchWorker,
+}
+
 /// A message from one core to another.
 pub enum Msg {
     /// Run this request on your shard of the service and send the answer back.
@@ -60,6 +113,11 @@ pub enum Msg {
     },
     /// A configuration reload's step (see `core::reload`).
     Reload(ReloadStep),
+    /// An operator's command: carry it out on your shard and answer on `reply` at once.
+    Admin {
+        command: AdminCommand,
+        reply: AdminReply,
+    },
     /// Nothing to handle: look at the shared counts again (an idle worker appeared, or every
     /// core has finished).
     Wake,
@@ -116,8 +174,8 @@ pub struct ShardCounts {
     pub idle: AtomicU32,
     pub room: AtomicU32,
     pub backlog: AtomicU32,
-    /// The shard's max_workers: 0 means this core does not run the service (or no longer: a
-    /// slot retired by a reload).
+    /// The shard's max_workers (stored by its core when `acgi-bridge set` changes it): 0 means
+    /// this core does not run the service now.
     pub max_workers: AtomicU32,
 }
 

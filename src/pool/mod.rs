@@ -163,7 +163,7 @@ impl Policy {
 }
 
 /// Whether a pool takes requests: the operator's pause and drain, and the bridge's shutdown.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Intake {
     /// Requests run as usual.
     #[default]

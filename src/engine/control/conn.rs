@@ -28,7 +28,8 @@ pub(super) const ADMIN_LINE_BYTES_MAX: usize = 256;
 /// What a connection speaks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Protocol {
-    /// The admin socket: one command line (`status`), answered with one line.
+    /// The admin socket: one command line (`status`, `pause NAME`, ...), answered with one
+    /// line.
     Admin,
     /// The Prometheus endpoint: one HTTP/1.x request (`GET /metrics`, `/healthz`, `/readyz`).
     Metrics,
@@ -72,9 +73,11 @@ pub(super) enum Next {
 }
 
 /// What a whole request asks for, when it needs the cores' reports.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) enum Wants {
     Status,
+    /// Another admin command line (`pause echo`, ...; parsed by `control::admin`).
+    Admin(String),
     Metrics {
         with_body: bool,
         format: ExpositionFormat,
@@ -177,12 +180,7 @@ impl AuxConn {
                         self.state = State::Waiting;
                         Next::Reload
                     }
-                    other => {
-                        let reply = format!(
-                            "error: unknown command {other:?} (try \"status\" or \"reload\")\n"
-                        );
-                        self.answer(reply.into_bytes())
-                    }
+                    _ => Next::Gather(Wants::Admin(command)),
                 }
             }
             // `/healthz` and every error are answered here, without the cores.
@@ -209,6 +207,17 @@ impl AuxConn {
             Err(reason) => format!("error: {reason}\n").into_bytes(),
         };
         self.answer(answer)
+    }
+
+    /// Answer an admin command other than `status` with its one line: `ok: RESULT` or
+    /// `error: REASON`.
+    pub(super) fn answer_command(&mut self, result: Result<String, String>) -> Next {
+        debug_assert_eq!(self.protocol, Protocol::Admin);
+        let line = match result {
+            Ok(result) => format!("ok: {result}\n"),
+            Err(reason) => format!("error: {reason}\n"),
+        };
+        self.answer(line.into_bytes())
     }
 
     /// Answer `GET`/`HEAD /metrics` with the snapshot (or a 503 saying why there is none).

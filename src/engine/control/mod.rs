@@ -9,7 +9,14 @@
 //!   admin, /metrics ─┐
 //!   interval clock ──┴─> Msg::Report { reply } to every core ──> merge ──> Status / Prometheus
 //!                                                                      └─> interval log
+//!   admin commands ────> Msg::Admin { command, reply } to every core ──> one line (`admin`)
 //! ```
+//!
+//! Every question to the cores goes through `gather_from_cores`: the message to each, then
+//! every answer, waited for at most `REPORT_WAIT_MAX` (a core answers on its next loop turn,
+//! so normally within microseconds). An admin command (`pause`, `drain`, `set`, ...; see
+//! `admin`) is begun by each core and answered at once; what takes time (a drain, a recycle)
+//! goes on in the pools and shows in `status`.
 //!
 //! A plain thread with a `poll(2)` loop over non-blocking sockets (`conn`: one admin or metrics
 //! connection each, at most `ADMIN_CONNECTIONS_MAX` admin and `METRICS_CONNECTIONS_MAX` metrics
@@ -24,6 +31,7 @@
 
 #![forbid(unsafe_code)]
 
+mod admin;
 mod conn;
 mod reload;
 
@@ -38,7 +46,7 @@ use rustix::net::SocketFlags;
 
 use self::conn::{AuxConn, Next, Protocol, Wants};
 use super::report::{self, CoreReport};
-use super::shared::{Msg, Shared};
+use super::shared::{AdminOutcome, Msg, Shared};
 use crate::config::Config;
 use crate::metrics::{BridgeCounters, IntervalLogger};
 
@@ -409,6 +417,10 @@ impl Control {
             return Next::Close;
         }
         match conn.on_readable() {
+            Next::Gather(Wants::Admin(line)) => {
+                let result = self.run_admin(&line);
+                self.conns[index].answer_command(result)
+            }
             Next::Gather(wants) => self.answer(index, wants),
             Next::Reload => {
                 let id = conn.id;
@@ -437,6 +449,7 @@ impl Control {
                     merged.map(|merged| report::metrics_snapshot(&self.config, &merged, stopping));
                 conn.answer_metrics(snapshot, with_body, format)
             }
+            Wants::Admin(_) => unreachable!("answered by run_admin"),
             Wants::Ready { with_body } => {
                 // Every condition that fails, each on its line (`docs/operations.md`).
                 let mut not_ready = Vec::new();
@@ -502,9 +515,44 @@ impl Control {
         }
     }
 
-    /// Ask every core for its report (`end_interval`: and to start a new latency interval),
-    /// wait for them all (bounded), and merge them, with this thread's counts.
-    fn gather(&mut self, end_interval: bool) -> Result<CoreReport, GatherError> {
+    /// An admin command other than `status`: checked here, then carried out by every core
+    /// (each on its shard), and summed up in one line.
+    fn run_admin(&mut self, line: &str) -> Result<String, String> {
+        let request = admin::parse(line, &self.config)?;
+        if self.stopping {
+            return Err("the bridge is shutting down".into());
+        }
+        let config = match &request {
+            admin::AdminRequest::Set { service, limits } => {
+                Arc::new(admin::with_limits(&self.config, *service, *limits)?)
+            }
+            _ => Arc::clone(&self.config),
+        };
+        let command = admin::to_command(&request, &config);
+        tracing::info!(command = line, "admin command");
+        let outcomes: Vec<(usize, AdminOutcome)> = self
+            .gather_from_cores(|reply| Msg::Admin {
+                command: command.clone(),
+                reply,
+            })
+            .map_err(|error| error.to_string())?;
+        // The cores have the new limits: status and /metrics read them from here too.
+        self.config = config;
+        let result = admin::summary(&request, &self.config, &outcomes);
+        match &result {
+            Ok(done) => tracing::info!(command = line, "{done}"),
+            Err(reason) => tracing::warn!(command = line, "admin command refused: {reason}"),
+        }
+        result
+    }
+
+    /// Send every core the message `make` builds around a reply channel, and wait (at most
+    /// `REPORT_WAIT_MAX`, normally microseconds: a core answers from its next loop turn) for
+    /// every core's answer. The one way the control thread asks the cores anything.
+    fn gather_from_cores<T>(
+        &self,
+        make: impl Fn(mpsc::Sender<T>) -> Msg,
+    ) -> Result<Vec<T>, GatherError> {
         let cores = self.shared.cores.len();
         let started = Instant::now();
         let unanswered = |answered| GatherError::Unanswered {
@@ -515,39 +563,40 @@ impl Control {
         if self.shared.all_cores_finished() {
             return Err(unanswered(0));
         }
-        let (reply, reports) = mpsc::channel();
+        let (reply, answers) = mpsc::channel();
         for core in 0..cores {
-            let reply = reply.clone();
-            self.shared.send(
-                core,
-                Msg::Report {
-                    end_interval,
-                    reply,
-                },
-            );
+            self.shared.send(core, make(reply.clone()));
         }
         drop(reply);
         let deadline = started + REPORT_WAIT_MAX;
-        let mut merged: Option<Box<CoreReport>> = None;
-        let mut answered = 0;
-        while answered < cores {
+        let mut gathered = Vec::with_capacity(cores);
+        while gathered.len() < cores {
             let wait = deadline
                 .saturating_duration_since(Instant::now())
                 .min(REPORT_WAIT_STEP);
-            match reports.recv_timeout(wait) {
-                Ok(report) => {
-                    answered += 1;
-                    match &mut merged {
-                        Some(merged) => merged.add(&report),
-                        None => merged = Some(report),
-                    }
-                }
+            match answers.recv_timeout(wait) {
+                Ok(answer) => gathered.push(answer),
                 Err(mpsc::RecvTimeoutError::Timeout)
                     if Instant::now() < deadline && !self.shared.all_cores_finished() => {}
-                Err(_) => return Err(unanswered(answered)),
+                Err(_) => return Err(unanswered(gathered.len())),
             }
         }
-        let mut merged = *merged.expect("at least one core");
+        Ok(gathered)
+    }
+
+    /// Ask every core for its report (`end_interval`: and to start a new latency interval),
+    /// wait for them all (bounded), and merge them, with this thread's counts.
+    fn gather(&mut self, end_interval: bool) -> Result<CoreReport, GatherError> {
+        let reports = self.gather_from_cores(|reply| Msg::Report {
+            end_interval,
+            reply,
+        })?;
+        let mut reports = reports.into_iter();
+        let mut merged = reports.next().expect("at least one core");
+        for report in reports {
+            merged.add(&report);
+        }
+        let mut merged = *merged;
         merged.counters.add(&self.counters);
         // Lines the log writer dropped are counted by the process, not by a core.
         merged.counters.log_lines_dropped = crate::logging::lines_dropped();

@@ -56,6 +56,7 @@ impl Core {
                 reply,
             } => self.on_report_request(end_interval, reply),
             Msg::Reload(step) => self.on_reload(step),
+            Msg::Admin { command, reply } => self.on_admin(command, reply),
             Msg::Wake => {}
         }
     }
@@ -278,7 +279,13 @@ impl Core {
                 continue;
             }
             let pool = &self.services[service].pool;
-            let (idle, room, backlog) = (pool.idle(), pool.room(), pool.backlog_len());
+            // Idle workers of a paused or draining pool take nothing: none to offer.
+            let idle = if pool.intake() == crate::pool::Intake::Open {
+                pool.idle()
+            } else {
+                0
+            };
+            let (room, backlog) = (pool.room(), pool.backlog_len());
             let counts = &self.shared.cores[self.index].services[service];
             let had_idle = shared::publish(&counts.idle, idle) > 0;
             shared::publish(&counts.room, room);

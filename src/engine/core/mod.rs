@@ -108,6 +108,7 @@ const ACCEPT_RETRY_DELAY: Duration = Duration::from_millis(100);
 /// A core logs refused connections at most this often (each is counted).
 const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(1);
 
+mod admin;
 mod backpressure;
 mod conn;
 mod conn_close;

@@ -4,6 +4,7 @@
 //! off every core's loop).
 
 use super::*;
+use crate::engine::report::WorkerRow;
 
 impl Core {
     /// The control thread wants this core's report (and, at the end of a latency interval,
@@ -28,15 +29,18 @@ impl Core {
     /// This core's report.
     pub(super) fn report(&self) -> CoreReport {
         let mut pids_by_service: Vec<Vec<i32>> = vec![Vec::new(); self.services.len()];
-        for (_, worker) in self.workers.iter() {
+        let mut rows_by_service: Vec<Vec<WorkerRow>> = vec![Vec::new(); self.services.len()];
+        for (handle, worker) in self.workers.iter() {
             pids_by_service[worker.service].push(worker.pid);
+            rows_by_service[worker.service].push(self.worker_row(handle, worker));
         }
         let services = self
             .services
             .iter()
             .zip(pids_by_service)
-            .filter(|(service, _)| service.phase != SlotPhase::Folded)
-            .map(|(service, pids)| {
+            .zip(rows_by_service)
+            .filter(|((service, _), _)| service.phase != SlotPhase::Folded)
+            .map(|((service, pids), workers)| {
                 let latency = service
                     .latency
                     .as_ref()
@@ -45,10 +49,18 @@ impl Core {
                 // Limits and state are the live slot's; a warming or retired slot of the same
                 // service adds its workers and what it counted.
                 let live = service.phase == SlotPhase::Live;
+                let oldest_waiting = pool
+                    .oldest_waiting()
+                    .and_then(|id| self.requests.get(RequestHandle::from_raw(id)))
+                    .map(|request| self.now.saturating_duration_since(request.arrived));
                 ShardReport {
                     id: service.id,
                     name: service.name.clone(),
                     live,
+                    intake: pool.intake(),
+                    backlog_max: if live { pool.policy().backlog_max } else { 0 },
+                    oldest_waiting,
+                    workers,
                     starting: pool.starting(),
                     idle: pool.idle(),
                     busy: pool.busy(),
@@ -95,6 +107,23 @@ impl Core {
             worker_processes: self.workers.len() as u64,
             counters: self.counters.clone(),
             services,
+        }
+    }
+
+    /// A worker's row in status (its memory and CPU time are read by the control thread).
+    fn worker_row(&self, handle: WorkerHandle, worker: &Worker) -> WorkerRow {
+        let pool = &self.services[worker.service].pool;
+        let running_for = worker
+            .running()
+            .and_then(|job| self.requests.get(job.request))
+            .and_then(|request| request.dispatched)
+            .map(|since| self.now.saturating_duration_since(since));
+        WorkerRow {
+            pid: worker.pid,
+            core: self.index as u32,
+            state: worker.state.name(),
+            requests_served: pool.served(handle.to_raw()).unwrap_or(0),
+            running_for,
         }
     }
 
