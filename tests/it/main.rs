@@ -1,5 +1,6 @@
 //! Integration tests: the real `acgi-bridge` binary, real worker processes, temporary sockets.
 
+mod admin;
 mod admission;
 mod bad_input;
 mod client_sdk;
