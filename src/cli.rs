@@ -80,13 +80,11 @@ pub enum Command {
         #[command(flatten)]
         admin: AdminSocket,
     },
-    /// Validate a config file and name each bad key with the reason.
-    ///
-    /// Besides the keys, it checks what would fail at startup: a Unix socket path longer than
-    /// sun_path holds, a state_dir that cannot be created or written, a TCP port already in use
-    /// (it binds each, then closes it).
+    /// Validate a config file and name each bad key with the reason, then what would still
+    /// fail at startup: a Unix socket path too long, a state_dir it cannot create or write, a
+    /// TCP port in use (bound, then closed).
     Check {
-        /// The config file to validate (nothing is started; each TCP port is bound and closed).
+        /// The config file to validate (nothing is started).
         #[arg(long, short, value_name = "FILE")]
         config: PathBuf,
         /// Print the effective config (every key with its value after defaults) as TOML.

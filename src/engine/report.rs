@@ -235,7 +235,9 @@ fn service_state(service: &ServiceConfig, shard: &ShardReport, stopping: bool) -
         crate::pool::Mode::Static => shard.max_workers,
         crate::pool::Mode::Dynamic | crate::pool::Mode::OnDemand => shard.min_workers,
     };
-    if stopping {
+    // A service an operator drained is on its way down, as in a shutdown: `/readyz` does not
+    // count it (the other services still serve).
+    if stopping || shard.intake == crate::pool::Intake::Draining {
         ServiceState::Stopping
     } else if shard.failing {
         ServiceState::Failing

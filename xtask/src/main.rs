@@ -88,8 +88,9 @@ mod tests {
         assert!(main_page.starts_with(".ie"), "not roff: {main_page:.80}");
         assert!(main_page.contains(".TH acgi-bridge 1"), "{main_page:.200}");
         for name in &names {
-            // Subcommands are listed as `acgi\-bridge\-serve(1)` in the main page.
-            let listed = format!("acgi\\-bridge\\-{name}(1)");
+            // Subcommands are listed as `acgi\-bridge\-serve(1)` in the main page (roff escapes
+            // every hyphen: `kill\-worker`).
+            let listed = format!("acgi\\-bridge\\-{}(1)", name.replace('-', "\\-"));
             assert!(
                 main_page.contains(&listed),
                 "the main page does not list {name}:\n{main_page}"
