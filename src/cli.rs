@@ -43,6 +43,9 @@ pub enum Command {
         /// Log filter (tracing EnvFilter syntax); RUST_LOG overrides it.
         #[arg(long, default_value = "info", value_name = "FILTER")]
         log: String,
+        /// Set by a running bridge that is upgrading: the channel its listeners come over.
+        #[arg(long, hide = true, value_name = "FD")]
+        takeover_fd: Option<i32>,
     },
     /// Call a service once and print its reply on stdout.
     Call {
@@ -79,6 +82,23 @@ pub enum Command {
     Reload {
         #[command(flatten)]
         admin: AdminSocket,
+    },
+    /// Replace the running bridge by a new process of the binary it was started from, without
+    /// a failed request.
+    ///
+    /// The new process loads the config file again, takes over the listening sockets, starts
+    /// its workers and reports ready; then the old one stops accepting, answers what it
+    /// accepted and exits. A new process that cannot start (a bad config, say) exits, and the
+    /// old one keeps serving. Prints the new pid, or why the upgrade failed (exit status 1).
+    /// The same as `kill -USR2` on the bridge, which only logs the outcome. See
+    /// docs/operations.md, "Upgrading the binary".
+    Upgrade {
+        /// The admin socket; default: the one named by --config.
+        #[arg(long, conflicts_with = "config", value_name = "SOCKET")]
+        admin: Option<PathBuf>,
+        /// Find the admin socket from this config file.
+        #[arg(long, short, value_name = "FILE")]
+        config: Option<PathBuf>,
     },
     /// Validate a config file and name each bad key with the reason, then what would still
     /// fail at startup: a Unix socket path too long, a state_dir it cannot create or write, a

@@ -11,6 +11,7 @@ use acgi_bridge::cli::{self, Cli, Command};
 use acgi_bridge::client::{BlockingClient, CallError};
 use acgi_bridge::config::{Config, ConfigError};
 use acgi_bridge::engine::systemd::Systemd;
+use acgi_bridge::engine::upgrade::Takeover;
 use clap::Parser;
 
 /// Counts allocations so that status can show the data path allocates nothing per request.
@@ -20,7 +21,11 @@ static ALLOCATOR: acgi_bridge::alloc_count::CountingAllocator =
 
 fn main() -> ExitCode {
     match Cli::parse().command {
-        Command::Serve { config, log } => serve(&config, &log),
+        Command::Serve {
+            config,
+            log,
+            takeover_fd,
+        } => serve(&config, &log, takeover_fd),
         Command::Call {
             connect,
             service,
@@ -43,6 +48,7 @@ fn main() -> ExitCode {
             service,
             limits,
         } => admin_command(&admin, &format!("set {service} {}", limits.join(" "))),
+        Command::Upgrade { admin, config } => upgrade(admin, config),
     }
 }
 
@@ -82,30 +88,43 @@ fn admin_command(admin: &cli::AdminSocket, line: &str) -> ExitCode {
     }
 }
 
-fn serve(path: &std::path::Path, log: &str) -> ExitCode {
+fn serve(path: &std::path::Path, log: &str, takeover_fd: Option<i32>) -> ExitCode {
     // SAFETY: the process has one thread here (the log writer starts below, the engine later),
     // which `from_env` needs to remove systemd's variables from the environment.
     let systemd = unsafe { Systemd::from_env() };
     // Held to the end: dropping it flushes the queued lines (for a bounded time).
     let _log = acgi_bridge::logging::init(log);
-    let systemd = match systemd {
-        Ok(systemd) => systemd,
+    // Started by an upgrading bridge: every failure from here on is reported to it too.
+    let mut takeover = match takeover_fd.map(Takeover::from_fd).transpose() {
+        Ok(takeover) => takeover,
         Err(error) => {
             tracing::error!("{error}");
-            return ExitCode::FAILURE;
+            return ExitCode::from(64);
         }
+    };
+    let mut fail = |message: String, code: u8| {
+        tracing::error!("{message}");
+        if let Some(takeover) = takeover.as_mut() {
+            takeover.report_failure(&message);
+        }
+        ExitCode::from(code)
+    };
+    let systemd = match systemd {
+        Ok(systemd) => systemd,
+        Err(error) => return fail(error.to_string(), 1),
     };
     let config = match Config::load(path) {
         Ok(config) => config,
-        Err(error) => {
-            tracing::error!("config error: {error}");
-            return ExitCode::from(78);
-        }
+        Err(error) => return fail(format!("config error: {error}"), 78),
     };
-    match acgi_bridge::engine::run(config, systemd) {
+    match acgi_bridge::engine::run(config, systemd, takeover.as_mut()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            tracing::error!("{error:#}");
+            let message = format!("{error:#}");
+            tracing::error!("{message}");
+            if let Some(takeover) = takeover.as_mut() {
+                takeover.report_failure(&message);
+            }
             ExitCode::FAILURE
         }
     }
@@ -145,6 +164,34 @@ fn call(connect: &str, service: &str, payload: Option<String>) -> ExitCode {
         }
         Err(error) => {
             eprintln!("error: {connect}: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn upgrade(admin: Option<PathBuf>, config: Option<PathBuf>) -> ExitCode {
+    let path = match admin_socket_path(admin, config) {
+        Ok(path) => path,
+        Err(code) => return code,
+    };
+    match acgi_bridge::engine::upgrade::request(&path) {
+        Ok(answer) if answer.starts_with("upgraded:") => {
+            print!("{answer}");
+            ExitCode::SUCCESS
+        }
+        Ok(answer) if answer.is_empty() => {
+            eprintln!(
+                "error: {}: the bridge closed without an answer",
+                path.display()
+            );
+            ExitCode::FAILURE
+        }
+        Ok(answer) => {
+            eprint!("{answer}");
+            ExitCode::FAILURE
+        }
+        Err(error) => {
+            eprintln!("error: {}: {error}", path.display());
             ExitCode::FAILURE
         }
     }

@@ -21,6 +21,7 @@ pub mod shared;
 pub mod spawn;
 pub mod systemd;
 pub mod table;
+pub mod upgrade;
 
 use std::io::Write;
 use std::os::fd::{FromRawFd, OwnedFd};
@@ -229,10 +230,16 @@ fn pin_to(cpu: usize) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Run the bridge until SIGTERM/SIGINT and a graceful stop, with the listeners systemd passed
-/// (socket activation) or its own.
-pub fn run(config: Config, mut systemd: self::systemd::Systemd) -> anyhow::Result<()> {
+/// Run the bridge until SIGTERM/SIGINT and a graceful stop (or a binary upgrade's drain), with
+/// the listeners systemd passed (socket activation), those an upgrading bridge handed over
+/// (`takeover`, see `upgrade`), or its own.
+pub fn run(
+    config: Config,
+    mut systemd: self::systemd::Systemd,
+    mut takeover: Option<&mut self::upgrade::Takeover>,
+) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
+    let origin = self::upgrade::Origin::of_this_process();
     let config = Arc::new(config);
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("creating state_dir {}", config.state_dir.display()))?;
@@ -281,6 +288,20 @@ pub fn run(config: Config, mut systemd: self::systemd::Systemd) -> anyhow::Resul
     let mut activated = systemd
         .take_listeners(&config)
         .context("socket activation")?;
+    // At an upgrade, the old bridge's listeners; the socket files it bound itself are this
+    // one's to unlink at its stop (`owned`).
+    let mut owned = Vec::new();
+    if let Some(takeover) = takeover.as_deref_mut() {
+        if systemd.socket_activated() {
+            bail!("a bridge started by an upgrade cannot be socket-activated as well");
+        }
+        let inherited = takeover
+            .take_listeners(&config)
+            .context("taking over the listeners")?;
+        activated = inherited.activated;
+        owned = inherited.owned;
+    }
+    let mut handover = self::upgrade::Handover::default();
     let mut unlink_at_stop = Vec::new();
     // Each core's listeners: the Unix socket and the TCP socket are shared (every core accepts
     // on them); admin and metrics are the control thread's.
@@ -289,12 +310,19 @@ pub fn run(config: Config, mut systemd: self::systemd::Systemd) -> anyhow::Resul
     if let Some(path) = &config.listen.unix {
         let mode = config::parse_mode(&config.listen.unix_mode).expect("validated");
         let listener = match activated.unix.take() {
-            Some(passed) => passed,
+            Some(passed) => {
+                if owned.contains(&self::systemd::Role::Unix) {
+                    unlink_at_stop.push(path.clone());
+                }
+                passed
+            }
             None => {
                 unlink_at_stop.push(path.clone());
                 bind_unix(path, mode)?
             }
         };
+        let unix_owned = unlink_at_stop.contains(path);
+        handover.add(self::systemd::Role::Unix, unix_owned, &listener)?;
         for core in listeners.iter_mut().skip(1) {
             core.push((listener.try_clone()?, ListenerKind::Unix));
         }
@@ -316,6 +344,7 @@ pub fn run(config: Config, mut systemd: self::systemd::Systemd) -> anyhow::Resul
         let local = rustix::net::getsockname(&listener)?;
         let local = std::net::SocketAddr::try_from(local)
             .map_err(|_| anyhow::anyhow!("TCP {addr}: not an IP address"))?;
+        handover.add(self::systemd::Role::Tcp, false, &listener)?;
         for core in listeners.iter_mut().skip(1) {
             core.push((listener.try_clone()?, ListenerKind::Tcp));
         }
@@ -332,19 +361,28 @@ pub fn run(config: Config, mut systemd: self::systemd::Systemd) -> anyhow::Resul
         };
         let local = listener.local_addr()?;
         rustix::net::listen(&listener, 128)?;
-        metrics_listener = Some(OwnedFd::from(listener));
+        let listener = OwnedFd::from(listener);
+        handover.add(self::systemd::Role::Metrics, false, &listener)?;
+        metrics_listener = Some(listener);
         ready.push_str(&format!(" metrics={local}"));
         tracing::info!(addr = %local, "serving Prometheus metrics at /metrics");
     }
     let admin = config.admin_socket_path();
     let admin_mode = config::parse_mode(&config.admin_socket_mode).expect("validated");
     let admin_listener = match activated.admin.take() {
-        Some(passed) => passed,
+        Some(passed) => {
+            if owned.contains(&self::systemd::Role::Admin) {
+                unlink_at_stop.push(admin.clone());
+            }
+            passed
+        }
         None => {
             unlink_at_stop.push(admin.clone());
             bind_unix(&admin, admin_mode)?
         }
     };
+    let admin_owned = unlink_at_stop.contains(&admin);
+    handover.add(self::systemd::Role::Admin, admin_owned, &admin_listener)?;
     ready.push_str(&format!(" admin={}", admin.display()));
     ready.push_str(&format!(" cores={cores}"));
     let interval_logger = match &config.histogram_log_dir {
@@ -450,6 +488,7 @@ pub fn run(config: Config, mut systemd: self::systemd::Systemd) -> anyhow::Resul
         started,
         unlink_at_stop,
         watchdog_interval: systemd.watchdog_interval(),
+        upgrade: self::control::UpgradeSetup { origin, handover },
     })?;
     {
         let mut stdout = std::io::stdout().lock();
@@ -471,6 +510,10 @@ pub fn run(config: Config, mut systemd: self::systemd::Systemd) -> anyhow::Resul
         if cores == 1 { "" } else { "s" },
         ready.trim_start_matches("acgi-bridge ready ")
     );
+    if let Some(takeover) = takeover {
+        // The old bridge stops accepting once it hears this, and tells systemd our pid.
+        takeover.report_ready();
+    }
     self::systemd::notify_ready(&status);
     tracing::info!(cores, cpus = ?cpus, "running");
     let mut totals = self::core::Counters::default();

@@ -105,6 +105,10 @@ pub enum Msg {
     Connection { fd: OwnedFd, ticket: Ticket },
     /// Stop gracefully (`now: false`) or give up waiting (`now: true`, a second signal).
     Shutdown { now: bool },
+    /// A new bridge has taken over the listeners (binary upgrade): stop gracefully as for
+    /// `Shutdown`, and close each caller connection with the drain notice once it has nothing
+    /// in flight (docs/protocol.md §2.6).
+    Drain,
     /// The control thread wants your report (for status, metrics or the end of a latency
     /// interval: then start a new interval first); send it on `reply`.
     Report {

@@ -270,7 +270,7 @@ fn suid_dumpable() -> Option<u32> {
 
 /// The stack a `clone(CLONE_VM)` child runs on, with a guard page below it: mapped once by the
 /// spawner thread, used by one child at a time (the spawner is suspended while it runs).
-struct ChildStack {
+pub(crate) struct ChildStack {
     base: *mut libc::c_void,
     len: usize,
 }
@@ -280,7 +280,7 @@ impl ChildStack {
     const LEN: usize = 256 << 10;
     const GUARD: usize = 4096;
 
-    fn new() -> std::io::Result<ChildStack> {
+    pub(crate) fn new() -> std::io::Result<ChildStack> {
         let len = Self::LEN + Self::GUARD;
         // SAFETY: a fresh anonymous private mapping, then PROT_NONE on its lowest page; both
         // only touch this new mapping.
@@ -297,7 +297,7 @@ impl ChildStack {
     }
 
     /// The top of the stack (it grows down), 16-byte aligned (the mapping is page-aligned).
-    fn top(&self) -> *mut libc::c_void {
+    pub(crate) fn top(&self) -> *mut libc::c_void {
         // SAFETY: one past the end of the mapping, which is where a descending stack starts.
         unsafe { self.base.cast::<u8>().add(self.len).cast() }
     }

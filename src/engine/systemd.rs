@@ -67,6 +67,11 @@ impl Role {
         }
     }
 
+    /// The listener a descriptor name selects.
+    pub fn from_fd_name(name: &str) -> Option<Role> {
+        Role::ALL.into_iter().find(|role| role.fd_name() == name)
+    }
+
     /// The config key of this listener.
     pub fn key(self) -> &'static str {
         match self {
@@ -297,6 +302,18 @@ impl Systemd {
     }
 }
 
+/// Whether `fd` is a listening stream socket where `config` puts `role` (the checks a passed
+/// socket gets): for a socket another bridge hands over at an upgrade (`super::upgrade`).
+pub fn check_listener(config: &Config, role: Role, fd: &OwnedFd) -> Result<(), ActivationError> {
+    let passed = Passed {
+        fd: fd.try_clone().map_err(ActivationError::Environment)?,
+        raw: std::os::fd::AsRawFd::as_raw_fd(fd),
+        name: role.fd_name().to_string(),
+    };
+    let bound = describe(&passed)?;
+    Wanted::from_config(config).check(role, &passed, &bound)
+}
+
 /// Read a passed descriptor's type and address, and check it is a listening stream socket.
 fn describe(passed: &Passed) -> Result<Bound, ActivationError> {
     let unusable = |reason: String| ActivationError::Unusable {
@@ -475,6 +492,16 @@ pub fn notify_reloading() {
         states.push(now);
     }
     notify(&states);
+}
+
+/// MAINPID=: a new bridge took over at a binary upgrade (sent by the old one, the main process
+/// until then, which `NotifyAccess=main` accepts; the new one then sends READY=1 itself).
+pub fn notify_main_pid(pid: i32) {
+    let status = format!("upgraded: pid {pid} took over");
+    notify(&[
+        NotifyState::MainPid(pid as u32),
+        NotifyState::Status(&status),
+    ]);
 }
 
 /// STOPPING=1: a graceful stop has begun.

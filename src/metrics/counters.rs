@@ -99,6 +99,9 @@ define_counters! {
         /// Reloads refused: a bad config, new workers that did not come up in
         /// reload_timeout_ms, or the service slots spent (the running config stayed).
         reloads_failed,
+        /// Caller connections closed with the drain notice (Error 6, request id 0) because a
+        /// new bridge took over at a binary upgrade.
+        connections_drained,
     }
 }
 

@@ -55,6 +55,8 @@ enum State {
     Waiting,
     /// Writing `answer[written..]`.
     Writing { answer: Vec<u8>, written: usize },
+    /// Its `upgrade` command waits for the new bridge to be ready or to fail.
+    AwaitingUpgrade,
 }
 
 /// What the control thread should do with a connection after an event.
@@ -70,6 +72,8 @@ pub(super) enum Next {
     Reload,
     /// Close it.
     Close,
+    /// An `upgrade` command: start one (or join the one under way), then `await_upgrade`.
+    Upgrade,
 }
 
 /// What a whole request asks for, when it needs the cores' reports.
@@ -180,6 +184,7 @@ impl AuxConn {
                         self.state = State::Waiting;
                         Next::Reload
                     }
+                    "upgrade" => Next::Upgrade,
                     _ => Next::Gather(Wants::Admin(command)),
                 }
             }
@@ -235,13 +240,30 @@ impl AuxConn {
         self.answer(response)
     }
 
+    /// Wait, without reading, for the upgrade's result (until `deadline`).
+    pub(super) fn await_upgrade(&mut self, deadline: Instant) {
+        debug_assert_eq!(self.protocol, Protocol::Admin);
+        debug_assert_eq!(self.state, State::Reading);
+        self.state = State::AwaitingUpgrade;
+        self.deadline = deadline;
+    }
+
+    pub(super) fn awaiting_upgrade(&self) -> bool {
+        self.state == State::AwaitingUpgrade
+    }
+
+    /// Answer an `upgrade` command with its result line.
+    pub(super) fn answer_upgrade(&mut self, line: String) -> Next {
+        debug_assert!(self.awaiting_upgrade());
+        self.answer(line.into_bytes())
+    }
+
     /// Answer `GET`/`HEAD /readyz`: 200, or 503 with one line per condition that fails.
     pub(super) fn answer_ready(&mut self, not_ready: &[String], with_body: bool) -> Next {
         debug_assert_eq!(self.protocol, Protocol::Metrics);
         self.answer(metrics::readiness_response(not_ready, with_body))
     }
 
-    /// Start writing the answer (and write what the socket takes now).
     /// Whether it waits for a command's outcome (nothing to poll for but a hang-up).
     pub(super) fn waiting(&self) -> bool {
         self.state == State::Waiting
@@ -258,8 +280,12 @@ impl AuxConn {
         self.answer(line.into_bytes())
     }
 
+    /// Start writing the answer (and write what the socket takes now).
     fn answer(&mut self, answer: Vec<u8>) -> Next {
-        debug_assert_eq!(self.state, State::Reading);
+        debug_assert!(matches!(
+            self.state,
+            State::Reading | State::AwaitingUpgrade
+        ));
         self.state = State::Writing { answer, written: 0 };
         self.on_writable()
     }

@@ -34,6 +34,7 @@
 mod admin;
 mod conn;
 mod reload;
+mod upgrade;
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::Ordering;
@@ -49,6 +50,8 @@ use super::report::{self, CoreReport};
 use super::shared::{AdminOutcome, Msg, Shared};
 use crate::config::Config;
 use crate::metrics::{BridgeCounters, IntervalLogger};
+
+pub use self::upgrade::UpgradeSetup;
 
 /// How long an admin or metrics connection may take to send its request and get its answer.
 const AUX_CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
@@ -85,6 +88,8 @@ pub struct ControlSetup {
     /// How often to send systemd WATCHDOG=1, when the unit has `WatchdogSec=`: from this
     /// thread's loop, so that a stuck control thread stops petting and systemd restarts it.
     pub watchdog_interval: Option<Duration>,
+    /// What a binary upgrade needs (SIGUSR2, admin `upgrade`).
+    pub upgrade: UpgradeSetup,
 }
 
 /// The running control thread.
@@ -148,6 +153,7 @@ pub fn start(setup: ControlSetup) -> anyhow::Result<ControlHandle> {
         slots,
         reload: None,
         next_conn_id: 0,
+        upgrade: self::upgrade::Upgrade::new(setup.upgrade)?,
     };
     let thread = std::thread::Builder::new()
         .name("acgi-control".into())
@@ -184,6 +190,8 @@ struct Control {
     reload: Option<reload::Running>,
     /// The id the next admin or metrics connection gets.
     next_conn_id: u64,
+    /// The binary upgrade's state (`upgrade`).
+    upgrade: self::upgrade::Upgrade,
 }
 
 /// Which descriptor a poll entry watches.
@@ -193,6 +201,8 @@ enum Polled {
     Signal,
     Listener(Protocol),
     Conn(usize),
+    /// The upgrade thread has a result.
+    Upgrade,
 }
 
 impl Control {
@@ -232,6 +242,7 @@ impl Control {
                     Vec::with_capacity(4 + self.conns.len());
                 watched.push((Polled::Stop, &self.stop, PollFlags::IN));
                 watched.push((Polled::Signal, &self.signal_fd, PollFlags::IN));
+                watched.push((Polled::Upgrade, self.upgrade.wake(), PollFlags::IN));
                 if let Some(admin) = &self.admin {
                     let what = Polled::Listener(Protocol::Admin);
                     watched.push((what, admin, PollFlags::IN));
@@ -246,6 +257,9 @@ impl Control {
                         PollFlags::empty()
                     } else if conn.writing() {
                         PollFlags::OUT
+                    } else if conn.awaiting_upgrade() {
+                        // Only its hang-up, until the upgrade's result is in.
+                        PollFlags::empty()
                     } else {
                         PollFlags::IN
                     };
@@ -274,6 +288,7 @@ impl Control {
                     Polled::Stop => return self.counters,
                     Polled::Signal => self.on_signal(),
                     Polled::Listener(protocol) => self.on_acceptable(protocol),
+                    Polled::Upgrade => closed.extend(self.on_upgrade_result()),
                     Polled::Conn(index) => {
                         if self.on_conn_ready(index, flags) == Next::Close {
                             closed.push(index);
@@ -283,6 +298,7 @@ impl Control {
             }
             // Highest index first, so that each swap_remove moves an entry not yet removed.
             closed.sort_unstable_by(|a, b| b.cmp(a));
+            closed.dedup();
             for index in closed {
                 self.conns.swap_remove(index);
             }
@@ -302,6 +318,9 @@ impl Control {
                             tracing::info!(signal, "SIGHUP: reloading the configuration");
                             // (Its outcome is logged; nobody waits for it.)
                             let _ = self.start_reload(None);
+                        }
+                        libc::SIGUSR2 => {
+                            self.begin_upgrade(None);
                         }
                         libc::SIGUSR1 => tracing::info!(
                             signal,
@@ -406,6 +425,13 @@ impl Control {
     /// whole) or write its answer.
     fn on_conn_ready(&mut self, index: usize, flags: PollFlags) -> Next {
         let conn = &mut self.conns[index];
+        if conn.awaiting_upgrade() {
+            return if flags.intersects(PollFlags::HUP | PollFlags::ERR | PollFlags::NVAL) {
+                Next::Close
+            } else {
+                Next::Wait
+            };
+        }
         if conn.writing() {
             if flags.intersects(PollFlags::ERR | PollFlags::NVAL) {
                 return Next::Close;
@@ -429,6 +455,7 @@ impl Control {
                     None => Next::Wait,
                 }
             }
+            Next::Upgrade => self.begin_upgrade(Some(index)),
             next => next,
         }
     }

@@ -66,6 +66,14 @@ impl Core {
         let Some(conn) = self.conns.get(index) else {
             return;
         };
+        if self.draining
+            && conn.requests_in_flight == 0
+            && matches!(conn.phase, Phase::Open | Phase::ReadClosed)
+        {
+            // Every request it sent before is answered: nothing left on it has run.
+            self.send_drain_notice(index);
+            return;
+        }
         let flushed = conn.send.queued_bytes() == 0 && !conn.send.in_flight;
         let caller_done = conn.phase == Phase::Flushing
             || (conn.phase == Phase::ReadClosed && conn.requests_in_flight == 0);

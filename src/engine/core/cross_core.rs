@@ -51,6 +51,13 @@ impl Core {
                 }
             }
             Msg::Shutdown { now: true } => self.shutdown_deadline = Some(self.now),
+            Msg::Drain => {
+                // Before begin_shutdown, which looks at every connection.
+                self.draining = true;
+                if self.shutdown_deadline.is_none() {
+                    self.begin_shutdown();
+                }
+            }
             Msg::Report {
                 end_interval,
                 reply,

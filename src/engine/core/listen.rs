@@ -37,6 +37,10 @@ impl Core {
 
     pub(super) fn on_new_connection(&mut self, fd: OwnedFd, kind: ListenerKind) {
         if self.shutdown_deadline.is_some() {
+            if self.draining {
+                self.refuse_with_drain_notice(&fd);
+                return;
+            }
             self.counters.connections_refused += 1;
             return;
         }
@@ -124,6 +128,10 @@ impl Core {
                     .fetch_sub(1, Ordering::Relaxed);
             }
             self.shared.admission.release(ticket);
+            if self.draining {
+                self.refuse_with_drain_notice(&fd);
+                return;
+            }
             self.counters.connections_refused += 1;
             return;
         }

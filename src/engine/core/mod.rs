@@ -394,6 +394,9 @@ pub struct Core {
     shutdown_deadline: Option<Instant>,
     /// The shutdown timeout has passed once (answers are being flushed).
     shutdown_forced: bool,
+    /// The stop is a drain for a binary upgrade (`Msg::Drain`): connections end with the drain
+    /// notice (`shutdown::send_drain_notice`), and late ones get it instead of being dropped.
+    draining: bool,
     /// When each direct read into a slot must be done: (deadline, connection, request).
     direct_deadlines: VecDeque<(Instant, ConnHandle, RequestHandle)>,
     /// The reload being prepared here: its new slots, and where to say they are ready.
@@ -490,6 +493,7 @@ impl Core {
             fixed_buffer_warning_logged: false,
             shutdown_deadline: None,
             shutdown_forced: false,
+            draining: false,
             direct_deadlines: VecDeque::new(),
             refusal_logged: None,
             reload: None,

@@ -1,9 +1,50 @@
 //! Shutdown: stop accepting, drain the pools, force what is left after the timeout, and end
-//! the loop once every core is done.
+//! the loop once every core is done. A drain for a binary upgrade (`Msg::Drain`) is the same
+//! stop, except that each connection ends with the drain notice once it has nothing in flight,
+//! and a connection accepted after the drain began gets the notice instead of a bare close
+//! (docs/protocol.md §2.6): its caller then knows that nothing unanswered ran, and resends it
+//! to the new bridge.
 
 use super::*;
 
+/// The drain notice's message (its code, 6, and request id 0 are what callers look at).
+const DRAIN_NOTICE: &str = "draining: a new bridge took over; nothing unanswered on this \
+                            connection has run: reconnect and resend it";
+
 impl Core {
+    /// End a connection with nothing in flight with the drain notice (Error 6, request id 0):
+    /// read no more from it, and close it once the notice is sent.
+    pub(super) fn send_drain_notice(&mut self, index: ConnHandle) {
+        debug_assert!(self.draining);
+        debug_assert_eq!(self.conns[index].requests_in_flight, 0);
+        self.counters.connections_drained += 1;
+        let header = Header::error(0, 0, ErrorCode::ShuttingDown, DRAIN_NOTICE.len() as u32);
+        self.answer(index, &header, DRAIN_NOTICE.as_bytes());
+        // As after a malformed frame: nothing read from now on is looked at.
+        if let Some(conn) = self.conns.get_mut(index) {
+            conn.close_after_flush();
+            if conn.recv.in_flight() {
+                let token = Token::conn(conn.recv.op().expect("in flight"), index);
+                self.ring.cancel(token);
+            }
+        }
+        self.close_conn_if_finished(index);
+    }
+
+    /// A connection that reached us after the drain began: it has sent nothing we read, so it
+    /// gets the notice at once (one non-blocking send on a fresh socket) and is closed.
+    pub(super) fn refuse_with_drain_notice(&mut self, fd: &OwnedFd) {
+        debug_assert!(self.draining);
+        self.counters.connections_drained += 1;
+        let header = Header::error(0, 0, ErrorCode::ShuttingDown, DRAIN_NOTICE.len() as u32);
+        let mut frame = Vec::with_capacity(HEADER_BYTES + DRAIN_NOTICE.len());
+        proto::encode_frame(&mut frame, &header, DRAIN_NOTICE.as_bytes());
+        let flags = rustix::net::SendFlags::NOSIGNAL | rustix::net::SendFlags::DONTWAIT;
+        if let Err(error) = rustix::net::send(fd, &frame, flags) {
+            tracing::debug!(%error, "a late caller did not take the drain notice");
+        }
+    }
+
     pub(super) fn begin_shutdown(&mut self) {
         let timeout = Duration::from_millis(self.config.shutdown_timeout_ms);
         self.shutdown_deadline = Some(self.now + timeout);
