@@ -74,6 +74,7 @@ pub async fn run(plan: &Plan) -> Result<Outcome, RunError> {
         return run_batched(plan).await;
     }
     let connections = connect_all(&plan.workload, plan.connections).await?;
+    let clients: Vec<_> = connections.iter().map(|c| c.client.clone()).collect();
     let window = plan.workload.window_from(Instant::now());
 
     let mut tasks = JoinSet::new();
@@ -107,6 +108,9 @@ pub async fn run(plan: &Plan) -> Result<Outcome, RunError> {
             Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
             Err(error) => unreachable!("load task cancelled: {error}"),
         }
+    }
+    for client in &clients {
+        recorder.record_drain_retries(client.drain_retries());
     }
     Ok(Outcome {
         recorder,

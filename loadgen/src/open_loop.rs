@@ -132,6 +132,7 @@ pub async fn run(plan: &Plan) -> Result<Outcome, RunError> {
     let workload = &plan.workload;
     workload.check();
     let connections = connect_all(workload, plan.connections).await?;
+    let clients: Vec<_> = connections.iter().map(|c| c.client.clone()).collect();
     let mut timer = PreciseTimer::new()?;
     let mut payloads: Vec<Vec<Payload>> = (0..plan.connections)
         .map(|connection| {
@@ -212,6 +213,9 @@ pub async fn run(plan: &Plan) -> Result<Outcome, RunError> {
             }
             slept = timer.sleep_until(next), if sending => slept?,
         }
+    }
+    for client in &clients {
+        recorder.record_drain_retries(client.drain_retries());
     }
     Ok(Outcome {
         recorder,

@@ -105,6 +105,8 @@ pub struct Report {
     pub errors: BTreeMap<String, u64>,
     pub warmup_errors: u64,
     pub tasks_stopped_early: u64,
+    /// Calls resent on a new connection because a draining bridge refused them (not errors).
+    pub drain_retries: u64,
     pub verify_mismatches: u64,
     pub first_mismatch: Option<Mismatch>,
     /// Percentiles of successful calls in microseconds; `null` when none succeeded. Open loop:
@@ -190,6 +192,7 @@ impl Report {
             errors: recorder.errors_by_label(),
             warmup_errors: recorder.warmup_errors(),
             tasks_stopped_early: recorder.tasks_stopped_early(),
+            drain_retries: recorder.drain_retries(),
             verify_mismatches: recorder.mismatches(),
             first_mismatch: recorder.first_mismatch().cloned(),
             latency_us: recorder.latency(),
@@ -286,6 +289,13 @@ impl Report {
                 out,
                 "warm-up     {} errors (not in the results)",
                 self.warmup_errors
+            );
+        }
+        if self.drain_retries > 0 {
+            let _ = writeln!(
+                out,
+                "resent      {} calls a draining bridge refused (they had not run; an upgrade)",
+                self.drain_retries
             );
         }
         if self.tasks_stopped_early > 0 {

@@ -121,6 +121,9 @@ pub struct Recorder {
     first_mismatch: Option<Mismatch>,
     /// Tasks that stopped before the end of the run because their connection failed.
     tasks_stopped_early: u64,
+    /// Calls the client resent on a new connection because a draining bridge refused them
+    /// (a binary upgrade): not errors, each succeeded or failed once resent.
+    drain_retries: u64,
 }
 
 impl Default for Recorder {
@@ -158,6 +161,7 @@ impl Recorder {
             mismatches: 0,
             first_mismatch: None,
             tasks_stopped_early: 0,
+            drain_retries: 0,
         }
     }
 
@@ -250,6 +254,17 @@ impl Recorder {
             self.first_mismatch.clone_from(&other.first_mismatch);
         }
         self.tasks_stopped_early += other.tasks_stopped_early;
+        self.drain_retries += other.drain_retries;
+    }
+
+    /// The client's count of calls resent after a drain (`acgi_client::Client::drain_retries`),
+    /// summed over the run's connections.
+    pub fn record_drain_retries(&mut self, retries: u64) {
+        self.drain_retries += retries;
+    }
+
+    pub fn drain_retries(&self) -> u64 {
+        self.drain_retries
     }
 
     /// Successful measured calls.

@@ -422,8 +422,8 @@ fn wait_ready(channel: OwnedFd, pid: i32, pidfd: &OwnedFd) -> Result<Ready, Upgr
         let mut message = [0u8; MESSAGE_BYTES_MAX];
         let received = match rustix::net::recv(&channel, &mut message, RecvFlags::DONTWAIT) {
             Ok((n, _)) => n,
-            Err(Errno::AGAIN | Errno::INTR) => continue,
-            // A reset is an end too.
+            // (A reset is reported once, before what was sent ahead of it: read on.)
+            Err(Errno::AGAIN | Errno::INTR | Errno::CONNRESET) => continue,
             Err(_) => 0,
         };
         let text = String::from_utf8_lossy(&message[..received]);
@@ -451,6 +451,9 @@ fn wait_ready(channel: OwnedFd, pid: i32, pidfd: &OwnedFd) -> Result<Ready, Upgr
 /// The new side of an upgrade: the channel to the old bridge.
 pub struct Takeover {
     channel: OwnedFd,
+    /// The old bridge's message and listeners, read at once (so that a bridge that fails
+    /// early does not close the channel with them unread, which resets it under its report).
+    received: Option<(String, Vec<OwnedFd>)>,
     /// `ready` or `error` was sent (nothing more is).
     reported: bool,
 }
@@ -485,16 +488,24 @@ impl Takeover {
         // No worker may inherit it.
         rustix::io::fcntl_setfd(&channel, rustix::io::FdFlags::CLOEXEC)
             .map_err(|error| format!("--takeover-fd {raw}: {error}"))?;
-        Ok(Takeover {
+        let mut takeover = Takeover {
             channel,
+            received: None,
             reported: false,
-        })
+        };
+        match takeover.receive() {
+            Ok(received) => takeover.received = Some(received),
+            Err(error) => {
+                let message = format!("receiving the listeners: {error}");
+                takeover.report_failure(&message);
+                return Err(message);
+            }
+        }
+        Ok(takeover)
     }
 
-    /// Receive the old bridge's listeners and keep those that are where `config` listens (the
-    /// same check as for sockets systemd passes); the others are closed, and their listeners
-    /// bound anew by the caller as usual.
-    pub fn take_listeners(&mut self, config: &Config) -> anyhow::Result<Inherited> {
+    /// The old bridge's message (queued before this process existed) and its descriptors.
+    fn receive(&self) -> std::io::Result<(String, Vec<OwnedFd>)> {
         let mut message = [0u8; MESSAGE_BYTES_MAX];
         let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(LISTENERS_MAX))];
         let mut control = RecvAncillaryBuffer::new(&mut space);
@@ -504,8 +515,7 @@ impl Takeover {
             &mut iov,
             &mut control,
             RecvFlags::DONTWAIT | RecvFlags::CMSG_CLOEXEC,
-        )
-        .map_err(|error| anyhow::anyhow!("receiving the listeners: {error}"))?;
+        )?;
         let mut fds: Vec<OwnedFd> = Vec::new();
         for ancillary in control.drain() {
             if let RecvAncillaryMessage::ScmRights(passed) = ancillary {
@@ -513,6 +523,17 @@ impl Takeover {
             }
         }
         let text = String::from_utf8_lossy(&message[..received.bytes]).into_owned();
+        Ok((text, fds))
+    }
+
+    /// Receive the old bridge's listeners and keep those that are where `config` listens (the
+    /// same check as for sockets systemd passes); the others are closed, and their listeners
+    /// bound anew by the caller as usual.
+    pub fn take_listeners(&mut self, config: &Config) -> anyhow::Result<Inherited> {
+        let (text, fds) = self
+            .received
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("the listeners were taken already"))?;
         let mut lines = text.lines();
         if lines.next() != Some(GREETING) {
             anyhow::bail!("the old bridge speaks another takeover protocol: {text:?}");

@@ -23,3 +23,4 @@ mod sdk_c;
 mod sdks;
 mod systemd;
 mod unkillable;
+mod upgrade;

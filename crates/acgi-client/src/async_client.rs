@@ -2,13 +2,13 @@
 //! to calls by request id by one reader task.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::oneshot;
 
-use crate::proto::{self, Header, Kind, HEADER_BYTES};
+use crate::proto::{self, ErrorCode, Header, Kind, HEADER_BYTES};
 use crate::{with_timeout_prefix, Addr, Answer, CallError, ConnectOptions, Service};
 
 /// Payloads up to this size are sent in the same write as their header.
@@ -16,7 +16,16 @@ const SMALL_FRAME_BYTES: usize = 4096;
 
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Answer>>>>;
 
+/// After a write fails, how long to wait for the connection's reader to see the drain notice
+/// the bridge may have sent before it closed (then the call never ran and is resent).
+const DRAIN_NOTICE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// A pipelined async connection to a bridge. Cheap to clone; clones share the connection.
+///
+/// A call that the bridge refused because it is draining (error 6, or unanswered when the
+/// bridge's drain notice arrived: docs/protocol.md §2.6) never ran; it is resent on a new
+/// connection, at most [`crate::DRAIN_RETRIES_MAX`] times, so that a binary upgrade of the
+/// bridge fails no call. Every other failure is returned as before.
 ///
 /// ```no_run
 /// # async fn demo() -> Result<(), acgi_client::CallError> {
@@ -30,16 +39,155 @@ pub struct Client {
 }
 
 struct Inner {
-    writer: tokio::sync::Mutex<Box<dyn AsyncWrite + Send + Unpin>>,
-    pending: Pending,
+    addr: String,
+    options: ConnectOptions,
+    /// The connection calls go out on; replaced once the bridge drains it.
+    conn: Mutex<Arc<Conn>>,
+    /// Held while a new connection is being made (one reconnect for every call that needs it).
+    reconnecting: tokio::sync::Mutex<()>,
     next_request_id: AtomicU64,
     services: Mutex<HashMap<String, u32>>,
+    /// Calls resent on a new connection because the bridge was draining.
+    drain_retries: AtomicU64,
+}
+
+/// One connection: its write half, the calls waiting for answers, and its reader task.
+struct Conn {
+    writer: tokio::sync::Mutex<Box<dyn AsyncWrite + Send + Unpin>>,
+    pending: Pending,
+    /// The bridge sent the drain notice or answered a call with error 6: no new call goes out
+    /// on this connection.
+    drained: Arc<AtomicBool>,
+    /// Becomes true when the reader has ended (the connection is gone).
+    ended: tokio::sync::watch::Receiver<bool>,
     reader: tokio::task::JoinHandle<()>,
 }
 
-impl Drop for Inner {
+impl Drop for Conn {
     fn drop(&mut self) {
         self.reader.abort();
+    }
+}
+
+/// How one attempt at an exchange ended.
+enum Attempt {
+    Answered(Answer),
+    /// Refused by a draining bridge: it never ran (the error to return if no retry is left).
+    Drained(CallError),
+    Failed(CallError),
+}
+
+impl Conn {
+    async fn open(addr: &str, options: &ConnectOptions) -> Result<Conn, CallError> {
+        let bound = options.reply_bytes_max;
+        match Addr::parse(addr) {
+            Addr::Unix(path) => {
+                let stream = tokio::net::UnixStream::connect(path).await?;
+                options.check_server(&stream)?;
+                let (read, write) = stream.into_split();
+                Ok(Conn::from_halves(read, write, bound))
+            }
+            Addr::Tcp(host_port) => {
+                options.check_tcp_allowed()?;
+                let stream = tokio::net::TcpStream::connect(host_port).await?;
+                stream.set_nodelay(true)?;
+                let (read, write) = stream.into_split();
+                Ok(Conn::from_halves(read, write, bound))
+            }
+        }
+    }
+
+    fn from_halves<R, W>(read: R, write: W, reply_bytes_max: u32) -> Conn
+    where
+        R: AsyncRead + Send + Unpin + 'static,
+        W: AsyncWrite + Send + Unpin + 'static,
+    {
+        let pending: Pending = Arc::default();
+        let drained = Arc::new(AtomicBool::new(false));
+        let (ended_tx, ended) = tokio::sync::watch::channel(false);
+        // Buffered: one read takes every answer that has arrived (not two reads per answer).
+        let read = tokio::io::BufReader::with_capacity(READ_BUFFER_BYTES, read);
+        let reader = tokio::spawn(read_answers(
+            read,
+            Arc::clone(&pending),
+            Arc::clone(&drained),
+            ended_tx,
+            reply_bytes_max,
+        ));
+        Conn {
+            writer: tokio::sync::Mutex::new(Box::new(write)),
+            pending,
+            drained,
+            ended,
+            reader,
+        }
+    }
+
+    fn is_drained(&self) -> bool {
+        self.drained.load(Ordering::SeqCst)
+    }
+
+    /// Send one frame and wait for its answer.
+    async fn exchange(&self, request_id: u64, header: &Header, payload: &[u8]) -> Attempt {
+        if self.is_drained() {
+            return Attempt::Drained(drained_error());
+        }
+        let (sender, receiver) = oneshot::channel();
+        self.pending
+            .lock()
+            .expect("not poisoned")
+            .insert(request_id, sender);
+        let written = if payload.len() <= SMALL_FRAME_BYTES {
+            // One write per call: header and payload together.
+            let mut frame = [0u8; HEADER_BYTES + SMALL_FRAME_BYTES];
+            frame[..HEADER_BYTES].copy_from_slice(&header.encode());
+            frame[HEADER_BYTES..HEADER_BYTES + payload.len()].copy_from_slice(payload);
+            let frame = &frame[..HEADER_BYTES + payload.len()];
+            self.writer.lock().await.write_all(frame).await
+        } else {
+            let mut writer = self.writer.lock().await;
+            let mut result = writer.write_all(&header.encode()).await;
+            if result.is_ok() {
+                result = writer.write_all(payload).await;
+            }
+            result
+        };
+        if let Err(error) = written {
+            self.pending
+                .lock()
+                .expect("not poisoned")
+                .remove(&request_id);
+            // A bridge that drained and closed this connection sent its notice first: once the
+            // reader has read to the end, it knows.
+            let mut ended = self.ended.clone();
+            let _ = tokio::time::timeout(DRAIN_NOTICE_WAIT, ended.wait_for(|ended| *ended)).await;
+            if self.is_drained() {
+                return Attempt::Drained(drained_error());
+            }
+            return Attempt::Failed(error.into());
+        }
+        match receiver.await {
+            Ok(answer) if is_shutting_down(&answer) => {
+                self.drained.store(true, Ordering::SeqCst);
+                Attempt::Drained(answer.into_result().expect_err("an error frame"))
+            }
+            Ok(answer) => Attempt::Answered(answer),
+            Err(_) if self.is_drained() => Attempt::Drained(drained_error()),
+            Err(_) => Attempt::Failed(CallError::Closed),
+        }
+    }
+}
+
+/// An answer with error 6: the request never ran (docs/protocol.md §3).
+fn is_shutting_down(answer: &Answer) -> bool {
+    answer.header.kind == Kind::Error && answer.header.code == ErrorCode::ShuttingDown as u16
+}
+
+/// What a call gets when the bridge drained its connection and no retry is left.
+fn drained_error() -> CallError {
+    CallError::Remote {
+        code: ErrorCode::ShuttingDown as u16,
+        message: "the bridge drained the connection before answering (the call did not run)".into(),
     }
 }
 
@@ -50,44 +198,27 @@ impl Client {
         Client::connect_with(addr, &ConnectOptions::new()).await
     }
 
-    /// Connect with `options` (the reply bound, the server's expected uid).
+    /// Connect with `options` (the reply bound, the server's expected uid). A reconnect after
+    /// a drain uses the same address and options.
     pub async fn connect_with(addr: &str, options: &ConnectOptions) -> Result<Client, CallError> {
-        let bound = options.reply_bytes_max;
-        match Addr::parse(addr) {
-            Addr::Unix(path) => {
-                let stream = tokio::net::UnixStream::connect(path).await?;
-                options.check_server(&stream)?;
-                let (read, write) = stream.into_split();
-                Ok(Client::from_halves(read, write, bound))
-            }
-            Addr::Tcp(host_port) => {
-                options.check_tcp_allowed()?;
-                let stream = tokio::net::TcpStream::connect(host_port).await?;
-                stream.set_nodelay(true)?;
-                let (read, write) = stream.into_split();
-                Ok(Client::from_halves(read, write, bound))
-            }
-        }
-    }
-
-    fn from_halves<R, W>(read: R, write: W, reply_bytes_max: u32) -> Client
-    where
-        R: AsyncRead + Send + Unpin + 'static,
-        W: AsyncWrite + Send + Unpin + 'static,
-    {
-        let pending: Pending = Arc::default();
-        // Buffered: one read takes every answer that has arrived (not two reads per answer).
-        let read = tokio::io::BufReader::with_capacity(READ_BUFFER_BYTES, read);
-        let reader = tokio::spawn(read_answers(read, Arc::clone(&pending), reply_bytes_max));
-        Client {
+        let conn = Conn::open(addr, options).await?;
+        Ok(Client {
             inner: Arc::new(Inner {
-                writer: tokio::sync::Mutex::new(Box::new(write)),
-                pending,
+                addr: addr.to_string(),
+                options: options.clone(),
+                conn: Mutex::new(Arc::new(conn)),
+                reconnecting: tokio::sync::Mutex::new(()),
                 next_request_id: AtomicU64::new(1),
                 services: Mutex::default(),
-                reader,
+                drain_retries: AtomicU64::new(0),
             }),
-        }
+        })
+    }
+
+    /// Calls resent on a new connection so far because the bridge was draining (a binary
+    /// upgrade): each of them did not run on the old bridge.
+    pub fn drain_retries(&self) -> u64 {
+        self.inner.drain_retries.load(Ordering::Relaxed)
     }
 
     /// Call `service` with `payload`; resolves when its reply (or error) arrives.
@@ -147,6 +278,7 @@ impl Client {
         self.exchange_flags(kind, 0, service_id, payload).await
     }
 
+    /// One frame and its answer, resent on a new connection when a draining bridge refused it.
     async fn exchange_flags(
         &self,
         kind: Kind,
@@ -154,39 +286,43 @@ impl Client {
         service_id: u32,
         payload: &[u8],
     ) -> Result<Answer, CallError> {
-        let request_id = self.inner.next_request_id.fetch_add(1, Ordering::Relaxed);
-        let (sender, receiver) = oneshot::channel();
-        self.inner
-            .pending
-            .lock()
-            .expect("not poisoned")
-            .insert(request_id, sender);
-        let mut header = Header::new(kind, service_id, request_id, payload.len() as u32);
-        header.flags = flags;
-        let written = if payload.len() <= SMALL_FRAME_BYTES {
-            // One write per call: header and payload together.
-            let mut frame = [0u8; HEADER_BYTES + SMALL_FRAME_BYTES];
-            frame[..HEADER_BYTES].copy_from_slice(&header.encode());
-            frame[HEADER_BYTES..HEADER_BYTES + payload.len()].copy_from_slice(payload);
-            let frame = &frame[..HEADER_BYTES + payload.len()];
-            self.inner.writer.lock().await.write_all(frame).await
-        } else {
-            let mut writer = self.inner.writer.lock().await;
-            let mut result = writer.write_all(&header.encode()).await;
-            if result.is_ok() {
-                result = writer.write_all(payload).await;
+        let mut retries = 0;
+        loop {
+            let conn = self.connection().await?;
+            let request_id = self.inner.next_request_id.fetch_add(1, Ordering::Relaxed);
+            let mut header = Header::new(kind, service_id, request_id, payload.len() as u32);
+            header.flags = flags;
+            match conn.exchange(request_id, &header, payload).await {
+                Attempt::Answered(answer) => return Ok(answer),
+                Attempt::Failed(error) => return Err(error),
+                Attempt::Drained(error) => {
+                    if retries == crate::DRAIN_RETRIES_MAX || self.connection().await.is_err() {
+                        // (A bridge that stops without a successor: its answer stands.)
+                        return Err(error);
+                    }
+                    retries += 1;
+                    self.inner.drain_retries.fetch_add(1, Ordering::Relaxed);
+                }
             }
-            result
-        };
-        if let Err(error) = written {
-            self.inner
-                .pending
-                .lock()
-                .expect("not poisoned")
-                .remove(&request_id);
-            return Err(error.into());
         }
-        receiver.await.map_err(|_| CallError::Closed)
+    }
+
+    /// The connection to send on: the current one, or a new one once the bridge drained it.
+    async fn connection(&self) -> Result<Arc<Conn>, CallError> {
+        let current = Arc::clone(&self.inner.conn.lock().expect("not poisoned"));
+        if !current.is_drained() {
+            return Ok(current);
+        }
+        let _one_at_a_time = self.inner.reconnecting.lock().await;
+        let current = Arc::clone(&self.inner.conn.lock().expect("not poisoned"));
+        if !current.is_drained() {
+            return Ok(current);
+        }
+        let fresh = Arc::new(Conn::open(&self.inner.addr, &self.inner.options).await?);
+        *self.inner.conn.lock().expect("not poisoned") = Arc::clone(&fresh);
+        // Names are resolved again by the bridge that now answers.
+        self.inner.services.lock().expect("not poisoned").clear();
+        Ok(fresh)
     }
 }
 
@@ -195,8 +331,14 @@ const READ_BUFFER_BYTES: usize = 64 * 1024;
 
 /// Read answers and hand each to its call; a frame over `reply_bytes_max` (checked on its
 /// header, before any allocation) or a malformed one ends the connection: every call in flight
-/// then fails with `Closed`.
-async fn read_answers<R: AsyncRead + Unpin>(mut read: R, pending: Pending, reply_bytes_max: u32) {
+/// then fails with `Closed`, or is resent if the bridge's drain notice came first (`drained`).
+async fn read_answers<R: AsyncRead + Unpin>(
+    mut read: R,
+    pending: Pending,
+    drained: Arc<AtomicBool>,
+    ended: tokio::sync::watch::Sender<bool>,
+    reply_bytes_max: u32,
+) {
     let mut bytes = [0u8; HEADER_BYTES];
     loop {
         if read.read_exact(&mut bytes).await.is_err() {
@@ -209,6 +351,11 @@ async fn read_answers<R: AsyncRead + Unpin>(mut read: R, pending: Pending, reply
         if read.read_exact(&mut payload).await.is_err() {
             break;
         }
+        if crate::is_drain_notice(&header) {
+            // Nothing unanswered on this connection has run; the bridge closes it next.
+            drained.store(true, Ordering::SeqCst);
+            continue;
+        }
         let waiter = pending
             .lock()
             .expect("not poisoned")
@@ -217,6 +364,8 @@ async fn read_answers<R: AsyncRead + Unpin>(mut read: R, pending: Pending, reply
             let _ = waiter.send(Answer { header, payload });
         }
     }
-    // Dropping the senders wakes every waiting call with `Closed`.
+    // Dropping the senders wakes every waiting call with `Closed` (or, after the notice, a
+    // resend).
     pending.lock().expect("not poisoned").clear();
+    let _ = ended.send(true);
 }

@@ -15,6 +15,14 @@
 //!   without tokio.
 //!
 //! Service names are resolved to ids once per connection (a `Resolve` frame) and cached.
+//!
+//! Draining bridges (a binary upgrade, docs/protocol.md §2.6): a call answered with error 6
+//! (`shutting down`), or still unanswered when the bridge's drain notice (an `Error` 6 with
+//! request id 0) arrives, never ran. `Client` and `BlockingClient::call` then resend it on a
+//! new connection to the same address, at most [`DRAIN_RETRIES_MAX`] times, and return the
+//! error 6 only when no new connection can be made or the retries are spent. No other failure
+//! is retried: a call in flight when a connection closes without the notice has an unknown
+//! outcome. Service ids are resolved again on the new connection.
 //! Addresses: `unix:/path`, `tcp:host:port`, or bare: a string containing `/` is a Unix socket
 //! path, anything else is a TCP `host:port`.
 
@@ -34,6 +42,23 @@ use proto::{ErrorCode, Header, Kind, HEADER_BYTES};
 mod async_client;
 #[cfg(feature = "tokio")]
 pub use async_client::Client;
+
+/// How many times one call is resent on a new connection after a draining bridge refused it
+/// (each time, the bridge said it did not run). One suffices when a new bridge has taken over;
+/// the rest cover a connection that reached the old one just as it stopped accepting.
+pub const DRAIN_RETRIES_MAX: u32 = 3;
+
+/// Whether a frame from the bridge is the drain notice: `Error`, code 6, request id 0.
+pub fn is_drain_notice(header: &Header) -> bool {
+    header.kind == Kind::Error
+        && header.code == ErrorCode::ShuttingDown as u16
+        && header.request_id == 0
+}
+
+/// Whether a call's error is error 6 (`shutting down`): the call did not run.
+fn is_shutting_down(error: &CallError) -> bool {
+    matches!(error, CallError::Remote { code, .. } if *code == ErrorCode::ShuttingDown as u16)
+}
 
 /// Where a bridge listens.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -133,6 +158,9 @@ impl ConnectOptions {
             next_request_id: 1,
             services: HashMap::new(),
             reply_bytes_max: self.reply_bytes_max,
+            addr: addr.to_string(),
+            options: self.clone(),
+            drain_retries: 0,
         })
     }
 
@@ -320,6 +348,10 @@ pub struct BlockingClient {
     next_request_id: u64,
     services: HashMap<String, u32>,
     reply_bytes_max: u32,
+    /// For a reconnect after a drain.
+    addr: String,
+    options: ConnectOptions,
+    drain_retries: u64,
 }
 
 impl BlockingClient {
@@ -329,15 +361,42 @@ impl BlockingClient {
         ConnectOptions::new().blocking(addr)
     }
 
-    /// Call `service` and wait for its answer. Do not mix with outstanding `send`s.
+    /// Call `service` and wait for its answer. Do not mix with outstanding `send`s. A call a
+    /// draining bridge refused is resent on a new connection (see the crate docs).
     pub fn call<'a>(
         &mut self,
         service: impl Into<Service<'a>>,
         payload: &[u8],
     ) -> Result<Vec<u8>, CallError> {
-        let service_id = self.service_id(service.into())?;
-        let request_id = self.send(service_id, payload)?;
-        let answer = self.receive()?;
+        let service = service.into();
+        let mut retries = 0;
+        loop {
+            let result = self
+                .service_id(service.clone())
+                .and_then(|service_id| self.call_once(service_id, payload));
+            match result {
+                Err(error) if is_shutting_down(&error) && retries < DRAIN_RETRIES_MAX => {
+                    // (A bridge that stops without a successor: its answer stands.)
+                    self.reconnect().map_err(|_| error)?;
+                    retries += 1;
+                    self.drain_retries += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Calls resent on a new connection so far because the bridge was draining.
+    pub fn drain_retries(&self) -> u64 {
+        self.drain_retries
+    }
+
+    fn call_once(&mut self, service_id: u32, payload: &[u8]) -> Result<Vec<u8>, CallError> {
+        let request_id = match self.send(service_id, payload) {
+            Ok(id) => id,
+            Err(error) => return Err(self.after_send_failed(error)),
+        };
+        let answer = self.receive_or_notice()?;
         if answer.header.request_id != request_id {
             return Err(CallError::Protocol(format!(
                 "reply for request {} while waiting for {request_id}",
@@ -345,6 +404,35 @@ impl BlockingClient {
             )));
         }
         answer.into_result()
+    }
+
+    /// The next answer; the drain notice as its error 6.
+    fn receive_or_notice(&mut self) -> Result<Answer, CallError> {
+        let answer = self.receive()?;
+        if is_drain_notice(&answer.header) {
+            return Err(answer.into_result().expect_err("an error frame"));
+        }
+        Ok(answer)
+    }
+
+    /// A send failed: when the bridge closed the connection after its drain notice (which is
+    /// then waiting to be read), the error is the notice's (the request did not run).
+    fn after_send_failed(&mut self, error: CallError) -> CallError {
+        match self.receive() {
+            Ok(answer) if is_drain_notice(&answer.header) => {
+                answer.into_result().expect_err("an error frame")
+            }
+            _ => error,
+        }
+    }
+
+    /// A new connection to the same address, with the same options (service names are
+    /// resolved anew; request ids go on counting).
+    fn reconnect(&mut self) -> Result<(), CallError> {
+        let fresh = self.options.blocking(&self.addr)?;
+        self.stream = fresh.stream;
+        self.services.clear();
+        Ok(())
     }
 
     /// The numeric id of `service`, asking the bridge on first use of a name.
@@ -356,8 +444,11 @@ impl BlockingClient {
         if let Some(id) = self.services.get(name) {
             return Ok(*id);
         }
-        let request_id = self.send_frame(Kind::Resolve, 0, name.as_bytes())?;
-        let answer = self.receive()?;
+        let request_id = match self.send_frame(Kind::Resolve, 0, name.as_bytes()) {
+            Ok(id) => id,
+            Err(error) => return Err(self.after_send_failed(error)),
+        };
+        let answer = self.receive_or_notice()?;
         if answer.header.request_id != request_id {
             return Err(CallError::Protocol("resolve answered out of turn".into()));
         }
@@ -406,7 +497,8 @@ impl BlockingClient {
         Ok(request_id)
     }
 
-    /// Wait for the next answer frame, whichever request it belongs to.
+    /// Wait for the next answer frame, whichever request it belongs to. (A draining bridge's
+    /// notice is one too: see [`is_drain_notice`]; then nothing still unanswered ran.)
     pub fn receive(&mut self) -> Result<Answer, CallError> {
         let mut bytes = [0u8; HEADER_BYTES];
         match self.stream.read_exact(&mut bytes) {
