@@ -11,7 +11,10 @@ One :class:`asyncio.Protocol` owns the connection: it cuts received bytes into f
 the future of the call each answer names. The bridge may answer in any order (§2.1). When the
 connection ends, for whatever reason, every call still waiting fails with the same
 :class:`ConnectionClosed` (or :class:`ProtocolError` when the bridge sent a bad frame): their
-outcome is unknown.
+outcome is unknown. The exception is a draining bridge (a binary upgrade, docs/protocol.md
+§2.6): a call answered with error 6, or still waiting when the drain notice arrives, never ran,
+and is resent on a new connection to the same address (at most
+:data:`acgi.errors.DRAIN_RETRIES_MAX` times).
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ class _Connection(asyncio.Protocol):
         self.transport: Optional[asyncio.Transport] = None
         self.waiting: Dict[int, "asyncio.Future[Answer]"] = {}
         self.failure: Optional[errors.ConnectionClosed] = None
+        #: The bridge drained this connection (notice or error 6): no new call goes out on it.
+        self.drained = False
         self.closed = asyncio.get_running_loop().create_future()
         self._can_write = asyncio.Event()
         self._can_write.set()
@@ -69,6 +74,13 @@ class _Connection(asyncio.Protocol):
                 self.fail(errors.ProtocolError(f"the bridge sent a bad frame: {error}"))
                 return
             header, payload = frame
+            if header.kind == Kind.ERROR and header.request_id == 0 and header.code == 6:
+                # The drain notice: nothing still waiting ran; the bridge closes next.
+                self.drained = True
+                self.fail(errors.Drained(
+                    "the bridge drained the connection (a binary upgrade): calls still "
+                    "waiting did not run"))
+                return
             future = self.waiting.pop(header.request_id, None)
             if future is not None:
                 if not future.done():
@@ -120,6 +132,24 @@ class _Connection(asyncio.Protocol):
                 raise self.failure
 
 
+async def _open(address: Address, reply_bytes_max: int,
+                connect_timeout: Optional[float]) -> _Connection:
+    """Connect to a Unix socket path or ``HOST:PORT``."""
+    loop = asyncio.get_running_loop()
+    family, sockaddr = parse_address(address)
+
+    def factory() -> _Connection:
+        return _Connection(reply_bytes_max)
+
+    if family == socket.AF_UNIX:
+        opening = loop.create_unix_connection(factory, sockaddr)
+    else:
+        host, port = sockaddr
+        opening = loop.create_connection(factory, host, port)
+    _, connection = await asyncio.wait_for(opening, connect_timeout)
+    return connection
+
+
 class AsyncClient:
     """An asyncio connection to a bridge. Create it with :meth:`connect`.
 
@@ -130,6 +160,11 @@ class AsyncClient:
 
     def __init__(self, connection: _Connection) -> None:
         self._connection = connection
+        #: Set by :meth:`connect`: where a reconnect after a drain goes.
+        self._reopen = None
+        self._reconnecting: Optional[asyncio.Lock] = None
+        #: Calls resent on a new connection because the bridge was draining.
+        self.drain_retries = 0
         self._ids = RequestIds()
         self._services: Dict[str, int] = {}
         self._resolving: Dict[str, "asyncio.Future[int]"] = {}
@@ -139,23 +174,31 @@ class AsyncClient:
                       reply_bytes_max: int = PAYLOAD_BYTES_MAX_DEFAULT,
                       connect_timeout: Optional[float] = 10.0) -> "AsyncClient":
         """Connect to a Unix socket path or ``HOST:PORT``."""
-        loop = asyncio.get_running_loop()
-        family, sockaddr = parse_address(address)
-
-        def factory() -> _Connection:
-            return _Connection(reply_bytes_max)
-
-        if family == socket.AF_UNIX:
-            opening = loop.create_unix_connection(factory, sockaddr)
-        else:
-            host, port = sockaddr
-            opening = loop.create_connection(factory, host, port)
-        _, connection = await asyncio.wait_for(opening, connect_timeout)
-        return cls(connection)
+        async def reopen() -> _Connection:
+            return await _open(address, reply_bytes_max, connect_timeout)
+        client = cls(await reopen())
+        client._reopen = reopen
+        return client
 
     @property
     def closed(self) -> bool:
         return self._connection.failure is not None
+
+    async def _connection_for_call(self) -> _Connection:
+        """The connection to send on: a new one once the bridge drained the current one."""
+        connection = self._connection
+        if not connection.drained or self._reopen is None:
+            return connection
+        if self._reconnecting is None:
+            self._reconnecting = asyncio.Lock()
+        async with self._reconnecting:
+            if self._connection is connection:
+                fresh = await self._reopen()
+                self._services.clear()  # names are resolved anew
+                self._connection = fresh
+                # (Calls still waiting on the old connection are answered there, or get the
+                # notice.)
+        return self._connection
 
     async def call(self, service: Service, payload=b"", *, timeout: Optional[float] = None,
                    queue_timeout: Optional[float] = None) -> bytes:
@@ -250,7 +293,36 @@ class AsyncClient:
 
     async def _exchange(self, kind: Kind, service_id: int, payload: bytes,
                         flags: int = 0) -> Answer:
-        connection = self._connection
+        """One frame and its answer, resent on a new connection when a draining bridge
+        refused it (it never ran)."""
+        retries = 0
+        while True:
+            connection = await self._connection_for_call()
+            try:
+                answer = await self._exchange_once(connection, kind, service_id, payload, flags)
+            except errors.Drained as error:
+                refusal: Optional[BaseException] = error
+                answer = None
+            else:
+                if answer[0].kind != Kind.ERROR or answer[0].code != 6:
+                    return answer
+                connection.drained = True  # error 6: this connection takes nothing more
+                refusal = None
+            if retries == errors.DRAIN_RETRIES_MAX or self._reopen is None:
+                break
+            try:
+                await self._connection_for_call()
+            except OSError:
+                break  # no successor: the refusal stands
+            retries += 1
+            self.drain_retries += 1
+        if answer is not None:
+            return answer
+        assert refusal is not None
+        raise refusal
+
+    async def _exchange_once(self, connection: _Connection, kind: Kind, service_id: int,
+                             payload: bytes, flags: int) -> Answer:
         if connection.failure is not None:
             raise connection.failure
         request_id = self._ids.take(connection.waiting)

@@ -7,6 +7,10 @@
 
 Not thread-safe: use one ``Client`` per thread (or :class:`acgi.AsyncClient`). A call that
 times out leaves the connection usable: its late answer, if any, is discarded when it arrives.
+
+A call a draining bridge refused (error 6, or unanswered when the drain notice came: it never
+ran, docs/protocol.md §2.6) is resent on a new connection to the same address, at most
+:data:`acgi.errors.DRAIN_RETRIES_MAX` times: a binary upgrade of the bridge fails no call.
 """
 
 from __future__ import annotations
@@ -37,7 +41,16 @@ class Client:
 
     def __init__(self, address: Address, *, reply_bytes_max: int = PAYLOAD_BYTES_MAX_DEFAULT,
                  connect_timeout: Optional[float] = 10.0) -> None:
-        family, sockaddr = parse_address(address)
+        self._address = address
+        self._reply_bytes_max = reply_bytes_max
+        self._connect_timeout = connect_timeout
+        #: Calls resent on a new connection because the bridge was draining.
+        self.drain_retries = 0
+        self._open()
+
+    def _open(self) -> None:
+        family, sockaddr = parse_address(self._address)
+        connect_timeout = self._connect_timeout
         if family == socket.AF_UNIX:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
@@ -51,7 +64,7 @@ class Client:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.settimeout(None)
         self._sock: Optional[socket.socket] = sock
-        self._input = FrameBuffer(reply_bytes_max)
+        self._input = FrameBuffer(self._reply_bytes_max)
         self._ids = RequestIds()
         self._waiting: Set[int] = set()
         self._arrived: Dict[int, Tuple[Header, bytes]] = {}
@@ -72,10 +85,30 @@ class Client:
         :class:`ConnectionClosed`.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        service_id = self.resolve(service, timeout=timeout)
-        flags, body = request_payload(payload, timeout if queue_timeout is None else queue_timeout)
-        request_id = self._send(Kind.REQUEST, service_id, body, flags)
-        return answer_result(*self._wait(request_id, deadline), Kind.REPLY)[1]
+        retries = 0
+        while True:
+            try:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                service_id = self.resolve(service, timeout=left)
+                flags, body = request_payload(
+                    payload, timeout if queue_timeout is None else queue_timeout)
+                request_id = self._send(Kind.REQUEST, service_id, body, flags)
+                return answer_result(*self._wait(request_id, deadline), Kind.REPLY)[1]
+            except errors.AcgiError as error:
+                if not errors.refused_by_drain(error) or retries == errors.DRAIN_RETRIES_MAX:
+                    raise
+                try:
+                    self._reconnect()
+                except OSError:
+                    raise error from None  # no successor: the refusal stands
+                retries += 1
+                self.drain_retries += 1
+
+    def _reconnect(self) -> None:
+        """A new connection to the same address (names are resolved anew)."""
+        if self._sock is not None:
+            self._sock.close()
+        self._open()
 
     def resolve(self, service: Service, *, timeout: Optional[float] = None) -> int:
         """The id of ``service`` (an int is returned as is; a name is asked of the bridge once
@@ -131,6 +164,13 @@ class Client:
             sock.settimeout(None)
             sock.sendall(frame)
         except OSError as error:
+            # A bridge that drained and closed the connection sent its notice first.
+            try:
+                self._receive_one(time.monotonic() + 1.0)
+            except errors.Drained:
+                raise self._failure from error
+            except (errors.AcgiError, OSError):
+                pass
             self._fail(errors.ConnectionClosed(f"sending failed: {error}"))
             raise self._failure from error
         self._waiting.add(request_id)
@@ -195,6 +235,12 @@ class Client:
             raise
         if header.request_id in self._waiting:
             self._arrived[header.request_id] = (header, payload)
+        elif header.kind == Kind.ERROR and header.request_id == 0 and header.code == 6:
+            # The drain notice (§2.6): nothing still waiting here ran; the bridge closes next.
+            self._fail(errors.Drained(
+                "the bridge drained the connection (a binary upgrade): calls still waiting did "
+                "not run"))
+            raise self._failure
         elif header.kind == Kind.ERROR and header.request_id == 0:
             # A malformed-frame error not tied to a request: the bridge is closing (§11.7).
             self._fail(errors.ConnectionClosed(

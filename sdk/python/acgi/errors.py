@@ -8,6 +8,7 @@
     │   │   TimedOut (5), ShuttingDown (6), MalformedFrame (7), ServiceError (8),
     │   │   ServiceUnavailable (9), DeadlineExceeded (10), NotAllowed (11)
     ├── ConnectionClosed     the connection ended; calls in flight have an unknown outcome
+    │   ├── Drained          ...except after the drain notice (§2.6): then they never ran
     │   └── ProtocolError    the bridge sent bytes the spec forbids; the connection was closed
     └── CallTimeout          no answer within the call's timeout (also a TimeoutError)
 """
@@ -22,8 +23,12 @@ __all__ = [
     "AcgiError", "CallError", "UnknownService", "PayloadTooLarge", "Overloaded",
     "WorkerFailed", "TimedOut", "ShuttingDown", "MalformedFrame", "ServiceError",
     "ServiceUnavailable", "DeadlineExceeded", "NotAllowed", "ConnectionClosed", "ProtocolError",
-    "CallTimeout", "call_error",
+    "CallTimeout", "call_error", "Drained", "DRAIN_RETRIES_MAX", "refused_by_drain",
 ]
+
+#: How many times a client resends one call that a draining bridge refused (error 6, or no
+#: answer before the drain notice: it never ran) on a new connection (docs/protocol.md §2.6).
+DRAIN_RETRIES_MAX = 3
 
 # §3 "did the service run it?": "no" codes never ran; every other code (including codes this
 # version does not know) may have run.
@@ -166,6 +171,17 @@ def call_error(code: int, message: str, request_id: int = 0) -> CallError:
 class ConnectionClosed(AcgiError):
     """The connection closed or was reset. Every call in flight on it has an unknown outcome
     (it may or may not have run, §2.6); the caller may reconnect."""
+
+
+class Drained(ConnectionClosed):
+    """The bridge sent the drain notice (an ``Error`` 6 with request id 0, §2.6) and closed the
+    connection: every call still waiting on it never ran, and may be resent elsewhere."""
+
+
+def refused_by_drain(error: BaseException) -> bool:
+    """Whether ``error`` says the call never ran because the bridge is draining or stopping:
+    error 6, or the drain notice. The clients resend such calls on a new connection."""
+    return isinstance(error, (ShuttingDown, Drained))
 
 
 class ProtocolError(ConnectionClosed):

@@ -275,3 +275,51 @@ def test_a_close_by_the_server_fails_pending_calls(fake_server):
             await call
         assert not isinstance(raised.value, acgi.CallError)
     asyncio.run(main())
+
+
+def test_calls_survive_a_binary_upgrade():
+    # Proves both clients resend, by themselves, the calls a draining bridge refused: across
+    # `acgi-bridge upgrade` a blocking and an async client (with calls in flight) fail nothing.
+    import os
+    import signal
+    import subprocess
+
+    from conftest import bridge_binary, python_service, start_bridge
+
+    running = start_bridge(services=[python_service(1, ECHO, min_workers=2, max_workers=4)])
+    admin = running.dir / "state" / "admin.sock"
+    successor = None
+    try:
+        blocking = acgi.Client(running.unix)
+        assert blocking.call(ECHO, b"before") == b"before"
+
+        async def main():
+            client = await acgi.AsyncClient.connect(running.unix)
+            assert await client.call(ECHO, b"warm") == b"warm"
+            upgrade = await asyncio.create_subprocess_exec(
+                str(bridge_binary()), "upgrade", "--admin", str(admin),
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            payloads = [pattern(i, 2000) for i in range(300)]
+            calls = [client.call(ECHO, p) for p in payloads]
+            replies, (out, err) = await asyncio.gather(
+                asyncio.gather(*calls), upgrade.communicate())
+            assert upgrade.returncode == 0, err
+            assert replies == payloads
+            assert await client.call(ECHO, b"after") == b"after"
+            await client.close()
+            return out.decode()
+
+        out = asyncio.run(main())
+        successor = int(out.split()[2])
+        assert running.process.wait(30) == 0, "the old bridge drains and exits 0"
+        # The blocking client's connection was drained while idle: the call goes to the new
+        # bridge on a new connection.
+        assert blocking.call(ECHO, b"again") == b"again"
+        assert blocking.drain_retries == 1
+        blocking.close()
+    finally:
+        if successor is not None:
+            os.kill(successor, signal.SIGTERM)
+            _, status = os.waitpid(successor, 0)
+            assert status == 0
+        running.stop()

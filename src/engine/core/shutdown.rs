@@ -69,20 +69,33 @@ impl Core {
     /// `shutting down`, kill every worker, and give the answers a moment to go out.
     pub(super) fn force_shutdown(&mut self) {
         tracing::warn!("shutdown timeout passed: failing requests still in flight");
+        // A request a worker was running may have had effects: during a drain it gets error 4
+        // (maybe ran), since a caller resends whatever gets error 6 (never ran) to the new
+        // bridge. A plain stop keeps answering it with 6, as it always has.
+        let running_code = if self.draining {
+            ErrorCode::WorkerFailed
+        } else {
+            ErrorCode::ShuttingDown
+        };
         let mut held = Vec::new();
         for (_, worker) in self.workers.iter_mut() {
             worker
                 .fate
                 .get_or_insert_with(|| "killed: the bridge's shutdown timeout passed".into());
             if let WorkerState::Busy(Job { request, .. }) = worker.state {
-                held.push(request);
+                held.push((request, running_code));
             }
-            held.extend(worker.queued.iter().map(|job| job.request));
+            held.extend(
+                worker
+                    .queued
+                    .iter()
+                    .map(|job| (job.request, ErrorCode::ShuttingDown)),
+            );
         }
-        for request in held {
+        for (request, code) in held {
             if self.request_is_live(request) {
                 let message = "the bridge's shutdown timeout passed while it ran";
-                self.fail_request(request, ErrorCode::ShuttingDown, message);
+                self.fail_request(request, code, message);
             }
         }
         for service in 0..self.services.len() {
