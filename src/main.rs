@@ -1,7 +1,8 @@
 //! `acgi-bridge`: the daemon (`serve`), a one-shot client (`call`), the status reader (`status`),
-//! the admin commands (`pause`, `resume`, `drain`, `recycle`, `kill-worker`, `set`) and a config
-//! checker (`check`). Thin: the command line is `acgi_bridge::cli` (so that the man
-//! pages are generated from it), everything else lives in the library.
+//! the admin commands (`reload`, `pause`, `resume`, `drain`, `recycle`, `kill-worker`, `set`),
+//! the binary upgrade (`upgrade`) and a config checker (`check`). Thin: the command line is
+//! `acgi_bridge::cli` (so that the man pages are generated from it), everything else lives in
+//! the library.
 
 use std::io::{IsTerminal, Read, Write};
 use std::path::PathBuf;

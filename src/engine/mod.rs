@@ -34,7 +34,8 @@ use self::core::ListenerKind;
 use crate::config::{self, Config};
 
 /// The signals the control thread takes through its signalfd: the stop signals (TERM, INT)
-/// and the routine ones operators and tools send (HUP: reload, USR1: reopen logs, USR2), none
+/// and the routine ones operators and tools send (HUP: reload, USR1: reopen logs, USR2: binary
+/// upgrade, `upgrade`), none
 /// of which may take its default action (ending the bridge at once).
 pub const HANDLED_SIGNALS: [i32; 5] = [
     libc::SIGTERM,

@@ -304,13 +304,16 @@ def test_calls_survive_a_binary_upgrade():
             replies, (out, err) = await asyncio.gather(
                 asyncio.gather(*calls), upgrade.communicate())
             assert upgrade.returncode == 0, err
+            started.append(int(out.split()[2]))  # stopped below, whatever fails next
             assert replies == payloads
             assert await client.call(ECHO, b"after") == b"after"
             await client.close()
-            return out.decode()
 
-        out = asyncio.run(main())
-        successor = int(out.split()[2])
+        started = []
+        try:
+            asyncio.run(main())
+        finally:
+            successor = started[0] if started else None
         assert running.process.wait(30) == 0, "the old bridge drains and exits 0"
         # The blocking client's connection was drained while idle: the call goes to the new
         # bridge on a new connection.

@@ -4,6 +4,8 @@
 //!
 //! ```text
 //!   Reading --whole request--> (the control thread gathers if it needs to) --> Writing
+//!   Reading --`upgrade`--> AwaitingUpgrade --the upgrade's result--> Writing
+//!   AwaitingUpgrade --hang-up, deadline--> (close)
 //!   Reading --EOF, error, deadline--> (close)
 //!   Writing --all written: shutdown(SHUT_WR)--> (close)
 //!   Writing --error, deadline--> (close)

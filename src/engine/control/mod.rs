@@ -6,6 +6,7 @@
 //!
 //! ```text
 //!   signalfd ──────> set shared.shutdown, then Msg::Shutdown to every core
+//!   SIGUSR2, admin `upgrade` ──> upgrade thread ──ready──> MAINPID=, Msg::Drain to every core
 //!   admin, /metrics ─┐
 //!   interval clock ──┴─> Msg::Report { reply } to every core ──> merge ──> Status / Prometheus
 //!                                                                      └─> interval log
