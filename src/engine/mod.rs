@@ -177,8 +177,9 @@ fn bind_tcp(addr: std::net::SocketAddr) -> std::io::Result<OwnedFd> {
 }
 
 /// Descriptors each worker costs the bridge: its control socket, its slot's memfd, its stdout
-/// and stderr pipes (and one spare for the spawn in progress).
-const FDS_PER_WORKER: u64 = 5;
+/// and stderr pipes, its pidfd when reaping falls back to pidfd polls (and one spare for the
+/// spawn in progress).
+const FDS_PER_WORKER: u64 = 6;
 /// Descriptors kept beyond connections and workers: listeners, rings, eventfds, the signalfd,
 /// the log, files the bridge opens (interval logs, /proc reads).
 const FDS_RESERVE: u64 = 256;
@@ -240,6 +241,8 @@ pub fn run(
     mut takeover: Option<&mut self::upgrade::Takeover>,
 ) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
+    // Before anything is bound or started: a kernel too old fails here, naming what it lacks.
+    self::io::check_kernel().map_err(|reason| anyhow::anyhow!("kernel: {reason}"))?;
     let origin = self::upgrade::Origin::of_this_process();
     let config = Arc::new(config);
     std::fs::create_dir_all(&config.state_dir)

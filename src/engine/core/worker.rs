@@ -1,6 +1,7 @@
 //! Workers: spawn results, the handshake, jobs and answers, output lines, retirement and reaping.
 
 use super::*;
+use crate::engine::io::{Reap, Reaped};
 
 impl Core {
     pub(super) fn on_spawned(&mut self, result: SpawnResult) {
@@ -15,6 +16,10 @@ impl Core {
                 self.pool_touched(service);
                 return;
             }
+        };
+        let reap = match Reap::new(spawned.pid) {
+            Ok(reap) => reap,
+            Err(error) => return self.abandon_spawned(service, spawned, &error),
         };
         tracing::info!(service = %name, pid = spawned.pid, "worker spawned");
         debug_assert_eq!(
@@ -33,8 +38,7 @@ impl Core {
             send: SendQueue::default(),
             stdout: PipeLog::new(spawned.stdout),
             stderr: PipeLog::new(spawned.stderr),
-            // SAFETY: siginfo_t is plain data; all-zero is a valid value.
-            siginfo: Box::new(unsafe { std::mem::zeroed() }),
+            reap,
             wait_in_flight: false,
             reaped: false,
             gone_reported: false,
@@ -57,11 +61,35 @@ impl Core {
         self.pool_touched(service);
     }
 
+    /// A worker the core cannot reap (its pidfd could not be opened, e.g. out of descriptors):
+    /// killed and left to the orphan reaper (no longer registered, it is swept within
+    /// `ORPHAN_SWEEP_INTERVAL`); the pool counts a failed spawn.
+    fn abandon_spawned(&mut self, service: usize, spawned: Spawned, error: &io::Error) {
+        let name = &self.services[service].name;
+        tracing::error!(
+            service = %name,
+            pid = spawned.pid,
+            %error,
+            "cannot open the new worker's pidfd to reap it: killed it (raise RLIMIT_NOFILE if \
+             descriptors ran out)"
+        );
+        // SAFETY: kill(2) on the child just spawned, not reaped (nobody reaps it before the
+        // registry forgets it, below), and on the group it leads.
+        unsafe {
+            libc::kill(-spawned.pid, libc::SIGKILL);
+            libc::kill(spawned.pid, libc::SIGKILL);
+        }
+        crate::confine::forget_worker(spawned.pid);
+        let now = self.now;
+        self.services[service].pool.on_spawn_failed(now);
+        self.pool_touched(service);
+    }
+
     pub(super) fn arm_worker_wait(&mut self, index: WorkerHandle) {
         let worker = &mut self.workers[index];
         worker.wait_in_flight = true;
         let token = Token::worker(OpKind::WorkerWait, index);
-        let entry = op::waitid(worker.pid, &mut worker.siginfo, token);
+        let entry = worker.reap.arm(worker.pid, token);
         self.ring.push(entry);
     }
 
@@ -461,14 +489,20 @@ impl Core {
     pub(super) fn on_worker_reaped(&mut self, index: WorkerHandle, result: Result<u32, Errno>) {
         let worker = &mut self.workers[index];
         worker.wait_in_flight = false;
-        if let Err(error) = result {
-            tracing::error!(pid = worker.pid, %error, "waitid failed; retrying");
-            self.arm_worker_wait(index);
-            return;
-        }
+        let status = match worker.reap.complete(result) {
+            Reaped::Exited => describe_exit(worker.reap.info()),
+            Reaped::Lost => {
+                tracing::error!(pid = worker.pid, "the worker was reaped by someone else");
+                "status unknown (reaped elsewhere)".to_string()
+            }
+            Reaped::Again => return self.arm_worker_wait(index),
+            Reaped::Failed(error) => {
+                tracing::error!(pid = worker.pid, %error, "waiting for the worker failed; retrying");
+                return self.arm_worker_wait(index);
+            }
+        };
         worker.reaped = true;
         crate::confine::forget_worker(worker.pid);
-        let status = describe_exit(&worker.siginfo);
         let reason = match &worker.fate {
             Some(fate) => format!("{fate} ({status})"),
             None => status.clone(),

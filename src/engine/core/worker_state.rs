@@ -14,6 +14,7 @@
 //! `Lent` (a reply is being sent from it to a caller). The tables are in `WORKER_LIFECYCLE.md`.
 
 use super::*;
+use crate::engine::io::Reap;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum WorkerState {
@@ -111,7 +112,8 @@ pub(super) struct Worker {
     pub(super) send: SendQueue,
     pub(super) stdout: PipeLog,
     pub(super) stderr: PipeLog,
-    pub(super) siginfo: Box<libc::siginfo_t>,
+    /// Its reaping (the op's memory, and its pidfd in the fallback mode).
+    pub(super) reap: Reap,
     pub(super) wait_in_flight: bool,
     pub(super) reaped: bool,
     /// The pool has been told this worker is gone (exactly once).

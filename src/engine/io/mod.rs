@@ -7,12 +7,17 @@
 //! - [`op`]: one constructor per op kind, each with its ownership contract.
 //! - [`Token`]: what every op's `user_data` is (op kind, owner index, owner generation).
 //! - [`Completion`]: a completion with its result as `Result<u32, Errno>`.
+//! - [`probe`]: the kernel floor, checked once at startup (every op, setup flag and feature
+//!   used, failing with the missing one and the kernel that has it), and the reaping mode.
+//! - [`Reap`]: one worker's reaping (`IORING_OP_WAITID`, or its pidfd polled on the ring).
 //!
 //! The engine's state machines see only these types, never the ring; that is the seam where a
 //! simulation can replace the kernel.
 
 pub mod op;
 mod pbuf;
+pub mod probe;
+mod reap;
 mod token;
 
 use std::io;
@@ -23,6 +28,8 @@ pub use rustix::io::Errno;
 
 pub use op::{Sqe, Target};
 pub use pbuf::{ProvidedBuffers, BUFFER_BYTES as PROVIDED_BUFFER_BYTES, GROUP as PROVIDED_GROUP};
+pub use probe::check_kernel;
+pub use reap::{Reap, Reaped};
 pub use token::{OpKind, Token};
 
 use crate::shm::Slot;
@@ -95,6 +102,8 @@ impl Ring {
     /// children (`dontfork`). `locked_bytes_hint` names, in the error when the kernel refuses
     /// for lack of locked memory, how much the rings need.
     pub fn new(sq_entries: u32, cq_entries: u32, locked_bytes_hint: u64) -> io::Result<Ring> {
+        // (Once per process: normally done already by the startup, before any core.)
+        check_kernel().map_err(io::Error::other)?;
         let ring = IoUring::builder()
             .setup_single_issuer()
             .setup_defer_taskrun()

@@ -92,6 +92,12 @@ pub(super) enum Op {
         pid: i32,
         info: *mut libc::siginfo_t,
     },
+    PollExit {
+        pidfd: RawFd,
+    },
+    Timeout {
+        timespec: *const types::Timespec,
+    },
     Cancel {
         target: u64,
     },
@@ -162,6 +168,10 @@ impl Sqe {
                     .infop(info.cast_const())
                     .build()
             }
+            Op::PollExit { pidfd } => {
+                opcode::PollAdd::new(types::Fd(pidfd), libc::POLLIN as u32).build()
+            }
+            Op::Timeout { timespec } => opcode::Timeout::new(timespec).build(),
             Op::Cancel { target } => opcode::AsyncCancel::new(target).build(),
         };
         let entry = entry.user_data(self.token.encode());
@@ -307,6 +317,22 @@ pub fn write_static(fd: RawFd, buf: &'static [u8], token: Token) -> Sqe {
 pub fn waitid(pid: i32, info: &mut libc::siginfo_t, token: Token) -> Sqe {
     let info: *mut libc::siginfo_t = info;
     sqe(Op::WaitId { pid, info }, token)
+}
+
+/// Complete once the process of `pidfd` has exited (a pidfd polls readable then). One-shot.
+/// Contract: the pidfd stays open until the completion (a worker's `Reap`, kept while its
+/// wait is in flight).
+pub fn poll_exit(pidfd: &OwnedFd, token: Token) -> Sqe {
+    let pidfd = pidfd.as_raw_fd();
+    sqe(Op::PollExit { pidfd }, token)
+}
+
+/// Complete after `timespec` (relative) with `ETIME`. Contract: `timespec` stays allocated
+/// until the completion (a worker's boxed `Reap` memory; the kernel copies it at submission,
+/// but the contract does not lean on that).
+pub fn timeout(timespec: &types::Timespec, token: Token) -> Sqe {
+    let timespec: *const types::Timespec = timespec;
+    sqe(Op::Timeout { timespec }, token)
 }
 
 /// Cancel the op whose `user_data` is `target`'s. Names no memory.
