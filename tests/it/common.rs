@@ -25,6 +25,26 @@ pub fn example(name: &str) -> PathBuf {
     path
 }
 
+thread_local! {
+    /// Environment variables added to every bridge this thread starts ([`with_bridge_env`]).
+    static BRIDGE_ENV: std::cell::RefCell<Vec<(String, String)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Run `test` with `key=value` in the environment of every bridge it starts (a test runs on
+/// one thread, so the same test body can run again with, say, a debugging knob set).
+pub fn with_bridge_env(key: &str, value: &str, test: impl FnOnce()) {
+    BRIDGE_ENV.with(|env| env.borrow_mut().push((key.to_string(), value.to_string())));
+    struct Reset;
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            BRIDGE_ENV.with(|env| env.borrow_mut().pop());
+        }
+    }
+    let _reset = Reset;
+    test();
+}
+
 pub fn bridge_exe() -> &'static str {
     env!("CARGO_BIN_EXE_acgi-bridge")
 }
@@ -237,6 +257,7 @@ impl BridgeBuilder {
             }
             None => Command::new(bridge_exe()),
         };
+        BRIDGE_ENV.with(|env| command.envs(env.borrow().iter().cloned()));
         let mut child = command
             .args(["serve", "--config"])
             .arg(&config)

@@ -6,7 +6,7 @@ use acgi_bridge::proto::ErrorCode;
 use crate::common::{bridge, bridge_exe, ServiceSpec};
 
 #[test]
-fn a_worker_sigkilled_mid_request_fails_only_that_request() {
+pub fn a_worker_sigkilled_mid_request_fails_only_that_request() {
     // Proves SIGKILL during a request yields code 4 for it, and later requests succeed on a
     // replacement worker.
     let bridge = bridge()
@@ -28,7 +28,7 @@ fn a_worker_sigkilled_mid_request_fails_only_that_request() {
 }
 
 #[test]
-fn crashes_and_exits_mid_request_fail_only_their_requests_under_load() {
+pub fn crashes_and_exits_mid_request_fail_only_their_requests_under_load() {
     // Proves that with other requests in flight on other workers, a crash fails exactly the
     // crashing request; every other request gets its own reply.
     let bridge = bridge()

@@ -7,7 +7,7 @@ use acgi_bridge::proto::Kind;
 use crate::common::{bridge, children_of, ServiceSpec};
 
 #[test]
-fn sigterm_answers_requests_in_flight_then_exits_zero() {
+pub fn sigterm_answers_requests_in_flight_then_exits_zero() {
     // Proves a graceful stop: requests accepted before SIGTERM are answered, then exit 0 with
     // every worker gone and the socket file removed.
     let mut bridge = bridge()
@@ -106,7 +106,7 @@ fn overload_beyond_the_backlog_is_answered_at_once() {
 }
 
 #[test]
-fn sdk_workers_exit_cleanly_when_the_bridge_stops() {
+pub fn sdk_workers_exit_cleanly_when_the_bridge_stops() {
     // Proves the graceful stop of SDK workers: closing the control socket plus SIGTERM makes
     // them exit with status 0 (not die by the signal).
     let mut bridge = bridge().service(ServiceSpec::echo().workers(2, 2)).start();
@@ -160,7 +160,7 @@ fn workers_never_outlive_a_killed_bridge() {
 }
 
 #[test]
-fn sigint_after_the_shutdown_timeout_answers_hung_requests_then_exits_zero() {
+pub fn sigint_after_the_shutdown_timeout_answers_hung_requests_then_exits_zero() {
     // Proves the shutdown timeout: a request that will never finish is answered `shutting
     // down` when shutdown_timeout_ms passes, its worker is killed, and the bridge exits 0
     // (SIGINT behaves as SIGTERM).

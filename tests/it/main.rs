@@ -13,6 +13,7 @@ mod faults;
 mod health;
 mod hostile;
 mod isolation;
+mod kernel;
 mod kv;
 mod lifecycle;
 mod metrics;

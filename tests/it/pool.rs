@@ -64,7 +64,7 @@ fn fds_when_settled(bridge: &Bridge, workers: u64) -> usize {
 }
 
 #[test]
-fn a_worker_crashing_on_its_nth_request_fails_only_that_request() {
+pub fn a_worker_crashing_on_its_nth_request_fails_only_that_request() {
     // Proves a crash fails exactly the request in progress, the next ones succeed on a
     // replacement, and nothing leaks.
     let bridge = bridge()
@@ -82,7 +82,7 @@ fn a_worker_crashing_on_its_nth_request_fails_only_that_request() {
 }
 
 #[test]
-fn a_hung_request_times_out_and_its_worker_is_killed_and_replaced() {
+pub fn a_hung_request_times_out_and_its_worker_is_killed_and_replaced() {
     // Proves request_timeout_ms: the caller gets `timed out`, the worker (ignoring SIGTERM)
     // is SIGKILLed after kill_grace_ms and replaced, and other requests are unaffected.
     let spec = faulty("request_timeout_ms = 300\nkill_grace_ms = 200\n")
@@ -216,7 +216,7 @@ fn a_worker_over_max_rss_finishes_its_request_then_is_recycled() {
 }
 
 #[test]
-fn max_requests_recycles_workers() {
+pub fn max_requests_recycles_workers() {
     // Proves max_requests: a worker serves exactly that many requests, then is replaced.
     let spec = faulty("max_requests = 3\n").workers(1, 1);
     let bridge = bridge().service(spec).start();
