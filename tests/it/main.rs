@@ -8,6 +8,7 @@ mod common;
 mod conformance;
 mod control;
 mod cores;
+mod dashboards;
 mod direct;
 mod faults;
 mod health;
