@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build the .deb (cargo-deb) and check that it holds what a systemd installation needs: the
 # binary, the units, the packaged config as a conffile, the maintainer scripts that create the
-# acgi-bridge user and enable the units, man pages, completions and licenses.
+# acgi-bridge user and enable the units, man pages, completions, licenses, and the Grafana
+# dashboard and Prometheus alert rules.
 #
 #   dist/check-deb.sh            build target/release/{acgi-bridge,acgi-echo-worker} and the deb
 #   dist/check-deb.sh --no-build package what target/release already holds
@@ -49,6 +50,9 @@ need "copyright" "$contents" ' \./usr/share/doc/acgi-bridge/copyright$'
 need "LICENSE-MIT" "$contents" ' \./usr/share/doc/acgi-bridge/LICENSE-MIT$'
 need "LICENSE-APACHE" "$contents" ' \./usr/share/doc/acgi-bridge/LICENSE-APACHE$'
 need "operations guide" "$contents" ' \./usr/share/doc/acgi-bridge/operations\.md$'
+need "Grafana dashboard" "$contents" ' \./usr/share/acgi-bridge/grafana/acgi-bridge\.json$'
+need "alert rules" "$contents" ' \./usr/share/acgi-bridge/prometheus/acgi-bridge-rules\.yml$'
+need "alert rule tests" "$contents" ' \./usr/share/acgi-bridge/prometheus/acgi-bridge-rules\.test\.yml$'
 need "package name" "$info" '^ Package: acgi-bridge$'
 need "adduser dependency" "$info" '^ Depends: .*adduser'
 need "conffile list" "$(cat "$control/conffiles" 2>/dev/null)" '^/etc/acgi-bridge/acgi-bridge\.toml$'
@@ -69,6 +73,17 @@ sed "s#/usr/lib/acgi-bridge/echo#$PWD/target/release/acgi-echo-worker#" dist/acg
 if ! target/release/acgi-bridge check --config "$control/acgi-bridge.toml" >/dev/null; then
 	echo "dist/acgi-bridge.toml does not pass acgi-bridge check"
 	failed=1
+fi
+# The packaged alert rules still pass their own tests where they are installed (the test file
+# names the rules file beside it), when promtool is here.
+if command -v promtool >/dev/null 2>&1; then
+	unpacked="$control/unpacked"
+	dpkg-deb -x "$deb" "$unpacked"
+	if ! (cd "$unpacked/usr/share/acgi-bridge/prometheus" &&
+		promtool test rules acgi-bridge-rules.test.yml >/dev/null); then
+		echo "the packaged alert rules fail promtool test rules"
+		failed=1
+	fi
 fi
 # The packaged man page of the binary is a man page that names every subcommand.
 page="$(gzip -dc target/dist/man/acgi-bridge.1.gz)"
