@@ -50,12 +50,43 @@ pub const LIVE_KEYS: &[&str] = &[
 /// sockets themselves) need a restart.
 pub const LIVE_LISTEN_KEYS: &[&str] = &["allowed_uids", "allowed_gids", "allowed_clients"];
 
+/// `[[service]]` keys a reload applies to the running pool (`Pool::set_policy`): the pool
+/// reads them at each decision, so its workers stay. A change of any other key replaces the
+/// service blue/green.
+pub const POOL_LIVE_KEYS: &[&str] = &[
+    "min_workers",
+    "max_workers",
+    "start_workers",
+    "spare_min",
+    "spare_max",
+    "spawn_rate_max",
+    "idle_timeout_ms",
+    "max_requests",
+    "max_requests_jitter",
+    "max_lifetime_ms",
+    "max_rss_bytes",
+    "request_timeout_ms",
+    "startup_timeout_ms",
+    "kill_grace_ms",
+    "crash_limit",
+    "crash_window_ms",
+    "restart_backoff_max_ms",
+    "backlog_max",
+    "backlog_timeout_ms",
+];
+
 /// What happens to one service.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Change {
     /// Same config, same executable: its workers stay (`old` and `new` are its indices in the
     /// running and the new config).
     Keep { old: usize, new: usize },
+    /// Only pool limits changed (`POOL_LIVE_KEYS`): applied to the running pool, workers stay.
+    Limits {
+        old: usize,
+        new: usize,
+        keys: Vec<String>,
+    },
     /// Only in the new config.
     Start { new: usize },
     /// Different: new workers start beside the old ones and take over once up.
@@ -105,6 +136,12 @@ impl Plan {
             Change::Remove { old: o } => Some(old.services[*o].name.clone()),
             _ => None,
         });
+        let limited = names(&|c| match c {
+            Change::Limits { new: n, keys, .. } => {
+                Some(format!("{} ({})", new.services[*n].name, keys.join(", ")))
+            }
+            _ => None,
+        });
         let kept = self
             .services
             .iter()
@@ -118,6 +155,9 @@ impl Plan {
         }
         if !removed.is_empty() {
             parts.push(format!("removed {}", removed.join(", ")));
+        }
+        if !limited.is_empty() {
+            parts.push(format!("new limits for {}", limited.join(", ")));
         }
         parts.push(format!("{kept} unchanged"));
         if !self.live.is_empty() {
@@ -144,7 +184,12 @@ pub fn plan(old: &Config, new: &Config) -> Plan {
                     old: old_index,
                     new: new_index,
                 },
-                Some(why) => Change::Replace {
+                Some(Why::Limits(keys)) => Change::Limits {
+                    old: old_index,
+                    new: new_index,
+                    keys,
+                },
+                Some(Why::Replace(why)) => Change::Replace {
                     old: old_index,
                     new: new_index,
                     why,
@@ -192,18 +237,35 @@ pub fn plan(old: &Config, new: &Config) -> Plan {
     plan
 }
 
-/// Why a service must get new workers, or `None` when its running workers stay.
-fn why_replace(old: &ServiceConfig, new: &ServiceConfig) -> Option<String> {
-    if old.raw != new.raw {
-        return Some("its configuration changed".into());
-    }
+/// Why a service changes.
+enum Why {
+    /// Only these pool limits.
+    Limits(Vec<String>),
+    /// It needs new workers, for this reason.
+    Replace(String),
+}
+
+/// The keys whose values differ between two `[[service]]` tables' canonical texts.
+fn changed_keys(old: &str, new: &str) -> Vec<String> {
+    let parse = |text: &str| -> toml::Table { toml::from_str(text).unwrap_or_default() };
+    let (was, is) = (parse(old), parse(new));
+    let keys: BTreeSet<&String> = was.keys().chain(is.keys()).collect();
+    keys.into_iter()
+        .filter(|key| was.get(*key) != is.get(*key))
+        .cloned()
+        .collect()
+}
+
+/// Why a service must change, or `None` when it stays as it runs.
+fn why_replace(old: &ServiceConfig, new: &ServiceConfig) -> Option<Why> {
+    let replace = |why: String| Some(Why::Replace(why));
     if old.identity != new.identity {
-        return Some("its user's uid, gid or groups changed".into());
+        return replace("its user's uid, gid or groups changed".into());
     }
     match (&old.exec_file, &new.exec_file) {
         (Some(was), Some(is)) => {
             if was.path != is.path {
-                return Some(format!(
+                return replace(format!(
                     "its executable is now {} (was {})",
                     is.path.display(),
                     was.path.display()
@@ -227,12 +289,24 @@ fn why_replace(old: &ServiceConfig, new: &ServiceConfig) -> Option<String> {
                 })
             };
             if stat(was) != stat(is) {
-                return Some(format!("its executable {} changed", is.path.display()));
+                return replace(format!("its executable {} changed", is.path.display()));
             }
-            None
         }
-        _ => None,
+        _ => {}
     }
+    if old.raw == new.raw {
+        return None;
+    }
+    let keys = changed_keys(&old.raw, &new.raw);
+    if !keys.is_empty() && keys.iter().all(|k| POOL_LIVE_KEYS.contains(&k.as_str())) {
+        return Some(Why::Limits(keys));
+    }
+    let others: Vec<&str> = keys
+        .iter()
+        .map(String::as_str)
+        .filter(|k| !POOL_LIVE_KEYS.contains(k))
+        .collect();
+    replace(format!("its configuration changed: {}", others.join(", ")))
 }
 
 /// The config the cores run after a reload: `new`, with every key that needs a restart kept at
@@ -342,10 +416,10 @@ mod tests {
         assert_eq!(
             plan.services,
             vec![
-                Change::Replace {
+                Change::Limits {
                     old: 1,
                     new: 0,
-                    why: "its configuration changed".into()
+                    keys: vec!["max_workers".into()],
                 },
                 Change::Start { new: 1 },
                 Change::Remove { old: 0 },

@@ -158,6 +158,8 @@ pub struct CorePlan {
     pub retire: Vec<usize>,
     /// Services whose workers stay: (slot, index in `config`).
     pub keep: Vec<(usize, usize)>,
+    /// Services whose workers stay and whose pool takes new limits: (slot, index in `config`).
+    pub limits: Vec<(usize, usize)>,
 }
 
 /// A request moved to another core (its payload with it).

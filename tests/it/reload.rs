@@ -353,3 +353,39 @@ fn live_keys_apply_and_restart_keys_are_named_and_kept() {
     );
     assert!(settled_pids(&bridge, "echo", 1).is_disjoint(&replaced));
 }
+
+#[test]
+fn a_change_of_pool_limits_only_keeps_the_workers_and_applies_at_once() {
+    let bridge = common::bridge()
+        .service(fixed(ServiceSpec::echo(), 2))
+        .start();
+    let before = settled_pids(&bridge, "echo", 2);
+    let mut echo = fixed(ServiceSpec::echo(), 3);
+    echo.backlog_max = 50;
+    rewrite(&bridge, &common::bridge().service(echo));
+    let (ok, answer) = reload(&bridge);
+    assert!(ok, "{answer}");
+    assert!(
+        answer.contains("new limits for echo (backlog_max, max_workers, min_workers)"),
+        "{answer}"
+    );
+    let after = settled_pids(&bridge, "echo", 3);
+    assert!(
+        before.is_subset(&after),
+        "the running workers stay: {before:?} {after:?}"
+    );
+    let status = bridge.service_status("echo");
+    assert_eq!((status.max_workers, status.backlog_max), (3, 50));
+    // Any other key replaces the service, and says which.
+    let mut echo = fixed(ServiceSpec::echo(), 3);
+    echo.backlog_max = 50;
+    echo.slot_size_bytes = 8192;
+    rewrite(&bridge, &common::bridge().service(echo));
+    let (ok, answer) = reload(&bridge);
+    assert!(ok, "{answer}");
+    assert!(
+        answer.contains("replaced echo (its configuration changed: slot_size_bytes)"),
+        "{answer}"
+    );
+    assert!(settled_pids(&bridge, "echo", 3).is_disjoint(&after));
+}

@@ -137,12 +137,17 @@ impl Control {
             start: Vec::new(),
             retire: Vec::new(),
             keep: Vec::new(),
+            limits: Vec::new(),
         };
         let old_slot = |index: usize| self.slots.live[&self.config.services[index].id];
         for change in &plan.services {
             match *change {
                 Change::Keep { old, new } => {
                     core_plan.keep.push((old_slot(old), new));
+                    slots.live.insert(config.services[new].id, old_slot(old));
+                }
+                Change::Limits { old, new, .. } => {
+                    core_plan.limits.push((old_slot(old), new));
                     slots.live.insert(config.services[new].id, old_slot(old));
                 }
                 Change::Start { new } | Change::Replace { new, .. } => {

@@ -7,7 +7,8 @@
 //!                     └─ every warming slot has its floor of workers up ──> reply Ok
 //!                     └─ a start fails or a worker crashes ──────────────> reply Err
 //!   Commit ─────────> warming slots Live, ids and names remapped, replaced and removed slots
-//!                     Retired (begin_stop: their backlog and running jobs finish), new config
+//!                     Retired (begin_stop: their backlog and running jobs finish), new pool
+//!                     limits applied to kept slots (`set_service_limits`), new config
 //!   Abort ──────────> warming slots Retired
 //! ```
 //!
@@ -140,6 +141,13 @@ impl Core {
             let service = &mut self.services[slot];
             service.config = Arc::clone(&plan.config);
             service.config_index = config_index;
+        }
+        for &(slot, config_index) in &plan.limits {
+            let service = &mut self.services[slot];
+            service.config = Arc::clone(&plan.config);
+            service.config_index = config_index;
+            let policy = plan.config.services[config_index].policy();
+            self.set_service_limits(slot, &policy);
         }
         for &(slot, _) in &plan.start {
             self.services[slot].phase = SlotPhase::Live;
