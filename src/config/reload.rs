@@ -262,37 +262,34 @@ fn why_replace(old: &ServiceConfig, new: &ServiceConfig) -> Option<Why> {
     if old.identity != new.identity {
         return replace("its user's uid, gid or groups changed".into());
     }
-    match (&old.exec_file, &new.exec_file) {
-        (Some(was), Some(is)) => {
-            if was.path != is.path {
-                return replace(format!(
-                    "its executable is now {} (was {})",
-                    is.path.display(),
-                    was.path.display()
-                ));
-            }
-            let stat = |file: &crate::confine::ExecFile| {
-                std::fs::metadata(format!("/proc/self/fd/{}", {
-                    use std::os::fd::AsRawFd;
-                    file.fd.as_raw_fd()
-                }))
-                .ok()
-                .map(|m| {
-                    (
-                        m.dev(),
-                        m.ino(),
-                        m.size(),
-                        m.mtime(),
-                        m.mtime_nsec(),
-                        m.ctime(),
-                    )
-                })
-            };
-            if stat(was) != stat(is) {
-                return replace(format!("its executable {} changed", is.path.display()));
-            }
+    if let (Some(was), Some(is)) = (&old.exec_file, &new.exec_file) {
+        if was.path != is.path {
+            return replace(format!(
+                "its executable is now {} (was {})",
+                is.path.display(),
+                was.path.display()
+            ));
         }
-        _ => {}
+        let stat = |file: &crate::confine::ExecFile| {
+            std::fs::metadata(format!("/proc/self/fd/{}", {
+                use std::os::fd::AsRawFd;
+                file.fd.as_raw_fd()
+            }))
+            .ok()
+            .map(|m| {
+                (
+                    m.dev(),
+                    m.ino(),
+                    m.size(),
+                    m.mtime(),
+                    m.mtime_nsec(),
+                    m.ctime(),
+                )
+            })
+        };
+        if stat(was) != stat(is) {
+            return replace(format!("its executable {} changed", is.path.display()));
+        }
     }
     if old.raw == new.raw {
         return None;
