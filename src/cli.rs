@@ -8,6 +8,8 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
+use crate::logging::LogFormat;
+
 /// Default address of `call`: the bundled config's Unix socket.
 pub const DEFAULT_CONNECT: &str = "/tmp/acgi-bridge.sock";
 
@@ -46,6 +48,11 @@ pub enum Command {
         /// Set by a running bridge that is upgrading: the channel its listeners come over.
         #[arg(long, hide = true, value_name = "FD")]
         takeover_fd: Option<i32>,
+        /// Log line format on stderr, and of the access log: `text`, or `json` (one object
+        /// per line: time, level, target, message and every field). Under journald
+        /// (JOURNAL_STREAM naming stderr) each line starts with its syslog priority (<3> .. <7>).
+        #[arg(long, value_enum, default_value_t = LogFormat::Text, value_name = "FORMAT")]
+        log_format: LogFormat,
     },
     /// Call a service once and print its reply on stdout.
     Call {

@@ -13,6 +13,7 @@ use acgi_bridge::client::{BlockingClient, CallError};
 use acgi_bridge::config::{Config, ConfigError};
 use acgi_bridge::engine::systemd::Systemd;
 use acgi_bridge::engine::upgrade::Takeover;
+use acgi_bridge::logging::LogFormat;
 use clap::Parser;
 
 /// Counts allocations so that status can show the data path allocates nothing per request.
@@ -26,7 +27,8 @@ fn main() -> ExitCode {
             config,
             log,
             takeover_fd,
-        } => serve(&config, &log, takeover_fd),
+            log_format,
+        } => serve(&config, &log, log_format, takeover_fd),
         Command::Call {
             connect,
             service,
@@ -89,12 +91,17 @@ fn admin_command(admin: &cli::AdminSocket, line: &str) -> ExitCode {
     }
 }
 
-fn serve(path: &std::path::Path, log: &str, takeover_fd: Option<i32>) -> ExitCode {
+fn serve(
+    path: &std::path::Path,
+    log: &str,
+    log_format: LogFormat,
+    takeover_fd: Option<i32>,
+) -> ExitCode {
     // SAFETY: the process has one thread here (the log writer starts below, the engine later),
     // which `from_env` needs to remove systemd's variables from the environment.
     let systemd = unsafe { Systemd::from_env() };
     // Held to the end: dropping it flushes the queued lines (for a bounded time).
-    let _log = acgi_bridge::logging::init(log);
+    let _log = acgi_bridge::logging::init(log, log_format);
     // Started by an upgrading bridge: every failure from here on is reported to it too.
     let mut takeover = match takeover_fd.map(Takeover::from_fd).transpose() {
         Ok(takeover) => takeover,
