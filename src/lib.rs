@@ -18,12 +18,14 @@
 //!   executables, and the reaper of their escaped descendants (docs/security.md).
 //! - `engine` and `pool`: the daemon itself (one io_uring event loop per core).
 //! - [`logging`]: log output that never blocks or ends the bridge.
+//! - [`access_log`]: the optional access log, written by a thread of its own.
 //! - [`cli`]: the binary's command line (clap), from which the man pages are generated.
 
 pub use acgi_client as client;
 pub use acgi_proto as proto;
 pub use acgi_worker as worker;
 
+pub mod access_log;
 pub mod alloc_count;
 pub mod cli;
 pub mod config;

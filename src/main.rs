@@ -125,6 +125,20 @@ fn serve(
         Ok(config) => config,
         Err(error) => return fail(format!("config error: {error}"), 78),
     };
+    if let Some(access_log) = &config.access_log {
+        if let Err(error) = acgi_bridge::access_log::open(access_log, log_format) {
+            let message = format!(
+                "cannot open the access log {}: {error}; create its directory or let the \
+                 bridge's user write there, or remove access_log from the config",
+                access_log.display()
+            );
+            tracing::error!("{message}");
+            if let Some(takeover) = takeover.as_mut() {
+                takeover.report_failure(&message);
+            }
+            return ExitCode::from(73);
+        }
+    }
     match acgi_bridge::engine::run(config, systemd, takeover.as_mut()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

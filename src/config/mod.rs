@@ -90,6 +90,9 @@ pub struct Config {
     /// Rotate the interval log when it passes this size.
     #[serde(default = "default_histogram_log_rotate_bytes")]
     pub histogram_log_rotate_bytes: u64,
+    /// File to append one line per answered request to (`access_log`); none (off) by default.
+    /// Reopened on SIGUSR1; its format follows `--log-format` (docs/operations.md, "Logs").
+    pub access_log: Option<PathBuf>,
     /// Path of the admin socket (`acgi-bridge status`). Default: `admin.sock` in `state_dir`.
     pub admin_socket: Option<PathBuf>,
     /// Permission bits of the admin socket, as an octal string.
@@ -646,6 +649,9 @@ impl Config {
         self.state_dir = resolve(&self.state_dir);
         if let Some(admin) = &self.admin_socket {
             self.admin_socket = Some(resolve(admin));
+        }
+        if let Some(path) = &self.access_log {
+            self.access_log = Some(resolve(path));
         }
         if let Some(dir) = &self.histogram_log_dir {
             self.histogram_log_dir = Some(resolve(dir));

@@ -172,6 +172,8 @@ pub struct Forward {
     pub payload: Vec<u8>,
     pub deadline: Option<Instant>,
     pub arrived: Instant,
+    /// Who called (for the access and slow logs of the core that runs it).
+    pub caller: Option<crate::access_log::CallerAddr>,
 }
 
 /// One core's published counts for one service.

@@ -102,6 +102,9 @@ define_counters! {
         /// Caller connections closed with the drain notice (Error 6, request id 0) because a
         /// new bridge took over at a binary upgrade.
         connections_drained,
+        /// Access log lines dropped because its writer did not keep up (its queue holds at
+        /// most ACCESS_LOG_LINES_BUFFERED_MAX lines).
+        access_log_lines_dropped,
     }
 }
 

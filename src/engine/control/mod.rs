@@ -323,11 +323,7 @@ impl Control {
                         libc::SIGUSR2 => {
                             self.begin_upgrade(None);
                         }
-                        libc::SIGUSR1 => tracing::info!(
-                            signal,
-                            "SIGUSR1: the log goes to stderr, which is reopened by whoever \
-                             holds it; nothing to reopen"
-                        ),
+                        libc::SIGUSR1 => on_reopen_signal(signal),
                         _ => tracing::info!(signal, "signal ignored"),
                     }
                 }
@@ -628,6 +624,7 @@ impl Control {
         merged.counters.add(&self.counters);
         // Lines the log writer dropped are counted by the process, not by a core.
         merged.counters.log_lines_dropped = crate::logging::lines_dropped();
+        merged.counters.access_log_lines_dropped = crate::access_log::lines_dropped();
         Ok(merged)
     }
 }
@@ -638,4 +635,21 @@ fn admin_peer_allowed(fd: &std::os::fd::OwnedFd) -> bool {
     let bridge = rustix::process::geteuid();
     rustix::net::sockopt::socket_peercred(fd)
         .is_ok_and(|cred| cred.uid.is_root() || cred.uid == bridge)
+}
+
+/// SIGUSR1 (logrotate's `postrotate`): reopen the access log at its path. The bridge's own log
+/// is stderr, which whoever holds it reopens.
+fn on_reopen_signal(signal: u32) {
+    match crate::access_log::reopen() {
+        Some(path) => tracing::info!(
+            signal,
+            path = %path.display(),
+            "SIGUSR1: reopening the access log (the bridge's own log is stderr: nothing to reopen)"
+        ),
+        None => tracing::info!(
+            signal,
+            "SIGUSR1: no access_log configured, and the log goes to stderr, which is reopened \
+             by whoever holds it; nothing to reopen"
+        ),
+    }
 }

@@ -344,6 +344,7 @@ impl Core {
         conn.read.consume(HEADER_BYTES + skip_now);
         conn.discard = (header.payload_len as usize - skip_now) as u64;
         self.counters.requests_failed += 1;
+        self.log_refused_request(index, header, code);
         let (request_id, service_id) = (header.request_id, header.service_id);
         self.answer_error(index, request_id, service_id, code, message);
     }
@@ -398,6 +399,7 @@ impl Core {
                 let Some(&service) = self.service_by_id.get(&header.service_id) else {
                     self.counters.requests_failed += 1;
                     let message = format!("no service has id {}", header.service_id);
+                    self.log_refused_request(index, &header, ErrorCode::UnknownService);
                     self.answer_error(
                         index,
                         header.request_id,
@@ -416,6 +418,7 @@ impl Core {
                          allowed_gids or allowed_listeners)",
                         self.services[service].name
                     );
+                    self.log_refused_request(index, &header, ErrorCode::NotAllowed);
                     self.answer_error(
                         index,
                         header.request_id,
@@ -491,6 +494,8 @@ impl Core {
             deadline,
             arrived: self.now,
             dispatched: None,
+            caller: self.conns[index].caller,
+            request_bytes: held_bytes,
         })
     }
 

@@ -168,6 +168,8 @@ pub(super) struct Conn {
     /// Its next receive is a poll: a large request's header is in and the rest of its payload
     /// is not all in the socket yet (`DirectRead::AwaitPayload`, `direct.rs`).
     pub(super) awaiting: Option<AwaitPayload>,
+    /// Who it is, as the access and slow logs name it (`uid:N`, or the TCP `ip:port`).
+    pub(super) caller: Option<CallerAddr>,
 }
 
 /// Waiting for a large request's payload to arrive in the socket before committing a worker:

@@ -200,6 +200,7 @@ impl Core {
             self.pool_touched(service);
             return;
         }
+        let payload_len = forward.payload.len() as u32;
         let request = self.requests.insert(Request {
             origin: Origin::Core {
                 core: forward.from,
@@ -214,6 +215,8 @@ impl Core {
             deadline: forward.deadline,
             arrived: forward.arrived,
             dispatched: None,
+            caller: forward.caller,
+            request_bytes: payload_len,
         });
         self.services[service]
             .pool

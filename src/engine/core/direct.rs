@@ -101,6 +101,7 @@ impl Core {
         let now = self.now;
         let request = self.add_caller_request(index, header.request_id, service, Vec::new(), None);
         self.requests[request].direct = true;
+        self.requests[request].request_bytes = header.payload_len;
         // An idle worker takes it at once, and the read into its slot must be set up before the
         // connection reads on: take that one dispatch now (the pool's other actions, a spawn
         // of a spare say, run with the rest after this handler).

@@ -165,7 +165,9 @@ impl Core {
             bytes_in_flight: 0,
             reserved: 0,
             awaiting: None,
+            caller: None,
         });
+        self.conns[index].caller = caller_addr(&self.conns[index]);
         self.conns[index].file = self.register_file(self.conns[index].fd.as_raw_fd());
         self.arm_conn_recv(index);
     }
@@ -186,5 +188,20 @@ impl Core {
         }
         self.spawn_results = results;
         self.arm_spawn_wake();
+    }
+}
+
+/// Who is at the other end of a new connection, for the access and slow logs: its uid (from
+/// its admission ticket), or its TCP address with the port (one `getpeername`: the ticket
+/// keeps only the address, which is what admission counts by).
+fn caller_addr(conn: &Conn) -> Option<CallerAddr> {
+    match conn.ticket.as_ref()?.peer() {
+        Peer::Uid(uid) => Some(CallerAddr::Uid(uid)),
+        Peer::Ip(_) => {
+            let addr = rustix::net::getpeername(&conn.fd).ok()??;
+            std::net::SocketAddr::try_from(addr)
+                .ok()
+                .map(CallerAddr::Tcp)
+        }
     }
 }

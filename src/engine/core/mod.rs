@@ -55,6 +55,7 @@ use super::shared::ReportReply;
 use super::shared::{self, Forward, Msg, Shared};
 use super::spawn::{SpawnRequest, SpawnResult, Spawned, Spawner};
 use super::table::{Handle, Table};
+use crate::access_log::CallerAddr;
 use crate::config::Config;
 use crate::metrics::LatencyHistograms;
 use crate::pool::{Action, Gone, Pool, RejectReason, StopReason};
@@ -222,6 +223,9 @@ struct Request {
     arrived: Instant,
     /// When a worker took it.
     dispatched: Option<Instant>,
+    /// Who called, and its payload's length (for the access log: `finish_request`).
+    caller: Option<CallerAddr>,
+    request_bytes: u32,
 }
 
 impl Request {
@@ -236,6 +240,7 @@ impl Request {
             payload: std::mem::take(&mut self.payload),
             deadline: self.deadline,
             arrived: self.arrived,
+            caller: self.caller,
         }
     }
 }

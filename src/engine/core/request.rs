@@ -1,15 +1,20 @@
-//! Requests: their table, how one finishes (latency, counters, its caller's count) and fails.
+//! Requests: their table, how one finishes (latency, counters, its caller's count, its access
+//! log line) and fails.
 
 use super::*;
+
+use crate::access_log::{self, ServiceName};
 
 impl Core {
     /// Remove a finished request and account for it on its connection (here, or on the core
     /// it came from). `outcome` is `None` for a reply, else the error code it was answered
-    /// with. Returns where the answer goes: a live connection of ours, or another core.
+    /// with; `reply_bytes` is the answer's payload length (for the access log). Returns where
+    /// the answer goes: a live connection of ours, or another core.
     pub(super) fn finish_request(
         &mut self,
         request: RequestHandle,
         outcome: Option<ErrorCode>,
+        reply_bytes: u32,
     ) -> Option<Dest> {
         let entry = self.requests.remove(request);
         debug_assert!(entry.forwarded_to.is_none());
@@ -20,6 +25,21 @@ impl Core {
             .saturating_duration_since(entry.arrived);
         let service_time = entry.dispatched.map(|d| now.saturating_duration_since(d));
         let total = now.saturating_duration_since(entry.arrived);
+        if access_log::enabled() {
+            let service = &self.services[entry.service];
+            access_log::record(access_log::Entry {
+                time: std::time::SystemTime::now(),
+                service: ServiceName::new(&service.name),
+                service_id: service.id,
+                caller: entry.caller,
+                request_id: entry.caller_request_id,
+                request_bytes: entry.request_bytes,
+                reply_bytes,
+                error: outcome,
+                queue_wait,
+                service_time,
+            });
+        }
         let slot = self.accounting_slot(entry.service);
         let service = &mut self.services[slot];
         if let Some(latency) = &mut service.latency {
@@ -99,7 +119,7 @@ impl Core {
             (entry.caller_request_id, entry.service)
         };
         let service_id = self.services[service].id;
-        match self.finish_request(request, Some(code)) {
+        match self.finish_request(request, Some(code), message.len() as u32) {
             Some(Dest::Conn(conn)) => {
                 self.answer_error(conn, caller_request_id, service_id, code, message);
                 self.close_conn_if_finished(conn);
@@ -117,5 +137,27 @@ impl Core {
 
     pub(super) fn request_is_live(&self, request: RequestHandle) -> bool {
         self.requests.contains(request)
+    }
+
+    /// The access log line of a request answered with an error before it became a request
+    /// of the table (unknown service, not allowed, payload too large).
+    pub(super) fn log_refused_request(&self, conn: ConnHandle, header: &Header, code: ErrorCode) {
+        if !access_log::enabled() || header.kind != Kind::Request {
+            return;
+        }
+        let service = self.service_by_id.get(&header.service_id);
+        let name = service.map_or("-", |&s| self.services[s].name.as_str());
+        access_log::record(access_log::Entry {
+            time: std::time::SystemTime::now(),
+            service: ServiceName::new(name),
+            service_id: header.service_id,
+            caller: self.conns.get(conn).and_then(|c| c.caller),
+            request_id: header.request_id,
+            request_bytes: header.payload_len,
+            reply_bytes: 0,
+            error: Some(code),
+            queue_wait: Duration::ZERO,
+            service_time: None,
+        });
     }
 }

@@ -72,7 +72,7 @@ impl Core {
         self.counters.replies_sent_from_slot += 1;
         let service = self.workers[index].service;
         self.services[service].counters.bytes_out += len as u64;
-        if let Some(Dest::Conn(conn)) = self.finish_request(request, None) {
+        if let Some(Dest::Conn(conn)) = self.finish_request(request, None, len) {
             self.close_conn_if_finished(conn);
         }
         if keeps_working {

@@ -341,6 +341,7 @@ impl Core {
             }
             None => target.truncate(start),
         }
+        let reply_bytes = reply_header.map_or(0, |h| h.payload_len);
         let mut frame = None;
         match dest {
             Some(Dest::Conn(conn)) => *self.conns[conn].send.tail() = target,
@@ -356,7 +357,7 @@ impl Core {
         }
         let ok = header.kind == Kind::Done;
         let outcome = (!ok).then_some(ErrorCode::ServiceError);
-        match self.finish_request(request, outcome) {
+        match self.finish_request(request, outcome, reply_bytes) {
             Some(Dest::Conn(conn)) => {
                 self.after_queueing(conn);
                 self.close_conn_if_finished(conn);
