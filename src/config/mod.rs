@@ -334,6 +334,10 @@ pub struct ServiceConfig {
     /// A request running longer is answered `timed out` and its worker replaced; 0 = never.
     #[serde(default = "default_request_timeout_ms")]
     pub request_timeout_ms: u64,
+    /// A request still running this long after a worker took it is logged once at WARN (the
+    /// slow log: request id, worker pid, elapsed, caller), in milliseconds; 0 (default) = off.
+    #[serde(default)]
+    pub request_slowlog_timeout_ms: u64,
     /// A new worker that has not finished its handshake by then is killed (a failed start).
     #[serde(default = "default_startup_timeout_ms")]
     pub startup_timeout_ms: u64,
@@ -585,6 +589,13 @@ pub const RLIMIT_AS_MIN_BYTES: u64 = 16 << 20;
 pub const BACKLOG_MAX_CEILING: u32 = 1 << 20;
 
 impl Config {
+    /// Whether any service has the slow log on (`request_slowlog_timeout_ms` > 0).
+    pub fn slowlog_enabled(&self) -> bool {
+        self.services
+            .iter()
+            .any(|service| service.request_slowlog_timeout_ms > 0)
+    }
+
     /// Read, parse and validate the file at `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {

@@ -496,6 +496,7 @@ impl Core {
             dispatched: None,
             caller: self.conns[index].caller,
             request_bytes: held_bytes,
+            slow_logged: false,
         })
     }
 

@@ -42,6 +42,7 @@ impl Core {
             self.close_conn(index);
         }
         self.sweep_scratch = stalled;
+        self.log_slow_requests();
         self.next_caller_sweep = now + CALLER_SWEEP_INTERVAL;
     }
 

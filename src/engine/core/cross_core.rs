@@ -217,6 +217,7 @@ impl Core {
             dispatched: None,
             caller: forward.caller,
             request_bytes: payload_len,
+            slow_logged: false,
         });
         self.services[service]
             .pool

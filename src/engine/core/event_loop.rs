@@ -80,7 +80,8 @@ impl Core {
         }
         let caller_timeouts =
             self.config.caller_frame_timeout_ms > 0 || self.config.caller_idle_timeout_ms > 0;
-        if caller_timeouts && !self.conns.is_empty() {
+        let slow_log = self.config.slowlog_enabled() && !self.requests.is_empty();
+        if (caller_timeouts && !self.conns.is_empty()) || slow_log {
             consider(Some(self.next_caller_sweep));
         }
         consider(
@@ -104,7 +105,10 @@ impl Core {
                 .next_deadline()
                 .is_some_and(|t| t <= now)
             {
+                let was_failing = self.services[service].pool.is_failing();
                 self.services[service].pool.tick(now);
+                let why = "a worker did not finish its handshake within startup_timeout_ms";
+                self.log_pool_health(service, was_failing, why);
                 self.pool_touched(service);
             }
         }

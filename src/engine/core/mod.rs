@@ -223,9 +223,11 @@ struct Request {
     arrived: Instant,
     /// When a worker took it.
     dispatched: Option<Instant>,
-    /// Who called, and its payload's length (for the access log: `finish_request`).
+    /// Who called, its payload's length, and whether the slow log has named it (the access
+    /// and slow logs: `request::log_access`, `request::log_slow_requests`).
     caller: Option<CallerAddr>,
     request_bytes: u32,
+    slow_logged: bool,
 }
 
 impl Request {

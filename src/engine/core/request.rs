@@ -1,5 +1,5 @@
 //! Requests: their table, how one finishes (latency, counters, its caller's count, its access
-//! log line) and fails.
+//! log line) and fails; the slow log and the timed-out request's line.
 
 use super::*;
 
@@ -159,5 +159,70 @@ impl Core {
             queue_wait: Duration::ZERO,
             service_time: None,
         });
+    }
+
+    /// The slow log (`request_slowlog_timeout_ms`): name, once, each request a worker has been
+    /// running for at least its service's threshold. Runs with the caller sweep (every
+    /// `CALLER_SWEEP_INTERVAL`), so a line comes within that of the threshold; with the slow
+    /// log off everywhere it returns at once.
+    pub(super) fn log_slow_requests(&mut self) {
+        if !self.config.slowlog_enabled() {
+            return;
+        }
+        let now = self.now;
+        for (_, worker) in self.workers.iter() {
+            let WorkerState::Busy(job) = worker.state else {
+                continue;
+            };
+            let threshold = self.config.services[worker.service].request_slowlog_timeout_ms;
+            let Some(request) = self.requests.get_mut(job.request) else {
+                continue;
+            };
+            let Some(dispatched) = request.dispatched else {
+                continue;
+            };
+            let elapsed = now.saturating_duration_since(dispatched);
+            if threshold == 0 || request.slow_logged || elapsed < Duration::from_millis(threshold) {
+                continue;
+            }
+            request.slow_logged = true;
+            tracing::warn!(
+                service = %self.services[worker.service].name,
+                request_id = request.caller_request_id,
+                pid = worker.pid,
+                elapsed_ms = elapsed.as_millis() as u64,
+                caller = %access_log::caller_text(request.caller),
+                "slow request: still running {} ms after its worker took it \
+                 (request_slowlog_timeout_ms = {threshold})",
+                elapsed.as_millis()
+            );
+        }
+    }
+
+    /// The worker `index` is being stopped because its request ran past `request_timeout_ms`:
+    /// say which request that was, and whose, not only that a worker exits.
+    pub(super) fn log_timed_out_request(&self, index: WorkerHandle) {
+        let worker = &self.workers[index];
+        let WorkerState::Busy(job) = worker.state else {
+            return;
+        };
+        let Some(request) = self.requests.get(job.request) else {
+            return;
+        };
+        let elapsed = request
+            .dispatched
+            .map_or(Duration::ZERO, |d| self.now.saturating_duration_since(d));
+        let service = &self.services[worker.service];
+        tracing::warn!(
+            service = %service.name,
+            request_id = request.caller_request_id,
+            pid = worker.pid,
+            elapsed_ms = elapsed.as_millis() as u64,
+            caller = %access_log::caller_text(request.caller),
+            "request timed out after {} ms (request_timeout_ms = {}); its worker is killed \
+             and replaced",
+            elapsed.as_millis(),
+            self.config.services[worker.service].request_timeout_ms
+        );
     }
 }

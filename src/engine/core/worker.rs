@@ -12,7 +12,9 @@ impl Core {
             Err(message) => {
                 tracing::error!(service = %name, "{message}");
                 let now = self.now;
+                let was_failing = self.services[service].pool.is_failing();
                 self.services[service].pool.on_spawn_failed(now);
+                self.log_pool_health(service, was_failing, &message);
                 self.pool_touched(service);
                 return;
             }
@@ -223,11 +225,14 @@ impl Core {
                         let now = self.now;
                         let accepts_queue = header.flags & proto::FLAG_QUEUED != 0;
                         worker.accepts_queue = accepts_queue;
+                        let why = format!("worker {} finished its handshake", worker.pid);
+                        let was_failing = self.services[service].pool.is_failing();
                         self.services[service].pool.on_worker_ready_queueing(
                             now,
                             id,
                             accepts_queue,
                         );
+                        self.log_pool_health(service, was_failing, &why);
                         self.pool_touched(service);
                     }
                     Some(hello) => {
@@ -450,7 +455,9 @@ impl Core {
             WorkerState::Stopping | WorkerState::Dead => {}
         }
         let now = self.now;
+        let was_failing = self.services[service].pool.is_failing();
         let held = self.services[service].pool.on_worker_gone(now, id, how);
+        self.log_pool_health(service, was_failing, reason);
         self.workers[index].queued.clear();
         for request in held.into_iter().map(RequestHandle::from_raw) {
             // (A Lending worker's request is already answered: its reply is being sent.)
@@ -462,6 +469,37 @@ impl Core {
         self.pool_touched(service);
     }
 
+    /// After a pool event: log the service turning `failing` (WARN) or recovering (INFO) if
+    /// that event changed it, with `why` (the event's cause). Each core's shard of the pool
+    /// has its own breaker, so each core logs its own (`core` in the line).
+    pub(super) fn log_pool_health(&self, service: usize, was_failing: bool, why: &str) {
+        let pool = &self.services[service].pool;
+        let name = &self.services[service].name;
+        let core = self.index;
+        match (was_failing, pool.is_failing()) {
+            (false, true) => {
+                let policy = pool.policy();
+                tracing::warn!(
+                    service = %name,
+                    core,
+                    reason = why,
+                    "service is failing: {} crashes or failed starts within {} ms \
+                     (crash_limit, crash_window_ms); requests are refused with `service \
+                     unavailable` and restarts back off; last: {why}",
+                    policy.crash_limit,
+                    policy.crash_window.as_millis()
+                );
+            }
+            (true, false) => tracing::info!(
+                service = %name,
+                core,
+                reason = why,
+                "service recovered: {why}; serving again"
+            ),
+            _ => {}
+        }
+    }
+
     /// The policy stopped a worker: close its control socket (the SDK exits on EOF) and send
     /// SIGTERM; the policy sends `Kill` after the grace period if it is still there.
     pub(super) fn stop_worker(&mut self, index: WorkerHandle, reason: StopReason) {
@@ -469,6 +507,10 @@ impl Core {
         if matches!(worker.state, WorkerState::Dead | WorkerState::Stopping) {
             return;
         }
+        if matches!(reason, StopReason::TimedOut) {
+            self.log_timed_out_request(index);
+        }
+        let worker = &mut self.workers[index];
         worker.state = WorkerState::Stopping;
         // Jobs queued behind its running one are answered by the pool's rejections.
         worker.queued.clear();
