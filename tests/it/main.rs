@@ -17,6 +17,7 @@ mod isolation;
 mod kernel;
 mod kv;
 mod lifecycle;
+mod logs;
 mod metrics;
 mod pool;
 mod reload;
