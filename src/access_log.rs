@@ -13,6 +13,8 @@
 //! empty). When the queue is full the entry is dropped and counted
 //! (`access_log_lines_dropped`, in status and `/metrics`), as the bridge's own log does.
 //!
+//! At exit, `main` calls [`flush`], which waits a bounded time for the lines already queued.
+//!
 //! Reopening (SIGUSR1, for logrotate): [`reopen`] raises a flag the writer looks at after
 //! every entry and when woken; it then opens the path again (appending, creating it) and
 //! writes there from the next line on. If the new file cannot be opened, the old one is kept
@@ -53,6 +55,8 @@ enum Message {
     /// Look at the reopen flag now (sent without waiting: when the queue is full, the writer
     /// sees the flag after its next entry anyway).
     Wake,
+    /// Flush what came before, then say so (at exit: see [`flush`]).
+    Flush(SyncSender<()>),
 }
 
 /// Who called, as the access and slow logs name them.
@@ -191,6 +195,30 @@ pub fn reopen() -> Option<PathBuf> {
     Some(log.path.clone())
 }
 
+/// At exit: wait (at most `limit`) until every line queued so far is written and flushed, so
+/// that the last requests' lines are not lost with the process. Returns whether they were.
+pub fn flush(limit: Duration) -> bool {
+    let Some(log) = LOG.get() else {
+        return true;
+    };
+    let deadline = std::time::Instant::now() + limit;
+    let (done, flushed) = mpsc::sync_channel(1);
+    let mut message = Message::Flush(done);
+    // The queue may be full (a stalled disk): retry until the deadline, never block past it.
+    loop {
+        match log.queue.try_send(message) {
+            Ok(()) => break,
+            Err(TrySendError::Full(back)) if std::time::Instant::now() < deadline => {
+                message = back;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(_) => return false,
+        }
+    }
+    let left = deadline.saturating_duration_since(std::time::Instant::now());
+    flushed.recv_timeout(left).is_ok()
+}
+
 /// Access log lines dropped since start because the writer did not keep up.
 pub fn lines_dropped() -> u64 {
     LOG.get()
@@ -229,11 +257,18 @@ impl Writer {
     }
 
     fn take(&mut self, message: Message) {
-        if let Message::Entry(entry) = message {
-            self.line.clear();
-            format_entry(&mut self.line, &entry, self.format);
-            let result = self.out.write_all(self.line.as_bytes());
-            self.note(result);
+        match message {
+            Message::Entry(entry) => {
+                self.line.clear();
+                format_entry(&mut self.line, &entry, self.format);
+                let result = self.out.write_all(self.line.as_bytes());
+                self.note(result);
+            }
+            Message::Flush(done) => {
+                self.flush();
+                let _ = done.try_send(());
+            }
+            Message::Wake => {}
         }
         if self.reopen.swap(false, Ordering::SeqCst) {
             self.reopen_file();

@@ -21,6 +21,9 @@ use clap::Parser;
 static ALLOCATOR: acgi_bridge::alloc_count::CountingAllocator =
     acgi_bridge::alloc_count::CountingAllocator;
 
+/// At exit, how long the access log's writer may take to write what is queued.
+const ACCESS_LOG_FLUSH_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(2);
+
 fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Serve {
@@ -139,7 +142,12 @@ fn serve(
             return ExitCode::from(73);
         }
     }
-    match acgi_bridge::engine::run(config, systemd, takeover.as_mut()) {
+    let result = acgi_bridge::engine::run(config, systemd, takeover.as_mut());
+    // The last requests' access log lines, before the process (and its writer thread) ends.
+    if !acgi_bridge::access_log::flush(ACCESS_LOG_FLUSH_WAIT_MAX) {
+        tracing::warn!("the access log's last lines could not be written in time");
+    }
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             let message = format!("{error:#}");
