@@ -6,8 +6,9 @@ use super::*;
 
 impl Core {
     /// Disconnect callers that stall mid-frame (`caller_frame_timeout_ms`) and close
-    /// connections idle too long (`caller_idle_timeout_ms`). Runs once per
-    /// `CALLER_SWEEP_INTERVAL`; each connection is looked at once per sweep.
+    /// connections idle too long (`caller_idle_timeout_ms`), then run the slow log
+    /// (`log_slow_requests`). Runs once per `CALLER_SWEEP_INTERVAL`; each connection is looked
+    /// at once per sweep.
     pub(super) fn sweep_callers(&mut self) {
         let frame_timeout = Duration::from_millis(self.config.caller_frame_timeout_ms);
         let idle_timeout = Duration::from_millis(self.config.caller_idle_timeout_ms);

@@ -224,7 +224,7 @@ struct Request {
     /// When a worker took it.
     dispatched: Option<Instant>,
     /// Who called, its payload's length, and whether the slow log has named it (the access
-    /// and slow logs: `request::log_access`, `request::log_slow_requests`).
+    /// and slow logs: `finish_request`, `log_slow_requests`).
     caller: Option<CallerAddr>,
     request_bytes: u32,
     slow_logged: bool,
