@@ -1255,6 +1255,9 @@ mod tests {
         assert_eq!(service.backlog_max, 1024);
         assert_eq!(config.cores, Cores::Auto);
         assert_eq!(config.provided_buffers, 0);
+        assert_eq!(config.access_log, None);
+        assert_eq!(service.request_slowlog_timeout_ms, 0);
+        assert!(!config.slowlog_enabled());
         assert_eq!(config.idle_spin_us, 0);
         assert_eq!(config.worker_affinity, WorkerAffinity::Any);
         // The worker boundary's keys (docs/security.md).
