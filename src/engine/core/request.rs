@@ -174,7 +174,9 @@ impl Core {
             let WorkerState::Busy(job) = worker.state else {
                 continue;
             };
-            let threshold = self.config.services[worker.service].request_slowlog_timeout_ms;
+            let threshold = self.services[worker.service]
+                .config()
+                .request_slowlog_timeout_ms;
             let Some(request) = self.requests.get_mut(job.request) else {
                 continue;
             };
@@ -222,7 +224,7 @@ impl Core {
             "request timed out after {} ms (request_timeout_ms = {}); its worker is killed \
              and replaced",
             elapsed.as_millis(),
-            self.config.services[worker.service].request_timeout_ms
+            service.config().request_timeout_ms
         );
     }
 }
