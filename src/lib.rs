@@ -17,6 +17,7 @@
 //! - [`confine`]: the worker boundary: the bridge's own hardening, workers' identities and
 //!   executables, and the reaper of their escaped descendants (docs/security.md).
 //! - `engine` and `pool`: the daemon itself (one io_uring event loop per core).
+//! - [`sandbox`]: the optional per-service Landlock ruleset and seccomp filter.
 //! - [`logging`]: log output that never blocks or ends the bridge.
 //! - [`access_log`]: the optional access log, written by a thread of its own.
 //! - [`cli`]: the binary's command line (clap), from which the man pages are generated.
@@ -32,6 +33,7 @@ pub mod config;
 pub mod confine;
 pub mod engine;
 pub mod logging;
+pub mod sandbox;
 pub mod metrics;
 pub mod pool;
 pub mod shm;

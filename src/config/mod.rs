@@ -287,6 +287,24 @@ pub struct ServiceConfig {
     /// The executable, resolved, checked and held open by [`Config::load`].
     #[serde(skip)]
     pub exec_file: Option<crate::confine::ExecFile>,
+    /// Confine the workers with a Landlock filesystem ruleset: read and execute only beneath the
+    /// system's directories (`sandbox::LANDLOCK_READ_DEFAULT`), the executable and
+    /// `landlock_read`; write only beneath `landlock_write` (and /dev/null).
+    #[serde(default)]
+    pub landlock: bool,
+    #[serde(default)]
+    pub landlock_read: Vec<PathBuf>,
+    #[serde(default)]
+    pub landlock_write: Vec<PathBuf>,
+    /// Deny the workers the dangerous system call groups (`sandbox::SECCOMP_GROUPS`) with a
+    /// seccomp filter (EPERM), but those named in `seccomp_allow`.
+    #[serde(default)]
+    pub seccomp: bool,
+    #[serde(default)]
+    pub seccomp_allow: Vec<String>,
+    /// The Landlock ruleset and seccomp program, built at load.
+    #[serde(skip)]
+    pub sandbox: Option<std::sync::Arc<crate::sandbox::Sandbox>>,
     /// Its `[[service]]` table as canonical TOML text: what reload compares.
     #[serde(skip)]
     pub raw: String,
@@ -671,6 +689,13 @@ impl Config {
             self.listen.unix = Some(resolve(unix));
         }
         for service in &mut self.services {
+            for path in service
+                .landlock_read
+                .iter_mut()
+                .chain(service.landlock_write.iter_mut())
+            {
+                *path = resolve(path);
+            }
             // A bare command name (no slash) is left for PATH lookup, like a shell does.
             if service.exec.components().count() > 1 || service.exec.starts_with(".") {
                 service.exec = resolve(&service.exec);
@@ -724,6 +749,27 @@ impl Config {
                     key: key("exec"),
                     reason,
                 }),
+            }
+            if let Some(exec) = &service.exec_file {
+                let wanted = crate::sandbox::Wanted {
+                    landlock: service.landlock,
+                    landlock_read: &service.landlock_read,
+                    landlock_write: &service.landlock_write,
+                    exec: &exec.path,
+                    seccomp: service.seccomp,
+                    seccomp_allow: &service.seccomp_allow,
+                };
+                match crate::sandbox::build(&wanted) {
+                    Ok(sandbox) => service.sandbox = Some(std::sync::Arc::new(sandbox)),
+                    Err(reason) => problems.push(Problem {
+                        key: key(if reason.starts_with("seccomp") {
+                            "seccomp_allow"
+                        } else {
+                            "landlock_read"
+                        }),
+                        reason,
+                    }),
+                }
             }
         }
         if self.require_user && bridge_uid == 0 {

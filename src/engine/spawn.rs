@@ -184,7 +184,7 @@ pub fn environment(config: &Config, service: &ServiceConfig) -> BTreeMap<OsStrin
 }
 
 /// The steps of the child between fork and exec, named in the error a failed one reports.
-const STEPS: [&str; 12] = [
+const STEPS: [&str; 14] = [
     "setpgid",
     "PR_SET_PDEATHSIG",
     "the bridge exited during spawn",
@@ -197,6 +197,8 @@ const STEPS: [&str; 12] = [
     "chdir",
     "PR_SET_NO_NEW_PRIVS",
     "execveat",
+    "landlock_restrict_self",
+    "seccomp",
 ];
 
 /// One rlimit to set in the child: resource, soft, hard, and the config key it comes from.
@@ -389,8 +391,20 @@ fn spawn(
         report: report_write.as_raw_fd(),
     };
     let script = exec.script;
+    let sandbox = service.sandbox.as_deref();
+    let landlock = sandbox
+        .and_then(|s| s.landlock.as_ref())
+        .map_or(-1, |fd| fd.as_raw_fd());
+    let seccomp = sandbox.and_then(|s| s.seccomp.as_ref()).map(|program| {
+        libc::sock_fprog {
+            len: program.len() as u16,
+            filter: program.as_ptr().cast_mut(),
+        }
+    });
 
     let args = ChildArgs {
+        landlock,
+        seccomp: seccomp.as_ref().map_or(std::ptr::null(), std::ptr::from_ref),
         fds: &fds,
         parent_pid,
         script,
@@ -574,6 +588,10 @@ struct ChildFds {
 
 /// What the child is given: pointers into the spawner's frame, valid until it execs or exits.
 struct ChildArgs<'a> {
+    /// The Landlock ruleset to restrict itself with (-1: none).
+    landlock: i32,
+    /// The seccomp program to install last before exec (null: none).
+    seccomp: *const libc::sock_fprog,
     fds: &'a ChildFds,
     parent_pid: i32,
     script: bool,
@@ -619,6 +637,8 @@ unsafe fn child_main(args: &ChildArgs) -> ! {
 /// which is the suspended spawner thread's).
 unsafe fn child_setup(args: &ChildArgs) -> (u32, i32) {
     let ChildArgs {
+        landlock,
+        seccomp,
         fds,
         parent_pid,
         script,
@@ -668,6 +688,18 @@ unsafe fn child_setup(args: &ChildArgs) -> (u32, i32) {
         }
         if !script && libc::fcntl(5, libc::F_SETFD, libc::FD_CLOEXEC) < 0 {
             return (3, errno());
+        }
+        // The Landlock ruleset, while its descriptor is still open (close_range below closes
+        // it; `landlock` is above 6, being close-on-exec and opened long before). It needs
+        // no_new_privs (or CAP_SYS_ADMIN, which the child may not have), which is harmless this
+        // early: it only stops exec from gaining privileges.
+        if landlock >= 0 {
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1 as libc::c_ulong, 0, 0, 0) != 0 {
+                return report_on(6, 10, errno());
+            }
+            if libc::syscall(crate::sandbox::SYS_LANDLOCK_RESTRICT_SELF, landlock, 0u32) != 0 {
+                return report_on(6, 12, errno());
+            }
         }
         // From here on the report pipe is 6 (its failure reports go there).
         if libc::close_range(7, libc::c_uint::MAX, 0) != 0 {
@@ -734,6 +766,17 @@ unsafe fn child_setup(args: &ChildArgs) -> (u32, i32) {
             std::ptr::null_mut::<u64>(),
             8usize,
         );
+        // The seccomp filter last: nothing after it but exec (which it allows).
+        if !seccomp.is_null()
+            && libc::syscall(
+                libc::SYS_seccomp,
+                libc::SECCOMP_SET_MODE_FILTER,
+                0u32,
+                seccomp,
+            ) != 0
+        {
+            return report_on(6, 13, errno());
+        }
         libc::execveat(5, empty_path, argv.cast(), envp.cast(), libc::AT_EMPTY_PATH);
         report_on(6, 11, errno())
     }
