@@ -40,6 +40,11 @@
 //!   session) and forks a grandchild that sleeps forever; the child exits, and the reply is
 //!   the grandchild's pid: a process that escaped the worker.
 //! - `open PATH`: try to open PATH for reading; replies `opened` or `refused: errno N (...)`.
+//! - `write PATH`: try to create (or truncate) PATH and write a byte; replies `written` or
+//!   `refused: errno N (...)`.
+//! - `unshare`: try unshare(CLONE_NEWUSER | CLONE_NEWNS) (what a seccomp filter denies);
+//!   replies `unshared` or `unshare refused: errno N (...)`.
+//! - `io-uring`: try io_uring_setup; replies `set up` or `io_uring_setup refused: errno N`.
 //! - `signal PID`: send signal 0 to PID (the permission check of kill(2)); replies `allowed`
 //!   or `refused: errno N (...)`.
 //!
@@ -263,6 +268,37 @@ fn main() {
                 Ok(lines.join("\n").into_bytes())
             }
             "double-fork" => Ok(double_fork().to_string().into_bytes()),
+            "write" => match std::fs::write(argument, b"x") {
+                Ok(()) => Ok(b"written".to_vec()),
+                Err(error) => Ok(format!(
+                    "refused: errno {} ({error})",
+                    error.raw_os_error().unwrap_or(0)
+                )
+                .into_bytes()),
+            },
+            "unshare" => {
+                // SAFETY: unshare(2) with flags only; a new user namespace changes nothing the
+                // worker relies on before its next request.
+                if unsafe { libc::unshare(libc::CLONE_NEWUSER | libc::CLONE_NEWNS) } == 0 {
+                    Ok(b"unshared".to_vec())
+                } else {
+                    Ok(refused("unshare"))
+                }
+            }
+            "io-uring" => {
+                let mut params = [0u8; 120];
+                // SAFETY: io_uring_setup(1, params) with a zeroed params struct of the size the
+                // kernel reads; the descriptor it returns is closed at once.
+                let fd =
+                    unsafe { libc::syscall(libc::SYS_io_uring_setup, 1u32, params.as_mut_ptr()) };
+                if fd >= 0 {
+                    // SAFETY: our own new descriptor.
+                    unsafe { libc::close(fd as i32) };
+                    Ok(b"set up".to_vec())
+                } else {
+                    Ok(refused("io_uring_setup"))
+                }
+            }
             "open" => match std::fs::File::open(argument) {
                 Ok(_) => Ok(b"opened".to_vec()),
                 Err(error) => Ok(format!(
@@ -350,6 +386,7 @@ fn report() -> String {
             "SigBlk",
             "SigCgt",
             "NoNewPrivs",
+            "Seccomp",
             "CapEff",
             "Uid",
             "Gid",

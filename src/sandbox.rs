@@ -31,14 +31,33 @@ pub struct Sandbox {
 }
 
 /// Paths every Landlocked worker may read and execute beneath (those that exist): the system's
-/// programs and libraries and its configuration, and a few devices.
+/// programs and libraries, the few files of /etc that the C library, name resolution, TLS and
+/// time zones read (not /etc as a whole: no /etc/shadow, no other service's configuration), and
+/// a few devices.
 pub const LANDLOCK_READ_DEFAULT: &[&str] = &[
     "/usr",
     "/lib",
     "/lib64",
     "/bin",
     "/sbin",
-    "/etc",
+    "/etc/ld.so.cache",
+    "/etc/ld.so.conf",
+    "/etc/ld.so.conf.d",
+    "/etc/alternatives",
+    "/etc/localtime",
+    "/etc/timezone",
+    "/etc/hosts",
+    "/etc/host.conf",
+    "/etc/resolv.conf",
+    "/etc/nsswitch.conf",
+    "/etc/gai.conf",
+    "/etc/passwd",
+    "/etc/group",
+    "/etc/protocols",
+    "/etc/services",
+    "/etc/mime.types",
+    "/etc/ssl",
+    "/etc/ca-certificates",
     "/dev/null",
     "/dev/zero",
     "/dev/random",

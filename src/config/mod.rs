@@ -810,6 +810,15 @@ impl Config {
                 ),
             })
             .collect();
+        for (index, service) in self.services.iter().enumerate() {
+            let skipped = service.sandbox.iter().flat_map(|s| s.skipped.iter());
+            for note in skipped {
+                warnings.push(Problem {
+                    key: format!("service[{index}]"),
+                    reason: format!("service {}: {note}", service.name),
+                });
+            }
+        }
         let exposed = |addr: &str| {
             addr.parse::<std::net::SocketAddr>()
                 .is_ok_and(|a| !a.ip().is_loopback())

@@ -282,6 +282,8 @@ pub fn run(
             uid,
             gid,
             clear_env = service.clear_env,
+            landlock = service.sandbox.as_ref().is_some_and(|s| s.landlock.is_some()),
+            seccomp = service.sandbox.as_ref().is_some_and(|s| s.seccomp.is_some()),
             "service workers run this executable"
         );
     }

@@ -395,16 +395,18 @@ fn spawn(
     let landlock = sandbox
         .and_then(|s| s.landlock.as_ref())
         .map_or(-1, |fd| fd.as_raw_fd());
-    let seccomp = sandbox.and_then(|s| s.seccomp.as_ref()).map(|program| {
-        libc::sock_fprog {
+    let seccomp = sandbox
+        .and_then(|s| s.seccomp.as_ref())
+        .map(|program| libc::sock_fprog {
             len: program.len() as u16,
             filter: program.as_ptr().cast_mut(),
-        }
-    });
+        });
 
     let args = ChildArgs {
         landlock,
-        seccomp: seccomp.as_ref().map_or(std::ptr::null(), std::ptr::from_ref),
+        seccomp: seccomp
+            .as_ref()
+            .map_or(std::ptr::null(), std::ptr::from_ref),
         fds: &fds,
         parent_pid,
         script,
@@ -677,6 +679,17 @@ unsafe fn child_setup(args: &ChildArgs) -> (u32, i32) {
                 return (3, errno());
             }
         }
+        // The Landlock ruleset too (it was opened at config load, often with a low number that
+        // a dup2 below would replace).
+        let landlock = if landlock >= 0 {
+            let fd = libc::fcntl(landlock, libc::F_DUPFD_CLOEXEC, 10);
+            if fd < 0 {
+                return (3, errno());
+            }
+            fd
+        } else {
+            -1
+        };
         // dup2 clears close-on-exec on 0-5; the report pipe goes to 6 and keeps it.
         for (target, &fd) in moved[..6].iter().enumerate() {
             if libc::dup2(fd, target as i32) < 0 {
@@ -690,7 +703,7 @@ unsafe fn child_setup(args: &ChildArgs) -> (u32, i32) {
             return (3, errno());
         }
         // The Landlock ruleset, while its descriptor is still open (close_range below closes
-        // it; `landlock` is above 6, being close-on-exec and opened long before). It needs
+        // it; its copy is above 9). It needs
         // no_new_privs (or CAP_SYS_ADMIN, which the child may not have), which is harmless this
         // early: it only stops exec from gaining privileges.
         if landlock >= 0 {
@@ -885,7 +898,9 @@ mod tests {
         let mib = number("ACGI_SPAWN_RSS_MIB", 512);
         let count = number("ACGI_SPAWN_COUNT", 200);
         let dir = tempfile::tempdir().expect("a temporary directory");
-        let config = config(dir.path(), "");
+        // E.g. ACGI_SPAWN_EXTRA=$'landlock = true\nseccomp = true' for the sandboxes' cost.
+        let extra = std::env::var("ACGI_SPAWN_EXTRA").unwrap_or_default();
+        let config = config(dir.path(), &extra);
         let spawner = Spawner::start().expect("the spawner starts");
         let mut ballast = vec![0u8; mib << 20];
         for page in ballast.chunks_mut(4096) {

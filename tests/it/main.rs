@@ -22,6 +22,7 @@ mod metrics;
 mod pool;
 mod reload;
 mod roundtrip;
+mod sandbox;
 mod sdk_c;
 mod sdks;
 mod systemd;
