@@ -7,8 +7,8 @@
 //! configured core (pinned to its CPU, with its own ring, spawner, connections and pool shards;
 //! see `docs/scaling.md`; every core runs the same loop), then the control thread (signals, the
 //! admin socket, `/metrics`, interval logs: `control`), prints one `ready` line on stdout once
-//! every core is set up (tests and scripts wait for it instead of sleeping) and tells systemd
-//! READY=1 at the same moment, and waits for the cores to finish a graceful stop, then ends the
+//! every core is set up and every service has its first worker (tests and scripts wait for it
+//! instead of sleeping) and tells systemd READY=1 at the same moment, and waits for the cores to finish a graceful stop, then ends the
 //! control thread.
 
 pub mod admission;
@@ -31,6 +31,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 
 use self::core::ListenerKind;
+use self::shared::Shared;
 use crate::config::{self, Config};
 
 /// The signals the control thread takes through its signalfd: the stop signals (TERM, INT)
@@ -221,6 +222,63 @@ fn raise_nofile_limit(config: &Config) {
         );
     } else {
         tracing::debug!(nofile_limit = soft, needed, "descriptors suffice");
+    }
+}
+
+/// How often startup looks whether every service has its first worker.
+const FIRST_WORKERS_POLL: std::time::Duration = std::time::Duration::from_millis(5);
+
+/// Wait (at most the longest `startup_timeout_ms` of a service, plus a second) until every
+/// service has a worker up, keeps none, or has failed to start one; log the services still
+/// without one when the wait ends at its bound.
+fn wait_for_first_workers(shared: &Shared, config: &Config) {
+    use std::time::{Duration, Instant};
+    let bound = config
+        .services
+        .iter()
+        .map(|s| s.startup_timeout_ms)
+        .max()
+        .unwrap_or(0);
+    let deadline = Instant::now() + Duration::from_millis(bound) + Duration::from_secs(1);
+    loop {
+        let (reply, answers) = std::sync::mpsc::channel();
+        for core in 0..shared.cores.len() {
+            let reply = reply.clone();
+            shared.send(
+                core,
+                self::shared::Msg::Report {
+                    end_interval: false,
+                    reply,
+                },
+            );
+        }
+        drop(reply);
+        let mut merged: Option<Box<self::report::CoreReport>> = None;
+        for _ in 0..shared.cores.len() {
+            let Ok(report) = answers.recv_timeout(Duration::from_secs(1)) else {
+                break;
+            };
+            match &mut merged {
+                Some(merged) => merged.add(&report),
+                None => merged = Some(report),
+            }
+        }
+        let waiting: Vec<&str> = match &merged {
+            Some(report) => report::without_first_worker(config, report),
+            None => config.services.iter().map(|s| s.name.as_str()).collect(),
+        };
+        if waiting.is_empty() {
+            return;
+        }
+        if Instant::now() >= deadline {
+            tracing::warn!(
+                services = ?waiting,
+                "reporting ready although these services have no worker up yet (their requests \
+                 wait in the backlog)"
+            );
+            return;
+        }
+        std::thread::sleep(FIRST_WORKERS_POLL);
     }
 }
 
@@ -496,14 +554,17 @@ pub fn run(
         watchdog_interval: systemd.watchdog_interval(),
         upgrade: self::control::UpgradeSetup { origin, handover },
     })?;
+    // Ready means callers can be served: every service has a worker up, or keeps none (an
+    // `ondemand` pool with min_workers 0 starts one per request), or cannot start one (it is
+    // failing: waiting longer would not help, and /readyz says so).
+    wait_for_first_workers(&shared, &config);
     {
         let mut stdout = std::io::stdout().lock();
         writeln!(stdout, "{ready}")?;
         stdout.flush()?;
     }
-    // The same moment as the ready line: every listener is open and every core runs its loop
-    // with its spawner started (a request that arrives before its service's first worker is
-    // ready waits in the backlog).
+    // The same moment as the ready line: every listener is open, every core runs its loop, and
+    // every service has its first worker (or keeps none, or cannot start one).
     let services = config.services.len();
     let status = format!(
         "serving {} on {} core{}: {}",

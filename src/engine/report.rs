@@ -271,6 +271,26 @@ pub(super) fn not_ready(config: &Config, report: &CoreReport) -> Vec<String> {
         .collect()
 }
 
+/// The services that keep workers but have none up yet and are not failing to start one (what
+/// startup waits for before it says ready).
+pub(super) fn without_first_worker<'a>(config: &'a Config, report: &CoreReport) -> Vec<&'a str> {
+    config
+        .services
+        .iter()
+        .filter(|service| {
+            let shard = report.shard_or_empty(service);
+            let floor = service.policy().floor();
+            let stats = &shard.stats;
+            floor > 0
+                && shard.idle + shard.busy == 0
+                && !shard.failing
+                && stats.failed_starts == 0
+                && stats.exits_crashed == 0
+        })
+        .map(|service| service.name.as_str())
+        .collect()
+}
+
 /// The metrics snapshot (`/metrics`) from the merged reports of every core (`stopping`: the
 /// bridge is stopping), with a reading of the bridge's own process.
 pub(super) fn metrics_snapshot(

@@ -577,3 +577,35 @@ fn notify_reloading_then_ready_on_every_reload_whatever_its_end() {
     }
     assert_eq!(bridge.client().call("echo", b"on").unwrap(), b"on");
 }
+
+#[test]
+fn ready_waits_for_each_services_first_worker_but_not_for_one_that_cannot_start() {
+    // Proves the ready line (and READY=1) come once every service has a worker up: a worker that
+    // takes 400 ms to start is idle when the bridge says ready, while a service whose workers
+    // cannot start (they exit before their handshake) does not hold readiness back for long.
+    let slow = ServiceSpec::new(3, "slow", common::example("faulty"))
+        .args(&["--slow-start", "400"])
+        .workers(1, 1);
+    let broken = ServiceSpec::new(4, "broken", common::example("faulty"))
+        .args(&["--no-hello"])
+        .workers(1, 1);
+    let notify = NotifySocket::bind();
+    let started = Instant::now();
+    let bridge = common::bridge()
+        .service(slow)
+        .service(broken)
+        .wrapper(&["env", &notify.env()])
+        .start();
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(400), "ready after {took:?}");
+    assert!(
+        took < Duration::from_secs(10),
+        "the broken service held it back: {took:?}"
+    );
+    notify.until("READY=1", started + DEADLINE);
+    let status = bridge.service_status("slow");
+    assert!(
+        status.workers_idle + status.workers_busy >= 1,
+        "a worker is up at ready: {status:#?}"
+    );
+}
