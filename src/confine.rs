@@ -278,8 +278,17 @@ fn passwd_entry(user: &str) -> Result<Option<(String, u32, u32)>, String> {
     }
 }
 
+/// A user's uid, by name or number (a number need not have a passwd entry).
+pub fn user_id(user: &str) -> Result<u32, String> {
+    match (passwd_entry(user)?, user.parse::<u32>()) {
+        (Some((_, uid, _)), _) => Ok(uid),
+        (None, Ok(uid)) => Ok(uid),
+        (None, Err(_)) => Err(format!("there is no user {user:?}")),
+    }
+}
+
 /// A group's gid, by name or number.
-fn group_id(group: &str) -> Result<u32, String> {
+pub fn group_id(group: &str) -> Result<u32, String> {
     let name = CString::new(group).map_err(|_| format!("{group:?} contains a NUL byte"))?;
     let mut buffer = vec![0 as libc::c_char; 16 * 1024];
     // SAFETY: getgrnam_r writes into `entry` and `buffer`, both owned by this frame.

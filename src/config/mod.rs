@@ -205,6 +205,10 @@ pub struct Listen {
     /// Permission bits of the Unix socket file, as an octal string (e.g. "0660").
     #[serde(default = "default_unix_mode")]
     pub unix_mode: String,
+    /// Owner and group of the Unix socket (names or ids; default: the bridge's), set right
+    /// after the bind: with `unix_mode = "0660"`, `unix_group` names who may call.
+    pub unix_owner: Option<String>,
+    pub unix_group: Option<String>,
     /// TCP `host:port` to listen on; port 0 picks a free port (printed at startup).
     pub tcp: Option<String>,
     /// Unix callers allowed, by the uid the kernel reports for them (`SO_PEERCRED`), besides
@@ -968,6 +972,16 @@ impl Config {
                     self.admin_socket_mode
                 ),
             );
+        }
+        if let Some(owner) = &self.listen.unix_owner {
+            if let Err(reason) = crate::confine::user_id(owner) {
+                problem("listen.unix_owner".into(), reason);
+            }
+        }
+        if let Some(group) = &self.listen.unix_group {
+            if let Err(reason) = crate::confine::group_id(group) {
+                problem("listen.unix_group".into(), reason);
+            }
         }
         if parse_mode(&self.listen.unix_mode).is_none() {
             problem(

@@ -98,7 +98,12 @@ fn check_state_dir(dir: &std::path::Path) -> anyhow::Result<()> {
 /// directory must not let other users replace the socket (writable by others without the
 /// sticky bit); and the socket has its mode from the moment it exists (the umask is set for
 /// the bind), so no caller can connect in between.
-fn bind_unix(path: &std::path::Path, mode: u32) -> anyhow::Result<OwnedFd> {
+fn bind_unix(
+    path: &std::path::Path,
+    mode: u32,
+    owner: Option<u32>,
+    group: Option<u32>,
+) -> anyhow::Result<OwnedFd> {
     use std::os::unix::fs::{FileTypeExt, MetadataExt};
     match std::fs::symlink_metadata(path) {
         Ok(meta) => {
@@ -151,6 +156,16 @@ fn bind_unix(path: &std::path::Path, mode: u32) -> anyhow::Result<OwnedFd> {
     let bound = std::os::unix::net::UnixListener::bind(path);
     rustix::process::umask(previous);
     let listener = bound.with_context(|| format!("binding the Unix socket {}", path.display()))?;
+    if owner.is_some() || group.is_some() {
+        // (Until this the socket has the bridge's ids and `mode`: never more open than asked.)
+        std::os::unix::fs::chown(path, owner, group).with_context(|| {
+            format!(
+                "giving {} to listen.unix_owner / unix_group (changing the owner needs root or \
+                 CAP_CHOWN; the group, membership of it)",
+                path.display()
+            )
+        })?;
+    }
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .with_context(|| format!("setting the mode of {}", path.display()))?;
     rustix::net::listen(&listener, 4096)?;
@@ -382,7 +397,15 @@ pub fn run(
             }
             None => {
                 unlink_at_stop.push(path.clone());
-                bind_unix(path, mode)?
+                let id = |name: &Option<String>, lookup: fn(&str) -> Result<u32, String>| {
+                    name.as_deref()
+                        .map(lookup)
+                        .transpose()
+                        .map_err(|reason| anyhow::anyhow!("listen: {reason}"))
+                };
+                let owner = id(&config.listen.unix_owner, crate::confine::user_id)?;
+                let group = id(&config.listen.unix_group, crate::confine::group_id)?;
+                bind_unix(path, mode, owner, group)?
             }
         };
         let unix_owned = unlink_at_stop.contains(path);
@@ -442,7 +465,7 @@ pub fn run(
         }
         None => {
             unlink_at_stop.push(admin.clone());
-            bind_unix(&admin, admin_mode)?
+            bind_unix(&admin, admin_mode, None, None)?
         }
     };
     let admin_owned = unlink_at_stop.contains(&admin);

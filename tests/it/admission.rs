@@ -526,3 +526,48 @@ call(3, 2, b"echo there")
         "{status:?}"
     );
 }
+
+#[test]
+fn unix_group_gives_the_socket_to_the_group_that_may_call() {
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("skipped: starting a caller as another user needs root");
+        return;
+    }
+    // Proves listen.unix_owner / unix_group: with mode 0660 a caller of the socket's group is
+    // served, while with the bridge's own group (root) the same caller cannot even connect.
+    use std::os::unix::fs::MetadataExt;
+    let script = "import socket,sys\ns=socket.socket(socket.AF_UNIX)\ntry:\n s.connect(sys.argv[1]); print('connected')\nexcept OSError as e:\n print('refused', e.errno)";
+    let nobody_group = bridge()
+        .traversable_dir()
+        .listen("unix_owner = \"65534\"")
+        .listen("unix_group = \"65534\"")
+        .service(ServiceSpec::echo().workers(1, 1))
+        .start();
+    let socket = std::path::Path::new(&nobody_group.unix);
+    let meta = std::fs::metadata(socket).unwrap();
+    assert_eq!((meta.uid(), meta.gid()), (65534, 65534));
+    assert_eq!(meta.mode() & 0o777, 0o660, "the mode is kept");
+    let output = python_as_nobody(script, socket);
+    assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "connected");
+    let root_group = bridge()
+        .traversable_dir()
+        .service(ServiceSpec::echo().workers(1, 1))
+        .start();
+    let output = python_as_nobody(script, std::path::Path::new(&root_group.unix));
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout).trim(),
+        "refused 13",
+        "without the group the same caller is refused"
+    );
+    // An unknown group is a config error naming the key.
+    let error = bridge()
+        .listen("unix_group = \"no-such-group-here\"")
+        .service(ServiceSpec::echo())
+        .try_start()
+        .err()
+        .expect("refused");
+    assert!(
+        error.contains("listen.unix_group") && error.contains("no-such-group-here"),
+        "{error}"
+    );
+}

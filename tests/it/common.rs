@@ -149,6 +149,7 @@ pub struct BridgeBuilder {
     stderr_pipe: bool,
     tcp: String,
     public_socket: bool,
+    open_dir: bool,
     listen_extra: String,
 }
 
@@ -218,6 +219,13 @@ impl BridgeBuilder {
         self
     }
 
+    /// Let every local user traverse the test directory (the socket keeps its mode): for tests
+    /// whose caller is an unprivileged user the socket's owner or group must let in.
+    pub fn traversable_dir(mut self) -> BridgeBuilder {
+        self.open_dir = true;
+        self
+    }
+
     /// Listen on this TCP address instead of an ephemeral port of 127.0.0.1.
     pub fn tcp(mut self, addr: &str) -> BridgeBuilder {
         self.tcp = addr.to_string();
@@ -235,7 +243,7 @@ impl BridgeBuilder {
     pub fn try_start(self) -> Result<Bridge, String> {
         let temp = tempfile::tempdir().expect("tempdir");
         let dir = temp.path().to_path_buf();
-        if self.public_socket {
+        if self.public_socket || self.open_dir {
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))
                 .expect("chmod the test directory");
@@ -313,6 +321,7 @@ pub fn bridge() -> BridgeBuilder {
         stderr_pipe: false,
         tcp: "127.0.0.1:0".to_string(),
         public_socket: false,
+        open_dir: false,
         listen_extra: String::new(),
     }
 }
