@@ -66,6 +66,14 @@ pub enum Command {
             value_name = "ADDR"
         )]
         connect: String,
+        /// Find the bridge's address in this config file (its Unix socket, else its TCP
+        /// listener) instead of --connect.
+        #[arg(long, short, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Wait up to this many seconds for the bridge to accept the connection (while it
+        /// starts, or during a restart), retrying every 50 ms; 0: try once.
+        #[arg(long, value_name = "SECONDS", default_value_t = 0.0)]
+        wait: f64,
         /// Service name or numeric id.
         service: String,
         /// The payload; `-` reads it from stdin; omitted means empty.

@@ -34,9 +34,21 @@ fn main() -> ExitCode {
         } => serve(&config, &log, log_format, takeover_fd),
         Command::Call {
             connect,
+            config,
+            wait,
             service,
             payload,
-        } => call(&connect, &service, payload),
+        } => {
+            let connect = match config {
+                Some(path) => match call_addr_of(&path) {
+                    Ok(addr) => addr,
+                    Err(code) => return code,
+                },
+                None => cli::connect_addr(&connect),
+            };
+            let wait = std::time::Duration::from_secs_f64(wait.clamp(0.0, 86_400.0));
+            call(&connect, wait, &service, payload)
+        }
         Command::Check { config, print } => check(&config, print),
         Command::Reload { admin } => admin_command(&admin, "reload"),
         Command::Status {
@@ -160,7 +172,49 @@ fn serve(
     }
 }
 
-fn call(connect: &str, service: &str, payload: Option<String>) -> ExitCode {
+/// The address `call --config FILE` connects to: the config's Unix socket, else its TCP
+/// listener.
+fn call_addr_of(path: &std::path::Path) -> Result<String, ExitCode> {
+    let config = Config::load(path).map_err(|error| {
+        eprintln!("{error}");
+        ExitCode::from(78)
+    })?;
+    if let Some(unix) = &config.listen.unix {
+        return Ok(format!("unix:{}", unix.display()));
+    }
+    match &config.listen.tcp {
+        Some(tcp) if !tcp.ends_with(":0") => Ok(format!("tcp:{tcp}")),
+        _ => {
+            eprintln!(
+                "error: {}: no listen.unix and no fixed listen.tcp port to call (give --connect)",
+                path.display()
+            );
+            Err(ExitCode::from(64))
+        }
+    }
+}
+
+/// Connect to `addr`, retrying while nothing listens there yet, until `wait` has passed.
+fn connect_waiting(addr: &str, wait: std::time::Duration) -> Result<BlockingClient, CallError> {
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        match BlockingClient::connect(addr) {
+            Err(CallError::Io(error))
+                if std::time::Instant::now() < deadline
+                    && matches!(
+                        error.kind(),
+                        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                    ) =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            other => return other,
+        }
+    }
+}
+
+fn call(addr: &str, wait: std::time::Duration, service: &str, payload: Option<String>) -> ExitCode {
+    let connect = addr;
     let payload = match payload.as_deref() {
         Some("-") => {
             let mut bytes = Vec::new();
@@ -173,12 +227,10 @@ fn call(connect: &str, service: &str, payload: Option<String>) -> ExitCode {
         Some(text) => text.as_bytes().to_vec(),
         None => Vec::new(),
     };
-    let addr = cli::connect_addr(connect);
-    let result =
-        BlockingClient::connect(&addr).and_then(|mut client| match service.parse::<u32>() {
-            Ok(id) => client.call(id, &payload),
-            Err(_) => client.call(service, &payload),
-        });
+    let result = connect_waiting(addr, wait).and_then(|mut client| match service.parse::<u32>() {
+        Ok(id) => client.call(id, &payload),
+        Err(_) => client.call(service, &payload),
+    });
     match result {
         Ok(reply) => {
             let mut stdout = std::io::stdout().lock();

@@ -609,3 +609,54 @@ fn ready_waits_for_each_services_first_worker_but_not_for_one_that_cannot_start(
         "a worker is up at ready: {status:#?}"
     );
 }
+
+#[test]
+fn call_finds_the_socket_in_a_config_and_waits_for_the_bridge_to_come_up() {
+    // Proves `call --config FILE` connects to the config's socket, and `--wait` retries until a
+    // bridge listens there: a caller started before the bridge gets its answer once it is up,
+    // while one without --wait fails at once.
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("bridge.toml");
+    let builder = common::bridge().service(ServiceSpec::echo().workers(1, 1));
+    std::fs::write(&config, builder.config_text(dir.path())).unwrap();
+    let call = |extra: &[&str]| {
+        let mut command = Command::new(common::bridge_exe());
+        command.arg("call").arg("--config").arg(&config).args(extra);
+        command
+    };
+    let once = call(&["echo", "now"]).output().unwrap();
+    assert!(!once.status.success(), "no bridge yet");
+    let mut waiting = call(&["--wait", "60", "echo", "waited"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // It keeps trying (a caller without --wait has failed by now).
+    let patience = Instant::now() + Duration::from_millis(300);
+    while Instant::now() < patience {
+        assert!(
+            waiting.try_wait().unwrap().is_none(),
+            "gave up without a bridge"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut server = Command::new(common::bridge_exe())
+        .args(["serve", "--config"])
+        .arg(&config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(server.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.starts_with("acgi-bridge ready"), "{line}");
+    let output = waiting.wait_with_output().unwrap();
+    assert!(output.status.success());
+    assert_eq!(output.stdout, b"waited");
+    let now = call(&["echo", "by config"]).output().unwrap();
+    assert_eq!(now.stdout, b"by config");
+    // SAFETY: kill(2) on the child we started.
+    unsafe { libc::kill(server.id() as i32, libc::SIGTERM) };
+    assert!(server.wait().unwrap().success());
+}
