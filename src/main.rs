@@ -316,6 +316,11 @@ fn check(path: &std::path::Path, print: bool) -> ExitCode {
             if !problems.is_empty() {
                 return ExitCode::from(78);
             }
+            // What `serve` would refuse first: a kernel without an io_uring op it needs.
+            if let Err(reason) = acgi_bridge::engine::io::check_kernel() {
+                eprintln!("{}: kernel: {reason}", path.display());
+                return ExitCode::FAILURE;
+            }
             if print {
                 match config.effective_toml() {
                     Ok(text) => print!("{text}"),
