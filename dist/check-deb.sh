@@ -58,6 +58,11 @@ need "adduser dependency" "$info" '^ Depends: .*adduser'
 need "conffile list" "$(cat "$control/conffiles" 2>/dev/null)" '^/etc/acgi-bridge/acgi-bridge\.toml$'
 need "postinst creates the user" "$(cat "$control/postinst" 2>/dev/null)" 'adduser --system .*acgi-bridge'
 need "postinst enables the units" "$(cat "$control/postinst" 2>/dev/null)" 'deb-systemd-helper .*acgi-bridge\.(service|socket)'
+need "postinst upgrades in place" "$(cat "$control/postinst" 2>/dev/null)" '/usr/bin/acgi-bridge upgrade --config'
+if grep -q 'deb-systemd-invoke .*restart.*\$_dh_action\|_dh_action=restart' "$control/postinst" 2>/dev/null; then
+	echo "postinst restarts the bridge on upgrade (it should hand over with acgi-bridge upgrade)"
+	failed=1
+fi
 need "prerm stops the units" "$(cat "$control/prerm" 2>/dev/null)" 'deb-systemd-invoke stop .*acgi-bridge'
 need "postrm purges the state" "$(cat "$control/postrm" 2>/dev/null)" 'rm -rf /var/lib/acgi-bridge'
 for script in postinst prerm postrm; do
