@@ -72,6 +72,10 @@ pub struct Config {
     /// a core's share is spent it reads no new request until some are answered.
     #[serde(default = "default_request_bytes_buffered_max")]
     pub request_bytes_buffered_max: u64,
+    /// Answer bytes queued for callers, over all connections (split between the cores): past
+    /// it, the connection with the most queued is disconnected (a caller that does not read).
+    #[serde(default = "default_answer_bytes_buffered_max")]
+    pub answer_bytes_buffered_max: u64,
     /// How long SIGTERM waits for requests in flight before failing them, in milliseconds.
     #[serde(default = "default_shutdown_timeout_ms")]
     pub shutdown_timeout_ms: u64,
@@ -486,6 +490,9 @@ fn default_caller_requests_in_flight_max() -> u32 {
 }
 fn default_caller_bytes_in_flight_max() -> u64 {
     64 * 1024 * 1024
+}
+fn default_answer_bytes_buffered_max() -> u64 {
+    1 << 30
 }
 fn default_request_bytes_buffered_max() -> u64 {
     1024 * 1024 * 1024
@@ -926,6 +933,7 @@ impl Config {
                 "request_bytes_buffered_max",
                 self.request_bytes_buffered_max,
             ),
+            ("answer_bytes_buffered_max", self.answer_bytes_buffered_max),
         ] {
             if value < u64::from(self.max_payload_bytes) {
                 problem(

@@ -36,6 +36,7 @@ pub const LIVE_KEYS: &[&str] = &[
     "caller_requests_in_flight_max",
     "caller_bytes_in_flight_max",
     "request_bytes_buffered_max",
+    "answer_bytes_buffered_max",
     "write_queue_max_bytes",
     "shutdown_timeout_ms",
     "connections_max",

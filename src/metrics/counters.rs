@@ -71,6 +71,10 @@ define_counters! {
         callers_paused_budget,
         /// Callers disconnected for not reading their answers (write_queue_max_bytes).
         slow_callers_disconnected,
+        /// Callers disconnected because the answers queued for all callers passed
+        /// answer_bytes_buffered_max (the one with the most unread went first; also counted in
+        /// slow_callers_disconnected).
+        answer_budget_disconnects,
         /// Replies sent straight from a worker's slot (no copy through the bridge).
         replies_sent_from_slot,
         /// Sends from a slot that fell short and were finished from a copy.

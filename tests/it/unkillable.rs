@@ -554,3 +554,50 @@ fn a_worker_that_floods_its_output_is_rate_limited_and_the_rest_counted() {
         .count();
     assert!(logged < 100, "{logged} worker lines reached the log");
 }
+
+#[test]
+fn answers_nobody_reads_are_bounded_over_all_callers_not_per_caller() {
+    // Proves answer_bytes_buffered_max: callers that ask for large answers and never read them
+    // cannot make the bridge hold more than the budget over all of them (each stays under its
+    // own write_queue_max_bytes, so only the global bound can stop them); the callers holding
+    // the most are disconnected and counted, a bystander is served throughout, and the bridge's
+    // memory grows by about the budget, not by what the callers asked for (57 MB here).
+    let bridge = bridge()
+        .top("max_payload_bytes = 1048576")
+        .top("answer_bytes_buffered_max = 8388608")
+        .service(ServiceSpec::faulty().workers(2, 2))
+        .service(ServiceSpec::echo().workers(1, 1))
+        .start();
+    let before = rss_bytes(bridge.pid());
+    let mut greedy = Vec::new();
+    for _ in 0..8 {
+        let mut client = bridge.client();
+        for _ in 0..8 {
+            client.send(3, b"big 900000").unwrap();
+        }
+        greedy.push(client);
+    }
+    let status = bridge.wait_status("a caller disconnected for the answer budget", |s| {
+        s.counters.answer_budget_disconnects >= 1
+    });
+    assert!(status.counters.slow_callers_disconnected >= status.counters.answer_budget_disconnects);
+    assert_eq!(
+        bridge.client().call("echo", b"bystander").unwrap(),
+        b"bystander",
+        "another caller is served"
+    );
+    // Every greedy request has been answered or its caller dropped by now: the bridge holds at
+    // most the budget of unread answers (plus what sits in the callers' socket buffers).
+    bridge.wait_status("every greedy request answered", |s| {
+        s.services
+            .iter()
+            .all(|svc| svc.workers_busy == 0 && svc.backlog == 0)
+    });
+    let grown = rss_bytes(bridge.pid()).saturating_sub(before);
+    assert!(
+        grown < 32 << 20,
+        "the bridge grew by {} MiB holding unread answers",
+        grown >> 20
+    );
+    drop(greedy);
+}

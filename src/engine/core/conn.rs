@@ -525,6 +525,10 @@ impl Core {
     }
 
     pub(super) fn after_queueing(&mut self, index: ConnHandle) {
+        self.account_answers(index);
+        if self.enforce_answer_budget(index) {
+            return;
+        }
         let conn = &mut self.conns[index];
         if conn.send.queued_bytes() as u64 > self.config.write_queue_max_bytes {
             self.counters.slow_callers_disconnected += 1;
@@ -550,8 +554,11 @@ impl Core {
     }
 
     pub(super) fn on_conn_send(&mut self, index: ConnHandle, result: Result<u32, Errno>) {
+        self.conns[index]
+            .send
+            .complete(result.unwrap_or(0) as usize);
+        self.account_answers(index);
         let conn = &mut self.conns[index];
-        conn.send.complete(result.unwrap_or(0) as usize);
         if conn.is_closing() {
             self.free_conn_if_done(index);
             return;

@@ -96,6 +96,7 @@ impl Core {
         }
         let recv = conn.recv;
         conn.phase = Phase::Closing;
+        self.account_answers(index);
         self.release_reservation(index);
         self.abandon_waiting_requests(index);
         let conn = &self.conns[index];
@@ -121,6 +122,7 @@ impl Core {
         if conn.is_closing() && !conn.recv.in_flight() && !conn.send.in_flight {
             debug_assert!(conn.into_slot.is_none());
             let mut conn = self.conns.remove(index);
+            self.forget_answers(conn.answers_counted);
             if let Some(file) = conn.file {
                 self.unregister_file(file);
             }

@@ -134,6 +134,9 @@ pub(super) struct Conn {
     pub(super) phase: Phase,
     /// Answers queued for the caller.
     pub(super) send: SendQueue,
+    /// Its queued answer bytes as last counted in the core's `answer_bytes` (see
+    /// `Core::account_answers`).
+    pub(super) answers_counted: u64,
     /// Payload bytes still to skip after an oversized frame.
     pub(super) discard: u64,
     /// Requests accepted and not yet answered.

@@ -59,8 +59,19 @@ impl Core {
                 "the request budget's count is not what connections reserve plus requests hold"
             );
         }
+        if self.conns.len() <= INVARIANT_SUM_REQUESTS_MAX {
+            let counted: u64 = self.conns.iter().map(|(_, c)| c.answers_counted).sum();
+            assert_eq!(
+                self.answer_bytes, counted,
+                "the answer budget's count is not what connections counted"
+            );
+        }
         for (index, conn) in self.conns.iter() {
             conn.check_invariants(index);
+            assert!(
+                conn.answers_counted <= conn.send.queued_bytes() as u64 || conn.is_closing(),
+                "{index:?}: counted more answer bytes than it has queued"
+            );
             if let Some(into) = &conn.into_slot {
                 let worker = self.workers.get(into.worker);
                 assert!(

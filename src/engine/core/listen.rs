@@ -151,6 +151,7 @@ impl Core {
             recv: Recv::Idle,
             phase: Phase::Open,
             send: SendQueue::default(),
+            answers_counted: 0,
             discard: 0,
             requests_in_flight: 0,
             slot_send: None,

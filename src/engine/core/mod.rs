@@ -110,6 +110,7 @@ const ACCEPT_RETRY_DELAY: Duration = Duration::from_millis(100);
 const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(1);
 
 mod admin;
+mod answer_budget;
 mod backpressure;
 mod conn;
 mod conn_close;
@@ -417,6 +418,10 @@ pub struct Core {
     /// received; its share of `request_bytes_buffered_max` (see `backpressure`).
     request_bytes: u64,
     request_bytes_share: u64,
+    /// Answer bytes queued for this core's callers, and its share of
+    /// `answer_bytes_buffered_max` (see `Core::account_answers`).
+    answer_bytes: u64,
+    answer_bytes_share: u64,
     /// Connections paused for the budget, oldest first (handles may be stale).
     budget_waiters: VecDeque<ConnHandle>,
     /// Connections to read again after the current handler.
@@ -442,6 +447,7 @@ impl Core {
         let (index, shared) = (setup.index, setup.shared);
         let cores = shared.cores.len();
         let request_bytes_share = (config.request_bytes_buffered_max / cores as u64).max(1);
+        let answer_bytes_share = (config.answer_bytes_buffered_max / cores as u64).max(1);
         let mut services = Vec::new();
         let mut service_by_id = HashMap::new();
         let mut service_by_name = HashMap::new();
@@ -508,6 +514,8 @@ impl Core {
             next_fold_check: now,
             request_bytes: 0,
             request_bytes_share,
+            answer_bytes: 0,
+            answer_bytes_share,
             budget_waiters: VecDeque::new(),
             resume_pending: Vec::new(),
             now,

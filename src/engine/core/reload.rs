@@ -163,6 +163,7 @@ impl Core {
         self.config = Arc::clone(&plan.config);
         let cores = self.shared.cores.len() as u64;
         self.request_bytes_share = (self.config.request_bytes_buffered_max / cores).max(1);
+        self.answer_bytes_share = (self.config.answer_bytes_buffered_max / cores).max(1);
         // A larger budget or in-flight bound may let paused callers read again.
         self.resume_pending
             .extend(self.budget_waiters.iter().copied());

@@ -138,6 +138,8 @@ impl Core {
             });
             self.counters.slot_sends_spilled += u64::from(short);
         }
+        // (The spilled rest of a short send is queued bytes now.)
+        self.account_answers(index);
         self.return_lent_worker(send.worker);
         // Returning the worker runs pool actions that may have closed and freed this caller.
         let Some(conn) = self.conns.get(index) else {
