@@ -660,3 +660,58 @@ fn call_finds_the_socket_in_a_config_and_waits_for_the_bridge_to_come_up() {
     unsafe { libc::kill(server.id() as i32, libc::SIGTERM) };
     assert!(server.wait().unwrap().success());
 }
+
+#[test]
+fn every_config_key_is_in_the_reference() {
+    // Proves docs/configuration.md names every key `check --print` knows (so a new key without
+    // its documentation fails here), each in a table row of its section.
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("bridge.toml");
+    let builder = common::bridge().service(ServiceSpec::echo());
+    std::fs::write(&config, builder.config_text(dir.path())).unwrap();
+    let output = Command::new(common::bridge_exe())
+        .args(["check", "--print", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let printed = String::from_utf8(output.stdout).unwrap();
+    let reference = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/configuration.md"),
+    )
+    .unwrap();
+    let section_of = |heading: &str| -> String {
+        let start = reference
+            .find(heading)
+            .unwrap_or_else(|| panic!("no {heading} in docs/configuration.md"));
+        let rest = &reference[start + heading.len()..];
+        let end = rest.find("\n## ").unwrap_or(rest.len());
+        rest[..end].to_string()
+    };
+    let mut section = section_of("## Top level");
+    let mut missing = Vec::new();
+    for line in printed.lines() {
+        let line = line.trim();
+        if line == "[listen]" {
+            section = section_of("## `[listen]`");
+            continue;
+        }
+        if line == "[[service]]" {
+            section = section_of("## `[[service]]`");
+            continue;
+        }
+        let key = line
+            .strip_prefix("# ")
+            .and_then(|l| l.split(':').next())
+            .filter(|k| !k.contains(' '))
+            .or_else(|| line.split(" = ").next().filter(|_| line.contains(" = ")));
+        let Some(key) = key else { continue };
+        if !section.contains(&format!("| `{key}` |")) {
+            missing.push(key.to_string());
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "not in docs/configuration.md: {missing:?}"
+    );
+}
