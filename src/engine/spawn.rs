@@ -315,6 +315,40 @@ impl Drop for ChildStack {
     }
 }
 
+/// Block every signal of this thread (the raw call: glibc's wrapper leaves its own 32 and 33
+/// open), around a clone whose child runs on our memory until it has reset every disposition;
+/// returns the mask to put back with [`restore_signal_mask`] (read `errno` before: this is a
+/// system call).
+pub(crate) fn block_every_signal() -> [u64; 1] {
+    let mut old_mask = [0u64; 1];
+    let all = [!0u64; 1];
+    // SAFETY: rt_sigprocmask on this thread with valid 8-byte sets.
+    unsafe {
+        libc::syscall(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_SETMASK,
+            all.as_ptr(),
+            old_mask.as_mut_ptr(),
+            8usize,
+        )
+    };
+    old_mask
+}
+
+/// Put back the mask [`block_every_signal`] returned.
+pub(crate) fn restore_signal_mask(old_mask: [u64; 1]) {
+    // SAFETY: rt_sigprocmask on this thread with a valid 8-byte set.
+    unsafe {
+        libc::syscall(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_SETMASK,
+            old_mask.as_ptr(),
+            std::ptr::null_mut::<u64>(),
+            8usize,
+        )
+    };
+}
+
 /// Start one worker: with clone(CLONE_VM | CLONE_VFORK) on `stack`, else (no stack, or see
 /// below) with fork.
 fn spawn(
@@ -433,18 +467,7 @@ fn spawn(
     // Every signal blocked (the raw call: glibc's wrapper leaves its own 32 and 33 open) from
     // before the child exists until it has reset every disposition, so that no handler of
     // ours runs in it (with CLONE_VM, on our memory). The child clears its mask last.
-    let mut old_mask = [0u64; 1];
-    let all = [!0u64; 1];
-    // SAFETY: rt_sigprocmask on this thread with valid 8-byte sets.
-    unsafe {
-        libc::syscall(
-            libc::SYS_rt_sigprocmask,
-            libc::SIG_SETMASK,
-            all.as_ptr(),
-            old_mask.as_mut_ptr(),
-            8usize,
-        )
-    };
+    let old_mask = block_every_signal();
     let dumpable = if share {
         // SAFETY: prctl with integer arguments on this process.
         unsafe { libc::prctl(libc::PR_GET_DUMPABLE) }
@@ -502,16 +525,7 @@ fn spawn(
     if let Some(cell) = &spawn_cell {
         registry.end_spawn(cell);
     }
-    // SAFETY: as above, restoring this thread's mask.
-    unsafe {
-        libc::syscall(
-            libc::SYS_rt_sigprocmask,
-            libc::SIG_SETMASK,
-            old_mask.as_ptr(),
-            std::ptr::null_mut::<u64>(),
-            8usize,
-        )
-    };
+    restore_signal_mask(old_mask);
     // The child's PR_SET_DUMPABLE 0 (or its change of ids) was on our memory: put ours back.
     // SAFETY: prctl with integer arguments on this process.
     if dumpable >= 0 && unsafe { libc::prctl(libc::PR_GET_DUMPABLE) } != dumpable {

@@ -313,18 +313,7 @@ fn launch(
     let mut pidfd: libc::c_int = -1;
     // Every signal blocked around the clone (the raw call: glibc's wrapper leaves two open),
     // so that no handler of ours runs in the child on our memory; it clears its mask last.
-    let mut old_mask = [0u64; 1];
-    let all = [!0u64; 1];
-    // SAFETY: rt_sigprocmask on this thread with valid 8-byte sets.
-    unsafe {
-        libc::syscall(
-            libc::SYS_rt_sigprocmask,
-            libc::SIG_SETMASK,
-            all.as_ptr(),
-            old_mask.as_mut_ptr(),
-            8usize,
-        )
-    };
+    let old_mask = super::spawn::block_every_signal();
     // SAFETY: clone(CLONE_VM | CLONE_VFORK), as the spawner's (`spawn`): the child runs
     // `child_entry` on `stack`, a mapping of its own with a guard page, sharing our memory but
     // not our descriptor table nor signal handler table. This thread is suspended until the
@@ -342,16 +331,7 @@ fn launch(
         )
     };
     let clone_error = std::io::Error::last_os_error();
-    // SAFETY: as above, restoring this thread's mask.
-    unsafe {
-        libc::syscall(
-            libc::SYS_rt_sigprocmask,
-            libc::SIG_SETMASK,
-            old_mask.as_ptr(),
-            std::ptr::null_mut::<u64>(),
-            8usize,
-        )
-    };
+    super::spawn::restore_signal_mask(old_mask);
     if pid < 0 {
         return Err(UpgradeError::Setup(clone_error));
     }

@@ -354,14 +354,7 @@ impl Core {
         tracing::debug!(%error, "malformed frame from a caller; closing the connection");
         let message = error.to_string();
         self.answer_error(index, request_id, 0, ErrorCode::MalformedFrame, &message);
-        if let Some(conn) = self.conns.get_mut(index) {
-            conn.close_after_flush();
-            if conn.recv.in_flight() {
-                let token = Token::conn(conn.recv.op().expect("in flight"), index);
-                self.ring.cancel(token);
-            }
-        }
-        self.close_conn_if_finished(index);
+        self.close_after_answers(index);
     }
 
     pub(super) fn on_caller_frame(&mut self, index: ConnHandle, header: Header, payload: Vec<u8>) {

@@ -89,6 +89,19 @@ impl Core {
 
     /// Close now: cancel its ops; the entry goes once they complete. Answers still owed to its
     /// requests are dropped when they arrive (the generation no longer matches).
+    /// Read nothing more from the caller (its receive is cancelled): close it once what is
+    /// queued for it has been sent.
+    pub(super) fn close_after_answers(&mut self, index: ConnHandle) {
+        if let Some(conn) = self.conns.get_mut(index) {
+            conn.close_after_flush();
+            if conn.recv.in_flight() {
+                let token = Token::conn(conn.recv.op().expect("in flight"), index);
+                self.ring.cancel(token);
+            }
+        }
+        self.close_conn_if_finished(index);
+    }
+
     pub(super) fn close_conn(&mut self, index: ConnHandle) {
         let conn = &mut self.conns[index];
         if conn.is_closing() {

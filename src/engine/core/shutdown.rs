@@ -21,14 +21,7 @@ impl Core {
         let header = Header::error(0, 0, ErrorCode::ShuttingDown, DRAIN_NOTICE.len() as u32);
         self.answer(index, &header, DRAIN_NOTICE.as_bytes());
         // As after a malformed frame: nothing read from now on is looked at.
-        if let Some(conn) = self.conns.get_mut(index) {
-            conn.close_after_flush();
-            if conn.recv.in_flight() {
-                let token = Token::conn(conn.recv.op().expect("in flight"), index);
-                self.ring.cancel(token);
-            }
-        }
-        self.close_conn_if_finished(index);
+        self.close_after_answers(index);
     }
 
     /// A connection that reached us after the drain began: it has sent nothing we read, so it
