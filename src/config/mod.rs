@@ -226,10 +226,33 @@ pub struct Listen {
     /// default): any that can reach the port.
     #[serde(default)]
     pub allowed_clients: Vec<String>,
-    /// Allow `tcp` on an address other than loopback without TLS (which the bridge does not
-    /// speak yet): callers' requests and replies cross the network in the clear.
+    /// Allow `tcp` on an address other than loopback without TLS (use `tls` for callers on
+    /// other hosts): callers' requests and replies cross the network in the clear.
     #[serde(default)]
     pub insecure_plaintext: bool,
+    /// TLS `host:port` to listen on (besides `unix` and `tcp`; port 0 picks a free port):
+    /// TLS is terminated by the bridge's TLS threads (`engine::tls`), so the cores serve these
+    /// callers as any other. Needs `tls_cert` and `tls_key`.
+    pub tls: Option<String>,
+    /// The server's certificate chain, PEM (the leaf first).
+    pub tls_cert: Option<PathBuf>,
+    /// The server's private key, PEM (PKCS#8, PKCS#1 or SEC1); it must match `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+    /// CA certificates, PEM: when set, every TLS caller must present a certificate that
+    /// chains to one of them (mutual TLS), and the name it gives is its identity for the
+    /// services' `allowed_tls_identities`.
+    pub tls_client_ca: Option<PathBuf>,
+    /// A TLS caller that has not finished its handshake this long after it connected is
+    /// dropped (counted in tls_handshake_timeouts).
+    #[serde(default = "default_tls_handshake_timeout_ms")]
+    pub tls_handshake_timeout_ms: u64,
+    /// Threads terminating TLS (each accepts on the TLS listener and pumps its connections).
+    #[serde(default = "default_tls_threads")]
+    pub tls_threads: u32,
+    /// The TLS server configuration, built from the files above when the config is loaded
+    /// (`Config::load`): a bad file is a problem `check` names, not a failure at startup.
+    #[serde(skip)]
+    pub tls_server: Option<crate::engine::tls::ServerConfigHandle>,
 }
 
 /// One service: a pool of worker processes running `exec`.
@@ -267,7 +290,14 @@ pub struct ServiceConfig {
     /// Unix callers that may call this service, by primary gid.
     #[serde(default)]
     pub allowed_gids: Vec<u32>,
-    /// The listeners whose callers may call this service: `"unix"`, `"tcp"` (default both).
+    /// TLS callers that may call this service, by the identity their verified client
+    /// certificate gives (needs `listen.tls_client_ca`). With `allowed_uids` and
+    /// `allowed_gids` it makes one list: when any is set, only callers it names may call
+    /// (`engine::admission::ServiceAcl`).
+    #[serde(default)]
+    pub allowed_tls_identities: Vec<String>,
+    /// The listeners whose callers may call this service: `"unix"`, `"tcp"`, `"tls"` (default
+    /// all three).
     #[serde(default = "default_allowed_listeners")]
     pub allowed_listeners: Vec<String>,
     /// Let workers stay dumpable (core files, ptrace and /proc/PID/mem by their own user).
@@ -474,7 +504,13 @@ fn default_log_lines_per_second() -> u32 {
     100
 }
 fn default_allowed_listeners() -> Vec<String> {
-    vec!["unix".into(), "tcp".into()]
+    vec!["unix".into(), "tcp".into(), "tls".into()]
+}
+fn default_tls_handshake_timeout_ms() -> u64 {
+    10_000
+}
+fn default_tls_threads() -> u32 {
+    1
 }
 fn default_unix_connections_reserved() -> u32 {
     1_000
@@ -614,6 +650,8 @@ pub const WORKERS_MAX_PER_SERVICE: u32 = 4096;
 pub const DURATION_MS_MAX: u64 = 86_400_000;
 /// Lowest `rlimit_as` accepted: 16 MiB.
 pub const RLIMIT_AS_MIN_BYTES: u64 = 16 << 20;
+/// Highest value accepted for `listen.tls_threads`.
+pub const TLS_THREADS_MAX: u32 = 64;
 /// Highest value accepted for `backlog_max`.
 pub const BACKLOG_MAX_CEILING: u32 = 1 << 20;
 
@@ -646,6 +684,7 @@ impl Config {
         let mut problems = config.problems();
         if problems.is_empty() {
             problems = config.resolve_services();
+            problems.extend(config.load_tls());
         }
         if problems.is_empty() {
             Ok(config)
@@ -698,6 +737,15 @@ impl Config {
         }
         if let Some(unix) = &self.listen.unix {
             self.listen.unix = Some(resolve(unix));
+        }
+        for file in [
+            &mut self.listen.tls_cert,
+            &mut self.listen.tls_key,
+            &mut self.listen.tls_client_ca,
+        ] {
+            if let Some(path) = file.as_deref() {
+                *file = Some(resolve(path));
+            }
         }
         for service in &mut self.services {
             for path in service
@@ -794,6 +842,26 @@ impl Config {
             }));
         }
         problems
+    }
+
+    /// Read `listen.tls_cert`, `tls_key` and `tls_client_ca` and build the TLS server
+    /// configuration from them (what `load` does once the config is otherwise valid): a
+    /// missing or unreadable file, one with no certificate or key in it, or a key that does
+    /// not match the certificate, is a problem naming its key.
+    pub fn load_tls(&mut self) -> Vec<Problem> {
+        if self.listen.tls.is_none() {
+            return Vec::new();
+        }
+        match crate::engine::tls::server_config(&self.listen) {
+            Ok(handle) => {
+                self.listen.tls_server = Some(handle);
+                Vec::new()
+            }
+            Err((key, reason)) => vec![Problem {
+                key: key.into(),
+                reason,
+            }],
+        }
     }
 
     /// The services whose workers would run as root (the bridge runs as root and they set
@@ -946,11 +1014,42 @@ impl Config {
                 );
             }
         }
-        if self.listen.unix.is_none() && self.listen.tcp.is_none() {
+        if self.listen.unix.is_none() && self.listen.tcp.is_none() && self.listen.tls.is_none() {
             problem(
                 "listen".into(),
-                "set at least one of listen.unix and listen.tcp".into(),
+                "set at least one of listen.unix, listen.tcp and listen.tls".into(),
             );
+        }
+        if let Some(tls) = &self.listen.tls {
+            if tls.parse::<std::net::SocketAddr>().is_err() {
+                problem(
+                    "listen.tls".into(),
+                    format!("{tls:?} is not an ip:port address like \"0.0.0.0:7879\""),
+                );
+            }
+            for (key, file) in [
+                ("listen.tls_cert", &self.listen.tls_cert),
+                ("listen.tls_key", &self.listen.tls_key),
+            ] {
+                if file.is_none() {
+                    problem(
+                        key.into(),
+                        "must be set with listen.tls (a PEM file)".into(),
+                    );
+                }
+            }
+            if !(1..=DURATION_MS_MAX).contains(&self.listen.tls_handshake_timeout_ms) {
+                problem(
+                    "listen.tls_handshake_timeout_ms".into(),
+                    format!("must be 1 to {DURATION_MS_MAX} ms"),
+                );
+            }
+            if !(1..=TLS_THREADS_MAX).contains(&self.listen.tls_threads) {
+                problem(
+                    "listen.tls_threads".into(),
+                    format!("must be 1 to {TLS_THREADS_MAX}"),
+                );
+            }
         }
         if let Some(addr) = &self.metrics_listen {
             if addr.parse::<std::net::SocketAddr>().is_err() {
@@ -1009,10 +1108,11 @@ impl Config {
                 Ok(addr) if !addr.ip().is_loopback() && !self.listen.insecure_plaintext => problem(
                     "listen.tcp".into(),
                     format!(
-                        "{tcp:?} is reachable from other hosts, and the bridge does not \
-                             speak TLS yet: callers' payloads would cross the network in the \
-                             clear; listen on loopback, or set listen.insecure_plaintext = true \
-                             (and listen.allowed_clients) if the network is trusted"
+                        "{tcp:?} is reachable from other hosts in plaintext: callers' \
+                             payloads would cross the network in the clear; serve other hosts \
+                             on listen.tls, listen on loopback, or set \
+                             listen.insecure_plaintext = true (and listen.allowed_clients) if \
+                             the network is trusted"
                     ),
                 ),
                 Ok(_) => {}
@@ -1037,12 +1137,20 @@ impl Config {
                 );
             }
             for listener in &service.allowed_listeners {
-                if listener != "unix" && listener != "tcp" {
+                if listener != "unix" && listener != "tcp" && listener != "tls" {
                     problem(
                         key("allowed_listeners"),
-                        format!("{listener:?} is not a listener: use \"unix\" or \"tcp\""),
+                        format!("{listener:?} is not a listener: use \"unix\", \"tcp\" or \"tls\""),
                     );
                 }
+            }
+            if !service.allowed_tls_identities.is_empty() && self.listen.tls_client_ca.is_none() {
+                problem(
+                    key("allowed_tls_identities"),
+                    "needs listen.tls_client_ca: without client certificates no TLS caller has \
+                     an identity"
+                        .into(),
+                );
             }
             if !ids.insert(service.id) {
                 problem(

@@ -3,6 +3,9 @@
 //! Who may connect is checked first: a Unix caller's uid or gid against `listen.allowed_uids`
 //! and `listen.allowed_gids` (from `SO_PEERCRED`, which the kernel fills in, so a caller cannot
 //! lie), a TCP caller's address against `listen.allowed_clients` (addresses and CIDR blocks).
+//! A caller on the TLS listener (`super::tls`) is a TCP caller for all of this: its address
+//! is checked and counted before its handshake, and the identity its client certificate proves
+//! is added to its [`Caller`] once the handshake is done, for the services' ACLs.
 //! Then three bounds are checked, in this order, for every caller connection of every core:
 //!
 //! 1. `connections_max`: caller connections over all listeners;
@@ -36,11 +39,23 @@ pub enum Peer {
     Ip(IpAddr),
 }
 
-/// A caller as the kernel reports it: its peer, and on Unix its primary gid.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// A caller as the kernel reports it: its peer, and on Unix its primary gid; on the TLS
+/// listener, what its handshake proved.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Caller {
     pub peer: Peer,
     pub gid: Option<u32>,
+    /// `Some` for a caller on the TLS listener (its `peer` is its TCP address).
+    pub tls: Option<TlsCaller>,
+}
+
+/// What a TLS caller proved in its handshake.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TlsCaller {
+    /// The name its verified client certificate gives (the first DNS subject alternative
+    /// name, else the subject's common name); `None` when the listener asks for no client
+    /// certificate (no `listen.tls_client_ca`), or the certificate names nothing.
+    pub identity: Option<std::sync::Arc<str>>,
 }
 
 impl Caller {
@@ -58,13 +73,38 @@ impl Caller {
             return Some(Caller {
                 peer: Peer::Ip(ip),
                 gid: None,
+                tls: None,
             });
         }
         let cred = rustix::net::sockopt::socket_peercred(fd).ok()?;
         Some(Caller {
             peer: Peer::Uid(cred.uid.as_raw()),
             gid: Some(cred.gid.as_raw()),
+            tls: None,
         })
+    }
+
+    /// A caller accepted on the TLS listener from `ip`, before its handshake.
+    pub fn tls(ip: IpAddr) -> Caller {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        Caller {
+            peer: Peer::Ip(ip),
+            gid: None,
+            tls: Some(TlsCaller::default()),
+        }
+    }
+
+    /// Which listener it came through: `"unix"`, `"tcp"` or `"tls"` (as `allowed_listeners`
+    /// names them).
+    pub fn listener(&self) -> &'static str {
+        match (self.peer, &self.tls) {
+            (Peer::Uid(_), _) => "unix",
+            (Peer::Ip(_), None) => "tcp",
+            (Peer::Ip(_), Some(_)) => "tls",
+        }
     }
 }
 
@@ -169,40 +209,66 @@ impl std::fmt::Display for Peer {
     }
 }
 
-/// Who may call one service (its `allowed_uids`, `allowed_gids`, `allowed_listeners`).
+/// Who may call one service (its `allowed_uids`, `allowed_gids`, `allowed_tls_identities`,
+/// `allowed_listeners`).
+///
+/// How they combine: a caller may call the service when it came through a listener that
+/// `allowed_listeners` names (`"unix"`, `"tcp"`, `"tls"`; default all three) *and*, when any of
+/// the three identity lists is set, it is named by one of them: a Unix caller by its uid or
+/// primary gid (`SO_PEERCRED`), a TLS caller by the identity its verified client certificate
+/// gives. A plain TCP caller proves no identity, so it may call only services that set none;
+/// the lists are one union, so a service that names TLS identities only is closed to every
+/// Unix caller, and one that names uids only is closed to every TLS caller.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServiceAcl {
     uids: Vec<u32>,
     gids: Vec<u32>,
+    identities: Vec<String>,
     unix: bool,
     tcp: bool,
+    tls: bool,
 }
 
 impl ServiceAcl {
     /// `None` when the service lets every caller that may connect call it.
     pub fn from_config(service: &crate::config::ServiceConfig) -> Option<ServiceAcl> {
+        let listed = |name: &str| service.allowed_listeners.iter().any(|l| l == name);
         let acl = ServiceAcl {
             uids: service.allowed_uids.clone(),
             gids: service.allowed_gids.clone(),
-            unix: service.allowed_listeners.iter().any(|l| l == "unix"),
-            tcp: service.allowed_listeners.iter().any(|l| l == "tcp"),
+            identities: service.allowed_tls_identities.clone(),
+            unix: listed("unix"),
+            tcp: listed("tcp"),
+            tls: listed("tls"),
         };
-        let open = acl.uids.is_empty() && acl.gids.is_empty() && acl.unix && acl.tcp;
+        let open = !acl.by_identity() && acl.unix && acl.tcp && acl.tls;
         (!open).then_some(acl)
+    }
+
+    fn by_identity(&self) -> bool {
+        !self.uids.is_empty() || !self.gids.is_empty() || !self.identities.is_empty()
     }
 
     /// Whether this caller may call the service.
     pub fn allows(&self, caller: &Caller) -> bool {
-        let by_identity = !self.uids.is_empty() || !self.gids.is_empty();
-        match caller.peer {
-            Peer::Uid(uid) => {
+        let by_identity = self.by_identity();
+        match (caller.peer, &caller.tls) {
+            (Peer::Uid(uid), _) => {
                 self.unix
                     && (!by_identity
                         || self.uids.contains(&uid)
                         || caller.gid.is_some_and(|gid| self.gids.contains(&gid)))
             }
-            // A TCP caller has no uid to prove.
-            Peer::Ip(_) => self.tcp && !by_identity,
+            // A plain TCP caller has nothing to prove who it is with.
+            (Peer::Ip(_), None) => self.tcp && !by_identity,
+            (Peer::Ip(_), Some(tls)) => {
+                self.tls
+                    && (!by_identity
+                        || tls
+                            .identity
+                            .as_deref()
+                            .is_some_and(|id| self.identities.iter().any(|n| n == id)))
+            }
         }
     }
 }
@@ -232,9 +298,16 @@ impl Ticket {
         self.caller.peer
     }
 
-    /// Who holds it, as the kernel said at accept.
+    /// Who holds it, as the kernel said at accept (and, on the TLS listener, as its
+    /// handshake proved).
     pub fn caller(&self) -> &Caller {
         &self.caller
+    }
+
+    /// Record what a TLS caller's finished handshake proved (the TLS thread, before it hands
+    /// the connection to a core). The counts do not change: they go by the peer's address.
+    pub fn set_tls_identity(&mut self, identity: Option<std::sync::Arc<str>>) {
+        self.caller.tls = Some(TlsCaller { identity });
     }
 }
 
@@ -297,7 +370,7 @@ impl Admission {
         if !access.allows(caller) {
             return Err(Refused::NotAllowed);
         }
-        self.admit(*caller, limits)
+        self.admit(caller.clone(), limits)
     }
 
     /// Count a new connection from `caller`, or say which bound refuses it.
@@ -405,6 +478,7 @@ mod tests {
         let unix = |uid, gid| Caller {
             peer: Peer::Uid(uid),
             gid: Some(gid),
+            tls: None,
         };
         assert!(access.allows(&unix(1000, 1)));
         assert!(access.allows(&unix(7, 50)));
@@ -412,6 +486,7 @@ mod tests {
         let tcp = |ip: &str| Caller {
             peer: Peer::Ip(ip.parse().unwrap()),
             gid: None,
+            tls: None,
         };
         assert!(access.allows(&tcp("127.0.0.2")));
         assert!(!access.allows(&tcp("127.0.0.1")));
@@ -426,6 +501,7 @@ mod tests {
         Caller {
             peer: Peer::Ip(IpAddr::V4(Ipv4Addr::new(127, 0, 0, last))),
             gid: None,
+            tls: None,
         }
     }
 
@@ -433,7 +509,62 @@ mod tests {
         Caller {
             peer: Peer::Uid(uid),
             gid: Some(uid),
+            tls: None,
         }
+    }
+
+    fn service(extra: &str) -> crate::config::ServiceConfig {
+        let text = format!("id = 1\nname = \"s\"\nexec = \"/bin/true\"\n{extra}");
+        toml::from_str(&text).expect("a service table")
+    }
+
+    fn tls_caller(identity: Option<&str>) -> Caller {
+        let mut caller = Caller::tls("127.0.0.1".parse().unwrap());
+        caller.tls = Some(TlsCaller {
+            identity: identity.map(Into::into),
+        });
+        caller
+    }
+
+    #[test]
+    fn service_acls_combine_listeners_and_one_union_of_identities() {
+        // Proves the rule ServiceAcl documents, for each kind of caller.
+        assert!(ServiceAcl::from_config(&service("")).is_none(), "open");
+        let by_name = ServiceAcl::from_config(&service(
+            "allowed_tls_identities = [\"alice\"]\nallowed_uids = [1000]",
+        ))
+        .unwrap();
+        assert!(by_name.allows(&tls_caller(Some("alice"))));
+        assert!(!by_name.allows(&tls_caller(Some("bob"))));
+        assert!(
+            !by_name.allows(&tls_caller(None)),
+            "no certificate, no name"
+        );
+        assert!(by_name.allows(&uid(1000)));
+        assert!(!by_name.allows(&uid(1001)));
+        assert!(!by_name.allows(&A), "plain TCP proves nothing");
+        let tls_only =
+            ServiceAcl::from_config(&service("allowed_tls_identities = [\"alice\"]")).unwrap();
+        assert!(
+            !tls_only.allows(&uid(0)),
+            "naming identities closes it to Unix callers"
+        );
+        let listeners =
+            ServiceAcl::from_config(&service("allowed_listeners = [\"unix\", \"tls\"]")).unwrap();
+        assert!(listeners.allows(&tls_caller(None)));
+        assert!(listeners.allows(&uid(5)));
+        assert!(!listeners.allows(&A));
+        let no_tls = ServiceAcl::from_config(&service(
+            "allowed_listeners = [\"tcp\"]\nallowed_tls_identities = [\"alice\"]",
+        ))
+        .unwrap();
+        assert!(
+            !no_tls.allows(&tls_caller(Some("alice"))),
+            "the listener must be listed"
+        );
+        assert_eq!(tls_caller(None).listener(), "tls");
+        assert_eq!(A.listener(), "tcp");
+        assert_eq!(uid(1).listener(), "unix");
     }
 
     #[test]

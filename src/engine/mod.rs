@@ -21,6 +21,7 @@ pub mod shared;
 pub mod spawn;
 pub mod systemd;
 pub mod table;
+pub mod tls;
 pub mod upgrade;
 
 use std::io::Write;
@@ -565,6 +566,27 @@ pub fn run(
             .recv()
             .context("a core thread died while starting")??;
     }
+    // TLS callers are served by the cores once their handshake is done (see `tls`).
+    let tls_threads = match (&config.listen.tls, &config.listen.tls_server) {
+        (Some(addr), Some(server)) => {
+            let listener = self::tls::bind(addr)?;
+            let local = listener.local_addr()?;
+            let threads = config.listen.tls_threads as usize;
+            let timeout = std::time::Duration::from_millis(config.listen.tls_handshake_timeout_ms);
+            let started = self::tls::start(
+                listener,
+                server.clone(),
+                timeout,
+                threads,
+                Arc::clone(&shared),
+            )?;
+            ready.push_str(&format!(" tls={local}"));
+            tracing::info!(addr = %local, threads, "listening on TLS");
+            Some(started)
+        }
+        (Some(_), None) => bail!("listen.tls is set but its certificates were not loaded"),
+        _ => None,
+    };
     let control = self::control::start(self::control::ControlSetup {
         shared: Arc::clone(&shared),
         config: Arc::clone(&config),
@@ -613,6 +635,10 @@ pub fn run(
             Ok(Err(error)) => return Err(error),
             Err(_) => bail!("a core thread panicked"),
         }
+    }
+    if let Some(tls_threads) = tls_threads {
+        // The cores have closed their ends: each session sends its close_notify.
+        tls_threads.wait(std::time::Duration::from_secs(2));
     }
     totals.add(&control.stop()?);
     tracing::info!(counters = ?totals, "stopped");

@@ -109,6 +109,17 @@ define_counters! {
         /// Access log lines dropped because its writer did not keep up (its queue holds at
         /// most ACCESS_LOG_LINES_BUFFERED_MAX lines).
         access_log_lines_dropped,
+        /// TLS handshakes completed (the caller then handed to a core).
+        tls_handshakes,
+        /// TLS handshakes that failed: a protocol error, a client certificate missing or not
+        /// chaining to listen.tls_client_ca, or the caller closing mid-handshake.
+        tls_handshakes_failed,
+        /// TLS callers dropped for not finishing their handshake in
+        /// listen.tls_handshake_timeout_ms.
+        tls_handshake_timeouts,
+        /// Times a TLS connection's pump buffer filled (one direction stopped being read until
+        /// the other side took the bytes).
+        tls_buffers_full,
     }
 }
 

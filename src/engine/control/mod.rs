@@ -625,6 +625,8 @@ impl Control {
         // Lines the log writer dropped are counted by the process, not by a core.
         merged.counters.log_lines_dropped = crate::logging::lines_dropped();
         merged.counters.access_log_lines_dropped = crate::access_log::lines_dropped();
+        // So do the TLS threads'.
+        crate::engine::tls::add_counters(&mut merged.counters);
         Ok(merged)
     }
 }
