@@ -56,9 +56,10 @@ pub enum Command {
     },
     /// Call a service once and print its reply on stdout.
     Call {
-        /// Bridge address: unix:PATH, tcp:HOST:PORT, or bare. A bare value ending in :PORT
-        /// (digits) and containing no '/' is TCP (127.0.0.1:7878, localhost:7878); any other
-        /// bare value is a Unix socket path (bridge.sock, ./bridge.sock, /run/x.sock).
+        /// Bridge address: unix:PATH, tcp:HOST:PORT, tls:HOST:PORT (with --tls-ca), or bare.
+        /// A bare value ending in :PORT (digits) and containing no '/' is TCP (127.0.0.1:7878,
+        /// localhost:7878); any other bare value is a Unix socket path (bridge.sock,
+        /// ./bridge.sock, /run/x.sock).
         #[arg(
             long,
             env = "ACGI_BRIDGE_ADDR",
@@ -74,6 +75,21 @@ pub enum Command {
         /// starts, or during a restart), retrying every 50 ms; 0: try once.
         #[arg(long, value_name = "SECONDS", default_value_t = 0.0)]
         wait: f64,
+        /// For tls: addresses: the CA certificate(s), PEM, the bridge's certificate must
+        /// chain to.
+        #[arg(long, value_name = "FILE")]
+        tls_ca: Option<PathBuf>,
+        /// For tls: addresses: this client's certificate chain, PEM (for a bridge with
+        /// listen.tls_client_ca: mutual TLS); needs --tls-key.
+        #[arg(long, value_name = "FILE", requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// The private key of --tls-cert, PEM.
+        #[arg(long, value_name = "FILE", requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+        /// For tls: addresses: the name to check the bridge's certificate against (default:
+        /// the address's host).
+        #[arg(long, value_name = "NAME")]
+        tls_server_name: Option<String>,
         /// Service name or numeric id.
         service: String,
         /// The payload; `-` reads it from stdin; omitted means empty.
@@ -193,7 +209,11 @@ pub struct AdminSocket {
 /// that is not `HOST:PORT` becomes `unix:VALUE`, so that `--connect bridge.sock` (a relative
 /// path without `./`) reaches the socket instead of failing to resolve a host.
 pub fn connect_addr(value: &str) -> String {
-    if value.starts_with("unix:") || value.starts_with("tcp:") || value.contains('/') {
+    if value.starts_with("unix:")
+        || value.starts_with("tcp:")
+        || value.starts_with("tls:")
+        || value.contains('/')
+    {
         return value.to_string();
     }
     let is_host_port = value.rsplit_once(':').is_some_and(|(host, port)| {
@@ -204,6 +224,15 @@ pub fn connect_addr(value: &str) -> String {
     } else {
         format!("unix:{value}")
     }
+}
+
+/// `call`'s TLS flags.
+#[derive(Debug, Default)]
+pub struct CallTls {
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub server_name: Option<String>,
 }
 
 /// `1 service`, `2 services`.
@@ -230,6 +259,7 @@ mod tests {
         assert_eq!(connect_addr("[::1]:7878"), "[::1]:7878");
         assert_eq!(connect_addr("unix:x"), "unix:x");
         assert_eq!(connect_addr("tcp:h:1"), "tcp:h:1");
+        assert_eq!(connect_addr("tls:h:1"), "tls:h:1");
         assert_eq!(connect_addr("odd:name"), "unix:odd:name");
         assert_eq!(connect_addr(":7878"), "unix::7878");
     }

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use acgi_bridge::cli::{self, Cli, Command};
-use acgi_bridge::client::{BlockingClient, CallError};
+use acgi_bridge::client::CallError;
 use acgi_bridge::config::{Config, ConfigError};
 use acgi_bridge::engine::systemd::Systemd;
 use acgi_bridge::engine::upgrade::Takeover;
@@ -36,6 +36,10 @@ fn main() -> ExitCode {
             connect,
             config,
             wait,
+            tls_ca,
+            tls_cert,
+            tls_key,
+            tls_server_name,
             service,
             payload,
         } => {
@@ -47,7 +51,13 @@ fn main() -> ExitCode {
                 None => cli::connect_addr(&connect),
             };
             let wait = std::time::Duration::from_secs_f64(wait.clamp(0.0, 86_400.0));
-            call(&connect, wait, &service, payload)
+            let tls = cli::CallTls {
+                ca: tls_ca,
+                cert: tls_cert,
+                key: tls_key,
+                server_name: tls_server_name,
+            };
+            call(&connect, wait, &tls, &service, payload)
         }
         Command::Check { config, print } => check(&config, print),
         Command::Reload { admin } => admin_command(&admin, "reload"),
@@ -195,10 +205,14 @@ fn call_addr_of(path: &std::path::Path) -> Result<String, ExitCode> {
 }
 
 /// Connect to `addr`, retrying while nothing listens there yet, until `wait` has passed.
-fn connect_waiting(addr: &str, wait: std::time::Duration) -> Result<BlockingClient, CallError> {
+fn connect_waiting(
+    addr: &str,
+    wait: std::time::Duration,
+    options: &acgi_bridge::client::ConnectOptions,
+) -> Result<acgi_bridge::client::BlockingClient, CallError> {
     let deadline = std::time::Instant::now() + wait;
     loop {
-        match BlockingClient::connect(addr) {
+        match options.blocking(addr) {
             Err(CallError::Io(error))
                 if std::time::Instant::now() < deadline
                     && matches!(
@@ -213,7 +227,34 @@ fn connect_waiting(addr: &str, wait: std::time::Duration) -> Result<BlockingClie
     }
 }
 
-fn call(addr: &str, wait: std::time::Duration, service: &str, payload: Option<String>) -> ExitCode {
+/// The client options `call`'s TLS flags ask for.
+fn call_options(tls: &cli::CallTls) -> Result<acgi_bridge::client::ConnectOptions, CallError> {
+    let options = acgi_bridge::client::ConnectOptions::new();
+    let Some(ca) = &tls.ca else {
+        if tls.cert.is_some() || tls.server_name.is_some() {
+            return Err(CallError::Protocol(
+                "--tls-cert and --tls-server-name need --tls-ca".into(),
+            ));
+        }
+        return Ok(options);
+    };
+    let mut config = acgi_bridge::client::TlsConfig::new(ca)?;
+    if let (Some(cert), Some(key)) = (&tls.cert, &tls.key) {
+        config = config.client_cert(cert, key)?;
+    }
+    if let Some(name) = &tls.server_name {
+        config = config.server_name(name)?;
+    }
+    Ok(options.tls(config))
+}
+
+fn call(
+    addr: &str,
+    wait: std::time::Duration,
+    tls: &cli::CallTls,
+    service: &str,
+    payload: Option<String>,
+) -> ExitCode {
     let connect = addr;
     let payload = match payload.as_deref() {
         Some("-") => {
@@ -227,10 +268,12 @@ fn call(addr: &str, wait: std::time::Duration, service: &str, payload: Option<St
         Some(text) => text.as_bytes().to_vec(),
         None => Vec::new(),
     };
-    let result = connect_waiting(addr, wait).and_then(|mut client| match service.parse::<u32>() {
-        Ok(id) => client.call(id, &payload),
-        Err(_) => client.call(service, &payload),
-    });
+    let result = call_options(tls)
+        .and_then(|options| connect_waiting(addr, wait, &options))
+        .and_then(|mut client| match service.parse::<u32>() {
+            Ok(id) => client.call(id, &payload),
+            Err(_) => client.call(service, &payload),
+        });
     match result {
         Ok(reply) => {
             let mut stdout = std::io::stdout().lock();

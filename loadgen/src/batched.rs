@@ -44,6 +44,13 @@ impl Stream {
                 stream.set_nodelay(true)?;
                 Stream::Tcp(stream)
             }
+            Addr::Tls(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    "the batched mode speaks plaintext only: drive tls: addresses with the \
+                     closed or open loop",
+                ))
+            }
         };
         match &stream {
             Stream::Unix(s) => s.set_read_timeout(Some(READ_TIMEOUT))?,

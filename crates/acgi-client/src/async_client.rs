@@ -94,6 +94,21 @@ impl Conn {
                 let (read, write) = stream.into_split();
                 Ok(Conn::from_halves(read, write, bound))
             }
+            #[cfg(feature = "tls")]
+            Addr::Tls(host_port) => {
+                options.check_tcp_allowed()?;
+                let (config, name) = options.tls_for(&host_port)?;
+                let stream = tokio::net::TcpStream::connect(&host_port).await?;
+                stream.set_nodelay(true)?;
+                let stream = tokio_rustls::TlsConnector::from(config)
+                    .connect(name, stream)
+                    .await
+                    .map_err(crate::tls::handshake_error)?;
+                let (read, write) = tokio::io::split(stream);
+                Ok(Conn::from_halves(read, write, bound))
+            }
+            #[cfg(not(feature = "tls"))]
+            Addr::Tls(_) => Err(crate::tls_not_built()),
         }
     }
 
@@ -143,12 +158,21 @@ impl Conn {
             frame[..HEADER_BYTES].copy_from_slice(&header.encode());
             frame[HEADER_BYTES..HEADER_BYTES + payload.len()].copy_from_slice(payload);
             let frame = &frame[..HEADER_BYTES + payload.len()];
-            self.writer.lock().await.write_all(frame).await
+            let mut writer = self.writer.lock().await;
+            let mut result = writer.write_all(frame).await;
+            if result.is_ok() {
+                // (A no-op on a socket; a TLS stream may hold back what did not fit.)
+                result = writer.flush().await;
+            }
+            result
         } else {
             let mut writer = self.writer.lock().await;
             let mut result = writer.write_all(&header.encode()).await;
             if result.is_ok() {
                 result = writer.write_all(payload).await;
+            }
+            if result.is_ok() {
+                result = writer.flush().await;
             }
             result
         };

@@ -23,8 +23,23 @@
 //! error 6 only when no new connection can be made or the retries are spent. No other failure
 //! is retried: a call in flight when a connection closes without the notice has an unknown
 //! outcome. Service ids are resolved again on the new connection.
-//! Addresses: `unix:/path`, `tcp:host:port`, or bare: a string containing `/` is a Unix socket
-//! path, anything else is a TCP `host:port`.
+//! Addresses: `unix:/path`, `tcp:host:port`, `tls:host:port`, or bare: a string containing `/`
+//! is a Unix socket path, anything else is a TCP `host:port`.
+//!
+//! TLS (feature `tls`, on by default): a `tls:` address needs [`ConnectOptions::tls`] with a
+//! [`TlsConfig`]: the CA that signed the bridge's certificate, and for a bridge that asks for
+//! client certificates (`listen.tls_client_ca`), the client's certificate and key:
+//!
+//! ```no_run
+//! # fn demo() -> Result<(), acgi_client::CallError> {
+//! use acgi_client::{ConnectOptions, TlsConfig};
+//! let tls = TlsConfig::new("ca.pem")?.client_cert("client.pem", "client.key")?;
+//! let mut client = ConnectOptions::new().tls(tls).blocking("tls:bridge.example:7879")?;
+//! # Ok(()) }
+//! ```
+//!
+//! The bridge's certificate is checked against the host of the address (a name or an IP
+//! address) unless [`TlsConfig::server_name`] names another.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -40,8 +55,12 @@ use proto::{ErrorCode, Header, Kind, HEADER_BYTES};
 
 #[cfg(feature = "tokio")]
 mod async_client;
+#[cfg(feature = "tls")]
+mod tls;
 #[cfg(feature = "tokio")]
 pub use async_client::Client;
+#[cfg(feature = "tls")]
+pub use tls::TlsConfig;
 
 /// How many times one call is resent on a new connection after a draining bridge refused it
 /// (each time, the bridge said it did not run). One suffices when a new bridge has taken over;
@@ -67,6 +86,8 @@ pub enum Addr {
     Unix(PathBuf),
     /// A TCP `host:port`.
     Tcp(String),
+    /// A TLS `host:port` (feature `tls`; see [`ConnectOptions::tls`]).
+    Tls(String),
 }
 
 impl Addr {
@@ -76,6 +97,8 @@ impl Addr {
             Addr::Unix(PathBuf::from(path))
         } else if let Some(host_port) = text.strip_prefix("tcp:") {
             Addr::Tcp(host_port.to_string())
+        } else if let Some(host_port) = text.strip_prefix("tls:") {
+            Addr::Tls(host_port.to_string())
         } else if text.contains('/') {
             Addr::Unix(PathBuf::from(text))
         } else {
@@ -96,6 +119,8 @@ pub struct ConnectOptions {
     reply_bytes_max: u32,
     expected_uid: Option<u32>,
     io_timeout: Option<std::time::Duration>,
+    #[cfg(feature = "tls")]
+    tls: Option<TlsConfig>,
 }
 
 impl Default for ConnectOptions {
@@ -104,8 +129,18 @@ impl Default for ConnectOptions {
             reply_bytes_max: REPLY_BYTES_MAX_DEFAULT,
             expected_uid: None,
             io_timeout: None,
+            #[cfg(feature = "tls")]
+            tls: None,
         }
     }
+}
+
+/// A `tls:` address in a build without the `tls` feature.
+#[cfg(not(feature = "tls"))]
+fn tls_not_built() -> CallError {
+    CallError::Protocol(
+        "tls: addresses need acgi-client's `tls` feature, which this build lacks".into(),
+    )
 }
 
 impl ConnectOptions {
@@ -134,6 +169,13 @@ impl ConnectOptions {
         self
     }
 
+    /// Verify `tls:` bridges (and prove who this client is) with `tls`.
+    #[cfg(feature = "tls")]
+    pub fn tls(mut self, tls: TlsConfig) -> ConnectOptions {
+        self.tls = Some(tls);
+        self
+    }
+
     /// Connect a [`BlockingClient`] to `addr` with these options.
     pub fn blocking(&self, addr: &str) -> Result<BlockingClient, CallError> {
         let stream = match Addr::parse(addr) {
@@ -152,6 +194,18 @@ impl ConnectOptions {
                 stream.set_write_timeout(self.io_timeout)?;
                 BlockingStream::Tcp(stream)
             }
+            #[cfg(feature = "tls")]
+            Addr::Tls(host_port) => {
+                self.check_tcp_allowed()?;
+                let (config, name) = self.tls_for(&host_port)?;
+                let stream = std::net::TcpStream::connect(&host_port)?;
+                stream.set_nodelay(true)?;
+                stream.set_read_timeout(self.io_timeout)?;
+                stream.set_write_timeout(self.io_timeout)?;
+                BlockingStream::Tls(Box::new(tls::connect_blocking(config, name, stream)?))
+            }
+            #[cfg(not(feature = "tls"))]
+            Addr::Tls(_) => return Err(tls_not_built()),
         };
         Ok(BlockingClient {
             stream,
@@ -317,6 +371,8 @@ fn with_timeout_prefix(payload: &[u8], timeout: std::time::Duration) -> Vec<u8> 
 enum BlockingStream {
     Unix(std::os::unix::net::UnixStream),
     Tcp(std::net::TcpStream),
+    #[cfg(feature = "tls")]
+    Tls(Box<tls::BlockingTls>),
 }
 
 impl Read for BlockingStream {
@@ -324,6 +380,8 @@ impl Read for BlockingStream {
         match self {
             BlockingStream::Unix(stream) => stream.read(buf),
             BlockingStream::Tcp(stream) => stream.read(buf),
+            #[cfg(feature = "tls")]
+            BlockingStream::Tls(stream) => stream.read(buf),
         }
     }
 }
@@ -333,11 +391,17 @@ impl Write for BlockingStream {
         match self {
             BlockingStream::Unix(stream) => stream.write(buf),
             BlockingStream::Tcp(stream) => stream.write(buf),
+            #[cfg(feature = "tls")]
+            BlockingStream::Tls(stream) => stream.write(buf),
         }
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        Ok(())
+        match self {
+            #[cfg(feature = "tls")]
+            BlockingStream::Tls(stream) => stream.flush(),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -478,6 +542,7 @@ impl BlockingClient {
         let mut frame = Vec::with_capacity(HEADER_BYTES + framed.len());
         proto::encode_frame(&mut frame, &header, &framed);
         self.stream.write_all(&frame)?;
+        self.stream.flush()?;
         Ok(request_id)
     }
 
@@ -494,6 +559,7 @@ impl BlockingClient {
         let mut frame = Vec::with_capacity(HEADER_BYTES + payload.len());
         proto::encode_frame(&mut frame, &header, payload);
         self.stream.write_all(&frame)?;
+        self.stream.flush()?;
         Ok(request_id)
     }
 
@@ -518,6 +584,7 @@ impl BlockingClient {
     /// Write raw bytes to the connection (for tests of malformed input).
     pub fn write_raw(&mut self, bytes: &[u8]) -> Result<(), CallError> {
         self.stream.write_all(bytes)?;
+        self.stream.flush()?;
         Ok(())
     }
 }
