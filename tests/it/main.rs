@@ -26,5 +26,6 @@ mod sandbox;
 mod sdk_c;
 mod sdks;
 mod systemd;
+mod tls;
 mod unkillable;
 mod upgrade;
