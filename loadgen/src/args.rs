@@ -106,7 +106,9 @@ pub struct WeightList(pub Vec<u32>);
 /// Where to send requests and what they are.
 #[derive(ClapArgs, Debug, Clone)]
 pub struct TargetArgs {
-    /// Bridge address: `unix:/path`, a path containing `/`, `tcp:host:port` or `host:port`.
+    /// Bridge address: `unix:/path`, a path containing `/`, `tcp:host:port` or `host:port`,
+    /// or `tls:host:port` (the bridge's certificate is verified with the CA in the PEM file
+    /// that the environment variable ACGI_LOADGEN_TLS_CA names).
     #[arg(long, value_name = "ADDR")]
     pub connect: String,
 

@@ -146,20 +146,43 @@ pub struct Connection {
     pub service_ids: Vec<u32>,
 }
 
+/// The environment variable naming the CA certificate (PEM) a `tls:` bridge is verified with.
+pub const TLS_CA_ENV: &str = "ACGI_LOADGEN_TLS_CA";
+
+/// The client options for `addr`: a `tls:` address is verified with the CA in
+/// [`TLS_CA_ENV`].
+fn connect_options(addr: &str) -> Result<acgi_client::ConnectOptions, acgi_client::CallError> {
+    let options = acgi_client::ConnectOptions::new();
+    if !addr.starts_with("tls:") {
+        return Ok(options);
+    }
+    let ca = std::env::var_os(TLS_CA_ENV).ok_or_else(|| {
+        acgi_client::CallError::Protocol(format!(
+            "a tls: address needs {TLS_CA_ENV}: the CA certificate (PEM) to verify the bridge"
+        ))
+    })?;
+    Ok(options.tls(acgi_client::TlsConfig::new(ca)?))
+}
+
 /// Open `count` connections to the workload's bridge and resolve every service on each.
 pub async fn connect_all(workload: &Workload, count: u32) -> Result<Vec<Connection>, RunError> {
     assert!(count >= 1, "no connections");
     let mut connections = Vec::with_capacity(count as usize);
+    let options = connect_options(&workload.connect).map_err(|error| RunError::Connect {
+        addr: workload.connect.clone(),
+        index: 1,
+        count,
+        error,
+    })?;
     for index in 0..count {
-        let client =
-            Client::connect(&workload.connect)
-                .await
-                .map_err(|error| RunError::Connect {
-                    addr: workload.connect.clone(),
-                    index: index + 1,
-                    count,
-                    error,
-                })?;
+        let client = Client::connect_with(&workload.connect, &options)
+            .await
+            .map_err(|error| RunError::Connect {
+                addr: workload.connect.clone(),
+                index: index + 1,
+                count,
+                error,
+            })?;
         let mut service_ids = Vec::with_capacity(workload.services.len());
         for service in workload.services.values() {
             let id = client
