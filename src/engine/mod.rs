@@ -569,7 +569,16 @@ pub fn run(
     // TLS callers are served by the cores once their handshake is done (see `tls`).
     let tls_threads = match (&config.listen.tls, &config.listen.tls_server) {
         (Some(addr), Some(server)) => {
-            let listener = self::tls::bind(addr)?;
+            // Taken over from the bridge this one replaces (or from systemd), else bound.
+            let listener = match activated.tls.take() {
+                Some(passed) => std::net::TcpListener::from(passed),
+                None => self::tls::bind(addr)?,
+            };
+            handover.add(
+                self::systemd::Role::Tls,
+                false,
+                &OwnedFd::from(listener.try_clone()?),
+            )?;
             let local = listener.local_addr()?;
             let threads = config.listen.tls_threads as usize;
             let timeout = std::time::Duration::from_millis(config.listen.tls_handshake_timeout_ms);

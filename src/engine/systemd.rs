@@ -52,10 +52,12 @@ pub enum Role {
     Admin,
     /// `metrics_listen`: `GET /metrics`.
     Metrics,
+    /// `listen.tls`: callers, over TLS.
+    Tls,
 }
 
 impl Role {
-    const ALL: [Role; 4] = [Role::Unix, Role::Tcp, Role::Admin, Role::Metrics];
+    const ALL: [Role; 5] = [Role::Unix, Role::Tcp, Role::Admin, Role::Metrics, Role::Tls];
 
     /// The descriptor name that selects this listener.
     pub fn fd_name(self) -> &'static str {
@@ -64,6 +66,7 @@ impl Role {
             Role::Tcp => "tcp",
             Role::Admin => "admin",
             Role::Metrics => "metrics",
+            Role::Tls => "tls",
         }
     }
 
@@ -79,6 +82,7 @@ impl Role {
             Role::Tcp => "listen.tcp",
             Role::Admin => "admin_socket",
             Role::Metrics => "metrics_listen",
+            Role::Tls => "listen.tls",
         }
     }
 
@@ -101,7 +105,7 @@ pub enum ActivationError {
     },
     #[error(
         "passed socket {fd} ({name:?}, {address}) matches no configured listener: name it \
-         unix, tcp, admin or metrics (FileDescriptorName=) or bind it to an address the \
+         unix, tcp, admin, metrics or tls (FileDescriptorName=) or bind it to an address the \
          config listens on"
     )]
     Unmatched {
@@ -178,6 +182,7 @@ pub struct Activated {
     pub tcp: Option<OwnedFd>,
     pub admin: Option<OwnedFd>,
     pub metrics: Option<OwnedFd>,
+    pub tls: Option<OwnedFd>,
 }
 
 impl Activated {
@@ -187,6 +192,7 @@ impl Activated {
             Role::Tcp => &mut self.tcp,
             Role::Admin => &mut self.admin,
             Role::Metrics => &mut self.metrics,
+            Role::Tls => &mut self.tls,
         }
     }
 }
@@ -379,6 +385,7 @@ struct Wanted {
     tcp: Option<(String, Vec<SocketAddr>)>,
     admin: PathBuf,
     metrics: Option<(String, Vec<SocketAddr>)>,
+    tls: Option<(String, Vec<SocketAddr>)>,
 }
 
 impl Wanted {
@@ -394,6 +401,7 @@ impl Wanted {
             tcp: config.listen.tcp.as_ref().map(resolve),
             admin: config.admin_socket_path(),
             metrics: config.metrics_listen.as_ref().map(resolve),
+            tls: config.listen.tls.as_ref().map(resolve),
         }
     }
 
@@ -404,6 +412,7 @@ impl Wanted {
             Role::Admin => Some(self.admin.display().to_string()),
             Role::Tcp => self.tcp.as_ref().map(|(text, _)| text.clone()),
             Role::Metrics => self.metrics.as_ref().map(|(text, _)| text.clone()),
+            Role::Tls => self.tls.as_ref().map(|(text, _)| text.clone()),
         }
     }
 
@@ -430,6 +439,7 @@ impl Wanted {
             (Role::Admin, Bound::Unix(path)) => same_path(&self.admin, path),
             (Role::Tcp, Bound::Inet(addr)) => same_inet(&self.tcp, addr),
             (Role::Metrics, Bound::Inet(addr)) => same_inet(&self.metrics, addr),
+            (Role::Tls, Bound::Inet(addr)) => same_inet(&self.tls, addr),
             _ => false,
         }
     }

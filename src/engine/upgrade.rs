@@ -551,6 +551,7 @@ impl Takeover {
                 Role::Tcp => &mut inherited.activated.tcp,
                 Role::Admin => &mut inherited.activated.admin,
                 Role::Metrics => &mut inherited.activated.metrics,
+                Role::Tls => &mut inherited.activated.tls,
             };
             *slot = Some(fd);
             if owned {

@@ -398,3 +398,43 @@ fn check_names_a_missing_certificate_and_a_key_that_does_not_match() {
     let (ok, text) = check(&pki.server.0, &pki.server.1);
     assert!(ok, "{text}");
 }
+
+#[test]
+fn a_binary_upgrade_hands_the_tls_listener_to_the_new_bridge() {
+    // Proves the TLS listener is passed at an upgrade like the others: the new bridge serves
+    // TLS callers at the same address (it could not bind it while the old one holds it), and
+    // the old one exits.
+    let pki = pki();
+    let mut bridge = tls_bridge(&pki, false).service(echo()).start();
+    let addr = tls_addr(&bridge);
+    let options = options(&pki, None);
+    echo_call(&options, &addr, 1, 64).unwrap();
+    let output = Command::new(crate::common::bridge_exe())
+        .arg("upgrade")
+        .arg("--admin")
+        .arg(&bridge.admin)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "upgrade failed: {stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let pid: i32 = stdout
+        .strip_prefix("upgraded: pid ")
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|pid| pid.parse().ok())
+        .unwrap_or_else(|| panic!("no new pid in {stdout:?}"));
+    let exit = bridge
+        .wait_exit(Duration::from_secs(30))
+        .expect("the old bridge exits");
+    assert!(exit.success(), "{exit:?}");
+    echo_call(&options, &addr, 2, 65536).expect("the new bridge serves TLS at the same address");
+    // SAFETY: kill(2) and waitpid(2) on our own child (the new bridge's parent is the test).
+    unsafe {
+        libc::kill(pid, libc::SIGTERM);
+        let mut status = 0;
+        libc::waitpid(pid, &mut status, 0);
+    }
+}
