@@ -31,6 +31,8 @@ impl Serialize for Cores {
 
 impl Config {
     /// What a valid config would still fail on at startup, each naming its key and the fix.
+    /// When a bridge of this config is running (its admin socket answers), its own ports are in
+    /// use by it: they are not checked (see [`Config::bridge_running`]).
     pub fn runtime_problems(&self) -> Vec<Problem> {
         let mut problems = Vec::new();
         if let Some(unix) = &self.listen.unix {
@@ -48,10 +50,15 @@ impl Config {
                 reason,
             });
         }
-        for (key, addr) in [
-            ("listen.tcp", self.listen.tcp.as_deref()),
-            ("metrics_listen", self.metrics_listen.as_deref()),
-        ] {
+        let ports = if self.bridge_running() {
+            Vec::new()
+        } else {
+            vec![
+                ("listen.tcp", self.listen.tcp.as_deref()),
+                ("metrics_listen", self.metrics_listen.as_deref()),
+            ]
+        };
+        for (key, addr) in ports {
             if let Some(reason) = addr.and_then(port_in_use) {
                 problems.push(Problem {
                     key: key.into(),
@@ -60,6 +67,11 @@ impl Config {
             }
         }
         problems
+    }
+
+    /// Whether a bridge of this config is running: its admin socket accepts a connection.
+    pub fn bridge_running(&self) -> bool {
+        std::os::unix::net::UnixStream::connect(self.admin_socket_path()).is_ok()
     }
 
     /// The effective config as TOML: every key with its value after defaults (the admin

@@ -715,3 +715,29 @@ fn every_config_key_is_in_the_reference() {
         "not in docs/configuration.md: {missing:?}"
     );
 }
+
+#[test]
+fn check_of_a_running_bridges_own_config_passes() {
+    // Proves `check` on the config of a bridge that is running (the README's order: serve in
+    // one shell, check in another) does not call the bridge's own TCP port "in use".
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let bridge = common::bridge()
+        .tcp(&format!("127.0.0.1:{port}"))
+        .service(ServiceSpec::echo())
+        .start();
+    let output = Command::new(common::bridge_exe())
+        .args(["check", "--config"])
+        .arg(bridge.dir.join("bridge.toml"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("a bridge of this config is running"),
+        "{stderr}"
+    );
+}
