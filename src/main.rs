@@ -352,14 +352,15 @@ fn check(path: &std::path::Path, print: bool) -> ExitCode {
             for warning in config.warnings() {
                 eprintln!("{}: warning: {warning}", path.display());
             }
-            if config.bridge_running() {
+            let running = config.bridge_running();
+            if running {
                 eprintln!(
                     "{}: note: a bridge of this config is running (its admin socket answers): \
                      its ports were not checked",
                     path.display()
                 );
             }
-            let problems = config.runtime_problems();
+            let problems = config.runtime_problems_of(running);
             for problem in &problems {
                 eprintln!("{}: {problem}", path.display());
             }

@@ -31,9 +31,13 @@ impl Serialize for Cores {
 
 impl Config {
     /// What a valid config would still fail on at startup, each naming its key and the fix.
-    /// When a bridge of this config is running (its admin socket answers), its own ports are in
-    /// use by it: they are not checked (see [`Config::bridge_running`]).
     pub fn runtime_problems(&self) -> Vec<Problem> {
+        self.runtime_problems_of(self.bridge_running())
+    }
+
+    /// The same, told whether a bridge of this config is running ([`Config::bridge_running`]):
+    /// then its own ports are in use by it, and are not checked.
+    pub fn runtime_problems_of(&self, running: bool) -> Vec<Problem> {
         let mut problems = Vec::new();
         if let Some(unix) = &self.listen.unix {
             problems.extend(socket_path_problem("listen.unix", unix));
@@ -50,7 +54,7 @@ impl Config {
                 reason,
             });
         }
-        let ports = if self.bridge_running() {
+        let ports = if running {
             Vec::new()
         } else {
             vec![

@@ -257,31 +257,9 @@ fn wait_for_first_workers(shared: &Shared, config: &Config) {
         .unwrap_or(0);
     let deadline = Instant::now() + Duration::from_millis(bound) + Duration::from_secs(1);
     loop {
-        let (reply, answers) = std::sync::mpsc::channel();
-        for core in 0..shared.cores.len() {
-            let reply = reply.clone();
-            shared.send(
-                core,
-                self::shared::Msg::Report {
-                    end_interval: false,
-                    reply,
-                },
-            );
-        }
-        drop(reply);
-        let mut merged: Option<Box<self::report::CoreReport>> = None;
-        for _ in 0..shared.cores.len() {
-            let Ok(report) = answers.recv_timeout(Duration::from_secs(1)) else {
-                break;
-            };
-            match &mut merged {
-                Some(merged) => merged.add(&report),
-                None => merged = Some(report),
-            }
-        }
-        let waiting: Vec<&str> = match &merged {
-            Some(report) => report::without_first_worker(config, report),
-            None => config.services.iter().map(|s| s.name.as_str()).collect(),
+        let waiting: Vec<&str> = match self::control::gather_reports(shared, false) {
+            Ok(report) => report::without_first_worker(config, &report),
+            Err(_) => config.services.iter().map(|s| s.name.as_str()).collect(),
         };
         if waiting.is_empty() {
             return;

@@ -335,7 +335,8 @@ pub(crate) fn block_every_signal() -> [u64; 1] {
     old_mask
 }
 
-/// Put back the mask [`block_every_signal`] returned.
+/// Put back the mask [`block_every_signal`] returned (`[0; 1]`: unblock every signal, which the
+/// children do last before exec). Only a system call: safe in a clone child on our memory.
 pub(crate) fn restore_signal_mask(old_mask: [u64; 1]) {
     // SAFETY: rt_sigprocmask on this thread with a valid 8-byte set.
     unsafe {
@@ -785,14 +786,7 @@ unsafe fn child_setup(args: &ChildArgs) -> (u32, i32) {
         }
         // Last, the mask (exec keeps it): every signal was blocked since before the child
         // existed, and now has its default action, so none can run a handler of the bridge's.
-        let empty = [0u64; 1];
-        libc::syscall(
-            libc::SYS_rt_sigprocmask,
-            libc::SIG_SETMASK,
-            empty.as_ptr(),
-            std::ptr::null_mut::<u64>(),
-            8usize,
-        );
+        restore_signal_mask([0; 1]);
         // The seccomp filter last: nothing after it but exec (which it allows).
         if !seccomp.is_null()
             && libc::syscall(

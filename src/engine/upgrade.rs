@@ -359,14 +359,7 @@ extern "C" fn child_entry(arg: *mut libc::c_void) -> libc::c_int {
         libc::setrlimit(libc::RLIMIT_NOFILE, &args.nofile);
         // The one descriptor the new bridge inherits on purpose (the listeners come over it).
         libc::fcntl(args.channel, libc::F_SETFD, 0);
-        let empty = [0u64; 1];
-        libc::syscall(
-            libc::SYS_rt_sigprocmask,
-            libc::SIG_SETMASK,
-            empty.as_ptr(),
-            std::ptr::null_mut::<u64>(),
-            8usize,
-        );
+        super::spawn::restore_signal_mask([0; 1]);
         libc::execve(args.path.as_ptr(), args.argv.as_ptr(), args.envp.as_ptr());
         args.exec_errno
             .store(*libc::__errno_location(), Ordering::SeqCst);

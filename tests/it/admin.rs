@@ -167,8 +167,7 @@ fn recycle_replaces_every_worker_without_failing_a_request() {
     // counts them as recycled (not crashed), and that not one request fails or gets another's
     // reply.
     // Static, so that load cannot grow the pool: the workers to replace are the three known.
-    let mut echo = ServiceSpec::echo().workers(3, 3);
-    echo.extra = "mode = \"static\"\n".into();
+    let echo = ServiceSpec::echo().static_pool(3);
     let bridge = bridge().service(echo).start();
     bridge.wait_status("three idle workers", |s| s.services[0].workers_idle == 3);
     let old = serving_pids(&bridge, "echo");

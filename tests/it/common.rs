@@ -96,6 +96,13 @@ impl ServiceSpec {
         self
     }
 
+    /// A static pool of `workers` (its pids change only when the bridge replaces them).
+    pub fn static_pool(mut self, workers: u32) -> ServiceSpec {
+        self = self.workers(workers, workers);
+        self.extra.push_str("mode = \"static\"\n");
+        self
+    }
+
     pub fn backlog(mut self, backlog_max: u32) -> ServiceSpec {
         self.backlog_max = backlog_max;
         self

@@ -13,8 +13,7 @@ use crate::common::{bridge, http_get, Bridge, FrozenThread, ServiceSpec};
 
 /// A static echo pool of one worker per core, on two cores, with the metrics endpoint.
 fn two_core_echo() -> Bridge {
-    let mut echo = ServiceSpec::echo().workers(2, 2);
-    echo.extra = "mode = \"static\"\n".into();
+    let echo = ServiceSpec::echo().static_pool(2);
     let bridge = bridge()
         .top("cores = 2")
         .top("metrics_listen = \"127.0.0.1:0\"")
@@ -143,8 +142,7 @@ fn stalled_and_looping_admin_and_metrics_clients_delay_no_call_on_any_core() {
 fn status_answers_at_once_while_every_core_is_saturated() {
     // Proves status is served apart from every core's pool: with both cores' workers busy
     // and a request waiting, status and /metrics answer promptly and report it.
-    let mut faulty = ServiceSpec::faulty().workers(2, 2).backlog(2);
-    faulty.extra = "mode = \"static\"\n".into();
+    let faulty = ServiceSpec::faulty().static_pool(2).backlog(2);
     let bridge = bridge()
         .top("cores = 2")
         .top("metrics_listen = \"127.0.0.1:0\"")

@@ -7,9 +7,7 @@ use acgi_bridge::proto::Kind;
 use crate::common::{bridge, pipeline_tagged, ServiceSpec};
 
 fn faulty_static(workers: u32) -> ServiceSpec {
-    let mut spec = ServiceSpec::faulty().workers(workers, workers);
-    spec.extra = "mode = \"static\"\n".into();
-    spec
+    ServiceSpec::faulty().static_pool(workers)
 }
 
 #[test]

@@ -333,8 +333,7 @@ fn readyz_answers_503_within_the_report_bound_when_a_core_is_stuck() {
     // Proves: with one core's thread stopped, /readyz does not hang: it is a 503 naming the
     // cores that did not report within a few seconds, and /healthz stays 200 meanwhile; once
     // the core runs again, /readyz is 200.
-    let mut echo = ServiceSpec::echo().workers(2, 2);
-    echo.extra = "mode = \"static\"\n".into();
+    let echo = ServiceSpec::echo().static_pool(2);
     let bridge = bridge()
         .top("cores = 2")
         .top("metrics_listen = \"127.0.0.1:0\"")

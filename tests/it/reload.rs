@@ -109,13 +109,6 @@ fn echo_call(bridge: &Bridge, service: &str, payload: &[u8]) -> Vec<u8> {
         .unwrap_or_else(|e| panic!("call {service}: {e}"))
 }
 
-/// A static pool of `workers` (its pids change only when the bridge replaces them).
-fn fixed(mut service: ServiceSpec, workers: u32) -> ServiceSpec {
-    service = service.workers(workers, workers);
-    service.extra.push_str("mode = \"static\"\n");
-    service
-}
-
 /// Wait until the status shows `want`.
 fn wait_for(bridge: &Bridge, what: &str, want: impl Fn(&Bridge) -> bool) {
     let deadline = Instant::now() + DEADLINE;
@@ -207,7 +200,7 @@ fn reload_under_load_adds_replaces_and_removes_services_without_a_failed_request
 #[test]
 fn a_bad_config_is_refused_and_the_running_one_keeps_serving() {
     let bridge = common::bridge()
-        .service(fixed(ServiceSpec::echo(), 1))
+        .service(ServiceSpec::echo().static_pool(1))
         .start();
     let before = settled_pids(&bridge, "echo", 1);
     let good = std::fs::read_to_string(config_path(&bridge)).unwrap();
@@ -243,7 +236,7 @@ fn a_bad_config_is_refused_and_the_running_one_keeps_serving() {
 #[test]
 fn new_workers_that_do_not_start_abort_the_reload_and_the_old_ones_serve_on() {
     let bridge = common::bridge()
-        .service(fixed(ServiceSpec::echo(), 2))
+        .service(ServiceSpec::echo().static_pool(2))
         .start();
     let before = settled_pids(&bridge, "echo", 2);
     // The replacement exits before its handshake: the reload must not take effect.
@@ -275,7 +268,7 @@ fn new_workers_that_do_not_start_abort_the_reload_and_the_old_ones_serve_on() {
 fn slow_new_workers_past_reload_timeout_abort_the_reload() {
     let bridge = common::bridge()
         .top("reload_timeout_ms = 300")
-        .service(fixed(ServiceSpec::echo(), 1))
+        .service(ServiceSpec::echo().static_pool(1))
         .start();
     let before = settled_pids(&bridge, "echo", 1);
     let slow =
@@ -299,7 +292,7 @@ fn slow_new_workers_past_reload_timeout_abort_the_reload() {
 #[test]
 fn live_keys_apply_and_restart_keys_are_named_and_kept() {
     let bridge = common::bridge()
-        .service(fixed(ServiceSpec::echo(), 1))
+        .service(ServiceSpec::echo().static_pool(1))
         .start();
     let before = settled_pids(&bridge, "echo", 1);
     let cores = bridge.status().cores;
@@ -307,7 +300,7 @@ fn live_keys_apply_and_restart_keys_are_named_and_kept() {
     let new = common::bridge()
         .top("connections_per_uid_max = 1")
         .top("cores = 1")
-        .service(fixed(ServiceSpec::echo(), 1));
+        .service(ServiceSpec::echo().static_pool(1));
     rewrite(&bridge, &new);
     let (ok, answer) = reload(&bridge);
     assert!(ok, "{answer}");
@@ -336,7 +329,7 @@ fn live_keys_apply_and_restart_keys_are_named_and_kept() {
     // The executable replaced on disk (same path, new file): the service gets new workers.
     let copy = bridge.dir.join("echo-copy");
     std::fs::copy(common::example("echo"), &copy).unwrap();
-    let echo = fixed(ServiceSpec::new(1, "echo", copy.clone()), 1);
+    let echo = ServiceSpec::new(1, "echo", copy.clone()).static_pool(1);
     let new = common::bridge().service(echo);
     rewrite(&bridge, &new);
     drop(first);
@@ -357,10 +350,10 @@ fn live_keys_apply_and_restart_keys_are_named_and_kept() {
 #[test]
 fn a_change_of_pool_limits_only_keeps_the_workers_and_applies_at_once() {
     let bridge = common::bridge()
-        .service(fixed(ServiceSpec::echo(), 2))
+        .service(ServiceSpec::echo().static_pool(2))
         .start();
     let before = settled_pids(&bridge, "echo", 2);
-    let mut echo = fixed(ServiceSpec::echo(), 3);
+    let mut echo = ServiceSpec::echo().static_pool(3);
     echo.backlog_max = 50;
     rewrite(&bridge, &common::bridge().service(echo));
     let (ok, answer) = reload(&bridge);
@@ -377,7 +370,7 @@ fn a_change_of_pool_limits_only_keeps_the_workers_and_applies_at_once() {
     let status = bridge.service_status("echo");
     assert_eq!((status.max_workers, status.backlog_max), (3, 50));
     // Any other key replaces the service, and says which.
-    let mut echo = fixed(ServiceSpec::echo(), 3);
+    let mut echo = ServiceSpec::echo().static_pool(3);
     echo.backlog_max = 50;
     echo.slot_size_bytes = 8192;
     rewrite(&bridge, &common::bridge().service(echo));

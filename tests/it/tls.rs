@@ -409,32 +409,11 @@ fn a_binary_upgrade_hands_the_tls_listener_to_the_new_bridge() {
     let addr = tls_addr(&bridge);
     let options = options(&pki, None);
     echo_call(&options, &addr, 1, 64).unwrap();
-    let output = Command::new(crate::common::bridge_exe())
-        .arg("upgrade")
-        .arg("--admin")
-        .arg(&bridge.admin)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    assert!(
-        output.status.success(),
-        "upgrade failed: {stdout}{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let pid: i32 = stdout
-        .strip_prefix("upgraded: pid ")
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|pid| pid.parse().ok())
-        .unwrap_or_else(|| panic!("no new pid in {stdout:?}"));
+    let mut successor = crate::upgrade::upgrade(&bridge.admin);
     let exit = bridge
         .wait_exit(Duration::from_secs(30))
         .expect("the old bridge exits");
     assert!(exit.success(), "{exit:?}");
     echo_call(&options, &addr, 2, 65536).expect("the new bridge serves TLS at the same address");
-    // SAFETY: kill(2) and waitpid(2) on our own child (the new bridge's parent is the test).
-    unsafe {
-        libc::kill(pid, libc::SIGTERM);
-        let mut status = 0;
-        libc::waitpid(pid, &mut status, 0);
-    }
+    assert_eq!(successor.stop(), 0, "the new bridge stops cleanly");
 }

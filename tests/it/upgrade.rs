@@ -16,7 +16,7 @@ use crate::common::{bridge, bridge_exe, read_frame, Bridge, ServiceSpec};
 
 /// A bridge started by an upgrade: a child of this test process (the old bridge started it
 /// with CLONE_PARENT), stopped and reaped when dropped.
-struct Successor {
+pub(crate) struct Successor {
     pid: i32,
     reaped: bool,
 }
@@ -28,7 +28,7 @@ impl Successor {
     }
 
     /// SIGTERM, then wait for its exit (bounded); its exit status.
-    fn stop(&mut self) -> i32 {
+    pub(crate) fn stop(&mut self) -> i32 {
         // SAFETY: as above.
         unsafe { libc::kill(self.pid, libc::SIGTERM) };
         self.wait(Duration::from_secs(30))
@@ -89,7 +89,7 @@ fn upgrade_command(admin: &Path) -> (bool, String, String) {
 }
 
 /// Upgrade through the admin socket and return the new bridge.
-fn upgrade(admin: &Path) -> Successor {
+pub(crate) fn upgrade(admin: &Path) -> Successor {
     let (ok, stdout, stderr) = upgrade_command(admin);
     assert!(ok, "upgrade failed: {stdout}{stderr}");
     let pid = stdout

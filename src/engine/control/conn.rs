@@ -4,8 +4,8 @@
 //!
 //! ```text
 //!   Reading --whole request--> (the control thread gathers if it needs to) --> Writing
-//!   Reading --`upgrade`--> AwaitingUpgrade --the upgrade's result--> Writing
-//!   AwaitingUpgrade --hang-up, deadline--> (close)
+//!   Reading --`reload`, `upgrade`--> Awaiting --the command's outcome--> Writing
+//!   Awaiting --hang-up, deadline--> (close)
 //!   Reading --EOF, error, deadline--> (close)
 //!   Writing --all written: shutdown(SHUT_WR)--> (close)
 //!   Writing --error, deadline--> (close)
@@ -53,12 +53,19 @@ impl Protocol {
 enum State {
     /// Reading its request (`request[..filled]` so far).
     Reading,
-    /// Its command runs (a reload): nothing to read or write until its outcome.
-    Waiting,
+    /// Its command runs (a reload, an upgrade): nothing to read or write until its outcome.
+    Awaiting(Awaited),
     /// Writing `answer[written..]`.
     Writing { answer: Vec<u8>, written: usize },
-    /// Its `upgrade` command waits for the new bridge to be ready or to fail.
-    AwaitingUpgrade,
+}
+
+/// A command whose outcome comes later, from the control thread's own loop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Awaited {
+    /// A configuration reload (its new workers coming up on every core).
+    Reload,
+    /// A binary upgrade (the new bridge getting ready, or failing).
+    Upgrade,
 }
 
 /// What the control thread should do with a connection after an event.
@@ -69,12 +76,12 @@ pub(super) enum Next {
     /// Its answer needs every core's report: gather, then `answer_status`, `answer_metrics` or
     /// `answer_ready`.
     Gather(Wants),
-    /// It asks for a configuration reload: start one (or join the one running), and answer with
-    /// `answer_outcome` once it has ended.
+    /// It asks for a configuration reload: start one (or join the one running), then
+    /// `await_outcome`.
     Reload,
     /// Close it.
     Close,
-    /// An `upgrade` command: start one (or join the one under way), then `await_upgrade`.
+    /// An `upgrade` command: start one (or join the one under way), then `await_outcome`.
     Upgrade,
 }
 
@@ -102,8 +109,6 @@ pub(super) struct AuxConn {
     state: State,
     /// When it must be done, answer written or not.
     pub(super) deadline: Instant,
-    /// Names it while it waits for a command's outcome (its index in the list may change).
-    pub(super) id: u64,
 }
 
 impl AuxConn {
@@ -112,9 +117,8 @@ impl AuxConn {
         self.protocol
     }
 
-    pub(super) fn new(fd: OwnedFd, protocol: Protocol, deadline: Instant, id: u64) -> AuxConn {
+    pub(super) fn new(fd: OwnedFd, protocol: Protocol, deadline: Instant) -> AuxConn {
         AuxConn {
-            id,
             fd,
             protocol,
             request: vec![0; protocol.request_bytes_max()].into_boxed_slice(),
@@ -182,10 +186,7 @@ impl AuxConn {
                 let command = String::from_utf8_lossy(&request[..end]).trim().to_string();
                 match command.as_str() {
                     "status" => Next::Gather(Wants::Status),
-                    "reload" => {
-                        self.state = State::Waiting;
-                        Next::Reload
-                    }
+                    "reload" => Next::Reload,
                     "upgrade" => Next::Upgrade,
                     _ => Next::Gather(Wants::Admin(command)),
                 }
@@ -242,21 +243,24 @@ impl AuxConn {
         self.answer(response)
     }
 
-    /// Wait, without reading, for the upgrade's result (until `deadline`).
-    pub(super) fn await_upgrade(&mut self, deadline: Instant) {
+    /// Wait, without reading, for the outcome of `command` (until `deadline`).
+    pub(super) fn await_outcome(&mut self, command: Awaited, deadline: Instant) {
         debug_assert_eq!(self.protocol, Protocol::Admin);
         debug_assert_eq!(self.state, State::Reading);
-        self.state = State::AwaitingUpgrade;
+        self.state = State::Awaiting(command);
         self.deadline = deadline;
     }
 
-    pub(super) fn awaiting_upgrade(&self) -> bool {
-        self.state == State::AwaitingUpgrade
+    /// The command whose outcome it waits for, if any (then only its hang-up is polled for).
+    pub(super) fn awaiting(&self) -> Option<Awaited> {
+        match self.state {
+            State::Awaiting(command) => Some(command),
+            _ => None,
+        }
     }
 
-    /// Answer an `upgrade` command with its result line.
-    pub(super) fn answer_upgrade(&mut self, line: String) -> Next {
-        debug_assert!(self.awaiting_upgrade());
+    /// Answer a command it waited for (or one refused at once) with its result line.
+    pub(super) fn answer_line(&mut self, line: String) -> Next {
         self.answer(line.into_bytes())
     }
 
@@ -266,28 +270,9 @@ impl AuxConn {
         self.answer(metrics::readiness_response(not_ready, with_body))
     }
 
-    /// Whether it waits for a command's outcome (nothing to poll for but a hang-up).
-    pub(super) fn waiting(&self) -> bool {
-        self.state == State::Waiting
-    }
-
-    /// Answer a command that ran (a reload) with its one line: `ok: ...` or `error: ...`.
-    pub(super) fn answer_outcome(&mut self, outcome: &Result<String, String>) -> Next {
-        debug_assert_eq!(self.state, State::Waiting);
-        let line = match outcome {
-            Ok(line) => format!("ok: {line}\n"),
-            Err(line) => format!("error: {line}\n"),
-        };
-        self.state = State::Reading;
-        self.answer(line.into_bytes())
-    }
-
     /// Start writing the answer (and write what the socket takes now).
     fn answer(&mut self, answer: Vec<u8>) -> Next {
-        debug_assert!(matches!(
-            self.state,
-            State::Reading | State::AwaitingUpgrade
-        ));
+        debug_assert!(matches!(self.state, State::Reading | State::Awaiting(_)));
         self.state = State::Writing { answer, written: 0 };
         self.on_writable()
     }

@@ -46,7 +46,7 @@ use rustix::event::{PollFd, PollFlags};
 use rustix::io::Errno;
 use rustix::net::SocketFlags;
 
-use self::conn::{AuxConn, Next, Protocol, Wants};
+use self::conn::{AuxConn, Awaited, Next, Protocol, Wants};
 use super::report::{self, CoreReport};
 use super::shared::{AdminOutcome, Msg, Shared};
 use crate::config::Config;
@@ -111,7 +111,7 @@ impl ControlHandle {
 
 /// Why a gathering of the cores' reports failed.
 #[derive(Debug, thiserror::Error)]
-enum GatherError {
+pub(crate) enum GatherError {
     #[error("{answered} of {cores} cores reported within {waited:?} (the bridge is stopping or a core is stuck)")]
     Unanswered {
         answered: usize,
@@ -153,7 +153,6 @@ pub fn start(setup: ControlSetup) -> anyhow::Result<ControlHandle> {
         watchdog: setup.watchdog_interval.map(|every| (every, Instant::now())),
         slots,
         reload: None,
-        next_conn_id: 0,
         upgrade: self::upgrade::Upgrade::new(setup.upgrade)?,
     };
     let thread = std::thread::Builder::new()
@@ -189,8 +188,6 @@ struct Control {
     /// The running config's service slots, and the reload under way (see `reload`).
     slots: reload::Slots,
     reload: Option<reload::Running>,
-    /// The id the next admin or metrics connection gets.
-    next_conn_id: u64,
     /// The binary upgrade's state (`upgrade`).
     upgrade: self::upgrade::Upgrade,
 }
@@ -222,14 +219,13 @@ impl Control {
                     *next = now + *every;
                 }
             }
-            if let Some((outcome, waiters)) = self.poll_reload(now) {
-                self.answer_waiters(&outcome, &waiters);
+            if let Some(outcome) = self.poll_reload(now) {
+                self.answer_awaiting(Awaited::Reload, &reload::outcome_line(&outcome));
             }
             let reload_poll = self.reload.as_ref().map(|_| now + reload::RELOAD_POLL);
             let deadline = self
                 .conns
                 .iter()
-                .filter(|conn| !conn.waiting())
                 .map(|conn| conn.deadline)
                 .chain(self.watchdog.map(|(_, next)| next))
                 .chain(reload_poll)
@@ -253,14 +249,12 @@ impl Control {
                     watched.push((what, metrics, PollFlags::IN));
                 }
                 for (index, conn) in self.conns.iter().enumerate() {
-                    let flags = if conn.waiting() {
-                        // (A hang-up is reported whatever is asked for.)
+                    let flags = if conn.awaiting().is_some() {
+                        // Only its hang-up (reported whatever is asked for), until the
+                        // command's outcome is in.
                         PollFlags::empty()
                     } else if conn.writing() {
                         PollFlags::OUT
-                    } else if conn.awaiting_upgrade() {
-                        // Only its hang-up, until the upgrade's result is in.
-                        PollFlags::empty()
                     } else {
                         PollFlags::IN
                     };
@@ -318,7 +312,7 @@ impl Control {
                         libc::SIGHUP => {
                             tracing::info!(signal, "SIGHUP: reloading the configuration");
                             // (Its outcome is logged; nobody waits for it.)
-                            let _ = self.start_reload(None);
+                            let _ = self.start_reload();
                         }
                         libc::SIGUSR2 => {
                             self.begin_upgrade(None);
@@ -403,9 +397,7 @@ impl Control {
                         continue;
                     }
                     let deadline = Instant::now() + AUX_CONNECTION_TIMEOUT;
-                    self.next_conn_id += 1;
-                    let id = self.next_conn_id;
-                    self.conns.push(AuxConn::new(fd, protocol, deadline, id));
+                    self.conns.push(AuxConn::new(fd, protocol, deadline));
                 }
                 Err(Errno::INTR) => {}
                 Err(Errno::AGAIN) => return,
@@ -422,7 +414,8 @@ impl Control {
     /// whole) or write its answer.
     fn on_conn_ready(&mut self, index: usize, flags: PollFlags) -> Next {
         let conn = &mut self.conns[index];
-        if conn.awaiting_upgrade() {
+        if conn.awaiting().is_some() {
+            // (A reload or upgrade goes on when its asker hangs up; only the answer is lost.)
             return if flags.intersects(PollFlags::HUP | PollFlags::ERR | PollFlags::NVAL) {
                 Next::Close
             } else {
@@ -435,23 +428,25 @@ impl Control {
             }
             return conn.on_writable();
         }
-        if conn.waiting() {
-            // It hung up while its reload runs (the reload goes on; only the answer is lost).
-            return Next::Close;
-        }
         match conn.on_readable() {
             Next::Gather(Wants::Admin(line)) => {
                 let result = self.run_admin(&line);
                 self.conns[index].answer_command(result)
             }
             Next::Gather(wants) => self.answer(index, wants),
-            Next::Reload => {
-                let id = conn.id;
-                match self.start_reload(Some(id)) {
-                    Some(outcome) => self.conns[index].answer_outcome(&outcome),
-                    None => Next::Wait,
+            Next::Reload => match self.start_reload() {
+                Some(outcome) => self.conns[index].answer_line(reload::outcome_line(&outcome)),
+                None => {
+                    // Past the reload's own bound, so that its outcome always reaches us.
+                    let until = self
+                        .reload
+                        .as_ref()
+                        .map_or_else(Instant::now, |r| r.deadline);
+                    let deadline = until + AUX_CONNECTION_TIMEOUT;
+                    self.conns[index].await_outcome(Awaited::Reload, deadline);
+                    Next::Wait
                 }
-            }
+            },
             Next::Upgrade => self.begin_upgrade(Some(index)),
             next => next,
         }
@@ -489,15 +484,13 @@ impl Control {
         }
     }
 
-    /// A reload ended: answer the admin connections that asked for it (those still open).
-    fn answer_waiters(&mut self, outcome: &reload::Outcome, waiters: &[u64]) {
+    /// A command ended: answer every admin connection waiting for it with `line`.
+    fn answer_awaiting(&mut self, command: Awaited, line: &str) {
         let mut closed = Vec::new();
         for (index, conn) in self.conns.iter_mut().enumerate() {
-            if conn.waiting() && waiters.contains(&conn.id) {
-                conn.deadline = Instant::now() + AUX_CONNECTION_TIMEOUT;
-                if conn.answer_outcome(outcome) == Next::Close {
-                    closed.push(index);
-                }
+            if conn.awaiting() == Some(command) && conn.answer_line(line.to_string()) == Next::Close
+            {
+                closed.push(index);
             }
         }
         for index in closed.into_iter().rev() {
@@ -509,9 +502,8 @@ impl Control {
     /// nothing, must not hold one of the few places for ever).
     fn expire_conns(&mut self, now: Instant) {
         let before = self.conns.len();
-        // (One waiting for a reload waits as long as the reload, which has its own bound.)
-        self.conns
-            .retain(|conn| conn.waiting() || conn.deadline > now);
+        // (One awaiting a command's outcome has a deadline past that command's own bound.)
+        self.conns.retain(|conn| conn.deadline > now);
         if self.conns.len() < before {
             tracing::debug!(
                 closed = before - self.conns.len(),
@@ -570,57 +562,18 @@ impl Control {
         result
     }
 
-    /// Send every core the message `make` builds around a reply channel, and wait (at most
-    /// `REPORT_WAIT_MAX`, normally microseconds: a core answers from its next loop turn) for
-    /// every core's answer. The one way the control thread asks the cores anything.
+    /// Ask every core (see [`gather_from_cores`]).
     fn gather_from_cores<T>(
         &self,
         make: impl Fn(mpsc::Sender<T>) -> Msg,
     ) -> Result<Vec<T>, GatherError> {
-        let cores = self.shared.cores.len();
-        let started = Instant::now();
-        let unanswered = |answered| GatherError::Unanswered {
-            answered,
-            cores,
-            waited: started.elapsed(),
-        };
-        if self.shared.all_cores_finished() {
-            return Err(unanswered(0));
-        }
-        let (reply, answers) = mpsc::channel();
-        for core in 0..cores {
-            self.shared.send(core, make(reply.clone()));
-        }
-        drop(reply);
-        let deadline = started + REPORT_WAIT_MAX;
-        let mut gathered = Vec::with_capacity(cores);
-        while gathered.len() < cores {
-            let wait = deadline
-                .saturating_duration_since(Instant::now())
-                .min(REPORT_WAIT_STEP);
-            match answers.recv_timeout(wait) {
-                Ok(answer) => gathered.push(answer),
-                Err(mpsc::RecvTimeoutError::Timeout)
-                    if Instant::now() < deadline && !self.shared.all_cores_finished() => {}
-                Err(_) => return Err(unanswered(gathered.len())),
-            }
-        }
-        Ok(gathered)
+        gather_from_cores(&self.shared, make)
     }
 
     /// Ask every core for its report (`end_interval`: and to start a new latency interval),
     /// wait for them all (bounded), and merge them, with this thread's counts.
     fn gather(&mut self, end_interval: bool) -> Result<CoreReport, GatherError> {
-        let reports = self.gather_from_cores(|reply| Msg::Report {
-            end_interval,
-            reply,
-        })?;
-        let mut reports = reports.into_iter();
-        let mut merged = reports.next().expect("at least one core");
-        for report in reports {
-            merged.add(&report);
-        }
-        let mut merged = *merged;
+        let mut merged = *gather_reports(&self.shared, end_interval)?;
         merged.counters.add(&self.counters);
         // Lines the log writer dropped are counted by the process, not by a core.
         merged.counters.log_lines_dropped = crate::logging::lines_dropped();
@@ -629,6 +582,62 @@ impl Control {
         crate::engine::tls::add_counters(&mut merged.counters);
         Ok(merged)
     }
+}
+
+/// Send every core the message `make` builds around a reply channel, and wait (at most
+/// `REPORT_WAIT_MAX`, normally microseconds: a core answers from its next loop turn) for every
+/// core's answer. The one way anything outside the cores asks them something: the control
+/// thread, and startup waiting for the first workers (`engine::run`).
+fn gather_from_cores<T>(
+    shared: &Shared,
+    make: impl Fn(mpsc::Sender<T>) -> Msg,
+) -> Result<Vec<T>, GatherError> {
+    let cores = shared.cores.len();
+    let started = Instant::now();
+    let unanswered = |answered| GatherError::Unanswered {
+        answered,
+        cores,
+        waited: started.elapsed(),
+    };
+    if shared.all_cores_finished() {
+        return Err(unanswered(0));
+    }
+    let (reply, answers) = mpsc::channel();
+    for core in 0..cores {
+        shared.send(core, make(reply.clone()));
+    }
+    drop(reply);
+    let deadline = started + REPORT_WAIT_MAX;
+    let mut gathered = Vec::with_capacity(cores);
+    while gathered.len() < cores {
+        let wait = deadline
+            .saturating_duration_since(Instant::now())
+            .min(REPORT_WAIT_STEP);
+        match answers.recv_timeout(wait) {
+            Ok(answer) => gathered.push(answer),
+            Err(mpsc::RecvTimeoutError::Timeout)
+                if Instant::now() < deadline && !shared.all_cores_finished() => {}
+            Err(_) => return Err(unanswered(gathered.len())),
+        }
+    }
+    Ok(gathered)
+}
+
+/// Every core's report (`end_interval`: each starts a new latency interval), merged.
+pub(crate) fn gather_reports(
+    shared: &Shared,
+    end_interval: bool,
+) -> Result<Box<CoreReport>, GatherError> {
+    let reports = gather_from_cores(shared, |reply| Msg::Report {
+        end_interval,
+        reply,
+    })?;
+    let mut reports = reports.into_iter();
+    let mut merged = reports.next().expect("at least one core");
+    for report in reports {
+        merged.add(&report);
+    }
+    Ok(merged)
 }
 
 /// Whether the peer of an admin connection is root or the bridge's own effective user (by

@@ -55,15 +55,14 @@ impl Slots {
 /// A reload under way.
 pub(super) struct Running {
     phase: Phase,
-    deadline: Instant,
+    /// When it gives up (`reload_timeout_ms` of the new config).
+    pub(super) deadline: Instant,
     started: Instant,
     replies: mpsc::Receiver<(usize, Result<(), String>)>,
     answered: Vec<bool>,
     config: Arc<Config>,
     slots: Slots,
     summary: String,
-    /// The admin connections waiting for the result (by their `AuxConn::id`).
-    pub(super) waiters: Vec<u64>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -75,16 +74,24 @@ enum Phase {
 /// How a reload ended: the line for the log and for `acgi-bridge reload`.
 pub(super) type Outcome = Result<String, String>;
 
+/// The admin answer of an outcome: `ok: ...` or `error: ...`.
+pub(super) fn outcome_line(outcome: &Outcome) -> String {
+    match outcome {
+        Ok(line) => format!("ok: {line}\n"),
+        Err(line) => format!("error: {line}\n"),
+    }
+}
+
 impl Control {
-    /// Begin a reload (SIGHUP or the admin command `reload`, then `waiter` is its
-    /// connection). Returns the outcome at once when it ends before reaching the cores.
-    pub(super) fn start_reload(&mut self, waiter: Option<u64>) -> Option<Outcome> {
+    /// Begin a reload (SIGHUP or the admin command `reload`, whose connection then awaits
+    /// `Awaited::Reload`). Returns the outcome at once when it ends before reaching the cores.
+    pub(super) fn start_reload(&mut self) -> Option<Outcome> {
         if self.reload.is_none() {
             // Every reload, whatever its end, is RELOADING=1 then READY=1: `systemctl reload`
             // and Type=notify-reload wait for that pair.
             super::super::systemd::notify_reloading();
         }
-        let outcome = self.begin_reload(waiter);
+        let outcome = self.begin_reload();
         if let Some(outcome) = &outcome {
             let status = match outcome {
                 Ok(_) => "serving",
@@ -95,11 +102,8 @@ impl Control {
         outcome
     }
 
-    fn begin_reload(&mut self, waiter: Option<u64>) -> Option<Outcome> {
-        if let Some(running) = &mut self.reload {
-            if let Some(waiter) = waiter {
-                running.waiters.push(waiter);
-            }
+    fn begin_reload(&mut self) -> Option<Outcome> {
+        if self.reload.is_some() {
             tracing::info!("a reload is already running: its result answers this request too");
             return None;
         }
@@ -191,14 +195,13 @@ impl Control {
             config,
             slots,
             summary,
-            waiters: waiter.into_iter().collect(),
         });
         None
     }
 
     /// On each turn while a reload runs: take the cores' replies and move it on. Returns the
-    /// outcome (and its waiters) once it has ended.
-    pub(super) fn poll_reload(&mut self, now: Instant) -> Option<(Outcome, Vec<u64>)> {
+    /// outcome once it has ended.
+    pub(super) fn poll_reload(&mut self, now: Instant) -> Option<Outcome> {
         let running = self.reload.as_mut()?;
         let mut failure = None;
         while let Ok((core, result)) = running.replies.try_recv() {
@@ -229,7 +232,7 @@ impl Control {
             tracing::error!("{why}");
             self.counters.reloads_failed += 1;
             super::super::systemd::notify_ready("serving (the last reload was refused)");
-            return Some((Err(why), running.waiters));
+            return Some(Err(why));
         }
         if done < cores {
             return None;
@@ -261,7 +264,7 @@ impl Control {
                 let line = format!("reloaded in {} ms: {}", took.as_millis(), running.summary);
                 tracing::info!("{line}");
                 super::super::systemd::notify_ready("serving (reloaded)");
-                Some((Ok(line), running.waiters))
+                Some(Ok(line))
             }
         }
     }

@@ -18,7 +18,7 @@ use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use super::conn::Next;
+use super::conn::{Awaited, Next};
 use super::{Control, Msg};
 use crate::engine::upgrade::{self, Handover, Origin, Ready, UpgradeError};
 
@@ -85,13 +85,13 @@ impl Control {
         if let Some(error) = refused {
             tracing::warn!("upgrade refused: {error}");
             return match waiter {
-                Some(index) => self.conns[index].answer_upgrade(format!("error: {error}\n")),
+                Some(index) => self.conns[index].answer_line(format!("error: {error}\n")),
                 None => Next::Wait,
             };
         }
         if let Some(index) = waiter {
             let deadline = Instant::now() + upgrade::READY_TIMEOUT + ANSWER_MARGIN;
-            self.conns[index].await_upgrade(deadline);
+            self.conns[index].await_outcome(Awaited::Upgrade, deadline);
         }
         Next::Wait
     }
@@ -181,8 +181,8 @@ impl Control {
         };
         let mut closed = Vec::new();
         for index in 0..self.conns.len() {
-            if self.conns[index].awaiting_upgrade()
-                && self.conns[index].answer_upgrade(line.clone()) == Next::Close
+            if self.conns[index].awaiting() == Some(Awaited::Upgrade)
+                && self.conns[index].answer_line(line.clone()) == Next::Close
             {
                 closed.push(index);
             }
