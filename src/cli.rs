@@ -10,8 +10,9 @@ use clap::{Parser, Subcommand};
 
 use crate::logging::LogFormat;
 
-/// Default address of `call`: the bundled config's Unix socket.
-pub const DEFAULT_CONNECT: &str = "/tmp/acgi-bridge.sock";
+/// Default address of `call`, as `--help` and the man page say it: the bundled config's Unix
+/// socket ([`crate::runtime_dir::default_socket`] is the path itself).
+pub const DEFAULT_CONNECT_HELP: &str = "{runtime_dir}/acgi-bridge.sock";
 
 /// The version `--version` prints: the crate's, and the commit it was built from when the
 /// build could ask git (`build.rs`), e.g. `0.1.0 (7f87202)`.
@@ -59,12 +60,16 @@ pub enum Command {
         /// Bridge address: unix:PATH, tcp:HOST:PORT, tls:HOST:PORT (with --tls-ca), or bare.
         /// A bare value ending in :PORT (digits) and containing no '/' is TCP (127.0.0.1:7878,
         /// localhost:7878); any other bare value is a Unix socket path (bridge.sock,
-        /// ./bridge.sock, /run/x.sock).
+        /// ./bridge.sock, /run/x.sock). Default: the bundled config's socket,
+        /// acgi-bridge.sock in the runtime directory (/run/acgi-bridge as root,
+        /// $XDG_RUNTIME_DIR/acgi-bridge otherwise, /tmp/acgi-bridge-UID without
+        /// XDG_RUNTIME_DIR).
         #[arg(
             long,
             env = "ACGI_BRIDGE_ADDR",
-            default_value = DEFAULT_CONNECT,
-            value_name = "ADDR"
+            value_name = "ADDR",
+            default_value = DEFAULT_CONNECT_HELP,
+            hide_default_value = true
         )]
         connect: String,
         /// Find the bridge's address in this config file (its Unix socket, else its TCP
@@ -209,6 +214,10 @@ pub struct AdminSocket {
 /// that is not `HOST:PORT` becomes `unix:VALUE`, so that `--connect bridge.sock` (a relative
 /// path without `./`) reaches the socket instead of failing to resolve a host.
 pub fn connect_addr(value: &str) -> String {
+    let runtime_dir = crate::runtime_dir::default_dir();
+    if let Some(path) = crate::runtime_dir::expand(std::path::Path::new(value), &runtime_dir) {
+        return format!("unix:{}", path.display());
+    }
     if value.starts_with("unix:")
         || value.starts_with("tcp:")
         || value.starts_with("tls:")
@@ -262,6 +271,11 @@ mod tests {
         assert_eq!(connect_addr("tls:h:1"), "tls:h:1");
         assert_eq!(connect_addr("odd:name"), "unix:odd:name");
         assert_eq!(connect_addr(":7878"), "unix::7878");
+        let default = crate::runtime_dir::default_socket();
+        assert_eq!(
+            connect_addr(DEFAULT_CONNECT_HELP),
+            format!("unix:{}", default.display())
+        );
     }
 
     #[test]

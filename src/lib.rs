@@ -18,6 +18,8 @@
 //!   executables, and the reaper of their escaped descendants (docs/security.md).
 //! - `engine` and `pool`: the daemon itself (one io_uring event loop per core).
 //! - [`sandbox`]: the optional per-service Landlock ruleset and seccomp filter.
+//! - [`runtime_dir`]: where the bridge's sockets live by default (never a directory others
+//!   may write).
 //! - [`logging`]: log output that never blocks or ends the bridge.
 //! - [`access_log`]: the optional access log, written by a thread of its own.
 //! - [`cli`]: the binary's command line (clap), from which the man pages are generated.
@@ -35,6 +37,7 @@ pub mod engine;
 pub mod logging;
 pub mod metrics;
 pub mod pool;
+pub mod runtime_dir;
 pub mod sandbox;
 pub mod shm;
 pub mod status;

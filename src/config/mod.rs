@@ -99,6 +99,13 @@ pub struct Config {
     pub access_log: Option<PathBuf>,
     /// Path of the admin socket (`acgi-bridge status`). Default: `admin.sock` in `state_dir`.
     pub admin_socket: Option<PathBuf>,
+    /// The directory a path beginning with `{runtime_dir}` names (`listen.unix`,
+    /// `admin_socket`). Default: `/run/acgi-bridge` as root, `$XDG_RUNTIME_DIR/acgi-bridge`
+    /// otherwise, `/tmp/acgi-bridge-UID` without `XDG_RUNTIME_DIR` ([`crate::runtime_dir`]).
+    /// Created when a socket is bound there; refused when another user owns it or group or
+    /// others may write it.
+    #[serde(default = "crate::runtime_dir::default_dir")]
+    pub runtime_dir: PathBuf,
     /// Permission bits of the admin socket, as an octal string.
     #[serde(default = "default_admin_socket_mode")]
     pub admin_socket_mode: String,
@@ -726,6 +733,12 @@ impl Config {
         };
         self.base_dir = base_dir.to_path_buf();
         self.state_dir = resolve(&self.state_dir);
+        self.runtime_dir = resolve(&self.runtime_dir);
+        let runtime_dir = self.runtime_dir.clone();
+        // `{runtime_dir}/...` first, then relative to the config file as every path.
+        let resolve = |path: &Path| -> PathBuf {
+            crate::runtime_dir::expand(path, &runtime_dir).unwrap_or_else(|| resolve(path))
+        };
         if let Some(admin) = &self.admin_socket {
             self.admin_socket = Some(resolve(admin));
         }

@@ -70,6 +70,16 @@ fn stop_signals() -> anyhow::Result<OwnedFd> {
     }
 }
 
+/// Create `dir` (and its parents) if missing, the directory itself 0700: nothing of the
+/// services' data is anyone else's to list.
+fn create_private_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
 /// `state_dir` holds the services' data: refuse one that another user owns (other than root)
 /// or that group or others may write (they could plant or replace what services read there).
 fn check_state_dir(dir: &std::path::Path) -> anyhow::Result<()> {
@@ -297,9 +307,15 @@ pub fn run(
     self::io::check_kernel().map_err(|reason| anyhow::anyhow!("kernel: {reason}"))?;
     let origin = self::upgrade::Origin::of_this_process();
     let config = Arc::new(config);
-    std::fs::create_dir_all(&config.state_dir)
+    create_private_dir(&config.state_dir)
         .with_context(|| format!("creating state_dir {}", config.state_dir.display()))?;
     check_state_dir(&config.state_dir)?;
+    let admin_socket = config.admin_socket_path();
+    let in_runtime_dir = |path: &std::path::Path| path.starts_with(&config.runtime_dir);
+    if config.listen.unix.as_deref().is_some_and(in_runtime_dir) || in_runtime_dir(&admin_socket) {
+        crate::runtime_dir::ensure(&config.runtime_dir, crate::runtime_dir::mode_for_euid())
+            .map_err(anyhow::Error::msg)?;
+    }
     let cpus = config
         .cores
         .cpus(&config::allowed_cpus())

@@ -3,7 +3,7 @@
 Standard library only (socket, struct). It exists as a conformance check of the spec: if this
 client cannot talk to the bridge, either the bridge or the spec is wrong.
 
-    client = connect("/run/acgi-bridge.sock")      # or "127.0.0.1:7878"
+    client = connect("/run/acgi-bridge/acgi-bridge.sock")      # or "127.0.0.1:7878"
     client.call("echo", b"hello")                   # -> b"hello", or raises AcgiError
     ids = [client.send(echo_id, p) for p in payloads]   # pipelined
     answers = client.receive_all(ids)               # {request_id: Frame}, any arrival order

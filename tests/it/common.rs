@@ -158,6 +158,8 @@ pub struct BridgeBuilder {
     public_socket: bool,
     open_dir: bool,
     listen_extra: String,
+    /// `runtime_dir`, relative to the test directory, with the Unix socket in it.
+    runtime_dir: Option<String>,
 }
 
 impl BridgeBuilder {
@@ -197,9 +199,18 @@ impl BridgeBuilder {
         let state_dir = self.state_dir.clone().unwrap_or_else(|| dir.join("state"));
         let mut text = format!("state_dir = {:?}\n", state_dir.display().to_string());
         text.push_str(&self.top);
+        let unix = match &self.runtime_dir {
+            Some(runtime_dir) => {
+                text.push_str(&format!(
+                    "runtime_dir = {:?}\n",
+                    dir.join(runtime_dir).display().to_string()
+                ));
+                "{runtime_dir}/acgi-bridge.sock".to_string()
+            }
+            None => dir.join("bridge.sock").display().to_string(),
+        };
         text.push_str(&format!(
-            "[listen]\nunix = {:?}\ntcp = {:?}\n",
-            dir.join("bridge.sock").display().to_string(),
+            "[listen]\nunix = {unix:?}\ntcp = {:?}\n",
             self.tcp
         ));
         if self.public_socket {
@@ -230,6 +241,13 @@ impl BridgeBuilder {
     /// whose caller is an unprivileged user the socket's owner or group must let in.
     pub fn traversable_dir(mut self) -> BridgeBuilder {
         self.open_dir = true;
+        self
+    }
+
+    /// Set `runtime_dir` to `path` (relative to the test directory) and put the Unix socket
+    /// there as the bundled config does (`{runtime_dir}/acgi-bridge.sock`).
+    pub fn runtime_dir(mut self, path: &str) -> BridgeBuilder {
+        self.runtime_dir = Some(path.to_string());
         self
     }
 
@@ -330,6 +348,7 @@ pub fn bridge() -> BridgeBuilder {
         public_socket: false,
         open_dir: false,
         listen_extra: String::new(),
+        runtime_dir: None,
     }
 }
 

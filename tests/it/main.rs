@@ -19,6 +19,7 @@ mod kv;
 mod lifecycle;
 mod logs;
 mod metrics;
+mod paths;
 mod pool;
 mod reload;
 mod roundtrip;

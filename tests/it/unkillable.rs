@@ -466,7 +466,10 @@ fn idle_metrics_connections_cannot_lock_the_operator_out_of_status() {
 }
 
 /// Start the bridge on `builder`'s config in `dir` and expect it to refuse: its stderr.
-fn refused_start(dir: &std::path::Path, builder: crate::common::BridgeBuilder) -> String {
+pub(crate) fn refused_start(
+    dir: &std::path::Path,
+    builder: crate::common::BridgeBuilder,
+) -> String {
     let config = dir.join("bridge.toml");
     std::fs::write(&config, builder.config_text(dir)).unwrap();
     let output = std::process::Command::new(crate::common::bridge_exe())
@@ -484,7 +487,8 @@ fn only_a_stale_socket_of_ours_is_ever_replaced() {
     // Proves the socket path's safety: a regular file where the socket goes is left alone
     // (before, any file there was unlinked), and a directory that every user may write
     // without the sticky bit (anyone could swap the socket) is refused; the bridge says why.
-    // (A sticky one like /tmp is fine: the README's bundled config runs there.)
+    // (A sticky one like /tmp is allowed for a socket a config names there; the bundled config
+    // uses the runtime directory, tests/it/paths.rs.)
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("bridge.sock"), b"precious").unwrap();
