@@ -112,7 +112,7 @@ impl CoreReport {
         self.worker_processes += other.worker_processes;
         self.counters.add(&other.counters);
         for theirs in &other.services {
-            add_shard(&mut self.services, theirs);
+            add_shard(&mut self.services, std::borrow::Cow::Borrowed(theirs));
         }
     }
 
@@ -147,17 +147,16 @@ impl CoreReport {
 
 /// Fold one shard into a list of shards by service id (the core's own slots, then the cores).
 pub(crate) fn merge_shard(mut shards: Vec<ShardReport>, shard: ShardReport) -> Vec<ShardReport> {
-    match shards.iter_mut().find(|mine| mine.id == shard.id) {
-        Some(mine) => mine.add(&shard),
-        None => shards.push(shard),
-    }
+    add_shard(&mut shards, std::borrow::Cow::Owned(shard));
     shards
 }
 
-fn add_shard(shards: &mut Vec<ShardReport>, theirs: &ShardReport) {
+/// Add `theirs` to the entry of its service, or make it that entry: owned when the caller gives
+/// it up (a core's slots), cloned only when it is borrowed and new (another core's report).
+fn add_shard(shards: &mut Vec<ShardReport>, theirs: std::borrow::Cow<'_, ShardReport>) {
     match shards.iter_mut().find(|mine| mine.id == theirs.id) {
-        Some(mine) => mine.add(theirs),
-        None => shards.push(theirs.clone()),
+        Some(mine) => mine.add(&theirs),
+        None => shards.push(theirs.into_owned()),
     }
 }
 

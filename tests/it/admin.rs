@@ -384,6 +384,9 @@ fn admin_commands_are_refused_to_other_users() {
         .top("admin_socket_mode = \"0666\"")
         .service(ServiceSpec::echo())
         .start();
+    // state_dir, where the admin socket is, is created 0700: open it up so that only the
+    // socket's mode and the peer check stand between the other user and the bridge.
+    crate::common::open_dir(bridge.admin.parent().unwrap());
     let output = Command::new("setpriv")
         .args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
         .arg(bridge_exe())

@@ -452,6 +452,9 @@ except OSError:
     data = b""
 print("answered" if data else "closed", flush=True)
 "#;
+    // state_dir, where the admin socket is, is created 0700: open it up so that only the
+    // socket's mode and the peer check stand between the other user and the bridge.
+    crate::common::open_dir(bridge.admin.parent().unwrap());
     let output = python_as_nobody(script, &bridge.admin);
     assert_eq!(
         String::from_utf8_lossy(&output.stdout).trim(),

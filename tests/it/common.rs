@@ -337,6 +337,12 @@ impl BridgeBuilder {
     }
 }
 
+/// Let every user traverse `dir` (mode 0755).
+pub fn open_dir(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+}
+
 pub fn bridge() -> BridgeBuilder {
     BridgeBuilder {
         wrapper: Vec::new(),

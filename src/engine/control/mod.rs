@@ -13,15 +13,15 @@
 //!   admin commands ────> Msg::Admin { command, reply } to every core ──> one line (`admin`)
 //! ```
 //!
-//! Every question to the cores goes through `gather_from_cores`: the message to each, then
-//! every answer, waited for at most `REPORT_WAIT_MAX` (a core answers on its next loop turn,
-//! so normally within microseconds). An admin command (`pause`, `drain`, `set`, ...; see
-//! `admin`) is begun by each core and answered at once; what takes time (a drain, a recycle)
-//! goes on in the pools and shows in `status`.
+//! Every question to the cores goes through `gather_from_cores` (`gather`): the message to
+//! each, then every answer, waited for at most `REPORT_WAIT_MAX` (a core answers on its next
+//! loop turn, so normally within microseconds). An admin command (`pause`, `drain`, `set`, ...;
+//! see `admin`) is begun by each core and answered at once; what takes time (a drain, a
+//! recycle) goes on in the pools and shows in `status`.
 //!
-//! A plain thread with a `poll(2)` loop over non-blocking sockets (`conn`: one admin or metrics
-//! connection each, at most `ADMIN_CONNECTIONS_MAX` admin and `METRICS_CONNECTIONS_MAX` metrics
-//! connections at once, each closed at its deadline). It
+//! A plain thread with a `poll(2)` loop over non-blocking sockets: `clients` accepts and answers
+//! them, `conn` is one admin or metrics connection each (at most `ADMIN_CONNECTIONS_MAX` admin
+//! and `METRICS_CONNECTIONS_MAX` metrics connections at once, each closed at its deadline). It
 //! reaches a core only through the core's inbox (`Shared::send`: the message, then the core's
 //! wake eventfd) and hears back on the channel the message carries; it waits for a gathering
 //! at most `REPORT_WAIT_MAX` and answers with an error rather than hang when a core is stuck.
@@ -33,25 +33,26 @@
 #![forbid(unsafe_code)]
 
 mod admin;
+mod clients;
 mod conn;
+mod gather;
 mod reload;
 mod upgrade;
 
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::sync::atomic::Ordering;
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use rustix::event::{PollFd, PollFlags};
 use rustix::io::Errno;
-use rustix::net::SocketFlags;
 
-use self::conn::{AuxConn, Awaited, Next, Protocol, Wants};
-use super::report::{self, CoreReport};
+use self::conn::{AuxConn, Awaited, Next, Protocol};
 use super::shared::{AdminOutcome, Msg, Shared};
 use crate::config::Config;
 use crate::metrics::{BridgeCounters, IntervalLogger};
 
+pub(crate) use self::gather::gather_reports;
 pub use self::upgrade::UpgradeSetup;
 
 /// How long an admin or metrics connection may take to send its request and get its answer.
@@ -61,13 +62,6 @@ const AUX_CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
 const ADMIN_CONNECTIONS_MAX: usize = 16;
 const METRICS_CONNECTIONS_MAX: usize = 48;
 const AUX_CONNECTIONS_MAX: usize = ADMIN_CONNECTIONS_MAX + METRICS_CONNECTIONS_MAX;
-/// How long a gathering waits for every core's report before it gives up.
-const REPORT_WAIT_MAX: Duration = Duration::from_secs(1);
-/// While waiting for reports, how often to look whether the cores have all finished (then
-/// nobody will answer).
-const REPORT_WAIT_STEP: Duration = Duration::from_millis(50);
-/// Connections accepted from one listener per loop turn at most (the rest wait a turn).
-const ACCEPTS_PER_TURN_MAX: usize = 64;
 
 /// What the control thread is given at startup.
 pub struct ControlSetup {
@@ -107,17 +101,6 @@ impl ControlHandle {
             .join()
             .map_err(|_| anyhow::anyhow!("the control thread panicked"))
     }
-}
-
-/// Why a gathering of the cores' reports failed.
-#[derive(Debug, thiserror::Error)]
-pub(crate) enum GatherError {
-    #[error("{answered} of {cores} cores reported within {waited:?} (the bridge is stopping or a core is stuck)")]
-    Unanswered {
-        answered: usize,
-        cores: usize,
-        waited: Duration,
-    },
 }
 
 /// Start the control thread.
@@ -356,162 +339,6 @@ impl Control {
         }
     }
 
-    /// A listener has connections waiting: take them (refusing those over the budget).
-    fn on_acceptable(&mut self, protocol: Protocol) {
-        for _ in 0..ACCEPTS_PER_TURN_MAX {
-            let listener = match protocol {
-                Protocol::Admin => self.admin.as_ref(),
-                Protocol::Metrics => self.metrics.as_ref(),
-            };
-            let Some(listener) = listener else {
-                return;
-            };
-            let flags = SocketFlags::NONBLOCK | SocketFlags::CLOEXEC;
-            match rustix::net::accept_with(listener.as_fd(), flags) {
-                Ok(fd) => {
-                    let budget = match protocol {
-                        Protocol::Admin => ADMIN_CONNECTIONS_MAX,
-                        Protocol::Metrics => METRICS_CONNECTIONS_MAX,
-                    };
-                    let open = self
-                        .conns
-                        .iter()
-                        .filter(|c| c.protocol() == protocol)
-                        .count();
-                    if open >= budget {
-                        self.counters.connections_refused += 1;
-                        tracing::debug!(
-                            connections = self.conns.len(),
-                            "refusing an admin or metrics connection"
-                        );
-                        continue;
-                    }
-                    if protocol == Protocol::Metrics {
-                        let _ = rustix::net::sockopt::set_tcp_nodelay(&fd, true);
-                    }
-                    if protocol == Protocol::Admin && !admin_peer_allowed(&fd) {
-                        // Only the bridge's own user and root may run admin commands: not a
-                        // worker running as another user, whatever the socket's mode says.
-                        self.counters.connections_refused += 1;
-                        tracing::warn!("refusing an admin connection from another user");
-                        continue;
-                    }
-                    let deadline = Instant::now() + AUX_CONNECTION_TIMEOUT;
-                    self.conns.push(AuxConn::new(fd, protocol, deadline));
-                }
-                Err(Errno::INTR) => {}
-                Err(Errno::AGAIN) => return,
-                Err(error) => {
-                    // Out of descriptors, say: the connection waits in the backlog.
-                    tracing::warn!(%error, "accepting an admin or metrics connection failed");
-                    return;
-                }
-            }
-        }
-    }
-
-    /// A connection's socket is ready: read its request (gathering and answering once it is
-    /// whole) or write its answer.
-    fn on_conn_ready(&mut self, index: usize, flags: PollFlags) -> Next {
-        let conn = &mut self.conns[index];
-        if conn.awaiting().is_some() {
-            // (A reload or upgrade goes on when its asker hangs up; only the answer is lost.)
-            return if flags.intersects(PollFlags::HUP | PollFlags::ERR | PollFlags::NVAL) {
-                Next::Close
-            } else {
-                Next::Wait
-            };
-        }
-        if conn.writing() {
-            if flags.intersects(PollFlags::ERR | PollFlags::NVAL) {
-                return Next::Close;
-            }
-            return conn.on_writable();
-        }
-        match conn.on_readable() {
-            Next::Gather(Wants::Admin(line)) => {
-                let result = self.run_admin(&line);
-                self.conns[index].answer_command(result)
-            }
-            Next::Gather(wants) => self.answer(index, wants),
-            Next::Reload => match self.start_reload() {
-                Some(outcome) => self.conns[index].answer_line(reload::outcome_line(&outcome)),
-                None => {
-                    // Past the reload's own bound, so that its outcome always reaches us.
-                    let until = self
-                        .reload
-                        .as_ref()
-                        .map_or_else(Instant::now, |r| r.deadline);
-                    let deadline = until + AUX_CONNECTION_TIMEOUT;
-                    self.conns[index].await_outcome(Awaited::Reload, deadline);
-                    Next::Wait
-                }
-            },
-            Next::Upgrade => self.begin_upgrade(Some(index)),
-            next => next,
-        }
-    }
-
-    /// Gather every core's report and answer connection `index` from it.
-    fn answer(&mut self, index: usize, wants: Wants) -> Next {
-        let merged = self.gather(false).map_err(|error| error.to_string());
-        let conn = &mut self.conns[index];
-        match wants {
-            Wants::Status => {
-                let uptime = self.started.elapsed();
-                let status = merged.map(|merged| report::status(&self.config, &merged, uptime));
-                conn.answer_status(status.as_ref().map_err(Clone::clone))
-            }
-            Wants::Metrics { with_body, format } => {
-                let stopping = self.stopping;
-                let snapshot =
-                    merged.map(|merged| report::metrics_snapshot(&self.config, &merged, stopping));
-                conn.answer_metrics(snapshot, with_body, format)
-            }
-            Wants::Admin(_) => unreachable!("answered by run_admin"),
-            Wants::Ready { with_body } => {
-                // Every condition that fails, each on its line (`docs/operations.md`).
-                let mut not_ready = Vec::new();
-                if self.stopping {
-                    not_ready.push("shutting down".to_string());
-                }
-                match merged {
-                    Ok(merged) => not_ready.extend(report::not_ready(&self.config, &merged)),
-                    Err(error) => not_ready.push(format!("cores: {error}")),
-                }
-                conn.answer_ready(&not_ready, with_body)
-            }
-        }
-    }
-
-    /// A command ended: answer every admin connection waiting for it with `line`.
-    fn answer_awaiting(&mut self, command: Awaited, line: &str) {
-        let mut closed = Vec::new();
-        for (index, conn) in self.conns.iter_mut().enumerate() {
-            if conn.awaiting() == Some(command) && conn.answer_line(line.to_string()) == Next::Close
-            {
-                closed.push(index);
-            }
-        }
-        for index in closed.into_iter().rev() {
-            self.conns.swap_remove(index);
-        }
-    }
-
-    /// Close connections past their deadline (a client that sends half a request, or reads
-    /// nothing, must not hold one of the few places for ever).
-    fn expire_conns(&mut self, now: Instant) {
-        let before = self.conns.len();
-        // (One awaiting a command's outcome has a deadline past that command's own bound.)
-        self.conns.retain(|conn| conn.deadline > now);
-        if self.conns.len() < before {
-            tracing::debug!(
-                closed = before - self.conns.len(),
-                "closing admin or metrics connections that timed out"
-            );
-        }
-    }
-
     /// The latency interval ended: every core starts a new one, and the merged last interval
     /// goes to the log.
     fn end_interval(&mut self, now: Instant) {
@@ -561,91 +388,6 @@ impl Control {
         }
         result
     }
-
-    /// Ask every core (see [`gather_from_cores`]).
-    fn gather_from_cores<T>(
-        &self,
-        make: impl Fn(mpsc::Sender<T>) -> Msg,
-    ) -> Result<Vec<T>, GatherError> {
-        gather_from_cores(&self.shared, make)
-    }
-
-    /// Ask every core for its report (`end_interval`: and to start a new latency interval),
-    /// wait for them all (bounded), and merge them, with this thread's counts.
-    fn gather(&mut self, end_interval: bool) -> Result<CoreReport, GatherError> {
-        let mut merged = *gather_reports(&self.shared, end_interval)?;
-        merged.counters.add(&self.counters);
-        // Lines the log writer dropped are counted by the process, not by a core.
-        merged.counters.log_lines_dropped = crate::logging::lines_dropped();
-        merged.counters.access_log_lines_dropped = crate::access_log::lines_dropped();
-        // So do the TLS threads'.
-        crate::engine::tls::add_counters(&mut merged.counters);
-        Ok(merged)
-    }
-}
-
-/// Send every core the message `make` builds around a reply channel, and wait (at most
-/// `REPORT_WAIT_MAX`, normally microseconds: a core answers from its next loop turn) for every
-/// core's answer. The one way anything outside the cores asks them something: the control
-/// thread, and startup waiting for the first workers (`engine::run`).
-fn gather_from_cores<T>(
-    shared: &Shared,
-    make: impl Fn(mpsc::Sender<T>) -> Msg,
-) -> Result<Vec<T>, GatherError> {
-    let cores = shared.cores.len();
-    let started = Instant::now();
-    let unanswered = |answered| GatherError::Unanswered {
-        answered,
-        cores,
-        waited: started.elapsed(),
-    };
-    if shared.all_cores_finished() {
-        return Err(unanswered(0));
-    }
-    let (reply, answers) = mpsc::channel();
-    for core in 0..cores {
-        shared.send(core, make(reply.clone()));
-    }
-    drop(reply);
-    let deadline = started + REPORT_WAIT_MAX;
-    let mut gathered = Vec::with_capacity(cores);
-    while gathered.len() < cores {
-        let wait = deadline
-            .saturating_duration_since(Instant::now())
-            .min(REPORT_WAIT_STEP);
-        match answers.recv_timeout(wait) {
-            Ok(answer) => gathered.push(answer),
-            Err(mpsc::RecvTimeoutError::Timeout)
-                if Instant::now() < deadline && !shared.all_cores_finished() => {}
-            Err(_) => return Err(unanswered(gathered.len())),
-        }
-    }
-    Ok(gathered)
-}
-
-/// Every core's report (`end_interval`: each starts a new latency interval), merged.
-pub(crate) fn gather_reports(
-    shared: &Shared,
-    end_interval: bool,
-) -> Result<Box<CoreReport>, GatherError> {
-    let reports = gather_from_cores(shared, |reply| Msg::Report {
-        end_interval,
-        reply,
-    })?;
-    let mut reports = reports.into_iter();
-    let mut merged = reports.next().expect("at least one core");
-    for report in reports {
-        merged.add(&report);
-    }
-    Ok(merged)
-}
-
-/// Whether the peer of an admin connection is root or the bridge's own effective user (by
-/// `SO_PEERCRED`, which the peer cannot forge).
-fn admin_peer_allowed(fd: &std::os::fd::OwnedFd) -> bool {
-    let bridge = rustix::process::geteuid();
-    rustix::net::sockopt::socket_peercred(fd)
-        .is_ok_and(|cred| cred.uid.is_root() || cred.uid == bridge)
 }
 
 /// SIGUSR1 (logrotate's `postrotate`): reopen the access log at its path. The bridge's own log
