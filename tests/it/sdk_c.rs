@@ -1021,3 +1021,92 @@ fn c_client_resolves_once_and_goes_on_after_a_skipped_reply() {
     assert_eq!(server.join().unwrap(), (1, 3), "(resolves, requests)");
     san.assert_clean();
 }
+
+/// Start `drain_client ADDR echo MODE` and wait for its "ready" (its first call answered).
+fn start_drain_client(
+    san: &Sanitizers,
+    addr: &str,
+    mode: &str,
+) -> (
+    std::process::Child,
+    std::io::BufReader<std::process::ChildStdout>,
+) {
+    use std::io::BufRead;
+    let mut child = san
+        .command(&program("drain_client"))
+        .args([addr, "echo", mode])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start drain_client");
+    let mut stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    stdout.read_line(&mut line).expect("read drain_client");
+    assert_eq!(line, "ready\n", "drain_client {mode} did not start");
+    (child, stdout)
+}
+
+/// Tell a drain client to finish (a line on stdin); its exit and its "calls= retries=" line.
+fn finish_drain_client(
+    (mut child, mut stdout): (
+        std::process::Child,
+        std::io::BufReader<std::process::ChildStdout>,
+    ),
+) -> (u64, u64) {
+    use std::io::Read;
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"go\n")
+        .expect("write drain_client's stdin");
+    let mut rest = String::new();
+    stdout.read_to_string(&mut rest).expect("read drain_client");
+    let output = child.wait_with_output().expect("drain_client");
+    assert!(
+        output.status.success(),
+        "drain_client failed ({}): {}",
+        output.status,
+        stderr_of(&output)
+    );
+    let field = |name: &str| -> u64 {
+        rest.split_whitespace()
+            .find_map(|word| word.strip_prefix(name))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {rest:?}"))
+    };
+    (field("calls="), field("retries="))
+}
+
+#[test]
+fn c_client_resends_what_a_draining_bridge_refused_across_an_upgrade() {
+    // Proves the C client resends by itself what a draining bridge did not run, across a real
+    // `acgi-bridge upgrade`: a client idle when the drain notice came and one calling back to
+    // back through the upgrade fail no call, and each says it resent (drain retries).
+    let san = Sanitizers::new();
+    let mut bridge = bridge().service(ServiceSpec::echo().workers(2, 4)).start();
+    let idle = start_drain_client(&san, &bridge.unix, "idle");
+    let busy = start_drain_client(&san, &bridge.unix, "busy");
+
+    let mut successor = crate::upgrade::upgrade(&bridge.admin);
+    let status = bridge
+        .wait_exit(Duration::from_secs(30))
+        .expect("the old bridge exits once drained");
+    assert!(status.success(), "the old bridge exited with {status}");
+
+    let (calls, retries) = finish_drain_client(idle);
+    assert_eq!(
+        (calls, retries),
+        (2, 1),
+        "the idle client's second call is resent once, to the new bridge"
+    );
+    let (calls, retries) = finish_drain_client(busy);
+    assert!(calls > 2, "{calls} calls");
+    assert!(
+        retries >= 1,
+        "the busy client never met the drain in {calls} calls"
+    );
+    assert_eq!(successor.stop(), 0);
+    san.assert_clean();
+}
