@@ -1110,3 +1110,70 @@ fn c_client_resends_what_a_draining_bridge_refused_across_an_upgrade() {
     assert_eq!(successor.stop(), 0);
     san.assert_clean();
 }
+
+#[test]
+fn c_client_resends_a_refused_call_at_most_three_times() {
+    // Proves the C client's resend bound, against a hand-written bridge that answers every
+    // request with error 6 on every connection: the call goes out on 1 + 3 connections, then
+    // fails with the error 6 (retry: yes), and the client does not loop.
+    use acgi_bridge::proto::Header;
+    use std::io::Read;
+    let san = Sanitizers::new();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("refusing.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let server = {
+        let stop = std::sync::Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let (mut connections, mut requests) = (0, 0);
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let mut stream = match listener.accept() {
+                    Ok((stream, _)) => stream,
+                    Err(_) => {
+                        std::thread::sleep(Duration::from_millis(5));
+                        continue;
+                    }
+                };
+                stream.set_nonblocking(false).unwrap();
+                connections += 1;
+                let mut head = [0u8; 24];
+                while stream.read_exact(&mut head).is_ok() {
+                    let header = Header::decode(&head, 1 << 30).unwrap();
+                    let mut payload = vec![0; header.payload_len as usize];
+                    stream.read_exact(&mut payload).unwrap();
+                    let mut answer = match header.kind {
+                        Kind::Resolve => Header::new(Kind::Resolved, 5, header.request_id, 0),
+                        _ => {
+                            requests += 1;
+                            let mut refusal = Header::new(Kind::Error, 5, header.request_id, 0);
+                            refusal.code = ErrorCode::ShuttingDown as u16;
+                            refusal
+                        }
+                    };
+                    answer.payload_len = 0;
+                    if stream.write_all(&answer.encode()).is_err() {
+                        break;
+                    }
+                }
+            }
+            (connections, requests)
+        })
+    };
+    let addr = path.display().to_string();
+    let output = c_call(&san, &[&addr, "svc", "x"], None);
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(output.status.code(), Some(3), "{}", stderr_of(&output));
+    assert!(
+        stderr_of(&output).starts_with("acgi-call: error code=6 retry=yes: "),
+        "{}",
+        stderr_of(&output)
+    );
+    assert_eq!(
+        server.join().unwrap(),
+        (4, 4),
+        "(connections, requests): one call and its 3 resends, each on a new connection"
+    );
+    san.assert_clean();
+}
