@@ -261,7 +261,8 @@ pub struct RunArgs {
 
     /// Closed loop: drive each connection from one thread that writes its requests and reads
     /// their answers in batches (cheaper for the generator than a task per request in flight;
-    /// for measuring peak throughput on a small machine).
+    /// for measuring peak throughput on a small machine). Like the default loop, it resends on
+    /// a new connection what a draining bridge (a binary upgrade) refused.
     #[arg(long, conflicts_with = "rate")]
     pub batch: bool,
 

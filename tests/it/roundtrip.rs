@@ -99,7 +99,7 @@ fn async_client_pipelines_many_calls_on_one_connection() {
             let (reply, payload) = call.await.unwrap();
             assert_eq!(reply, payload);
         }
-        assert_eq!(slow.await.unwrap().unwrap(), b"slept");
+        assert_eq!(slow.await.unwrap().unwrap(), &b"slept"[..]);
         let error = client.call("nope", b"").await.unwrap_err();
         assert_eq!(error.code(), Some(ErrorCode::UnknownService));
     });

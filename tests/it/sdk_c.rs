@@ -1021,3 +1021,159 @@ fn c_client_resolves_once_and_goes_on_after_a_skipped_reply() {
     assert_eq!(server.join().unwrap(), (1, 3), "(resolves, requests)");
     san.assert_clean();
 }
+
+/// Start `drain_client ADDR echo MODE` and wait for its "ready" (its first call answered).
+fn start_drain_client(
+    san: &Sanitizers,
+    addr: &str,
+    mode: &str,
+) -> (
+    std::process::Child,
+    std::io::BufReader<std::process::ChildStdout>,
+) {
+    use std::io::BufRead;
+    let mut child = san
+        .command(&program("drain_client"))
+        .args([addr, "echo", mode])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start drain_client");
+    let mut stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    stdout.read_line(&mut line).expect("read drain_client");
+    assert_eq!(line, "ready\n", "drain_client {mode} did not start");
+    (child, stdout)
+}
+
+/// Tell a drain client to finish (a line on stdin); its exit and its "calls= retries=" line.
+fn finish_drain_client(
+    (mut child, mut stdout): (
+        std::process::Child,
+        std::io::BufReader<std::process::ChildStdout>,
+    ),
+) -> (u64, u64) {
+    use std::io::Read;
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"go\n")
+        .expect("write drain_client's stdin");
+    let mut rest = String::new();
+    stdout.read_to_string(&mut rest).expect("read drain_client");
+    let output = child.wait_with_output().expect("drain_client");
+    assert!(
+        output.status.success(),
+        "drain_client failed ({}): {}",
+        output.status,
+        stderr_of(&output)
+    );
+    let field = |name: &str| -> u64 {
+        rest.split_whitespace()
+            .find_map(|word| word.strip_prefix(name))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {rest:?}"))
+    };
+    (field("calls="), field("retries="))
+}
+
+#[test]
+fn c_client_resends_what_a_draining_bridge_refused_across_an_upgrade() {
+    // Proves the C client resends by itself what a draining bridge did not run, across a real
+    // `acgi-bridge upgrade`: a client idle when the drain notice came and one calling back to
+    // back through the upgrade fail no call, and each says it resent (drain retries).
+    let san = Sanitizers::new();
+    let mut bridge = bridge().service(ServiceSpec::echo().workers(2, 4)).start();
+    let idle = start_drain_client(&san, &bridge.unix, "idle");
+    let busy = start_drain_client(&san, &bridge.unix, "busy");
+
+    let mut successor = crate::upgrade::upgrade(&bridge.admin);
+    let status = bridge
+        .wait_exit(Duration::from_secs(30))
+        .expect("the old bridge exits once drained");
+    assert!(status.success(), "the old bridge exited with {status}");
+
+    let (calls, retries) = finish_drain_client(idle);
+    assert_eq!(
+        (calls, retries),
+        (2, 1),
+        "the idle client's second call is resent once, to the new bridge"
+    );
+    let (calls, retries) = finish_drain_client(busy);
+    assert!(calls > 2, "{calls} calls");
+    assert!(
+        retries >= 1,
+        "the busy client never met the drain in {calls} calls"
+    );
+    assert_eq!(successor.stop(), 0);
+    san.assert_clean();
+}
+
+#[test]
+fn c_client_resends_a_refused_call_at_most_three_times() {
+    // Proves the C client's resend bound, against a hand-written bridge that answers every
+    // request with error 6 on every connection: the call goes out on 1 + 3 connections, then
+    // fails with the error 6 (retry: yes), and the client does not loop.
+    use acgi_bridge::proto::Header;
+    use std::io::Read;
+    let san = Sanitizers::new();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("refusing.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let server = {
+        let stop = std::sync::Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let (mut connections, mut requests) = (0, 0);
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let mut stream = match listener.accept() {
+                    Ok((stream, _)) => stream,
+                    Err(_) => {
+                        std::thread::sleep(Duration::from_millis(5));
+                        continue;
+                    }
+                };
+                stream.set_nonblocking(false).unwrap();
+                connections += 1;
+                let mut head = [0u8; 24];
+                while stream.read_exact(&mut head).is_ok() {
+                    let header = Header::decode(&head, 1 << 30).unwrap();
+                    let mut payload = vec![0; header.payload_len as usize];
+                    stream.read_exact(&mut payload).unwrap();
+                    let mut answer = match header.kind {
+                        Kind::Resolve => Header::new(Kind::Resolved, 5, header.request_id, 0),
+                        _ => {
+                            requests += 1;
+                            let mut refusal = Header::new(Kind::Error, 5, header.request_id, 0);
+                            refusal.code = ErrorCode::ShuttingDown as u16;
+                            refusal
+                        }
+                    };
+                    answer.payload_len = 0;
+                    if stream.write_all(&answer.encode()).is_err() {
+                        break;
+                    }
+                }
+            }
+            (connections, requests)
+        })
+    };
+    let addr = path.display().to_string();
+    let output = c_call(&san, &[&addr, "svc", "x"], None);
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(output.status.code(), Some(3), "{}", stderr_of(&output));
+    assert!(
+        stderr_of(&output).starts_with("acgi-call: error code=6 retry=yes: "),
+        "{}",
+        stderr_of(&output)
+    );
+    assert_eq!(
+        server.join().unwrap(),
+        (4, 4),
+        "(connections, requests): one call and its 3 resends, each on a new connection"
+    );
+    san.assert_clean();
+}

@@ -300,3 +300,67 @@ fn after_an_upgrade_the_socket_files_stay_and_idle_callers_get_the_drain_notice(
         "the new bridge removes the socket file it took over at its stop"
     );
 }
+
+#[test]
+fn an_upgrade_under_batched_load_fails_no_request() {
+    // Proves `acgi-loadgen --batch` meets a draining bridge as the client SDK does: under a
+    // batched closed loop (many requests in flight per connection, byte-checked replies) an
+    // upgrade fails no request, and the load says it resent what the old bridge did not run.
+    let mut bridge = echo_bridge();
+    let mut workload = Workload::simple(&bridge.unix, "echo", PayloadKind::Bytes(256));
+    workload.payloads = Weighted::new(vec![
+        (PayloadKind::Bytes(256), 4),
+        (PayloadKind::Bytes(100_000), 1),
+    ])
+    .expect("a payload mix");
+    workload.warmup = Duration::ZERO;
+    workload.duration = Duration::from_secs(3);
+    let plan = Plan {
+        workload,
+        connections: 4,
+        depth: 8,
+        batch: true,
+    };
+    let load = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        runtime
+            .block_on(closed_loop::run(&plan))
+            .expect("the load ran")
+    });
+    bridge.wait_status("load flowing", |s| s.counters.requests_ok > 200);
+
+    let mut successor = upgrade(&bridge.admin);
+    let status = bridge
+        .wait_exit(Duration::from_secs(30))
+        .expect("the old bridge exits once drained");
+    assert!(status.success(), "the old bridge exited with {status}");
+
+    let outcome = load.join().expect("the load thread");
+    let recorder = &outcome.recorder;
+    assert_eq!(
+        recorder.errors_total(),
+        0,
+        "failed requests across the upgrade: {:?}",
+        recorder.errors_by_label()
+    );
+    assert_eq!(
+        recorder.mismatches(),
+        0,
+        "a reply differed from its request"
+    );
+    assert_eq!(recorder.warmup_errors(), 0);
+    assert_eq!(recorder.tasks_stopped_early(), 0);
+    assert!(
+        recorder.requests_ok() > 1000,
+        "{} requests",
+        recorder.requests_ok()
+    );
+    assert!(
+        recorder.drain_retries() > 0,
+        "the load never met a draining bridge (the upgrade was not under load)"
+    );
+    assert_eq!(successor.stop(), 0);
+}

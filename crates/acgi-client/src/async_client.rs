@@ -1,20 +1,48 @@
 //! The async client (feature `tokio`): many calls in flight on one connection, replies matched
 //! to calls by request id by one reader task.
+//!
+//! The reader reads the socket straight into one [`BytesMut`] and splits each answer off it, so
+//! a reply reaches its caller as a [`Bytes`] view of the bytes the kernel wrote: no copy
+//! between the socket and the caller. The price: a reply keeps the read buffer's allocation it
+//! came in (shared with the answers read with it, at most one frame or 64 KiB) alive while it
+//! is held; a caller that keeps many small replies for long should copy them out
+//! (`reply.to_vec()`).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::oneshot;
 
 use crate::proto::{self, ErrorCode, Header, Kind, HEADER_BYTES};
-use crate::{with_timeout_prefix, Addr, Answer, CallError, ConnectOptions, Service};
+use crate::{with_timeout_prefix, Addr, CallError, ConnectOptions, Service};
 
 /// Payloads up to this size are sent in the same write as their header.
 const SMALL_FRAME_BYTES: usize = 4096;
 
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Answer>>>>;
+
+/// An answer as the reader hands it to its call: the payload is a view of the read buffer.
+struct Answer {
+    header: Header,
+    payload: Bytes,
+}
+
+impl Answer {
+    /// A reply-like answer as its payload, an error frame as [`CallError::Remote`].
+    fn into_result(self) -> Result<Bytes, CallError> {
+        match self.header.kind {
+            Kind::Reply | Kind::Pong | Kind::Resolved => Ok(self.payload),
+            Kind::Error => Err(CallError::Remote {
+                code: self.header.code,
+                message: String::from_utf8_lossy(&self.payload).into_owned(),
+            }),
+            other => Err(CallError::Protocol(format!("unexpected {other:?} frame"))),
+        }
+    }
+}
 
 /// After a write fails, how long to wait for the connection's reader to see the drain notice
 /// the bridge may have sent before it closed (then the call never ran and is resent).
@@ -29,10 +57,17 @@ const DRAIN_NOTICE_WAIT: std::time::Duration = std::time::Duration::from_secs(1)
 ///
 /// ```no_run
 /// # async fn demo() -> Result<(), acgi_client::CallError> {
-/// let client = acgi_client::Client::connect("/run/acgi-bridge.sock").await?;
-/// let reply = client.call("echo", b"hello".to_vec()).await?;
+/// let client = acgi_client::Client::connect("/run/acgi-bridge/acgi-bridge.sock").await?;
+/// // Clones share the connection: calls from many tasks are in flight at once.
+/// let other = client.clone();
+/// let two = tokio::spawn(async move { other.call("echo", b"two").await });
+/// assert_eq!(client.call("echo", b"one").await?, &b"one"[..]);
+/// assert_eq!(two.await.expect("the task")?, &b"two"[..]);
 /// # Ok(()) }
 /// ```
+///
+/// Replies are [`Bytes`]: a view of the connection's read buffer, not a copy
+/// (see [`Client::call`]).
 #[derive(Clone)]
 pub struct Client {
     inner: Arc<Inner>,
@@ -120,8 +155,6 @@ impl Conn {
         let pending: Pending = Arc::default();
         let drained = Arc::new(AtomicBool::new(false));
         let (ended_tx, ended) = tokio::sync::watch::channel(false);
-        // Buffered: one read takes every answer that has arrived (not two reads per answer).
-        let read = tokio::io::BufReader::with_capacity(READ_BUFFER_BYTES, read);
         let reader = tokio::spawn(read_answers(
             read,
             Arc::clone(&pending),
@@ -246,11 +279,29 @@ impl Client {
     }
 
     /// Call `service` with `payload`; resolves when its reply (or error) arrives.
+    ///
+    /// The reply is a [`Bytes`] split off the buffer the connection's answers are
+    /// read into: it derefs to `&[u8]`, clones without copying, and `reply.to_vec()` copies it
+    /// out when it should outlive the buffer it came in.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: acgi_client::Client) -> Result<(), acgi_client::CallError> {
+    /// use acgi_client::proto::ErrorCode;
+    /// match client.call("resize", b"...").await {
+    ///     Ok(reply) => println!("{} bytes", reply.len()),
+    ///     // The handler's own error: its message is the handler's.
+    ///     Err(error) if error.code() == Some(ErrorCode::ServiceError) => eprintln!("{error}"),
+    ///     Err(error) => return Err(error),
+    /// }
+    /// // By numeric id (the config's `id`), without resolving a name:
+    /// let reply = client.call(7u32, b"...").await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn call<'a>(
         &self,
         service: impl Into<Service<'a>>,
         payload: impl AsRef<[u8]>,
-    ) -> Result<Vec<u8>, CallError> {
+    ) -> Result<Bytes, CallError> {
         let service_id = self.service_id(service.into()).await?;
         self.exchange(Kind::Request, service_id, payload.as_ref())
             .await?
@@ -260,12 +311,20 @@ impl Client {
     /// Call with a deadline: if no worker has taken the request within `timeout`, the bridge
     /// answers `deadline exceeded` (code 10) without running it. The worker can read the time
     /// left. Resolves when the reply arrives (a request already running is not interrupted).
+    ///
+    /// ```no_run
+    /// # async fn demo(client: acgi_client::Client) -> Result<(), acgi_client::CallError> {
+    /// use std::time::Duration;
+    /// // Code 10 (`deadline exceeded`) if no worker takes it within 50 ms; it did not run.
+    /// let reply = client.call_with_timeout("echo", b"hi", Duration::from_millis(50)).await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn call_with_timeout<'a>(
         &self,
         service: impl Into<Service<'a>>,
         payload: impl AsRef<[u8]>,
         timeout: std::time::Duration,
-    ) -> Result<Vec<u8>, CallError> {
+    ) -> Result<Bytes, CallError> {
         let service_id = self.service_id(service.into()).await?;
         let framed = with_timeout_prefix(payload.as_ref(), timeout);
         self.exchange_flags(Kind::Request, proto::FLAG_TIMEOUT, service_id, &framed)
@@ -350,8 +409,26 @@ impl Client {
     }
 }
 
-/// Read buffer of the async client's connection.
+/// Room the reader's buffer gets when it is full: one read takes every answer that has
+/// arrived, up to this much (a frame larger than it gets room for the whole frame).
 const READ_BUFFER_BYTES: usize = 64 * 1024;
+/// Less room than this left in the buffer is topped up before a read (not a read per frame).
+const READ_BYTES_MIN: usize = 4096;
+
+/// Read from `read` until `buffer` holds at least `needed` bytes; false at EOF or an error.
+async fn fill<R: AsyncRead + Unpin>(read: &mut R, buffer: &mut BytesMut, needed: usize) -> bool {
+    while buffer.len() < needed {
+        let missing = needed - buffer.len();
+        if buffer.capacity() - buffer.len() < missing.max(READ_BYTES_MIN) {
+            buffer.reserve(missing.max(READ_BUFFER_BYTES));
+        }
+        match read.read_buf(buffer).await {
+            Ok(0) | Err(_) => return false,
+            Ok(_) => {}
+        }
+    }
+    true
+}
 
 /// Read answers and hand each to its call; a frame over `reply_bytes_max` (checked on its
 /// header, before any allocation) or a malformed one ends the connection: every call in flight
@@ -363,18 +440,22 @@ async fn read_answers<R: AsyncRead + Unpin>(
     ended: tokio::sync::watch::Sender<bool>,
     reply_bytes_max: u32,
 ) {
-    let mut bytes = [0u8; HEADER_BYTES];
+    let mut buffer = BytesMut::with_capacity(READ_BUFFER_BYTES);
     loop {
-        if read.read_exact(&mut bytes).await.is_err() {
+        if !fill(&mut read, &mut buffer, HEADER_BYTES).await {
             break;
         }
-        let Ok(header) = Header::decode(&bytes, reply_bytes_max) else {
+        let Ok(header) = Header::decode(&buffer[..HEADER_BYTES], reply_bytes_max) else {
             break;
         };
-        let mut payload = vec![0u8; header.payload_len as usize];
-        if read.read_exact(&mut payload).await.is_err() {
+        // The bound was checked on the header: what is reserved for the frame is at most it.
+        let frame_bytes = HEADER_BYTES + header.payload_len as usize;
+        if !fill(&mut read, &mut buffer, frame_bytes).await {
             break;
         }
+        let mut frame = buffer.split_to(frame_bytes);
+        frame.advance(HEADER_BYTES);
+        let payload = frame.freeze();
         if crate::is_drain_notice(&header) {
             // Nothing unanswered on this connection has run; the bridge closes it next.
             drained.store(true, Ordering::SeqCst);
@@ -392,4 +473,56 @@ async fn read_answers<R: AsyncRead + Unpin>(
     // resend).
     pending.lock().expect("not poisoned").clear();
     let _ = ended.send(true);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reply_frame(out: &mut Vec<u8>, request_id: u64, payload: &[u8]) {
+        let header = Header::new(Kind::Reply, 1, request_id, payload.len() as u32);
+        proto::encode_frame(out, &header, payload);
+    }
+
+    #[test]
+    fn replies_are_views_of_the_read_buffer_not_copies() {
+        // Proves the reader hands each reply out as a slice of the buffer the socket was read
+        // into: two answers that arrived together are adjacent views of one allocation, and a
+        // reply larger than the buffer's base size arrives whole.
+        let mut wire = Vec::new();
+        reply_frame(&mut wire, 1, b"first");
+        reply_frame(&mut wire, 2, b"second");
+        let large: Vec<u8> = (0..200_000u32).map(|i| i as u8).collect();
+        reply_frame(&mut wire, 3, &large);
+        let pending: Pending = Arc::default();
+        let receivers: Vec<_> = (1..=3u64)
+            .map(|id| {
+                let (sender, receiver) = oneshot::channel();
+                pending.lock().unwrap().insert(id, sender);
+                receiver
+            })
+            .collect();
+        let (ended, _watch) = tokio::sync::watch::channel(false);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("a runtime");
+        let answers: Vec<Answer> = runtime.block_on(async {
+            let drained = Arc::new(AtomicBool::new(false));
+            read_answers(&wire[..], Arc::clone(&pending), drained, ended, 1 << 20).await;
+            let mut answers = Vec::new();
+            for receiver in receivers {
+                answers.push(receiver.await.expect("an answer"));
+            }
+            answers
+        });
+        assert_eq!(answers[0].payload, &b"first"[..]);
+        assert_eq!(answers[1].payload, &b"second"[..]);
+        assert_eq!(answers[2].payload, large);
+        let first_end = answers[0].payload.as_ptr() as usize + answers[0].payload.len();
+        assert_eq!(
+            answers[1].payload.as_ptr() as usize,
+            first_end + HEADER_BYTES,
+            "the second reply is not in the same buffer, right after the first"
+        );
+    }
 }

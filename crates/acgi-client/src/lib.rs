@@ -2,7 +2,7 @@
 //!
 //! ```no_run
 //! # fn demo() -> Result<(), acgi_client::CallError> {
-//! let mut client = acgi_client::BlockingClient::connect("/run/acgi-bridge.sock")?;
+//! let mut client = acgi_client::BlockingClient::connect("/run/acgi-bridge/acgi-bridge.sock")?;
 //! let reply = client.call("echo", b"hello")?;
 //! # Ok(()) }
 //! ```
@@ -15,6 +15,13 @@
 //!   without tokio.
 //!
 //! Service names are resolved to ids once per connection (a `Resolve` frame) and cached.
+//!
+//! Replies: `Client` returns `Bytes` (feature `tokio`), a view of the buffer
+//! its reader task read the socket into, so a reply is never copied between the kernel and the
+//! caller (many answers arrive in one read). `BlockingClient` returns `Vec<u8>`: it reads each
+//! payload straight from the socket into a `Vec` of exactly its length, so there is no copy to
+//! avoid, and a `Vec` keeps the blocking client free of every dependency but std and
+//! `acgi-proto` (`default-features = false`).
 //!
 //! Draining bridges (a binary upgrade, docs/protocol.md §2.6): a call answered with error 6
 //! (`shutting down`), or still unanswered when the bridge's drain notice (an `Error` 6 with
@@ -43,6 +50,8 @@
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
+// The crate docs link the `tls` feature's items; without the feature they are plain text.
+#![cfg_attr(not(feature = "tls"), allow(rustdoc::broken_intra_doc_links))]
 
 use std::collections::HashMap;
 use std::fmt;
@@ -59,6 +68,9 @@ mod async_client;
 mod tls;
 #[cfg(feature = "tokio")]
 pub use async_client::Client;
+/// The async client's reply type (feature `tokio`), re-exported from the `bytes` crate.
+#[cfg(feature = "tokio")]
+pub use bytes::Bytes;
 #[cfg(feature = "tls")]
 pub use tls::TlsConfig;
 
@@ -68,6 +80,15 @@ pub use tls::TlsConfig;
 pub const DRAIN_RETRIES_MAX: u32 = 3;
 
 /// Whether a frame from the bridge is the drain notice: `Error`, code 6, request id 0.
+///
+/// ```
+/// use acgi_client::{is_drain_notice, proto::{ErrorCode, Header, Kind}};
+/// let mut notice = Header::new(Kind::Error, 0, 0, 0);
+/// notice.code = ErrorCode::ShuttingDown as u16;
+/// assert!(is_drain_notice(&notice));
+/// notice.request_id = 9; // error 6 for one request: not the notice
+/// assert!(!is_drain_notice(&notice));
+/// ```
 pub fn is_drain_notice(header: &Header) -> bool {
     header.kind == Kind::Error
         && header.code == ErrorCode::ShuttingDown as u16
@@ -92,6 +113,15 @@ pub enum Addr {
 
 impl Addr {
     /// Read an address in one of the forms the module docs list (any string is one).
+    ///
+    /// ```
+    /// use acgi_client::Addr;
+    /// use std::path::PathBuf;
+    /// assert_eq!(Addr::parse("/run/acgi-bridge/acgi-bridge.sock"), Addr::Unix(PathBuf::from("/run/acgi-bridge/acgi-bridge.sock")));
+    /// assert_eq!(Addr::parse("unix:bridge.sock"), Addr::Unix(PathBuf::from("bridge.sock")));
+    /// assert_eq!(Addr::parse("127.0.0.1:7878"), Addr::Tcp("127.0.0.1:7878".into()));
+    /// assert_eq!(Addr::parse("tls:bridge.example:7879"), Addr::Tls("bridge.example:7879".into()));
+    /// ```
     pub fn parse(text: &str) -> Addr {
         if let Some(path) = text.strip_prefix("unix:") {
             Addr::Unix(PathBuf::from(path))
@@ -113,7 +143,18 @@ impl Addr {
 pub const REPLY_BYTES_MAX_DEFAULT: u32 = proto::PAYLOAD_BYTES_MAX_DEFAULT;
 
 /// How to connect: the reply bound, an optional check of who serves a Unix socket, and
-/// timeouts. `ConnectOptions::new().expected_uid(0).blocking(addr)`.
+/// timeouts.
+///
+/// ```no_run
+/// # fn demo() -> Result<(), acgi_client::CallError> {
+/// use std::time::Duration;
+/// let options = acgi_client::ConnectOptions::new()
+///     .expected_uid(0) // only a bridge running as root may answer on this path
+///     .reply_bytes_max(1 << 20) // the bridge's max_payload_bytes
+///     .io_timeout(Duration::from_secs(5));
+/// let mut client = options.blocking("/run/acgi-bridge/acgi-bridge.sock")?;
+/// # Ok(()) }
+/// ```
 #[derive(Clone, Debug)]
 pub struct ConnectOptions {
     reply_bytes_max: u32,
@@ -346,6 +387,15 @@ pub struct Answer {
 
 impl Answer {
     /// Turn a reply-like answer into the payload, an error frame into [`CallError::Remote`].
+    ///
+    /// ```
+    /// use acgi_client::{Answer, proto::{ErrorCode, Header, Kind}};
+    /// let mut header = Header::new(Kind::Error, 1, 7, 4);
+    /// header.code = ErrorCode::ServiceError as u16;
+    /// let error = Answer { header, payload: b"oops".to_vec() }.into_result().unwrap_err();
+    /// assert_eq!(error.code(), Some(ErrorCode::ServiceError));
+    /// assert!(error.to_string().ends_with("oops"));
+    /// ```
     pub fn into_result(self) -> Result<Vec<u8>, CallError> {
         match self.header.kind {
             Kind::Reply | Kind::Pong | Kind::Resolved => Ok(self.payload),
@@ -407,6 +457,24 @@ impl Write for BlockingStream {
 
 /// A blocking connection, for scripts, tests and the CLI. `call` does one round trip;
 /// `send` + `receive` pipeline many requests on the connection.
+///
+/// ```no_run
+/// # fn demo() -> Result<(), acgi_client::CallError> {
+/// use acgi_client::{BlockingClient, Service};
+/// let mut client = BlockingClient::connect("/run/acgi-bridge/acgi-bridge.sock")?;
+/// assert_eq!(client.call("echo", b"hi")?, b"hi");
+/// // Pipelined: send three, then read the three answers, in whatever order they come.
+/// let echo = client.service_id(Service::Name("echo"))?;
+/// let ids: Vec<u64> = (0..3u8)
+///     .map(|n| client.send(echo, &[n]))
+///     .collect::<Result<_, _>>()?;
+/// for _ in &ids {
+///     let answer = client.receive()?;
+///     assert!(ids.contains(&answer.header.request_id));
+///     let reply = answer.into_result()?;
+/// }
+/// # Ok(()) }
+/// ```
 pub struct BlockingClient {
     stream: BlockingStream,
     next_request_id: u64,

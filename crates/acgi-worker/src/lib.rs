@@ -5,6 +5,25 @@
 //! acgi_worker::serve(|request: &[u8]| request.to_vec()).unwrap();
 //! ```
 //!
+//! A handler returns anything [`IntoReply`]: bytes or a string for a reply, or a `Result`
+//! whose error reaches the caller as a service error (code 8) with its message:
+//!
+//! ```no_run
+//! fn main() -> Result<(), acgi_worker::WorkerError> {
+//!     acgi_worker::serve(|request: &[u8]| -> Result<String, std::str::Utf8Error> {
+//!         Ok(std::str::from_utf8(request)?.to_uppercase())
+//!     })
+//! }
+//! ```
+//!
+//! Outside a bridge (no `ACGI_CONTROL_FD`), `serve` returns at once and says so:
+//!
+//! ```
+//! let error = acgi_worker::serve(|request: &[u8]| request.to_vec()).unwrap_err();
+//! assert!(matches!(error, acgi_worker::WorkerError::NotUnderBridge(_)));
+//! assert!(error.to_string().starts_with("not started by acgi-bridge"));
+//! ```
+//!
 //! The bridge starts the worker with two inherited descriptors: the control socket (a Unix
 //! stream, fd named by `ACGI_CONTROL_FD`) and the worker's slot (a memfd, `ACGI_SLOT_FD`). The SDK
 //! hides both: it says `Hello`, then for each `Job` takes the request from the slot (or, when it
@@ -72,6 +91,18 @@ thread_local! {
 
 /// Time left before the current request's caller deadline, when the caller set one
 /// (`Client::call_with_timeout`). Call it from inside the handler; `None` means no deadline.
+///
+/// ```no_run
+/// use std::time::Duration;
+/// acgi_worker::serve(|request: &[u8]| -> Result<Vec<u8>, String> {
+///     // Not worth starting work that cannot finish before the caller gives up.
+///     if acgi_worker::remaining().is_some_and(|left| left < Duration::from_millis(10)) {
+///         return Err("too little time left".into());
+///     }
+///     Ok(request.to_vec())
+/// })
+/// .unwrap();
+/// ```
 pub fn remaining() -> Option<std::time::Duration> {
     DEADLINE
         .with(|cell| cell.get())
@@ -79,6 +110,20 @@ pub fn remaining() -> Option<std::time::Duration> {
 }
 
 /// Whether the bridge asked this worker to stop (SIGTERM). A long handler may check it.
+///
+/// ```no_run
+/// acgi_worker::serve(|request: &[u8]| -> Result<Vec<u8>, &'static str> {
+///     let mut sum = 0u64;
+///     for chunk in request.chunks(4096) {
+///         if acgi_worker::stop_requested() {
+///             return Err("stopping: the bridge asked this worker to exit");
+///         }
+///         sum += chunk.iter().map(|&b| u64::from(b)).sum::<u64>();
+///     }
+///     Ok(sum.to_le_bytes().to_vec())
+/// })
+/// .unwrap();
+/// ```
 pub fn stop_requested() -> bool {
     STOP_REQUESTED.load(Ordering::Relaxed)
 }
@@ -177,6 +222,12 @@ impl From<proto::FrameError> for WorkerError {
 }
 
 /// What a handler may return: bytes for a reply, or an error message for the caller.
+///
+/// ```
+/// use acgi_worker::IntoReply;
+/// assert_eq!("hi".into_reply(), Ok(b"hi".to_vec()));
+/// assert_eq!(Err::<Vec<u8>, _>("no such key").into_reply(), Err("no such key".to_string()));
+/// ```
 pub trait IntoReply {
     /// The reply's bytes, or the message of a handler error.
     fn into_reply(self) -> Result<Vec<u8>, String>;

@@ -39,6 +39,10 @@ extern "C" {
 #define ACGI_CLIENT_NAMES_CACHED_MAX 32u
 /* Bytes of an acgi_error message kept (the rest is cut). */
 #define ACGI_ERROR_MESSAGE_BYTES_MAX 256u
+/* Times one call (or resolve, or ping) is sent again on a new connection after a draining
+ * bridge refused it (see "Draining bridges" below); the same bound as the Rust and Python
+ * clients. */
+#define ACGI_CLIENT_DRAIN_RETRIES_MAX 3u
 
 /* ---------------------------------------------------------------------------------------------
  * Frames (§1)
@@ -231,6 +235,15 @@ const char *acgi_worker_error(const acgi_worker *worker);
  * Blocking client (Part I)
  * ------------------------------------------------------------------------------------------ */
 
+/* Draining bridges (a binary upgrade, `acgi-bridge upgrade`; protocol §2.6): a call answered
+ * with error 6, or still unanswered when the bridge's drain notice (an Error 6 with request id
+ * 0) arrives, did not run. The client then connects again to the address it was given, resolves
+ * names anew, and sends the call again, at most ACGI_CLIENT_DRAIN_RETRIES_MAX times; the call
+ * returns the error 6 (kind ACGI_ERR_REMOTE, retry ACGI_RETRY_YES) only when no new connection
+ * can be made (no new bridge took over) or the retries are spent. So an upgrade of the bridge
+ * fails no call. Nothing else is resent: a connection that closes without the notice leaves a
+ * call's outcome unknown (ACGI_ERR_CLOSED, ACGI_RETRY_IF_IDEMPOTENT), for the program to
+ * decide. acgi_client_drain_retries counts the resends. */
 typedef struct acgi_client acgi_client;
 
 /* Where an error came from. */
@@ -285,6 +298,9 @@ int acgi_client_call_id(acgi_client *client, uint32_t service_id, const void *re
                         size_t *reply_len, acgi_error *err);
 /* Ping (payload at most 4096 bytes): 0 when the Pong came back identical. */
 int acgi_client_ping(acgi_client *client, const void *payload, size_t len, acgi_error *err);
+/* Calls (resolves, pings) sent again on a new connection so far because the bridge drained
+ * the connection they were on: each did not run there. */
+uint64_t acgi_client_drain_retries(const acgi_client *client);
 
 #ifdef __cplusplus
 }

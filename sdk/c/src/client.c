@@ -8,6 +8,13 @@
  * Pong, flags 0) and its payload_len bounded before anything is allocated. After a protocol
  * error, an io error or a timeout inside a frame, the connection is closed and every later
  * call fails with ACGI_ERR_CLOSED.
+ *
+ * A draining bridge (a binary upgrade, §2.6) is the one failure handled here: a call answered
+ * with error 6, or met by the drain notice (an Error 6 with request id 0) before its answer,
+ * did not run, so it is sent again on a new connection to the address given at connect (names
+ * resolved anew), at most ACGI_CLIENT_DRAIN_RETRIES_MAX times; a failed connect means no new
+ * bridge took over, and the error 6 is returned. Nothing else is ever resent: only the notice
+ * and error 6 promise that the request did not run.
  */
 #define _POSIX_C_SOURCE 200809L
 
@@ -34,6 +41,8 @@ struct cached_name {
 
 struct acgi_client {
     int fd;
+    char *addr; /* as given to acgi_client_connect, for a reconnect after a drain */
+    uint64_t drain_retries;
     uint64_t next_request_id;
     uint32_t payload_max;
     uint32_t io_timeout_ms;
@@ -172,29 +181,35 @@ static int connect_tcp(const char *host_port, acgi_error *err) {
     return fd;
 }
 
+/* A connected socket to `addr`, or -1 with err set. */
+static int connect_addr(const char *addr, acgi_error *err) {
+    if (strncmp(addr, "unix:", 5) == 0) return connect_unix(addr + 5, err);
+    if (strncmp(addr, "tcp:", 4) == 0) return connect_tcp(addr + 4, err);
+    if (strchr(addr, '/') != NULL) return connect_unix(addr, err);
+    return connect_tcp(addr, err);
+}
+
 acgi_client *acgi_client_connect(const char *addr, acgi_error *err) {
     acgi_client *c;
     int fd;
+    size_t addr_len;
     error_clear(err);
     if (addr == NULL || *addr == '\0') {
         error_set(err, ACGI_ERR_USAGE, 0, 0, "no address");
         return NULL;
     }
-    if (strncmp(addr, "unix:", 5) == 0)
-        fd = connect_unix(addr + 5, err);
-    else if (strncmp(addr, "tcp:", 4) == 0)
-        fd = connect_tcp(addr + 4, err);
-    else if (strchr(addr, '/') != NULL)
-        fd = connect_unix(addr, err);
-    else
-        fd = connect_tcp(addr, err);
+    fd = connect_addr(addr, err);
     if (fd < 0) return NULL;
+    addr_len = strlen(addr);
     c = calloc(1, sizeof *c);
-    if (c == NULL) {
+    if (c != NULL) c->addr = malloc(addr_len + 1);
+    if (c == NULL || c->addr == NULL) {
+        free(c);
         close(fd);
         error_set(err, ACGI_ERR_NOMEM, 0, 0, "out of memory");
         return NULL;
     }
+    memcpy(c->addr, addr, addr_len + 1);
     c->fd = fd;
     c->next_request_id = 1;
     c->payload_max = ACGI_PAYLOAD_BYTES_MAX_DEFAULT;
@@ -204,8 +219,11 @@ acgi_client *acgi_client_connect(const char *addr, acgi_error *err) {
 void acgi_client_close(acgi_client *c) {
     if (c == NULL) return;
     drop_connection(c);
+    free(c->addr);
     free(c);
 }
+
+uint64_t acgi_client_drain_retries(const acgi_client *c) { return c->drain_retries; }
 
 void acgi_client_set_payload_bytes_max(acgi_client *c, uint32_t bytes) {
     c->payload_max =
@@ -321,6 +339,41 @@ static int read_answer(acgi_client *c, struct answer *a, int64_t deadline, acgi_
     return 0;
 }
 
+/* §2.6: the drain notice, Error 6 with request id 0 (service id 0). */
+static int is_drain_notice(const acgi_header *h) {
+    return h->kind == ACGI_KIND_ERROR && h->code == ACGI_CODE_SHUTTING_DOWN && h->request_id == 0;
+}
+
+static int drained_error(acgi_error *err) {
+    return error_set(err, ACGI_ERR_REMOTE, ACGI_CODE_SHUTTING_DOWN, 0,
+                     "the bridge drained the connection (a binary upgrade) before answering: "
+                     "the call did not run");
+}
+
+/* How long a failed send waits for the drain notice a closing bridge may have sent first. */
+#define DRAIN_NOTICE_WAIT_MS 1000
+
+/* A send failed with `saved`. A bridge that drained this connection sent its notice before
+ * closing it, and the notice is still readable: then the frame did not run (error 6, resent by
+ * the caller); otherwise the connection is closed or broken. */
+static int send_failed(acgi_client *c, int saved, acgi_error *err) {
+    int64_t deadline = now_ms() + DRAIN_NOTICE_WAIT_MS;
+    struct answer a;
+    acgi_error ignored;
+    while (c->fd >= 0 && read_answer(c, &a, deadline, &ignored) == 0) {
+        free(a.payload);
+        if (is_drain_notice(&a.h)) {
+            drop_connection(c);
+            return drained_error(err);
+        }
+        /* A late answer to an abandoned call: look further. */
+    }
+    drop_connection(c);
+    if (saved == EPIPE || saved == ECONNRESET)
+        return error_set(err, ACGI_ERR_CLOSED, 0, saved, "the bridge closed the connection");
+    return error_set(err, ACGI_ERR_IO, 0, saved, "send: %s", strerror(saved));
+}
+
 /* Send one frame and wait for the answer with its request id. */
 static int round_trip(acgi_client *c, uint8_t kind, uint16_t flags, uint32_t service_id,
                       const uint8_t *prefix, size_t prefix_len, const void *payload, size_t len,
@@ -354,13 +407,7 @@ static int round_trip(acgi_client *c, uint8_t kind, uint16_t flags, uint32_t ser
     } else {
         rc = acgi_send_frame(c->fd, &h, payload, len);
     }
-    if (rc < 0) {
-        int saved = errno;
-        drop_connection(c);
-        if (saved == EPIPE || saved == ECONNRESET)
-            return error_set(err, ACGI_ERR_CLOSED, 0, saved, "the bridge closed the connection");
-        return error_set(err, ACGI_ERR_IO, 0, saved, "send: %s", strerror(saved));
-    }
+    if (rc < 0) return send_failed(c, errno, err);
     deadline = c->io_timeout_ms > 0 ? now_ms() + c->io_timeout_ms : 0;
     for (;;) {
         if (read_answer(c, a, deadline, err) < 0) {
@@ -370,9 +417,11 @@ static int round_trip(acgi_client *c, uint8_t kind, uint16_t flags, uint32_t ser
         }
         if (a->h.request_id == id) return 0;
         if (a->h.kind == ACGI_KIND_ERROR && a->h.request_id == 0) {
-            /* §2.6: the bridge found a frame of ours malformed and is closing. */
             free(a->payload);
+            a->payload = NULL;
             drop_connection(c);
+            if (is_drain_notice(&a->h)) return drained_error(err);
+            /* §2.6: the bridge found a frame of ours malformed and is closing. */
             return error_set(err, ACGI_ERR_REMOTE, a->h.code, 0,
                              "the bridge refused a frame as malformed and closed the connection");
         }
@@ -396,7 +445,7 @@ static int remote_error(const struct answer *a, acgi_error *err) {
     return -1;
 }
 
-int acgi_client_resolve(acgi_client *c, const char *name, uint32_t *id, acgi_error *err) {
+static int resolve_once(acgi_client *c, const char *name, uint32_t *id, acgi_error *err) {
     struct answer a;
     size_t len;
     unsigned i;
@@ -437,7 +486,7 @@ int acgi_client_resolve(acgi_client *c, const char *name, uint32_t *id, acgi_err
     return 0;
 }
 
-int acgi_client_call_id(acgi_client *c, uint32_t service_id, const void *request,
+static int call_id_once(acgi_client *c, uint32_t service_id, const void *request,
                         size_t request_len, uint32_t timeout_ms, uint8_t **reply,
                         size_t *reply_len, acgi_error *err) {
     struct answer a;
@@ -473,17 +522,76 @@ int acgi_client_call_id(acgi_client *c, uint32_t service_id, const void *request
     return 0;
 }
 
+/* Whether a draining bridge refused the frame (error 6: it did not run, §3). */
+static int refused_by_drain(const acgi_error *err) {
+    return err->kind == ACGI_ERR_REMOTE && err->code == ACGI_CODE_SHUTTING_DOWN;
+}
+
+/* After a drain: a new connection to the same address (names are resolved anew). 0, or -1
+ * when nothing accepts it: no new bridge took over. */
+static int reconnect(acgi_client *c) {
+    acgi_error ignored;
+    int fd = connect_addr(c->addr, &ignored);
+    if (fd < 0) return -1;
+    drop_connection(c);
+    c->fd = fd;
+    c->names_count = 0;
+    c->names_next = 0;
+    return 0;
+}
+
+/* Whether to send a failed operation again: a draining bridge refused it, retries are left,
+ * and a new connection could be made (else its error 6 stands). */
+static int resend_after_drain(acgi_client *c, const acgi_error *err, unsigned *retries) {
+    if (!refused_by_drain(err) || *retries >= ACGI_CLIENT_DRAIN_RETRIES_MAX) return 0;
+    if (reconnect(c) < 0) return 0;
+    *retries += 1;
+    c->drain_retries++;
+    return 1;
+}
+
+int acgi_client_resolve(acgi_client *c, const char *name, uint32_t *id, acgi_error *err) {
+    acgi_error local;
+    acgi_error *e = err != NULL ? err : &local;
+    unsigned retries = 0;
+    for (;;) {
+        int rc = resolve_once(c, name, id, e);
+        if (rc == 0 || !resend_after_drain(c, e, &retries)) return rc;
+    }
+}
+
+int acgi_client_call_id(acgi_client *c, uint32_t service_id, const void *request,
+                        size_t request_len, uint32_t timeout_ms, uint8_t **reply,
+                        size_t *reply_len, acgi_error *err) {
+    acgi_error local;
+    acgi_error *e = err != NULL ? err : &local;
+    unsigned retries = 0;
+    for (;;) {
+        int rc = call_id_once(c, service_id, request, request_len, timeout_ms, reply, reply_len,
+                              e);
+        if (rc == 0 || !resend_after_drain(c, e, &retries)) return rc;
+    }
+}
+
 int acgi_client_call(acgi_client *c, const char *service, const void *request,
                      size_t request_len, uint32_t timeout_ms, uint8_t **reply,
                      size_t *reply_len, acgi_error *err) {
+    acgi_error local;
+    acgi_error *e = err != NULL ? err : &local;
+    unsigned retries = 0;
     uint32_t id;
     *reply = NULL;
     *reply_len = 0;
-    if (acgi_client_resolve(c, service, &id, err) < 0) return -1;
-    return acgi_client_call_id(c, id, request, request_len, timeout_ms, reply, reply_len, err);
+    for (;;) {
+        /* The name again each time: a new connection resolves it anew. */
+        int rc = resolve_once(c, service, &id, e);
+        if (rc == 0)
+            rc = call_id_once(c, id, request, request_len, timeout_ms, reply, reply_len, e);
+        if (rc == 0 || !resend_after_drain(c, e, &retries)) return rc;
+    }
 }
 
-int acgi_client_ping(acgi_client *c, const void *payload, size_t len, acgi_error *err) {
+static int ping_once(acgi_client *c, const void *payload, size_t len, acgi_error *err) {
     struct answer a;
     int same;
     error_clear(err);
@@ -503,4 +611,14 @@ int acgi_client_ping(acgi_client *c, const void *payload, size_t len, acgi_error
         return error_set(err, ACGI_ERR_PROTOCOL, 0, 0, "the Pong does not echo the Ping");
     }
     return 0;
+}
+
+int acgi_client_ping(acgi_client *c, const void *payload, size_t len, acgi_error *err) {
+    acgi_error local;
+    acgi_error *e = err != NULL ? err : &local;
+    unsigned retries = 0;
+    for (;;) {
+        int rc = ping_once(c, payload, len, e);
+        if (rc == 0 || !resend_after_drain(c, e, &retries)) return rc;
+    }
 }

@@ -2,7 +2,7 @@
 
 ::
 
-    client = await acgi.AsyncClient.connect("/tmp/acgi-bridge.sock")   # or "127.0.0.1:7878"
+    client = await acgi.AsyncClient.connect("/run/acgi-bridge/acgi-bridge.sock")   # or "127.0.0.1:7878"
     replies = await asyncio.gather(*(client.call("echo", b"%d" % i) for i in range(100)))
     await client.close()
 

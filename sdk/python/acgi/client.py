@@ -2,7 +2,7 @@
 
 ::
 
-    with acgi.Client("/tmp/acgi-bridge.sock") as client:     # or "127.0.0.1:7878"
+    with acgi.Client("/run/acgi-bridge/acgi-bridge.sock") as client:     # or "127.0.0.1:7878"
         reply = client.call("echo", b"hello", timeout=2.0)
 
 Not thread-safe: use one ``Client`` per thread (or :class:`acgi.AsyncClient`). A call that
