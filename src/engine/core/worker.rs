@@ -599,7 +599,7 @@ pub(super) fn rss_bytes(pid: i32) -> Option<u64> {
 
 pub(super) fn kill(worker: &Worker, signal: i32) {
     // Never signal a reaped pid: it may belong to another process by now. The worker leads
-    // its own process group (spawn.rs): the group gets the signal too, so its children go with
+    // its own process group (spawn/child.rs): the group gets the signal too, so its children go with
     // it (the worker itself is signalled apart, in case it left its group).
     if !worker.reaped {
         // SAFETY: kill(2) with a pid we spawned and have not reaped yet, and with the group it
