@@ -39,6 +39,8 @@
 //! - `double-fork`: fork a child that calls setsid (leaving the worker's process group and
 //!   session) and forks a grandchild that sleeps forever; the child exits, and the reply is
 //!   the grandchild's pid: a process that escaped the worker.
+//! - `fork-setsid`: fork a child that calls setsid and waits forever, still the worker's child;
+//!   the reply is its pid (killing the worker's process group does not reach it).
 //! - `open PATH`: try to open PATH for reading; replies `opened` or `refused: errno N (...)`.
 //! - `write PATH`: try to create (or truncate) PATH and write a byte; replies `written` or
 //!   `refused: errno N (...)`.
@@ -268,6 +270,7 @@ fn main() {
                 Ok(lines.join("\n").into_bytes())
             }
             "double-fork" => Ok(double_fork().to_string().into_bytes()),
+            "fork-setsid" => Ok(fork_setsid().to_string().into_bytes()),
             "write" => match std::fs::write(argument, b"x") {
                 Ok(()) => Ok(b"written".to_vec()),
                 Err(error) => Ok(format!(
@@ -458,6 +461,23 @@ fn double_fork() -> i32 {
         libc::close(pipe[0]);
         libc::close(pipe[1]);
         grandchild
+    }
+}
+
+/// Start a child that leaves the worker's process group and session (setsid) and waits
+/// forever, still the worker's child (not waited for): it outlives a kill of the worker's
+/// group, and only the worker's cgroup (or, once it is orphaned, the orphan reaper) ends it.
+fn fork_setsid() -> i32 {
+    // SAFETY: fork/setsid/pause in a single-threaded process; the child only loops on pause.
+    unsafe {
+        let child = libc::fork();
+        if child == 0 {
+            libc::setsid();
+            loop {
+                libc::pause();
+            }
+        }
+        child
     }
 }
 

@@ -16,7 +16,9 @@
 //! - the orphan reaper ([`start_orphan_reaper`]): every [`ORPHAN_SWEEP_INTERVAL`] it kills and
 //!   reaps every child of the bridge that is not a registered worker. Such a child can only be
 //!   a worker's descendant that outlived its parent: no process a worker starts may outlive the
-//!   worker that started it, nor the bridge ([`KillChildrenOnDrop`] at exit);
+//!   worker that started it, nor the bridge ([`KillChildrenOnDrop`] at exit). With a cgroup
+//!   subtree (`crate::cgroup`) it leaves an escapee of a dead, not yet reaped worker to that
+//!   worker's `cgroup.kill`, and retries the removal of killed cgroups;
 //! - resolving a service's identity (user, group, supplementary groups) and checking that its
 //!   executable is trusted, at config load, before any fork.
 //!
@@ -109,6 +111,8 @@ impl WorkerRegistry {
 /// The core reaped this worker: from now on its pid is not ours.
 pub fn forget_worker(pid: i32) {
     registry().pids.remove(&pid);
+    // (After the registry's lock: the reaper takes the cgroup lock under it.)
+    crate::cgroup::worker_reaped(pid);
 }
 
 /// The bridge's children (of every one of its threads), from /proc.
@@ -145,6 +149,10 @@ pub fn sweep_orphans() -> usize {
     let mut found = 0;
     for pid in children {
         if registry.contains(pid) || spawning.contains(&pid) {
+            continue;
+        }
+        // An escapee of a worker that just died: its reap kills its whole cgroup at once.
+        if crate::cgroup::left_for_its_worker(pid) {
             continue;
         }
         found += 1;
@@ -190,6 +198,7 @@ pub fn start_orphan_reaper() -> std::io::Result<()> {
             loop {
                 std::thread::sleep(ORPHAN_SWEEP_INTERVAL);
                 sweep_orphans();
+                crate::cgroup::sweep();
             }
         })?;
     Ok(())
@@ -202,6 +211,7 @@ pub struct KillChildrenOnDrop;
 impl Drop for KillChildrenOnDrop {
     fn drop(&mut self) {
         kill_all_children();
+        crate::cgroup::remove_all();
     }
 }
 

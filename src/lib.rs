@@ -17,6 +17,7 @@
 //! - [`confine`]: the worker boundary: the bridge's own hardening, workers' identities and
 //!   executables, and the reaper of their escaped descendants (docs/security.md).
 //! - `engine` and `pool`: the daemon itself (one io_uring event loop per core).
+//! - [`cgroup`]: cgroup v2 per service and per worker, where the bridge has a delegated subtree.
 //! - [`sandbox`]: the optional per-service Landlock ruleset and seccomp filter.
 //! - [`logging`]: log output that never blocks or ends the bridge.
 //! - [`access_log`]: the optional access log, written by a thread of its own.
@@ -28,6 +29,7 @@ pub use acgi_worker as worker;
 
 pub mod access_log;
 pub mod alloc_count;
+pub mod cgroup;
 pub mod cli;
 pub mod config;
 pub mod confine;

@@ -124,6 +124,11 @@ pub struct Config {
     /// When the bridge runs as root, refuse a service without `user` (instead of a warning).
     #[serde(default)]
     pub require_user: bool,
+    /// The bridge's cgroup v2 subtree (`cgroup` module): `"auto"` (default: the cgroup the
+    /// bridge starts in, when it is delegated to it, e.g. systemd `Delegate=yes`), `"off"`, or
+    /// the absolute path of a cgroup2 directory. Each worker runs in a cgroup of its own under
+    /// its service's; where there is no subtree, a line says what is skipped.
+    pub cgroup: Option<String>,
     /// Where to listen.
     pub listen: Listen,
     /// The services, at least one.
@@ -319,6 +324,14 @@ pub struct ServiceConfig {
     /// RLIMIT_NPROC of the workers, soft and hard (default: inherited). Counted per real uid:
     /// every process of the user, not per worker.
     pub rlimit_nproc: Option<u64>,
+    /// The service's cgroup `memory.max`, in bytes: all its workers and their descendants
+    /// together (default: no limit). Needs the memory controller in the bridge's subtree.
+    pub cgroup_memory_max_bytes: Option<u64>,
+    /// The service's cgroup `pids.max`: processes and threads of all its workers together.
+    pub cgroup_pids_max: Option<u64>,
+    /// The service's cgroup `cpu.weight` (1-10000, the kernel's default 100): its share of CPU
+    /// time against the other services when the CPUs are busy.
+    pub cgroup_cpu_weight: Option<u64>,
     /// The resolved user (from `user`/`group`), filled in by [`Config::load`].
     #[serde(skip)]
     pub identity: Option<crate::confine::Identity>,
@@ -898,6 +911,14 @@ impl Config {
                 });
             }
         }
+        warnings.extend(
+            crate::cgroup::notes(self)
+                .into_iter()
+                .map(|reason| Problem {
+                    key: "cgroup".into(),
+                    reason,
+                }),
+        );
         let exposed = |addr: &str| {
             addr.parse::<std::net::SocketAddr>()
                 .is_ok_and(|a| !a.ip().is_loopback())
@@ -1328,6 +1349,12 @@ impl Config {
                     problem(key("env"), format!("{name} is reserved for the bridge"));
                 }
             }
+            for (field, reason) in crate::cgroup::service_problems(service) {
+                problem(key(field), reason);
+            }
+        }
+        if let Some(reason) = crate::cgroup::setting_problem(self.cgroup.as_deref()) {
+            problem("cgroup".into(), reason);
         }
         problems
     }

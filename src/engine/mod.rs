@@ -308,6 +308,7 @@ pub fn run(
     let signal_fd = stop_signals()?;
     crate::confine::harden_bridge().context("PR_SET_DUMPABLE / PR_SET_CHILD_SUBREAPER")?;
     crate::confine::start_orphan_reaper().context("starting the orphan reaper")?;
+    crate::cgroup::setup(&config);
     // However run() ends, no descendant of a worker outlives the bridge.
     let _kill_children = crate::confine::KillChildrenOnDrop;
     for warning in config.warnings() {

@@ -3,6 +3,7 @@
 mod admin;
 mod admission;
 mod bad_input;
+mod cgroup;
 mod client_sdk;
 mod common;
 mod conformance;

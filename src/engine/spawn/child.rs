@@ -6,7 +6,8 @@
 //! before, in this order:
 //!
 //! 1. its own process group (so the bridge can signal the worker's whole group, and a
-//!    terminal's Ctrl-C reaches the bridge alone);
+//!    terminal's Ctrl-C reaches the bridge alone), then its own cgroup when the bridge places
+//!    workers in cgroups (writing `0` to the `cgroup.procs` the spawner opened: `cgroup`);
 //! 2. stdin `/dev/null`, stdout and stderr the bridge's pipes, the control socket on 3, the
 //!    slot on 4, the executable on 5 (close-on-exec unless it is a `#!` script, whose
 //!    interpreter opens it as /dev/fd/5), and every other descriptor closed (close_range);
@@ -25,7 +26,7 @@
 //!    now lies at its path.
 
 /// The steps of the child between fork and exec, named in the error a failed one reports.
-pub(super) const STEPS: [&str; 14] = [
+pub(super) const STEPS: [&str; 15] = [
     "setpgid",
     "PR_SET_PDEATHSIG",
     "the bridge exited during spawn",
@@ -40,6 +41,7 @@ pub(super) const STEPS: [&str; 14] = [
     "execveat",
     "landlock_restrict_self",
     "seccomp",
+    "joining its cgroup",
 ];
 
 /// One rlimit to set in the child: resource, soft, hard, and the config key it comes from.
@@ -142,6 +144,8 @@ pub(super) struct ChildFds {
 
 /// What the child is given: pointers into the spawner's frame, valid until it execs or exits.
 pub(super) struct ChildArgs<'a> {
+    /// Its cgroup's `cgroup.procs`, opened for writing (-1: no cgroup).
+    pub(super) cgroup_procs: i32,
     /// The Landlock ruleset to restrict itself with (-1: none).
     pub(super) landlock: i32,
     /// The seccomp program to install last before exec (null: none).
@@ -191,6 +195,7 @@ pub(super) unsafe fn child_main(args: &ChildArgs) -> ! {
 /// which is the suspended spawner thread's).
 unsafe fn child_setup(args: &ChildArgs) -> (u32, i32) {
     let ChildArgs {
+        cgroup_procs,
         landlock,
         seccomp,
         fds,
@@ -213,6 +218,11 @@ unsafe fn child_setup(args: &ChildArgs) -> (u32, i32) {
     unsafe {
         if libc::setpgid(0, 0) != 0 {
             return (0, errno());
+        }
+        // Into its cgroup before anything else it does ("0": the writer): no process it
+        // starts can be outside it.
+        if cgroup_procs >= 0 && libc::write(cgroup_procs, c"0".as_ptr().cast(), 1) != 1 {
+            return (14, errno());
         }
         // Move every descriptor above the targets first, so that no dup2 clobbers a source.
         let sources = [

@@ -318,7 +318,11 @@ fn spawn(
             filter: program.as_ptr().cast_mut(),
         });
 
+    // Its cgroup (under its service's), which the child joins first.
+    let cgroup =
+        crate::cgroup::prepare_worker(service).map_err(|e| format!("service {name}: {e}"))?;
     let args = ChildArgs {
+        cgroup_procs: cgroup.as_ref().map_or(-1, |c| c.procs.as_raw_fd()),
         landlock,
         seccomp: seccomp
             .as_ref()
@@ -415,6 +419,9 @@ fn spawn(
         unsafe { libc::prctl(libc::PR_SET_DUMPABLE, dumpable as libc::c_ulong) };
     }
     if pid < 0 {
+        if let Some(cgroup) = cgroup {
+            crate::cgroup::worker_failed(cgroup);
+        }
         return Err(format!(
             "service {name}: {} failed: {clone_error}",
             if share { "clone" } else { "fork" }
@@ -439,6 +446,9 @@ fn spawn(
     }
     if got == 0 {
         tracing::debug!(service = %name, pid, exec = %exec.path.display(), "worker exec'd");
+        if let Some(cgroup) = cgroup {
+            crate::cgroup::worker_started(pid, cgroup);
+        }
         // The core reaps the child through its ring (WAITID).
         return Ok(Spawned {
             pid,
@@ -453,6 +463,9 @@ fn spawn(
     // it is registered).
     unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
     crate::confine::forget_worker(pid);
+    if let Some(cgroup) = cgroup {
+        crate::cgroup::worker_failed(cgroup);
+    }
     let step = u32::from_ne_bytes(report[..4].try_into().expect("4 bytes")) as usize;
     let errno = i32::from_ne_bytes(report[4..].try_into().expect("4 bytes"));
     let what = STEPS.get(step).copied().unwrap_or("setup");
