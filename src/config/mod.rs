@@ -312,8 +312,14 @@ pub struct ServiceConfig {
     pub user: Option<String>,
     /// The group workers run as: a name or a numeric gid (default: the user's primary group).
     pub group: Option<String>,
-    /// The workers' working directory, entered as their user (default: the bridge's).
+    /// The workers' working directory, entered as their user (default: the bridge's; with
+    /// `chroot`, a path inside the root, default `/`).
     pub chdir: Option<PathBuf>,
+    /// Run the workers with this directory as their root (chroot(2), before they change
+    /// user): root-owned, not writable by group or others, and `exec` inside it (as the
+    /// workers see it, `/bin/worker`, or from outside, `ROOT/bin/worker`). Canonical after
+    /// [`Config::load`].
+    pub chroot: Option<PathBuf>,
     /// The workers' umask, as an octal string (default: the bridge's).
     pub umask: Option<String>,
     /// RLIMIT_NOFILE of the workers, soft and hard (default: the soft limit the bridge was
@@ -815,7 +821,26 @@ impl Config {
             }
             let owner = service.identity.as_ref().map_or(bridge_uid, |i| i.uid);
             let path = service.worker_path();
-            match crate::confine::open_exec(&service.exec, &path.to_string_lossy(), owner) {
+            let path = path.to_string_lossy();
+            let opened = match &service.chroot {
+                Some(root) => match crate::confine::check_chroot(root) {
+                    Ok(root) => {
+                        let opened =
+                            crate::confine::open_exec_in(&root, &service.exec, &path, owner);
+                        service.chroot = Some(root);
+                        opened
+                    }
+                    Err(reason) => {
+                        problems.push(Problem {
+                            key: key("chroot"),
+                            reason,
+                        });
+                        continue;
+                    }
+                },
+                None => crate::confine::open_exec(&service.exec, &path, owner),
+            };
+            match opened {
                 Ok(file) => service.exec_file = Some(file),
                 Err(reason) => problems.push(Problem {
                     key: key("exec"),
@@ -1197,8 +1222,11 @@ impl Config {
                     format!("{:?} is used by another service", service.name),
                 );
             }
-            if let Err(reason) = check_executable(&service.exec, &service.worker_path()) {
-                problem(key("exec"), reason);
+            // (With `chroot`, exec is looked for inside the root, by `resolve_services`.)
+            if service.chroot.is_none() {
+                if let Err(reason) = check_executable(&service.exec, &service.worker_path()) {
+                    problem(key("exec"), reason);
+                }
             }
             if service.max_workers == 0 || service.max_workers > WORKERS_MAX_PER_SERVICE {
                 problem(
@@ -1304,6 +1332,9 @@ impl Config {
                 if !dir.is_absolute() {
                     problem(key("chdir"), "must be an absolute path".into());
                 }
+            }
+            if let Some(reason) = crate::confine::chroot_problem(service.chroot.as_deref()) {
+                problem(key("chroot"), reason);
             }
             if service.group.is_some() && service.user.is_none() {
                 problem(key("group"), "needs `user` as well".into());

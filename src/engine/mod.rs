@@ -335,6 +335,7 @@ pub fn run(
             uid,
             gid,
             clear_env = service.clear_env,
+            chroot = %service.chroot.as_deref().unwrap_or(std::path::Path::new("")).display(),
             landlock = service.sandbox.as_ref().is_some_and(|s| s.landlock.is_some()),
             seccomp = service.sandbox.as_ref().is_some_and(|s| s.seccomp.is_some()),
             "service workers run this executable"

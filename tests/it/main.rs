@@ -4,6 +4,7 @@ mod admin;
 mod admission;
 mod bad_input;
 mod cgroup;
+mod chroot;
 mod client_sdk;
 mod common;
 mod conformance;

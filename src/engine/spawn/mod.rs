@@ -251,7 +251,7 @@ fn spawn(
         UnixStream::pair().map_err(|e| format!("service {name}: socketpair failed: {e}"))?;
 
     // Everything the child uses, built (allocated) before the fork.
-    let mut argv_strings = vec![to_cstring(exec.path.as_os_str().as_bytes())?];
+    let mut argv_strings = vec![to_cstring(exec.argv0.as_os_str().as_bytes())?];
     for arg in &service.args {
         argv_strings.push(to_cstring(arg.as_bytes())?);
     }
@@ -273,9 +273,15 @@ fn spawn(
         .chain([std::ptr::null()])
         .collect();
     let limits = limits(service);
-    let chdir = match &service.chdir {
-        Some(dir) => Some(to_cstring(dir.as_os_str().as_bytes())?),
+    let chroot = match &service.chroot {
+        Some(root) => Some(to_cstring(root.as_os_str().as_bytes())?),
         None => None,
+    };
+    // In a chroot the working directory must be inside it: `/` unless `chdir` names one.
+    let chdir = match (&service.chdir, &chroot) {
+        (Some(dir), _) => Some(to_cstring(dir.as_os_str().as_bytes())?),
+        (None, Some(_)) => Some(c"/".to_owned()),
+        (None, None) => None,
     };
     let umask = service.umask_bits();
     let identity = service.identity.as_ref();
@@ -334,6 +340,7 @@ fn spawn(
         umask,
         identity: identity.map(|i| (i.uid, i.gid)),
         groups: &groups,
+        chroot: chroot.as_deref(),
         chdir: chdir.as_deref(),
         argv: argv.as_ptr(),
         envp: envp.as_ptr(),
