@@ -47,6 +47,9 @@
 //! - `unshare`: try unshare(CLONE_NEWUSER | CLONE_NEWNS) (what a seccomp filter denies);
 //!   replies `unshared` or `unshare refused: errno N (...)`.
 //! - `io-uring`: try io_uring_setup; replies `set up` or `io_uring_setup refused: errno N`.
+//! - `tcp-bind PORT`, `tcp-connect PORT`: bind a TCP socket to 127.0.0.1:PORT, or connect to
+//!   it; replies `bound` / `connected` or `bind refused: errno N (...)` (what Landlock's TCP
+//!   rules deny).
 //! - `signal PID`: send signal 0 to PID (the permission check of kill(2)); replies `allowed`
 //!   or `refused: errno N (...)`.
 //!
@@ -271,6 +274,12 @@ fn main() {
             }
             "double-fork" => Ok(double_fork().to_string().into_bytes()),
             "fork-setsid" => Ok(fork_setsid().to_string().into_bytes()),
+            "tcp-bind" => Ok(tcp("bind", argument, |addr| {
+                std::net::TcpListener::bind(addr).map(drop)
+            })),
+            "tcp-connect" => Ok(tcp("connect", argument, |addr| {
+                std::net::TcpStream::connect(addr).map(drop)
+            })),
             "write" => match std::fs::write(argument, b"x") {
                 Ok(()) => Ok(b"written".to_vec()),
                 Err(error) => Ok(format!(
@@ -478,6 +487,24 @@ fn fork_setsid() -> i32 {
             }
         }
         child
+    }
+}
+
+/// Try `call` on 127.0.0.1:`port`: `bound` / `connected`, or `bind refused: errno N (...)`.
+fn tcp(
+    call: &str,
+    port: &str,
+    attempt: impl Fn(std::net::SocketAddr) -> std::io::Result<()>,
+) -> Vec<u8> {
+    let port: u16 = port.trim().parse().unwrap_or(0);
+    match attempt(std::net::SocketAddr::from(([127, 0, 0, 1], port))) {
+        Ok(()) if call == "bind" => b"bound".to_vec(),
+        Ok(()) => b"connected".to_vec(),
+        Err(error) => format!(
+            "{call} refused: errno {} ({error})",
+            error.raw_os_error().unwrap_or(0)
+        )
+        .into_bytes(),
     }
 }
 

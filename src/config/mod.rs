@@ -353,6 +353,14 @@ pub struct ServiceConfig {
     pub landlock_read: Vec<PathBuf>,
     #[serde(default)]
     pub landlock_write: Vec<PathBuf>,
+    /// With `landlock` (Landlock ABI 4+): the TCP ports the workers may bind; all others are
+    /// denied (default: none).
+    #[serde(default)]
+    pub landlock_tcp_bind: Vec<u16>,
+    /// With `landlock` (Landlock ABI 4+): the TCP ports the workers may connect to, on any
+    /// address; all others are denied (default: none).
+    #[serde(default)]
+    pub landlock_tcp_connect: Vec<u16>,
     /// Deny the workers the dangerous system call groups (`sandbox::SECCOMP_GROUPS`) with a
     /// seccomp filter (EPERM), but those named in `seccomp_allow`.
     #[serde(default)]
@@ -855,6 +863,8 @@ impl Config {
                     exec: &exec.path,
                     seccomp: service.seccomp,
                     seccomp_allow: &service.seccomp_allow,
+                    tcp_bind: &service.landlock_tcp_bind,
+                    tcp_connect: &service.landlock_tcp_connect,
                 };
                 match crate::sandbox::build(&wanted) {
                     Ok(sandbox) => service.sandbox = Some(std::sync::Arc::new(sandbox)),
@@ -1335,6 +1345,14 @@ impl Config {
             }
             if let Some(reason) = crate::confine::chroot_problem(service.chroot.as_deref()) {
                 problem(key("chroot"), reason);
+            }
+            for (field, ports) in [
+                ("landlock_tcp_bind", &service.landlock_tcp_bind),
+                ("landlock_tcp_connect", &service.landlock_tcp_connect),
+            ] {
+                if !ports.is_empty() && !service.landlock {
+                    problem(key(field), "needs `landlock = true`".into());
+                }
             }
             if service.group.is_some() && service.user.is_none() {
                 problem(key("group"), "needs `user` as well".into());
