@@ -15,8 +15,8 @@
 //!    exec);
 //! 4. rlimits (RLIMIT_NOFILE, RLIMIT_CORE, and RLIMIT_AS / RLIMIT_NPROC when configured), the
 //!    umask, then `chroot` when the service sets one (while it may), then the identity
-//!    (setgroups, setresgid, setresuid: raw system calls, which change
-//!    only this one task, not the bridge's threads as glibc's setxid wrappers would), then
+//!    (setgroups, setresgid, setresuid: raw system calls, which change only this one task, not
+//!    the bridge's threads as glibc's setxid wrappers would), then
 //!    PR_SET_DUMPABLE 0 (the change of ids set it to `fs.suid_dumpable`, on the bridge's memory
 //!    too; exec resets it, so the worker re-applies it from `ACGI_DUMPABLE`: protocol §6.1),
 //!    then the parent-death signal SIGKILL (a change of effective ids clears it, so it comes
