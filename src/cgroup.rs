@@ -319,9 +319,15 @@ fn enter_leaf(root: &Path) -> Result<(), String> {
 /// Enable in ROOT's `cgroup.subtree_control` the controllers some service's limits need;
 /// returns those that are on.
 fn enable_controllers(config: &Config, root: &Path, controllers: &[String]) -> Vec<String> {
+    enable_for(&config.services, root, controllers)
+}
+
+/// Enable in ROOT's `cgroup.subtree_control` the controllers that `services`' limits need and
+/// `controllers` (ROOT's `cgroup.controllers`) offers; returns those that are on.
+fn enable_for(services: &[ServiceConfig], root: &Path, controllers: &[String]) -> Vec<String> {
     let mut enabled = Vec::new();
     for (_, controller, _, _) in LIMITS {
-        let needed = config.services.iter().any(|s| {
+        let needed = services.iter().any(|s| {
             LIMITS
                 .iter()
                 .zip(limit_values(s))
@@ -390,6 +396,16 @@ pub fn prepare_worker(service: &ServiceConfig) -> Result<Option<WorkerCgroup>, S
         }
     }
     made.map_err(|e| format!("cannot create {}: {e}", leaf.display()))?;
+    // A service a reload added may need a controller no service needed at startup.
+    let missing = LIMITS
+        .iter()
+        .zip(limit_values(service))
+        .any(|((_, _, file, _), value)| value.is_some() && !service_dir.join(file).exists());
+    if missing {
+        let offered = std::fs::read_to_string(root.join("cgroup.controllers")).unwrap_or_default();
+        let offered: Vec<String> = offered.split_whitespace().map(String::from).collect();
+        enable_for(std::slice::from_ref(service), &root, &offered);
+    }
     apply_limits(&service_dir, service)?;
     let procs = rustix::fs::open(
         leaf.join("cgroup.procs"),
