@@ -39,12 +39,17 @@
 //! - `double-fork`: fork a child that calls setsid (leaving the worker's process group and
 //!   session) and forks a grandchild that sleeps forever; the child exits, and the reply is
 //!   the grandchild's pid: a process that escaped the worker.
+//! - `fork-setsid`: fork a child that calls setsid and waits forever, still the worker's child;
+//!   the reply is its pid (killing the worker's process group does not reach it).
 //! - `open PATH`: try to open PATH for reading; replies `opened` or `refused: errno N (...)`.
 //! - `write PATH`: try to create (or truncate) PATH and write a byte; replies `written` or
 //!   `refused: errno N (...)`.
 //! - `unshare`: try unshare(CLONE_NEWUSER | CLONE_NEWNS) (what a seccomp filter denies);
 //!   replies `unshared` or `unshare refused: errno N (...)`.
 //! - `io-uring`: try io_uring_setup; replies `set up` or `io_uring_setup refused: errno N`.
+//! - `tcp-bind PORT`, `tcp-connect PORT`: bind a TCP socket to 127.0.0.1:PORT, or connect to
+//!   it; replies `bound` / `connected` or `bind refused: errno N (...)` (what Landlock's TCP
+//!   rules deny).
 //! - `signal PID`: send signal 0 to PID (the permission check of kill(2)); replies `allowed`
 //!   or `refused: errno N (...)`.
 //!
@@ -268,6 +273,13 @@ fn main() {
                 Ok(lines.join("\n").into_bytes())
             }
             "double-fork" => Ok(double_fork().to_string().into_bytes()),
+            "fork-setsid" => Ok(fork_setsid().to_string().into_bytes()),
+            "tcp-bind" => Ok(tcp("bind", argument, |addr| {
+                std::net::TcpListener::bind(addr).map(drop)
+            })),
+            "tcp-connect" => Ok(tcp("connect", argument, |addr| {
+                std::net::TcpStream::connect(addr).map(drop)
+            })),
             "write" => match std::fs::write(argument, b"x") {
                 Ok(()) => Ok(b"written".to_vec()),
                 Err(error) => Ok(format!(
@@ -458,6 +470,41 @@ fn double_fork() -> i32 {
         libc::close(pipe[0]);
         libc::close(pipe[1]);
         grandchild
+    }
+}
+
+/// Start a child that leaves the worker's process group and session (setsid) and waits
+/// forever, still the worker's child (not waited for): it outlives a kill of the worker's
+/// group, and only the worker's cgroup (or, once it is orphaned, the orphan reaper) ends it.
+fn fork_setsid() -> i32 {
+    // SAFETY: fork/setsid/pause in a single-threaded process; the child only loops on pause.
+    unsafe {
+        let child = libc::fork();
+        if child == 0 {
+            libc::setsid();
+            loop {
+                libc::pause();
+            }
+        }
+        child
+    }
+}
+
+/// Try `call` on 127.0.0.1:`port`: `bound` / `connected`, or `bind refused: errno N (...)`.
+fn tcp(
+    call: &str,
+    port: &str,
+    attempt: impl Fn(std::net::SocketAddr) -> std::io::Result<()>,
+) -> Vec<u8> {
+    let port: u16 = port.trim().parse().unwrap_or(0);
+    match attempt(std::net::SocketAddr::from(([127, 0, 0, 1], port))) {
+        Ok(()) if call == "bind" => b"bound".to_vec(),
+        Ok(()) => b"connected".to_vec(),
+        Err(error) => format!(
+            "{call} refused: errno {} ({error})",
+            error.raw_os_error().unwrap_or(0)
+        )
+        .into_bytes(),
     }
 }
 

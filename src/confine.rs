@@ -16,7 +16,9 @@
 //! - the orphan reaper ([`start_orphan_reaper`]): every [`ORPHAN_SWEEP_INTERVAL`] it kills and
 //!   reaps every child of the bridge that is not a registered worker. Such a child can only be
 //!   a worker's descendant that outlived its parent: no process a worker starts may outlive the
-//!   worker that started it, nor the bridge ([`KillChildrenOnDrop`] at exit);
+//!   worker that started it, nor the bridge ([`KillChildrenOnDrop`] at exit). With a cgroup
+//!   subtree (`crate::cgroup`) it leaves an escapee of a dead, not yet reaped worker to that
+//!   worker's `cgroup.kill`, and retries the removal of killed cgroups;
 //! - resolving a service's identity (user, group, supplementary groups) and checking that its
 //!   executable is trusted, at config load, before any fork.
 //!
@@ -109,6 +111,8 @@ impl WorkerRegistry {
 /// The core reaped this worker: from now on its pid is not ours.
 pub fn forget_worker(pid: i32) {
     registry().pids.remove(&pid);
+    // (After the registry's lock: the reaper takes the cgroup lock under it.)
+    crate::cgroup::worker_reaped(pid);
 }
 
 /// The bridge's children (of every one of its threads), from /proc.
@@ -145,6 +149,10 @@ pub fn sweep_orphans() -> usize {
     let mut found = 0;
     for pid in children {
         if registry.contains(pid) || spawning.contains(&pid) {
+            continue;
+        }
+        // An escapee of a worker that just died: its reap kills its whole cgroup at once.
+        if crate::cgroup::left_for_its_worker(pid) {
             continue;
         }
         found += 1;
@@ -190,6 +198,7 @@ pub fn start_orphan_reaper() -> std::io::Result<()> {
             loop {
                 std::thread::sleep(ORPHAN_SWEEP_INTERVAL);
                 sweep_orphans();
+                crate::cgroup::sweep();
             }
         })?;
     Ok(())
@@ -202,6 +211,7 @@ pub struct KillChildrenOnDrop;
 impl Drop for KillChildrenOnDrop {
     fn drop(&mut self) {
         kill_all_children();
+        crate::cgroup::remove_all();
     }
 }
 
@@ -375,8 +385,10 @@ pub fn resolve_identity(user: &str, group: Option<&str>) -> Result<Identity, Str
 /// file that is run is the file that was checked.
 #[derive(Clone, Debug)]
 pub struct ExecFile {
-    /// The resolved absolute path (for logs and argv[0]).
+    /// The resolved absolute path (for logs).
     pub path: PathBuf,
+    /// The path the worker sees (argv[0]): `path`, or with `chroot` its path inside the root.
+    pub argv0: PathBuf,
     /// An `O_PATH` descriptor of it; workers are started with execveat(fd, "", AT_EMPTY_PATH).
     pub fd: Arc<OwnedFd>,
     /// It starts with `#!`: the interpreter opens it through /dev/fd, so the worker is given
@@ -434,10 +446,104 @@ fn check_trusted(meta: &std::fs::Metadata, owner_uid: u32, what: &str) -> Result
 /// bridge's own uid when it has none). A script's `#!` interpreter is checked the same way
 /// (it is found by path when the script is run).
 pub fn open_exec(exec: &Path, path: &str, owner_uid: u32) -> Result<ExecFile, String> {
-    use std::io::Read;
     let resolved = resolve_exec(exec, path)?;
     let resolved =
         std::fs::canonicalize(&resolved).map_err(|e| format!("{}: {e}", resolved.display()))?;
+    open_checked(resolved, owner_uid, None)
+}
+
+/// `CAP_SYS_CHROOT` (linux/capability.h).
+pub const CAP_SYS_CHROOT: u32 = 18;
+
+/// What is wrong with a `chroot` setting before looking at the directory: not absolute, or a
+/// bridge that may not chroot.
+pub fn chroot_problem(root: Option<&Path>) -> Option<String> {
+    let root = root?;
+    if !root.is_absolute() {
+        return Some("must be an absolute path".into());
+    }
+    if !has_capability(CAP_SYS_CHROOT) {
+        return Some(format!(
+            "chroot to {} needs the bridge to run as root or with CAP_SYS_CHROOT",
+            root.display()
+        ));
+    }
+    None
+}
+
+/// Check a service's `chroot` directory: a directory owned by root and not writable by group
+/// or others (sshd's ChrootDirectory rule: whoever may write in it chooses the libraries and
+/// the interpreter every new worker loads). Returns its canonical path.
+pub fn check_chroot(root: &Path) -> Result<PathBuf, String> {
+    use std::os::unix::fs::MetadataExt;
+    let canonical = std::fs::canonicalize(root).map_err(|e| format!("{}: {e}", root.display()))?;
+    let meta = std::fs::metadata(&canonical).map_err(|e| format!("{}: {e}", root.display()))?;
+    if !meta.is_dir() {
+        return Err(format!("{} is not a directory", root.display()));
+    }
+    if meta.uid() != 0 || meta.mode() & 0o022 != 0 {
+        return Err(format!(
+            "{} must be owned by root and not writable by group or others (it is uid {}, mode \
+             {:04o}): chown root and chmod go-w it",
+            root.display(),
+            meta.uid(),
+            meta.mode() & 0o7777
+        ));
+    }
+    Ok(canonical)
+}
+
+/// Resolve, check and open a service's executable inside its `chroot` (`root`, canonical):
+/// `exec` is a path inside the root as the workers see it (`/bin/worker`), the same path given
+/// from outside (`ROOT/bin/worker`), or a name looked up on the worker's PATH inside the root.
+/// It must resolve (symbolic links followed on this side) to a file inside the root, which is
+/// where the kernel will find what it needs at exec (a `#!` interpreter, the ELF loader).
+pub fn open_exec_in(root: &Path, exec: &Path, path: &str, owner: u32) -> Result<ExecFile, String> {
+    let inside = |p: &Path| root.join(p.strip_prefix("/").unwrap_or(p));
+    let outside = || {
+        format!(
+            "{} is outside the chroot {}: the workers could not run it (copy it, and what it \
+             loads, into the root, and name it as the workers see it: /bin/worker)",
+            exec.display(),
+            root.display()
+        )
+    };
+    let candidate = if exec.starts_with(root) {
+        exec.to_path_buf()
+    } else if exec.is_absolute() {
+        // A path that exists only on this side is one outside the root.
+        if !inside(exec).exists() && exec.exists() {
+            return Err(outside());
+        }
+        inside(exec)
+    } else {
+        let dirs: Vec<String> = path
+            .split(':')
+            .filter(|d| d.starts_with('/'))
+            .map(|d| inside(Path::new(d)).display().to_string())
+            .collect();
+        resolve_exec(exec, &dirs.join(":"))?
+    };
+    let resolved =
+        std::fs::canonicalize(&candidate).map_err(|e| format!("{}: {e}", candidate.display()))?;
+    if !resolved.starts_with(root) {
+        return Err(format!(
+            "{} (it resolves to {})",
+            outside(),
+            resolved.display()
+        ));
+    }
+    open_checked(resolved, owner, Some(root))
+}
+
+/// Open `resolved` (canonical) `O_PATH` and check it and a script's interpreter (found inside
+/// `root` when the workers are chrooted there).
+fn open_checked(
+    resolved: PathBuf,
+    owner_uid: u32,
+    root: Option<&Path>,
+) -> Result<ExecFile, String> {
+    use std::io::Read;
     let fd = rustix::fs::open(
         &resolved,
         rustix::fs::OFlags::PATH | rustix::fs::OFlags::CLOEXEC,
@@ -477,11 +583,20 @@ pub fn open_exec(exec: &Path, path: &str, owner_uid: u32) -> Result<ExecFile, St
         if !interpreter.is_absolute() {
             return Err(format!("{what} is not an absolute path"));
         }
+        // (Inside the chroot, the kernel finds it beneath the root.)
+        let in_root =
+            root.map(|root| root.join(interpreter.strip_prefix("/").unwrap_or(interpreter)));
+        let interpreter = in_root.as_deref().unwrap_or(interpreter);
         let meta = std::fs::metadata(interpreter).map_err(|e| format!("{what}: {e}"))?;
         check_trusted(&meta, owner_uid, &what)?;
     }
+    let argv0 = match root {
+        Some(root) => Path::new("/").join(resolved.strip_prefix(root).unwrap_or(&resolved)),
+        None => resolved.clone(),
+    };
     Ok(ExecFile {
         path: resolved,
+        argv0,
         fd: Arc::new(fd),
         script,
     })

@@ -17,6 +17,7 @@
 //! - [`confine`]: the worker boundary: the bridge's own hardening, workers' identities and
 //!   executables, and the reaper of their escaped descendants (docs/security.md).
 //! - `engine` and `pool`: the daemon itself (one io_uring event loop per core).
+//! - [`cgroup`]: cgroup v2 per service and per worker, where the bridge has a delegated subtree.
 //! - [`sandbox`]: the optional per-service Landlock ruleset and seccomp filter.
 //! - [`runtime_dir`]: where the bridge's sockets live by default (never a directory others
 //!   may write).
@@ -30,6 +31,7 @@ pub use acgi_worker as worker;
 
 pub mod access_log;
 pub mod alloc_count;
+pub mod cgroup;
 pub mod cli;
 pub mod config;
 pub mod confine;

@@ -15,6 +15,9 @@
 //! at the kernel's ABI: every filesystem right that ABI knows is handled (denied unless a rule
 //! grants it), and from ABI 6 signals and abstract Unix sockets are scoped to the worker's own
 //! domain (it cannot signal, or connect to an abstract socket of, a process outside it).
+//! From ABI 4 TCP is handled too: a worker may bind only the ports of `landlock_tcp_bind` and
+//! connect only to those of `landlock_tcp_connect` (both empty by default: no TCP at all);
+//! before ABI 4 the load says that TCP is not restricted.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -164,6 +167,9 @@ pub struct Wanted<'a> {
     pub exec: &'a Path,
     pub seccomp: bool,
     pub seccomp_allow: &'a [String],
+    /// TCP ports the workers may bind, and connect to (Landlock ABI 4+).
+    pub tcp_bind: &'a [u16],
+    pub tcp_connect: &'a [u16],
 }
 
 /// Build a service's sandbox. `Err` names a path that cannot be opened or a bad group.
@@ -171,7 +177,15 @@ pub fn build(wanted: &Wanted<'_>) -> Result<Sandbox, String> {
     let mut sandbox = Sandbox::default();
     if wanted.landlock {
         match landlock::abi() {
-            Some(abi) => sandbox.landlock = Some(landlock::ruleset(abi, wanted)?),
+            Some(abi) => {
+                sandbox.landlock = Some(landlock::ruleset(abi, wanted)?);
+                if abi < landlock::NET_ABI {
+                    sandbox.skipped.push(format!(
+                        "landlock: the kernel's Landlock ABI is {abi} (TCP rules need 4, Linux \
+                         6.7): the workers' TCP bind and connect are not restricted"
+                    ));
+                }
+            }
             None => sandbox.skipped.push(
                 "landlock: the kernel has no Landlock (Linux 5.13+ with landlock in lsm=): the \
                  workers run without the filesystem ruleset"
@@ -267,6 +281,12 @@ mod landlock {
     const REFER: u64 = 1 << 13;
     const TRUNCATE: u64 = 1 << 14;
     const IOCTL_DEV: u64 = 1 << 15;
+    /// TCP rights (ABI 4), and the rule type that grants them per port.
+    const NET_BIND_TCP: u64 = 1 << 0;
+    const NET_CONNECT_TCP: u64 = 1 << 1;
+    const RULE_NET_PORT: u32 = 2;
+    /// The first ABI that handles TCP.
+    pub(crate) const NET_ABI: u32 = 4;
     /// Scopes (ABI 6).
     const SCOPE_ABSTRACT_UNIX_SOCKET: u64 = 1 << 0;
     const SCOPE_SIGNAL: u64 = 1 << 1;
@@ -278,6 +298,12 @@ mod landlock {
         handled_access_fs: u64,
         handled_access_net: u64,
         scoped: u64,
+    }
+
+    #[repr(C)]
+    struct NetPort {
+        allowed_access: u64,
+        port: u64,
     }
 
     #[repr(C, packed)]
@@ -319,7 +345,11 @@ mod landlock {
         let all = handled(abi);
         let attr = RulesetAttr {
             handled_access_fs: all,
-            handled_access_net: 0,
+            handled_access_net: if abi >= NET_ABI {
+                NET_BIND_TCP | NET_CONNECT_TCP
+            } else {
+                0
+            },
             scoped: if abi >= 6 {
                 SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL
             } else {
@@ -361,7 +391,40 @@ mod landlock {
         for path in wanted.landlock_write {
             add(&ruleset, path, all, true)?;
         }
+        if abi >= NET_ABI {
+            for &port in wanted.tcp_bind {
+                add_port(&ruleset, port, NET_BIND_TCP)?;
+            }
+            for &port in wanted.tcp_connect {
+                add_port(&ruleset, port, NET_CONNECT_TCP)?;
+            }
+        }
         Ok(ruleset)
+    }
+
+    /// Grant `rights` (bind or connect) on one TCP port.
+    fn add_port(ruleset: &OwnedFd, port: u16, rights: u64) -> Result<(), String> {
+        let rule = NetPort {
+            allowed_access: rights,
+            port: port.into(),
+        };
+        // SAFETY: a valid rule on our ruleset descriptor; the kernel copies it.
+        let result = unsafe {
+            libc::syscall(
+                SYS_ADD_RULE,
+                ruleset.as_raw_fd(),
+                RULE_NET_PORT,
+                &rule,
+                0u32,
+            )
+        };
+        if result != 0 {
+            return Err(format!(
+                "landlock_add_rule TCP port {port}: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        Ok(())
     }
 
     /// Grant `rights` beneath `path` (a directory, or a file: then only file rights). A path

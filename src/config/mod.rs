@@ -131,6 +131,11 @@ pub struct Config {
     /// When the bridge runs as root, refuse a service without `user` (instead of a warning).
     #[serde(default)]
     pub require_user: bool,
+    /// The bridge's cgroup v2 subtree (`cgroup` module): `"auto"` (default: the cgroup the
+    /// bridge starts in, when it is delegated to it, e.g. systemd `Delegate=yes`), `"off"`, or
+    /// the absolute path of a cgroup2 directory. Each worker runs in a cgroup of its own under
+    /// its service's; where there is no subtree, a line says what is skipped.
+    pub cgroup: Option<String>,
     /// Where to listen.
     pub listen: Listen,
     /// The services, at least one.
@@ -314,8 +319,14 @@ pub struct ServiceConfig {
     pub user: Option<String>,
     /// The group workers run as: a name or a numeric gid (default: the user's primary group).
     pub group: Option<String>,
-    /// The workers' working directory, entered as their user (default: the bridge's).
+    /// The workers' working directory, entered as their user (default: the bridge's; with
+    /// `chroot`, a path inside the root, default `/`).
     pub chdir: Option<PathBuf>,
+    /// Run the workers with this directory as their root (chroot(2), before they change
+    /// user): root-owned, not writable by group or others, and `exec` inside it (as the
+    /// workers see it, `/bin/worker`, or from outside, `ROOT/bin/worker`). Canonical after
+    /// [`Config::load`].
+    pub chroot: Option<PathBuf>,
     /// The workers' umask, as an octal string (default: the bridge's).
     pub umask: Option<String>,
     /// RLIMIT_NOFILE of the workers, soft and hard (default: the soft limit the bridge was
@@ -326,6 +337,14 @@ pub struct ServiceConfig {
     /// RLIMIT_NPROC of the workers, soft and hard (default: inherited). Counted per real uid:
     /// every process of the user, not per worker.
     pub rlimit_nproc: Option<u64>,
+    /// The service's cgroup `memory.max`, in bytes: all its workers and their descendants
+    /// together (default: no limit). Needs the memory controller in the bridge's subtree.
+    pub cgroup_memory_max_bytes: Option<u64>,
+    /// The service's cgroup `pids.max`: processes and threads of all its workers together.
+    pub cgroup_pids_max: Option<u64>,
+    /// The service's cgroup `cpu.weight` (1-10000, the kernel's default 100): its share of CPU
+    /// time against the other services when the CPUs are busy.
+    pub cgroup_cpu_weight: Option<u64>,
     /// The resolved user (from `user`/`group`), filled in by [`Config::load`].
     #[serde(skip)]
     pub identity: Option<crate::confine::Identity>,
@@ -341,6 +360,14 @@ pub struct ServiceConfig {
     pub landlock_read: Vec<PathBuf>,
     #[serde(default)]
     pub landlock_write: Vec<PathBuf>,
+    /// With `landlock` (Landlock ABI 4+): the TCP ports the workers may bind; all others are
+    /// denied (default: none).
+    #[serde(default)]
+    pub landlock_tcp_bind: Vec<u16>,
+    /// With `landlock` (Landlock ABI 4+): the TCP ports the workers may connect to, on any
+    /// address; all others are denied (default: none).
+    #[serde(default)]
+    pub landlock_tcp_connect: Vec<u16>,
     /// Deny the workers the dangerous system call groups (`sandbox::SECCOMP_GROUPS`) with a
     /// seccomp filter (EPERM), but those named in `seccomp_allow`.
     #[serde(default)]
@@ -815,7 +842,26 @@ impl Config {
             }
             let owner = service.identity.as_ref().map_or(bridge_uid, |i| i.uid);
             let path = service.worker_path();
-            match crate::confine::open_exec(&service.exec, &path.to_string_lossy(), owner) {
+            let path = path.to_string_lossy();
+            let opened = match &service.chroot {
+                Some(root) => match crate::confine::check_chroot(root) {
+                    Ok(root) => {
+                        let opened =
+                            crate::confine::open_exec_in(&root, &service.exec, &path, owner);
+                        service.chroot = Some(root);
+                        opened
+                    }
+                    Err(reason) => {
+                        problems.push(Problem {
+                            key: key("chroot"),
+                            reason,
+                        });
+                        continue;
+                    }
+                },
+                None => crate::confine::open_exec(&service.exec, &path, owner),
+            };
+            match opened {
                 Ok(file) => service.exec_file = Some(file),
                 Err(reason) => problems.push(Problem {
                     key: key("exec"),
@@ -830,6 +876,8 @@ impl Config {
                     exec: &exec.path,
                     seccomp: service.seccomp,
                     seccomp_allow: &service.seccomp_allow,
+                    tcp_bind: &service.landlock_tcp_bind,
+                    tcp_connect: &service.landlock_tcp_connect,
                 };
                 match crate::sandbox::build(&wanted) {
                     Ok(sandbox) => service.sandbox = Some(std::sync::Arc::new(sandbox)),
@@ -911,6 +959,14 @@ impl Config {
                 });
             }
         }
+        warnings.extend(
+            crate::cgroup::notes(self)
+                .into_iter()
+                .map(|reason| Problem {
+                    key: "cgroup".into(),
+                    reason,
+                }),
+        );
         let exposed = |addr: &str| {
             addr.parse::<std::net::SocketAddr>()
                 .is_ok_and(|a| !a.ip().is_loopback())
@@ -1189,8 +1245,11 @@ impl Config {
                     format!("{:?} is used by another service", service.name),
                 );
             }
-            if let Err(reason) = check_executable(&service.exec, &service.worker_path()) {
-                problem(key("exec"), reason);
+            // (With `chroot`, exec is looked for inside the root, by `resolve_services`.)
+            if service.chroot.is_none() {
+                if let Err(reason) = check_executable(&service.exec, &service.worker_path()) {
+                    problem(key("exec"), reason);
+                }
             }
             if service.max_workers == 0 || service.max_workers > WORKERS_MAX_PER_SERVICE {
                 problem(
@@ -1297,6 +1356,17 @@ impl Config {
                     problem(key("chdir"), "must be an absolute path".into());
                 }
             }
+            if let Some(reason) = crate::confine::chroot_problem(service.chroot.as_deref()) {
+                problem(key("chroot"), reason);
+            }
+            for (field, ports) in [
+                ("landlock_tcp_bind", &service.landlock_tcp_bind),
+                ("landlock_tcp_connect", &service.landlock_tcp_connect),
+            ] {
+                if !ports.is_empty() && !service.landlock {
+                    problem(key(field), "needs `landlock = true`".into());
+                }
+            }
             if service.group.is_some() && service.user.is_none() {
                 problem(key("group"), "needs `user` as well".into());
             }
@@ -1341,6 +1411,12 @@ impl Config {
                     problem(key("env"), format!("{name} is reserved for the bridge"));
                 }
             }
+            for (field, reason) in crate::cgroup::service_problems(service) {
+                problem(key(field), reason);
+            }
+        }
+        if let Some(reason) = crate::cgroup::setting_problem(self.cgroup.as_deref()) {
+            problem("cgroup".into(), reason);
         }
         problems
     }

@@ -47,9 +47,16 @@ pub const LIVE_KEYS: &[&str] = &[
     "reload_timeout_ms",
 ];
 
-/// Keys of `[listen]` a reload applies while running (the access lists); the others (the
-/// sockets themselves) need a restart.
-pub const LIVE_LISTEN_KEYS: &[&str] = &["allowed_uids", "allowed_gids", "allowed_clients"];
+/// Keys of `[listen]` a reload applies while running (the access lists, and the TLS files:
+/// new handshakes use what they hold); the others (the sockets themselves) need a restart.
+pub const LIVE_LISTEN_KEYS: &[&str] = &[
+    "allowed_uids",
+    "allowed_gids",
+    "allowed_clients",
+    "tls_cert",
+    "tls_key",
+    "tls_client_ca",
+];
 
 /// `[[service]]` keys a reload applies to the running pool (`Pool::set_policy`): the pool
 /// reads them at each decision, so its workers stay. A change of any other key replaces the
@@ -337,12 +344,29 @@ pub fn effective(old: &Config, mut new: Config, plan: &Plan) -> Config {
         std::mem::take(&mut new.listen.allowed_gids),
         std::mem::take(&mut new.listen.allowed_clients),
     );
+    // The TLS files too, when the running bridge has a TLS listener they were loaded for.
+    let tls = (old.listen.tls.is_some() && new.listen.tls_server.is_some()).then(|| {
+        (
+            new.listen.tls_cert.take(),
+            new.listen.tls_key.take(),
+            new.listen.tls_client_ca.take(),
+            new.listen.tls_server.take(),
+        )
+    });
     new.listen = old.listen.clone();
     (
         new.listen.allowed_uids,
         new.listen.allowed_gids,
         new.listen.allowed_clients,
     ) = access;
+    if let Some(tls) = tls {
+        (
+            new.listen.tls_cert,
+            new.listen.tls_key,
+            new.listen.tls_client_ca,
+            new.listen.tls_server,
+        ) = tls;
+    }
     new.raw_keys = old.raw_keys.clone();
     new
 }

@@ -192,6 +192,7 @@ pub fn run(
     let signal_fd = stop_signals()?;
     crate::confine::harden_bridge().context("PR_SET_DUMPABLE / PR_SET_CHILD_SUBREAPER")?;
     crate::confine::start_orphan_reaper().context("starting the orphan reaper")?;
+    crate::cgroup::setup(&config);
     // However run() ends, no descendant of a worker outlives the bridge.
     let _kill_children = crate::confine::KillChildrenOnDrop;
     for warning in config.warnings() {
@@ -218,6 +219,7 @@ pub fn run(
             uid,
             gid,
             clear_env = service.clear_env,
+            chroot = %service.chroot.as_deref().unwrap_or(std::path::Path::new("")).display(),
             landlock = service.sandbox.as_ref().is_some_and(|s| s.landlock.is_some()),
             seccomp = service.sandbox.as_ref().is_some_and(|s| s.seccomp.is_some()),
             "service workers run this executable"

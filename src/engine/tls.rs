@@ -39,9 +39,12 @@
 //! At shutdown a thread stops accepting and drops the connections still in their handshake
 //! (they were never handed to a core); the others end as the cores close them.
 //!
-//! Not here yet: the TLS listener is not handed to a new bridge at a binary upgrade, nor
-//! taken from systemd's socket activation (the new bridge binds it anew, which fails while
-//! the old one holds it), and certificates are read only at startup.
+//! Certificates are reloaded with the config (SIGHUP, `acgi-bridge reload`): the reload loads
+//! `tls_cert`, `tls_key` and `tls_client_ca` again (a bad file refuses the reload, the running
+//! certificate stays) and, once it succeeds, [`install`]s the new server configuration. Each
+//! thread picks it up at its next accept (one atomic load per accept to notice): new
+//! handshakes use it, while every open session keeps the configuration it started with
+//! (rustls holds it per connection), so no connection is cut.
 
 #![forbid(unsafe_code)]
 
@@ -78,9 +81,32 @@ const POLL_INTERVAL: Duration = Duration::from_millis(100);
 /// How often a thread logs a refusal or a failed handshake at most (the rest are counted).
 const LOG_INTERVAL: Duration = Duration::from_secs(1);
 
-/// The TLS server configuration built at config load (a cheap clone).
+/// The TLS server configuration built at config load (a cheap clone), and a fingerprint of the
+/// files it was built from (a reload installs it when that differs from the running one's).
 #[derive(Clone)]
-pub struct ServerConfigHandle(pub Arc<rustls::ServerConfig>);
+pub struct ServerConfigHandle(pub Arc<rustls::ServerConfig>, pub u64);
+
+/// The configuration new handshakes use, and its generation (bumped by each [`install`]).
+static CURRENT: std::sync::RwLock<Option<Arc<rustls::ServerConfig>>> = std::sync::RwLock::new(None);
+static GENERATION: AtomicU64 = AtomicU64::new(0);
+
+/// From now on, new TLS handshakes use `handle`'s configuration (sessions open keep theirs).
+pub fn install(handle: &ServerConfigHandle) {
+    let mut current = CURRENT.write().unwrap_or_else(|p| p.into_inner());
+    *current = Some(Arc::clone(&handle.0));
+    GENERATION.fetch_add(1, Ordering::SeqCst);
+}
+
+/// A fingerprint of the certificate, key and CA (DER), to tell whether a reload changed them
+/// (not a security measure: SipHash with fixed keys).
+fn fingerprint(parts: &[&[u8]]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    for part in parts {
+        part.hash(&mut hasher);
+    }
+    hasher.finish()
+}
 
 impl std::fmt::Debug for ServerConfigHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -131,11 +157,14 @@ pub fn server_config(listen: &Listen) -> Result<ServerConfigHandle, (&'static st
     let builder = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|error| ("listen.tls", format!("the TLS provider: {error}")))?;
+    let mut parts: Vec<Vec<u8>> = certs.iter().map(|c| c.to_vec()).collect();
+    parts.push(key.secret_der().to_vec());
     let builder = match &listen.tls_client_ca {
         None => builder.with_no_client_auth(),
         Some(ca_path) => {
             let mut roots = rustls::RootCertStore::empty();
             for cert in read_certs(ca_path).map_err(|reason| ("listen.tls_client_ca", reason))? {
+                parts.push(cert.to_vec());
                 roots.add(cert).map_err(|error| {
                     (
                         "listen.tls_client_ca",
@@ -165,7 +194,8 @@ pub fn server_config(listen: &Listen) -> Result<ServerConfigHandle, (&'static st
             ),
         )
     })?;
-    Ok(ServerConfigHandle(Arc::new(config)))
+    let parts: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
+    Ok(ServerConfigHandle(Arc::new(config), fingerprint(&parts)))
 }
 
 /// What the TLS threads count (they have no core report): added to the bridge's counters by
@@ -243,10 +273,13 @@ pub fn start(
         .context("making the TLS listener non-blocking")?;
     let listener = Arc::new(listener);
     let (done_tx, done) = mpsc::channel();
+    install(&config);
+    let generation = GENERATION.load(Ordering::SeqCst);
     for index in 0..threads {
         let mut thread = TlsThread {
             listener: Arc::clone(&listener),
             config: Arc::clone(&config.0),
+            generation,
             handshake_timeout,
             shared: Arc::clone(&shared),
             sessions: Vec::new(),
@@ -268,7 +301,9 @@ pub fn start(
 /// One TLS thread: the listener (shared with the other TLS threads) and its sessions.
 struct TlsThread {
     listener: Arc<TcpListener>,
+    /// The configuration this thread's new sessions use, and the [`GENERATION`] it is of.
     config: Arc<rustls::ServerConfig>,
+    generation: u64,
     handshake_timeout: Duration,
     shared: Arc<Shared>,
     sessions: Vec<Session>,
@@ -383,6 +418,7 @@ impl TlsThread {
 
     /// Admit a new caller (or refuse it), and start its handshake.
     fn admit(&mut self, tcp: TcpStream, ip: IpAddr) {
+        self.pick_up_installed();
         let caller = Caller::tls(ip);
         let ticket = match self.shared.admission.admit_caller(&caller) {
             Ok(ticket) => ticket,
@@ -411,6 +447,19 @@ impl TlsThread {
                 tracing::warn!(%ip, %error, "cannot set up a TLS connection");
             }
         }
+    }
+
+    /// Take the configuration [`install`] put in place since this thread last looked.
+    fn pick_up_installed(&mut self) {
+        let generation = GENERATION.load(Ordering::SeqCst);
+        if generation == self.generation {
+            return;
+        }
+        let current = CURRENT.read().unwrap_or_else(|p| p.into_inner());
+        if let Some(config) = current.as_ref() {
+            self.config = Arc::clone(config);
+        }
+        self.generation = generation;
     }
 
     fn refuse(&mut self, peer: Peer, refused: Refused) {

@@ -3,6 +3,8 @@
 mod admin;
 mod admission;
 mod bad_input;
+mod cgroup;
+mod chroot;
 mod client_sdk;
 mod common;
 mod conformance;

@@ -166,3 +166,50 @@ fn check_names_an_unknown_seccomp_group_and_a_missing_landlock_path() {
         "{text}"
     );
 }
+
+/// A port nothing listens on: bound to 127.0.0.1:0, then closed.
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+#[test]
+fn landlock_tcp_rules_let_a_worker_bind_and_connect_only_to_its_listed_ports() {
+    // Proves Landlock's TCP rules (ABI 4): with `landlock`, a worker connects only to the ports
+    // of landlock_tcp_connect and binds only those of landlock_tcp_bind (EACCES for the
+    // others, on loopback too), while a service without Landlock does both; on an older
+    // kernel the skip is logged.
+    let allowed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = |l: &std::net::TcpListener| l.local_addr().unwrap().port();
+    let (bind_ok, bind_denied) = (free_port(), free_port());
+    let extra = format!(
+        "landlock = true\nlandlock_tcp_connect = [{}]\nlandlock_tcp_bind = [{bind_ok}]\n",
+        port(&allowed)
+    );
+    let bridge = common::bridge()
+        .service(faulty(3, "boxed", &extra))
+        .service(faulty(4, "free", ""))
+        .start();
+    let Some(abi) = landlock_abi() else {
+        bridge.wait_log("the kernel has no Landlock");
+        eprintln!("skipped: this kernel has no Landlock (the warning was logged)");
+        return;
+    };
+    if abi < 4 {
+        bridge.wait_log("TCP bind and connect are not restricted");
+        eprintln!("skipped: Landlock ABI {abi} has no TCP rules (the warning was logged)");
+        return;
+    }
+    let connect = |service: &str, port: u16| ask(&bridge, service, &format!("tcp-connect {port}"));
+    let bind = |service: &str, port: u16| ask(&bridge, service, &format!("tcp-bind {port}"));
+    assert_eq!(connect("boxed", port(&allowed)), "connected");
+    let denied = connect("boxed", port(&other));
+    assert!(denied.starts_with("connect refused: errno 13"), "{denied}");
+    assert_eq!(bind("boxed", bind_ok), "bound");
+    let denied = bind("boxed", bind_denied);
+    assert!(denied.starts_with("bind refused: errno 13"), "{denied}");
+    // The same commands in a service without Landlock: the rules are the sandbox's.
+    assert_eq!(connect("free", port(&other)), "connected");
+    assert_eq!(bind("free", bind_denied), "bound");
+}

@@ -417,3 +417,92 @@ fn a_binary_upgrade_hands_the_tls_listener_to_the_new_bridge() {
     echo_call(&options, &addr, 2, 65536).expect("the new bridge serves TLS at the same address");
     assert_eq!(successor.stop(), 0, "the new bridge stops cleanly");
 }
+
+/// `acgi-bridge reload --admin ...`: its exit success and its answer.
+fn reload(bridge: &Bridge) -> (bool, String) {
+    let output = Command::new(crate::common::bridge_exe())
+        .arg("reload")
+        .arg("--admin")
+        .arg(&bridge.admin)
+        .output()
+        .expect("run acgi-bridge reload");
+    let text = String::from_utf8_lossy(&output.stdout).to_string()
+        + &String::from_utf8_lossy(&output.stderr);
+    (output.status.success(), text)
+}
+
+/// A server certificate for 127.0.0.1 signed by a new CA, written over `cert` and `key`; the
+/// CA's PEM is written to `ca`.
+fn renew(cert: &Path, key: &Path, ca_path: &Path) {
+    let authority = ca("renewed CA");
+    std::fs::write(ca_path, authority.cert.pem()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    params
+        .subject_alt_names
+        .push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
+    let (new_cert, new_key) = leaf(
+        dir.path(),
+        &authority,
+        "server",
+        params,
+        ExtendedKeyUsagePurpose::ServerAuth,
+    );
+    std::fs::copy(new_cert, cert).unwrap();
+    std::fs::copy(new_key, key).unwrap();
+}
+
+#[test]
+fn a_reload_takes_a_renewed_certificate_for_new_handshakes_and_keeps_open_connections() {
+    // Proves TLS certificate reload: the files are rewritten in place (as a renewal does) and
+    // `reload` answers that new handshakes use them; a new connection then verifies only
+    // against the new CA, while a connection opened before keeps being served; a broken
+    // certificate refuses the reload, naming the key, and the renewed one stays in use.
+    let pki = pki();
+    // Copies the test may rewrite: the bridge reads these.
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("server.pem"), dir.path().join("server.key"));
+    std::fs::copy(&pki.server.0, &cert).unwrap();
+    std::fs::copy(&pki.server.1, &key).unwrap();
+    let bridge = bridge()
+        .listen("tls = \"127.0.0.1:0\"")
+        .listen(&format!("tls_cert = {:?}", cert.display().to_string()))
+        .listen(&format!("tls_key = {:?}", key.display().to_string()))
+        .service(echo())
+        .start();
+    let addr = tls_addr(&bridge);
+    let old = options(&pki, None);
+    let mut open = old.blocking(&addr).expect("a connection before the reload");
+    assert_eq!(open.call("echo", b"before").unwrap(), b"before");
+    let (ok, text) = reload(&bridge);
+    assert!(ok && text.contains("nothing changed"), "{text}");
+
+    let new_ca = dir.path().join("new-ca.pem");
+    renew(&cert, &key, &new_ca);
+    let (ok, text) = reload(&bridge);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("TLS: new handshakes use the certificate reloaded from"),
+        "{text}"
+    );
+    let new = ConnectOptions::new()
+        .io_timeout(Duration::from_secs(20))
+        .tls(TlsConfig::new(&new_ca).unwrap());
+    echo_call(&new, &addr, 1, 64).expect("the renewed certificate verifies against its CA");
+    assert!(
+        echo_call(&old, &addr, 2, 64).is_err(),
+        "a new handshake must not present the old certificate"
+    );
+    assert_eq!(open.call("echo", b"after").unwrap(), b"after", "kept open");
+
+    std::fs::write(&cert, "not a certificate\n").unwrap();
+    let (ok, text) = reload(&bridge);
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("reload refused, the running configuration stays")
+            && text.contains("listen.tls_cert"),
+        "{text}"
+    );
+    echo_call(&new, &addr, 3, 64).expect("the running certificate stays");
+    assert_eq!(open.call("echo", b"still").unwrap(), b"still");
+}

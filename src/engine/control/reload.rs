@@ -83,6 +83,27 @@ pub(super) fn outcome_line(outcome: &Outcome) -> String {
 }
 
 impl Control {
+    /// When the reloaded `config`'s TLS files differ from the running ones (by content: a
+    /// renewed certificate keeps its file name), hand them to the TLS threads: new handshakes
+    /// use them, open connections keep theirs. Returns the outcome's words for it.
+    fn install_tls(&self, config: &Config) -> Option<String> {
+        let new = config.listen.tls_server.as_ref()?;
+        let old = self.config.listen.tls_server.as_ref()?;
+        if new.1 == old.1 {
+            return None;
+        }
+        crate::engine::tls::install(new);
+        let cert = config
+            .listen
+            .tls_cert
+            .as_deref()
+            .unwrap_or(std::path::Path::new(""));
+        Some(format!(
+            "TLS: new handshakes use the certificate reloaded from {}",
+            cert.display()
+        ))
+    }
+
     /// Begin a reload (SIGHUP or the admin command `reload`, whose connection then awaits
     /// `Awaited::Reload`). Returns the outcome at once when it ends before reaching the cores.
     pub(super) fn start_reload(&mut self) -> Option<Outcome> {
@@ -126,7 +147,18 @@ impl Control {
         }
         let plan = reload::plan(&self.config, &new);
         if plan.is_empty() {
-            let line = "nothing changed".to_string();
+            // (The TLS files may hold a new certificate under the same names: then the running
+            // config takes the new TLS configuration, and nothing else.)
+            let line = match self.install_tls(&new) {
+                Some(tls) => {
+                    let mut running = (*self.config).clone();
+                    running.listen.tls_server = new.listen.tls_server.clone();
+                    self.config = Arc::new(running);
+                    self.counters.reloads += 1;
+                    tls
+                }
+                None => "nothing changed".to_string(),
+            };
             tracing::info!("reload: {line}");
             return Some(Ok(line));
         }
@@ -257,11 +289,15 @@ impl Control {
                 self.shared
                     .admission
                     .update(Limits::from_config(&config), Access::from_config(&config));
+                let tls = self.install_tls(&config);
                 self.config = config;
                 self.slots = running.slots;
                 self.counters.reloads += 1;
                 let took = running.started.elapsed();
-                let line = format!("reloaded in {} ms: {}", took.as_millis(), running.summary);
+                let mut line = format!("reloaded in {} ms: {}", took.as_millis(), running.summary);
+                if let Some(tls) = tls {
+                    line = format!("{line}; {tls}");
+                }
                 tracing::info!("{line}");
                 super::super::systemd::notify_ready("serving (reloaded)");
                 Some(Ok(line))

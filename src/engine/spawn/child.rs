@@ -6,26 +6,29 @@
 //! before, in this order:
 //!
 //! 1. its own process group (so the bridge can signal the worker's whole group, and a
-//!    terminal's Ctrl-C reaches the bridge alone);
+//!    terminal's Ctrl-C reaches the bridge alone), then its own cgroup when the bridge places
+//!    workers in cgroups (writing `0` to the `cgroup.procs` the spawner opened: `cgroup`);
 //! 2. stdin `/dev/null`, stdout and stderr the bridge's pipes, the control socket on 3, the
 //!    slot on 4, the executable on 5 (close-on-exec unless it is a `#!` script, whose
 //!    interpreter opens it as /dev/fd/5), and every other descriptor closed (close_range);
 //! 3. every signal's disposition reset to default (the bridge ignores SIGPIPE; that survives
 //!    exec);
 //! 4. rlimits (RLIMIT_NOFILE, RLIMIT_CORE, and RLIMIT_AS / RLIMIT_NPROC when configured), the
-//!    umask, then the identity (setgroups, setresgid, setresuid: raw system calls, which change
-//!    only this one task, not the bridge's threads as glibc's setxid wrappers would), then
+//!    umask, then `chroot` when the service sets one (while it may), then the identity
+//!    (setgroups, setresgid, setresuid: raw system calls, which change only this one task, not
+//!    the bridge's threads as glibc's setxid wrappers would), then
 //!    PR_SET_DUMPABLE 0 (the change of ids set it to `fs.suid_dumpable`, on the bridge's memory
 //!    too; exec resets it, so the worker re-applies it from `ACGI_DUMPABLE`: protocol §6.1),
 //!    then the parent-death signal SIGKILL (a change of effective ids clears it, so it comes
-//!    after them), then the working directory (as the user);
+//!    after them), then the working directory (as the user; in a chroot, `/` by default, so
+//!    that no working directory is left outside the root);
 //! 5. PR_SET_NO_NEW_PRIVS 1;
 //! 6. the signal mask cleared (exec keeps it; the bridge blocks its handled signals), last;
 //! 7. execveat(5, "", argv, envp, AT_EMPTY_PATH): the file checked at config load, whatever
 //!    now lies at its path.
 
 /// The steps of the child between fork and exec, named in the error a failed one reports.
-pub(super) const STEPS: [&str; 14] = [
+pub(super) const STEPS: [&str; 16] = [
     "setpgid",
     "PR_SET_PDEATHSIG",
     "the bridge exited during spawn",
@@ -40,6 +43,8 @@ pub(super) const STEPS: [&str; 14] = [
     "execveat",
     "landlock_restrict_self",
     "seccomp",
+    "joining its cgroup",
+    "chroot",
 ];
 
 /// One rlimit to set in the child: resource, soft, hard, and the config key it comes from.
@@ -142,6 +147,8 @@ pub(super) struct ChildFds {
 
 /// What the child is given: pointers into the spawner's frame, valid until it execs or exits.
 pub(super) struct ChildArgs<'a> {
+    /// Its cgroup's `cgroup.procs`, opened for writing (-1: no cgroup).
+    pub(super) cgroup_procs: i32,
     /// The Landlock ruleset to restrict itself with (-1: none).
     pub(super) landlock: i32,
     /// The seccomp program to install last before exec (null: none).
@@ -153,6 +160,8 @@ pub(super) struct ChildArgs<'a> {
     pub(super) umask: Option<u32>,
     pub(super) identity: Option<(u32, u32)>,
     pub(super) groups: &'a [libc::gid_t],
+    /// The root to chroot into, before the identity (it needs CAP_SYS_CHROOT).
+    pub(super) chroot: Option<&'a std::ffi::CStr>,
     pub(super) chdir: Option<&'a std::ffi::CStr>,
     pub(super) argv: *const *const libc::c_char,
     pub(super) envp: *const *const libc::c_char,
@@ -191,6 +200,7 @@ pub(super) unsafe fn child_main(args: &ChildArgs) -> ! {
 /// which is the suspended spawner thread's).
 unsafe fn child_setup(args: &ChildArgs) -> (u32, i32) {
     let ChildArgs {
+        cgroup_procs,
         landlock,
         seccomp,
         fds,
@@ -200,6 +210,7 @@ unsafe fn child_setup(args: &ChildArgs) -> (u32, i32) {
         umask,
         identity,
         groups,
+        chroot,
         chdir,
         argv,
         envp,
@@ -213,6 +224,11 @@ unsafe fn child_setup(args: &ChildArgs) -> (u32, i32) {
     unsafe {
         if libc::setpgid(0, 0) != 0 {
             return (0, errno());
+        }
+        // Into its cgroup before anything else it does ("0": the writer): no process it
+        // starts can be outside it.
+        if cgroup_procs >= 0 && libc::write(cgroup_procs, c"0".as_ptr().cast(), 1) != 1 {
+            return (14, errno());
         }
         // Move every descriptor above the targets first, so that no dup2 clobbers a source.
         let sources = [
@@ -291,6 +307,11 @@ unsafe fn child_setup(args: &ChildArgs) -> (u32, i32) {
         }
         if let Some(mask) = umask {
             libc::umask(mask as libc::mode_t);
+        }
+        if let Some(root) = chroot {
+            if libc::chroot(root.as_ptr()) != 0 {
+                return report_on(6, 15, errno());
+            }
         }
         if let Some((uid, gid)) = identity {
             if libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) != 0 {

@@ -251,7 +251,7 @@ fn spawn(
         UnixStream::pair().map_err(|e| format!("service {name}: socketpair failed: {e}"))?;
 
     // Everything the child uses, built (allocated) before the fork.
-    let mut argv_strings = vec![to_cstring(exec.path.as_os_str().as_bytes())?];
+    let mut argv_strings = vec![to_cstring(exec.argv0.as_os_str().as_bytes())?];
     for arg in &service.args {
         argv_strings.push(to_cstring(arg.as_bytes())?);
     }
@@ -273,9 +273,15 @@ fn spawn(
         .chain([std::ptr::null()])
         .collect();
     let limits = limits(service);
-    let chdir = match &service.chdir {
-        Some(dir) => Some(to_cstring(dir.as_os_str().as_bytes())?),
+    let chroot = match &service.chroot {
+        Some(root) => Some(to_cstring(root.as_os_str().as_bytes())?),
         None => None,
+    };
+    // In a chroot the working directory must be inside it: `/` unless `chdir` names one.
+    let chdir = match (&service.chdir, &chroot) {
+        (Some(dir), _) => Some(to_cstring(dir.as_os_str().as_bytes())?),
+        (None, Some(_)) => Some(c"/".to_owned()),
+        (None, None) => None,
     };
     let umask = service.umask_bits();
     let identity = service.identity.as_ref();
@@ -318,7 +324,11 @@ fn spawn(
             filter: program.as_ptr().cast_mut(),
         });
 
+    // Its cgroup (under its service's), which the child joins first.
+    let cgroup =
+        crate::cgroup::prepare_worker(service).map_err(|e| format!("service {name}: {e}"))?;
     let args = ChildArgs {
+        cgroup_procs: cgroup.as_ref().map_or(-1, |c| c.procs.as_raw_fd()),
         landlock,
         seccomp: seccomp
             .as_ref()
@@ -330,6 +340,7 @@ fn spawn(
         umask,
         identity: identity.map(|i| (i.uid, i.gid)),
         groups: &groups,
+        chroot: chroot.as_deref(),
         chdir: chdir.as_deref(),
         argv: argv.as_ptr(),
         envp: envp.as_ptr(),
@@ -415,6 +426,9 @@ fn spawn(
         unsafe { libc::prctl(libc::PR_SET_DUMPABLE, dumpable as libc::c_ulong) };
     }
     if pid < 0 {
+        if let Some(cgroup) = cgroup {
+            crate::cgroup::worker_failed(cgroup);
+        }
         return Err(format!(
             "service {name}: {} failed: {clone_error}",
             if share { "clone" } else { "fork" }
@@ -439,6 +453,9 @@ fn spawn(
     }
     if got == 0 {
         tracing::debug!(service = %name, pid, exec = %exec.path.display(), "worker exec'd");
+        if let Some(cgroup) = cgroup {
+            crate::cgroup::worker_started(pid, cgroup);
+        }
         // The core reaps the child through its ring (WAITID).
         return Ok(Spawned {
             pid,
@@ -453,6 +470,9 @@ fn spawn(
     // it is registered).
     unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
     crate::confine::forget_worker(pid);
+    if let Some(cgroup) = cgroup {
+        crate::cgroup::worker_failed(cgroup);
+    }
     let step = u32::from_ne_bytes(report[..4].try_into().expect("4 bytes")) as usize;
     let errno = i32::from_ne_bytes(report[4..].try_into().expect("4 bytes"));
     let what = STEPS.get(step).copied().unwrap_or("setup");
@@ -474,147 +494,4 @@ fn spawn(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A config of one service running `/bin/true` with `extra` keys, in `dir`.
-    fn config(dir: &std::path::Path, extra: &str) -> Arc<Config> {
-        let path = dir.join("bridge.toml");
-        let text = format!(
-            "state_dir = {:?}\n[listen]\nunix = \"bridge.sock\"\n[[service]]\nid = 1\nname = \"t\"\n\
-             exec = \"/bin/true\"\n{extra}\n",
-            dir.display().to_string()
-        );
-        std::fs::write(&path, text).expect("the config is written");
-        Arc::new(Config::load(&path).expect("a valid config"))
-    }
-
-    /// This thread's signal mask.
-    fn mask() -> u64 {
-        let mut mask = 0u64;
-        // SAFETY: rt_sigprocmask reading this thread's mask into a valid 8-byte set.
-        unsafe {
-            libc::syscall(
-                libc::SYS_rt_sigprocmask,
-                libc::SIG_BLOCK,
-                std::ptr::null::<u64>(),
-                &mut mask,
-                8usize,
-            )
-        };
-        mask
-    }
-
-    #[test]
-    fn clone_and_fork_start_a_worker_and_report_a_failed_step_leaving_the_bridge_as_it_was() {
-        // Proves both ways of starting a child (clone(CLONE_VM | CLONE_VFORK) on a stack, and
-        // fork): a worker that execs is returned; one whose setup fails (chdir) is reported
-        // with its step and errno and reaped; and the spawner's signal mask and the process's
-        // dumpability are what they were before.
-        let dir = tempfile::tempdir().expect("a temporary directory");
-        let good = config(dir.path(), "");
-        let bad = config(dir.path(), "chdir = \"/nonexistent/acgi\"");
-        let stack = ChildStack::new().expect("a stack");
-        let parent_pid = std::process::id() as i32;
-        // SAFETY: prctl with integer arguments on this process.
-        let dumpable = unsafe { libc::prctl(libc::PR_GET_DUMPABLE) };
-        let before = mask();
-        for stack in [Some(&stack), None] {
-            let request = |config: &Arc<Config>| SpawnRequest {
-                slot: 0,
-                service_index: 0,
-                config: Arc::clone(config),
-            };
-            let spawned = spawn(&request(&good), parent_pid, stack).expect("a worker");
-            let mut status = 0;
-            // SAFETY: waitpid on a child of this process that nothing else waits for.
-            unsafe { libc::waitpid(spawned.pid, &mut status, 0) };
-            crate::confine::forget_worker(spawned.pid);
-            assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0);
-            let error = spawn(&request(&bad), parent_pid, stack)
-                .err()
-                .expect("chdir fails");
-            assert!(
-                error.contains("chdir: No such file or directory"),
-                "{error}"
-            );
-            assert_eq!(mask(), before);
-            // SAFETY: as above.
-            assert_eq!(unsafe { libc::prctl(libc::PR_GET_DUMPABLE) }, dumpable);
-        }
-    }
-
-    /// What a spawn costs the spawner thread when the bridge is large: `fork` copies the
-    /// parent's page tables, a vfork-style clone does not. Grows this process by
-    /// `ACGI_SPAWN_RSS_MIB` (default 512) MiB of touched memory, then times
-    /// `ACGI_SPAWN_COUNT` (default 200) spawns of `/bin/true` through the real [`Spawner`],
-    /// one at a time (request to result), and prints the mean and percentiles:
-    /// `cargo test --release --lib spawn_time -- --ignored --nocapture`.
-    #[test]
-    #[ignore = "a measurement, not a check"]
-    fn spawn_time_with_a_large_parent() {
-        let number = |name: &str, default: usize| {
-            std::env::var(name)
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(default)
-        };
-        let mib = number("ACGI_SPAWN_RSS_MIB", 512);
-        let count = number("ACGI_SPAWN_COUNT", 200);
-        let dir = tempfile::tempdir().expect("a temporary directory");
-        // E.g. ACGI_SPAWN_EXTRA=$'landlock = true\nseccomp = true' for the sandboxes' cost.
-        let extra = std::env::var("ACGI_SPAWN_EXTRA").unwrap_or_default();
-        let config = config(dir.path(), &extra);
-        let spawner = Spawner::start().expect("the spawner starts");
-        let mut ballast = vec![0u8; mib << 20];
-        for page in ballast.chunks_mut(4096) {
-            page[0] = 1;
-        }
-        let rss = std::fs::read_to_string("/proc/self/status")
-            .unwrap_or_default()
-            .lines()
-            .find(|l| l.starts_with("VmRSS"))
-            .unwrap_or("VmRSS: ?")
-            .to_string();
-        let mut times = Vec::with_capacity(count);
-        let mut results = Vec::new();
-        for _ in 0..count {
-            let start = std::time::Instant::now();
-            spawner.request(SpawnRequest {
-                slot: 0,
-                service_index: 0,
-                config: Arc::clone(&config),
-            });
-            loop {
-                spawner.take_results(&mut results);
-                if !results.is_empty() {
-                    break;
-                }
-                let mut fds = [rustix::event::PollFd::new(
-                    &*spawner.wake,
-                    rustix::event::PollFlags::IN,
-                )];
-                let _ = rustix::event::poll(&mut fds, None);
-                let mut counter = [0u8; 8];
-                let _ = rustix::io::read(&*spawner.wake, &mut counter);
-            }
-            times.push(start.elapsed());
-            let spawned = results.pop().expect("one result").result.expect("a worker");
-            // SAFETY: waitpid on a child of this process that nothing else waits for.
-            unsafe { libc::waitpid(spawned.pid, std::ptr::null_mut(), 0) };
-            crate::confine::forget_worker(spawned.pid);
-        }
-        std::hint::black_box(&ballast);
-        times.sort();
-        let mean = times.iter().sum::<std::time::Duration>() / count as u32;
-        let at = |q: f64| times[((count - 1) as f64 * q) as usize];
-        println!(
-            "{count} spawns of /bin/true, parent {rss}: mean {mean:?}, p50 {:?}, p90 {:?}, \
-             p99 {:?}, max {:?}",
-            at(0.5),
-            at(0.9),
-            at(0.99),
-            at(1.0)
-        );
-    }
-}
+mod tests;
