@@ -30,6 +30,8 @@ pub struct Baseline {
     pub slots: u64,
     /// Workers of each service (by name), all idle.
     pub workers: BTreeMap<String, usize>,
+    /// The bridge's own counts of failed requests and worker exits ([`bridge_counts`]).
+    pub counts: BTreeMap<String, u64>,
 }
 
 impl Baseline {
@@ -44,6 +46,7 @@ impl Baseline {
                     fds: least_fds(pid)?,
                     slots: status["slots_registered"].as_u64().unwrap_or(0),
                     workers,
+                    counts: bridge_counts(&status),
                 });
             }
             if Instant::now() > deadline {
@@ -74,6 +77,24 @@ fn idle_pools(status: &Value) -> Option<BTreeMap<String, usize>> {
         workers.insert(service["name"].as_str().unwrap_or("?").to_string(), pids);
     }
     Some(workers)
+}
+
+/// The bridge's counts over all services: `requests_failed.<code>` and `exits_<why>` (its own
+/// view of the faults, reported beside the soak's).
+fn bridge_counts(status: &Value) -> BTreeMap<String, u64> {
+    let mut counts = BTreeMap::new();
+    for service in bridge::services(status) {
+        if let Some(failed) = service["requests_failed"].as_object() {
+            for (code, n) in failed {
+                *counts.entry(format!("requests_failed.{code}")).or_default() +=
+                    n.as_u64().unwrap_or(0);
+            }
+        }
+        for key in ["exits_crashed", "exits_timed_out", "exits_killed", "spawns"] {
+            *counts.entry(key.to_string()).or_default() += service[key].as_u64().unwrap_or(0);
+        }
+    }
+    counts
 }
 
 fn least_fds(pid: i32) -> Result<usize> {
@@ -136,6 +157,8 @@ pub struct Summary {
     pub zombies: usize,
     pub answering: bool,
     pub exit_status: Option<String>,
+    /// The bridge's own counts (status) over the run: failed requests by code, worker exits.
+    pub bridge_counts: BTreeMap<String, u64>,
     pub failures: Vec<String>,
     pub problems: Vec<String>,
     pub kept_dir: Option<String>,
@@ -216,6 +239,9 @@ impl Summary {
                 && self.slots_after == baseline.slots
                 && self.fds_after <= baseline.fds + options.fd_slack;
             if whole || Instant::now() > deadline {
+                for (key, n) in self.bridge_counts.iter_mut() {
+                    *n -= baseline.counts.get(key).copied().unwrap_or(0).min(*n);
+                }
                 if let Err(error) = seen {
                     self.failures
                         .push(format!("status after the run: {error:#}"));
@@ -235,6 +261,7 @@ impl Summary {
         self.slots_after = status["slots_registered"].as_u64().unwrap_or(u64::MAX);
         self.zombies = bridge::zombies(pid).len();
         self.fds_after = least_fds(pid)?;
+        self.bridge_counts = bridge_counts(&status);
         Ok(())
     }
 
