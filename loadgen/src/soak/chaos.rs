@@ -50,13 +50,15 @@ pub struct Plan {
     pub admin: PathBuf,
     pub bridge_pid: i32,
     pub until: Instant,
+    /// The actions taken (the others are drawn, so the schedule stays the seed's, and skipped).
+    pub actions: Vec<Action>,
     /// Never abort caller 0 (the self-test's reply must stay in flight to be found lost).
     pub spare_first_caller: bool,
 }
 
 /// The actions, with their weights out of 100.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Action {
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Action {
     Kill,
     Stop,
     AbortMidRequest,
@@ -155,6 +157,9 @@ impl Chaos {
         let stop_for = self.plan.stop.draw(&mut self.rng);
         let stall_for = self.plan.stall.draw(&mut self.rng);
         let caller = self.pick_caller(pick, action);
+        if !self.plan.actions.contains(&action) {
+            return;
+        }
         match action {
             Action::Kill => {
                 if let Some(pid) = self.pick_worker(pick) {

@@ -89,6 +89,14 @@ pub struct Options {
     /// Milliseconds between chaos actions, LOW-HIGH (uniform).
     #[arg(long, default_value = "50-500", value_parser = parse_span)]
     pub chaos_interval_ms: Span,
+    /// The chaos actions to take (to find which fault a failure needs; the others are still
+    /// drawn, so the schedule of those taken stays the seed's).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "kill,stop,abort-mid-request,abort-mid-payload,stall"
+    )]
+    pub actions: Vec<chaos::Action>,
     /// How long a SIGSTOPped worker stays stopped, LOW-HIGH ms.
     #[arg(long, default_value = "200-2500", value_parser = parse_span)]
     pub stop_ms: Span,
@@ -326,6 +334,7 @@ fn spawn_load(
         bridge_pid: under.pid,
         until: stop_sending,
         spare_first_caller: options.self_test_drop_reply,
+        actions: options.actions.clone(),
     };
     let shared = Arc::clone(shared);
     threads.push(

@@ -94,10 +94,15 @@ impl Tally {
             return;
         }
         add(&self.lost, left.len() as u64);
-        let ids: Vec<u64> = left.iter().take(8).map(|(id, _)| *id).collect();
+        let ids: Vec<String> = left
+            .iter()
+            .take(8)
+            .map(|(id, pending)| format!("{id} ({} B)", pending.size))
+            .collect();
         self.problem(format!(
-            "{} request(s) lost on connection {connection}, ids {ids:?}...",
-            left.len()
+            "{} request(s) lost on connection {connection}: {}",
+            left.len(),
+            ids.join(", ")
         ));
     }
 
