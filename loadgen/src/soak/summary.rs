@@ -140,6 +140,8 @@ pub struct Summary {
     pub connections: u64,
     pub disconnects: u64,
     pub io_errors: u64,
+    /// `status` calls of the chaos thread that failed (the action was skipped; not a failure).
+    pub status_errors: u64,
     pub kills: u64,
     pub stops: u64,
     pub conts: u64,
@@ -197,6 +199,7 @@ impl Summary {
             connections: get(&tally.connections),
             disconnects: get(&tally.disconnects),
             io_errors: get(&tally.io_errors),
+            status_errors: get(&tally.status_errors),
             kills: get(&tally.kills),
             stops: get(&tally.stops),
             conts: get(&tally.conts),

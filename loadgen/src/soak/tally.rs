@@ -34,6 +34,7 @@ pub struct Tally {
     pub connections: AtomicU64,
     pub disconnects: AtomicU64,
     pub io_errors: AtomicU64,
+    pub status_errors: AtomicU64,
     pub kills: AtomicU64,
     pub stops: AtomicU64,
     pub conts: AtomicU64,
