@@ -38,6 +38,7 @@ pub mod payload;
 pub mod plan;
 pub mod queueing;
 pub mod report;
+pub mod soak;
 pub mod stats;
 pub mod svg;
 pub mod sweep;

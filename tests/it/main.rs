@@ -28,6 +28,7 @@ mod roundtrip;
 mod sandbox;
 mod sdk_c;
 mod sdks;
+mod soak;
 mod systemd;
 mod tls;
 mod unkillable;
