@@ -60,10 +60,10 @@ use crate::config::Config;
 use crate::metrics::LatencyHistograms;
 use crate::pool::{Action, Gone, Pool, RejectReason, StopReason};
 use crate::proto::{
-    self, ErrorCode, FrameError, Header, Hello, Kind, FLAG_IN_SLOT, FLAG_TIMEOUT, HEADER_BYTES,
+    self, ErrorCode, FrameError, Header, Kind, FLAG_IN_SLOT, FLAG_TIMEOUT, HEADER_BYTES,
     TIMEOUT_PREFIX_BYTES,
 };
-use crate::shm::{Slot, SLOT_ABI_VERSION};
+use crate::shm::Slot;
 
 /// Base read-buffer size of a caller connection.
 const CONN_READ_BYTES: usize = 2 * 1024;
@@ -130,6 +130,7 @@ mod shutdown;
 mod slot_send;
 mod tables;
 mod worker;
+pub(crate) mod worker_answer;
 mod worker_output;
 mod worker_state;
 
