@@ -51,11 +51,14 @@ fn valid_streams_cut_anywhere_give_the_same_frames() {
     }
 }
 
+/// A target's body.
+type Body = fn(&[u8]);
+
 #[test]
 fn every_input_the_fuzzer_reported_stays_fixed() {
     // Each target's crashes are kept in fuzz/regressions/<target>/ (the daemon's targets are
     // replayed by the daemon's own tests/fuzz_bodies.rs).
-    let targets: [(&str, fn(&[u8])); 2] = [
+    let targets: [(&str, Body); 2] = [
         ("header_roundtrip", fuzzing::header_roundtrip),
         ("frame_stream", fuzzing::frame_stream),
     ];
