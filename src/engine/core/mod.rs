@@ -6,7 +6,7 @@
 //! | `event_loop` | the turn: wait, drain a batch of completions, route each by its token | completion → its owner's handler |
 //! | `conn`, `conn_state`, `conn_close`, `backpressure` | caller connections: receives, frames → requests, answers, the send queue, pausing and resuming, close | a request to `dispatch`/`cross_core` |
 //! | `direct` | a large payload read from the caller's socket straight into a worker's slot | caller → slot (`SlotUse::Filling`) |
-//! | `worker`, `worker_state`, `worker_output`, `fault` | workers: spawn result, handshake, jobs and answers, output and its budget, retirement, reaping | answer → its request's caller |
+//! | `worker`, `worker_state`, `worker_answer`, `worker_output`, `fault` | workers: spawn result, handshake, jobs and answers, output and its budget, retirement, reaping | answer → its request's caller |
 //! | `slot_send` | a reply sent straight from a worker's slot | slot → caller (`SlotUse::Lent`) |
 //! | `request`, `dispatch` | the request table; the pool policy's actions turned into spawns, dispatches, rejections | pool ↔ engine |
 //! | `cross_core`, `report`, `listen`, `shutdown`, `tables` | other cores' messages, this core's report, accepting callers, stopping, the ring's tables | |
