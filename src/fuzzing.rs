@@ -141,9 +141,10 @@ fn check_reply(answer: &worker_answer::Answer, region: &SlotRegion, header: &Hea
     let before = region.header_fields();
     let mut out = Vec::new();
     let taken = worker_answer::take_reply(answer, &slot, &mut out);
+    // `reply_len` counts only for an in-slot reply (docs/protocol.md §7.1).
     let valid = before.state == SlotState::Replied as u32
         && before.job_sequence == answer.sequence
-        && before.reply_len <= capacity;
+        && (!answer.in_slot || before.reply_len <= capacity);
     match taken {
         Err(error) => {
             assert!(
