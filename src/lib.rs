@@ -36,6 +36,8 @@ pub mod cli;
 pub mod config;
 pub mod confine;
 pub mod engine;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod logging;
 pub mod metrics;
 pub mod pool;

@@ -360,16 +360,21 @@ impl SlotView {
             .store(SlotState::Filled as u32, Ordering::Release);
     }
 
-    /// Bridge: the worker said Done. Validate the header and, for an in-slot reply, append the
-    /// reply bytes to `out`. On success the slot is Free again.
+    /// Bridge: the worker said Done or Fail. Validate the header and, for an in-slot reply,
+    /// append the reply bytes to `out`. On success the slot is Free again. `reply_len` is
+    /// read only for an in-slot reply (protocol §7.1: it means nothing otherwise).
     pub fn take_reply(
         &self,
         job_sequence: u64,
         in_slot: bool,
         out: &mut Vec<u8>,
     ) -> Result<usize, SlotError> {
-        let len = self.peek_reply(job_sequence)? as usize;
-        let len = if in_slot { len } else { 0 };
+        let len = if in_slot {
+            self.peek_reply(job_sequence)? as usize
+        } else {
+            self.check_replied(job_sequence)?;
+            0
+        };
         self.copy_data(0, len, out);
         self.release_reply();
         Ok(len)
@@ -379,6 +384,20 @@ impl SlotView {
     /// the slot (state stays Replied) so that they can be sent from it; returns their length.
     /// The bridge then owns the data area until [`SlotView::release_reply`].
     pub fn peek_reply(&self, job_sequence: u64) -> Result<u32, SlotError> {
+        self.check_replied(job_sequence)?;
+        let header = self.header();
+        let reply_len = header.reply_len.load(Ordering::Relaxed);
+        if reply_len > self.capacity {
+            return Err(SlotError::ReplyTooLong {
+                len: reply_len,
+                capacity: self.capacity,
+            });
+        }
+        Ok(reply_len)
+    }
+
+    /// Bridge: the slot is back from the worker (Replied) for this job.
+    fn check_replied(&self, job_sequence: u64) -> Result<(), SlotError> {
         let header = self.header();
         let state = header.state.load(Ordering::Acquire);
         if state != SlotState::Replied as u32 {
@@ -394,14 +413,7 @@ impl SlotView {
                 expected: job_sequence,
             });
         }
-        let reply_len = header.reply_len.load(Ordering::Relaxed);
-        if reply_len > self.capacity {
-            return Err(SlotError::ReplyTooLong {
-                len: reply_len,
-                capacity: self.capacity,
-            });
-        }
-        Ok(reply_len)
+        Ok(())
     }
 
     /// Bridge: append `len` data bytes from `offset` to `out` (a reply being sent from the slot
@@ -699,6 +711,29 @@ mod tests {
             bridge.fill(1, Some(&[0; 65]), 0),
             Err(SlotError::DoesNotFit { .. })
         ));
+    }
+
+    #[test]
+    fn a_copy_path_answer_does_not_read_reply_len() {
+        // Proves reply_len, which §7.1 makes meaningful only for an in-slot reply, is not held
+        // against a worker that answers on the socket, while state and sequence still are.
+        let mut memory = region(64);
+        let (bridge, worker) = views(&mut memory);
+        bridge.fill(4, None, 0).unwrap();
+        worker.take_job(4).unwrap();
+        worker.publish_reply(None).unwrap();
+        worker
+            .header_for_tests()
+            .reply_len
+            .store(u32::MAX, Ordering::Relaxed);
+        let mut out = Vec::new();
+        assert!(matches!(
+            bridge.take_reply(3, false, &mut out),
+            Err(SlotError::WrongSequence { .. })
+        ));
+        assert_eq!(bridge.take_reply(4, false, &mut out).unwrap(), 0);
+        assert!(out.is_empty());
+        assert_eq!(bridge.state(), SlotState::Free as u32);
     }
 
     #[test]

@@ -16,6 +16,35 @@ use crate::config::Config;
 use crate::engine::shared::{AdminCommand, AdminDone, AdminOutcome};
 use crate::pool::Intake;
 
+/// Longest admin command line, in bytes (without its newline).
+pub(crate) const ADMIN_LINE_BYTES_MAX: usize = 256;
+
+/// The answer to a line over [`ADMIN_LINE_BYTES_MAX`] (fixed: nothing of the line is echoed).
+pub(crate) const LINE_TOO_LONG: &[u8] = b"error: command line too long\n";
+
+/// What the bytes an admin connection has sent so far hold.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Line {
+    /// No newline yet, and no more than a line may have: read more.
+    Incomplete,
+    /// No newline within [`ADMIN_LINE_BYTES_MAX`] bytes: answer [`LINE_TOO_LONG`].
+    TooLong,
+    /// The first line, lossily decoded and trimmed (what follows it is ignored).
+    Command(String),
+}
+
+/// Cut the first command line out of `request` (every byte received so far, which the
+/// connection keeps to `ADMIN_LINE_BYTES_MAX + 1`).
+pub(crate) fn frame_line(request: &[u8]) -> Line {
+    let Some(end) = request.iter().position(|b| *b == b'\n') else {
+        if request.len() > ADMIN_LINE_BYTES_MAX {
+            return Line::TooLong;
+        }
+        return Line::Incomplete;
+    };
+    Line::Command(String::from_utf8_lossy(&request[..end]).trim().to_string())
+}
+
 /// The commands, for the error that lists them.
 const COMMANDS: &str =
     "status, reload, pause SERVICE, resume SERVICE, drain SERVICE, recycle SERVICE, \
@@ -23,7 +52,7 @@ const COMMANDS: &str =
 
 /// A parsed command line (service names resolved to their index).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(super) enum AdminRequest {
+pub(crate) enum AdminRequest {
     Pause(usize),
     Resume(usize),
     Drain(usize),
@@ -34,14 +63,14 @@ pub(super) enum AdminRequest {
 
 /// The limits `set` may change; `None`: left as they are.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub(super) struct Limits {
-    pub(super) min_workers: Option<u32>,
-    pub(super) max_workers: Option<u32>,
-    pub(super) backlog_max: Option<u32>,
+pub(crate) struct Limits {
+    pub(crate) min_workers: Option<u32>,
+    pub(crate) max_workers: Option<u32>,
+    pub(crate) backlog_max: Option<u32>,
 }
 
 /// Parse an admin command line other than `status`.
-pub(super) fn parse(line: &str, config: &Config) -> Result<AdminRequest, String> {
+pub(crate) fn parse(line: &str, config: &Config) -> Result<AdminRequest, String> {
     let mut words = line.split_whitespace();
     let verb = words.next().unwrap_or("");
     let args: Vec<&str> = words.collect();

@@ -22,10 +22,8 @@ use std::time::Instant;
 use rustix::io::Errno;
 use rustix::net::{RecvFlags, SendFlags};
 
+use super::admin::{self, Line, ADMIN_LINE_BYTES_MAX};
 use crate::metrics::{self, ExpositionFormat, HttpRequest, MetricsSnapshot};
-
-/// Longest admin command line.
-pub(super) const ADMIN_LINE_BYTES_MAX: usize = 256;
 
 /// What a connection speaks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -176,21 +174,16 @@ impl AuxConn {
     fn on_request(&mut self) -> Next {
         let request = &self.request[..self.filled];
         match self.protocol {
-            Protocol::Admin => {
-                let Some(end) = request.iter().position(|b| *b == b'\n') else {
-                    if request.len() > ADMIN_LINE_BYTES_MAX {
-                        return self.answer(b"error: command line too long\n".to_vec());
-                    }
-                    return Next::Wait;
-                };
-                let command = String::from_utf8_lossy(&request[..end]).trim().to_string();
-                match command.as_str() {
+            Protocol::Admin => match admin::frame_line(request) {
+                Line::Incomplete => Next::Wait,
+                Line::TooLong => self.answer(admin::LINE_TOO_LONG.to_vec()),
+                Line::Command(command) => match command.as_str() {
                     "status" => Next::Gather(Wants::Status),
                     "reload" => Next::Reload,
                     "upgrade" => Next::Upgrade,
                     _ => Next::Gather(Wants::Admin(command)),
-                }
-            }
+                },
+            },
             // `/healthz` and every error are answered here, without the cores.
             Protocol::Metrics => match metrics::parse_request(request) {
                 Ok(HttpRequest::Incomplete) => Next::Wait,

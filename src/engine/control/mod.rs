@@ -32,7 +32,7 @@
 
 #![forbid(unsafe_code)]
 
-mod admin;
+pub(crate) mod admin;
 mod clients;
 mod conn;
 mod gather;

@@ -9,7 +9,7 @@ use crate::proto::{FrameError, Kind};
 use crate::shm::SlotError;
 
 #[derive(Debug)]
-pub(super) enum WorkerFault {
+pub(crate) enum WorkerFault {
     /// A frame that does not decode (§1.2 checks).
     BadFrame(FrameError),
     /// A `Hello` whose payload is not the 8 bytes §6.3 gives.
@@ -39,7 +39,7 @@ pub(super) enum WorkerFault {
 
 impl WorkerFault {
     /// Every label, in a fixed order (the index of each fault's counter).
-    pub(super) const LABELS: [&'static str; 11] = [
+    pub(crate) const LABELS: [&'static str; 11] = [
         "bad_frame",
         "malformed_hello",
         "wrong_abi",
@@ -54,7 +54,7 @@ impl WorkerFault {
     ];
 
     /// Its counter's index in [`WorkerFault::LABELS`].
-    pub(super) fn index(&self) -> usize {
+    pub(crate) fn index(&self) -> usize {
         match self {
             WorkerFault::BadFrame(_) => 0,
             WorkerFault::MalformedHello => 1,

@@ -6,7 +6,7 @@
 //! | `event_loop` | the turn: wait, drain a batch of completions, route each by its token | completion → its owner's handler |
 //! | `conn`, `conn_state`, `conn_close`, `backpressure` | caller connections: receives, frames → requests, answers, the send queue, pausing and resuming, close | a request to `dispatch`/`cross_core` |
 //! | `direct` | a large payload read from the caller's socket straight into a worker's slot | caller → slot (`SlotUse::Filling`) |
-//! | `worker`, `worker_state`, `worker_output`, `fault` | workers: spawn result, handshake, jobs and answers, output and its budget, retirement, reaping | answer → its request's caller |
+//! | `worker`, `worker_state`, `worker_answer`, `worker_output`, `fault` | workers: spawn result, handshake, jobs and answers, output and its budget, retirement, reaping | answer → its request's caller |
 //! | `slot_send` | a reply sent straight from a worker's slot | slot → caller (`SlotUse::Lent`) |
 //! | `request`, `dispatch` | the request table; the pool policy's actions turned into spawns, dispatches, rejections | pool ↔ engine |
 //! | `cross_core`, `report`, `listen`, `shutdown`, `tables` | other cores' messages, this core's report, accepting callers, stopping, the ring's tables | |
@@ -60,10 +60,10 @@ use crate::config::Config;
 use crate::metrics::LatencyHistograms;
 use crate::pool::{Action, Gone, Pool, RejectReason, StopReason};
 use crate::proto::{
-    self, ErrorCode, FrameError, Header, Hello, Kind, FLAG_IN_SLOT, FLAG_TIMEOUT, HEADER_BYTES,
+    self, ErrorCode, FrameError, Header, Kind, FLAG_IN_SLOT, FLAG_TIMEOUT, HEADER_BYTES,
     TIMEOUT_PREFIX_BYTES,
 };
-use crate::shm::{Slot, SLOT_ABI_VERSION};
+use crate::shm::Slot;
 
 /// Base read-buffer size of a caller connection.
 const CONN_READ_BYTES: usize = 2 * 1024;
@@ -130,6 +130,7 @@ mod shutdown;
 mod slot_send;
 mod tables;
 mod worker;
+pub(crate) mod worker_answer;
 mod worker_output;
 mod worker_state;
 

@@ -1,5 +1,6 @@
 //! Workers: spawn results, the handshake, jobs and answers, output lines, retirement and reaping.
 
+use super::worker_answer::{self, Answer, Verdict, WorkerView};
 use super::*;
 use crate::engine::io::{Reap, Reaped};
 
@@ -196,81 +197,40 @@ impl Core {
     pub(super) fn on_worker_frame(&mut self, index: WorkerHandle, header: Header) {
         let worker = &mut self.workers[index];
         let service = worker.service;
-        if worker.state == WorkerState::Stopping {
-            // Being stopped (after a timeout, say): whatever it says no longer matters.
-            return;
-        }
-        // Which flags each worker frame may carry (protocol §1.4, §9).
-        let allowed = match header.kind {
-            Kind::Hello => proto::FLAG_QUEUED,
-            Kind::Done => FLAG_IN_SLOT,
-            _ => 0,
-        };
-        if header.flags & !allowed != 0 {
-            let fault = WorkerFault::ForbiddenFlags {
-                kind: header.kind,
-                flags: header.flags,
-            };
-            self.fail_worker(index, fault);
-            return;
-        }
-        match (worker.state, header.kind) {
-            (WorkerState::Starting, Kind::Hello) => {
-                let hello = Hello::decode(worker.read.payload(&header));
-                match hello {
-                    Some(hello) if hello.slot_abi_version == SLOT_ABI_VERSION => {
-                        worker.state = WorkerState::Idle;
-                        let id = index.to_raw();
-                        tracing::debug!(pid = worker.pid, "worker ready");
-                        let now = self.now;
-                        let accepts_queue = header.flags & proto::FLAG_QUEUED != 0;
-                        worker.accepts_queue = accepts_queue;
-                        let why = format!("worker {} finished its handshake", worker.pid);
-                        let was_failing = self.services[service].pool.is_failing();
-                        self.services[service].pool.on_worker_ready_queueing(
-                            now,
-                            id,
-                            accepts_queue,
-                        );
-                        self.log_pool_health(service, was_failing, &why);
-                        self.pool_touched(service);
-                    }
-                    Some(hello) => {
-                        let found = hello.slot_abi_version;
-                        self.fail_worker(index, WorkerFault::WrongAbi { found });
-                    }
-                    None => self.fail_worker(index, WorkerFault::MalformedHello),
-                }
+        let payload = worker.read.payload(&header);
+        let verdict = worker_answer::check_frame(&header, payload, WorkerView::of(worker));
+        match verdict {
+            Ok(Verdict::Ignored) => {}
+            Ok(Verdict::Ready { accepts_queue }) => {
+                worker.state = WorkerState::Idle;
+                let id = index.to_raw();
+                tracing::debug!(pid = worker.pid, "worker ready");
+                let now = self.now;
+                worker.accepts_queue = accepts_queue;
+                let why = format!("worker {} finished its handshake", worker.pid);
+                let was_failing = self.services[service].pool.is_failing();
+                self.services[service]
+                    .pool
+                    .on_worker_ready_queueing(now, id, accepts_queue);
+                self.log_pool_health(service, was_failing, &why);
+                self.pool_touched(service);
             }
-            (WorkerState::Busy(job), Kind::Done | Kind::Fail) => {
-                if header.request_id != job.sequence {
-                    let fault = WorkerFault::WrongJob {
-                        answered: header.request_id,
-                        holding: job.sequence,
-                    };
-                    self.fail_worker(index, fault);
-                    return;
-                }
-                if matches!(worker.slot_use, SlotUse::Filling { .. })
-                    || worker.send.sent_total() < job.frame_end
-                {
-                    // It guessed the sequence: its `Job` frame (and, for a direct read, the
-                    // payload in its slot) is not all there yet.
-                    let sequence = job.sequence;
-                    self.fail_worker(index, WorkerFault::EarlyAnswer { sequence });
-                    return;
-                }
-                self.on_job_answer(index, job, header);
+            Ok(Verdict::Answer(answer)) => {
+                let job = *worker.running().expect("an answer is to the running job");
+                self.on_job_answer(index, job, header, answer);
             }
-            (state, kind) => {
-                let state = state.name();
-                self.fail_worker(index, WorkerFault::UnexpectedFrame { kind, state });
-            }
+            Err(fault) => self.fail_worker(index, fault),
         }
     }
 
     /// The busy worker answered its job: validate the slot, forward the reply, free the worker.
-    pub(super) fn on_job_answer(&mut self, index: WorkerHandle, job: Job, header: Header) {
+    pub(super) fn on_job_answer(
+        &mut self,
+        index: WorkerHandle,
+        job: Job,
+        header: Header,
+        answer: Answer,
+    ) {
         let Job {
             request, sequence, ..
         } = job;
@@ -287,18 +247,9 @@ impl Core {
             Some(Dest::Conn(conn)) => Some(conn),
             _ => None,
         };
-        let in_slot = header.kind == Kind::Done && header.in_slot();
-        let front_queued = job.path == JobPath::Queued;
+        let in_slot = answer.in_slot;
         let counters = &mut self.services[service].counters;
-        counters.copy_path += u64::from(header.kind == Kind::Done && !in_slot && !front_queued);
-        if front_queued && in_slot {
-            self.fail_worker(index, WorkerFault::InSlotAnswerToQueuedJob);
-            return;
-        }
-        if in_slot && header.payload_len != 0 {
-            self.fail_worker(index, WorkerFault::InSlotWithPayload);
-            return;
-        }
+        counters.copy_path += u64::from(answer.ok && !in_slot && !answer.queued);
         if in_slot {
             let reply = Header::new(Kind::Reply, service_id, caller_request_id, 0);
             if self.try_send_from_slot(index, request, sequence, conn, reply) {
@@ -313,12 +264,7 @@ impl Core {
         let worker = &mut self.workers[index];
         let start = target.len();
         target.extend_from_slice(&[0; HEADER_BYTES]);
-        // A queued job never touched the slot: nothing there to validate or free.
-        let taken = if front_queued {
-            Ok(0)
-        } else {
-            worker.slot.take_reply(sequence, in_slot, &mut target)
-        };
+        let taken = worker_answer::take_reply(&answer, &worker.slot, &mut target);
         let reply_header = match (&taken, header.kind) {
             (Err(_), _) => None,
             (Ok(_), Kind::Done) => {
