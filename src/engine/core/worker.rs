@@ -415,11 +415,15 @@ impl Core {
     /// be sure and let the reap (which then comes at once) retire it with its exit status.
     pub(super) fn lose_worker(&mut self, index: WorkerHandle, fault: WorkerFault) {
         let worker = &mut self.workers[index];
-        if matches!(worker.state, WorkerState::Dead | WorkerState::Stopping) {
+        // Lost already (its fate set: a failed send after the closed socket, say): one worker,
+        // one fault counted, until its reap retires it.
+        if matches!(worker.state, WorkerState::Dead | WorkerState::Stopping)
+            || worker.fate.is_some()
+        {
             return;
         }
         self.services[worker.service].counters.worker_faults[fault.index()] += 1;
-        worker.fate.get_or_insert_with(|| fault.to_string());
+        worker.fate = Some(fault.to_string());
         kill(worker, libc::SIGKILL);
     }
 
