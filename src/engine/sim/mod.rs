@@ -100,6 +100,8 @@ struct Sim {
     /// Where each worker's slot is mapped in the engine (address, length).
     engine_slots: HashMap<i32, (usize, usize)>,
     next_pid: i32,
+    /// Guessed answers workers have sent that the bridge may have relayed (`Caller::on_answer`).
+    guesses: u64,
     /// The highest job sequence any worker model has seen (what a guessing worker guesses from).
     last_sequence: u64,
     injected: Vec<Injected>,
@@ -173,6 +175,7 @@ impl Sim {
             engine_slots: HashMap::new(),
             next_pid: ring_sim::PID_BASE,
             last_sequence: 0,
+            guesses: 0,
             injected: Vec::new(),
             faults_counted: vec![0; Core::SIM_FAULT_LABELS.len()],
             trace,
@@ -244,7 +247,8 @@ impl Sim {
                 continue;
             }
             if at < callers {
-                progressed |= self.callers[at].act(&mut self.rng, &mut lines);
+                let guesses = &mut self.guesses;
+                progressed |= self.callers[at].act(&mut self.rng, guesses, &mut lines);
             } else {
                 let guess = self.last_sequence + 1;
                 let worker = &mut self.workers[at - callers];
@@ -282,6 +286,18 @@ impl Sim {
         self.ring.completions_waiting() > 0
     }
 
+    /// Where a run stands, for a stuck one's message.
+    fn state_line(&self) -> String {
+        let (conns, workers, requests) = self.core.sim_table_sizes();
+        let injected: Vec<(i32, Fault)> = self.injected.iter().map(|i| (i.pid, i.fault)).collect();
+        let callers: Vec<usize> = self.callers.iter().map(Caller::unanswered).collect();
+        format!(
+            "core: {conns} connections, {workers} workers, {requests} requests; unanswered \
+             per caller {callers:?}; faults not yet counted {injected:?}; ops in flight {:?}",
+            self.ring.pending_kinds()
+        )
+    }
+
     /// Nothing can happen until a deadline: jump to the next one.
     fn advance_clock(&mut self) {
         let next = [self.core.next_deadline(), self.ring.next_due()]
@@ -289,12 +305,16 @@ impl Sim {
             .flatten()
             .min();
         let Some(next) = next else {
-            panic!("stuck: nothing can happen and no deadline is set");
+            panic!(
+                "stuck: nothing can happen and no deadline is set ({})",
+                self.state_line()
+            );
         };
         self.now = self.now.max(next) + Duration::from_millis(1);
         assert!(
             self.now.duration_since(self.base) < VIRTUAL_TIME_MAX,
-            "stuck: {VIRTUAL_TIME_MAX:?} of virtual time without finishing"
+            "stuck: {VIRTUAL_TIME_MAX:?} of virtual time without finishing ({})",
+            self.state_line()
         );
         self.turn();
     }
@@ -393,6 +413,7 @@ impl Sim {
         for model in &mut self.workers {
             if model.fault_done && !model.fault_reported {
                 model.fault_reported = true;
+                self.guesses += u64::from(model.fault == Some(Fault::Guess));
                 let (pid, fault) = (model.pid, model.fault.expect("acted out"));
                 self.injected.push(Injected { pid, fault });
             }

@@ -415,7 +415,7 @@ impl Worker {
             let reply = in_slot.then_some(&request[..]);
             slot.publish_reply(reply).expect("taken");
         }
-        if self.fault == Some(Fault::InSlotToQueued) && !self.fault_done && job.queued {
+        if self.fault == Some(Fault::InSlotToQueued) && !self.fault_done && job.queued && !fail {
             self.fault_done = true;
             in_slot = true;
         }
