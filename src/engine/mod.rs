@@ -19,6 +19,8 @@ pub mod core;
 pub mod io;
 pub mod report;
 pub mod shared;
+#[cfg(test)]
+mod sim;
 pub mod spawn;
 pub mod systemd;
 pub mod table;

@@ -83,6 +83,26 @@ impl<T> Handle<T> {
     }
 }
 
+/// The generation a new entry starts at: 0, or in tests what the thread asked for, so that
+/// the engine simulation can make every entry's generation wrap within a few reuses.
+fn first_generation() -> u32 {
+    #[cfg(test)]
+    return FIRST_GENERATION.with(std::cell::Cell::get);
+    #[cfg(not(test))]
+    0
+}
+
+#[cfg(test)]
+thread_local! {
+    static FIRST_GENERATION: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// Start new entries of this thread's tables at `generation` (tests only: the simulation).
+#[cfg(test)]
+pub(crate) fn first_generation_for_tests(generation: u32) {
+    FIRST_GENERATION.with(|first| first.set(generation));
+}
+
 struct Entry<T> {
     generation: u32,
     value: Option<T>,
@@ -118,11 +138,12 @@ impl<T> Table<T> {
             index <= INDEX_MAX,
             "a table of more than {INDEX_MAX} entries"
         );
+        let generation = first_generation();
         self.entries.push(Entry {
-            generation: 0,
+            generation,
             value: Some(value),
         });
-        Handle::new(index, 0)
+        Handle::new(index, generation)
     }
 
     /// Remove the value `handle` names; from now on the handle names nothing. Panics when it

@@ -829,6 +829,14 @@ impl Pool {
         how: Gone,
     ) -> Vec<RequestId> {
         let entry = self.workers.remove(&worker).expect("gone: unknown worker");
+        // Actions decided for it that the engine has not run yet would name a worker that is
+        // gone (a `Dispatch` decided when it answered one job, then a violation in the same
+        // read): drop them. Their requests are among those it holds, returned below.
+        self.actions.retain(|action| {
+            !matches!(action,
+                Action::Dispatch { worker: w, .. } | Action::Stop { worker: w, .. } | Action::Kill { worker: w }
+                if *w == worker)
+        });
         let mut held = Vec::new();
         match entry.state {
             State::Starting { .. } => {
@@ -1555,6 +1563,14 @@ impl Pool {
             "over max_workers (or, after it was lowered, over the workers left)"
         );
         assert!(self.workers_cap >= self.policy.max_workers);
+        for action in &self.actions {
+            if let Action::Dispatch { worker, .. } | Action::Stop { worker, .. } = action {
+                assert!(
+                    self.workers.contains_key(worker),
+                    "a pending {action:?} names a worker that is gone"
+                );
+            }
+        }
         if self.workers_cap > self.policy.max_workers {
             // Above a lowered max_workers: nothing new starts until the surplus has left.
             assert_eq!(

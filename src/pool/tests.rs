@@ -1295,3 +1295,28 @@ fn set_policy_shrinks_after_jobs_and_grows_at_once() {
     );
     assert_eq!(pool.policy().max_workers, 6);
 }
+
+#[test]
+fn a_worker_gone_before_its_dispatch_ran_leaves_no_action_naming_it() {
+    // Proves the fix for engine-simulation seed 65: a worker answers its job (the pool decides
+    // to give it the next request) and, in the same read, breaks the protocol; the pending
+    // `Dispatch` must go with the worker, its request returned as held, so that the engine
+    // never runs an action naming a worker and a request it has already let go.
+    let now = Instant::now();
+    let mut pool = Pool::new(now, Policy::with_workers(1, 1, 10), 1);
+    drain(&mut pool);
+    ready(&mut pool, now, 100, 1);
+    pool.on_request(now, 1, None);
+    pool.on_request(now, 2, None);
+    drain(&mut pool);
+    pool.on_job_done(now, 100, None);
+    let held = pool.on_worker_gone(now, 100, Gone::Violation);
+    assert_eq!(held, vec![2]);
+    let actions = drain(&mut pool);
+    assert!(
+        !actions
+            .iter()
+            .any(|a| matches!(a, Action::Dispatch { .. } | Action::Kill { .. })),
+        "{actions:?}"
+    );
+}

@@ -16,38 +16,49 @@ impl Core {
                 .next_deadline()
                 .map(|deadline| deadline.saturating_duration_since(Instant::now()));
             self.ring.submit_and_wait(timeout)?;
-            self.now = Instant::now();
-            loop {
-                self.ring
-                    .drain(&mut self.completions, COMPLETIONS_BATCH_MAX);
-                if self.completions.is_empty() {
-                    break;
-                }
-                for index in 0..self.completions.len() {
-                    let completion = self.completions[index];
-                    self.complete(completion);
-                    self.run_effects();
-                    #[cfg(debug_assertions)]
-                    self.check_invariants();
-                }
-            }
-            if self.shared.cores.len() > 1 {
-                self.rebalance();
-            }
-            self.on_timers();
-            self.run_effects();
-            self.check_reload();
-            #[cfg(debug_assertions)]
-            self.check_invariants();
-            if self.shared.cores.len() > 1 {
-                self.publish();
-            }
-            if self.finished() {
-                // Wake-ups and answers for other cores may still sit in the submission queue.
-                self.ring.submit()?;
+            if self.turn(Instant::now())? {
                 return Ok(());
             }
         }
+    }
+
+    /// One turn after the wait, at `now`: the completions in batches (each followed by the
+    /// effects it left and, in debug builds, the invariants), timers, and this core's share of
+    /// the cross-core work. True once the core has finished. (The simulation calls this with
+    /// its own clock, between the completions it makes.)
+    pub(crate) fn turn(&mut self, now: Instant) -> io::Result<bool> {
+        self.now = now;
+        loop {
+            self.ring
+                .drain(&mut self.completions, COMPLETIONS_BATCH_MAX);
+            if self.completions.is_empty() {
+                break;
+            }
+            for index in 0..self.completions.len() {
+                let completion = self.completions[index];
+                self.complete(completion);
+                self.run_effects();
+                #[cfg(debug_assertions)]
+                self.check_invariants();
+            }
+        }
+        if self.shared.cores.len() > 1 {
+            self.rebalance();
+        }
+        self.on_timers();
+        self.run_effects();
+        self.check_reload();
+        #[cfg(debug_assertions)]
+        self.check_invariants();
+        if self.shared.cores.len() > 1 {
+            self.publish();
+        }
+        if self.finished() {
+            // Wake-ups and answers for other cores may still sit in the submission queue.
+            self.ring.submit()?;
+            return Ok(true);
+        }
+        Ok(false)
     }
 
     /// Before sleeping, poll the ring for a while: a wake-up to a vCPU that is running costs a
@@ -62,7 +73,7 @@ impl Core {
         }
     }
 
-    pub(super) fn next_deadline(&self) -> Option<Instant> {
+    pub(crate) fn next_deadline(&self) -> Option<Instant> {
         let mut deadline = self.shutdown_deadline;
         let mut consider = |at: Option<Instant>| {
             if let Some(at) = at {

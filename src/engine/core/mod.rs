@@ -127,6 +127,8 @@ mod reload;
 mod report;
 mod request;
 mod shutdown;
+#[cfg(test)]
+mod sim_seam;
 mod slot_send;
 mod tables;
 mod worker;
@@ -442,9 +444,13 @@ pub struct CoreSetup {
 
 impl Core {
     pub fn new(setup: CoreSetup) -> io::Result<Core> {
-        let config = setup.config;
         let ring = Ring::new(SQ_ENTRIES, CQ_ENTRIES, RING_BYTES)?;
-        let now = Instant::now();
+        Ok(Core::with_ring(setup, ring, Instant::now()))
+    }
+
+    /// A core on `ring` (the kernel's, or the simulation's double), its clock starting at `now`.
+    pub(crate) fn with_ring(setup: CoreSetup, ring: Ring, now: Instant) -> Core {
+        let config = setup.config;
         let (index, shared) = (setup.index, setup.shared);
         let cores = shared.cores.len();
         let request_bytes_share = (config.request_bytes_buffered_max / cores as u64).max(1);
@@ -531,7 +537,7 @@ impl Core {
             core.pool_touched(service);
         }
         core.run_effects();
-        Ok(core)
+        core
     }
 }
 

@@ -76,12 +76,9 @@ impl Core {
             "cannot open the new worker's pidfd to reap it: killed it (raise RLIMIT_NOFILE if \
              descriptors ran out)"
         );
-        // SAFETY: kill(2) on the child just spawned, not reaped (nobody reaps it before the
-        // registry forgets it, below), and on the group it leads.
-        unsafe {
-            libc::kill(-spawned.pid, libc::SIGKILL);
-            libc::kill(spawned.pid, libc::SIGKILL);
-        }
+        // The child just spawned, not reaped (nobody reaps it before the registry forgets it,
+        // below), and the group it leads.
+        crate::engine::io::signal_worker(spawned.pid, libc::SIGKILL);
         crate::confine::forget_worker(spawned.pid);
         let now = self.now;
         self.services[service].pool.on_spawn_failed(now);
@@ -364,11 +361,15 @@ impl Core {
     /// be sure and let the reap (which then comes at once) retire it with its exit status.
     pub(super) fn lose_worker(&mut self, index: WorkerHandle, fault: WorkerFault) {
         let worker = &mut self.workers[index];
-        if matches!(worker.state, WorkerState::Dead | WorkerState::Stopping) {
+        // Lost already (its fate set: a failed send after the closed socket, say): one worker,
+        // one fault counted, until its reap retires it.
+        if matches!(worker.state, WorkerState::Dead | WorkerState::Stopping)
+            || worker.fate.is_some()
+        {
             return;
         }
         self.services[worker.service].counters.worker_faults[fault.index()] += 1;
-        worker.fate.get_or_insert_with(|| fault.to_string());
+        worker.fate = Some(fault.to_string());
         kill(worker, libc::SIGKILL);
     }
 
@@ -544,16 +545,10 @@ pub(super) fn rss_bytes(pid: i32) -> Option<u64> {
 }
 
 pub(super) fn kill(worker: &Worker, signal: i32) {
-    // Never signal a reaped pid: it may belong to another process by now. The worker leads
-    // its own process group (spawn/child.rs): the group gets the signal too, so its children go with
-    // it (the worker itself is signalled apart, in case it left its group).
+    // Never signal a reaped pid: it may belong to another process by now. The group gets the
+    // signal too (see `io::signal_worker`, the one place that signals workers).
     if !worker.reaped {
-        // SAFETY: kill(2) with a pid we spawned and have not reaped yet, and with the group it
-        // leads (whose id cannot be reused while the unreaped leader holds it).
-        unsafe {
-            libc::kill(-worker.pid, signal);
-            libc::kill(worker.pid, signal);
-        }
+        crate::engine::io::signal_worker(worker.pid, signal);
     }
 }
 

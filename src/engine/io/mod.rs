@@ -11,13 +11,23 @@
 //!   used, failing with the missing one and the kernel that has it), and the reaping mode.
 //! - [`Reap`]: one worker's reaping (`IORING_OP_WAITID`, or its pidfd polled on the ring).
 //!
-//! The engine's state machines see only these types, never the ring; that is the seam where a
-//! simulation can replace the kernel.
+//! - [`signal_worker`]: the one place a worker is signalled (`kill(2)`).
+//! - `sim` (tests only): the test double of the ring, which carries out the same [`Sqe`]s on
+//!   real descriptors when the engine simulation (`engine::sim`) says so.
+//!
+//! The engine's state machines see only these types, never the ring; that is the seam where the
+//! simulation replaces the kernel: [`Ring`] is the kernel's ring or the double (an enum whose
+//! second variant exists only in test builds, so production pays one match the compiler
+//! folds away), a simulated worker's reap is a `WaitId` the double completes when the model
+//! dies, and its signals go to the double's record instead of `kill(2)`.
 
 pub mod op;
 mod pbuf;
 pub mod probe;
+mod process;
 mod reap;
+#[cfg(test)]
+pub mod sim;
 mod token;
 
 use std::io;
@@ -29,6 +39,7 @@ pub use rustix::io::Errno;
 pub use op::{Sqe, Target};
 pub use pbuf::{ProvidedBuffers, BUFFER_BYTES as PROVIDED_BUFFER_BYTES, GROUP as PROVIDED_GROUP};
 pub use probe::check_kernel;
+pub use process::signal_worker;
 pub use reap::{Reap, Reaped};
 pub use token::{OpKind, Token};
 
@@ -89,19 +100,146 @@ pub fn raw_result(result: Result<u32, Errno>) -> i64 {
     }
 }
 
-/// One core's ring.
+/// One core's ring: the kernel's, or (in tests) the simulation's double, which carries out
+/// the same `Sqe`s itself on real descriptors (`sim`). Production builds have only the first
+/// variant, so every call below is one match the compiler removes.
 pub struct Ring {
+    backend: Backend,
+}
+
+// (The kernel's variant is the only one production builds have: boxing it to please the lint
+// would put an indirection in front of every op.)
+#[allow(clippy::large_enum_variant)]
+enum Backend {
+    Kernel(KernelRing),
+    #[cfg(test)]
+    Sim(sim::SimRing),
+}
+
+/// Forward a call to whichever ring this is.
+macro_rules! backend {
+    ($self:expr, |$ring:ident| $call:expr) => {
+        match &$self.backend {
+            Backend::Kernel($ring) => $call,
+            #[cfg(test)]
+            Backend::Sim($ring) => $call,
+        }
+    };
+    (mut $self:expr, |$ring:ident| $call:expr) => {
+        match &mut $self.backend {
+            Backend::Kernel($ring) => $call,
+            #[cfg(test)]
+            Backend::Sim($ring) => $call,
+        }
+    };
+}
+
+impl Ring {
+    /// The kernel's ring (see [`KernelRing::new`]).
+    pub fn new(sq_entries: u32, cq_entries: u32, locked_bytes_hint: u64) -> io::Result<Ring> {
+        let ring = KernelRing::new(sq_entries, cq_entries, locked_bytes_hint)?;
+        Ok(Ring {
+            backend: Backend::Kernel(ring),
+        })
+    }
+
+    /// The simulation's double (`sim::SimRing`), driven by the harness through `handle`.
+    #[cfg(test)]
+    pub fn simulated(ring: sim::SimRing) -> Ring {
+        Ring {
+            backend: Backend::Sim(ring),
+        }
+    }
+
+    /// Queue one entry (submitting first when the queue is full).
+    pub fn push(&mut self, sqe: Sqe) {
+        backend!(mut self, |ring| ring.push(sqe))
+    }
+
+    /// Queue two linked entries in one submission (a link must not straddle two submits).
+    pub fn push_linked_pair(&mut self, first: Sqe, second: Sqe) {
+        backend!(mut self, |ring| ring.push_linked_pair(first, second))
+    }
+
+    /// Cancel the op named by `target` (its completion still arrives, maybe `ECANCELED`).
+    pub fn cancel(&mut self, target: Token) {
+        self.push(op::cancel(target, Token::core(OpKind::Cancel, 0)));
+    }
+
+    /// Submit what is queued without waiting.
+    pub fn submit(&mut self) -> io::Result<()> {
+        backend!(mut self, |ring| ring.submit())
+    }
+
+    /// Submit and wait for at least one completion, or until `timeout` passes.
+    pub fn submit_and_wait(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        backend!(mut self, |ring| ring.submit_and_wait(timeout))
+    }
+
+    /// Submit and run deferred completions without waiting; true when completions are ready.
+    pub fn poll(&mut self) -> io::Result<bool> {
+        backend!(mut self, |ring| ring.poll())
+    }
+
+    /// Move up to `max` completions into `out` (cleared first).
+    pub fn drain(&mut self, out: &mut Vec<Completion>, max: usize) {
+        backend!(mut self, |ring| ring.drain(out, max))
+    }
+
+    /// Reserve a sparse registered-buffer table; returns the free indices.
+    pub fn register_buffer_table(&self, wanted: u32) -> Vec<u16> {
+        backend!(self, |ring| ring.register_buffer_table(wanted))
+    }
+
+    /// Put `slot` in entry `index` of the buffer table (contract: [`KernelRing::register_buffer`]).
+    pub fn register_buffer(&self, index: u16, slot: &Slot) -> io::Result<()> {
+        backend!(self, |ring| ring.register_buffer(index, slot))
+    }
+
+    /// Clear entry `index` of the buffer table.
+    pub fn unregister_buffer(&self, index: u16) -> io::Result<()> {
+        backend!(self, |ring| ring.unregister_buffer(index))
+    }
+
+    /// Reserve a sparse registered-file table; returns the free indices.
+    pub fn register_file_table(&self, entries: u32) -> Vec<u32> {
+        backend!(self, |ring| ring.register_file_table(entries))
+    }
+
+    /// Put descriptor `fd` in entry `index` of the file table.
+    pub fn register_file(&self, index: u32, fd: std::os::fd::RawFd) -> io::Result<()> {
+        backend!(self, |ring| ring.register_file(index, fd))
+    }
+
+    /// Clear entry `index` of the file table.
+    pub fn unregister_file(&self, index: u32) -> io::Result<()> {
+        backend!(self, |ring| ring.unregister_file(index))
+    }
+
+    /// A provided-buffer ring of `entries` buffers (`None` when 0 or refused).
+    pub fn provided_buffers(&self, entries: u32) -> Option<ProvidedBuffers> {
+        backend!(self, |ring| ring.provided_buffers(entries))
+    }
+
+    /// Close the ring before anything its ops may name is freed.
+    pub fn close(&mut self) {
+        backend!(mut self, |ring| ring.close())
+    }
+}
+
+/// The kernel's io_uring of one core.
+pub struct KernelRing {
     /// `None` once closed.
     ring: Option<IoUring>,
     sq_entries: u32,
     cq_entries: u32,
 }
 
-impl Ring {
+impl KernelRing {
     /// A ring for the calling thread only (SINGLE_ISSUER + DEFER_TASKRUN), not inherited by
     /// children (`dontfork`). `locked_bytes_hint` names, in the error when the kernel refuses
     /// for lack of locked memory, how much the rings need.
-    pub fn new(sq_entries: u32, cq_entries: u32, locked_bytes_hint: u64) -> io::Result<Ring> {
+    pub fn new(sq_entries: u32, cq_entries: u32, locked_bytes_hint: u64) -> io::Result<KernelRing> {
         // (Once per process: normally done already by the startup, before any core.)
         check_kernel().map_err(io::Error::other)?;
         let ring = IoUring::builder()
@@ -130,7 +268,7 @@ impl Ring {
                     error
                 }
             })?;
-        Ok(Ring {
+        Ok(KernelRing {
             ring: Some(ring),
             sq_entries,
             cq_entries,
@@ -182,11 +320,6 @@ impl Ring {
         }
         self.push(first.linked());
         self.push(second);
-    }
-
-    /// Cancel the op named by `target` (its completion still arrives, maybe `ECANCELED`).
-    pub fn cancel(&mut self, target: Token) {
-        self.push(op::cancel(target, Token::core(OpKind::Cancel, 0)));
     }
 
     /// Submit what is queued without waiting.
@@ -333,7 +466,7 @@ impl Ring {
     }
 }
 
-impl Drop for Ring {
+impl Drop for KernelRing {
     fn drop(&mut self) {
         self.close();
     }

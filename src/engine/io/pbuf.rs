@@ -20,12 +20,17 @@ pub const GROUP: u16 = 1;
 pub const BUFFER_BYTES: usize = 4096;
 
 pub struct ProvidedBuffers {
+    /// The kernel's descriptor ring (null for the simulation's, which keeps `sim_free`).
     ring: *mut BufRingEntry,
     /// Buffers in the ring (a power of two).
     entries: u16,
     ring_bytes: usize,
     buffers: Box<[u8]>,
     tail: u16,
+    /// In the simulation: the buffers handed back, in order, which the double's multishot
+    /// receives pick from (`sim::SimRing`).
+    #[cfg(test)]
+    sim_free: Option<super::sim::FreeBuffers>,
 }
 
 impl ProvidedBuffers {
@@ -61,6 +66,8 @@ impl ProvidedBuffers {
             ring_bytes,
             buffers: vec![0u8; entries as usize * BUFFER_BYTES].into_boxed_slice(),
             tail: 0,
+            #[cfg(test)]
+            sim_free: None,
         };
         // SAFETY: the mapping is `entries` descriptors long and stays mapped while the ring
         // that uses it lives (the core closes its ring first, see Drop).
@@ -79,6 +86,31 @@ impl ProvidedBuffers {
         Some(buffers)
     }
 
+    /// The simulation's provided buffers: every buffer handed to `free` at once; the double
+    /// fills them through [`ProvidedBuffers::base`].
+    #[cfg(test)]
+    pub(super) fn simulated(entries: u32, free: super::sim::FreeBuffers) -> ProvidedBuffers {
+        let entries = u16::try_from(entries).expect("validated: at most 32768");
+        let mut buffers = ProvidedBuffers {
+            ring: std::ptr::null_mut(),
+            entries,
+            ring_bytes: 0,
+            buffers: vec![0u8; entries as usize * BUFFER_BYTES].into_boxed_slice(),
+            tail: 0,
+            sim_free: Some(free),
+        };
+        for bid in 0..entries {
+            buffers.push(bid);
+        }
+        buffers
+    }
+
+    /// Where buffer 0 starts (the buffers never move: one boxed allocation).
+    #[cfg(test)]
+    pub(super) fn base(&mut self) -> *mut u8 {
+        self.buffers.as_mut_ptr()
+    }
+
     /// The bytes of buffer `bid`.
     pub fn bytes(&self, bid: u16) -> &[u8] {
         let start = bid as usize * BUFFER_BYTES;
@@ -93,6 +125,11 @@ impl ProvidedBuffers {
 
     fn push(&mut self, bid: u16) {
         assert!(bid < self.entries);
+        #[cfg(test)]
+        if let Some(free) = &self.sim_free {
+            free.give_back(bid);
+            return;
+        }
         let index = (self.tail & (self.entries - 1)) as usize;
         // SAFETY: index < entries, inside the mapping; the kernel reads a descriptor only
         // after the tail passes it, which `publish` does afterwards.
@@ -106,6 +143,9 @@ impl ProvidedBuffers {
 
     /// Make the pushed descriptors visible to the kernel.
     fn publish(&self) {
+        if self.ring.is_null() {
+            return;
+        }
         // SAFETY: the tail field lies in the first descriptor, inside the mapping; the kernel
         // reads it atomically, and the release store orders the descriptors before it.
         unsafe {
@@ -117,6 +157,9 @@ impl ProvidedBuffers {
 
 impl Drop for ProvidedBuffers {
     fn drop(&mut self) {
+        if self.ring.is_null() {
+            return;
+        }
         // SAFETY: our own mapping, of this length. The ring that used it is closed: a core
         // closes its ring first, in its `Drop`, before anything its ops could name.
         unsafe {

@@ -116,6 +116,22 @@ impl Spawner {
         })
     }
 
+    /// A spawner without its thread, for the engine simulation (`engine::sim`): whoever holds
+    /// the other ends takes the requests and hands back results itself, waking the core on
+    /// `wake` as the thread does.
+    #[cfg(test)]
+    pub(crate) fn from_parts(
+        requests: mpsc::Sender<SpawnRequest>,
+        results: Arc<Mutex<Vec<SpawnResult>>>,
+        wake: Arc<OwnedFd>,
+    ) -> Spawner {
+        Spawner {
+            requests,
+            results,
+            wake,
+        }
+    }
+
     pub fn request(&self, request: SpawnRequest) {
         self.requests
             .send(request)

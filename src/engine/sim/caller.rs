@@ -1,0 +1,286 @@
+//! A caller model: one real Unix connection to the core's listener, sending echo requests whose
+//! payloads are a function of (caller, request id) and checking every answer against the
+//! request it names: no lost, misrouted or duplicated answer, and an echo's bytes are the
+//! request's. Some callers leave in the middle of a payload, or stop reading and then leave.
+
+use std::collections::BTreeMap;
+use std::io::{ErrorKind, Read, Write};
+use std::os::unix::net::UnixStream;
+
+use crate::engine::io::sim::Rng;
+use crate::proto::{ErrorCode, Header, Kind, HEADER_BYTES};
+
+/// The payload byte `at` of request `request_id` of caller `caller`.
+pub(super) fn payload_byte(caller: usize, request_id: u64, at: usize) -> u8 {
+    (request_id
+        .wrapping_mul(131)
+        .wrapping_add(at as u64 * 7)
+        .wrapping_add(caller as u64 * 17)
+        % 251) as u8
+}
+
+/// How a caller behaves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Behaviour {
+    /// Sends everything, reads every answer, then closes.
+    Polite,
+    /// Closes once it has written this many bytes (usually inside a payload).
+    LeavesAt(usize),
+    /// Sends everything, never reads, and closes after this many more turns.
+    StopsReading(u32),
+}
+
+pub(super) struct Caller {
+    pub(super) id: usize,
+    stream: Option<UnixStream>,
+    out: Vec<u8>,
+    written: usize,
+    input: Vec<u8>,
+    /// Requests sent (at least begun) or to send and not answered: their payload lengths.
+    unanswered: BTreeMap<u64, usize>,
+    pub(super) behaviour: Behaviour,
+    /// It closed its end before all its answers came (so some may never come).
+    pub(super) left: bool,
+    /// Answers by outcome: replies, and errors by code.
+    pub(super) replies: u64,
+    pub(super) errors: BTreeMap<u16, u64>,
+}
+
+impl Caller {
+    /// A caller connected to `address`, with `requests` requests to send (sizes from `sizes`).
+    pub(super) fn connect(
+        id: usize,
+        address: &std::os::unix::net::SocketAddr,
+        sizes: &[usize],
+        behaviour: Behaviour,
+    ) -> Caller {
+        let stream = UnixStream::connect_addr(address).expect("the sim's listener accepts");
+        stream.set_nonblocking(true).expect("a non-blocking socket");
+        let mut out = Vec::new();
+        let mut unanswered = BTreeMap::new();
+        for (number, &len) in sizes.iter().enumerate() {
+            let request_id = number as u64 + 1;
+            let header = Header::new(Kind::Request, 1, request_id, len as u32);
+            out.extend_from_slice(&header.encode());
+            out.extend((0..len).map(|at| payload_byte(id, request_id, at)));
+            unanswered.insert(request_id, len);
+        }
+        Caller {
+            id,
+            stream: Some(stream),
+            out,
+            written: 0,
+            input: Vec::new(),
+            unanswered,
+            behaviour,
+            left: false,
+            replies: 0,
+            errors: BTreeMap::new(),
+        }
+    }
+
+    /// It has closed its end (left, or finished).
+    pub(super) fn closed(&self) -> bool {
+        self.stream.is_none()
+    }
+
+    /// Every request answered, or it left.
+    pub(super) fn finished(&self) -> bool {
+        self.closed() && (self.left || self.unanswered.is_empty())
+    }
+
+    /// Requests not answered (for the end-of-run check).
+    pub(super) fn unanswered(&self) -> usize {
+        self.unanswered.len()
+    }
+
+    /// Do one thing the seed picks: write some bytes, read answers, or leave. True when it did
+    /// something (its socket moved bytes or it closed).
+    /// `guesses`: guessed answers that workers have sent and the bridge may have relayed (see
+    /// `on_answer`); each one this caller takes uses one up.
+    pub(super) fn act(
+        &mut self,
+        rng: &mut Rng,
+        guesses: &mut u64,
+        trace: &mut Vec<String>,
+    ) -> bool {
+        if self.stream.is_none() {
+            return false;
+        }
+        let reads = !matches!(self.behaviour, Behaviour::StopsReading(_));
+        if self.written < self.out.len() && (!reads || rng.chance(60)) {
+            return self.write_some(rng, trace);
+        }
+        if let Behaviour::StopsReading(turns) = &mut self.behaviour {
+            if self.written == self.out.len() {
+                *turns = turns.saturating_sub(1);
+                if *turns == 0 {
+                    trace.push(format!("caller {} leaves without reading", self.id));
+                    self.leave();
+                }
+                return true;
+            }
+            return false;
+        }
+        let read = self.read_answers(guesses, trace);
+        if self.unanswered.is_empty() && self.written == self.out.len() {
+            trace.push(format!("caller {} done, closes", self.id));
+            self.stream = None;
+            return true;
+        }
+        read
+    }
+
+    fn leave(&mut self) {
+        self.stream = None;
+        self.left = true;
+    }
+
+    fn write_some(&mut self, rng: &mut Rng, trace: &mut Vec<String>) -> bool {
+        let mut end = self.out.len();
+        if let Behaviour::LeavesAt(at) = self.behaviour {
+            end = end.min(at);
+        }
+        let rest = end - self.written;
+        if rest == 0 {
+            trace.push(format!(
+                "caller {} leaves at byte {}",
+                self.id, self.written
+            ));
+            self.leave();
+            return true;
+        }
+        let len = rng.length(rest as u32, 50) as usize;
+        let stream = self.stream.as_mut().expect("open");
+        match stream.write(&self.out[self.written..self.written + len]) {
+            Ok(n) => {
+                self.written += n;
+                trace.push(format!("caller {} wrote {n}", self.id));
+                true
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => false,
+            Err(e) => {
+                // The bridge closed on it (a bound, a drain): its answers may never come.
+                trace.push(format!("caller {} write failed: {e}", self.id));
+                self.leave();
+                true
+            }
+        }
+    }
+
+    fn read_answers(&mut self, guesses: &mut u64, trace: &mut Vec<String>) -> bool {
+        let stream = self.stream.as_mut().expect("open");
+        let mut buf = [0u8; 16384];
+        let n = match stream.read(&mut buf) {
+            Ok(0) => {
+                assert!(
+                    self.unanswered.is_empty() || self.written < self.out.len() || self.left,
+                    "caller {}: the bridge closed with {} requests unanswered ({:?})",
+                    self.id,
+                    self.unanswered.len(),
+                    self.unanswered.keys().take(8).collect::<Vec<_>>()
+                );
+                trace.push(format!("caller {} read end of file", self.id));
+                self.leave();
+                return true;
+            }
+            Ok(n) => n,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return false,
+            Err(e) => {
+                trace.push(format!("caller {} read failed: {e}", self.id));
+                self.leave();
+                return true;
+            }
+        };
+        self.input.extend_from_slice(&buf[..n]);
+        while let Some(header) = self.next_frame() {
+            let payload_len = header.payload_len as usize;
+            let payload = self.input[HEADER_BYTES..HEADER_BYTES + payload_len].to_vec();
+            self.input.drain(..HEADER_BYTES + payload_len);
+            self.on_answer(&header, &payload, guesses, trace);
+        }
+        true
+    }
+
+    fn next_frame(&self) -> Option<Header> {
+        if self.input.len() < HEADER_BYTES {
+            return None;
+        }
+        let header = Header::decode(&self.input[..HEADER_BYTES], u32::MAX)
+            .unwrap_or_else(|e| panic!("caller {}: the bridge sent a bad frame: {e}", self.id));
+        (self.input.len() >= HEADER_BYTES + header.payload_len as usize).then_some(header)
+    }
+
+    /// One answer: it must name a request of ours that is unanswered, and an echo's bytes
+    /// must be that request's.
+    ///
+    /// One exception to the echo check: a worker that sent `Done` for a sequence it guessed,
+    /// whose `Job` then reached it and whose slot it moved to Replied before the bridge read
+    /// the guess, cannot be told from a worker that answered (its bytes are on one socket, in
+    /// order); the bridge relays its empty reply (and kills it at its next answer). Such a
+    /// reply is taken, at most once per guess sent.
+    fn on_answer(
+        &mut self,
+        header: &Header,
+        payload: &[u8],
+        guesses: &mut u64,
+        trace: &mut Vec<String>,
+    ) {
+        let id = header.request_id;
+        let Some(len) = self.unanswered.remove(&id) else {
+            panic!(
+                "caller {}: an answer ({:?}) for request {id}, which is not waiting for one \
+                 (misrouted or duplicated)",
+                self.id, header.kind
+            );
+        };
+        match header.kind {
+            Kind::Reply if payload.is_empty() && len > 0 && *guesses > 0 => {
+                *guesses -= 1;
+                self.replies += 1;
+                trace.push(format!("caller {} reply {id}: a relayed guess", self.id));
+            }
+            Kind::Reply => {
+                assert_eq!(
+                    payload.len(),
+                    len,
+                    "caller {}: reply {id}'s length",
+                    self.id
+                );
+                let wrong = payload
+                    .iter()
+                    .enumerate()
+                    .position(|(at, &b)| b != payload_byte(self.id, id, at));
+                assert!(
+                    wrong.is_none(),
+                    "caller {}: reply {id} differs from its request at byte {wrong:?}",
+                    self.id
+                );
+                self.replies += 1;
+                trace.push(format!("caller {} reply {id} ({len} B) ok", self.id));
+            }
+            Kind::Error => {
+                let code = header.code;
+                *self.errors.entry(code).or_default() += 1;
+                let message = String::from_utf8_lossy(payload);
+                trace.push(format!(
+                    "caller {} error {code} for {id}: {message}",
+                    self.id
+                ));
+                let allowed = [
+                    ErrorCode::Overloaded,
+                    ErrorCode::WorkerFailed,
+                    ErrorCode::TimedOut,
+                    ErrorCode::ServiceError,
+                    ErrorCode::ServiceUnavailable,
+                ];
+                assert!(
+                    allowed.iter().any(|c| *c as u16 == code),
+                    "caller {}: error {code} ({message}) for request {id}",
+                    self.id
+                );
+            }
+            kind => panic!("caller {}: a {kind:?} frame for request {id}", self.id),
+        }
+    }
+}
