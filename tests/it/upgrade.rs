@@ -192,29 +192,7 @@ fn an_upgrade_under_load_fails_no_request() {
     assert_eq!(status, 0, "it exited with status {status:#x}");
 
     let outcome = load.join().expect("the load thread");
-    let recorder = &outcome.recorder;
-    assert_eq!(
-        recorder.errors_total(),
-        0,
-        "failed requests across the upgrades: {:?}",
-        recorder.errors_by_label()
-    );
-    assert_eq!(
-        recorder.mismatches(),
-        0,
-        "a reply differed from its request"
-    );
-    assert_eq!(recorder.warmup_errors(), 0);
-    assert_eq!(recorder.tasks_stopped_early(), 0);
-    assert!(
-        recorder.requests_ok() > 1000,
-        "{} requests",
-        recorder.requests_ok()
-    );
-    assert!(
-        recorder.drain_retries() > 0,
-        "the load never met a draining bridge (the upgrades were not under load)"
-    );
+    assert_no_request_failed_across_upgrades(&outcome.recorder);
 
     assert!(second.alive());
     let mut client = BlockingClient::connect(&bridge.unix).expect("connect after the upgrades");
@@ -339,11 +317,17 @@ fn an_upgrade_under_batched_load_fails_no_request() {
     assert!(status.success(), "the old bridge exited with {status}");
 
     let outcome = load.join().expect("the load thread");
-    let recorder = &outcome.recorder;
+    assert_no_request_failed_across_upgrades(&outcome.recorder);
+    assert_eq!(successor.stop(), 0);
+}
+
+/// The load across one or more upgrades: no request failed or came back wrong, it was real
+/// load (over 1 000 requests), and it met a draining bridge (so the upgrades were under load).
+fn assert_no_request_failed_across_upgrades(recorder: &acgi_loadgen::stats::Recorder) {
     assert_eq!(
         recorder.errors_total(),
         0,
-        "failed requests across the upgrade: {:?}",
+        "failed requests across the upgrades: {:?}",
         recorder.errors_by_label()
     );
     assert_eq!(
@@ -360,7 +344,6 @@ fn an_upgrade_under_batched_load_fails_no_request() {
     );
     assert!(
         recorder.drain_retries() > 0,
-        "the load never met a draining bridge (the upgrade was not under load)"
+        "the load never met a draining bridge (the upgrades were not under load)"
     );
-    assert_eq!(successor.stop(), 0);
 }

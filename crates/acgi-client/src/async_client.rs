@@ -33,14 +33,7 @@ struct Answer {
 impl Answer {
     /// A reply-like answer as its payload, an error frame as [`CallError::Remote`].
     fn into_result(self) -> Result<Bytes, CallError> {
-        match self.header.kind {
-            Kind::Reply | Kind::Pong | Kind::Resolved => Ok(self.payload),
-            Kind::Error => Err(CallError::Remote {
-                code: self.header.code,
-                message: String::from_utf8_lossy(&self.payload).into_owned(),
-            }),
-            other => Err(CallError::Protocol(format!("unexpected {other:?} frame"))),
-        }
+        crate::answer_result(&self.header, self.payload)
     }
 }
 

@@ -397,14 +397,20 @@ impl Answer {
     /// assert!(error.to_string().ends_with("oops"));
     /// ```
     pub fn into_result(self) -> Result<Vec<u8>, CallError> {
-        match self.header.kind {
-            Kind::Reply | Kind::Pong | Kind::Resolved => Ok(self.payload),
-            Kind::Error => Err(CallError::Remote {
-                code: self.header.code,
-                message: String::from_utf8_lossy(&self.payload).into_owned(),
-            }),
-            other => Err(CallError::Protocol(format!("unexpected {other:?} frame"))),
-        }
+        answer_result(&self.header, self.payload)
+    }
+}
+
+/// An answer's payload when it is a reply-like frame, its error as [`CallError::Remote`]
+/// otherwise: the one reading of an answer's kind for both clients (`Vec<u8>` or `Bytes`).
+pub(crate) fn answer_result<P: AsRef<[u8]>>(header: &Header, payload: P) -> Result<P, CallError> {
+    match header.kind {
+        Kind::Reply | Kind::Pong | Kind::Resolved => Ok(payload),
+        Kind::Error => Err(CallError::Remote {
+            code: header.code,
+            message: String::from_utf8_lossy(payload.as_ref()).into_owned(),
+        }),
+        other => Err(CallError::Protocol(format!("unexpected {other:?} frame"))),
     }
 }
 
