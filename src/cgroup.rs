@@ -293,9 +293,19 @@ fn mkdir(path: &Path) -> std::io::Result<()> {
 /// (The lines of [`notes`] are logged with the config's other warnings.)
 pub fn setup(config: &Config) {
     let setting = config.cgroup.as_deref().unwrap_or("auto");
-    let Probe::Ready { root, controllers } = probe(setting) else {
-        tracing::info!(cgroup = setting, "workers are not placed in cgroups");
-        return;
+    let (root, controllers) = match probe(setting) {
+        Probe::Ready { root, controllers } => (root, controllers),
+        Probe::Off => {
+            tracing::info!("cgroup = \"off\": workers are not placed in cgroups");
+            return;
+        }
+        Probe::Skipped(why) => {
+            tracing::info!(
+                cgroup = setting,
+                "cgroup: {why}: workers are not placed in cgroups"
+            );
+            return;
+        }
     };
     if let Err(why) = enter_leaf(&root) {
         tracing::warn!("cgroup: {why}: workers are not placed in cgroups");
