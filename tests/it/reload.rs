@@ -14,7 +14,7 @@ use crate::common::{self, Bridge, BridgeBuilder, ServiceSpec};
 const DEADLINE: Duration = Duration::from_secs(30);
 
 /// `acgi-bridge reload --admin ...`: its exit success and its one-line answer.
-fn reload(bridge: &Bridge) -> (bool, String) {
+pub(crate) fn reload(bridge: &Bridge) -> (bool, String) {
     let output: Output = Command::new(common::bridge_exe())
         .arg("reload")
         .arg("--admin")

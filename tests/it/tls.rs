@@ -15,6 +15,7 @@ use rcgen::{
 };
 
 use crate::common::{bridge, tagged_payload, Bridge, BridgeBuilder, ServiceSpec};
+use crate::reload::reload;
 
 /// PEM files of a test PKI, in a temporary directory.
 struct Pki {
@@ -416,19 +417,6 @@ fn a_binary_upgrade_hands_the_tls_listener_to_the_new_bridge() {
     assert!(exit.success(), "{exit:?}");
     echo_call(&options, &addr, 2, 65536).expect("the new bridge serves TLS at the same address");
     assert_eq!(successor.stop(), 0, "the new bridge stops cleanly");
-}
-
-/// `acgi-bridge reload --admin ...`: its exit success and its answer.
-fn reload(bridge: &Bridge) -> (bool, String) {
-    let output = Command::new(crate::common::bridge_exe())
-        .arg("reload")
-        .arg("--admin")
-        .arg(&bridge.admin)
-        .output()
-        .expect("run acgi-bridge reload");
-    let text = String::from_utf8_lossy(&output.stdout).to_string()
-        + &String::from_utf8_lossy(&output.stderr);
-    (output.status.success(), text)
 }
 
 /// A server certificate for 127.0.0.1 signed by a new CA, written over `cert` and `key`; the

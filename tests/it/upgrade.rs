@@ -122,16 +122,8 @@ fn an_upgrade_under_load_fails_no_request() {
     // request; each old bridge exits 0, and the last new one serves.
     let mut bridge = echo_bridge();
     let old_pid = bridge.pid();
-    let mut workload = Workload::simple(&bridge.unix, "echo", PayloadKind::Bytes(256));
-    workload.payloads = Weighted::new(vec![
-        (PayloadKind::Bytes(256), 4),
-        (PayloadKind::Bytes(100_000), 1),
-    ])
-    .expect("a payload mix");
-    workload.warmup = Duration::ZERO;
-    workload.duration = Duration::from_secs(4);
     let plan = Plan {
-        workload,
+        workload: upgrade_workload(&bridge.unix, Duration::from_secs(4)),
         connections: 4,
         depth: 4,
         batch: false,
@@ -285,16 +277,8 @@ fn an_upgrade_under_batched_load_fails_no_request() {
     // batched closed loop (many requests in flight per connection, byte-checked replies) an
     // upgrade fails no request, and the load says it resent what the old bridge did not run.
     let mut bridge = echo_bridge();
-    let mut workload = Workload::simple(&bridge.unix, "echo", PayloadKind::Bytes(256));
-    workload.payloads = Weighted::new(vec![
-        (PayloadKind::Bytes(256), 4),
-        (PayloadKind::Bytes(100_000), 1),
-    ])
-    .expect("a payload mix");
-    workload.warmup = Duration::ZERO;
-    workload.duration = Duration::from_secs(3);
     let plan = Plan {
-        workload,
+        workload: upgrade_workload(&bridge.unix, Duration::from_secs(3)),
         connections: 4,
         depth: 8,
         batch: true,
@@ -346,4 +330,18 @@ fn assert_no_request_failed_across_upgrades(recorder: &acgi_loadgen::stats::Reco
         recorder.drain_retries() > 0,
         "the load never met a draining bridge (the upgrades were not under load)"
     );
+}
+
+/// The load the upgrade tests run: echo, mostly 256 B with one request in five of 100 000 B
+/// (larger than the slot), no warm-up, for `duration`.
+fn upgrade_workload(unix: &str, duration: Duration) -> Workload {
+    let mut workload = Workload::simple(unix, "echo", PayloadKind::Bytes(256));
+    workload.payloads = Weighted::new(vec![
+        (PayloadKind::Bytes(256), 4),
+        (PayloadKind::Bytes(100_000), 1),
+    ])
+    .expect("a payload mix");
+    workload.warmup = Duration::ZERO;
+    workload.duration = duration;
+    workload
 }
