@@ -18,14 +18,15 @@
 //! Service ids are the ones resolved at the start (the config's `id`s: the new bridge runs the
 //! same config).
 
-use std::io::{self, Read, Write};
+use std::io;
 use std::time::{Duration, Instant};
 
-use acgi_client::{is_drain_notice, Addr, Answer, CallError, DRAIN_RETRIES_MAX};
+use acgi_client::{is_drain_notice, Answer, CallError, DRAIN_RETRIES_MAX};
 use acgi_proto::{self as proto, ErrorCode, Header, Kind, Parsed, ReadBuffer, HEADER_BYTES};
 
 use crate::mix::Rng;
 use crate::payload::{first_difference, Payload};
+use crate::plain::PlainStream;
 use crate::stats::{CallTiming, ErrorClass, Mismatch, Recorder};
 use crate::workload::{Window, Workload};
 
@@ -39,48 +40,11 @@ const INPUT_SPARE_BYTES: usize = 64 * 1024;
 /// How often a blocked read wakes to look at the clock.
 const READ_TIMEOUT: Duration = Duration::from_millis(100);
 
-enum Stream {
-    Unix(std::os::unix::net::UnixStream),
-    Tcp(std::net::TcpStream),
-}
-
-impl Stream {
-    fn connect(addr: &str) -> io::Result<Stream> {
-        let stream = match Addr::parse(addr) {
-            Addr::Unix(path) => Stream::Unix(std::os::unix::net::UnixStream::connect(path)?),
-            Addr::Tcp(host_port) => {
-                let stream = std::net::TcpStream::connect(host_port)?;
-                stream.set_nodelay(true)?;
-                Stream::Tcp(stream)
-            }
-            Addr::Tls(_) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::Unsupported,
-                    "the batched mode speaks plaintext only: drive tls: addresses with the \
-                     closed or open loop",
-                ))
-            }
-        };
-        match &stream {
-            Stream::Unix(s) => s.set_read_timeout(Some(READ_TIMEOUT))?,
-            Stream::Tcp(s) => s.set_read_timeout(Some(READ_TIMEOUT))?,
-        }
-        Ok(stream)
-    }
-
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Stream::Unix(s) => s.read(buf),
-            Stream::Tcp(s) => s.read(buf),
-        }
-    }
-
-    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
-        match self {
-            Stream::Unix(s) => s.write_all(buf),
-            Stream::Tcp(s) => s.write_all(buf),
-        }
-    }
+/// A connection of the batched mode.
+fn connect(addr: &str) -> io::Result<PlainStream> {
+    const WHY: &str = "the batched mode speaks plaintext only: drive tls: addresses with the \
+                       closed or open loop";
+    PlainStream::connect(addr, WHY, READ_TIMEOUT, None)
 }
 
 /// A request in flight at one place.
@@ -121,7 +85,7 @@ enum Drain {
 struct Batch<'a> {
     driver: &'a Driver,
     recorder: Recorder,
-    stream: Stream,
+    stream: PlainStream,
     rng: Rng,
     payloads: Vec<Vec<Payload>>,
     in_flight: Vec<Option<InFlight>>,
@@ -143,7 +107,7 @@ impl Driver {
     /// (or the hard stop passes).
     pub fn run(self) -> Recorder {
         let mut recorder = Recorder::new();
-        let stream = match Stream::connect(&self.workload.connect) {
+        let stream = match connect(&self.workload.connect) {
             Ok(stream) => stream,
             Err(_) => {
                 recorder.record_error(ErrorClass::Io);
@@ -164,7 +128,7 @@ impl Driver {
 }
 
 impl<'a> Batch<'a> {
-    fn new(driver: &'a Driver, stream: Stream, recorder: Recorder) -> Batch<'a> {
+    fn new(driver: &'a Driver, stream: PlainStream, recorder: Recorder) -> Batch<'a> {
         let depth = u64::from(driver.depth).min(PLACES);
         let payloads = (0..depth)
             .map(|place| {
@@ -360,7 +324,7 @@ impl<'a> Batch<'a> {
             code: ErrorCode::ShuttingDown as u16,
             message: String::new(),
         });
-        let Ok(stream) = Stream::connect(&self.driver.workload.connect) else {
+        let Ok(stream) = connect(&self.driver.workload.connect) else {
             // No new bridge took over: the refusal stands for every call in flight.
             let calls: Vec<InFlight> = self.in_flight.iter_mut().filter_map(Option::take).collect();
             for call in calls {

@@ -35,6 +35,7 @@ pub mod machine;
 pub mod mix;
 pub mod open_loop;
 pub mod payload;
+pub mod plain;
 pub mod plan;
 pub mod queueing;
 pub mod report;

@@ -16,19 +16,18 @@
 //!   enter request, write frame ──────────▶ (bridge) ──▶ read, parse frames
 //! ```
 
-use std::io::{self, Read, Write};
-use std::net::Shutdown;
+use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use acgi_client::Addr;
 use acgi_proto::{self as proto, Header, Kind, Parsed, ReadBuffer, HEADER_BYTES};
 
 use super::check::{Ledger, Pending};
 use super::stamp::{body, Identity, SizeClass};
 use super::tally::{add, Tally};
 use crate::mix::Rng;
+use crate::plain::PlainStream;
 
 /// How often blocked reads and waits look at the clock and the controls.
 const POLL: Duration = Duration::from_millis(50);
@@ -119,68 +118,6 @@ pub fn run(plan: Plan, shared: Arc<Shared>) {
     }
 }
 
-enum Stream {
-    Unix(std::os::unix::net::UnixStream),
-    Tcp(std::net::TcpStream),
-}
-
-impl Stream {
-    fn connect(addr: &str) -> io::Result<Stream> {
-        let stream = match Addr::parse(addr) {
-            Addr::Unix(path) => Stream::Unix(std::os::unix::net::UnixStream::connect(path)?),
-            Addr::Tcp(host_port) => {
-                let stream = std::net::TcpStream::connect(host_port)?;
-                stream.set_nodelay(true)?;
-                Stream::Tcp(stream)
-            }
-            Addr::Tls(_) => {
-                let why = "the soak speaks plaintext: give it a Unix path or tcp:HOST:PORT";
-                return Err(io::Error::new(io::ErrorKind::Unsupported, why));
-            }
-        };
-        match &stream {
-            Stream::Unix(s) => {
-                s.set_read_timeout(Some(POLL))?;
-                s.set_write_timeout(Some(WRITE_TIMEOUT))?;
-            }
-            Stream::Tcp(s) => {
-                s.set_read_timeout(Some(POLL))?;
-                s.set_write_timeout(Some(WRITE_TIMEOUT))?;
-            }
-        }
-        Ok(stream)
-    }
-
-    fn try_clone(&self) -> io::Result<Stream> {
-        Ok(match self {
-            Stream::Unix(s) => Stream::Unix(s.try_clone()?),
-            Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
-        })
-    }
-
-    fn shutdown(&self) {
-        // Already shut down or reset by the peer: either way it is closed, as meant.
-        let _ = match self {
-            Stream::Unix(s) => s.shutdown(Shutdown::Both),
-            Stream::Tcp(s) => s.shutdown(Shutdown::Both),
-        };
-    }
-
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Stream::Unix(s) => s.read(buf),
-            Stream::Tcp(s) => s.read(buf),
-        }
-    }
-
-    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
-        match self {
-            Stream::Unix(s) => s.write_all(buf),
-            Stream::Tcp(s) => s.write_all(buf),
-        }
-    }
-}
-
 /// The ledger of one connection, with the condition the writer waits on for room.
 struct Book {
     ledger: Mutex<Ledger>,
@@ -213,7 +150,12 @@ fn session(
     connection: u32,
     drop_reply: bool,
 ) -> io::Result<()> {
-    let mut stream = Stream::connect(&plan.addr)?;
+    let mut stream = PlainStream::connect(
+        &plan.addr,
+        "the soak speaks plaintext: give it a Unix path or tcp:HOST:PORT",
+        POLL,
+        Some(WRITE_TIMEOUT),
+    )?;
     add(&shared.tally.connections, 1);
     let book = Arc::new(Book {
         ledger: Mutex::new(Ledger::new(connection)),
@@ -259,7 +201,7 @@ fn session(
 }
 
 fn write_requests(
-    stream: &mut Stream,
+    stream: &mut PlainStream,
     plan: &Plan,
     shared: &Shared,
     rng: &mut Rng,
@@ -320,7 +262,7 @@ fn wait_for_room(book: &Book, plan: &Plan) -> bool {
 
 #[allow(clippy::too_many_arguments)]
 fn send(
-    stream: &mut Stream,
+    stream: &mut PlainStream,
     plan: &Plan,
     shared: &Shared,
     rng: &mut Rng,
@@ -367,7 +309,7 @@ fn encode(plan: &Plan, rng: &mut Rng, connection: u32, number: u64, size: u32, o
 /// bound passes, or the connection ends. Returns whether it ended by the bridge's doing (EOF
 /// or an error while requests were expected).
 fn read_answers(
-    mut stream: Stream,
+    mut stream: PlainStream,
     book: &Book,
     shared: &Shared,
     plan: &Plan,
