@@ -4,28 +4,9 @@
 //! from (`fuzz/seeds/<target>/`).
 
 use acgi_bridge::fuzzing::{self, PAYLOAD_BOUND, WORKER_PREFIX_BYTES};
+use acgi_bridge::proto::fuzzing::{replay_dir, Rng};
 use acgi_bridge::proto::{Header, Hello, Kind, FLAG_IN_SLOT, FLAG_QUEUED};
 use acgi_bridge::shm::SLOT_ABI_VERSION;
-
-/// xorshift64*: deterministic, no dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.next() as u8).collect()
-    }
-}
 
 #[test]
 fn random_bytes_never_break_the_daemon_parsers() {
@@ -177,13 +158,6 @@ fn every_input_the_fuzzer_reported_stays_fixed() {
         .flat_map(|t| [(t, "regressions"), (t, "seeds")])
     {
         let dir = format!("{}/fuzz/{kind}/{target}", env!("CARGO_MANIFEST_DIR"));
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue; // none yet
-        };
-        for entry in entries {
-            let path = entry.expect("a readable regressions directory").path();
-            let data = std::fs::read(&path).unwrap_or_else(|e| panic!("{path:?}: {e}"));
-            body(&data);
-        }
+        replay_dir(std::path::Path::new(&dir), body);
     }
 }

@@ -84,3 +84,39 @@ fn frames_of(stream: &[u8], cuts: &[usize]) -> Vec<Result<(Header, Vec<u8>), Str
         );
     }
 }
+
+/// xorshift64*: the seeded inputs the stable replays of the bodies draw (deterministic, no
+/// dependency). For the test suites of this crate and the daemon.
+pub struct Rng(pub u64);
+
+impl Rng {
+    #[allow(clippy::should_implement_trait)] // (not an iterator: it never ends)
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// A number below `n` (not zero).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next() as u8).collect()
+    }
+}
+
+/// Run `body` on every file of `dir` (`fuzz/regressions/<target>/`, `fuzz/seeds/<target>/`);
+/// a missing directory is none yet.
+pub fn replay_dir(dir: &std::path::Path, body: fn(&[u8])) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries {
+        let path = entry.expect("a readable fuzz input directory").path();
+        let data = std::fs::read(&path).unwrap_or_else(|e| panic!("{path:?}: {e}"));
+        body(&data);
+    }
+}

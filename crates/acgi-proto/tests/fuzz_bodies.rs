@@ -4,22 +4,7 @@
 
 use acgi_proto::frame::{Header, Kind};
 use acgi_proto::fuzzing;
-
-/// xorshift64*: deterministic, no dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.next() as u8).collect()
-    }
-}
+use acgi_proto::fuzzing::{replay_dir, Rng};
 
 #[test]
 fn random_bytes_never_break_decoding_or_reassembly() {
@@ -67,13 +52,6 @@ fn every_input_the_fuzzer_reported_stays_fixed() {
             "{}/../../fuzz/regressions/{target}",
             env!("CARGO_MANIFEST_DIR")
         );
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue; // none yet
-        };
-        for entry in entries {
-            let path = entry.expect("a readable regressions directory").path();
-            let data = std::fs::read(&path).unwrap_or_else(|e| panic!("{path:?}: {e}"));
-            body(&data);
-        }
+        replay_dir(std::path::Path::new(&dir), body);
     }
 }
