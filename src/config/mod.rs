@@ -99,8 +99,8 @@ pub struct Config {
     pub access_log: Option<PathBuf>,
     /// Path of the admin socket (`acgi-bridge status`). Default: `admin.sock` in `state_dir`.
     pub admin_socket: Option<PathBuf>,
-    /// The directory a path beginning with `{runtime_dir}` names (`listen.unix`,
-    /// `admin_socket`). Default: `/run/acgi-bridge` as root, `$XDG_RUNTIME_DIR/acgi-bridge`
+    /// The directory a path beginning with `{runtime_dir}` names (any path key, e.g.
+    /// `listen.unix`, `admin_socket`). Default: `/run/acgi-bridge` as root, `$XDG_RUNTIME_DIR/acgi-bridge`
     /// otherwise, `/tmp/acgi-bridge-UID` without `XDG_RUNTIME_DIR` ([`crate::runtime_dir`]).
     /// Created when a socket is bound there; refused when another user owns it or group or
     /// others may write it.
@@ -759,13 +759,13 @@ impl Config {
             }
         };
         self.base_dir = base_dir.to_path_buf();
-        self.state_dir = resolve(&self.state_dir);
         self.runtime_dir = resolve(&self.runtime_dir);
         let runtime_dir = self.runtime_dir.clone();
-        // `{runtime_dir}/...` first, then relative to the config file as every path.
+        // Every other path: `{runtime_dir}/...` first, then relative to the config file.
         let resolve = |path: &Path| -> PathBuf {
             crate::runtime_dir::expand(path, &runtime_dir).unwrap_or_else(|| resolve(path))
         };
+        self.state_dir = resolve(&self.state_dir);
         if let Some(admin) = &self.admin_socket {
             self.admin_socket = Some(resolve(admin));
         }
@@ -1698,6 +1698,23 @@ mod tests {
         let config = Config::load(&path).unwrap();
         assert_eq!(config.listen.unix.unwrap(), dir.path().join("run/x.sock"));
         assert_eq!(config.state_dir, dir.path().join("st"));
+    }
+
+    #[test]
+    fn a_leading_runtime_dir_placeholder_names_the_runtime_dir_in_any_path() {
+        // Proves `{runtime_dir}` in path keys: the runtime directory (itself relative to the
+        // config file here) replaces it, in listen.unix as in state_dir.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bridge.toml");
+        let text = format!(
+            "runtime_dir = \"rt\"\nstate_dir = \"{{runtime_dir}}/st\"\n{}",
+            minimal().replace("/tmp/x.sock", "{runtime_dir}/x.sock")
+        );
+        std::fs::write(&path, text).unwrap();
+        let config = Config::load(&path).unwrap();
+        assert_eq!(config.runtime_dir, dir.path().join("rt"));
+        assert_eq!(config.listen.unix.unwrap(), dir.path().join("rt/x.sock"));
+        assert_eq!(config.state_dir, dir.path().join("rt/st"));
     }
 
     #[test]
