@@ -6,7 +6,7 @@
 //! They drive the code the engine runs on untrusted bytes, not copies of it:
 //!
 //! - [`worker_answer`]: what a core checks when a worker's frame arrives
-//!   (`engine::core::worker_answer::check_frame`) and the slot step of an answer
+//!   (`engine::core::worker::answer::check_frame`) and the slot step of an answer
 //!   (`worker_answer::take_reply` over a slot whose header and data the input writes);
 //! - [`admin_line`]: the admin socket's line framing and bound (`control::admin::frame_line`)
 //!   and the command parser (`control::admin::parse`);
@@ -21,7 +21,9 @@ use std::sync::OnceLock;
 
 use crate::config::Config;
 use crate::engine::control::admin::{self, AdminRequest, Limits, Line, ADMIN_LINE_BYTES_MAX};
-use crate::engine::core::worker_answer::{self, Verdict, WorkerFault, WorkerView};
+use crate::engine::core::worker::answer::{
+    self as worker_answer, Verdict, WorkerFault, WorkerView,
+};
 use crate::metrics::{self, HttpRequest, REQUEST_HEAD_BYTES_MAX};
 use crate::proto::{Header, Kind, FLAG_IN_SLOT, FLAG_QUEUED, HEADER_BYTES};
 use crate::shm::{SlotState, SlotView, SLOT_ABI_VERSION, SLOT_HEADER_BYTES};

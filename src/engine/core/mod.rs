@@ -4,12 +4,10 @@
 //! | room | owns | hand-offs |
 //! |---|---|---|
 //! | `event_loop` | the turn: wait, drain a batch of completions, route each by its token | completion → its owner's handler |
-//! | `conn`, `conn_state`, `conn_close`, `backpressure` | caller connections: receives, frames → requests, answers, the send queue, pausing and resuming, close | a request to `dispatch`/`cross_core` |
-//! | `direct` | a large payload read from the caller's socket straight into a worker's slot | caller → slot (`SlotUse::Filling`) |
-//! | `worker`, `worker_state`, `worker_answer`, `worker_output`, `fault` | workers: spawn result, handshake, jobs and answers, output and its budget, retirement, reaping | answer → its request's caller |
-//! | `slot_send` | a reply sent straight from a worker's slot | slot → caller (`SlotUse::Lent`) |
+//! | `conn/` | the caller room: accept and admission, receives, frames → requests, answers, the send queue, pausing and resuming, close; `conn/direct.rs` reads a large payload from the caller's socket straight into a worker's slot | a request to `dispatch`/`cross_core`; caller → slot (`SlotUse::Filling`) |
+//! | `worker/` | the worker room: spawn result, handshake, jobs and answers (`answer.rs`, judged purely), faults, output and its budget, retirement, reaping; `worker/slot_send.rs` sends a reply straight from a worker's slot | answer → its request's caller; slot → caller (`SlotUse::Lent`) |
 //! | `request`, `dispatch` | the request table; the pool policy's actions turned into spawns, dispatches, rejections | pool ↔ engine |
-//! | `cross_core`, `report`, `listen`, `shutdown`, `tables` | other cores' messages, this core's report, accepting callers, stopping, the ring's tables | |
+//! | `cross_core`, `report`, `shutdown`, `tables` | other cores' messages, this core's report, stopping, the ring's tables | |
 //! | `invariants` | the relations between the tables, checked after every completion in debug builds | |
 //!
 //! The ring itself is behind `super::io` (the only code that names io_uring); connections,
@@ -110,41 +108,30 @@ const ACCEPT_RETRY_DELAY: Duration = Duration::from_millis(100);
 const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(1);
 
 mod admin;
-mod answer_budget;
-mod backpressure;
 mod conn;
-mod conn_close;
-mod conn_state;
 mod cross_core;
-mod direct;
 mod dispatch;
 mod event_loop;
-mod fault;
 #[cfg(debug_assertions)]
 mod invariants;
-mod listen;
 mod reload;
 mod report;
 mod request;
 mod shutdown;
 #[cfg(test)]
 mod sim_seam;
-mod slot_send;
 mod tables;
-mod worker;
-pub(crate) mod worker_answer;
-mod worker_output;
-mod worker_state;
+pub(crate) mod worker;
 
-use backpressure::Pause;
-use conn_state::{AwaitPayload, Conn, IntoSlot, Phase, Recv, SlotSend};
-use direct::DirectRead;
-use fault::WorkerFault;
+use conn::backpressure::Pause;
+use conn::direct::DirectRead;
+use conn::state::{AwaitPayload, Conn, IntoSlot, Phase, Recv, SlotSend};
 pub(crate) use tables::check_memlock;
 use tables::*;
+use worker::fault::WorkerFault;
 use worker::kill;
-use worker_output::OutputBudget;
-use worker_state::{Job, JobPath, PipeLog, SlotUse, Worker, WorkerState};
+use worker::output::OutputBudget;
+use worker::state::{Job, JobPath, PipeLog, SlotUse, Worker, WorkerState};
 
 /// The tokens of a connection's and a worker's ops carry their handle.
 impl Token {

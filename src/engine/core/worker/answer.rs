@@ -11,7 +11,7 @@
 //! the checks a hostile worker meets.
 
 pub(crate) use super::fault::WorkerFault;
-use super::worker_state::{JobPath, SlotUse, Worker, WorkerState};
+use super::state::{JobPath, SlotUse, Worker, WorkerState};
 use crate::proto::{self, Header, Hello, Kind, FLAG_IN_SLOT};
 use crate::shm::{SlotError, SlotView, SLOT_ABI_VERSION};
 
@@ -38,7 +38,7 @@ pub(crate) enum WorkerView {
 impl WorkerView {
     /// The view of a worker of this core; `sent_total` is how far its control socket's send
     /// queue has got.
-    pub(super) fn of(worker: &Worker) -> WorkerView {
+    pub(in crate::engine::core) fn of(worker: &Worker) -> WorkerView {
         match worker.state {
             WorkerState::Starting => WorkerView::Starting,
             WorkerState::Busy(job) => WorkerView::Busy {

@@ -1,7 +1,7 @@
 //! The one hand-off from a worker's slot to a caller: a reply sent straight from the slot (a
 //! registered buffer) as a header plus a linked fixed write, the worker lent until both complete.
 
-use super::*;
+use crate::engine::core::*;
 
 impl Core {
     /// Send an in-slot reply straight from the worker's slot (a registered buffer) when that
@@ -9,7 +9,7 @@ impl Core {
     /// The worker is lent to the connection until the send completes. Returns false to let the
     /// caller copy the reply instead (also when the slot does not validate: the copying path
     /// reports that).
-    pub(super) fn try_send_from_slot(
+    pub(in crate::engine::core) fn try_send_from_slot(
         &mut self,
         index: WorkerHandle,
         request: RequestHandle,
@@ -84,7 +84,7 @@ impl Core {
 
     /// One of the two ops of a send from a slot completed. When both have, spill whatever did
     /// not go out into the connection's queue and give the worker back to its pool.
-    pub(super) fn on_slot_send(
+    pub(in crate::engine::core) fn on_slot_send(
         &mut self,
         index: ConnHandle,
         is_header: bool,
@@ -157,7 +157,7 @@ impl Core {
     }
 
     /// A connection finished sending from this worker's slot.
-    pub(super) fn return_lent_worker(&mut self, index: WorkerHandle) {
+    pub(in crate::engine::core) fn return_lent_worker(&mut self, index: WorkerHandle) {
         let worker = &mut self.workers[index];
         assert!(
             matches!(worker.slot_use, SlotUse::Lent { .. }),

@@ -1,5 +1,5 @@
 //! A connection as this core sees it: its buffers, the receive it has armed and where it is in
-//! its life, each an enum (the state x event tables are in `CONN_LIFECYCLE.md` beside this
+//! its life, each an enum (the state x event tables are in `LIFECYCLE.md` beside this
 //! file).
 //!
 //! ```text
@@ -8,11 +8,11 @@
 //!    +-- any, on close: ops cancelled --> Closing --last op completed--> freed
 //! ```
 
-use super::*;
+use crate::engine::core::*;
 
 /// The receive a connection has in flight.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Recv {
+pub(in crate::engine::core) enum Recv {
     /// None.
     Idle,
     /// A plain receive into its read buffer.
@@ -27,12 +27,12 @@ pub(super) enum Recv {
 }
 
 impl Recv {
-    pub(super) fn in_flight(self) -> bool {
+    pub(in crate::engine::core) fn in_flight(self) -> bool {
         self != Recv::Idle
     }
 
     /// The op kind its completion carries (for a cancel).
-    pub(super) fn op(self) -> Option<OpKind> {
+    pub(in crate::engine::core) fn op(self) -> Option<OpKind> {
         match self {
             Recv::Idle => None,
             Recv::Plain => Some(OpKind::ConnRecv),
@@ -45,7 +45,7 @@ impl Recv {
 
 /// Where a connection is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Phase {
+pub(in crate::engine::core) enum Phase {
     /// Reading requests and answering them.
     Open,
     /// The caller shut down its side: answer what is in flight, then close.
@@ -59,14 +59,14 @@ pub(super) enum Phase {
 }
 
 impl Conn {
-    pub(super) fn is_closing(&self) -> bool {
+    pub(in crate::engine::core) fn is_closing(&self) -> bool {
         self.phase == Phase::Closing
     }
 
     /// The caller shut down its side (EOF): answer what is in flight, then close. (A
     /// connection already flushing or closing stays so.) A frame it left unfinished is
     /// answered with Error 7 after everything else (`cut_short`).
-    pub(super) fn read_side_closed(&mut self) {
+    pub(in crate::engine::core) fn read_side_closed(&mut self) {
         if self.phase == Phase::Open {
             self.phase = Phase::ReadClosed;
             if self.paused.is_none() {
@@ -77,7 +77,7 @@ impl Conn {
 
     /// After its EOF: bytes left in its buffer are a frame cut short (while it is paused they
     /// are whole frames not yet taken: looked at again once it resumes).
-    pub(super) fn note_cut_short(&mut self) {
+    pub(in crate::engine::core) fn note_cut_short(&mut self) {
         if !self.read.is_empty() && self.into_slot.is_none() && self.cut_short.is_none() {
             let filled = self.read.filled();
             self.cut_short = Some(match filled.get(16..24) {
@@ -88,7 +88,7 @@ impl Conn {
     }
 
     /// Read no more; close once what is queued has been sent.
-    pub(super) fn close_after_flush(&mut self) {
+    pub(in crate::engine::core) fn close_after_flush(&mut self) {
         if self.phase != Phase::Closing {
             self.phase = Phase::Flushing;
         }
@@ -96,13 +96,13 @@ impl Conn {
 
     /// Whether it is in the middle of a frame from its caller (a partial header or payload
     /// buffered, a payload being skipped or read into a slot).
-    pub(super) fn mid_frame(&self) -> bool {
+    pub(in crate::engine::core) fn mid_frame(&self) -> bool {
         !self.read.is_empty() || self.discard > 0 || self.into_slot.is_some()
     }
 
     /// Whether nothing is in flight either way: no request, no partial frame, no answer
     /// queued or being sent.
-    pub(super) fn is_idle(&self) -> bool {
+    pub(in crate::engine::core) fn is_idle(&self) -> bool {
         self.requests_in_flight == 0
             && !self.mid_frame()
             && self.send.queued_bytes() == 0
@@ -111,7 +111,7 @@ impl Conn {
 
     /// The relations between its fields (debug builds, after every completion).
     #[cfg(debug_assertions)]
-    pub(super) fn check_invariants(&self, handle: ConnHandle) {
+    pub(in crate::engine::core) fn check_invariants(&self, handle: ConnHandle) {
         assert!(
             self.recv != Recv::IntoSlot || self.into_slot.is_some(),
             "{handle:?}: a receive into a slot without a direct read"
@@ -125,81 +125,81 @@ impl Conn {
     }
 }
 
-pub(super) struct Conn {
-    pub(super) fd: OwnedFd,
-    pub(super) read: ReadBuffer,
+pub(in crate::engine::core) struct Conn {
+    pub(in crate::engine::core) fd: OwnedFd,
+    pub(in crate::engine::core) read: ReadBuffer,
     /// The receive it has armed, if any.
-    pub(super) recv: Recv,
+    pub(in crate::engine::core) recv: Recv,
     /// Where it is in its life (reading, answering what is left, closing).
-    pub(super) phase: Phase,
+    pub(in crate::engine::core) phase: Phase,
     /// Answers queued for the caller.
-    pub(super) send: SendQueue,
+    pub(in crate::engine::core) send: SendQueue,
     /// Its queued answer bytes as last counted in the core's `answer_bytes` (see
     /// `Core::account_answers`).
-    pub(super) answers_counted: u64,
+    pub(in crate::engine::core) answers_counted: u64,
     /// Payload bytes still to skip after an oversized frame.
-    pub(super) discard: u64,
+    pub(in crate::engine::core) discard: u64,
     /// Requests accepted and not yet answered.
-    pub(super) requests_in_flight: u32,
+    pub(in crate::engine::core) requests_in_flight: u32,
     /// A reply being sent straight from a worker's slot (header + fixed write, linked).
-    pub(super) slot_send: Option<SlotSend>,
+    pub(in crate::engine::core) slot_send: Option<SlotSend>,
     /// The payload of the request at the front is being read into a worker's slot.
-    pub(super) into_slot: Option<IntoSlot>,
+    pub(in crate::engine::core) into_slot: Option<IntoSlot>,
     /// Its index in the ring's registered-file table, if registered.
-    pub(super) file: Option<u32>,
+    pub(in crate::engine::core) file: Option<u32>,
     /// The provided buffers ran out under it: plain receives until its buffer is empty again.
-    pub(super) provided_off: bool,
+    pub(in crate::engine::core) provided_off: bool,
     /// Its last request went straight into a slot: read the next header alone (if it is
     /// large too, none of its payload is copied).
-    pub(super) large_last: bool,
+    pub(in crate::engine::core) large_last: bool,
     /// When its caller last sent a byte (or it was accepted): the frame and idle timeouts
     /// count from here.
-    pub(super) last_byte: Instant,
+    pub(in crate::engine::core) last_byte: Instant,
     /// The caller's EOF came in the middle of a frame (the request id it carried, 0 when its
     /// header was cut short too): once every earlier request is answered, an Error 7 with this
     /// id goes out last, then the connection closes.
-    pub(super) cut_short: Option<u64>,
+    pub(in crate::engine::core) cut_short: Option<u64>,
     /// Its place in the admission counts (connections_max, the Unix reserve, its peer's
     /// limit); returned when the entry goes. Always `Some` until then.
-    pub(super) ticket: Option<Ticket>,
+    pub(in crate::engine::core) ticket: Option<Ticket>,
     /// Why it is not being read, if it is not (see `backpressure`).
-    pub(super) paused: Option<Pause>,
+    pub(in crate::engine::core) paused: Option<Pause>,
     /// Payload bytes its requests in flight hold in memory (`caller_bytes_in_flight_max`).
-    pub(super) bytes_in_flight: u64,
+    pub(in crate::engine::core) bytes_in_flight: u64,
     /// Bytes it holds in the core's request budget for the frame it is receiving.
-    pub(super) reserved: u32,
+    pub(in crate::engine::core) reserved: u32,
     /// Its next receive is a poll: a large request's header is in and the rest of its payload
     /// is not all in the socket yet (`DirectRead::AwaitPayload`, `direct.rs`).
-    pub(super) awaiting: Option<AwaitPayload>,
+    pub(in crate::engine::core) awaiting: Option<AwaitPayload>,
     /// Who it is, as the access and slow logs name it (`uid:N`, or the TCP `ip:port`).
-    pub(super) caller: Option<CallerAddr>,
+    pub(in crate::engine::core) caller: Option<CallerAddr>,
 }
 
 /// Waiting for a large request's payload to arrive in the socket before committing a worker:
 /// what the last poll saw.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub(super) struct AwaitPayload {
+pub(in crate::engine::core) struct AwaitPayload {
     /// Bytes in the socket at the last poll.
-    pub(super) seen: u64,
+    pub(in crate::engine::core) seen: u64,
     /// Polls so far for this payload.
-    pub(super) polls: u32,
+    pub(in crate::engine::core) polls: u32,
 }
 
 /// A request payload being read from the caller's socket straight into a worker's slot (the
 /// worker is `Busy` with it; its `Job` goes out once the whole payload is in).
-pub(super) struct IntoSlot {
-    pub(super) request: RequestHandle,
-    pub(super) worker: WorkerHandle,
-    pub(super) sequence: u64,
-    pub(super) len: u32,
-    pub(super) filled: u32,
+pub(in crate::engine::core) struct IntoSlot {
+    pub(in crate::engine::core) request: RequestHandle,
+    pub(in crate::engine::core) worker: WorkerHandle,
+    pub(in crate::engine::core) sequence: u64,
+    pub(in crate::engine::core) len: u32,
+    pub(in crate::engine::core) filled: u32,
 }
 
 /// A reply sent from a slot: the header (the front of `Conn::send`) and the payload (in the slot) go
 /// out as two linked ops; the worker is lent to the connection until both complete.
-pub(super) struct SlotSend {
-    pub(super) worker: WorkerHandle,
-    pub(super) len: u32,
-    pub(super) header_result: Option<Result<u32, Errno>>,
-    pub(super) payload_result: Option<Result<u32, Errno>>,
+pub(in crate::engine::core) struct SlotSend {
+    pub(in crate::engine::core) worker: WorkerHandle,
+    pub(in crate::engine::core) len: u32,
+    pub(in crate::engine::core) header_result: Option<Result<u32, Errno>>,
+    pub(in crate::engine::core) payload_result: Option<Result<u32, Errno>>,
 }

@@ -12,12 +12,12 @@
 //! reads least) is disconnected, as a slow caller is, until the sum fits again (each round
 //! closes one connection, so the loop ends).
 
-use super::*;
+use crate::engine::core::*;
 
 impl Core {
     /// Bring the core's sum up to date with connection `index`'s queue (a closing connection's
     /// counts nothing: its queue goes with it once its last op has completed).
-    pub(super) fn account_answers(&mut self, index: ConnHandle) {
+    pub(in crate::engine::core) fn account_answers(&mut self, index: ConnHandle) {
         let Some(conn) = self.conns.get_mut(index) else {
             return;
         };
@@ -31,13 +31,13 @@ impl Core {
     }
 
     /// Connection `conn` (being freed) no longer holds answer bytes.
-    pub(super) fn forget_answers(&mut self, counted: u64) {
+    pub(in crate::engine::core) fn forget_answers(&mut self, counted: u64) {
         self.answer_bytes -= counted;
     }
 
     /// After an answer was queued: while the core's answers are over its share, disconnect the
     /// caller with the most queued. Returns whether `index` itself was disconnected.
-    pub(super) fn enforce_answer_budget(&mut self, index: ConnHandle) -> bool {
+    pub(in crate::engine::core) fn enforce_answer_budget(&mut self, index: ConnHandle) -> bool {
         let mut closed_it = false;
         while self.answer_bytes > self.answer_bytes_share {
             let largest = self

@@ -1,5 +1,23 @@
-//! Caller connections: receives (plain and multishot), frames to requests, answers and errors,
-//! the send queue, and closing.
+//! The caller room: everything between a caller's socket and a request. To change how callers'
+//! frames are read, answered or closed, this directory is the place.
+//!
+//! - `listen.rs`: accept and admission (who may connect, within which budgets);
+//! - here: receives (plain and multishot into provided buffers), frames to requests, answers
+//!   and errors, the send queue;
+//! - `state.rs`: `Conn` and its enums (`Recv`, `Phase`, `IntoSlot`, `SlotSend`), with the
+//!   state x event tables in `LIFECYCLE.md`;
+//! - `direct.rs`: the one hand-off from a caller into a worker's slot (a payload read straight
+//!   into it);
+//! - `backpressure.rs`: pausing and resuming callers (in-flight caps, the request-bytes budget);
+//! - `answer_budget.rs`: the bound on answer bytes queued for callers;
+//! - `close.rs`: the sweep for stalled and idle callers, closing and freeing.
+
+mod answer_budget;
+pub(super) mod backpressure;
+mod close;
+pub(super) mod direct;
+mod listen;
+pub(super) mod state;
 
 use super::*;
 

@@ -2,14 +2,14 @@
 //! caller is done, closing at once (cancelling its ops), and freeing the entry when its last op
 //! has completed.
 
-use super::*;
+use crate::engine::core::*;
 
 impl Core {
     /// Disconnect callers that stall mid-frame (`caller_frame_timeout_ms`) and close
     /// connections idle too long (`caller_idle_timeout_ms`), then run the slow log
     /// (`log_slow_requests`). Runs once per `CALLER_SWEEP_INTERVAL`; each connection is looked
     /// at once per sweep.
-    pub(super) fn sweep_callers(&mut self) {
+    pub(in crate::engine::core) fn sweep_callers(&mut self) {
         let frame_timeout = Duration::from_millis(self.config.caller_frame_timeout_ms);
         let idle_timeout = Duration::from_millis(self.config.caller_idle_timeout_ms);
         let now = self.now;
@@ -49,7 +49,7 @@ impl Core {
 
     /// Close a connection whose caller is done (read side closed or protocol error) once every
     /// accepted request is answered and every answer sent.
-    pub(super) fn close_conn_if_finished(&mut self, index: ConnHandle) {
+    pub(in crate::engine::core) fn close_conn_if_finished(&mut self, index: ConnHandle) {
         let Some(conn) = self.conns.get(index) else {
             return;
         };
@@ -91,7 +91,7 @@ impl Core {
     /// requests are dropped when they arrive (the generation no longer matches).
     /// Read nothing more from the caller (its receive is cancelled): close it once what is
     /// queued for it has been sent.
-    pub(super) fn close_after_answers(&mut self, index: ConnHandle) {
+    pub(in crate::engine::core) fn close_after_answers(&mut self, index: ConnHandle) {
         if let Some(conn) = self.conns.get_mut(index) {
             conn.close_after_flush();
             if conn.recv.in_flight() {
@@ -102,7 +102,7 @@ impl Core {
         self.close_conn_if_finished(index);
     }
 
-    pub(super) fn close_conn(&mut self, index: ConnHandle) {
+    pub(in crate::engine::core) fn close_conn(&mut self, index: ConnHandle) {
         let conn = &mut self.conns[index];
         if conn.is_closing() {
             return;
@@ -130,7 +130,7 @@ impl Core {
         self.free_conn_if_done(index);
     }
 
-    pub(super) fn free_conn_if_done(&mut self, index: ConnHandle) {
+    pub(in crate::engine::core) fn free_conn_if_done(&mut self, index: ConnHandle) {
         let conn = &self.conns[index];
         if conn.is_closing() && !conn.recv.in_flight() && !conn.send.in_flight {
             debug_assert!(conn.into_slot.is_none());
@@ -149,7 +149,7 @@ impl Core {
     }
 
     /// The live connection behind a request's handle, if the caller is still there.
-    pub(super) fn live_conn(&self, conn: ConnHandle) -> Option<ConnHandle> {
+    pub(in crate::engine::core) fn live_conn(&self, conn: ConnHandle) -> Option<ConnHandle> {
         self.conns
             .get(conn)
             .filter(|c| !c.is_closing())

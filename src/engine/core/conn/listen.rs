@@ -1,10 +1,10 @@
 //! Listeners and the spawner's wake-up: accepting caller connections (and handing them to the
 //! core with the fewest), and taking the spawner's results.
 
-use super::*;
+use crate::engine::core::*;
 
 impl Core {
-    pub(super) fn arm_accept(&mut self, index: usize) {
+    pub(in crate::engine::core) fn arm_accept(&mut self, index: usize) {
         if self.shutdown_deadline.is_some() {
             return;
         }
@@ -15,7 +15,7 @@ impl Core {
         self.ring.push(entry);
     }
 
-    pub(super) fn on_accept(&mut self, index: usize, completion: Completion) {
+    pub(in crate::engine::core) fn on_accept(&mut self, index: usize, completion: Completion) {
         if !completion.more() {
             self.listeners[index].accept_in_flight = false;
         }
@@ -35,7 +35,7 @@ impl Core {
         }
     }
 
-    pub(super) fn on_new_connection(&mut self, fd: OwnedFd, kind: ListenerKind) {
+    pub(in crate::engine::core) fn on_new_connection(&mut self, fd: OwnedFd, kind: ListenerKind) {
         if self.shutdown_deadline.is_some() {
             if self.draining {
                 self.refuse_with_drain_notice(&fd);
@@ -119,7 +119,7 @@ impl Core {
 
     /// Register a connection on this core. `counted`: it is in our `callers` count already
     /// (handed over by another core).
-    pub(super) fn add_conn(&mut self, fd: OwnedFd, ticket: Ticket, counted: bool) {
+    pub(in crate::engine::core) fn add_conn(&mut self, fd: OwnedFd, ticket: Ticket, counted: bool) {
         if self.shutdown_deadline.is_some() {
             // Handed over just as we began stopping.
             if counted {
@@ -173,14 +173,14 @@ impl Core {
         self.arm_conn_recv(index);
     }
 
-    pub(super) fn arm_spawn_wake(&mut self) {
+    pub(in crate::engine::core) fn arm_spawn_wake(&mut self) {
         self.wake_in_flight = true;
         let token = Token::core(OpKind::SpawnWake, 0);
         let entry = op::read(self.spawner.wake.as_raw_fd(), &mut self.wake_buf[..], token);
         self.ring.push(entry);
     }
 
-    pub(super) fn on_spawn_wake(&mut self) {
+    pub(in crate::engine::core) fn on_spawn_wake(&mut self) {
         self.wake_in_flight = false;
         let mut results = std::mem::take(&mut self.spawn_results);
         self.spawner.take_results(&mut results);

@@ -1,10 +1,10 @@
 //! A worker's stdout and stderr: read from their pipes, cut into lines, escaped, and logged
 //! within the service's line budget (`log_lines_per_second`).
 
-use super::*;
+use crate::engine::core::*;
 
 impl Core {
-    pub(super) fn arm_worker_pipe(&mut self, index: WorkerHandle, stderr: bool) {
+    pub(in crate::engine::core) fn arm_worker_pipe(&mut self, index: WorkerHandle, stderr: bool) {
         let worker = &mut self.workers[index];
         let kind = if stderr {
             OpKind::WorkerStderr
@@ -25,7 +25,7 @@ impl Core {
         self.ring.push(entry);
     }
 
-    pub(super) fn on_worker_pipe(
+    pub(in crate::engine::core) fn on_worker_pipe(
         &mut self,
         index: WorkerHandle,
         stderr: bool,
@@ -76,7 +76,7 @@ impl Core {
 
 /// A token bucket for a service's worker output lines: `rate` per second, bursts up to twice
 /// that. Lines over it are dropped and counted, then summed up in one line.
-pub(super) struct OutputBudget {
+pub(in crate::engine::core) struct OutputBudget {
     rate: u32,
     tokens: f64,
     refilled: Instant,
@@ -84,7 +84,7 @@ pub(super) struct OutputBudget {
 }
 
 impl OutputBudget {
-    pub(super) fn new(rate: u32, now: Instant) -> OutputBudget {
+    pub(in crate::engine::core) fn new(rate: u32, now: Instant) -> OutputBudget {
         OutputBudget {
             rate,
             tokens: f64::from(rate) * 2.0,
@@ -140,7 +140,7 @@ impl WorkerOutput<'_> {
     }
 }
 
-pub(super) fn log_worker_line(service: &str, pid: i32, stream: &str, line: &[u8]) {
+pub(in crate::engine::core) fn log_worker_line(service: &str, pid: i32, stream: &str, line: &[u8]) {
     let text = String::from_utf8_lossy(line);
     // A worker's bytes, escaped: no raw CR, ESC or other control character reaches the log.
     let text = crate::logging::escape_controls(text.trim_end());

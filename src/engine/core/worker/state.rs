@@ -11,13 +11,13 @@
 //!
 //! The slot beside it: `Free` (the worker's own), `Filling` (a caller's payload is being read
 //! into it; the running job's `Job` frame is not sent yet, so any answer is a violation), or
-//! `Lent` (a reply is being sent from it to a caller). The tables are in `WORKER_LIFECYCLE.md`.
+//! `Lent` (a reply is being sent from it to a caller). The tables are in `LIFECYCLE.md`.
 
-use super::*;
+use crate::engine::core::*;
 use crate::engine::io::Reap;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum WorkerState {
+pub(in crate::engine::core) enum WorkerState {
     /// Spawned, no handshake yet.
     Starting,
     Idle,
@@ -33,7 +33,7 @@ pub(super) enum WorkerState {
 
 impl WorkerState {
     /// Its name, for log lines and faults.
-    pub(super) fn name(&self) -> &'static str {
+    pub(in crate::engine::core) fn name(&self) -> &'static str {
         match self {
             WorkerState::Starting => "starting",
             WorkerState::Idle => "idle",
@@ -47,19 +47,19 @@ impl WorkerState {
 
 /// A job a worker holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) struct Job {
-    pub(super) request: RequestHandle,
+pub(in crate::engine::core) struct Job {
+    pub(in crate::engine::core) request: RequestHandle,
     /// Its `Job` frame's `request_id`; the answer must carry it.
-    pub(super) sequence: u64,
-    pub(super) path: JobPath,
+    pub(in crate::engine::core) sequence: u64,
+    pub(in crate::engine::core) path: JobPath,
     /// The worker's send position (`SendQueue::sent_total`) once its whole `Job` frame is out:
     /// an answer that arrives before that is early, a violation. `u64::MAX` while the frame is
     /// not queued yet (a direct read is filling the slot).
-    pub(super) frame_end: u64,
+    pub(in crate::engine::core) frame_end: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum JobPath {
+pub(in crate::engine::core) enum JobPath {
     /// Its request went in the slot (or inline, over the slot's size); the answer may be in
     /// the slot.
     Slot,
@@ -69,7 +69,7 @@ pub(super) enum JobPath {
 
 /// Who, besides the worker, uses its slot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum SlotUse {
+pub(in crate::engine::core) enum SlotUse {
     /// No one: it is the worker's (or free).
     Free,
     /// A caller's payload is being read into it by this connection; the worker is `Busy`
@@ -79,16 +79,16 @@ pub(super) enum SlotUse {
     Lent { conn: ConnHandle },
 }
 
-pub(super) struct PipeLog {
-    pub(super) fd: OwnedFd,
-    pub(super) buf: Box<[u8; PIPE_READ_BYTES]>,
-    pub(super) line: Vec<u8>,
-    pub(super) in_flight: bool,
-    pub(super) open: bool,
+pub(in crate::engine::core) struct PipeLog {
+    pub(in crate::engine::core) fd: OwnedFd,
+    pub(in crate::engine::core) buf: Box<[u8; PIPE_READ_BYTES]>,
+    pub(in crate::engine::core) line: Vec<u8>,
+    pub(in crate::engine::core) in_flight: bool,
+    pub(in crate::engine::core) open: bool,
 }
 
 impl PipeLog {
-    pub(super) fn new(fd: OwnedFd) -> PipeLog {
+    pub(in crate::engine::core) fn new(fd: OwnedFd) -> PipeLog {
         PipeLog {
             fd,
             buf: Box::new([0; PIPE_READ_BYTES]),
@@ -99,39 +99,39 @@ impl PipeLog {
     }
 }
 
-pub(super) struct Worker {
-    pub(super) service: usize,
-    pub(super) pid: i32,
-    pub(super) control: OwnedFd,
-    pub(super) slot: Slot,
-    pub(super) state: WorkerState,
-    pub(super) slot_use: SlotUse,
-    pub(super) read: ReadBuffer,
-    pub(super) recv_in_flight: bool,
+pub(in crate::engine::core) struct Worker {
+    pub(in crate::engine::core) service: usize,
+    pub(in crate::engine::core) pid: i32,
+    pub(in crate::engine::core) control: OwnedFd,
+    pub(in crate::engine::core) slot: Slot,
+    pub(in crate::engine::core) state: WorkerState,
+    pub(in crate::engine::core) slot_use: SlotUse,
+    pub(in crate::engine::core) read: ReadBuffer,
+    pub(in crate::engine::core) recv_in_flight: bool,
     /// Job frames (and copy-path payloads) for the worker.
-    pub(super) send: SendQueue,
-    pub(super) stdout: PipeLog,
-    pub(super) stderr: PipeLog,
+    pub(in crate::engine::core) send: SendQueue,
+    pub(in crate::engine::core) stdout: PipeLog,
+    pub(in crate::engine::core) stderr: PipeLog,
     /// Its reaping (the op's memory, and its pidfd in the fallback mode).
-    pub(super) reap: Reap,
-    pub(super) wait_in_flight: bool,
-    pub(super) reaped: bool,
+    pub(in crate::engine::core) reap: Reap,
+    pub(in crate::engine::core) wait_in_flight: bool,
+    pub(in crate::engine::core) reaped: bool,
     /// The pool has been told this worker is gone (exactly once).
-    pub(super) gone_reported: bool,
+    pub(in crate::engine::core) gone_reported: bool,
     /// Why the worker left, for the exit log line.
-    pub(super) fate: Option<String>,
+    pub(in crate::engine::core) fate: Option<String>,
     /// Index of its slot in the ring's registered-buffer table, if registered.
-    pub(super) buffer_index: Option<u16>,
+    pub(in crate::engine::core) buffer_index: Option<u16>,
     /// It said (Hello) that it takes queued jobs.
-    pub(super) accepts_queue: bool,
+    pub(in crate::engine::core) accepts_queue: bool,
     /// Jobs sent behind the one it is running, oldest first (all `JobPath::Queued`).
-    pub(super) queued: VecDeque<Job>,
+    pub(in crate::engine::core) queued: VecDeque<Job>,
     /// Its control socket's index in the ring's registered-file table, if registered.
-    pub(super) file: Option<u32>,
+    pub(in crate::engine::core) file: Option<u32>,
 }
 
 impl Worker {
-    pub(super) fn ops_in_flight(&self) -> bool {
+    pub(in crate::engine::core) fn ops_in_flight(&self) -> bool {
         self.recv_in_flight
             || self.send.in_flight
             || self.stdout.in_flight
@@ -143,12 +143,12 @@ impl Worker {
     /// Whether its slot is being filled by that connection. (A filled worker's entry is kept
     /// until the read ends, so a direct read's worker is always there; this guards against our
     /// own bookkeeping going wrong.)
-    pub(super) fn is_filled_by(&self, conn: ConnHandle) -> bool {
+    pub(in crate::engine::core) fn is_filled_by(&self, conn: ConnHandle) -> bool {
         self.slot_use == (SlotUse::Filling { conn })
     }
 
     /// The job it is running, if any.
-    pub(super) fn running(&self) -> Option<&Job> {
+    pub(in crate::engine::core) fn running(&self) -> Option<&Job> {
         match &self.state {
             WorkerState::Busy(job) => Some(job),
             _ => None,
@@ -158,7 +158,7 @@ impl Worker {
     /// The relations between its state, its jobs and its slot's use. Panics naming the one
     /// that does not hold: our own bookkeeping is broken, not the worker's.
     #[cfg(debug_assertions)]
-    pub(super) fn check_invariants(&self, queue_depth: u32) {
+    pub(in crate::engine::core) fn check_invariants(&self, queue_depth: u32) {
         let busy = matches!(self.state, WorkerState::Busy(_));
         assert!(
             busy || self.queued.is_empty(),

@@ -1,11 +1,11 @@
 //! The one hand-off from a caller into a worker's slot: a large request's payload read from the
 //! caller's socket straight into the slot of the worker it is dispatched to.
 
-use super::*;
+use crate::engine::core::*;
 
 /// What `try_direct_read` did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum DirectRead {
+pub(in crate::engine::core) enum DirectRead {
     /// A worker is committed and the rest of the payload is being read into its slot.
     Started,
     /// Not a direct read (the payload takes the copy path).
@@ -21,7 +21,11 @@ impl Core {
     /// service's last idle one), dispatch it now and read the rest of its payload from the socket straight into that worker's
     /// slot: no copy through the bridge (only the part already read is copied). Otherwise
     /// the payload takes the copy path, and this is tried again as more of it arrives.
-    pub(super) fn try_direct_read(&mut self, index: ConnHandle, after_poll: bool) -> DirectRead {
+    pub(in crate::engine::core) fn try_direct_read(
+        &mut self,
+        index: ConnHandle,
+        after_poll: bool,
+    ) -> DirectRead {
         let max = self.config.max_payload_bytes;
         let conn = &self.conns[index];
         if conn.into_slot.is_some()
@@ -138,7 +142,11 @@ impl Core {
     /// The poll for a large request's payload completed: bytes (or the caller's EOF) have
     /// come. Start the direct read if the payload is (mostly) here now, else read what came
     /// the ordinary way.
-    pub(super) fn on_conn_poll(&mut self, index: ConnHandle, result: Result<u32, Errno>) {
+    pub(in crate::engine::core) fn on_conn_poll(
+        &mut self,
+        index: ConnHandle,
+        result: Result<u32, Errno>,
+    ) {
         let conn = &mut self.conns[index];
         conn.recv = Recv::Idle;
         if conn.is_closing() {
@@ -175,7 +183,11 @@ impl Core {
 
     /// The policy gave a direct-read request a worker: copy what has arrived into its slot,
     /// and read the rest there (`arm_conn_recv`). The worker's `Job` waits until it is all in.
-    pub(super) fn dispatch_direct(&mut self, request: RequestHandle, worker: WorkerHandle) {
+    pub(in crate::engine::core) fn dispatch_direct(
+        &mut self,
+        request: RequestHandle,
+        worker: WorkerHandle,
+    ) {
         self.job_sequence += 1;
         let sequence = self.job_sequence;
         let now = self.now;
@@ -229,7 +241,11 @@ impl Core {
             .push_back((now + DIRECT_READ_TIMEOUT, conn_index, request));
     }
 
-    pub(super) fn on_conn_recv_slot(&mut self, index: ConnHandle, result: Result<u32, Errno>) {
+    pub(in crate::engine::core) fn on_conn_recv_slot(
+        &mut self,
+        index: ConnHandle,
+        result: Result<u32, Errno>,
+    ) {
         let conn = &mut self.conns[index];
         conn.recv = Recv::Idle;
         if conn.is_closing() {
@@ -262,7 +278,7 @@ impl Core {
 
     /// The whole payload is in the slot: publish it and ring the worker (its `Job` goes ahead
     /// of any queued behind it), unless the worker or the request is gone meanwhile.
-    pub(super) fn finish_direct_read(&mut self, index: ConnHandle) {
+    pub(in crate::engine::core) fn finish_direct_read(&mut self, index: ConnHandle) {
         let into = self.conns[index]
             .into_slot
             .take()
@@ -299,7 +315,7 @@ impl Core {
 
     /// The caller went away (or stalled) before its payload was all in: the request fails,
     /// and the worker, which never saw it, goes on with what is queued behind it or idles.
-    pub(super) fn abort_direct_read(&mut self, index: ConnHandle) {
+    pub(in crate::engine::core) fn abort_direct_read(&mut self, index: ConnHandle) {
         let Some(into) = self.conns[index].into_slot.take() else {
             return;
         };
@@ -319,7 +335,11 @@ impl Core {
     /// A direct read ended (whole or not): the worker's slot is no longer being read into.
     /// Returns whether the worker is still busy with that request (it may have died or been
     /// stopped meanwhile; its entry stays until the read ends, so `into.worker` is still it).
-    pub(super) fn stop_filling(&mut self, conn: ConnHandle, into: &IntoSlot) -> bool {
+    pub(in crate::engine::core) fn stop_filling(
+        &mut self,
+        conn: ConnHandle,
+        into: &IntoSlot,
+    ) -> bool {
         let worker = &mut self.workers[into.worker];
         assert!(
             worker.is_filled_by(conn),
@@ -332,7 +352,7 @@ impl Core {
     }
 
     /// Disconnect callers whose direct read has taken too long: each holds a worker.
-    pub(super) fn expire_direct_reads(&mut self) {
+    pub(in crate::engine::core) fn expire_direct_reads(&mut self) {
         while let Some(&(deadline, conn, request)) = self.direct_deadlines.front() {
             if deadline > self.now {
                 return;

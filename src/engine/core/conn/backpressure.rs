@@ -24,11 +24,11 @@
 //! Resuming runs after each handler (`run_effects`), never inside the handler that freed the
 //! room: that one may be in the middle of the very connection's frames.
 
-use super::*;
+use crate::engine::core::*;
 
 /// Why a connection is not being read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Pause {
+pub(in crate::engine::core) enum Pause {
     /// Too many of its own requests (or their bytes) are in flight.
     InFlight,
     /// This core's request-bytes budget is spent; it waits in `budget_waiters`. `need`: the
@@ -39,7 +39,7 @@ pub(super) enum Pause {
 impl Core {
     /// Whether connection `index` may take its next frame now; if not, it is paused (and
     /// counted once per pause).
-    pub(super) fn may_take_frame(&mut self, index: ConnHandle) -> bool {
+    pub(in crate::engine::core) fn may_take_frame(&mut self, index: ConnHandle) -> bool {
         let conn = &self.conns[index];
         if conn.paused.is_some() {
             return false;
@@ -81,7 +81,7 @@ impl Core {
     /// The header of a request at the front of the connection's buffer has arrived and its
     /// payload has not (and is not being read into a slot): reserve the whole payload in the
     /// budget before reading more of it, or pause the connection until it fits.
-    pub(super) fn reserve_partial_frame(&mut self, index: ConnHandle) {
+    pub(in crate::engine::core) fn reserve_partial_frame(&mut self, index: ConnHandle) {
         let Some(conn) = self.conns.get(index) else {
             return;
         };
@@ -110,7 +110,7 @@ impl Core {
 
     /// The connection's reserved frame is whole (or going into a slot, or the connection is
     /// gone): give its reservation back.
-    pub(super) fn release_reservation(&mut self, index: ConnHandle) {
+    pub(in crate::engine::core) fn release_reservation(&mut self, index: ConnHandle) {
         if let Some(conn) = self.conns.get_mut(index) {
             let reserved = std::mem::take(&mut conn.reserved);
             self.request_bytes -= u64::from(reserved);
@@ -118,14 +118,14 @@ impl Core {
     }
 
     /// A request of connection `conn` holding `bytes` of payload has been accepted.
-    pub(super) fn hold_request_bytes(&mut self, conn: ConnHandle, bytes: u32) {
+    pub(in crate::engine::core) fn hold_request_bytes(&mut self, conn: ConnHandle, bytes: u32) {
         self.conns[conn].bytes_in_flight += u64::from(bytes);
         self.request_bytes += u64::from(bytes);
     }
 
     /// A request of connection `conn` holding `bytes` is answered or dropped (its
     /// `requests_in_flight` already counted down): room for the connection, and the budget.
-    pub(super) fn release_request_bytes(&mut self, conn: ConnHandle, bytes: u32) {
+    pub(in crate::engine::core) fn release_request_bytes(&mut self, conn: ConnHandle, bytes: u32) {
         self.request_bytes -= u64::from(bytes);
         if let Some(entry) = self.conns.get_mut(conn) {
             entry.bytes_in_flight -= u64::from(bytes);
@@ -139,7 +139,7 @@ impl Core {
     }
 
     /// Read paused connections again where there is room now (after each handler).
-    pub(super) fn resume_paused(&mut self) {
+    pub(in crate::engine::core) fn resume_paused(&mut self) {
         while let Some(conn) = self.resume_pending.pop() {
             self.resume(conn);
         }

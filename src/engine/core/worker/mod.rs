@@ -1,8 +1,24 @@
-//! Workers: spawn results, the handshake, jobs and answers, output lines, retirement and reaping.
+//! The worker room: everything between the bridge and one worker process. Here: spawn
+//! results, the handshake, jobs and answers, retirement and reaping.
+//!
+//! - `state.rs`: `Worker`, `WorkerState` (with the running `Job` and a bounded queue),
+//!   `SlotUse` (`Free | Filling | Lent`), with the state x event tables in `LIFECYCLE.md`;
+//! - `answer.rs`: `check_frame`, a worker's frame judged against its state (pure, fuzzed), and
+//!   `take_reply`, the slot step of an accepted answer;
+//! - `fault.rs`: `WorkerFault`, why a worker was killed (its message and counter label);
+//! - `slot_send.rs`: the one hand-off from a worker's slot to a caller (a reply sent straight
+//!   from it);
+//! - `output.rs`: a worker's stdout and stderr, in lines, within its service's budget.
 
-use super::worker_answer::{self, Answer, Verdict, WorkerView};
+pub(crate) mod answer;
+pub(super) mod fault;
+pub(super) mod output;
+mod slot_send;
+pub(super) mod state;
+
 use super::*;
 use crate::engine::io::{Reap, Reaped};
+use answer::{check_frame, take_reply, Answer, Verdict, WorkerView};
 
 impl Core {
     pub(super) fn on_spawned(&mut self, result: SpawnResult) {
@@ -195,7 +211,7 @@ impl Core {
         let worker = &mut self.workers[index];
         let service = worker.service;
         let payload = worker.read.payload(&header);
-        let verdict = worker_answer::check_frame(&header, payload, WorkerView::of(worker));
+        let verdict = check_frame(&header, payload, WorkerView::of(worker));
         match verdict {
             Ok(Verdict::Ignored) => {}
             Ok(Verdict::Ready { accepts_queue }) => {
@@ -261,7 +277,7 @@ impl Core {
         let worker = &mut self.workers[index];
         let start = target.len();
         target.extend_from_slice(&[0; HEADER_BYTES]);
-        let taken = worker_answer::take_reply(&answer, &worker.slot, &mut target);
+        let taken = take_reply(&answer, &worker.slot, &mut target);
         let reply_header = match (&taken, header.kind) {
             (Err(_), _) => None,
             (Ok(_), Kind::Done) => {
