@@ -122,13 +122,14 @@ fn serve(
     log_format: LogFormat,
     takeover_fd: Option<i32>,
 ) -> ExitCode {
-    // SAFETY: the process has one thread here (the log writer starts below, the engine later),
-    // which `from_env` needs to remove systemd's variables from the environment.
-    let systemd = unsafe { Systemd::from_env() };
+    // Both first, while the process has one thread (the log writer starts next, the engine
+    // later): what the process inherited is taken only then (`engine::io::inherited`).
+    let systemd = Systemd::from_env();
+    let takeover = takeover_fd.map(Takeover::from_fd).transpose();
     // Held to the end: dropping it flushes the queued lines (for a bounded time).
     let _log = acgi_bridge::logging::init(log, log_format);
     // Started by an upgrading bridge: every failure from here on is reported to it too.
-    let mut takeover = match takeover_fd.map(Takeover::from_fd).transpose() {
+    let mut takeover = match takeover {
         Ok(takeover) => takeover,
         Err(error) => {
             tracing::error!("{error}");

@@ -2,6 +2,8 @@
 //! Unix socket only ever replacing a stale socket of its own user and holding its mode from its
 //! first moment, a TCP listener no other process may share.
 
+#![forbid(unsafe_code)]
+
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::PermissionsExt;
 

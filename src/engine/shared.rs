@@ -29,6 +29,8 @@
 //! consistent operations on both, either the forwarding core sees the flag, or the finishing
 //! core sees the count.
 
+#![forbid(unsafe_code)]
+
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};

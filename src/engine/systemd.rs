@@ -25,17 +25,20 @@
 //! - A passed Unix socket is systemd's: the bridge neither replaces it at startup nor unlinks
 //!   it at shutdown, and leaves its mode to `SocketMode=`.
 //!
-//! Its one `unsafe` is [`Systemd::from_env`]: removing variables from the environment (sound
-//! only while the process has one thread) and owning the passed descriptors.
+//! Taking the passed descriptors and removing the variables is `io::inherited`'s (sound only
+//! while the process has one thread, which it checks).
+
+#![forbid(unsafe_code)]
 
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rustix::net::{AddressFamily, SocketAddrUnix, SocketType};
 use sd_notify::NotifyState;
 
+use super::io::inherited::{self, InheritError};
 use crate::config::Config;
 
 /// The shortest time between two WATCHDOG=1.
@@ -214,27 +217,18 @@ impl Systemd {
     }
 
     /// Read what systemd passed and remove it from the environment (see the module doc).
-    /// The descriptors are made close-on-exec, so that no worker inherits a listener.
-    ///
-    /// # Safety
-    ///
-    /// Must be called while the process has a single thread: it calls
-    /// `std::env::remove_var`, which races with any other thread reading the environment.
-    pub unsafe fn from_env() -> Result<Systemd, ActivationError> {
-        // SAFETY: the caller guarantees that no other thread exists (the contract above).
-        let watchdog = unsafe { sd_notify::watchdog_enabled_and_unset_env() };
-        // SAFETY: as above.
-        let fds = unsafe { sd_notify::listen_fds_with_names_and_unset_env() }
-            .map_err(ActivationError::Environment)?;
-        let passed = fds
-            .map(|(raw, name)| Passed {
-                // SAFETY: sd_notify returns the descriptors systemd passed (3 .. 3 + LISTEN_FDS,
-                // LISTEN_PID being this process), which nothing else in the process owns; they
-                // are already close-on-exec.
-                fd: unsafe { OwnedFd::from_raw_fd(raw) },
-                raw,
-                name,
-            })
+    /// The descriptors are already close-on-exec, so that no worker inherits a listener.
+    /// Called at startup, before any thread exists (`io::inherited` checks).
+    pub fn from_env() -> Result<Systemd, ActivationError> {
+        let taken = inherited::take_systemd().map_err(|error| match error {
+            InheritError::Environment(error) => ActivationError::Environment(error),
+            other => ActivationError::Environment(std::io::Error::other(other.to_string())),
+        })?;
+        let watchdog = taken.watchdog;
+        let passed = taken
+            .passed
+            .into_iter()
+            .map(|(fd, raw, name)| Passed { fd, raw, name })
             .collect();
         Ok(Systemd {
             passed,

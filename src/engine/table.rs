@@ -12,6 +12,8 @@
 //! `Handle<Conn>`, `Handle<Worker>` and `Handle<Request>` are distinct types: a connection
 //! handle passed where a worker's is expected does not compile.
 
+#![forbid(unsafe_code)]
+
 use std::fmt;
 use std::marker::PhantomData;
 

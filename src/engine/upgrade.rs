@@ -34,20 +34,22 @@
 //! never in the old one's list of children, and the old one cannot kill it by mistake. (A
 //! bridge that is PID 1 of its namespace cannot do that; it says so.) The clone is
 //! `CLONE_VM | CLONE_VFORK` like the spawner's: no page tables copied, and the child makes only
-//! system calls on values built before it, until `execve`.
+//! system calls on values built before it, until `execve` (`spawn::spawn_sibling`).
 //!
 //! The executable is the path the bridge was started from (argv\[0\] made absolute at startup,
 //! or `/proc/self/exe` read at startup when argv\[0\] has no `/`), looked up again at upgrade
 //! time: after a package upgrade, that path holds the new binary, while `/proc/self/exe` names
 //! the deleted inode of the old one.
 
+#![forbid(unsafe_code)]
+
 use std::ffi::{CString, OsString};
 use std::io::{IoSlice, IoSliceMut};
 use std::mem::MaybeUninit;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use rustix::event::{PollFd, PollFlags};
@@ -57,6 +59,8 @@ use rustix::net::{
     SendAncillaryMessage, SendFlags, SocketFlags, SocketType,
 };
 
+use super::io::inherited::{self, InheritError};
+use super::spawn::{spawn_sibling, SiblingError, SiblingExec};
 use super::systemd::{Activated, Role};
 use crate::config::Config;
 
@@ -250,17 +254,6 @@ fn send_listeners(channel: &OwnedFd, handover: &Handover) -> std::io::Result<()>
     Ok(())
 }
 
-/// What the clone child needs, built before it exists (it allocates nothing).
-struct ChildArgs {
-    path: CString,
-    argv: Vec<*const libc::c_char>,
-    envp: Vec<*const libc::c_char>,
-    channel: RawFd,
-    nofile: libc::rlimit,
-    /// Written by the child when its `execve` failed.
-    exec_errno: AtomicI32,
-}
-
 /// Start the new bridge beside this one (module doc): its pid and a pidfd for it.
 fn launch(
     origin: &Origin,
@@ -290,81 +283,27 @@ fn launch(
         let entry = format!("WATCHDOG_USEC={}", period.as_micros());
         environment.push(CString::new(entry).expect("no NUL"));
     }
-    let mut argv: Vec<_> = strings.iter().map(|s| s.as_ptr()).collect();
-    argv.push(std::ptr::null());
-    let mut envp: Vec<_> = environment.iter().map(|s| s.as_ptr()).collect();
-    envp.push(std::ptr::null());
     // The new bridge starts from the soft limit this one was started with (it raises its own).
     let soft = super::spawn::WORKER_NOFILE_SOFT.load(Ordering::Relaxed);
     let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile);
     let hard = limit.maximum.unwrap_or(libc::RLIM_INFINITY);
-    let args = ChildArgs {
+    let exec = SiblingExec {
         path,
-        argv,
-        envp,
-        channel: channel.as_raw_fd(),
+        argv: strings,
+        envp: environment,
+        inherit: channel.as_raw_fd(),
         nofile: libc::rlimit {
             rlim_cur: if soft == 0 { hard } else { soft.min(hard) },
             rlim_max: hard,
         },
-        exec_errno: AtomicI32::new(0),
     };
-    let stack = super::spawn::ChildStack::new().map_err(UpgradeError::Setup)?;
-    let mut pidfd: libc::c_int = -1;
-    // Every signal blocked around the clone (the raw call: glibc's wrapper leaves two open),
-    // so that no handler of ours runs in the child on our memory; it clears its mask last.
-    let old_mask = super::spawn::block_every_signal();
-    // SAFETY: clone(CLONE_VM | CLONE_VFORK), as the spawner's (`spawn`): the child runs
-    // `child_entry` on `stack`, a mapping of its own with a guard page, sharing our memory but
-    // not our descriptor table nor signal handler table. This thread is suspended until the
-    // child execs or exits, so `args` and the strings it points to (this frame's) stay alive
-    // and unchanged for it; the child makes only system calls on them and writes no memory of
-    // ours but its stack, `args.exec_errno` and this thread's errno. CLONE_PARENT: its parent
-    // is ours (module doc); CLONE_PIDFD: the kernel writes a pidfd for it to `pidfd`.
-    let pid = unsafe {
-        libc::clone(
-            child_entry,
-            stack.top(),
-            libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PARENT | libc::CLONE_PIDFD,
-            std::ptr::from_ref(&args).cast_mut().cast(),
-            std::ptr::from_mut(&mut pidfd),
-        )
-    };
-    let clone_error = std::io::Error::last_os_error();
-    super::spawn::restore_signal_mask(old_mask);
-    if pid < 0 {
-        return Err(UpgradeError::Setup(clone_error));
-    }
-    // SAFETY: with CLONE_PIDFD the kernel stored a new descriptor for the child in `pidfd`,
-    // which nothing else owns.
-    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
-    let errno = args.exec_errno.load(Ordering::SeqCst);
-    if errno != 0 {
-        return Err(UpgradeError::Exec {
+    spawn_sibling(&exec).map_err(|error| match error {
+        SiblingError::Setup(error) => UpgradeError::Setup(error),
+        SiblingError::Exec(error) => UpgradeError::Exec {
             path: origin.exe.clone(),
-            error: std::io::Error::from_raw_os_error(errno),
-        });
-    }
-    Ok((pid, pidfd))
-}
-
-/// The entry point of the clone child: `arg` is a `&ChildArgs`.
-extern "C" fn child_entry(arg: *mut libc::c_void) -> libc::c_int {
-    // SAFETY: `arg` is the `ChildArgs` of `launch`, alive until we exec or exit (the parent
-    // thread is suspended meanwhile); only system calls follow.
-    unsafe {
-        let args = &*arg.cast::<ChildArgs>();
-        // The bridge ignores SIGPIPE, and an ignored signal stays ignored across exec.
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-        libc::setrlimit(libc::RLIMIT_NOFILE, &args.nofile);
-        // The one descriptor the new bridge inherits on purpose (the listeners come over it).
-        libc::fcntl(args.channel, libc::F_SETFD, 0);
-        super::spawn::restore_signal_mask([0; 1]);
-        libc::execve(args.path.as_ptr(), args.argv.as_ptr(), args.envp.as_ptr());
-        args.exec_errno
-            .store(*libc::__errno_location(), Ordering::SeqCst);
-        libc::_exit(127)
-    }
+            error,
+        },
+    })
 }
 
 /// Wait for the new bridge's `ready PID` or `error REASON` (or its end), at most
@@ -442,15 +381,15 @@ impl Takeover {
     /// socket (the option is for the bridge itself, not for people).
     pub fn from_fd(raw: RawFd) -> Result<Takeover, String> {
         let not_ours = "--takeover-fd is set by a running bridge's upgrade, not by hand";
-        // SAFETY: fcntl(F_GETFD) only asks whether the number is an open descriptor.
-        if raw < 3 || unsafe { libc::fcntl(raw, libc::F_GETFD) } < 0 {
-            return Err(format!(
-                "--takeover-fd {raw} is not an open descriptor ({not_ours})"
-            ));
-        }
-        // SAFETY: the upgrading bridge passed this descriptor for us alone (`launch`), and
-        // nothing else in this process knows its number.
-        let channel = unsafe { OwnedFd::from_raw_fd(raw) };
+        let channel = match inherited::adopt(raw) {
+            Ok(channel) => channel,
+            Err(InheritError::NotOpen(_)) => {
+                return Err(format!(
+                    "--takeover-fd {raw} is not an open descriptor ({not_ours})"
+                ))
+            }
+            Err(error) => return Err(format!("--takeover-fd {raw}: {error}")),
+        };
         let kind = rustix::net::sockopt::socket_type(&channel)
             .map_err(|error| format!("--takeover-fd {raw}: {error} ({not_ours})"))?;
         if kind != SocketType::SEQPACKET {

@@ -305,6 +305,41 @@ fn an_upgrade_under_batched_load_fails_no_request() {
     assert_eq!(successor.stop(), 0);
 }
 
+#[test]
+fn a_takeover_fd_given_by_hand_is_refused_with_the_reason() {
+    // Proves `--takeover-fd` adopts only an open takeover channel: a number that is not open,
+    // stdio, and an open descriptor of another kind are each refused (exit 64) with a message
+    // naming the number, before the bridge binds anything.
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let config = dir.path().join("bridge.toml");
+    std::fs::write(&config, "[listen]\nunix = \"bridge.sock\"\n").expect("write the config");
+    let serve = |fd: &str| {
+        // fd 7 is opened on /dev/null by the shell, then kept across exec.
+        let script =
+            format!("exec 7</dev/null; exec \"$0\" serve --config \"$1\" --takeover-fd {fd}");
+        Command::new("sh")
+            .args(["-c", &script, bridge_exe()])
+            .arg(&config)
+            .output()
+            .expect("run the bridge")
+    };
+    for (fd, says) in [
+        ("999", "--takeover-fd 999 is not an open descriptor"),
+        ("1", "--takeover-fd 1 is not an open descriptor"),
+        ("7", "--takeover-fd 7"),
+    ] {
+        let output = serve(fd);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(64), "fd {fd}: {stderr}");
+        assert!(stderr.contains(says), "fd {fd}: {stderr}");
+        assert!(
+            stderr.contains("set by a running bridge's upgrade"),
+            "fd {fd}: {stderr}"
+        );
+        assert!(!dir.path().join("bridge.sock").exists(), "fd {fd}: bound");
+    }
+}
+
 /// The load across one or more upgrades: no request failed or came back wrong, it was real
 /// load (over 1 000 requests), and it met a draining bridge (so the upgrades were under load).
 fn assert_no_request_failed_across_upgrades(recorder: &acgi_loadgen::stats::Recorder) {

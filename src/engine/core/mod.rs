@@ -34,6 +34,8 @@
 //! to the control thread (`super::control`), which reaches a core only through its inbox
 //! (`Msg::Shutdown`, `Msg::Report`), so that encoding and file writes never stall callers.
 
+#![forbid(unsafe_code)]
+
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};

@@ -21,6 +21,7 @@
 //! folds away), a simulated worker's reap is a `WaitId` the double completes when the model
 //! dies, and its signals go to the double's record instead of `kill(2)`.
 
+pub mod inherited;
 pub mod op;
 mod pbuf;
 pub mod probe;
@@ -40,7 +41,7 @@ pub use op::{Sqe, Target};
 pub use pbuf::{ProvidedBuffers, BUFFER_BYTES as PROVIDED_BUFFER_BYTES, GROUP as PROVIDED_GROUP};
 pub use probe::check_kernel;
 pub use process::signal_worker;
-pub use reap::{Reap, Reaped};
+pub use reap::{Exit, Reap, Reaped};
 pub use token::{OpKind, Token};
 
 use crate::shm::Slot;

@@ -129,9 +129,57 @@ impl Reap {
         reaped
     }
 
-    /// The exit status, once [`Reaped::Exited`].
-    pub fn info(&self) -> &libc::siginfo_t {
-        &self.memory.info
+    /// How the worker ended, once [`Reaped::Exited`].
+    pub fn exit(&self) -> Exit {
+        Exit::of(&self.memory.info)
+    }
+}
+
+/// How a reaped child ended (its `siginfo_t` read once, here, rather than by each reader).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// It called `exit(status)`.
+    Exited(i32),
+    /// A signal ended it.
+    Killed { signal: i32, core_dumped: bool },
+    /// Any other `si_code` (not one waitid gives for `WEXITED`), with its status.
+    Other { code: i32, status: i32 },
+}
+
+impl Exit {
+    fn of(info: &libc::siginfo_t) -> Exit {
+        // SAFETY: waitid (or the simulation, as it does) filled `info` for a CLD_* event, for
+        // which si_status is the member the kernel wrote.
+        let status = unsafe { info.si_status() };
+        match info.si_code {
+            libc::CLD_EXITED => Exit::Exited(status),
+            libc::CLD_KILLED => Exit::Killed {
+                signal: status,
+                core_dumped: false,
+            },
+            libc::CLD_DUMPED => Exit::Killed {
+                signal: status,
+                core_dumped: true,
+            },
+            code => Exit::Other { code, status },
+        }
+    }
+}
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            Exit::Exited(status) => write!(f, "exit status {status}"),
+            Exit::Killed {
+                signal,
+                core_dumped: false,
+            } => write!(f, "killed by signal {signal}"),
+            Exit::Killed {
+                signal,
+                core_dumped: true,
+            } => write!(f, "killed by signal {signal} (core dumped)"),
+            Exit::Other { code, status } => write!(f, "ended (si_code {code}, status {status})"),
+        }
     }
 }
 
@@ -190,10 +238,9 @@ mod tests {
         // SAFETY: poll(2) on one pollfd we own.
         assert_eq!(unsafe { libc::poll(fds.as_mut_ptr(), 1, 10_000) }, 1);
         assert_eq!(reap.complete(Ok(libc::POLLIN as u32)), Reaped::Exited);
-        let info = reap.info();
-        assert_eq!(info.si_code, libc::CLD_EXITED);
+        assert_eq!(reap.exit(), Exit::Exited(7));
         // SAFETY: filled by waitid for a CLD_EXITED event.
-        assert_eq!(unsafe { (info.si_pid(), info.si_status()) }, (pid, 7));
+        assert_eq!(unsafe { reap.memory.info.si_pid() }, pid);
         // Reaped: a second collection finds no such child.
         assert_eq!(reap.complete(Ok(0)), Reaped::Lost);
         drop(child);

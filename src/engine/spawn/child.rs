@@ -66,7 +66,7 @@ impl ChildStack {
     const LEN: usize = 256 << 10;
     const GUARD: usize = 4096;
 
-    pub(crate) fn new() -> std::io::Result<ChildStack> {
+    pub(super) fn new() -> std::io::Result<ChildStack> {
         let len = Self::LEN + Self::GUARD;
         // SAFETY: a fresh anonymous private mapping, then PROT_NONE on its lowest page; both
         // only touch this new mapping.
@@ -83,7 +83,7 @@ impl ChildStack {
     }
 
     /// The top of the stack (it grows down), 16-byte aligned (the mapping is page-aligned).
-    pub(crate) fn top(&self) -> *mut libc::c_void {
+    pub(super) fn top(&self) -> *mut libc::c_void {
         // SAFETY: one past the end of the mapping, which is where a descending stack starts.
         unsafe { self.base.cast::<u8>().add(self.len).cast() }
     }
@@ -103,7 +103,7 @@ impl Drop for ChildStack {
 /// open), around a clone whose child runs on our memory until it has reset every disposition;
 /// returns the mask to put back with [`restore_signal_mask`] (read `errno` before: this is a
 /// system call).
-pub(crate) fn block_every_signal() -> [u64; 1] {
+pub(super) fn block_every_signal() -> [u64; 1] {
     let mut old_mask = [0u64; 1];
     let all = [!0u64; 1];
     // SAFETY: rt_sigprocmask on this thread with valid 8-byte sets.
@@ -121,7 +121,7 @@ pub(crate) fn block_every_signal() -> [u64; 1] {
 
 /// Put back the mask [`block_every_signal`] returned (`[0; 1]`: unblock every signal, which the
 /// children do last before exec). Only a system call: safe in a clone child on our memory.
-pub(crate) fn restore_signal_mask(old_mask: [u64; 1]) {
+pub(super) fn restore_signal_mask(old_mask: [u64; 1]) {
     // SAFETY: rt_sigprocmask on this thread with a valid 8-byte set.
     unsafe {
         libc::syscall(

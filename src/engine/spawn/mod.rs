@@ -36,9 +36,11 @@ use crate::shm::Slot;
 use crate::worker;
 
 mod child;
+mod sibling;
 
-pub(crate) use child::{block_every_signal, restore_signal_mask, ChildStack};
+use child::{block_every_signal, restore_signal_mask, ChildStack};
 use child::{child_entry, child_main, ChildArgs, ChildFds, Limit, STEPS};
+pub(crate) use sibling::{spawn_sibling, SiblingError, SiblingExec};
 
 /// The soft RLIMIT_NOFILE workers are started with: the one the bridge itself was started
 /// with, before it raised its own (0: leave it as inherited).

@@ -496,7 +496,7 @@ impl Core {
         let worker = &mut self.workers[index];
         worker.wait_in_flight = false;
         let status = match worker.reap.complete(result) {
-            Reaped::Exited => describe_exit(worker.reap.info()),
+            Reaped::Exited => worker.reap.exit().to_string(),
             Reaped::Lost => {
                 tracing::error!(pid = worker.pid, "the worker was reaped by someone else");
                 "status unknown (reaped elsewhere)".to_string()
@@ -565,16 +565,5 @@ pub(super) fn kill(worker: &Worker, signal: i32) {
     // signal too (see `io::signal_worker`, the one place that signals workers).
     if !worker.reaped {
         crate::engine::io::signal_worker(worker.pid, signal);
-    }
-}
-
-pub(super) fn describe_exit(info: &libc::siginfo_t) -> String {
-    // SAFETY: waitid filled `info` for a CLD_* event; si_status is valid for those.
-    let status = unsafe { info.si_status() };
-    match info.si_code {
-        libc::CLD_EXITED => format!("exit status {status}"),
-        libc::CLD_KILLED => format!("killed by signal {status}"),
-        libc::CLD_DUMPED => format!("killed by signal {status} (core dumped)"),
-        code => format!("ended (si_code {code}, status {status})"),
     }
 }

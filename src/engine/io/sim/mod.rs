@@ -427,7 +427,7 @@ mod tests {
 
     #[test]
     fn a_filled_siginfo_reads_back_as_waitid_wrote_it() {
-        // Proves the double's exit status is what `describe_exit` and `si_pid` read.
+        // Proves the double's exit status is what `reap::Exit` and `si_pid` read.
         // SAFETY: siginfo_t is plain data.
         let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
         // SAFETY: a live siginfo_t on the stack.
