@@ -686,6 +686,8 @@ pub const DURATION_MS_MAX: u64 = 86_400_000;
 pub const RLIMIT_AS_MIN_BYTES: u64 = 16 << 20;
 /// Highest value accepted for `listen.tls_threads`.
 pub const TLS_THREADS_MAX: u32 = 64;
+/// Longest service name (1 to this many of `[A-Za-z0-9_.-]`), which callers resolve.
+pub const SERVICE_NAME_BYTES_MAX: usize = 64;
 /// Highest value accepted for `backlog_max`.
 pub const BACKLOG_MAX_CEILING: u32 = 1 << 20;
 
@@ -1228,7 +1230,7 @@ impl Config {
                 );
             }
             if service.name.is_empty()
-                || service.name.len() > 64
+                || service.name.len() > SERVICE_NAME_BYTES_MAX
                 || !service
                     .name
                     .chars()
@@ -1236,7 +1238,10 @@ impl Config {
             {
                 problem(
                     key("name"),
-                    format!("{:?} must be 1-64 of [A-Za-z0-9_.-]", service.name),
+                    format!(
+                        "{:?} must be 1-{SERVICE_NAME_BYTES_MAX} of [A-Za-z0-9_.-]",
+                        service.name
+                    ),
                 );
             }
             if !names.insert(service.name.clone()) {

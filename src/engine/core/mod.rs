@@ -65,50 +65,6 @@ use crate::proto::{
 };
 use crate::shm::Slot;
 
-/// Base read-buffer size of a caller connection.
-const CONN_READ_BYTES: usize = 2 * 1024;
-/// Base read-buffer size of a worker's control socket.
-const WORKER_READ_BYTES: usize = 4 * 1024;
-/// Read size for worker stdout/stderr; also the longest log line kept.
-const PIPE_READ_BYTES: usize = 4096;
-/// Completions handled per loop turn at most before submitting again.
-const COMPLETIONS_BATCH_MAX: usize = 1024;
-/// Submission and completion queue sizes, and about what the rings take in locked memory
-/// (64-byte SQEs, 16-byte CQEs, the 4-byte SQ index array).
-const SQ_ENTRIES: u32 = 2048;
-const CQ_ENTRIES: u32 = 8192;
-const RING_BYTES: u64 = SQ_ENTRIES as u64 * (64 + 4) + CQ_ENTRIES as u64 * 16;
-/// In-slot replies at least this long are sent straight from the slot (a registered buffer)
-/// when the caller's write queue is empty, instead of being copied into it.
-const SLOT_SEND_BYTES_MIN: u32 = 4096;
-/// Most entries of the ring's registered-buffer table (the kernel's limit).
-const FIXED_BUFFERS_MAX: u32 = 1 << 14;
-/// After the shutdown timeout, how long the answers it produced may take to reach their callers.
-const SHUTDOWN_FLUSH_GRACE: Duration = Duration::from_secs(1);
-/// Request payloads at least this long are read from the caller's socket straight into an
-/// idle worker's slot (when one is idle and the payload fits), not copied through the bridge.
-const DIRECT_READ_BYTES_MIN: u32 = 4096;
-/// While a large payload is arriving (more of it in the socket at each poll, as when the
-/// caller is in the middle of writing it), polls for the rest at most this many times before
-/// reading what came the ordinary way.
-const AWAIT_PAYLOAD_POLLS_MAX: u32 = 64;
-/// A caller whose payload has not all arrived this long after a direct read began (holding a
-/// worker) is disconnected.
-const DIRECT_READ_TIMEOUT: Duration = Duration::from_secs(5);
-/// Largest `Ping` payload (a `Pong` echoes it): beyond, error 2 and the payload is skipped.
-const PING_PAYLOAD_BYTES_MAX: u32 = 4096;
-/// Longest `Resolve` name (service names are 1-64 bytes): beyond, error 3 with a fixed message.
-const RESOLVE_NAME_BYTES_MAX: u32 = 64;
-/// How often the caller connections are swept for frame and idle timeouts (the timeouts are
-/// enforced to within this).
-const CALLER_SWEEP_INTERVAL: Duration = Duration::from_millis(100);
-/// Idle connections' read buffers kept for reuse at most.
-const READ_SPARES_MAX: usize = 4096;
-/// Delay before re-arming an accept that failed (e.g. out of descriptors).
-const ACCEPT_RETRY_DELAY: Duration = Duration::from_millis(100);
-/// A core logs refused connections at most this often (each is counted).
-const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(1);
-
 mod admin;
 mod conn;
 mod cross_core;
@@ -116,6 +72,7 @@ mod dispatch;
 mod event_loop;
 #[cfg(debug_assertions)]
 mod invariants;
+mod limits;
 mod reload;
 mod report;
 mod request;
@@ -128,6 +85,7 @@ pub(crate) mod worker;
 use conn::backpressure::Pause;
 use conn::direct::DirectRead;
 use conn::state::{AwaitPayload, Conn, IntoSlot, Phase, Recv, SlotSend};
+use limits::*;
 pub(crate) use tables::check_memlock;
 use tables::*;
 use worker::fault::WorkerFault;
