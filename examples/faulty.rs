@@ -11,7 +11,8 @@
 //! - `remaining`: reply with the deadline milliseconds the bridge put in the slot header.
 //! - Lies: `garbage-done` (garbage bytes instead of a Done frame), `lie-len` (a reply length
 //!   over the slot's capacity), `wrong-seq` (a Done for another job), `extra-hello` (a Hello
-//!   instead of a Done).
+//!   instead of a Done), `done-then-garbage-when PATH` (once PATH exists, a proper Done and
+//!   garbage after it in the same write).
 //!
 //! Flags (first arguments): `--no-hello` exits before the handshake, `--garbage` writes garbage
 //! instead of a Hello, `--slow-start MS` sleeps before the Hello, `--crash-on N` aborts on its
@@ -209,6 +210,23 @@ fn main() {
             }
             "garbage-done" => {
                 control.write_all(&[0x5A; 24]).expect("control socket");
+                std::thread::sleep(Duration::from_secs(3600));
+                continue;
+            }
+            "done-then-garbage-when" => {
+                // Once the file named exists (the test's signal that another request waits
+                // in the backlog), answer this job properly and, in the same write, break
+                // the protocol: the bridge reads both in one receive.
+                while !std::path::Path::new(argument).exists() {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                slot.publish_reply(Some(b"answered")).expect("slot");
+                let mut done = Header::new(Kind::Done, 0, sequence, 0);
+                done.flags = FLAG_IN_SLOT;
+                let mut frame = Vec::new();
+                proto::encode_frame(&mut frame, &done, &[]);
+                frame.extend_from_slice(&[0x5A; 24]);
+                control.write_all(&frame).expect("control socket");
                 std::thread::sleep(Duration::from_secs(3600));
                 continue;
             }

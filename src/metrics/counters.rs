@@ -88,6 +88,9 @@ define_counters! {
         /// Requests dropped before they ran because their caller's connection closed while
         /// they waited for a worker.
         requests_abandoned,
+        /// Requests given back to their pool because the worker they were dispatched to
+        /// went before it was sent their job (they run on another worker, once).
+        requests_requeued,
         /// Requests run on another core than their caller's, to use an idle worker there.
         requests_forwarded,
         /// Connections handed to another core at accept (the one with the fewest).

@@ -109,6 +109,43 @@ fn a_worker_that_answers_a_direct_read_before_its_job_is_killed() {
 }
 
 #[test]
+fn a_request_given_to_a_worker_that_broke_the_protocol_before_its_job_went_runs_elsewhere() {
+    // Proves the requeue: the worker answers job A and, in the same write, breaks the
+    // protocol. Reading A's answer, the pool gave the worker B (waiting in the backlog); the
+    // garbage that follows in the same receive kills it before B's job is sent. B never
+    // reached it, so B runs on the replacement (once) instead of failing with `worker failed`.
+    let dir = tempfile::tempdir().unwrap();
+    let go = dir.path().join("go");
+    let bridge = bridge()
+        .top("cores = 1")
+        .service(ServiceSpec::faulty().workers(1, 1))
+        .start();
+    let command = format!("done-then-garbage-when {}", go.display());
+    std::thread::scope(|scope| {
+        let a = scope.spawn(|| bridge.client().call("faulty", command.as_bytes()));
+        bridge.wait_status("A running", |s| s.services[0].workers_busy == 1);
+        let b = scope.spawn(|| bridge.client().call("faulty", b"echo b"));
+        bridge.wait_status("B waiting", |s| s.services[0].backlog == 1);
+        std::fs::write(&go, b"").unwrap();
+        assert_eq!(a.join().unwrap().unwrap(), b"answered");
+        assert_eq!(b.join().unwrap().expect("B runs elsewhere"), b"b");
+    });
+    let status = bridge.status();
+    assert_eq!(
+        status.counters.requests_requeued, 1,
+        "{:#?}",
+        status.counters
+    );
+    let service = &status.services[0];
+    assert_eq!(
+        service.worker_faults.get("bad_frame"),
+        Some(&1),
+        "{service:#?}"
+    );
+    assert_eq!(service.spawns, 2, "{service:#?}");
+}
+
+#[test]
 fn a_fail_with_in_slot_or_timeout_flags_is_a_violation() {
     // Proves §1.4/§9: `Fail` may carry no flag; one with IN_SLOT or TIMEOUT gets its worker
     // killed and its caller `worker failed`, and the pool replaces it.

@@ -65,7 +65,7 @@ const TRACE_PRINTED_MAX: usize = 400;
 /// - 173: a worker answered a job and, in the same read, broke the protocol; the pool had
 ///   already decided the next `Dispatch` for it, which outlived the worker and named a request
 ///   the engine had failed (a panic on the request table). Fixed in `Pool::on_worker_gone`
-///   (which has its own unit test).
+///   (which has its own unit test); since, that request is requeued (`requests_requeued`).
 /// - 108: a worker closed its control socket while a send to it was in flight: the receive's
 ///   end of file and the send's `EPIPE` each counted a `control_socket` fault for the one
 ///   worker. Fixed in `Core::lose_worker`.

@@ -20,13 +20,14 @@ const DIRECT_SIZES: [usize; 4] = [4096, 5000, 8191, 8192];
 
 /// Paths 300 seeds must reach (see `Coverage`): the engine's hand-offs, the ring's hard
 /// outcomes, and every fault label a worker model can provoke on its own.
-pub(super) const REQUIRED_COVERAGE: [&str; 24] = [
+pub(super) const REQUIRED_COVERAGE: [&str; 25] = [
     "replies",
     "requests_read_into_slot",
     "replies_sent_from_slot",
     "slot_sends_spilled",
     "provided_buffers_ran_out",
     "requests_abandoned",
+    "requests_requeued",
     "copy_path",
     "error_worker_failed",
     "error_timed_out",
@@ -132,6 +133,7 @@ impl Sim {
             counters.provided_buffers_ran_out,
         );
         add("requests_abandoned", counters.requests_abandoned);
+        add("requests_requeued", counters.requests_requeued);
         add("copy_path", service.copy_path);
         add("error_worker_failed", service.errors[4]);
         add("error_timed_out", service.errors[5]);

@@ -421,12 +421,30 @@ impl Core {
         let was_failing = self.services[service].pool.is_failing();
         let held = self.services[service].pool.on_worker_gone(now, id, how);
         self.log_pool_health(service, was_failing, reason);
+        // What this worker was given: its running job and the jobs queued behind it. The pool
+        // may hold more for it, requests it dispatched to it whose `Dispatch` the loop had
+        // not carried out yet (decided when it answered a job, then gone in the same read):
+        // those never reached the worker, so they go back to the pool to run elsewhere.
+        let given: Vec<RequestHandle> = match previous {
+            WorkerState::Busy(job) => std::iter::once(job.request)
+                .chain(self.workers[index].queued.iter().map(|job| job.request))
+                .collect(),
+            _ => Vec::new(),
+        };
         self.workers[index].queued.clear();
         for request in held.into_iter().map(RequestHandle::from_raw) {
             // (A Lending worker's request is already answered: its reply is being sent.)
-            if self.request_is_live(request) {
+            if !self.request_is_live(request) {
+                continue;
+            }
+            if given.contains(&request) {
                 let message = format!("the worker (pid {pid}) failed: {reason}");
                 self.fail_request(request, ErrorCode::WorkerFailed, &message);
+            } else {
+                self.counters.requests_requeued += 1;
+                let deadline = self.requests[request].deadline;
+                let pool = &mut self.services[service].pool;
+                pool.on_request(now, request.to_raw(), deadline);
             }
         }
         self.pool_touched(service);
