@@ -252,6 +252,9 @@ struct State {
     root: Option<PathBuf>,
     /// Each live worker's cgroup, by pid.
     workers: BTreeMap<i32, PathBuf>,
+    /// Reaped workers' cgroups, by pid, for the orphan reaper's thread to kill and remove
+    /// (not the core's: cgroupfs writes and rmdir may wait on the kernel's cgroup lock).
+    reaped: Vec<(i32, PathBuf)>,
     /// Cgroups killed whose removal the kernel refused (their processes were still exiting).
     pending: Vec<PathBuf>,
 }
@@ -259,6 +262,7 @@ struct State {
 static STATE: Mutex<State> = Mutex::new(State {
     root: None,
     workers: BTreeMap::new(),
+    reaped: Vec::new(),
     pending: Vec::new(),
 });
 
@@ -436,22 +440,36 @@ pub fn worker_failed(cgroup: WorkerCgroup) {
     kill_and_remove(&cgroup.path);
 }
 
-/// The core reaped the worker `pid`: kill whatever is left in its cgroup and remove it.
+/// The core reaped the worker `pid`: whatever is left in its cgroup is killed and the cgroup
+/// removed, on the orphan reaper's thread ([`kill_reaped`], woken now), so that the core
+/// makes no cgroupfs call.
 pub fn worker_reaped(pid: i32) {
-    let Some(path) = state().workers.remove(&pid) else {
+    let mut state = state();
+    let Some(path) = state.workers.remove(&pid) else {
         return;
     };
-    let left = std::fs::read_to_string(path.join("cgroup.procs")).unwrap_or_default();
-    let left = left.split_whitespace().count();
-    if left > 0 {
-        tracing::warn!(
-            pid,
-            left,
-            cgroup = %path.display(),
-            "cgroup.kill: killed the processes left in a reaped worker's cgroup"
-        );
+    state.reaped.push((pid, path));
+    drop(state);
+    crate::confine::wake_reaper();
+}
+
+/// Kill what is left in each reaped worker's cgroup and remove it (the orphan reaper's
+/// thread, before its sweep).
+pub fn kill_reaped() {
+    let reaped = std::mem::take(&mut state().reaped);
+    for (pid, path) in reaped {
+        let left = std::fs::read_to_string(path.join("cgroup.procs")).unwrap_or_default();
+        let left = left.split_whitespace().count();
+        if left > 0 {
+            tracing::warn!(
+                pid,
+                left,
+                cgroup = %path.display(),
+                "cgroup.kill: killed the processes left in a reaped worker's cgroup"
+            );
+        }
+        kill_and_remove(&path);
     }
-    kill_and_remove(&path);
 }
 
 /// `cgroup.kill`, then rmdir, then (when it is empty) the service's cgroup; a removal the
@@ -497,7 +515,8 @@ pub fn sweep() {
 
 /// Should the orphan reaper leave this escapee (a child of the bridge that is not a worker) to
 /// its worker's cgroup.kill? Yes when it is in the cgroup of a worker that is dead and not yet
-/// reaped: the reap kills the whole cgroup at once (however many processes it holds).
+/// reaped, or reaped with its cgroup not yet killed or not yet empty: [`kill_reaped`] kills the
+/// whole cgroup at once (however many processes it holds).
 pub fn left_for_its_worker(orphan: i32) -> bool {
     let text = std::fs::read_to_string(format!("/proc/{orphan}/cgroup")).unwrap_or_default();
     let Some(path) = text.lines().find_map(|l| l.strip_prefix("0::")) else {
@@ -505,6 +524,15 @@ pub fn left_for_its_worker(orphan: i32) -> bool {
     };
     let name = Path::new(path).file_name();
     let state = state();
+    // Reaped, its cgroup not yet killed; or killed, its processes still exiting (the kernel
+    // refuses the removal until they have): a later sweep reaps them dead, without a warning.
+    let killing = state.reaped.iter().map(|(_, leaf)| leaf);
+    if killing
+        .chain(&state.pending)
+        .any(|leaf| leaf.file_name() == name)
+    {
+        return true;
+    }
     let Some((&worker, _)) = state
         .workers
         .iter()
@@ -520,6 +548,7 @@ pub fn left_for_its_worker(orphan: i32) -> bool {
 /// At exit: kill and remove every worker's cgroup left, waiting (bounded) for their processes
 /// to exit, then the services' cgroups.
 pub fn remove_all() {
+    kill_reaped();
     let workers = std::mem::take(&mut state().workers);
     for path in workers.values() {
         kill_and_remove(path);

@@ -17,8 +17,9 @@
 //!   reaps every child of the bridge that is not a registered worker. Such a child can only be
 //!   a worker's descendant that outlived its parent: no process a worker starts may outlive the
 //!   worker that started it, nor the bridge ([`KillChildrenOnDrop`] at exit). With a cgroup
-//!   subtree (`crate::cgroup`) it leaves an escapee of a dead, not yet reaped worker to that
-//!   worker's `cgroup.kill`, and retries the removal of killed cgroups;
+//!   subtree (`crate::cgroup`) it leaves an escapee of a dead worker to that worker's
+//!   `cgroup.kill`, which it carries out itself once a core has reaped the worker (woken at
+//!   once: the core makes no cgroupfs call), and retries the removal of killed cgroups;
 //! - resolving a service's identity (user, group, supplementary groups) and checking that its
 //!   executable is trusted, at config load, before any fork.
 //!
@@ -31,7 +32,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI32, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 /// How often the orphan reaper looks for escaped descendants of workers: an escapee lives at
@@ -196,12 +197,34 @@ pub fn start_orphan_reaper() -> std::io::Result<()> {
         .spawn(|| {
             crate::alloc_count::stop_counting_this_thread();
             loop {
-                std::thread::sleep(ORPHAN_SWEEP_INTERVAL);
+                wait_for_reaper_turn();
+                crate::cgroup::kill_reaped();
                 sweep_orphans();
                 crate::cgroup::sweep();
             }
         })?;
     Ok(())
+}
+
+/// Set by [`wake_reaper`]: the reaper has work before its next interval.
+static REAPER_WAKE: (Mutex<bool>, Condvar) = (Mutex::new(false), Condvar::new());
+
+/// Have the orphan reaper run now rather than at its next interval (a core reaped a worker
+/// whose cgroup is to be killed).
+pub fn wake_reaper() {
+    let mut woken = REAPER_WAKE.0.lock().unwrap_or_else(|p| p.into_inner());
+    *woken = true;
+    REAPER_WAKE.1.notify_one();
+}
+
+/// Wait for [`ORPHAN_SWEEP_INTERVAL`], or less when [`wake_reaper`] is called.
+fn wait_for_reaper_turn() {
+    let woken = REAPER_WAKE.0.lock().unwrap_or_else(|p| p.into_inner());
+    let (mut woken, _) = REAPER_WAKE
+        .1
+        .wait_timeout_while(woken, ORPHAN_SWEEP_INTERVAL, |woken| !*woken)
+        .unwrap_or_else(|p| p.into_inner());
+    *woken = false;
 }
 
 /// Calls [`kill_all_children`] when dropped: held by `engine::run` so that every way out of
