@@ -118,7 +118,7 @@ impl Core {
         let found = self
             .workers
             .iter()
-            .find(|(_, w)| w.pid == pid && !w.gone_reported)
+            .find(|(_, w)| w.pid == pid && w.state != WorkerState::Dead)
             .map(|(handle, w)| (handle, w.service));
         let Some((handle, service)) = found else {
             return AdminDone::NoSuchWorker;

@@ -91,7 +91,7 @@ use tables::*;
 use worker::fault::WorkerFault;
 use worker::kill;
 use worker::output::OutputBudget;
-use worker::state::{Job, JobPath, PipeLog, SlotUse, Worker, WorkerState};
+use worker::state::{Job, JobPath, PipeLog, PipeRead, SlotUse, Worker, WorkerState};
 
 /// The tokens of a connection's and a worker's ops carry their handle.
 impl Token {

@@ -14,7 +14,7 @@
 //!
 //! [`Reap`] owns the memory its op names (the siginfo the kernel fills, the timeout's
 //! timespec, both boxed so the worker's entry can move) and the pidfd; its owner, the worker,
-//! keeps it until the op's completion (`wait_in_flight`), as `op.rs`'s contracts require.
+//! keeps it until the op's completion (`Reap::in_flight`), as `op.rs`'s contracts require.
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::Duration;
@@ -45,12 +45,23 @@ enum Next {
     Delay,
 }
 
+/// Where one worker's reaping stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// No op in flight; this one goes next.
+    Ready(Next),
+    /// This op is in flight: the memory it names must stay.
+    InFlight(Next),
+    /// Reaped (or lost to someone else's wait): its pid is not ours any more.
+    Done,
+}
+
 /// One worker's reaping.
 pub struct Reap {
     memory: Box<Memory>,
     /// `Some` in `PidfdPoll` mode.
     pidfd: Option<OwnedFd>,
-    next: Next,
+    phase: Phase,
 }
 
 /// What a wait's completion means.
@@ -98,14 +109,19 @@ impl Reap {
                 delay: Timespec::from(RETRY_DELAY),
             }),
             pidfd,
-            next: Next::Wait,
+            phase: Phase::Ready(Next::Wait),
         })
     }
 
-    /// The op to submit for child `pid` now. Contract: `self` stays alive, and is not armed
-    /// again, until that op's completion has been handed to [`Reap::complete`].
+    /// The op to submit for child `pid` now. Contract: `self` stays alive until that op's
+    /// completion has been handed to [`Reap::complete`]; it is not armed again meanwhile (a
+    /// second arm, or one after the reap, panics).
     pub fn arm(&mut self, pid: i32, token: Token) -> Sqe {
-        match (self.next, &self.pidfd) {
+        let Phase::Ready(next) = self.phase else {
+            panic!("arming the reap of {pid} in {:?}", self.phase);
+        };
+        self.phase = Phase::InFlight(next);
+        match (next, &self.pidfd) {
             (Next::Delay, _) => op::timeout(&self.memory.delay, token),
             (Next::Wait, None) => op::waitid(pid, &mut self.memory.info, token),
             (Next::Wait, Some(pidfd)) => op::poll_exit(pidfd, token),
@@ -114,7 +130,9 @@ impl Reap {
 
     /// The completion of the op [`Reap::arm`] returned.
     pub fn complete(&mut self, result: Result<u32, Errno>) -> Reaped {
-        let armed = std::mem::replace(&mut self.next, Next::Wait);
+        let Phase::InFlight(armed) = self.phase else {
+            panic!("a reap completion in {:?}", self.phase);
+        };
         let reaped = match (armed, &self.pidfd, result) {
             // The delay passed (ETIME), however it ended: wait again.
             (Next::Delay, _, _) => Reaped::Again,
@@ -123,10 +141,24 @@ impl Reap {
             (Next::Wait, _, Err(errno)) => Reaped::Failed(errno),
             (Next::Wait, Some(pidfd), Ok(_)) => collect(pidfd, &mut self.memory.info),
         };
-        if matches!(reaped, Reaped::Failed(_)) || reaped == Reaped::Again && armed == Next::Wait {
-            self.next = Next::Delay;
-        }
+        self.phase = match reaped {
+            Reaped::Exited | Reaped::Lost => Phase::Done,
+            Reaped::Failed(_) => Phase::Ready(Next::Delay),
+            Reaped::Again if armed == Next::Wait => Phase::Ready(Next::Delay),
+            Reaped::Again => Phase::Ready(Next::Wait),
+        };
         reaped
+    }
+
+    /// Its op is in flight (its owner must keep it).
+    pub fn in_flight(&self) -> bool {
+        matches!(self.phase, Phase::InFlight(_))
+    }
+
+    /// The child is reaped (or lost): its pid may be another process's by now, never to be
+    /// signalled.
+    pub fn is_reaped(&self) -> bool {
+        self.phase == Phase::Done
     }
 
     /// How the worker ended, once [`Reaped::Exited`].
@@ -215,6 +247,12 @@ fn collect(pidfd: &OwnedFd, info: &mut libc::siginfo_t) -> Reaped {
 mod tests {
     use super::*;
 
+    /// Arm `reap` (the op is built, not submitted) so that a completion can be handed to it.
+    fn armed(reap: &mut Reap, pid: i32) -> &mut Reap {
+        let _ = reap.arm(pid, Token::new(super::super::OpKind::WorkerWait, 0, 0));
+        reap
+    }
+
     fn child(exit_code: &str) -> std::process::Child {
         std::process::Command::new("sh")
             .args(["-c", &format!("exit {exit_code}")])
@@ -229,20 +267,22 @@ mod tests {
         let child = child("7");
         let pid = child.id() as i32;
         let mut reap = Reap::with_mode(pid, ReapMode::PidfdPoll).unwrap();
-        let pidfd = reap.pidfd.as_ref().unwrap();
         let mut fds = [libc::pollfd {
-            fd: pidfd.as_raw_fd(),
+            fd: reap.pidfd.as_ref().unwrap().as_raw_fd(),
             events: libc::POLLIN,
             revents: 0,
         }];
         // SAFETY: poll(2) on one pollfd we own.
         assert_eq!(unsafe { libc::poll(fds.as_mut_ptr(), 1, 10_000) }, 1);
-        assert_eq!(reap.complete(Ok(libc::POLLIN as u32)), Reaped::Exited);
+        let completed = armed(&mut reap, pid).complete(Ok(libc::POLLIN as u32));
+        assert_eq!(completed, Reaped::Exited);
         assert_eq!(reap.exit(), Exit::Exited(7));
         // SAFETY: filled by waitid for a CLD_EXITED event.
         assert_eq!(unsafe { reap.memory.info.si_pid() }, pid);
-        // Reaped: a second collection finds no such child.
-        assert_eq!(reap.complete(Ok(0)), Reaped::Lost);
+        assert!(reap.is_reaped() && !reap.in_flight());
+        // Reaped: a collection now would find no such child.
+        let pidfd = reap.pidfd.as_ref().unwrap();
+        assert_eq!(collect(pidfd, &mut reap.memory.info), Reaped::Lost);
         drop(child);
     }
 
@@ -251,11 +291,25 @@ mod tests {
         // Proves the back-off: after a failed or premature wait the next op is the delay, and
         // after the delay the wait again.
         let mut reap = Reap::with_mode(1, ReapMode::WaitId).unwrap();
+        assert_eq!(reap.phase, Phase::Ready(Next::Wait));
+        assert!(armed(&mut reap, 1).in_flight());
         assert_eq!(reap.complete(Err(Errno::INTR)), Reaped::Failed(Errno::INTR));
-        assert_eq!(reap.next, Next::Delay);
-        assert_eq!(reap.complete(Err(Errno::TIME)), Reaped::Again);
-        assert_eq!(reap.next, Next::Wait);
-        assert_eq!(reap.complete(Ok(0)), Reaped::Exited);
+        assert_eq!(reap.phase, Phase::Ready(Next::Delay));
+        let completed = armed(&mut reap, 1).complete(Err(Errno::TIME));
+        assert_eq!(completed, Reaped::Again);
+        assert_eq!(reap.phase, Phase::Ready(Next::Wait));
+        assert_eq!(armed(&mut reap, 1).complete(Ok(0)), Reaped::Exited);
+        assert_eq!(reap.phase, Phase::Done);
+    }
+
+    #[test]
+    #[should_panic(expected = "arming the reap of 1 in Done")]
+    fn a_reaped_child_is_never_waited_for_again() {
+        // Proves the phase guards the pid: once reaped it may be another process's, and
+        // arming a wait for it panics instead of waiting on (or signalling) a stranger.
+        let mut reap = Reap::with_mode(1, ReapMode::WaitId).unwrap();
+        assert_eq!(armed(&mut reap, 1).complete(Ok(0)), Reaped::Exited);
+        armed(&mut reap, 1);
     }
 
     #[test]
@@ -267,8 +321,9 @@ mod tests {
             .spawn()
             .expect("spawn sleep");
         let mut reap = Reap::with_mode(sleeper.id() as i32, ReapMode::PidfdPoll).unwrap();
-        assert_eq!(reap.complete(Ok(0)), Reaped::Again);
-        assert_eq!(reap.next, Next::Delay);
+        let pid = sleeper.id() as i32;
+        assert_eq!(armed(&mut reap, pid).complete(Ok(0)), Reaped::Again);
+        assert_eq!(reap.phase, Phase::Ready(Next::Delay));
         sleeper.kill().unwrap();
         sleeper.wait().unwrap();
     }

@@ -58,9 +58,6 @@ impl Core {
             stdout: PipeLog::new(spawned.stdout),
             stderr: PipeLog::new(spawned.stderr),
             reap,
-            wait_in_flight: false,
-            reaped: false,
-            gone_reported: false,
             fate: None,
             buffer_index,
             accepts_queue: false,
@@ -103,7 +100,6 @@ impl Core {
 
     pub(super) fn arm_worker_wait(&mut self, index: WorkerHandle) {
         let worker = &mut self.workers[index];
-        worker.wait_in_flight = true;
         let token = Token::worker(OpKind::WorkerWait, index);
         let entry = worker.reap.arm(worker.pid, token);
         self.ring.push(entry);
@@ -366,7 +362,8 @@ impl Core {
     /// it held with `worker failed`.
     pub(super) fn fail_worker(&mut self, index: WorkerHandle, fault: WorkerFault) {
         let worker = &self.workers[index];
-        if !worker.gone_reported {
+        // (Once Dead, the pool was told and the fault counted: one worker, one fault.)
+        if worker.state != WorkerState::Dead {
             let service = worker.service;
             self.services[service].counters.worker_faults[fault.index()] += 1;
         }
@@ -394,18 +391,16 @@ impl Core {
     pub(super) fn retire_worker(&mut self, index: WorkerHandle, reason: &str, how: Gone) {
         let worker = &mut self.workers[index];
         let previous = worker.state;
-        if worker.gone_reported {
+        // Dead: the pool has been told (exactly once).
+        if previous == WorkerState::Dead {
             return;
         }
-        worker.gone_reported = true;
         worker.state = WorkerState::Dead;
         worker.fate.get_or_insert_with(|| reason.to_string());
         let service = worker.service;
         let id = index.to_raw();
         let pid = worker.pid;
-        if !worker.reaped {
-            kill(worker, libc::SIGKILL);
-        }
+        kill(worker, libc::SIGKILL);
         worker.slot.reset();
         let name = &self.services[service].name;
         match previous {
@@ -512,7 +507,6 @@ impl Core {
 
     pub(super) fn on_worker_reaped(&mut self, index: WorkerHandle, result: Result<u32, Errno>) {
         let worker = &mut self.workers[index];
-        worker.wait_in_flight = false;
         let status = match worker.reap.complete(result) {
             Reaped::Exited => worker.reap.exit().to_string(),
             Reaped::Lost => {
@@ -525,7 +519,6 @@ impl Core {
                 return self.arm_worker_wait(index);
             }
         };
-        worker.reaped = true;
         crate::confine::forget_worker(worker.pid);
         let reason = match &worker.fate {
             Some(fate) => format!("{fate} ({status})"),
@@ -540,8 +533,8 @@ impl Core {
         // reads that a surviving grandchild could keep open.
         let (recv, out, err) = (
             worker.recv_in_flight,
-            worker.stdout.in_flight,
-            worker.stderr.in_flight,
+            worker.stdout.in_flight(),
+            worker.stderr.in_flight(),
         );
         if recv {
             self.ring.cancel(Token::worker(OpKind::WorkerRecv, index));
@@ -558,7 +551,7 @@ impl Core {
         let Some(worker) = self.workers.get(index) else {
             return;
         };
-        if worker.reaped && !worker.ops_in_flight() {
+        if worker.reap.is_reaped() && !worker.ops_in_flight() {
             debug_assert_eq!(worker.state, WorkerState::Dead);
             let worker = self.workers.remove(index);
             if let Some(buffer_index) = worker.buffer_index {
@@ -581,7 +574,7 @@ pub(super) fn rss_bytes(pid: i32) -> Option<u64> {
 pub(super) fn kill(worker: &Worker, signal: i32) {
     // Never signal a reaped pid: it may belong to another process by now. The group gets the
     // signal too (see `io::signal_worker`, the one place that signals workers).
-    if !worker.reaped {
+    if !worker.reap.is_reaped() {
         crate::engine::io::signal_worker(worker.pid, signal);
     }
 }

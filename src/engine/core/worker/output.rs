@@ -17,10 +17,10 @@ impl Core {
         } else {
             &mut worker.stdout
         };
-        if pipe.in_flight || !pipe.open {
+        if pipe.read != PipeRead::Idle {
             return;
         }
-        pipe.in_flight = true;
+        pipe.read = PipeRead::Reading;
         let entry = op::read(pipe.fd.as_raw_fd(), &mut pipe.buf[..], token);
         self.ring.push(entry);
     }
@@ -47,9 +47,10 @@ impl Core {
         } else {
             &mut worker.stdout
         };
-        pipe.in_flight = false;
+        debug_assert_eq!(pipe.read, PipeRead::Reading);
+        pipe.read = PipeRead::Idle;
         let Ok(read @ 1..) = result else {
-            pipe.open = false;
+            pipe.read = PipeRead::Closed;
             if !pipe.line.is_empty() {
                 out.line(&pipe.line);
                 pipe.line.clear();

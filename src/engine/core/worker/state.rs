@@ -79,12 +79,22 @@ pub(in crate::engine::core) enum SlotUse {
     Lent { conn: ConnHandle },
 }
 
+/// Where the read of a worker's stdout or stderr stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(in crate::engine::core) enum PipeRead {
+    /// Open, no read in flight.
+    Idle,
+    /// A read into `PipeLog::buf` is in flight.
+    Reading,
+    /// End of file (or an error): never read again.
+    Closed,
+}
+
 pub(in crate::engine::core) struct PipeLog {
     pub(in crate::engine::core) fd: OwnedFd,
     pub(in crate::engine::core) buf: Box<[u8; PIPE_READ_BYTES]>,
     pub(in crate::engine::core) line: Vec<u8>,
-    pub(in crate::engine::core) in_flight: bool,
-    pub(in crate::engine::core) open: bool,
+    pub(in crate::engine::core) read: PipeRead,
 }
 
 impl PipeLog {
@@ -93,9 +103,12 @@ impl PipeLog {
             fd,
             buf: Box::new([0; PIPE_READ_BYTES]),
             line: Vec::new(),
-            in_flight: false,
-            open: true,
+            read: PipeRead::Idle,
         }
+    }
+
+    pub(in crate::engine::core) fn in_flight(&self) -> bool {
+        self.read == PipeRead::Reading
     }
 }
 
@@ -114,10 +127,6 @@ pub(in crate::engine::core) struct Worker {
     pub(in crate::engine::core) stderr: PipeLog,
     /// Its reaping (the op's memory, and its pidfd in the fallback mode).
     pub(in crate::engine::core) reap: Reap,
-    pub(in crate::engine::core) wait_in_flight: bool,
-    pub(in crate::engine::core) reaped: bool,
-    /// The pool has been told this worker is gone (exactly once).
-    pub(in crate::engine::core) gone_reported: bool,
     /// Why the worker left, for the exit log line.
     pub(in crate::engine::core) fate: Option<String>,
     /// Index of its slot in the ring's registered-buffer table, if registered.
@@ -134,9 +143,9 @@ impl Worker {
     pub(in crate::engine::core) fn ops_in_flight(&self) -> bool {
         self.recv_in_flight
             || self.send.in_flight
-            || self.stdout.in_flight
-            || self.stderr.in_flight
-            || self.wait_in_flight
+            || self.stdout.in_flight()
+            || self.stderr.in_flight()
+            || self.reap.in_flight()
             || self.slot_use != SlotUse::Free
     }
 
@@ -214,13 +223,6 @@ impl Worker {
             assert!(
                 matches!(self.slot_use, SlotUse::Lent { .. }),
                 "worker {}: Lending without a slot send",
-                self.pid
-            );
-        }
-        if self.state == WorkerState::Dead {
-            assert!(
-                self.gone_reported,
-                "worker {}: Dead but the pool was not told",
                 self.pid
             );
         }
