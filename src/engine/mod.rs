@@ -16,6 +16,7 @@ mod bind;
 pub mod buffer;
 pub mod control;
 pub mod core;
+pub mod index;
 pub mod io;
 pub mod report;
 pub mod shared;
@@ -35,6 +36,7 @@ use anyhow::{bail, Context};
 
 use self::bind::{bind_tcp, bind_unix, check_state_dir, create_private_dir};
 use self::core::ListenerKind;
+use self::index::{CoreIndex, TypedIndex};
 use self::shared::Shared;
 use crate::config::{self, Config};
 
@@ -398,7 +400,7 @@ pub fn run(
                         None => start_spawner()?,
                     };
                     self::core::Core::new(self::core::CoreSetup {
-                        index,
+                        index: CoreIndex::from_usize(index),
                         shared,
                         config: setup_config,
                         listeners,

@@ -37,6 +37,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::Instant;
 
 use super::admission::{Admission, Ticket};
+use super::index::{CoreIndex, IndexVec, ServiceSlot};
 use super::report::CoreReport;
 use crate::config::Config;
 
@@ -75,7 +76,7 @@ pub enum AdminCommand {
 pub type AdminOutcome = Result<AdminDone, String>;
 
 /// Where a core sends its outcome: its index, and the outcome.
-pub type AdminReply = mpsc::Sender<(usize, AdminOutcome)>;
+pub type AdminReply = mpsc::Sender<(CoreIndex, AdminOutcome)>;
 
 /// One core's part of a command that worked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -90,8 +91,9 @@ pub enum AdminDone {
     },
     /// The shard began a rolling restart of this many workers.
     Recycling { workers: u32 },
-    /// This core had the worker and killed it; it held this many requests.
-    Killed { service: usize, requests: u32 },
+    /// This core had the worker and killed it; it held this many requests. (The service by
+    /// id: a core's slot numbers are not the config's indices once a reload has run.)
+    Killed { service_id: u32, requests: u32 },
     /// This core has no worker with that pid.
     NoSuchWorker,
 }
@@ -130,7 +132,7 @@ pub enum Msg {
 }
 
 /// Where a core answers a reload step: its index and whether the step succeeded there.
-pub type ReloadReply = mpsc::Sender<(usize, Result<(), String>)>;
+pub type ReloadReply = mpsc::Sender<(CoreIndex, Result<(), String>)>;
 
 /// The steps of a reload, sent to every core by the control thread: prepare everywhere, then
 /// commit everywhere (or abort everywhere), so that every core runs the same services.
@@ -155,22 +157,22 @@ pub struct CorePlan {
     pub config: Arc<Config>,
     /// New slots to start: (slot, index of its service in `config`), slots in increasing order
     /// from the first unused one.
-    pub start: Vec<(usize, usize)>,
+    pub start: Vec<(ServiceSlot, usize)>,
     /// Slots to retire at commit (replaced or removed services).
-    pub retire: Vec<usize>,
+    pub retire: Vec<ServiceSlot>,
     /// Services whose workers stay: (slot, index in `config`).
-    pub keep: Vec<(usize, usize)>,
+    pub keep: Vec<(ServiceSlot, usize)>,
     /// Services whose workers stay and whose pool takes new limits: (slot, index in `config`).
-    pub limits: Vec<(usize, usize)>,
+    pub limits: Vec<(ServiceSlot, usize)>,
 }
 
 /// A request moved to another core (its payload with it).
 pub struct Forward {
-    pub from: usize,
+    pub from: CoreIndex,
     /// The request's handle on the core it came from.
     pub request: u64,
     pub caller_request_id: u64,
-    pub service: usize,
+    pub service: ServiceSlot,
     pub payload: Vec<u8>,
     pub deadline: Option<Instant>,
     pub arrived: Instant,
@@ -202,11 +204,11 @@ pub struct CoreShared {
     pub wake: OwnedFd,
     /// Caller connections the core holds (or has been handed and not yet registered).
     pub callers: AtomicU32,
-    pub services: Vec<ShardCounts>,
+    pub services: IndexVec<ServiceSlot, ShardCounts>,
 }
 
 pub struct Shared {
-    pub cores: Vec<CoreShared>,
+    pub cores: IndexVec<CoreIndex, CoreShared>,
     pub shutdown: AtomicBool,
     pub forwards_in_flight: AtomicU64,
     /// Cores whose work is done; all exit when it reaches the core count.
@@ -219,7 +221,7 @@ pub struct Shared {
 impl Shared {
     /// `shard_max[core][service]`: each core's share of each service's max_workers.
     pub fn new(shard_max: &[Vec<u32>], admission: Admission) -> std::io::Result<Shared> {
-        let mut cores = Vec::with_capacity(shard_max.len());
+        let mut cores = IndexVec::new();
         for maxes in shard_max {
             cores.push(CoreShared {
                 inbox: Mutex::new(Vec::with_capacity(256)),
@@ -249,7 +251,7 @@ impl Shared {
     /// Put a message in core `to`'s inbox. Returns true when the caller must wake that core
     /// (write its eventfd); false when a wake-up is already on its way.
     #[must_use]
-    pub fn post(&self, to: usize, msg: Msg) -> bool {
+    pub fn post(&self, to: CoreIndex, msg: Msg) -> bool {
         let core = &self.cores[to];
         core.inbox.lock().expect("not poisoned").push(msg);
         !core.wake_pending.swap(true, Ordering::SeqCst)
@@ -257,7 +259,7 @@ impl Shared {
 
     /// Post a message and wake core `to` at once (a write to its eventfd): for a thread that has
     /// no ring to carry the wake-up, the control thread.
-    pub fn send(&self, to: usize, msg: Msg) {
+    pub fn send(&self, to: CoreIndex, msg: Msg) {
         if self.post(to, msg) {
             // An eventfd adds the 8-byte native-endian count written to it. It is non-blocking
             // and only fails when the count would overflow, when a wake-up is pending anyway.
@@ -271,14 +273,14 @@ impl Shared {
     }
 
     /// Take everything in core `me`'s inbox, swapping in `batch` (empty, with capacity).
-    pub fn drain(&self, me: usize, batch: &mut Vec<Msg>) {
+    pub fn drain(&self, me: CoreIndex, batch: &mut Vec<Msg>) {
         let core = &self.cores[me];
         core.wake_pending.store(false, Ordering::SeqCst);
         std::mem::swap(&mut *core.inbox.lock().expect("not poisoned"), batch);
     }
 
     /// Whether core `me`'s inbox is empty.
-    pub fn inbox_empty(&self, me: usize) -> bool {
+    pub fn inbox_empty(&self, me: CoreIndex) -> bool {
         self.cores[me]
             .inbox
             .lock()
@@ -336,16 +338,16 @@ mod tests {
         };
         let admission = Admission::new(limits, super::super::admission::Access::default());
         let shared = Shared::new(&[vec![1], vec![1]], admission).expect("eventfds");
-        assert!(shared.post(1, Msg::Wake));
-        assert!(!shared.post(1, Msg::Wake));
+        assert!(shared.post(CoreIndex::new(1), Msg::Wake));
+        assert!(!shared.post(CoreIndex::new(1), Msg::Wake));
         let mut batch = Vec::new();
-        shared.drain(1, &mut batch);
+        shared.drain(CoreIndex::new(1), &mut batch);
         assert_eq!(batch.len(), 2);
-        assert!(shared.inbox_empty(1));
+        assert!(shared.inbox_empty(CoreIndex::new(1)));
         assert!(
-            shared.post(1, Msg::Wake),
+            shared.post(CoreIndex::new(1), Msg::Wake),
             "a post after a drain wakes again"
         );
-        assert!(shared.inbox_empty(0));
+        assert!(shared.inbox_empty(CoreIndex::new(0)));
     }
 }

@@ -198,6 +198,46 @@ fn reload_under_load_adds_replaces_and_removes_services_without_a_failed_request
 }
 
 #[test]
+fn kill_worker_names_the_service_of_a_worker_started_by_a_reload() {
+    // Proves admin commands name a worker's service by id, not by its core's slot number:
+    // after a reload replaced echo (its new workers in slot 1, while the config has one
+    // service), `kill-worker` of a new worker says `service echo` and the bridge serves on.
+    // Before, the control thread read slot 1 as the config's index and panicked.
+    let bridge = common::bridge()
+        .service(ServiceSpec::echo().workers(1, 1))
+        .start();
+    settled_pids(&bridge, "echo", 1);
+    let replaced = ServiceSpec::new(1, "echo", PathBuf::from("/bin/sh"))
+        .args(&["-c", &format!("exec {}", common::example("echo").display())])
+        .workers(1, 1);
+    rewrite(&bridge, &common::bridge().service(replaced));
+    let (ok, answer) = reload(&bridge);
+    assert!(ok && answer.contains("replaced echo"), "{answer}");
+    let pid = *settled_pids(&bridge, "echo", 1)
+        .iter()
+        .next()
+        .expect("one worker");
+    let output = Command::new(common::bridge_exe())
+        .args(["kill-worker", "--admin"])
+        .arg(&bridge.admin)
+        .arg(pid.to_string())
+        .output()
+        .expect("run acgi-bridge kill-worker");
+    let said = String::from_utf8_lossy(&output.stdout).to_string();
+    assert!(
+        output.status.success(),
+        "{said} {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        said.starts_with(&format!("killed worker {pid} of service echo")),
+        "{said}"
+    );
+    assert_eq!(echo_call(&bridge, "echo", b"after"), b"after");
+    assert!(bridge.status().counters.reloads == 1);
+}
+
+#[test]
 fn a_bad_config_is_refused_and_the_running_one_keeps_serving() {
     let bridge = common::bridge()
         .service(ServiceSpec::echo().static_pool(1))

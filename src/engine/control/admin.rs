@@ -13,6 +13,7 @@
 use std::sync::Arc;
 
 use crate::config::Config;
+use crate::engine::index::CoreIndex;
 use crate::engine::shared::{AdminCommand, AdminDone, AdminOutcome};
 use crate::pool::Intake;
 
@@ -216,7 +217,7 @@ pub(super) fn to_command(request: &AdminRequest, config: &Arc<Config>) -> AdminC
 pub(super) fn summary(
     request: &AdminRequest,
     config: &Config,
-    outcomes: &[(usize, AdminOutcome)],
+    outcomes: &[(CoreIndex, AdminOutcome)],
 ) -> Result<String, String> {
     let mut done = Vec::with_capacity(outcomes.len());
     for (core, outcome) in outcomes {
@@ -258,10 +259,17 @@ pub(super) fn summary(
         AdminRequest::KillWorker(pid) => done
             .iter()
             .find_map(|d| match d {
-                AdminDone::Killed { service, requests } => Some(format!(
+                AdminDone::Killed {
+                    service_id,
+                    requests,
+                } => Some(format!(
                     "killed worker {pid} of service {} ({requests} requests answered `worker \
                      failed`)",
-                    name(*service)
+                    config
+                        .services
+                        .iter()
+                        .find(|s| s.id == *service_id)
+                        .map_or("(removed)", |s| s.name.as_str())
                 )),
                 _ => None,
             })

@@ -68,7 +68,7 @@ fn gather_from_cores<T>(
         return Err(unanswered(0));
     }
     let (reply, answers) = mpsc::channel();
-    for core in 0..cores {
+    for core in shared.cores.indices() {
         shared.send(core, make(reply.clone()));
     }
     drop(reply);

@@ -48,6 +48,7 @@ use rustix::event::{PollFd, PollFlags};
 use rustix::io::Errno;
 
 use self::conn::{AuxConn, Awaited, Next, Protocol};
+use super::index::CoreIndex;
 use super::shared::{AdminOutcome, Msg, Shared};
 use crate::config::Config;
 use crate::metrics::{BridgeCounters, IntervalLogger};
@@ -334,7 +335,7 @@ impl Control {
             // /healthz 200 while it drains (a closed port would look like a dead bridge).
             self.admin = None;
         }
-        for core in 0..self.shared.cores.len() {
+        for core in self.shared.cores.indices() {
             self.shared.send(core, Msg::Shutdown { now });
         }
     }
@@ -373,7 +374,7 @@ impl Control {
         };
         let command = admin::to_command(&request, &config);
         tracing::info!(command = line, "admin command");
-        let outcomes: Vec<(usize, AdminOutcome)> = self
+        let outcomes: Vec<(CoreIndex, AdminOutcome)> = self
             .gather_from_cores(|reply| Msg::Admin {
                 command: command.clone(),
                 reply,

@@ -25,6 +25,7 @@ use super::Control;
 use crate::config::reload::{self, Change};
 use crate::config::Config;
 use crate::engine::admission::{Access, Limits};
+use crate::engine::index::{CoreIndex, IndexVec, ServiceSlot, TypedIndex};
 use crate::engine::shared::{CorePlan, Msg, ReloadStep, SERVICE_SLOTS_MAX};
 
 /// How often the loop looks at a running reload's replies.
@@ -35,7 +36,7 @@ pub(super) struct Slots {
     /// Slots handed out so far; the next new one is this.
     used: usize,
     /// The live slot of each service id.
-    live: HashMap<u32, usize>,
+    live: HashMap<u32, ServiceSlot>,
 }
 
 impl Slots {
@@ -46,7 +47,7 @@ impl Slots {
                 .services
                 .iter()
                 .enumerate()
-                .map(|(slot, service)| (service.id, slot))
+                .map(|(slot, service)| (service.id, ServiceSlot::from_usize(slot)))
                 .collect(),
         }
     }
@@ -58,8 +59,8 @@ pub(super) struct Running {
     /// When it gives up (`reload_timeout_ms` of the new config).
     pub(super) deadline: Instant,
     started: Instant,
-    replies: mpsc::Receiver<(usize, Result<(), String>)>,
-    answered: Vec<bool>,
+    replies: mpsc::Receiver<(CoreIndex, Result<(), String>)>,
+    answered: IndexVec<CoreIndex, bool>,
     config: Arc<Config>,
     slots: Slots,
     summary: String,
@@ -187,8 +188,9 @@ impl Control {
                     slots.live.insert(config.services[new].id, old_slot(old));
                 }
                 Change::Start { new } | Change::Replace { new, .. } => {
-                    core_plan.start.push((slots.used, new));
-                    slots.live.insert(config.services[new].id, slots.used);
+                    let slot = ServiceSlot::from_usize(slots.used);
+                    core_plan.start.push((slot, new));
+                    slots.live.insert(config.services[new].id, slot);
                     slots.used += 1;
                 }
                 Change::Remove { .. } => {}
@@ -210,7 +212,7 @@ impl Control {
         }
         let (reply, replies) = mpsc::channel();
         let core_plan = Arc::new(core_plan);
-        for core in 0..self.shared.cores.len() {
+        for core in self.shared.cores.indices() {
             let step = ReloadStep::Prepare {
                 plan: Arc::clone(&core_plan),
                 reply: reply.clone(),
@@ -223,7 +225,7 @@ impl Control {
             deadline: now + Duration::from_millis(config.reload_timeout_ms),
             started: now,
             replies,
-            answered: vec![false; self.shared.cores.len()],
+            answered: self.shared.cores.iter().map(|_| false).collect(),
             config,
             slots,
             summary,
@@ -256,7 +258,7 @@ impl Control {
             // The slots were handed out on every core, so they are spent either way.
             self.slots.used = running.slots.used;
             if running.phase == Phase::Preparing {
-                for core in 0..cores {
+                for core in self.shared.cores.indices() {
                     self.shared.send(core, Msg::Reload(ReloadStep::Abort));
                 }
             }
@@ -272,7 +274,7 @@ impl Control {
         match running.phase {
             Phase::Preparing => {
                 let (reply, replies) = mpsc::channel();
-                for core in 0..cores {
+                for core in self.shared.cores.indices() {
                     let step = ReloadStep::Commit {
                         reply: reply.clone(),
                     };

@@ -200,7 +200,7 @@ impl Control {
         self.unlink_at_stop.clear();
         self.admin = None;
         self.metrics = None;
-        for core in 0..self.shared.cores.len() {
+        for core in self.shared.cores.indices() {
             self.shared.send(core, Msg::Drain);
         }
     }

@@ -69,7 +69,7 @@ impl Core {
     }
 
     /// The live slot of service `id` on this core.
-    fn live_slot(&self, id: u32) -> Result<usize, String> {
+    fn live_slot(&self, id: u32) -> Result<ServiceSlot, String> {
         self.service_by_id
             .get(&id)
             .copied()
@@ -79,7 +79,7 @@ impl Core {
     /// Pause, resume or drain the service's shard.
     fn change_intake(
         &mut self,
-        service: usize,
+        service: ServiceSlot,
         change: impl FnOnce(&mut Pool) -> Result<Intake, Refused>,
     ) -> AdminOutcome {
         let before = change(&mut self.services[service].pool)
@@ -88,7 +88,7 @@ impl Core {
         Ok(self.service_done(service, before))
     }
 
-    fn service_done(&self, service: usize, before: Intake) -> AdminDone {
+    fn service_done(&self, service: ServiceSlot, before: Intake) -> AdminDone {
         let pool = &self.services[service].pool;
         AdminDone::Service {
             before,
@@ -101,8 +101,8 @@ impl Core {
     /// New limits for `service` (`policy`: the whole service's, validated like the config):
     /// this core's shard of them goes to its pool and to the placement counts other cores
     /// read. Also the way for a reload to change limits live.
-    pub(super) fn set_service_limits(&mut self, service: usize, policy: &Policy) {
-        let shard = policy.shard(self.index, self.shared.cores.len());
+    pub(super) fn set_service_limits(&mut self, service: ServiceSlot, policy: &Policy) {
+        let shard = policy.shard(self.index.usize(), self.shared.cores.len());
         let counts = &self.shared.cores[self.index].services[service];
         counts
             .max_workers
@@ -144,7 +144,11 @@ impl Core {
             }
         }
         self.pool_touched(service);
-        AdminDone::Killed { service, requests }
+        let service_id = self.services[service].id;
+        AdminDone::Killed {
+            service_id,
+            requests,
+        }
     }
 }
 

@@ -13,13 +13,13 @@ impl Core {
 
     /// Send a message to another core, waking it through our ring (the write goes out with
     /// this turn's submit).
-    pub(super) fn post(&mut self, core: usize, msg: Msg) {
+    pub(super) fn post(&mut self, core: CoreIndex, msg: Msg) {
         debug_assert_ne!(core, self.index);
         if self.shared.post(core, msg) {
             // An eventfd adds the 8-byte native-endian count written to it.
             static ONE: [u8; 8] = 1u64.to_ne_bytes();
             let fd = self.shared.cores[core].wake.as_raw_fd();
-            let entry = op::write_static(fd, &ONE, Token::core(OpKind::WakeSent, core));
+            let entry = op::write_static(fd, &ONE, Token::core(OpKind::WakeSent, core.usize()));
             self.ring.push(entry);
         }
     }
@@ -74,7 +74,7 @@ impl Core {
     /// here with room for a queued job, or room here to start one; room to start one on another
     /// core (claimed); our backlog. A core with no shard of the service sends everything to
     /// the core with the shortest backlog.
-    pub(super) fn place(&mut self, service: usize) -> Option<usize> {
+    pub(super) fn place(&mut self, service: ServiceSlot) -> Option<CoreIndex> {
         let cores = self.shared.cores.len();
         let pool = &self.services[service].pool;
         if cores == 1 || pool.idle() > 0 || self.shutdown_deadline.is_some() {
@@ -93,7 +93,9 @@ impl Core {
         if self.services[service].pool.policy().max_workers > 0 {
             return None;
         }
-        (0..cores)
+        self.shared
+            .cores
+            .indices()
             .filter(|&c| {
                 self.shared.cores[c].services[service]
                     .max_workers
@@ -111,12 +113,12 @@ impl Core {
     /// rotating start so that forwards spread.
     pub(super) fn claim_on_other_core(
         &mut self,
-        service: usize,
+        service: ServiceSlot,
         count: impl Fn(&shared::ShardCounts) -> &std::sync::atomic::AtomicU32,
-    ) -> Option<usize> {
+    ) -> Option<CoreIndex> {
         let cores = self.shared.cores.len();
         for step in 1..=cores {
-            let core = (self.next_core + step) % cores;
+            let core = CoreIndex::from_usize((self.next_core.usize() + step) % cores);
             if core == self.index {
                 continue;
             }
@@ -130,7 +132,7 @@ impl Core {
 
     /// Send a request of ours to another core to run. Returns false (and changes nothing) when
     /// the bridge is shutting down: then it runs here.
-    pub(super) fn forward(&mut self, request: RequestHandle, core: usize) -> bool {
+    pub(super) fn forward(&mut self, request: RequestHandle, core: CoreIndex) -> bool {
         let index = request;
         if let Origin::Core {
             core: home,
@@ -174,7 +176,7 @@ impl Core {
     }
 
     pub(super) fn wake_all(&mut self) {
-        for core in 0..self.shared.cores.len() {
+        for core in self.shared.cores.indices() {
             if core != self.index {
                 self.post(core, Msg::Wake);
             }
@@ -248,7 +250,7 @@ impl Core {
     }
 
     /// Send the answer frame for a request another core forwarded to us.
-    pub(super) fn send_answer(&mut self, core: usize, request: RequestHandle, frame: Vec<u8>) {
+    pub(super) fn send_answer(&mut self, core: CoreIndex, request: RequestHandle, frame: Vec<u8>) {
         let request = request.to_raw();
         self.post(core, Msg::Answer { request, frame });
     }
@@ -258,7 +260,7 @@ impl Core {
         if self.shutdown_deadline.is_some() {
             return;
         }
-        for service in 0..self.services.len() {
+        for service in self.services.indices() {
             while self.services[service].pool.backlog_len() > 0 {
                 let Some(core) = self.claim_on_other_core(service, |c| &c.idle) else {
                     break;
@@ -284,7 +286,7 @@ impl Core {
     /// Store our placement counts for the other cores. When an idle worker appears and another
     /// core has a backlog for it, wake that core so that it forwards.
     pub(super) fn publish(&mut self) {
-        for service in 0..self.services.len() {
+        for service in self.services.indices() {
             if self.services[service].phase == SlotPhase::Retired {
                 // (Zeroed when it was retired: nobody forwards to it any more.)
                 continue;
@@ -302,7 +304,7 @@ impl Core {
             shared::publish(&counts.room, room);
             shared::publish(&counts.backlog, backlog);
             if idle > 0 && !had_idle {
-                for core in 0..self.shared.cores.len() {
+                for core in self.shared.cores.indices() {
                     let backlog = &self.shared.cores[core].services[service].backlog;
                     if core != self.index && backlog.load(Ordering::Relaxed) > 0 {
                         // (A core woken twice in one turn costs nothing: wake-ups coalesce.)

@@ -6,7 +6,7 @@ impl Core {
     /// A pool got an event: its actions run once the current handler is done
     /// ([`Core::run_effects`]), so no handler runs another owner's code in the middle of its
     /// own (and none can free what its caller still holds).
-    pub(super) fn pool_touched(&mut self, service: usize) {
+    pub(super) fn pool_touched(&mut self, service: ServiceSlot) {
         if !self.pools_touched_set[service] {
             self.pools_touched_set[service] = true;
             self.pools_touched.push(service);
@@ -31,7 +31,7 @@ impl Core {
         }
     }
 
-    fn run_pool_actions(&mut self, service: usize) {
+    fn run_pool_actions(&mut self, service: ServiceSlot) {
         while let Some(action) = self.services[service].pool.next_action() {
             match action {
                 Action::Spawn => self.request_spawn(service),
@@ -66,7 +66,7 @@ impl Core {
 
     pub(super) fn reject_message(
         &self,
-        service: usize,
+        service: ServiceSlot,
         request: RequestHandle,
         reason: RejectReason,
     ) -> String {
@@ -117,7 +117,7 @@ impl Core {
         self.services.iter().all(|s| s.pool.is_stopped())
     }
 
-    pub(super) fn request_spawn(&mut self, service: usize) {
+    pub(super) fn request_spawn(&mut self, service: ServiceSlot) {
         let entry = &self.services[service];
         self.spawner.request(SpawnRequest {
             slot: service,

@@ -110,7 +110,7 @@ impl Core {
         if now >= self.next_caller_sweep {
             self.sweep_callers();
         }
-        for service in 0..self.services.len() {
+        for service in self.services.indices() {
             if self.services[service]
                 .pool
                 .next_deadline()

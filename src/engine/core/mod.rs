@@ -50,6 +50,7 @@ use super::io::{
 
 use super::admission::{Caller, Peer, Refused, Ticket};
 use super::buffer::{Parsed, ReadBuffer, SendQueue};
+use super::index::{CoreIndex, IndexVec, ServiceSlot, TypedIndex};
 use super::report::{CoreReport, ShardReport};
 use super::shared::ReportReply;
 use super::shared::{self, Forward, Msg, Shared};
@@ -144,7 +145,10 @@ enum Dest {
     /// A live caller connection of this core.
     Conn(ConnHandle),
     /// The core that forwarded the request (the request's handle in that core's table).
-    Core { core: usize, request: RequestHandle },
+    Core {
+        core: CoreIndex,
+        request: RequestHandle,
+    },
 }
 
 /// Where a request came from, and so where its answer goes.
@@ -153,18 +157,21 @@ enum Origin {
     /// A caller connection of this core.
     Conn(ConnHandle),
     /// Another core forwarded it: the answer goes back there (to this request of its table).
-    Core { core: usize, request: RequestHandle },
+    Core {
+        core: CoreIndex,
+        request: RequestHandle,
+    },
 }
 
 struct Request {
     origin: Origin,
     /// Sent to this core to run (the payload went with it); this entry waits for the answer.
-    forwarded_to: Option<usize>,
+    forwarded_to: Option<CoreIndex>,
     /// Its payload is to be read from the caller's socket into the slot of the worker it is
     /// dispatched to (see `try_direct_read`).
     direct: bool,
     caller_request_id: u64,
-    service: usize,
+    service: ServiceSlot,
     payload: Vec<u8>,
     /// Payload bytes counted against its caller's connection and this core's budget (0 for
     /// requests other cores sent us: their home core counts them).
@@ -184,7 +191,7 @@ struct Request {
 impl Request {
     /// The message that moves it to another core (its payload goes with it), to be answered
     /// to request handle `request` on core `from`.
-    fn forward(&mut self, from: usize, request: RequestHandle) -> Forward {
+    fn forward(&mut self, from: CoreIndex, request: RequestHandle) -> Forward {
         Forward {
             from,
             request: request.to_raw(),
@@ -305,27 +312,27 @@ pub struct Core {
     ring: Ring,
     /// This core's number (every core runs the same loop; the number names its inbox, its
     /// placement counts and its share of each service).
-    index: usize,
+    index: CoreIndex,
     shared: Arc<Shared>,
     /// Messages taken from the inbox, being handled (kept for its capacity).
     inbox_batch: Vec<Msg>,
     inbox_buf: Box<[u8; 8]>,
     inbox_in_flight: bool,
     /// Where the next search for another core starts (spreads forwards).
-    next_core: usize,
+    next_core: CoreIndex,
     /// This core counted itself in `cores_finished`.
     done: bool,
     config: Arc<Config>,
-    services: Vec<Service>,
+    services: IndexVec<ServiceSlot, Service>,
     /// Services whose pool got an event since the loop last ran their actions (and the same
     /// as a set, by service index): see `pool_touched` and `run_effects`.
-    pools_touched: Vec<usize>,
-    pools_touched_set: Vec<bool>,
+    pools_touched: Vec<ServiceSlot>,
+    pools_touched_set: IndexVec<ServiceSlot, bool>,
     /// When `sweep_callers` runs next, and its buffer (kept for its capacity).
     next_caller_sweep: Instant,
     sweep_scratch: Vec<(ConnHandle, bool)>,
-    service_by_id: HashMap<u32, usize>,
-    service_by_name: HashMap<String, usize>,
+    service_by_id: HashMap<u32, ServiceSlot>,
+    service_by_name: HashMap<String, ServiceSlot>,
     listeners: Vec<Listener>,
     conns: Table<Conn>,
     workers: Table<Worker>,
@@ -382,7 +389,7 @@ pub struct Core {
 
 /// What `Core::new` needs from the process setup.
 pub struct CoreSetup {
-    pub index: usize,
+    pub index: CoreIndex,
     pub shared: Arc<Shared>,
     pub config: Arc<Config>,
     pub listeners: Vec<(OwnedFd, ListenerKind)>,
@@ -402,13 +409,14 @@ impl Core {
         let cores = shared.cores.len();
         let request_bytes_share = (config.request_bytes_buffered_max / cores as u64).max(1);
         let answer_bytes_share = (config.answer_bytes_buffered_max / cores as u64).max(1);
-        let mut services = Vec::new();
+        let mut services = IndexVec::new();
         let mut service_by_id = HashMap::new();
         let mut service_by_name = HashMap::new();
         for (number, service) in config.services.iter().enumerate() {
-            service_by_id.insert(service.id, number);
-            service_by_name.insert(service.name.clone(), number);
-            services.push(Service::new(&config, number, number, index, cores, now));
+            let slot = ServiceSlot::from_usize(number);
+            service_by_id.insert(service.id, slot);
+            service_by_name.insert(service.name.clone(), slot);
+            services.push(Service::new(&config, number, slot, index, cores, now));
         }
         let shard_workers: u32 = services.iter().map(|s| s.pool.policy().max_workers).sum();
         let fixed_buffers_free = ring.register_buffer_table(buffer_table_entries(shard_workers));
@@ -437,7 +445,7 @@ impl Core {
             next_caller_sweep: now + CALLER_SWEEP_INTERVAL,
             sweep_scratch: Vec::new(),
             pools_touched: Vec::with_capacity(services.len()),
-            pools_touched_set: vec![false; services.len()],
+            pools_touched_set: services.iter().map(|_| false).collect(),
             services,
             service_by_id,
             service_by_name,
@@ -480,7 +488,7 @@ impl Core {
         }
         core.arm_spawn_wake();
         core.arm_inbox();
-        for service in 0..core.services.len() {
+        for service in core.services.indices() {
             core.pool_touched(service);
         }
         core.run_effects();
@@ -493,8 +501,8 @@ impl Service {
     fn new(
         config: &Arc<Config>,
         config_index: usize,
-        slot: usize,
-        core: usize,
+        slot: ServiceSlot,
+        core: CoreIndex,
         cores: usize,
         now: Instant,
     ) -> Service {
@@ -509,8 +517,8 @@ impl Service {
             output: OutputBudget::new(service.log_lines_per_second, now),
             pool: Pool::new(
                 now,
-                service.policy().shard(core, cores),
-                seed_from(slot + core * 1000),
+                service.policy().shard(core.usize(), cores),
+                seed_from(slot.usize() + core.usize() * 1000),
             ),
             counters: ServiceCounters::default(),
             latency: Some(ServiceLatency::new()),

@@ -58,7 +58,7 @@ impl Core {
         let cores = self.shared.cores.len();
         for &(slot, config_index) in &plan.start {
             assert_eq!(
-                slot,
+                slot.usize(),
                 self.services.len(),
                 "reload slots are numbered in order, the same on every core"
             );
@@ -154,7 +154,7 @@ impl Core {
         }
         self.service_by_id.clear();
         self.service_by_name.clear();
-        for (slot, service) in self.services.iter().enumerate() {
+        for (slot, service) in self.services.iter_enumerated() {
             if service.phase == SlotPhase::Live {
                 self.service_by_id.insert(service.id, slot);
                 self.service_by_name.insert(service.name.clone(), slot);
@@ -179,7 +179,7 @@ impl Core {
     }
 
     /// The slot takes no new requests: it finishes what it holds and stops its workers.
-    fn retire_slot(&mut self, slot: usize) {
+    fn retire_slot(&mut self, slot: ServiceSlot) {
         let now = self.now;
         let service = &mut self.services[slot];
         if matches!(service.phase, SlotPhase::Retired | SlotPhase::Folded) {
@@ -197,7 +197,7 @@ impl Core {
 
     /// Where a finished request of slot `slot` is counted: itself, or the live slot of its
     /// service once it was folded.
-    pub(super) fn accounting_slot(&self, slot: usize) -> usize {
+    pub(super) fn accounting_slot(&self, slot: ServiceSlot) -> ServiceSlot {
         let service = &self.services[slot];
         if service.phase != SlotPhase::Folded {
             return slot;
@@ -214,7 +214,7 @@ impl Core {
             return;
         }
         self.next_fold_check = self.now + FOLD_CHECK_INTERVAL;
-        for slot in 0..self.services.len() {
+        for slot in self.services.indices() {
             let service = &self.services[slot];
             if service.phase != SlotPhase::Retired || !service.pool.is_stopped() {
                 continue;
@@ -234,7 +234,7 @@ impl Core {
             stats.add(&dead.folded_stats);
             tracing::info!(
                 service = %dead.name,
-                slot,
+                %slot,
                 "the retired workers of a reloaded service have all finished"
             );
             let Some(live) = live else {
@@ -253,7 +253,7 @@ impl Core {
 
     /// The slot a request of slot `slot` should run in now: itself, or, when a reload retired
     /// it, the live slot of the same service (a forward that was on its way).
-    pub(super) fn serving_slot(&self, slot: usize) -> usize {
+    pub(super) fn serving_slot(&self, slot: ServiceSlot) -> ServiceSlot {
         let service = &self.services[slot];
         if !matches!(service.phase, SlotPhase::Retired | SlotPhase::Folded) {
             return slot;

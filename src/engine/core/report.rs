@@ -28,8 +28,10 @@ impl Core {
 
     /// This core's report.
     pub(super) fn report(&self) -> CoreReport {
-        let mut pids_by_service: Vec<Vec<i32>> = vec![Vec::new(); self.services.len()];
-        let mut rows_by_service: Vec<Vec<WorkerRow>> = vec![Vec::new(); self.services.len()];
+        let mut pids_by_service: IndexVec<ServiceSlot, Vec<i32>> =
+            self.services.iter().map(|_| Vec::new()).collect();
+        let mut rows_by_service: IndexVec<ServiceSlot, Vec<WorkerRow>> =
+            self.services.iter().map(|_| Vec::new()).collect();
         for (handle, worker) in self.workers.iter() {
             pids_by_service[worker.service].push(worker.pid);
             rows_by_service[worker.service].push(self.worker_row(handle, worker));
@@ -85,9 +87,10 @@ impl Core {
         let cores = self.shared.cores.len();
         let connections = self.conns.len() as u64;
         let mut connections_by_core = vec![0; cores];
-        connections_by_core[self.index] = connections;
+        connections_by_core[self.index.usize()] = connections;
         let mut requests_by_core = vec![0; cores];
-        requests_by_core[self.index] = self.counters.requests_ok + self.counters.requests_failed;
+        requests_by_core[self.index.usize()] =
+            self.counters.requests_ok + self.counters.requests_failed;
         CoreReport {
             connections_by_core,
             requests_by_core,
@@ -120,7 +123,7 @@ impl Core {
             .map(|since| self.now.saturating_duration_since(since));
         WorkerRow {
             pid: worker.pid,
-            core: self.index as u32,
+            core: self.index.usize() as u32,
             state: worker.state.name(),
             requests_served: pool.served(handle.to_raw()).unwrap_or(0),
             running_for,

@@ -47,7 +47,7 @@ impl Core {
                 self.ring.cancel(Token::core(OpKind::Accept, index));
             }
         }
-        for service in 0..self.services.len() {
+        for service in self.services.indices() {
             let now = self.now;
             self.services[service].pool.begin_stop(now);
             self.pool_touched(service);
@@ -91,7 +91,7 @@ impl Core {
                 self.fail_request(request, code, message);
             }
         }
-        for service in 0..self.services.len() {
+        for service in self.services.indices() {
             self.services[service].pool.abort(ErrorCode::ShuttingDown);
             self.pool_touched(service);
         }

@@ -15,7 +15,7 @@ impl Core {
     }
 
     /// Service slot `slot`'s counters (requests by outcome, worker faults by label).
-    pub(crate) fn sim_service_counters(&self, slot: usize) -> ServiceCounters {
+    pub(crate) fn sim_service_counters(&self, slot: ServiceSlot) -> ServiceCounters {
         self.services[slot].counters
     }
 }

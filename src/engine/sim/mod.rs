@@ -47,6 +47,7 @@ use worker::{Fault, Worker};
 
 use super::admission::{Access, Admission, Limits};
 use super::core::{Core, CoreSetup, ListenerKind};
+use super::index::{CoreIndex, ServiceSlot};
 use super::io::sim::{self as ring_sim, Faults, Rng, SimHandle};
 use super::io::Ring;
 use super::shared::Shared;
@@ -147,7 +148,7 @@ impl Sim {
         let base = Instant::now();
         ring.set_now(base);
         let setup = CoreSetup {
-            index: 0,
+            index: CoreIndex::new(0),
             shared,
             config,
             listeners: vec![(OwnedFd::from(listener), ListenerKind::Unix)],
@@ -418,7 +419,7 @@ impl Sim {
                 self.injected.push(Injected { pid, fault });
             }
         }
-        let counters = self.core.sim_service_counters(0);
+        let counters = self.core.sim_service_counters(ServiceSlot::new(0));
         let mut new: Vec<u64> = counters
             .worker_faults
             .iter()

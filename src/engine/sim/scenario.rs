@@ -6,6 +6,7 @@ use std::sync::Arc;
 use super::caller::Behaviour;
 use super::Sim;
 use crate::config::Config;
+use crate::engine::index::ServiceSlot;
 use crate::engine::io::sim::Rng;
 
 /// Every slot's data area: small, so that payloads below, at and above it are cheap.
@@ -122,7 +123,7 @@ pub(super) type Coverage = std::collections::BTreeMap<&'static str, u64>;
 impl Sim {
     pub(super) fn coverage(&self, into: &mut Coverage) {
         let counters = &self.core.counters;
-        let service = self.core.sim_service_counters(0);
+        let service = self.core.sim_service_counters(ServiceSlot::new(0));
         let mut add = |name: &'static str, n: u64| *into.entry(name).or_default() += n;
         add("replies", self.callers.iter().map(|c| c.replies).sum());
         add("requests_read_into_slot", counters.requests_read_into_slot);

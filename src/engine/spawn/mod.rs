@@ -31,6 +31,7 @@ use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
+use super::index::ServiceSlot;
 use crate::config::{Config, ServiceConfig};
 use crate::shm::Slot;
 use crate::worker;
@@ -52,7 +53,7 @@ pub const ENV_DUMPABLE: &str = "ACGI_DUMPABLE";
 /// Everything needed to start one worker of a service: the service's index in the config, and
 /// the core's slot it is for (returned with the result).
 pub struct SpawnRequest {
-    pub slot: usize,
+    pub slot: ServiceSlot,
     pub service_index: usize,
     pub config: Arc<Config>,
 }
@@ -68,7 +69,7 @@ pub struct Spawned {
 
 pub struct SpawnResult {
     /// The core's service slot (`SpawnRequest::slot`).
-    pub slot: usize,
+    pub slot: ServiceSlot,
     pub result: Result<Spawned, String>,
 }
 

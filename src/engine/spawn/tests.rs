@@ -46,7 +46,7 @@ fn clone_and_fork_start_a_worker_and_report_a_failed_step_leaving_the_bridge_as_
     let before = mask();
     for stack in [Some(&stack), None] {
         let request = |config: &Arc<Config>| SpawnRequest {
-            slot: 0,
+            slot: ServiceSlot::new(0),
             service_index: 0,
             config: Arc::clone(config),
         };
@@ -114,7 +114,7 @@ fn spawn_time_with_a_large_parent() {
     for _ in 0..count {
         let start = std::time::Instant::now();
         spawner.request(SpawnRequest {
-            slot: 0,
+            slot: ServiceSlot::new(0),
             service_index: 0,
             config: Arc::clone(&config),
         });

@@ -455,7 +455,8 @@ impl TlsThread {
         session.state = State::Open(Pump::new(ours));
         // The core with the fewest callers, counted there at once (as `Msg::Connection` says).
         let cores = &self.shared.cores;
-        let least = (0..cores.len())
+        let least = cores
+            .indices()
             .min_by_key(|&c| cores[c].callers.load(Ordering::Relaxed))
             .expect("at least one core");
         cores[least].callers.fetch_add(1, Ordering::Relaxed);

@@ -61,8 +61,8 @@ impl Core {
         // Keep the cores' connection counts even: hand the connection to the core with the
         // fewest when that is not us (counted there at once, so that concurrent accepts see it).
         let cores = &self.shared.cores;
-        let count = |core: usize| cores[core].callers.load(Ordering::Relaxed);
-        let least = (0..cores.len()).min_by_key(|&c| (count(c), c != self.index));
+        let count = |core: CoreIndex| cores[core].callers.load(Ordering::Relaxed);
+        let least = cores.indices().min_by_key(|&c| (count(c), c != self.index));
         if let Some(core) = least.filter(|&c| c != self.index && count(c) < count(self.index)) {
             cores[core].callers.fetch_add(1, Ordering::Relaxed);
             self.counters.connections_handed_over += 1;

@@ -472,7 +472,7 @@ impl Core {
     }
 
     /// Whether the caller of connection `index` may call `service` (its ACL, if it has one).
-    pub(super) fn may_call(&self, index: ConnHandle, service: usize) -> bool {
+    pub(super) fn may_call(&self, index: ConnHandle, service: ServiceSlot) -> bool {
         match &self.services[service].acl {
             None => true,
             Some(acl) => self.conns[index]
@@ -487,7 +487,7 @@ impl Core {
         &mut self,
         index: ConnHandle,
         caller_request_id: u64,
-        service: usize,
+        service: ServiceSlot,
         payload: Vec<u8>,
         deadline: Option<Instant>,
     ) -> RequestHandle {

@@ -80,7 +80,7 @@ impl Core {
     /// A worker the core cannot reap (its pidfd could not be opened, e.g. out of descriptors):
     /// killed and left to the orphan reaper (no longer registered, it is swept within
     /// `ORPHAN_SWEEP_INTERVAL`); the pool counts a failed spawn.
-    fn abandon_spawned(&mut self, service: usize, spawned: Spawned, error: &io::Error) {
+    fn abandon_spawned(&mut self, service: ServiceSlot, spawned: Spawned, error: &io::Error) {
         let name = &self.services[service].name;
         tracing::error!(
             service = %name,
@@ -448,7 +448,7 @@ impl Core {
     /// After a pool event: log the service turning `failing` (WARN) or recovering (INFO) if
     /// that event changed it, with `why` (the event's cause). Each core's shard of the pool
     /// has its own breaker, so each core logs its own (`core` in the line).
-    pub(super) fn log_pool_health(&self, service: usize, was_failing: bool, why: &str) {
+    pub(super) fn log_pool_health(&self, service: ServiceSlot, was_failing: bool, why: &str) {
         let pool = &self.services[service].pool;
         let name = &self.services[service].name;
         let core = self.index;
@@ -457,7 +457,7 @@ impl Core {
                 let policy = pool.policy();
                 tracing::warn!(
                     service = %name,
-                    core,
+                    %core,
                     reason = why,
                     "service is failing: {} crashes or failed starts within {} ms \
                      (crash_limit, crash_window_ms); requests are refused with `service \
@@ -468,7 +468,7 @@ impl Core {
             }
             (true, false) => tracing::info!(
                 service = %name,
-                core,
+                %core,
                 reason = why,
                 "service recovered: {why}; serving again"
             ),

@@ -113,7 +113,7 @@ impl PipeLog {
 }
 
 pub(in crate::engine::core) struct Worker {
-    pub(in crate::engine::core) service: usize,
+    pub(in crate::engine::core) service: ServiceSlot,
     pub(in crate::engine::core) pid: i32,
     pub(in crate::engine::core) control: OwnedFd,
     pub(in crate::engine::core) slot: Slot,
