@@ -37,8 +37,10 @@
 //! Invariants ([`Pool::check_invariants`]): starting + idle + busy + stopping workers <=
 //! `max_workers` (after `set_policy` lowered it: <= the count then, coming down as workers
 //! leave, with nothing started meanwhile); the idle list is exactly the idle workers; no idle
-//! worker while requests wait (unless paused, draining or stopping); the backlog within `backlog_max`; a request is queued or held by one
-//! worker, never both, never by two.
+//! worker while requests wait (unless paused, draining or stopping); the backlog within
+//! `backlog_max`; a request is queued or held by one worker, never both, never by two. In
+//! debug builds (and so in every test) they are checked at the end of every public event, and
+//! the engine checks them again after each completion.
 
 #![forbid(unsafe_code)]
 
@@ -460,7 +462,9 @@ impl Pool {
     }
 
     pub fn next_action(&mut self) -> Option<Action> {
-        self.actions.pop_front()
+        let action = self.actions.pop_front();
+        self.checked();
+        action
     }
 
     /// The caller of a waiting request has gone: take the request out of the backlog, never
@@ -476,6 +480,7 @@ impl Pool {
             let queued = &self.queued;
             self.backlog.retain(|waiting| queued.contains_key(waiting));
         }
+        self.checked();
         true
     }
 
@@ -486,10 +491,12 @@ impl Pool {
         let at = self.actions.iter().position(
             |action| matches!(action, Action::Dispatch { request: r, .. } if *r == request),
         )?;
-        match self.actions.remove(at) {
-            Some(Action::Dispatch { worker, .. }) => Some(worker),
+        let worker = match self.actions.remove(at) {
+            Some(Action::Dispatch { worker, .. }) => worker,
             _ => unreachable!("found above"),
-        }
+        };
+        self.checked();
+        Some(worker)
     }
 
     pub fn stats(&self) -> Stats {
@@ -558,7 +565,7 @@ impl Pool {
     /// pool forgets it: its expiry goes with it, and the caller owns it from now on.
     pub fn take_backlogged(&mut self, now: Instant) -> Option<RequestId> {
         let request = self.pop_backlog()?;
-        self.track_idle(now);
+        self.after_event(now);
         Some(request)
     }
 
@@ -610,7 +617,7 @@ impl Pool {
     /// A request arrived. `deadline` is the caller's, if it set one.
     pub fn on_request(&mut self, now: Instant, request: RequestId, deadline: Option<Instant>) {
         self.on_request_inner(now, request, deadline);
-        self.track_idle(now);
+        self.after_event(now);
     }
 
     fn on_request_inner(&mut self, now: Instant, request: RequestId, deadline: Option<Instant>) {
@@ -708,6 +715,7 @@ impl Pool {
         if self.winding_down() && self.queued.is_empty() {
             self.stop(now, worker, StopReason::Shutdown);
         }
+        self.after_event(now);
     }
 
     /// A `Spawn` could not start a process (exec failed).
@@ -719,6 +727,7 @@ impl Pool {
         self.on_crash(now);
         self.maintain(now);
         self.finish_stop_if_drained(now);
+        self.after_event(now);
     }
 
     /// A worker finished its handshake.
@@ -740,7 +749,7 @@ impl Pool {
             }
         }
         self.on_worker_ready_inner(now, worker);
-        self.track_idle(now);
+        self.after_event(now);
     }
 
     fn on_worker_ready_inner(&mut self, now: Instant, worker: WorkerId) {
@@ -768,7 +777,7 @@ impl Pool {
     /// engine measured it (only when `max_rss_bytes` is set).
     pub fn on_job_done(&mut self, now: Instant, worker: WorkerId, rss_bytes: Option<u64>) {
         self.on_job_done_inner(now, worker, rss_bytes);
-        self.track_idle(now);
+        self.after_event(now);
     }
 
     fn on_job_done_inner(&mut self, now: Instant, worker: WorkerId, rss_bytes: Option<u64>) {
@@ -818,7 +827,7 @@ impl Pool {
     /// request it held, which the engine must answer with `worker failed`.
     pub fn on_worker_gone(&mut self, now: Instant, worker: WorkerId, how: Gone) -> Vec<RequestId> {
         let held = self.on_worker_gone_inner(now, worker, how);
-        self.track_idle(now);
+        self.after_event(now);
         held
     }
 
@@ -969,13 +978,26 @@ impl Pool {
         }
         self.maintain(now);
         self.finish_stop_if_drained(now);
-        self.track_idle(now);
+        self.after_event(now);
     }
 
     /// Dynamic mode: note when the idle count went above `spare_max` (with workers to spare
     /// above the floor), so that `tick` stops the surplus once it has lasted a whole reap
     /// interval. Spikes shorter than that, which Poisson arrivals make all the time, are left
     /// alone: stopping a worker that is needed again a moment later is pure churn.
+    /// The end of every public event: the idle tracking, then (debug builds and tests) every
+    /// invariant, so that an event that breaks one panics where it did.
+    fn after_event(&mut self, now: Instant) {
+        self.track_idle(now);
+        self.checked();
+    }
+
+    /// In debug builds, [`Pool::check_invariants`]; nothing in release builds.
+    fn checked(&self) {
+        #[cfg(debug_assertions)]
+        self.check_invariants();
+    }
+
     fn track_idle(&mut self, now: Instant) {
         let over = self.policy.mode == Mode::Dynamic
             && self.intake == Intake::Open
@@ -1006,6 +1028,7 @@ impl Pool {
         self.serve_backlog(now);
         self.stop_starting_if_idle(now);
         self.finish_stop_if_drained(now);
+        self.after_event(now);
     }
 
     /// Winding down with nothing queued: workers still starting will have nothing to do.
@@ -1035,6 +1058,7 @@ impl Pool {
         for worker in workers {
             self.actions.push_back(Action::Kill { worker });
         }
+        self.checked();
     }
 
     /// Stopping, and nothing is held, queued or starting any more.
@@ -1074,7 +1098,7 @@ impl Pool {
             Intake::Draining => return Err(Refused::Draining),
             Intake::Stopping => return Err(Refused::Stopping),
         }
-        self.track_idle(now);
+        self.after_event(now);
         Ok(before)
     }
 
@@ -1087,7 +1111,7 @@ impl Pool {
         }
         self.serve_backlog(now);
         self.maintain(now);
-        self.track_idle(now);
+        self.after_event(now);
         Ok(before)
     }
 
@@ -1103,7 +1127,7 @@ impl Pool {
         self.serve_backlog(now);
         self.stop_starting_if_idle(now);
         self.finish_stop_if_drained(now);
-        self.track_idle(now);
+        self.after_event(now);
         Ok(before)
     }
 
@@ -1128,6 +1152,7 @@ impl Pool {
         let target = self.serving().min(self.policy.max_workers);
         self.recycle = (count > 0).then_some(Recycle { old, target });
         self.maintain(now);
+        self.after_event(now);
         Ok(count)
     }
 
@@ -1155,7 +1180,7 @@ impl Pool {
         }
         self.actions.push_back(Action::Kill { worker });
         self.maintain(now);
-        self.track_idle(now);
+        self.after_event(now);
         held
     }
 
@@ -1190,7 +1215,7 @@ impl Pool {
             self.stop(now, worker, StopReason::Idle);
         }
         self.maintain(now);
-        self.track_idle(now);
+        self.after_event(now);
     }
 
     /// Requests `worker` has answered (for status's per-worker rows).
