@@ -158,11 +158,15 @@ fn c_bridge() -> BridgeBuilder {
 /// no sanitizer wrote a report.
 fn finish(mut bridge: Bridge, san: &Sanitizers) {
     // A worker still starting (a replacement) may get SIGTERM before its SDK is listening
-    // for it; only workers that said Hello are held to exiting 0.
-    bridge.wait_status("no worker starting", |s| {
-        s.services
-            .iter()
-            .all(|service| service.workers_starting == 0)
+    // for it; only workers that said Hello are held to exiting 0. A worker being stopped
+    // (a timed-out one) is replaced once it is reaped, so wait until every pool is back to
+    // its minimum of ready workers, with nothing starting or stopping.
+    bridge.wait_status("every pool ready, none starting or stopping", |s| {
+        s.services.iter().all(|service| {
+            service.workers_starting == 0
+                && service.workers_stopping == 0
+                && service.workers_idle + service.workers_busy >= service.min_workers
+        })
     });
     let status = bridge.stop();
     assert!(status.success(), "bridge exit: {status}");
