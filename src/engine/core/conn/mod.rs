@@ -102,6 +102,13 @@ impl Core {
             self.free_conn_if_done(index);
             return;
         }
+        if conn.phase == Phase::Flushing {
+            // Its receive was cancelled (`close_after_answers`), or completed as the cancel
+            // went in: what it brought is not read; close once its answers are sent (a
+            // cancel is not the caller's error, and closing now would drop them).
+            self.close_conn_if_finished(index);
+            return;
+        }
         let received = match result {
             Err(error) => {
                 tracing::debug!(%error, "caller connection failed");
