@@ -45,19 +45,9 @@ impl Core {
                 self.on_answer(RequestHandle::from_raw(request), frame)
             }
             Msg::Connection { fd, ticket } => self.add_conn(fd, ticket, true),
-            Msg::Shutdown { now: false } => {
-                if self.shutdown_deadline.is_none() {
-                    self.begin_shutdown();
-                }
-            }
-            Msg::Shutdown { now: true } => self.shutdown_deadline = Some(self.now),
-            Msg::Drain => {
-                // Before begin_shutdown, which looks at every connection.
-                self.draining = true;
-                if self.shutdown_deadline.is_none() {
-                    self.begin_shutdown();
-                }
-            }
+            Msg::Shutdown { now: false } => self.on_stop(shutdown::Stop::Signal),
+            Msg::Shutdown { now: true } => self.on_stop_now(),
+            Msg::Drain => self.on_stop(shutdown::Stop::Drain),
             Msg::Report {
                 end_interval,
                 reply,
@@ -77,7 +67,7 @@ impl Core {
     pub(super) fn place(&mut self, service: ServiceSlot) -> Option<CoreIndex> {
         let cores = self.shared.cores.len();
         let pool = &self.services[service].pool;
-        if cores == 1 || pool.idle() > 0 || self.shutdown_deadline.is_some() {
+        if cores == 1 || pool.idle() > 0 || self.stopping() {
             return None;
         }
         if let Some(core) = self.claim_on_other_core(service, |c| &c.idle) {
@@ -257,7 +247,7 @@ impl Core {
 
     /// Move waiting requests to cores that have idle workers for them.
     pub(super) fn rebalance(&mut self) {
-        if self.shutdown_deadline.is_some() {
+        if self.stopping() {
             return;
         }
         for service in self.services.indices() {

@@ -74,7 +74,7 @@ impl Core {
     }
 
     pub(crate) fn next_deadline(&self) -> Option<Instant> {
-        let mut deadline = self.shutdown_deadline;
+        let mut deadline = self.stop_deadline();
         let mut consider = |at: Option<Instant>| {
             if let Some(at) = at {
                 deadline = Some(deadline.map_or(at, |d| d.min(at)));
@@ -129,19 +129,8 @@ impl Core {
                 self.arm_accept(index);
             }
         }
-        if self.shutdown_deadline.is_some_and(|t| t <= now) {
-            if self.shutdown_forced {
-                // The answers had their moment to go out: stop waiting for slow callers.
-                self.shutdown_deadline = Some(now + Duration::from_secs(3600));
-                let conns = self.conns.handles();
-                for index in conns {
-                    self.close_conn(index);
-                }
-            } else {
-                self.shutdown_forced = true;
-                self.shutdown_deadline = Some(now + SHUTDOWN_FLUSH_GRACE);
-                self.force_shutdown();
-            }
+        if self.stop_deadline().is_some_and(|t| t <= now) {
+            self.on_stop_deadline();
         }
     }
 

@@ -14,6 +14,18 @@ impl Core {
         for service in &self.services {
             service.pool.check_invariants();
         }
+        if let shutdown::Life::Stopping {
+            stage: shutdown::Stage::Done,
+            ..
+        } = self.life
+        {
+            assert!(
+                self.conns.is_empty() && self.workers.is_empty(),
+                "a core counted as done holds {} connections and {} workers",
+                self.conns.len(),
+                self.workers.len()
+            );
+        }
         for (index, worker) in self.workers.iter() {
             let depth = self.services[worker.service].pool.policy().queue_depth;
             worker.check_invariants(depth);

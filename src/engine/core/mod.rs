@@ -320,8 +320,6 @@ pub struct Core {
     inbox_in_flight: bool,
     /// Where the next search for another core starts (spreads forwards).
     next_core: CoreIndex,
-    /// This core counted itself in `cores_finished`.
-    done: bool,
     config: Arc<Config>,
     services: IndexVec<ServiceSlot, Service>,
     /// Services whose pool got an event since the loop last ran their actions (and the same
@@ -355,13 +353,8 @@ pub struct Core {
     read_spares: Vec<Vec<u8>>,
     /// The MEMLOCK warning for a slot that could not be registered was logged (once is enough).
     fixed_buffer_warning_logged: bool,
-    /// Set by SIGTERM/SIGINT: when in-flight work must be done.
-    shutdown_deadline: Option<Instant>,
-    /// The shutdown timeout has passed once (answers are being flushed).
-    shutdown_forced: bool,
-    /// The stop is a drain for a binary upgrade (`Msg::Drain`): connections end with the drain
-    /// notice (`shutdown::send_drain_notice`), and late ones get it instead of being dropped.
-    draining: bool,
+    /// Serving, or where in its stop (`shutdown.rs`).
+    life: shutdown::Life,
     /// When each direct read into a slot must be done: (deadline, connection, request).
     direct_deadlines: VecDeque<(Instant, ConnHandle, RequestHandle)>,
     /// The reload being prepared here: its new slots, and where to say they are ready.
@@ -440,7 +433,6 @@ impl Core {
             inbox_buf: Box::new([0; 8]),
             inbox_in_flight: false,
             next_core: index,
-            done: false,
             config,
             next_caller_sweep: now + CALLER_SWEEP_INTERVAL,
             sweep_scratch: Vec::new(),
@@ -466,9 +458,7 @@ impl Core {
             provided,
             read_spares: Vec::new(),
             fixed_buffer_warning_logged: false,
-            shutdown_deadline: None,
-            shutdown_forced: false,
-            draining: false,
+            life: shutdown::Life::Running,
             direct_deadlines: VecDeque::new(),
             refusal_logged: None,
             reload: None,

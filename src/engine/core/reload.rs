@@ -48,7 +48,7 @@ impl Core {
     }
 
     fn prepare_reload(&mut self, plan: Arc<CorePlan>, reply: ReloadReply) {
-        let refusal = if self.shutdown_deadline.is_some() {
+        let refusal = if self.stopping() {
             Some("the bridge is shutting down")
         } else if self.reload.is_some() {
             Some("another reload is being prepared")

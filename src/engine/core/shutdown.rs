@@ -11,11 +11,130 @@ use super::*;
 const DRAIN_NOTICE: &str = "draining: a new bridge took over; nothing unanswered on this \
                             connection has run: reconnect and resend it";
 
+/// Where a core is in its life. A stop has a reason and a stage, so "draining but not
+/// stopping" or "forced but not stopping" cannot be written:
+///
+/// ```text
+///   Running --Shutdown / Drain--> Stopping { Answering { deadline: now + shutdown_timeout_ms } }
+///   Answering --deadline (or Shutdown { now: true })--> Flushing { deadline: now + grace }
+///             (what still runs or waits is failed, workers are killed)
+///   Flushing --deadline--> Closed (every connection closed: slow callers are not waited for)
+///   any stage --pools stopped, no worker, connection or forward left--> Done
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Life {
+    Running,
+    Stopping { why: Stop, stage: Stage },
+}
+
+/// Why a core stops.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Stop {
+    /// SIGTERM or SIGINT (`Msg::Shutdown`): late callers are refused.
+    Signal,
+    /// A new bridge took over (`Msg::Drain`): connections end with the drain notice
+    /// (`send_drain_notice`), and late ones get it instead of a bare close.
+    Drain,
+}
+
+/// How far a stop has gone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Stage {
+    /// Finishing what is in flight until `deadline` (`shutdown_timeout_ms`).
+    Answering { deadline: Instant },
+    /// The timeout passed: what was still in flight was failed; its answers may go out until
+    /// `deadline` (`SHUTDOWN_FLUSH_GRACE`).
+    Flushing { deadline: Instant },
+    /// The grace passed too: every connection was closed; the last ops and workers end.
+    Closed,
+    /// This core's work is done and it counted itself in `Shared::cores_finished`.
+    Done,
+}
+
 impl Core {
+    /// Whether this core has begun to stop (a signal or a drain).
+    pub(super) fn stopping(&self) -> bool {
+        matches!(self.life, Life::Stopping { .. })
+    }
+
+    /// Whether this core stops for a binary upgrade (connections get the drain notice).
+    pub(super) fn draining(&self) -> bool {
+        matches!(
+            self.life,
+            Life::Stopping {
+                why: Stop::Drain,
+                ..
+            }
+        )
+    }
+
+    /// When the stop moves to its next stage, if it is waiting for one.
+    pub(super) fn stop_deadline(&self) -> Option<Instant> {
+        match self.life {
+            Life::Stopping {
+                stage: Stage::Answering { deadline } | Stage::Flushing { deadline },
+                ..
+            } => Some(deadline),
+            _ => None,
+        }
+    }
+
+    /// `Msg::Shutdown { now: false }` or `Msg::Drain`: begin the stop (a drain that follows
+    /// a signal's stop turns it into a drain, so that connections still get the notice).
+    pub(super) fn on_stop(&mut self, why: Stop) {
+        match &mut self.life {
+            Life::Running => self.begin_shutdown(why),
+            Life::Stopping { why: was, .. } => {
+                if why == Stop::Drain {
+                    *was = Stop::Drain;
+                }
+            }
+        }
+    }
+
+    /// `Msg::Shutdown { now: true }` (a second signal): stop waiting for what is in flight.
+    pub(super) fn on_stop_now(&mut self) {
+        if self.life == Life::Running {
+            self.begin_shutdown(Stop::Signal);
+        }
+        if let Life::Stopping {
+            stage: Stage::Answering { deadline } | Stage::Flushing { deadline },
+            ..
+        } = &mut self.life
+        {
+            *deadline = self.now;
+        }
+    }
+
+    /// The stop's deadline passed: on to its next stage.
+    pub(super) fn on_stop_deadline(&mut self) {
+        let now = self.now;
+        let Life::Stopping { stage, .. } = &mut self.life else {
+            return;
+        };
+        match *stage {
+            Stage::Answering { deadline } if deadline <= now => {
+                *stage = Stage::Flushing {
+                    deadline: now + SHUTDOWN_FLUSH_GRACE,
+                };
+                self.force_shutdown();
+            }
+            Stage::Flushing { deadline } if deadline <= now => {
+                // The answers had their moment to go out: stop waiting for slow callers.
+                *stage = Stage::Closed;
+                let conns = self.conns.handles();
+                for index in conns {
+                    self.close_conn(index);
+                }
+            }
+            _ => {}
+        }
+    }
+
     /// End a connection with nothing in flight with the drain notice (Error 6, request id 0):
     /// read no more from it, and close it once the notice is sent.
     pub(super) fn send_drain_notice(&mut self, index: ConnHandle) {
-        debug_assert!(self.draining);
+        debug_assert!(self.draining());
         debug_assert_eq!(self.conns[index].requests_in_flight, 0);
         self.counters.connections_drained += 1;
         let header = Header::error(0, 0, ErrorCode::ShuttingDown, DRAIN_NOTICE.len() as u32);
@@ -27,7 +146,7 @@ impl Core {
     /// A connection that reached us after the drain began: it has sent nothing we read, so it
     /// gets the notice at once (one non-blocking send on a fresh socket) and is closed.
     pub(super) fn refuse_with_drain_notice(&mut self, fd: &OwnedFd) {
-        debug_assert!(self.draining);
+        debug_assert!(self.draining());
         self.counters.connections_drained += 1;
         let header = Header::error(0, 0, ErrorCode::ShuttingDown, DRAIN_NOTICE.len() as u32);
         let mut frame = Vec::with_capacity(HEADER_BYTES + DRAIN_NOTICE.len());
@@ -38,9 +157,14 @@ impl Core {
         }
     }
 
-    pub(super) fn begin_shutdown(&mut self) {
+    fn begin_shutdown(&mut self, why: Stop) {
         let timeout = Duration::from_millis(self.config.shutdown_timeout_ms);
-        self.shutdown_deadline = Some(self.now + timeout);
+        self.life = Life::Stopping {
+            why,
+            stage: Stage::Answering {
+                deadline: self.now + timeout,
+            },
+        };
         for index in 0..self.listeners.len() {
             self.listeners[index].rearm_at = None;
             if self.listeners[index].accept_in_flight {
@@ -60,12 +184,12 @@ impl Core {
 
     /// The shutdown timeout passed: answer every request still running or queued with
     /// `shutting down`, kill every worker, and give the answers a moment to go out.
-    pub(super) fn force_shutdown(&mut self) {
+    fn force_shutdown(&mut self) {
         tracing::warn!("shutdown timeout passed: failing requests still in flight");
         // A request a worker was running may have had effects: during a drain it gets error 4
         // (maybe ran), since a caller resends whatever gets error 6 (never ran) to the new
         // bridge. A plain stop keeps answering it with 6, as it always has.
-        let running_code = if self.draining {
+        let running_code = if self.draining() {
             ErrorCode::WorkerFailed
         } else {
             ErrorCode::ShuttingDown
@@ -100,10 +224,13 @@ impl Core {
     /// Whether the loop may end: this core's work is done and so is every other core's (a
     /// core that is done keeps answering report requests until all are).
     pub(super) fn finished(&mut self) -> bool {
-        if self.done {
+        let Life::Stopping { why, stage } = self.life else {
+            return false;
+        };
+        if stage == Stage::Done {
             return self.all_cores_done();
         }
-        if self.shutdown_deadline.is_none() || !self.pools_stopped() || !self.workers.is_empty() {
+        if !self.pools_stopped() || !self.workers.is_empty() {
             return false;
         }
         let conns = self.conns.handles();
@@ -117,7 +244,10 @@ impl Core {
         if !mine_done {
             return false;
         }
-        self.done = true;
+        self.life = Life::Stopping {
+            why,
+            stage: Stage::Done,
+        };
         let finished = self.shared.cores_finished.fetch_add(1, Ordering::SeqCst) + 1;
         if finished == self.shared.cores.len() {
             self.wake_all();

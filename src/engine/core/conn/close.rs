@@ -68,7 +68,7 @@ impl Core {
         let Some(conn) = self.conns.get(index) else {
             return;
         };
-        if self.draining
+        if self.draining()
             && conn.requests_in_flight == 0
             && matches!(conn.phase, Phase::Open | Phase::ReadClosed)
         {
@@ -79,9 +79,8 @@ impl Core {
         let flushed = conn.send.queued_bytes() == 0 && !conn.send.in_flight;
         let caller_done = conn.phase == Phase::Flushing
             || (conn.phase == Phase::ReadClosed && conn.requests_in_flight == 0);
-        let stopping_and_idle = self.shutdown_deadline.is_some()
-            && self.pools_stopped()
-            && conn.requests_in_flight == 0;
+        let stopping_and_idle =
+            self.stopping() && self.pools_stopped() && conn.requests_in_flight == 0;
         if flushed && (caller_done || stopping_and_idle) {
             self.close_conn(index);
         }

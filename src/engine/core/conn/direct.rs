@@ -31,7 +31,7 @@ impl Core {
         if conn.into_slot.is_some()
             || conn.discard > 0
             || conn.phase == Phase::Flushing
-            || self.shutdown_deadline.is_some()
+            || self.stopping()
         {
             return DirectRead::No;
         }

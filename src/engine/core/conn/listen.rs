@@ -5,7 +5,7 @@ use crate::engine::core::*;
 
 impl Core {
     pub(in crate::engine::core) fn arm_accept(&mut self, index: usize) {
-        if self.shutdown_deadline.is_some() {
+        if self.stopping() {
             return;
         }
         let listener = &mut self.listeners[index];
@@ -25,8 +25,9 @@ impl Core {
             Err(Errno::CANCELED) => {}
             Err(error) => tracing::warn!(%error, "accept failed; retrying shortly"),
         }
+        let stopping = self.stopping();
         let listener = &mut self.listeners[index];
-        if !listener.accept_in_flight && self.shutdown_deadline.is_none() {
+        if !listener.accept_in_flight && !stopping {
             if failed {
                 listener.rearm_at = Some(self.now + ACCEPT_RETRY_DELAY);
             } else {
@@ -36,8 +37,8 @@ impl Core {
     }
 
     pub(in crate::engine::core) fn on_new_connection(&mut self, fd: OwnedFd, kind: ListenerKind) {
-        if self.shutdown_deadline.is_some() {
-            if self.draining {
+        if self.stopping() {
+            if self.draining() {
                 self.refuse_with_drain_notice(&fd);
                 return;
             }
@@ -120,7 +121,7 @@ impl Core {
     /// Register a connection on this core. `counted`: it is in our `callers` count already
     /// (handed over by another core).
     pub(in crate::engine::core) fn add_conn(&mut self, fd: OwnedFd, ticket: Ticket, counted: bool) {
-        if self.shutdown_deadline.is_some() {
+        if self.stopping() {
             // Handed over just as we began stopping.
             if counted {
                 self.shared.cores[self.index]
@@ -128,7 +129,7 @@ impl Core {
                     .fetch_sub(1, Ordering::Relaxed);
             }
             self.shared.admission.release(ticket);
-            if self.draining {
+            if self.draining() {
                 self.refuse_with_drain_notice(&fd);
                 return;
             }
