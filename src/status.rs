@@ -98,6 +98,10 @@ pub struct ServiceStatus {
     /// fault (`early_answer`, `forbidden_flags`, ...; only those seen).
     #[serde(default)]
     pub worker_faults: std::collections::BTreeMap<String, u64>,
+    /// Workers that could not be started, by reason (`resources`, `config`, `cgroup`,
+    /// `limits`, `identity`, `filesystem`, `sandbox`, `exec`; only those seen).
+    #[serde(default)]
+    pub spawn_failures: std::collections::BTreeMap<String, u64>,
     /// Spawns per second the pacing allows right now.
     pub spawn_rate: u32,
     pub pids: Vec<i32>,
@@ -238,6 +242,14 @@ impl Status {
                     .map(|(name, n)| format!("{name} {n}"))
                     .collect();
                 let _ = writeln!(out, "  faults    {}", faults.join(", "));
+            }
+            if !s.spawn_failures.is_empty() {
+                let reasons: Vec<String> = s
+                    .spawn_failures
+                    .iter()
+                    .map(|(name, n)| format!("{name} {n}"))
+                    .collect();
+                let _ = writeln!(out, "  spawn failures {}", reasons.join(", "));
             }
             render_workers(&mut out, &s.workers);
             for (label, latency) in [

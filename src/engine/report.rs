@@ -318,6 +318,7 @@ pub(super) fn metrics_snapshot(
                 bytes_out: counters.bytes_out,
                 copy_path: counters.copy_path,
                 worker_faults: counters.faults().collect(),
+                spawn_failures: counters.spawn_failure_counts().collect(),
                 spawns: stats.spawns,
                 exits: vec![
                     ("recycled", stats.exits_recycled),
@@ -405,6 +406,12 @@ pub(super) fn status(config: &Config, report: &CoreReport, uptime: Duration) -> 
                     .faults()
                     .filter(|(_, count)| *count > 0)
                     .map(|(fault, count)| (fault.to_string(), count))
+                    .collect(),
+                spawn_failures: shard
+                    .counters
+                    .spawn_failure_counts()
+                    .filter(|(_, count)| *count > 0)
+                    .map(|(reason, count)| (reason.to_string(), count))
                     .collect(),
                 spawn_rate: shard.spawn_rate,
                 pids: shard.pids.clone(),

@@ -236,6 +236,8 @@ pub struct ServiceMetrics {
     pub copy_path: u64,
     /// Workers killed or lost for a fault, by fault label (every label, zeros included).
     pub worker_faults: Vec<(&'static str, u64)>,
+    /// Workers that could not be started, by reason label (every label, zeros included).
+    pub spawn_failures: Vec<(&'static str, u64)>,
     pub spawns: u64,
     /// Worker exits by reason: `recycled`, `idle`, `crashed`, `timed_out`, `killed`,
     /// `shutdown`, `failed_start`.

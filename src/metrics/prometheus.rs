@@ -224,6 +224,7 @@ struct ServiceExposition {
     bytes_out: u64,
     copy_path: u64,
     worker_faults: Vec<(&'static str, u64)>,
+    spawn_failures: Vec<(&'static str, u64)>,
     spawns: u64,
     exits: Vec<(&'static str, u64)>,
     workers: Vec<(&'static str, u64)>,
@@ -253,6 +254,7 @@ impl ServiceExposition {
             bytes_out: s.bytes_out,
             copy_path: s.copy_path,
             worker_faults: s.worker_faults.clone(),
+            spawn_failures: s.spawn_failures.clone(),
             spawns: s.spawns,
             exits: s.exits.clone(),
             workers: s.workers.clone(),
@@ -430,6 +432,15 @@ impl Collector for Exposition {
         )?;
         self.per_service_by(
             e,
+            "spawn_failures",
+            "Workers that could not be started (the bridge's resources, the service's config, \
+             its cgroup, or a step of the worker's setup before exec), by reason.",
+            Counter,
+            "reason",
+            |s| &s.spawn_failures,
+        )?;
+        self.per_service_by(
+            e,
             "worker_exits",
             "Worker processes that exited, by reason.",
             Counter,
@@ -604,6 +615,7 @@ mod tests {
             bytes_out: 2000,
             copy_path: 3,
             worker_faults: vec![("early_answer", 1), ("slot", 0)],
+            spawn_failures: vec![("identity", 2), ("exec", 0)],
             spawns: 4,
             exits: vec![("recycled", 1), ("crashed", 2)],
             workers: vec![("starting", 0), ("idle", 1), ("busy", 2), ("stopping", 0)],
@@ -742,6 +754,7 @@ mod tests {
             ("acgi_bridge_worker_spawns_total", "counter"),
             ("acgi_bridge_worker_exits_total", "counter"),
             ("acgi_bridge_worker_faults_total", "counter"),
+            ("acgi_bridge_spawn_failures_total", "counter"),
             ("acgi_bridge_workers", "gauge"),
             ("acgi_bridge_backlog", "gauge"),
             ("acgi_bridge_connections", "gauge"),
@@ -889,6 +902,13 @@ mod tests {
             sample(&text, "acgi_bridge_worker_spawns_total{service=\"kv\"}"),
             4.0
         );
+        assert_eq!(
+            sample(
+                &text,
+                "acgi_bridge_spawn_failures_total{service=\"kv\",reason=\"identity\"}"
+            ),
+            2.0
+        );
         assert!(text.ends_with('\n'));
     }
 
@@ -898,7 +918,7 @@ mod tests {
         let text = encode_prometheus(&MetricsSnapshot::default());
         assert_eq!(
             text.lines().filter(|l| l.starts_with("# TYPE ")).count(),
-            20 + BridgeCounters::COUNT
+            21 + BridgeCounters::COUNT
         );
         assert_eq!(sample(&text, "acgi_bridge_connections"), 0.0);
     }

@@ -509,3 +509,44 @@ fn a_timeout_on_a_worker_with_queued_jobs_answers_them_all_once() {
     );
     assert_eq!(client.call("faulty", b"echo later").unwrap(), b"later");
 }
+
+#[test]
+fn a_worker_that_cannot_be_started_is_counted_by_reason_and_others_serve_on() {
+    // Proves a spawn failure is typed: a service whose `chdir` does not exist (the config
+    // only checks that it is absolute) fails in the child before exec; the bridge logs the
+    // step and errno, counts it as `filesystem` in status and in
+    // `acgi_bridge_spawn_failures_total`, and another service serves on.
+    let spec = faulty("chdir = \"/nonexistent/acgi-spawn-test\"\ncrash_limit = 2\n").workers(1, 1);
+    let bridge = bridge()
+        .top("metrics_listen = \"127.0.0.1:0\"")
+        .service(spec)
+        .service(ServiceSpec::echo())
+        .start();
+    let status = bridge.wait_status("a spawn failure counted", |status| {
+        status.services[0].spawn_failures.get("filesystem").copied() >= Some(1)
+    });
+    let faulty = &status.services[0];
+    assert_eq!(faulty.spawn_failures.len(), 1, "{faulty:#?}");
+    let log = bridge.wait_log("chdir: No such file or directory");
+    assert!(log.contains("reason=\"filesystem\""), "{log}");
+    let mut client = bridge.client();
+    assert_eq!(client.call("echo", b"alive").unwrap(), b"alive");
+    let (code, text) =
+        crate::common::http_get(bridge.metrics.as_deref().unwrap(), "/metrics").unwrap();
+    assert_eq!(code, 200);
+    let line = text
+        .lines()
+        .find(|l| {
+            l.starts_with(
+                "acgi_bridge_spawn_failures_total{service=\"faulty\",reason=\"filesystem\"}",
+            )
+        })
+        .unwrap_or_else(|| panic!("no spawn failure series:\n{text}"));
+    let count: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(count >= 1.0, "{line}");
+    assert!(
+        text.contains("acgi_bridge_spawn_failures_total{service=\"echo\",reason=\"filesystem\"} 0"),
+        "{text}"
+    );
+    bridge.assert_no_zombies();
+}

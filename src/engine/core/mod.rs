@@ -54,7 +54,7 @@ use super::index::{CoreIndex, IndexVec, ServiceSlot, TypedIndex};
 use super::report::{CoreReport, ShardReport};
 use super::shared::ReportReply;
 use super::shared::{self, Forward, Msg, Shared};
-use super::spawn::{SpawnRequest, SpawnResult, Spawned, Spawner};
+use super::spawn::{SpawnError, SpawnRequest, SpawnResult, Spawned, Spawner};
 use super::table::{Handle, Table};
 use crate::access_log::CallerAddr;
 use crate::config::Config;
@@ -273,6 +273,8 @@ pub struct ServiceCounters {
     pub copy_path: u64,
     /// Workers killed or lost for a fault, by `WorkerFault::index`.
     pub worker_faults: [u64; WorkerFault::LABELS.len()],
+    /// Workers that could not be started, by `SpawnError::index`.
+    pub spawn_failures: [u64; SpawnError::LABELS.len()],
 }
 
 impl ServiceCounters {
@@ -287,6 +289,17 @@ impl ServiceCounters {
         for (mine, theirs) in self.worker_faults.iter_mut().zip(&other.worker_faults) {
             *mine += theirs;
         }
+        for (mine, theirs) in self.spawn_failures.iter_mut().zip(&other.spawn_failures) {
+            *mine += theirs;
+        }
+    }
+
+    /// Spawn failures by reason label, every one in order (zeros included).
+    pub(crate) fn spawn_failure_counts(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        SpawnError::LABELS
+            .iter()
+            .copied()
+            .zip(self.spawn_failures.iter().copied())
     }
 
     /// Worker faults by label, every one in order (zeros included).

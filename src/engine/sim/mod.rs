@@ -51,7 +51,7 @@ use super::index::{CoreIndex, ServiceSlot};
 use super::io::sim::{self as ring_sim, Faults, Rng, SimHandle};
 use super::io::Ring;
 use super::shared::Shared;
-use super::spawn::{SpawnRequest, SpawnResult, Spawned, Spawner};
+use super::spawn::{SpawnError, SpawnRequest, SpawnResult, Spawned, Spawner};
 
 /// Steps one seed may take before it counts as stuck.
 const STEPS_MAX: u32 = 60_000;
@@ -355,7 +355,10 @@ impl Sim {
         while let Ok(request) = self.spawner.requests.try_recv() {
             let result = if self.scenario.faults && self.rng.chance(5) {
                 self.log("spawn fails".into());
-                Err("the simulation refused this spawn".to_string())
+                Err(SpawnError::Resources {
+                    what: "the simulation's spawn",
+                    error: std::io::Error::other("refused"),
+                })
             } else {
                 Ok(self.start_worker())
             };

@@ -37,7 +37,10 @@ use crate::shm::Slot;
 use crate::worker;
 
 mod child;
+mod error;
 mod sibling;
+
+pub use error::SpawnError;
 
 use child::{block_every_signal, restore_signal_mask, ChildStack};
 use child::{child_entry, child_main, ChildArgs, ChildFds, Limit, STEPS};
@@ -70,7 +73,7 @@ pub struct Spawned {
 pub struct SpawnResult {
     /// The core's service slot (`SpawnRequest::slot`).
     pub slot: ServiceSlot,
-    pub result: Result<Spawned, String>,
+    pub result: Result<Spawned, SpawnError>,
 }
 
 /// The core's handle on the spawner thread.
@@ -188,8 +191,13 @@ pub fn environment(config: &Config, service: &ServiceConfig) -> BTreeMap<OsStrin
     env
 }
 
-fn to_cstring(bytes: &[u8]) -> Result<CString, String> {
-    CString::new(bytes).map_err(|_| format!("{:?} contains a NUL byte", OsStr::from_bytes(bytes)))
+fn to_cstring(bytes: &[u8]) -> Result<CString, SpawnError> {
+    CString::new(bytes).map_err(|_| {
+        SpawnError::Config(format!(
+            "{:?} contains a NUL byte",
+            OsStr::from_bytes(bytes)
+        ))
+    })
 }
 
 /// The rlimits a service's workers are given.
@@ -256,18 +264,25 @@ fn spawn(
     request: &SpawnRequest,
     parent_pid: i32,
     stack: Option<&ChildStack>,
-) -> Result<Spawned, String> {
+) -> Result<Spawned, SpawnError> {
     let config = &*request.config;
     let service = &config.services[request.service_index];
     let name = &service.name;
     let exec = service
         .exec_file
         .as_ref()
-        .ok_or_else(|| format!("service {name}: its executable was not opened at config load"))?;
-    let slot = Slot::create(&format!("acgi-slot-{name}"), service.slot_size_bytes)
-        .map_err(|e| format!("service {name}: cannot create a slot: {e}"))?;
-    let (bridge_end, worker_end) =
-        UnixStream::pair().map_err(|e| format!("service {name}: socketpair failed: {e}"))?;
+        .ok_or_else(|| SpawnError::Config("its executable was not opened at config load".into()))?;
+    let slot =
+        Slot::create(&format!("acgi-slot-{name}"), service.slot_size_bytes).map_err(|e| {
+            SpawnError::Resources {
+                what: "creating its slot",
+                error: std::io::Error::other(e.to_string()),
+            }
+        })?;
+    let (bridge_end, worker_end) = UnixStream::pair().map_err(|error| SpawnError::Resources {
+        what: "socketpair",
+        error,
+    })?;
 
     // Everything the child uses, built (allocated) before the fork.
     let mut argv_strings = vec![to_cstring(exec.argv0.as_os_str().as_bytes())?];
@@ -312,12 +327,19 @@ fn spawn(
             rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
             rustix::fs::Mode::empty(),
         )
-        .map_err(|e| format!("service {name}: {}: {e}", path.display()))
+        .map_err(|e| SpawnError::Resources {
+            what: "opening /dev/null",
+            error: e.into(),
+        })
     };
     let stdin = open(std::path::Path::new("/dev/null"))?;
     let pipe = || {
-        rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
-            .map_err(|e| format!("service {name}: pipe failed: {e}"))
+        rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).map_err(|e| {
+            SpawnError::Resources {
+                what: "pipe",
+                error: e.into(),
+            }
+        })
     };
     let (stdout_read, stdout_write) = pipe()?;
     let (stderr_read, stderr_write) = pipe()?;
@@ -344,8 +366,7 @@ fn spawn(
         });
 
     // Its cgroup (under its service's), which the child joins first.
-    let cgroup =
-        crate::cgroup::prepare_worker(service).map_err(|e| format!("service {name}: {e}"))?;
+    let cgroup = crate::cgroup::prepare_worker(service).map_err(SpawnError::Cgroup)?;
     let args = ChildArgs {
         cgroup_procs: cgroup.as_ref().map_or(-1, |c| c.procs.as_raw_fd()),
         landlock,
@@ -448,10 +469,10 @@ fn spawn(
         if let Some(cgroup) = cgroup {
             crate::cgroup::worker_failed(cgroup);
         }
-        return Err(format!(
-            "service {name}: {} failed: {clone_error}",
-            if share { "clone" } else { "fork" }
-        ));
+        return Err(SpawnError::Resources {
+            what: if share { "clone" } else { "fork" },
+            error: clone_error,
+        });
     }
     registry.insert(pid);
     drop(registry);
@@ -506,10 +527,12 @@ fn spawn(
         }
         _ => String::new(),
     };
-    Err(format!(
-        "service {name}: cannot start worker {}: {what}: {error}{hint}",
-        exec.path.display()
-    ))
+    Err(SpawnError::Child {
+        step,
+        error,
+        exec: exec.path.clone(),
+        hint,
+    })
 }
 
 #[cfg(test)]

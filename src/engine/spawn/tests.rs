@@ -60,9 +60,12 @@ fn clone_and_fork_start_a_worker_and_report_a_failed_step_leaving_the_bridge_as_
             .err()
             .expect("chdir fails");
         assert!(
-            error.contains("chdir: No such file or directory"),
+            error
+                .to_string()
+                .contains("chdir: No such file or directory"),
             "{error}"
         );
+        assert_eq!(error.label(), "filesystem");
         assert_eq!(mask(), before);
         // SAFETY: as above.
         assert_eq!(unsafe { libc::prctl(libc::PR_GET_DUMPABLE) }, dumpable);

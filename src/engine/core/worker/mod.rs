@@ -26,8 +26,10 @@ impl Core {
         let name = self.services[service].name.clone();
         let spawned: Spawned = match result.result {
             Ok(spawned) => spawned,
-            Err(message) => {
-                tracing::error!(service = %name, "{message}");
+            Err(error) => {
+                self.services[service].counters.spawn_failures[error.index()] += 1;
+                let message = format!("service {name}: {error}");
+                tracing::error!(service = %name, reason = error.label(), "{message}");
                 let now = self.now;
                 let was_failing = self.services[service].pool.is_failing();
                 self.services[service].pool.on_spawn_failed(now);
