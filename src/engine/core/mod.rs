@@ -85,6 +85,7 @@ pub(crate) mod worker;
 
 use conn::backpressure::Pause;
 use conn::direct::DirectRead;
+use conn::fault::CallerFault;
 use conn::state::{AwaitPayload, Conn, IntoSlot, Phase, Recv, SlotSend};
 use limits::*;
 pub(crate) use tables::check_memlock;

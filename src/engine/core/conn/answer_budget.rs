@@ -49,18 +49,14 @@ impl Core {
             let Some((victim, queued)) = largest else {
                 break;
             };
-            self.counters.slow_callers_disconnected += 1;
-            self.counters.answer_budget_disconnects += 1;
-            tracing::warn!(
-                queued_bytes = queued,
-                answer_bytes = self.answer_bytes,
-                share = self.answer_bytes_share,
-                "answers queued for callers passed answer_bytes_buffered_max: disconnecting the \
-                 caller with the most unread"
-            );
             closed_it |= victim == index;
             // (close_conn takes its queue out of the sum.)
-            self.close_conn(victim);
+            let share = self.answer_bytes_share;
+            let fault = CallerFault::AnswerBudget {
+                queued_bytes: queued,
+                share,
+            };
+            self.caller_fault(victim, fault);
         }
         closed_it
     }

@@ -32,15 +32,13 @@ impl Core {
         }
         for &(index, mid_frame) in &stalled {
             if mid_frame {
-                self.counters.callers_timed_out += 1;
-                tracing::debug!(
-                    "a caller sent part of a frame and nothing more for {} ms; disconnecting it",
-                    frame_timeout.as_millis()
-                );
+                let timeout_ms = frame_timeout.as_millis() as u64;
+                self.caller_fault(index, CallerFault::Stalled { timeout_ms });
             } else {
+                // Idling is allowed, within caller_idle_timeout_ms: not a fault.
                 self.counters.callers_idle_closed += 1;
+                self.close_conn(index);
             }
-            self.close_conn(index);
         }
         self.sweep_scratch = stalled;
         self.log_slow_requests();
@@ -59,9 +57,7 @@ impl Core {
         if conn.phase == Phase::ReadClosed && conn.requests_in_flight == 0 {
             if let Some(request_id) = self.conns[index].cut_short.take() {
                 // Every earlier request is answered: the unfinished frame's error goes last.
-                self.counters.malformed_frames += 1;
-                let message = "the connection ended in the middle of a frame";
-                self.answer_error(index, request_id, 0, ErrorCode::MalformedFrame, message);
+                self.caller_fault(index, CallerFault::CutShort { request_id });
                 return;
             }
         }

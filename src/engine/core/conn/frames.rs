@@ -126,11 +126,8 @@ impl Core {
         request_id: u64,
         error: &FrameError,
     ) {
-        self.counters.malformed_frames += 1;
-        tracing::debug!(%error, "malformed frame from a caller; closing the connection");
-        let message = error.to_string();
-        self.answer_error(index, request_id, 0, ErrorCode::MalformedFrame, &message);
-        self.close_after_answers(index);
+        let error = *error;
+        self.caller_fault(index, CallerFault::Malformed { request_id, error });
     }
 
     pub(in crate::engine::core) fn on_caller_frame(

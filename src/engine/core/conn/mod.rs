@@ -5,6 +5,7 @@
 //! - here: receives (plain and multishot into provided buffers), answers and errors, the send
 //!   queue;
 //! - `frames.rs`: frames to requests (Call, Ping, Resolve; refusals and Error 7);
+//! - `fault.rs`: `CallerFault`, why a caller was cut off, and the one place that does it;
 //! - `state.rs`: `Conn` and its enums (`Recv`, `Phase`, `IntoSlot`, `SlotSend`), with the
 //!   state x event tables in `LIFECYCLE.md`;
 //! - `direct.rs`: the one hand-off from a caller into a worker's slot (a payload read straight
@@ -17,6 +18,7 @@ mod answer_budget;
 pub(super) mod backpressure;
 mod close;
 pub(super) mod direct;
+pub(super) mod fault;
 mod frames;
 mod listen;
 pub(super) mod state;
@@ -290,14 +292,9 @@ impl Core {
         if self.enforce_answer_budget(index) {
             return;
         }
-        let conn = &mut self.conns[index];
-        if conn.send.queued_bytes() as u64 > self.config.write_queue_max_bytes {
-            self.counters.slow_callers_disconnected += 1;
-            tracing::warn!(
-                queued_bytes = conn.send.queued_bytes(),
-                "caller is not reading its answers; disconnecting it"
-            );
-            self.close_conn(index);
+        let queued_bytes = self.conns[index].send.queued_bytes() as u64;
+        if queued_bytes > self.config.write_queue_max_bytes {
+            self.caller_fault(index, CallerFault::SlowReader { queued_bytes });
             return;
         }
         self.arm_conn_send(index);
