@@ -1,6 +1,6 @@
 //! Typed indices for the engine's fixed lists: a service slot (`ServiceSlot`, an entry of a
 //! core's services, numbered by the control thread the same on every core and never reused)
-//! and a core (`CoreIndex`). Each is its own type, and an [`IndexVec`] is indexed only by its
+//! a core (`CoreIndex`) and a core's listener (`ListenerIndex`). Each is its own type, and an [`IndexVec`] is indexed only by its
 //! own, so a core passed where a service slot belongs, or a config's service index where a
 //! slot belongs, does not compile. (Connections, workers and requests, whose entries are
 //! reused, have generation-checked handles instead: `table::Handle`.)
@@ -56,6 +56,12 @@ typed_index! {
 typed_index! {
     /// A core: its thread, ring and shard, and its entry in `Shared::cores`.
     CoreIndex
+}
+
+typed_index! {
+    /// One of a core's listeners (its entry in `Core::listeners`, and the index its accept
+    /// op's token carries).
+    ListenerIndex
 }
 
 /// A `Vec` indexed by one index type only.

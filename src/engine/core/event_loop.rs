@@ -123,7 +123,7 @@ impl Core {
                 self.pool_touched(service);
             }
         }
-        for index in 0..self.listeners.len() {
+        for index in self.listeners.indices() {
             if self.listeners[index].rearm_at.is_some_and(|t| t <= now) {
                 self.listeners[index].rearm_at = None;
                 self.arm_accept(index);
@@ -145,7 +145,7 @@ impl Core {
         };
         let result = completion.result;
         match token.kind {
-            OpKind::Accept => self.on_accept(token.index as usize, completion),
+            OpKind::Accept => self.on_accept(token.listener(), completion),
             OpKind::ConnRecv
             | OpKind::ConnRecvSlot
             | OpKind::ConnRecvMulti

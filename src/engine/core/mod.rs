@@ -50,7 +50,7 @@ use super::io::{
 
 use super::admission::{Caller, Peer, Refused, Ticket};
 use super::buffer::{Parsed, ReadBuffer, SendQueue};
-use super::index::{CoreIndex, IndexVec, ServiceSlot, TypedIndex};
+use super::index::{CoreIndex, IndexVec, ListenerIndex, ServiceSlot, TypedIndex};
 use super::report::{CoreReport, ShardReport};
 use super::shared::ReportReply;
 use super::shared::{self, Forward, Msg, Shared};
@@ -345,7 +345,7 @@ pub struct Core {
     sweep_scratch: Vec<(ConnHandle, bool)>,
     service_by_id: HashMap<u32, ServiceSlot>,
     service_by_name: HashMap<String, ServiceSlot>,
-    listeners: Vec<Listener>,
+    listeners: IndexVec<ListenerIndex, Listener>,
     conns: Table<Conn>,
     workers: Table<Worker>,
     requests: Table<Request>,
@@ -487,7 +487,7 @@ impl Core {
             now,
             counters: Counters::default(),
         };
-        for index in 0..core.listeners.len() {
+        for index in core.listeners.indices() {
             core.arm_accept(index);
         }
         core.arm_spawn_wake();

@@ -165,10 +165,10 @@ impl Core {
                 deadline: self.now + timeout,
             },
         };
-        for index in 0..self.listeners.len() {
+        for index in self.listeners.indices() {
             self.listeners[index].rearm_at = None;
             if self.listeners[index].accept_in_flight {
-                self.ring.cancel(Token::core(OpKind::Accept, index));
+                self.ring.cancel(Token::accept(index));
             }
         }
         for service in self.services.indices() {

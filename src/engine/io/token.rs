@@ -1,6 +1,8 @@
 //! The `user_data` of every op: a checked token (op kind, owner's index, owner's generation),
 //! never a pointer, so that a completion for an owner that has gone is recognised, not trusted.
 
+use crate::engine::index::{ListenerIndex, TypedIndex};
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
 pub enum OpKind {
@@ -80,9 +82,20 @@ impl Token {
         }
     }
 
-    /// An op that belongs to the core (or to its listener `index`).
+    /// An op that belongs to the core (`index`: the other core of a `WakeSent`, else 0).
     pub fn core(kind: OpKind, index: usize) -> Token {
         Token::new(kind, index as u32, 0)
+    }
+
+    /// The accept op of a listener.
+    pub fn accept(listener: ListenerIndex) -> Token {
+        Token::new(OpKind::Accept, listener.usize() as u32, 0)
+    }
+
+    /// The listener an accept op's token names.
+    pub fn listener(self) -> ListenerIndex {
+        debug_assert_eq!(self.kind, OpKind::Accept);
+        ListenerIndex::from_usize(self.index as usize)
     }
 
     pub fn encode(self) -> u64 {

@@ -4,18 +4,22 @@
 use crate::engine::core::*;
 
 impl Core {
-    pub(in crate::engine::core) fn arm_accept(&mut self, index: usize) {
+    pub(in crate::engine::core) fn arm_accept(&mut self, index: ListenerIndex) {
         if self.stopping() {
             return;
         }
         let listener = &mut self.listeners[index];
         debug_assert!(!listener.accept_in_flight);
         listener.accept_in_flight = true;
-        let entry = op::accept_multi(&listener.fd, Token::core(OpKind::Accept, index));
+        let entry = op::accept_multi(&listener.fd, Token::accept(index));
         self.ring.push(entry);
     }
 
-    pub(in crate::engine::core) fn on_accept(&mut self, index: usize, completion: Completion) {
+    pub(in crate::engine::core) fn on_accept(
+        &mut self,
+        index: ListenerIndex,
+        completion: Completion,
+    ) {
         if !completion.more() {
             self.listeners[index].accept_in_flight = false;
         }
