@@ -147,18 +147,11 @@ impl Core {
         index: ConnHandle,
         result: Result<u32, Errno>,
     ) {
+        if !self.recv_ended(index) {
+            // (A flushing connection's poll: no worker is committed to it.)
+            return;
+        }
         let conn = &mut self.conns[index];
-        conn.recv = Recv::Idle;
-        if conn.is_closing() {
-            self.free_conn_if_done(index);
-            return;
-        }
-        if conn.phase == Phase::Flushing {
-            // Cancelled by `close_after_answers` (or done as the cancel went in): commit no
-            // worker to it; close once its answers are sent.
-            self.close_conn_if_finished(index);
-            return;
-        }
         if let Err(error) = result {
             tracing::debug!(%error, "polling a caller connection failed");
             self.close_conn(index);

@@ -99,20 +99,33 @@ impl Core {
         self.ring.push(entry);
     }
 
-    pub(super) fn on_conn_recv(&mut self, index: ConnHandle, result: Result<u32, Errno>) {
+    /// A plain receive or a poll of `index` completed: it is no longer in flight. Returns
+    /// whether what it brought is to be looked at: not once the connection is closing (it is
+    /// freed if that was its last op), nor while it is flushing (the receive was cancelled by
+    /// `close_after_answers`, or completed as the cancel went in: a cancel is not the
+    /// caller's error, and closing now would drop the answers still queued; it closes once
+    /// they are sent).
+    pub(super) fn recv_ended(&mut self, index: ConnHandle) -> bool {
         let conn = &mut self.conns[index];
         conn.recv = Recv::Idle;
-        if conn.is_closing() {
-            self.free_conn_if_done(index);
+        match conn.phase {
+            Phase::Closing => {
+                self.free_conn_if_done(index);
+                false
+            }
+            Phase::Flushing => {
+                self.close_conn_if_finished(index);
+                false
+            }
+            Phase::Open | Phase::ReadClosed => true,
+        }
+    }
+
+    pub(super) fn on_conn_recv(&mut self, index: ConnHandle, result: Result<u32, Errno>) {
+        if !self.recv_ended(index) {
             return;
         }
-        if conn.phase == Phase::Flushing {
-            // Its receive was cancelled (`close_after_answers`), or completed as the cancel
-            // went in: what it brought is not read; close once its answers are sent (a
-            // cancel is not the caller's error, and closing now would drop them).
-            self.close_conn_if_finished(index);
-            return;
-        }
+        let conn = &mut self.conns[index];
         let received = match result {
             Err(error) => {
                 tracing::debug!(%error, "caller connection failed");
