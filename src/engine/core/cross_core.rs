@@ -233,8 +233,7 @@ impl Core {
         self.release_request_bytes(conn_handle, entry.held_bytes);
         if let Some(conn) = self.live_conn(conn_handle) {
             self.conns[conn].send.tail().extend_from_slice(&frame);
-            self.after_queueing(conn);
-            self.close_conn_if_finished(conn);
+            self.conn_touched(conn);
         }
         self.recycle_payload(frame);
     }

@@ -18,6 +18,9 @@ impl Core {
     /// action may touch a pool again). Bounded by the number of services at any moment.
     pub(super) fn run_effects(&mut self) {
         loop {
+            // Answers queued for callers: counted against their bounds, sent, and their
+            // connections closed if they are done.
+            self.settle_touched_conns();
             while let Some(service) = self.pools_touched.pop() {
                 self.pools_touched_set[service] = false;
                 self.run_pool_actions(service);
@@ -25,7 +28,7 @@ impl Core {
             // Connections paused for backpressure that have room again (their new requests
             // touch pools: round again).
             self.resume_paused();
-            if self.pools_touched.is_empty() {
+            if self.pools_touched.is_empty() && self.conns_touched.is_empty() {
                 return;
             }
         }

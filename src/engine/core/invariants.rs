@@ -78,8 +78,16 @@ impl Core {
                 "the answer budget's count is not what connections counted"
             );
         }
+        assert!(
+            self.conns_touched.is_empty(),
+            "connections left unsettled after the effects ran"
+        );
         for (index, conn) in self.conns.iter() {
             conn.check_invariants(index);
+            assert!(
+                conn.is_closing() || conn.send.queued_bytes() == 0 || conn.send.in_flight,
+                "{index:?}: answers queued and no send in flight (they would never go out)"
+            );
             assert!(
                 conn.answers_counted <= conn.send.queued_bytes() as u64 || conn.is_closing(),
                 "{index:?}: counted more answer bytes than it has queued"

@@ -340,6 +340,10 @@ pub struct Core {
     /// as a set, by service index): see `pool_touched` and `run_effects`.
     pools_touched: Vec<ServiceSlot>,
     pools_touched_set: IndexVec<ServiceSlot, bool>,
+    /// Connections answers were queued for since the loop last settled them (see
+    /// `conn_touched`; consecutive repeats of one are skipped, and settling twice is
+    /// harmless).
+    conns_touched: Vec<ConnHandle>,
     /// When `sweep_callers` runs next, and its buffer (kept for its capacity).
     next_caller_sweep: Instant,
     sweep_scratch: Vec<(ConnHandle, bool)>,
@@ -451,6 +455,7 @@ impl Core {
             next_caller_sweep: now + CALLER_SWEEP_INTERVAL,
             sweep_scratch: Vec::new(),
             pools_touched: Vec::with_capacity(services.len()),
+            conns_touched: Vec::new(),
             pools_touched_set: services.iter().map(|_| false).collect(),
             services,
             service_by_id,

@@ -121,8 +121,8 @@ impl Core {
         let service_id = self.services[service].id;
         match self.finish_request(request, Some(code), message.len() as u32) {
             Some(Dest::Conn(conn)) => {
+                // Settled (sent, or closed if it was its last) after the handler.
                 self.answer_error(conn, caller_request_id, service_id, code, message);
-                self.close_conn_if_finished(conn);
             }
             Some(Dest::Core { core, request }) => {
                 let mut frame = self.spare_buffer();

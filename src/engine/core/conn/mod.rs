@@ -276,7 +276,8 @@ impl Core {
         }
     }
 
-    /// Queue a whole answer frame for the caller, disconnecting a caller that does not read.
+    /// Queue a whole answer frame for the caller; it goes out once the handler is done
+    /// (`conn_touched`).
     pub(super) fn answer(&mut self, index: ConnHandle, header: &Header, payload: &[u8]) {
         let Some(conn) = self.conns.get_mut(index) else {
             return;
@@ -285,7 +286,36 @@ impl Core {
             return;
         }
         proto::encode_frame(conn.send.tail(), header, payload);
-        self.after_queueing(index);
+        self.conn_touched(index);
+    }
+
+    /// Answers were queued for `index`: it is settled (`settle_conn`) once the current
+    /// handler is done (`Core::run_effects`), so that no handler closes a caller's connection
+    /// in the middle of another owner's work (a reply over `write_queue_max_bytes`, the
+    /// answer budget), and the answers one completion queues for a caller go out in one send.
+    pub(in crate::engine::core) fn conn_touched(&mut self, index: ConnHandle) {
+        if self.conns_touched.last() != Some(&index) {
+            self.conns_touched.push(index);
+        }
+    }
+
+    /// Settle every connection answers were queued for (called by `run_effects` only).
+    pub(in crate::engine::core) fn settle_touched_conns(&mut self) {
+        while !self.conns_touched.is_empty() {
+            let mut touched = std::mem::take(&mut self.conns_touched);
+            for &index in &touched {
+                // Closed (or gone) since: its answers are dropped with it.
+                if self.live_conn(index).is_some() {
+                    self.after_queueing(index);
+                    self.close_conn_if_finished(index);
+                }
+            }
+            touched.clear();
+            if self.conns_touched.is_empty() {
+                // (Keep its capacity.)
+                self.conns_touched = touched;
+            }
+        }
     }
 
     pub(super) fn answer_error(
@@ -300,7 +330,9 @@ impl Core {
         self.answer(index, &header, message.as_bytes());
     }
 
-    pub(super) fn after_queueing(&mut self, index: ConnHandle) {
+    /// After answers were queued: count them against the answer budget and the caller's
+    /// write queue bound (a caller over either is cut off), then send.
+    fn after_queueing(&mut self, index: ConnHandle) {
         self.account_answers(index);
         if self.enforce_answer_budget(index) {
             return;

@@ -320,10 +320,7 @@ impl Core {
         let ok = header.kind == Kind::Done;
         let outcome = (!ok).then_some(ErrorCode::ServiceError);
         match self.finish_request(request, outcome, reply_bytes) {
-            Some(Dest::Conn(conn)) => {
-                self.after_queueing(conn);
-                self.close_conn_if_finished(conn);
-            }
+            Some(Dest::Conn(conn)) => self.conn_touched(conn),
             Some(Dest::Core { core, request }) => {
                 let frame = frame.expect("built for the core");
                 self.send_answer(core, request, frame);
