@@ -31,6 +31,7 @@
 //! default 300; `ACGI_SIM_SEED=N` just one, printing its trace).
 
 mod caller;
+mod checks;
 mod scenario;
 mod worker;
 
@@ -405,137 +406,6 @@ impl Sim {
             stderr,
             slot,
         }
-    }
-
-    /// The faults the engine counted this turn must be the ones models acted out: each model
-    /// killed with a fault acted out must have its fault counted (under one of its labels),
-    /// and every count must belong to such a model.
-    fn match_faults(&mut self, killed: &[i32]) {
-        for model in &mut self.workers {
-            if model.fault_done && !model.fault_reported {
-                model.fault_reported = true;
-                self.guesses += u64::from(model.fault == Some(Fault::Guess));
-                let (pid, fault) = (model.pid, model.fault.expect("acted out"));
-                self.injected.push(Injected { pid, fault });
-            }
-        }
-        let counters = self.core.sim_service_counters(ServiceSlot::new(0));
-        let mut new: Vec<u64> = counters
-            .worker_faults
-            .iter()
-            .zip(&self.faults_counted)
-            .map(|(now, before)| now - before)
-            .collect();
-        self.faults_counted = counters.worker_faults.to_vec();
-        let labels = Core::SIM_FAULT_LABELS;
-        let take = |fault: Fault, new: &mut Vec<u64>| {
-            let (names, _) = fault.labels();
-            let at = (0..labels.len()).find(|&i| new[i] > 0 && names.contains(&labels[i]));
-            at.inspect(|&i| new[i] -= 1).is_some()
-        };
-        let mut unmatched = Vec::new();
-        // (The engine counts by service, not by worker: the killed models take theirs first.)
-        let mut injections = std::mem::take(&mut self.injected);
-        injections.sort_by_key(|injected| !killed.contains(&injected.pid));
-        for injected in injections {
-            if take(injected.fault, &mut new) {
-                let line = format!("worker {}: {:?} counted", injected.pid, injected.fault);
-                self.trace.push(line);
-                continue;
-            }
-            let excused = self.excused(&injected);
-            assert!(
-                !killed.contains(&injected.pid) || excused,
-                "worker {} acted out {:?} and was killed, but the engine counted none of {:?}",
-                injected.pid,
-                injected.fault,
-                injected.fault.labels().0
-            );
-            // (Kept: an excused fault may still be counted on a later turn, as when the
-            // engine reads a dead worker's end of file after its last bytes.)
-            unmatched.push(injected);
-        }
-        self.injected = unmatched;
-        for (index, count) in new.iter().enumerate() {
-            assert_eq!(
-                *count, 0,
-                "the engine counted a `{}` fault that no worker model acted out",
-                labels[index]
-            );
-        }
-    }
-
-    /// A fault the engine need not count: one it may not see (`Fault::labels`), or acted out
-    /// by a worker it was stopping anyway.
-    fn excused(&self, injected: &Injected) -> bool {
-        let model = &self.workers[self.by_pid[&injected.pid]];
-        injected.fault.labels().1 || model.stopped
-    }
-
-    /// Every caller is done (answered or gone) and the core has let go of them.
-    fn finished(&self) -> bool {
-        self.callers.len() == self.scenario.callers.len()
-            && self.callers.iter().all(Caller::finished)
-            && self.core.sim_table_sizes().0 == 0
-            && self.core.sim_table_sizes().2 == 0
-            && self.injected.iter().all(|i| self.excused(i))
-    }
-
-    /// After the last caller: let what is under way settle (a spawn answered, a worker's
-    /// exit reaped), then nothing may be held that should not be.
-    fn check_end(&mut self) {
-        let mut settled = false;
-        for _ in 0..1000 {
-            if !self.anything_moves() {
-                settled = true;
-                break;
-            }
-        }
-        assert!(settled, "still busy after the last caller");
-        let (conns, workers, requests) = self.core.sim_table_sizes();
-        assert_eq!(
-            (conns, requests),
-            (0, 0),
-            "connections and requests left at the end"
-        );
-        let alive = self.workers.iter().filter(|w| !w.dead).count();
-        assert!(workers >= alive, "the core lost track of a live worker");
-        for caller in &self.callers {
-            assert!(
-                caller.left || caller.unanswered() == 0,
-                "caller {}: {} requests never answered",
-                caller.id,
-                caller.unanswered()
-            );
-        }
-        if self.scenario.provided_buffers > 0 {
-            assert_eq!(
-                self.ring.provided_free(),
-                self.scenario.provided_buffers as usize,
-                "provided buffers not handed back"
-            );
-        }
-        let conn_ops = self
-            .ring
-            .pending_kinds()
-            .into_iter()
-            .filter(|kind| format!("{kind:?}").starts_with("Conn"))
-            .count();
-        assert_eq!(conn_ops, 0, "connection ops in flight with no connection");
-        assert!(
-            self.ring.files_registered() <= workers,
-            "registered files left beyond the workers' ({} for {workers})",
-            self.ring.files_registered()
-        );
-        let replies: u64 = self.callers.iter().map(|c| c.replies).sum();
-        let line = format!(
-            "seed {} done: {} steps, {} ops, {replies} replies, {} workers",
-            self.seed,
-            self.step,
-            self.ring.completed(),
-            self.workers.len()
-        );
-        self.trace.push(line);
     }
 }
 
