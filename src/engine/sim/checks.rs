@@ -4,29 +4,31 @@
 //! engine, after every completion; each caller checks its answers itself: `super::caller`.)
 
 use super::worker::Fault;
-use super::{Caller, Core, Injected, ServiceSlot, Sim};
+use super::{Caller, Core, Injected, ServiceSlot, Sim, SimCore};
 
 impl Sim {
     /// The faults the engine counted this turn must be the ones models acted out: each model
     /// killed with a fault acted out must have its fault counted (under one of its labels),
     /// and every count must belong to such a model.
-    pub(super) fn match_faults(&mut self, killed: &[i32]) {
-        for model in &mut self.workers {
+    /// (Per core, after core `c`'s turn: each core counts its own workers' faults.)
+    pub(super) fn match_faults(&mut self, c: usize, killed: &[i32]) {
+        for (at, model) in self.workers.iter_mut().enumerate() {
             if model.fault_done && !model.fault_reported {
                 model.fault_reported = true;
                 self.guesses += u64::from(model.fault == Some(Fault::Guess));
                 let (pid, fault) = (model.pid, model.fault.expect("acted out"));
-                self.injected.push(Injected { pid, fault });
+                let core = self.worker_core[at];
+                self.injected.push(Injected { pid, core, fault });
             }
         }
-        let counters = self.core.sim_service_counters(ServiceSlot::new(0));
+        let counters = self.cores[c].core.sim_service_counters(ServiceSlot::new(0));
         let mut new: Vec<u64> = counters
             .worker_faults
             .iter()
-            .zip(&self.faults_counted)
+            .zip(&self.cores[c].faults_counted)
             .map(|(now, before)| now - before)
             .collect();
-        self.faults_counted = counters.worker_faults.to_vec();
+        self.cores[c].faults_counted = counters.worker_faults.to_vec();
         let labels = Core::SIM_FAULT_LABELS;
         let take = |fault: Fault, new: &mut Vec<u64>| {
             let (names, _) = fault.labels();
@@ -35,7 +37,9 @@ impl Sim {
         };
         let mut unmatched = Vec::new();
         // (The engine counts by service, not by worker: the killed models take theirs first.)
-        let mut injections = std::mem::take(&mut self.injected);
+        let (mut injections, others) = std::mem::take(&mut self.injected)
+            .into_iter()
+            .partition::<Vec<_>, _>(|injected| injected.core == c);
         injections.sort_by_key(|injected| !killed.contains(&injected.pid));
         for injected in injections {
             if take(injected.fault, &mut new) {
@@ -55,11 +59,12 @@ impl Sim {
             // engine reads a dead worker's end of file after its last bytes.)
             unmatched.push(injected);
         }
-        self.injected = unmatched;
+        self.injected = others;
+        self.injected.extend(unmatched);
         for (index, count) in new.iter().enumerate() {
             assert_eq!(
                 *count, 0,
-                "the engine counted a `{}` fault that no worker model acted out",
+                "core {c} counted a `{}` fault that no worker model of it acted out",
                 labels[index]
             );
         }
@@ -72,17 +77,22 @@ impl Sim {
         injected.fault.labels().1 || model.stopped
     }
 
-    /// Every caller is done (answered or gone) and the core has let go of them.
+    /// Every caller is done (answered or gone) and the cores have let go of them; after a
+    /// stop, every core's turn has also said it finished.
     pub(super) fn finished(&self) -> bool {
+        let empty = |c: &SimCore| {
+            let (conns, _, requests) = c.core.sim_table_sizes();
+            conns == 0 && requests == 0
+        };
         self.callers.len() == self.scenario.callers.len()
             && self.callers.iter().all(Caller::finished)
-            && self.core.sim_table_sizes().0 == 0
-            && self.core.sim_table_sizes().2 == 0
+            && self.cores.iter().all(empty)
             && self.injected.iter().all(|i| self.excused(i))
+            && (self.stop_sent.is_none() || self.cores.iter().all(|c| c.finished))
     }
 
     /// After the last caller: let what is under way settle (a spawn answered, a worker's
-    /// exit reaped), then nothing may be held that should not be.
+    /// exit reaped), then nothing may be held that should not be, on any core.
     pub(super) fn check_end(&mut self) {
         let mut settled = false;
         for _ in 0..1000 {
@@ -92,47 +102,66 @@ impl Sim {
             }
         }
         assert!(settled, "still busy after the last caller");
-        let (conns, workers, requests) = self.core.sim_table_sizes();
-        assert_eq!(
-            (conns, requests),
-            (0, 0),
-            "connections and requests left at the end"
-        );
-        let alive = self.workers.iter().filter(|w| !w.dead).count();
-        assert!(workers >= alive, "the core lost track of a live worker");
         for caller in &self.callers {
             assert!(
-                caller.left || caller.unanswered() == 0,
+                caller.left || caller.cut_off || caller.unanswered() == 0,
                 "caller {}: {} requests never answered",
                 caller.id,
                 caller.unanswered()
             );
         }
-        if self.scenario.provided_buffers > 0 {
+        let mut workers_held = 0;
+        for (c, sim_core) in self.cores.iter().enumerate() {
+            let (conns, workers, requests) = sim_core.core.sim_table_sizes();
+            workers_held += workers;
             assert_eq!(
-                self.ring.provided_free(),
-                self.scenario.provided_buffers as usize,
-                "provided buffers not handed back"
+                (conns, requests),
+                (0, 0),
+                "core {c}: connections and requests left at the end"
             );
+            let ring = &sim_core.ring;
+            if self.scenario.provided_buffers > 0 {
+                assert_eq!(
+                    ring.provided_free(),
+                    self.scenario.provided_buffers as usize,
+                    "core {c}: provided buffers not handed back"
+                );
+            }
+            let conn_ops = ring
+                .pending_kinds()
+                .into_iter()
+                .filter(|kind| format!("{kind:?}").starts_with("Conn"))
+                .count();
+            assert_eq!(
+                conn_ops, 0,
+                "core {c}: connection ops in flight with no connection"
+            );
+            assert!(
+                ring.files_registered() <= workers,
+                "core {c}: registered files left beyond the workers' ({} for {workers})",
+                ring.files_registered()
+            );
+            if self.stop_sent.is_some() {
+                // Its loop has ended: nothing may be left at all.
+                assert_eq!(workers, 0, "core {c} finished with workers");
+                assert_eq!(
+                    ring.files_registered(),
+                    0,
+                    "core {c} finished with registered files"
+                );
+            }
         }
-        let conn_ops = self
-            .ring
-            .pending_kinds()
-            .into_iter()
-            .filter(|kind| format!("{kind:?}").starts_with("Conn"))
-            .count();
-        assert_eq!(conn_ops, 0, "connection ops in flight with no connection");
+        let alive = self.workers.iter().filter(|w| !w.dead).count();
         assert!(
-            self.ring.files_registered() <= workers,
-            "registered files left beyond the workers' ({} for {workers})",
-            self.ring.files_registered()
+            workers_held >= alive,
+            "the cores lost track of a live worker"
         );
         let replies: u64 = self.callers.iter().map(|c| c.replies).sum();
+        let ops: u64 = self.cores.iter().map(|c| c.ring.completed()).sum();
         let line = format!(
-            "seed {} done: {} steps, {} ops, {replies} replies, {} workers",
+            "seed {} done: {} steps, {ops} ops, {replies} replies, {} workers",
             self.seed,
             self.step,
-            self.ring.completed(),
             self.workers.len()
         );
         self.trace.push(line);

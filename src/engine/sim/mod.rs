@@ -32,27 +32,23 @@
 
 mod caller;
 mod checks;
+mod cores;
 mod scenario;
 mod worker;
 
-use std::collections::HashMap;
-use std::os::fd::OwnedFd;
+use std::collections::{HashMap, HashSet};
 use std::os::linux::net::SocketAddrExt;
-use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
-use std::sync::{mpsc, Arc, Mutex};
+use std::os::unix::net::{SocketAddr, UnixListener};
 use std::time::{Duration, Instant};
 
 use caller::Caller;
-use scenario::{Coverage, Scenario, REQUIRED_COVERAGE, SLOT_BYTES};
+use cores::SimCore;
+use scenario::{Coverage, Scenario, Stop, REQUIRED_COVERAGE, SLOT_BYTES};
 use worker::{Fault, Worker};
 
-use super::admission::{Access, Admission, Limits};
-use super::core::{Core, CoreSetup, ListenerKind};
-use super::index::{CoreIndex, ServiceSlot};
-use super::io::sim::{self as ring_sim, Faults, Rng, SimHandle};
-use super::io::Ring;
-use super::shared::Shared;
-use super::spawn::{SpawnRequest, SpawnResult, Spawned, Spawner};
+use super::core::Core;
+use super::index::ServiceSlot;
+use super::io::sim::{self as ring_sim, Faults, Rng};
 
 /// Steps one seed may take before it counts as stuck.
 const STEPS_MAX: u32 = 60_000;
@@ -73,16 +69,11 @@ const TRACE_PRINTED_MAX: usize = 400;
 ///   worker. Fixed in `Core::lose_worker`.
 const REGRESSION_SEEDS: [u64; 2] = [173, 108];
 
-/// The spawner's other end: the simulation takes its requests and answers them.
-struct SpawnerEnd {
-    requests: mpsc::Receiver<SpawnRequest>,
-    results: Arc<Mutex<Vec<SpawnResult>>>,
-    wake: Arc<OwnedFd>,
-}
-
 /// A fault a worker model acted out, not yet matched to what the engine counted.
 struct Injected {
     pid: i32,
+    /// The core whose worker it is (the one that must count it).
+    core: usize,
     fault: Fault,
 }
 
@@ -92,22 +83,26 @@ struct Sim {
     base: Instant,
     now: Instant,
     scenario: Scenario,
-    core: Core,
-    ring: SimHandle,
-    spawner: SpawnerEnd,
+    cores: Vec<SimCore>,
     address: SocketAddr,
     callers: Vec<Caller>,
     workers: Vec<Worker>,
+    /// The core each worker (by its index in `workers`) belongs to.
+    worker_core: Vec<usize>,
     by_pid: HashMap<i32, usize>,
     /// Where each worker's slot is mapped in the engine (address, length).
     engine_slots: HashMap<i32, (usize, usize)>,
     next_pid: i32,
     /// Guessed answers workers have sent that the bridge may have relayed (`Caller::on_answer`).
     guesses: u64,
-    /// The highest job sequence any worker model has seen (what a guessing worker guesses from).
-    last_sequence: u64,
+    /// The highest job sequence any worker model of each core has seen (what a guessing worker
+    /// guesses from: each core numbers its own jobs).
+    last_sequence: Vec<u64>,
+    /// Requests (caller, request id) whose payload a worker model has taken: they ran.
+    ran: HashSet<(usize, u64)>,
+    /// The stop delivered to every core, if one was.
+    stop_sent: Option<Stop>,
     injected: Vec<Injected>,
-    faults_counted: Vec<u64>,
     trace: Vec<String>,
     step: u32,
 }
@@ -127,59 +122,33 @@ impl Sim {
         let address = SocketAddr::from_abstract_name(name.as_bytes()).expect("an abstract name");
         let listener = UnixListener::bind_addr(&address).expect("the sim's listener binds");
         listener.set_nonblocking(true).expect("non-blocking");
-        let (requests_tx, requests) = mpsc::channel();
-        let results: Arc<Mutex<Vec<SpawnResult>>> = Arc::default();
-        let wake = Arc::new(
-            rustix::event::eventfd(
-                0,
-                rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
-            )
-            .expect("an eventfd"),
-        );
-        let spawner = Spawner::from_parts(requests_tx, Arc::clone(&results), Arc::clone(&wake));
-        let shard_max = vec![config.services.iter().map(|s| s.max_workers).collect()];
-        let admission = Admission::new(Limits::from_config(&config), Access::from_config(&config));
-        let shared = Arc::new(Shared::new(&shard_max, admission).expect("eventfds"));
         let faults = Faults {
             short_percent: 30,
             enobufs_percent: if scenario.faults { 5 } else { 0 },
             cancel_loses_percent: 50,
         };
-        let (sim_ring, ring) = ring_sim::pair(faults);
         let base = Instant::now();
-        ring.set_now(base);
-        let setup = CoreSetup {
-            index: CoreIndex::new(0),
-            shared,
-            config,
-            listeners: vec![(OwnedFd::from(listener), ListenerKind::Unix)],
-            spawner,
-        };
-        let core = Core::with_ring(setup, Ring::simulated(sim_ring), base);
+        let (_shared, cores) = cores::build(scenario.cores, &config, listener, faults, base);
         let trace = vec![format!("seed {seed}: {scenario:?}")];
         Sim {
             seed,
             rng,
             base,
             now: base,
+            last_sequence: vec![0; cores.len()],
             scenario,
-            core,
-            ring,
-            spawner: SpawnerEnd {
-                requests,
-                results,
-                wake,
-            },
+            cores,
             address,
             callers: Vec::new(),
             workers: Vec::new(),
+            worker_core: Vec::new(),
             by_pid: HashMap::new(),
             engine_slots: HashMap::new(),
             next_pid: ring_sim::PID_BASE,
-            last_sequence: 0,
             guesses: 0,
+            ran: HashSet::new(),
+            stop_sent: None,
             injected: Vec::new(),
-            faults_counted: vec![0; Core::SIM_FAULT_LABELS.len()],
             trace,
             step: 0,
         }
@@ -200,10 +169,11 @@ impl Sim {
             );
             self.connect_arrivals();
             let mut progressed = self.models_act(60);
-            for _ in 0..self.rng.below(4) {
-                progressed |= self.ring_step();
+            for _ in 0..self.rng.below(4 * self.cores.len() as u64) {
+                let c = self.rng.below(self.cores.len() as u64) as usize;
+                progressed |= self.ring_step(c);
             }
-            self.turn();
+            self.turns(80);
             if !progressed && !self.anything_moves() && !self.connect_next() {
                 self.advance_clock();
             }
@@ -249,15 +219,17 @@ impl Sim {
                 continue;
             }
             if at < callers {
-                let guesses = &mut self.guesses;
-                progressed |= self.callers[at].act(&mut self.rng, guesses, &mut lines);
+                let (guesses, ran) = (&mut self.guesses, &self.ran);
+                progressed |= self.callers[at].act(&mut self.rng, guesses, ran, &mut lines);
             } else {
-                let guess = self.last_sequence + 1;
+                let c = self.worker_core[at - callers];
+                let guess = self.last_sequence[c] + 1;
                 let worker = &mut self.workers[at - callers];
                 let (base, len) = self.engine_slots[&worker.pid];
-                let filling = self.ring.reading_into(base, len);
+                let filling = self.cores[c].ring.reading_into(base, len);
                 progressed |= worker.act(&mut self.rng, guess, filling, &mut lines);
-                self.last_sequence = self.last_sequence.max(worker.last_sequence);
+                self.last_sequence[c] = self.last_sequence[c].max(worker.last_sequence);
+                self.ran.extend(worker.ran.drain(..));
             }
         }
         for line in lines {
@@ -266,44 +238,58 @@ impl Sim {
         progressed
     }
 
-    fn ring_step(&mut self) -> bool {
-        match self.ring.step(&mut self.rng) {
-            Some(line) => {
-                self.log(line);
-                true
-            }
-            None => false,
-        }
-    }
-
     /// Before the clock moves: can anything happen now? (Models act at random, so give them
     /// a few chances.)
     fn anything_moves(&mut self) -> bool {
         for _ in 0..6 {
-            if self.ring_step() | self.models_act(100) {
-                self.turn();
+            let mut moved = self.models_act(100);
+            for c in 0..self.cores.len() {
+                moved |= self.ring_step(c);
+            }
+            if moved {
+                self.turns(100);
                 return true;
             }
         }
-        self.ring.completions_waiting() > 0
+        self.live_cores()
+            .any(|c| self.cores[c].ring.completions_waiting() > 0)
     }
 
     /// Where a run stands, for a stuck one's message.
     fn state_line(&self) -> String {
-        let (conns, workers, requests) = self.core.sim_table_sizes();
+        let cores: Vec<String> = (0..self.cores.len())
+            .map(|c| {
+                let (conns, workers, requests) = self.cores[c].core.sim_table_sizes();
+                format!(
+                    "core {c}{}: {conns} connections, {workers} workers, {requests} requests, \
+                     ops in flight {:?}",
+                    if self.cores[c].finished {
+                        " (finished)"
+                    } else {
+                        ""
+                    },
+                    self.cores[c].ring.pending_kinds()
+                )
+            })
+            .collect();
         let injected: Vec<(i32, Fault)> = self.injected.iter().map(|i| (i.pid, i.fault)).collect();
         let callers: Vec<usize> = self.callers.iter().map(Caller::unanswered).collect();
         format!(
-            "core: {conns} connections, {workers} workers, {requests} requests; unanswered \
-             per caller {callers:?}; faults not yet counted {injected:?}; ops in flight {:?}",
-            self.ring.pending_kinds()
+            "{}; unanswered per caller {callers:?}; faults not yet counted {injected:?}",
+            cores.join("; ")
         )
     }
 
     /// Nothing can happen until a deadline: jump to the next one.
     fn advance_clock(&mut self) {
-        let next = [self.core.next_deadline(), self.ring.next_due()]
-            .into_iter()
+        let next = self
+            .live_cores()
+            .flat_map(|c| {
+                [
+                    self.cores[c].core.next_deadline(),
+                    self.cores[c].ring.next_due(),
+                ]
+            })
             .flatten()
             .min();
         let Some(next) = next else {
@@ -318,94 +304,7 @@ impl Sim {
             "stuck: {VIRTUAL_TIME_MAX:?} of virtual time without finishing ({})",
             self.state_line()
         );
-        self.turn();
-    }
-
-    /// One turn of the core at the simulation's clock, then what it asked of the outside: its
-    /// spawns and signals, and the check of the faults it counted.
-    fn turn(&mut self) {
-        self.ring.set_now(self.now);
-        let finished = self
-            .core
-            .turn(self.now)
-            .expect("a turn of the simulated core");
-        assert!(!finished, "the core finished without being asked to stop");
-        self.spawn();
-        let mut lines = Vec::new();
-        let signals = ring_sim::take_signals();
-        let mut killed = Vec::new();
-        for (pid, signal) in signals {
-            let model = &mut self.workers[self.by_pid[&pid]];
-            lines.push(format!("signal {signal} to worker {pid}"));
-            if signal == libc::SIGKILL {
-                killed.push(pid);
-            }
-            if !model.dead {
-                model.on_signal(signal, &mut lines);
-            }
-        }
-        for line in lines {
-            self.log(line);
-        }
-        self.match_faults(&killed);
-    }
-
-    /// Answer the core's spawn requests with worker models (some fail to start when the seed
-    /// injects faults).
-    fn spawn(&mut self) {
-        while let Ok(request) = self.spawner.requests.try_recv() {
-            let result = if self.scenario.faults && self.rng.chance(5) {
-                self.log("spawn fails".into());
-                Err("the simulation refused this spawn".to_string())
-            } else {
-                Ok(self.start_worker())
-            };
-            let slot = request.slot;
-            self.spawner
-                .results
-                .lock()
-                .expect("not poisoned")
-                .push(SpawnResult { slot, result });
-            rustix::io::write(&*self.spawner.wake, &1u64.to_ne_bytes()).expect("wake the core");
-        }
-    }
-
-    fn start_worker(&mut self) -> Spawned {
-        let pid = self.next_pid;
-        self.next_pid += 1;
-        let (engine_end, model_end) = UnixStream::pair().expect("a socket pair");
-        let pipe = || {
-            rustix::pipe::pipe_with(
-                rustix::pipe::PipeFlags::CLOEXEC | rustix::pipe::PipeFlags::NONBLOCK,
-            )
-        };
-        let (stdout, stdout_write) = pipe().expect("a pipe");
-        let (stderr, stderr_write) = pipe().expect("a pipe");
-        let slot = crate::shm::Slot::create("acgi-sim", SLOT_BYTES as u32).expect("a slot");
-        let iovec = slot.as_iovec();
-        self.engine_slots
-            .insert(pid, (iovec.iov_base as usize, iovec.iov_len));
-        let attached = slot.fd().try_clone_to_owned().expect("dup the slot");
-        let view = acgi_worker::WorkerSlot::attach(attached).expect("the model attaches");
-        let fault = match self.scenario.guessers {
-            true => Some(Fault::Guess),
-            false => (self.scenario.faults && self.rng.chance(25))
-                .then(|| Fault::ALL[self.rng.below(Fault::ALL.len() as u64) as usize]),
-        };
-        let fail_percent = if self.scenario.faults { 3 } else { 0 };
-        let queued = self.scenario.queue_depth > 1;
-        let outputs = [stdout_write, stderr_write];
-        let model = Worker::new(pid, model_end, outputs, view, queued, fault, fail_percent);
-        self.log(format!("worker {pid} spawned, fault {fault:?}"));
-        self.by_pid.insert(pid, self.workers.len());
-        self.workers.push(model);
-        Spawned {
-            pid,
-            control: OwnedFd::from(engine_end),
-            stdout,
-            stderr,
-            slot,
-        }
+        self.turns(100);
     }
 }
 
