@@ -45,6 +45,9 @@ pub(super) enum Behaviour {
     LeavesAt(usize),
     /// Sends everything, never reads, and closes after this many more turns.
     StopsReading(u32),
+    /// As `Polite`, but keeps the connection open for this many turns after its last answer
+    /// (a caller that would send more later): what a drain finds with nothing in flight.
+    Lingers(u32),
 }
 
 pub(super) struct Caller {
@@ -160,6 +163,12 @@ impl Caller {
         }
         let read = self.read_answers(guesses, ran, trace);
         if self.stream.is_some() && self.unanswered.is_empty() && self.written == self.out.len() {
+            if let Behaviour::Lingers(turns) = &mut self.behaviour {
+                if *turns > 0 {
+                    *turns -= 1;
+                    return true;
+                }
+            }
             trace.push(format!("caller {} done, closes", self.id));
             self.stream = None;
             return true;

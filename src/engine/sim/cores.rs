@@ -122,7 +122,7 @@ impl Sim {
 
     /// Core `c`'s ring carries out one op the seed picks, if it can.
     pub(super) fn ring_step(&mut self, c: usize) -> bool {
-        if self.cores[c].finished {
+        if self.cores.get(c).is_none_or(|core| core.finished) {
             return false;
         }
         match self.cores[c].ring.step(&mut self.rng) {
@@ -137,7 +137,7 @@ impl Sim {
     /// One turn of core `c` at the simulation's clock, then what it asked of the outside: its
     /// spawns and signals, and the check of the faults it counted.
     pub(super) fn turn(&mut self, c: usize) {
-        if self.cores[c].finished {
+        if self.cores.get(c).is_none_or(|core| core.finished) {
             return;
         }
         self.cores[c].ring.set_now(self.now);
@@ -176,6 +176,7 @@ impl Sim {
             self.log(line);
         }
         self.match_faults(c, &killed);
+        self.drop_cores_once_finished();
     }
 
     /// Answer core `c`'s spawn requests with worker models (some fail to start when the seed

@@ -34,11 +34,13 @@ mod caller;
 mod checks;
 mod cores;
 mod scenario;
+mod stop;
 mod worker;
 
 use std::collections::{HashMap, HashSet};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixListener};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use caller::Caller;
@@ -49,6 +51,7 @@ use worker::{Fault, Worker};
 use super::core::Core;
 use super::index::ServiceSlot;
 use super::io::sim::{self as ring_sim, Faults, Rng};
+use super::shared::Shared;
 
 /// Steps one seed may take before it counts as stuck.
 const STEPS_MAX: u32 = 60_000;
@@ -83,7 +86,11 @@ struct Sim {
     base: Instant,
     now: Instant,
     scenario: Scenario,
+    shared: Arc<Shared>,
+    /// The cores (dropped once a stop has finished them all, as their threads would end).
     cores: Vec<SimCore>,
+    /// The coverage of cores already dropped.
+    coverage_kept: Coverage,
     address: SocketAddr,
     callers: Vec<Caller>,
     workers: Vec<Worker>,
@@ -128,7 +135,7 @@ impl Sim {
             cancel_loses_percent: 50,
         };
         let base = Instant::now();
-        let (_shared, cores) = cores::build(scenario.cores, &config, listener, faults, base);
+        let (shared, cores) = cores::build(scenario.cores, &config, listener, faults, base);
         let trace = vec![format!("seed {seed}: {scenario:?}")];
         Sim {
             seed,
@@ -137,7 +144,9 @@ impl Sim {
             now: base,
             last_sequence: vec![0; cores.len()],
             scenario,
+            shared,
             cores,
+            coverage_kept: Coverage::new(),
             address,
             callers: Vec::new(),
             workers: Vec::new(),
@@ -167,6 +176,7 @@ impl Sim {
                 self.step < STEPS_MAX,
                 "stuck: {STEPS_MAX} steps without finishing"
             );
+            self.stop_if_due();
             self.connect_arrivals();
             let mut progressed = self.models_act(60);
             for _ in 0..self.rng.below(4 * self.cores.len() as u64) {
@@ -226,7 +236,11 @@ impl Sim {
                 let guess = self.last_sequence[c] + 1;
                 let worker = &mut self.workers[at - callers];
                 let (base, len) = self.engine_slots[&worker.pid];
-                let filling = self.cores[c].ring.reading_into(base, len);
+                // (Once the cores are dropped, every worker is dead.)
+                let filling = self
+                    .cores
+                    .get(c)
+                    .is_some_and(|c| c.ring.reading_into(base, len));
                 progressed |= worker.act(&mut self.rng, guess, filling, &mut lines);
                 self.last_sequence[c] = self.last_sequence[c].max(worker.last_sequence);
                 self.ran.extend(worker.ran.drain(..));
@@ -251,8 +265,14 @@ impl Sim {
                 return true;
             }
         }
-        self.live_cores()
-            .any(|c| self.cores[c].ring.completions_waiting() > 0)
+        // (A core the seed let sit may still have completions to take.)
+        let waiting = self
+            .live_cores()
+            .any(|c| self.cores[c].ring.completions_waiting() > 0);
+        if waiting {
+            self.turns(100);
+        }
+        waiting
     }
 
     /// Where a run stands, for a stuck one's message.
@@ -282,6 +302,10 @@ impl Sim {
 
     /// Nothing can happen until a deadline: jump to the next one.
     fn advance_clock(&mut self) {
+        if self.finished() {
+            // (Only once a stop has dropped the cores: then no deadline is left, rightly.)
+            return;
+        }
         let next = self
             .live_cores()
             .flat_map(|c| {
