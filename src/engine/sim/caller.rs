@@ -48,6 +48,9 @@ pub(super) enum Behaviour {
     /// As `Polite`, but keeps the connection open for this many turns after its last answer
     /// (a caller that would send more later): what a drain finds with nothing in flight.
     Lingers(u32),
+    /// As `Polite`, but writes a few bytes now and then (a slow sender): the bridge often
+    /// holds a large request's header and waits for its payload (a poll, `conn/direct.rs`).
+    Trickles,
 }
 
 pub(super) struct Caller {
@@ -147,7 +150,12 @@ impl Caller {
         }
         let reads = reads_answers(self.behaviour);
         let writes = self.written < self.out.len() && !self.write_closed;
-        if writes && (!reads || rng.chance(60)) {
+        let write_percent = if self.behaviour == Behaviour::Trickles {
+            15
+        } else {
+            60
+        };
+        if writes && (!reads || rng.chance(write_percent)) {
             return self.write_some(rng, trace);
         }
         if let Behaviour::StopsReading(turns) = &mut self.behaviour {
@@ -195,7 +203,11 @@ impl Caller {
             self.leave();
             return true;
         }
-        let len = rng.length(rest as u32, 50) as usize;
+        let most = match self.behaviour {
+            Behaviour::Trickles => rest.min(512),
+            _ => rest,
+        };
+        let len = rng.length(most as u32, 50) as usize;
         let stream = self.stream.as_mut().expect("open");
         match stream.write(&self.out[self.written..self.written + len]) {
             Ok(n) => {
@@ -279,6 +291,13 @@ impl Caller {
     /// after it taken, looks like one never read: the engine's own invariants are what guard
     /// that case.) On a drain, the notice must have come first, unless this caller never read.
     fn on_bridge_closed(&mut self, ran: &HashSet<(usize, u64)>) {
+        assert!(
+            self.input.is_empty(),
+            "caller {}: the bridge ended the connection in the middle of a frame ({} bytes of it \
+             came)",
+            self.id,
+            self.input.len()
+        );
         self.check_nothing_taken_is_lost(ran, "at the end of the connection");
         if self.stop == Some(Stop::Drain) {
             assert!(

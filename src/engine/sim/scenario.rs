@@ -111,6 +111,7 @@ impl Scenario {
                     (true, 0) => Behaviour::LeavesAt(rng.below(bytes as u64) as usize),
                     (true, 1) => Behaviour::StopsReading(1 + rng.below(300) as u32),
                     (_, 2 | 3) => Behaviour::Lingers(1 + rng.below(200) as u32),
+                    (_, 4) => Behaviour::Trickles,
                     _ => Behaviour::Polite,
                 };
                 (arrives, sizes, behaviour)
