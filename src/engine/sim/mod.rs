@@ -1,31 +1,50 @@
-//! The engine simulation (tests only): the real core (its rooms, tables and invariants) and the
-//! real pool policy, driven by one thread through seeded completions and faults, with every
+//! The engine simulation (tests only): the real cores (their rooms, tables and invariants) and
+//! the real pool policy, driven by one thread through seeded completions and faults, with every
 //! check run after every event; a failing seed replays exactly (`ACGI_SIM_SEED=N`).
 //!
 //! Why: the integration tests run the real bridge against the real kernel, which picks one
 //! interleaving per run; the bugs of an event loop live in the others (a cancel racing a
 //! completion, a short send of a reply from a slot, a worker answering during a direct read, a
-//! caller leaving mid-payload). Here the seed picks them, so a run explores a different one
-//! each time and a failure comes with the seed that replays it.
+//! caller leaving mid-payload, a forward sitting in an inbox while both cores move on, a stop
+//! arriving while a payload trickles in). Here the seed picks them, so a run explores a
+//! different one each time and a failure comes with the seed that replays it.
 //!
 //! What is real and what is simulated:
-//! - the ring is `io::sim::SimRing`, which carries out the engine's own `Sqe`s on real
-//!   descriptors when the seed picks them (short reads and sends, `ENOBUFS`, cancel races);
-//! - the clock is virtual: the core's turn gets the simulation's `now`, which jumps to the next
+//! - the cores ([`cores`]): most seeds run two, wired as `engine::run` wires them (one
+//!   `Shared`, each core its own ring, spawner and pool shard, all accepting on one listener),
+//!   so requests are forwarded (`Msg::Forward`/`Answer`) and connections handed over
+//!   (`Msg::Connection`); the seed picks which ring steps and which core turns, in which order;
+//! - each ring is an `io::sim::SimRing`, which carries out the engine's own `Sqe`s on real
+//!   descriptors when the seed picks them (short reads and sends, `ENOBUFS`, cancel races); the
+//!   cores' wake-ups are real eventfd writes and reads through them;
+//! - the clock is virtual: each turn gets the simulation's `now`, which jumps to the next
 //!   deadline when nothing else can happen, so timeouts fire without waiting;
-//! - callers ([`caller`]) are real Unix connections to a real listener; workers ([`worker`]) are
-//!   models on real socket pairs, pipes and memfd slots, spawned by a `Spawner` without its
+//! - callers ([`caller`]) are real Unix connections to the real listener; workers ([`worker`])
+//!   are models on real socket pairs, pipes and memfd slots, spawned by a `Spawner` without its
 //!   thread, with pids no kernel hands out (`io::sim::PID_BASE`), so the engine's signals go to
 //!   the models (`io::signal_worker`) and their deaths complete the engine's `WaitId`s;
+//! - stops ([`stop`]): a third of the seeds send every core a graceful stop or an upgrade's
+//!   drain mid-traffic, through `Shared` as the control thread does; once every core's turn
+//!   says it finished, the cores are dropped as their threads would be;
 //! - generations start near `u32::MAX` (`table::first_generation_for_tests`), so every table
 //!   entry wraps within a few reuses while stale handles may be outstanding.
 //!
-//! Checks: the core's `check_invariants` (tables, slots, budgets) and the pool's after every
-//! completion (debug builds); each caller checks every answer against its request (no lost,
-//! misrouted or duplicated answer, echo bytes intact); each fault a worker model acts out must
-//! reach the `WorkerFault` label the engine should count, and the engine may count no fault
-//! nobody injected; at the end, every request of a caller that stayed is answered, and the
-//! core holds no connection, request, registered file or provided buffer it should not.
+//! Checks ([`checks`], [`caller`], [`stop`]): each core's `check_invariants` (tables, slots,
+//! budgets) and the pools' after every completion (debug builds); each caller checks every
+//! answer against its request (no lost, misrouted or duplicated answer, echo bytes intact);
+//! each fault a worker model acts out must reach the `WorkerFault` label its core should
+//! count, and no core may count a fault none of its workers acted out; at the end, every
+//! request of a caller that stayed is answered, and no core holds a connection, request,
+//! registered file or provided buffer it should not. During a stop: every request the bridge
+//! took from a caller is answered and none that ran is lost; a drain's notice comes after every
+//! answer and before the end of the connection; every core finishes with nothing left.
+//!
+//! Left out: TCP and TLS callers (the TLS threads' hand-over is `Msg::Connection` too, from
+//! outside the cores); reloads and operator commands (`Msg::Reload`, `Msg::Admin`), reports;
+//! a second stop signal (`Shutdown { now: true }`), and the forced end after
+//! `shutdown_timeout_ms` (30 s, more than a seed's workers hold a request: not aimed at); more
+//! than two cores, or more than one service; the kernel's own timeouts (accept retries) and
+//! the `PidfdPoll` reaping mode.
 //!
 //! Run: `cargo test -p acgi-bridge --lib engine::sim` (`ACGI_SIM_SEEDS=N` seeds from 0,
 //! default 300; `ACGI_SIM_SEED=N` just one, printing its trace).
