@@ -73,6 +73,10 @@ pub(super) struct Caller {
     write_closed: bool,
     /// It has had the drain notice (nothing may follow it but the end of the connection).
     pub(super) drain_notice: bool,
+    /// A drain's end reset its connection before it had any frame: it may never have been
+    /// accepted (left in the listen queue, which a new bridge would serve; `Sim::check_end`
+    /// counts these against the connections the cores accepted).
+    pub(super) maybe_never_accepted: bool,
     /// Requests it has (request ids run from 1 to this).
     requests: u64,
     /// Answers by outcome: replies, and errors by code.
@@ -112,6 +116,7 @@ impl Caller {
             stop: None,
             write_closed: false,
             drain_notice: false,
+            maybe_never_accepted: false,
             requests: sizes.len() as u64,
             replies: 0,
             errors: BTreeMap::new(),
@@ -243,7 +248,7 @@ impl Caller {
         let n = match stream.read(&mut buf) {
             Ok(0) if self.stop.is_some() => {
                 trace.push(format!("caller {} read end of file", self.id));
-                self.on_bridge_closed(ran);
+                self.on_bridge_closed(ran, false);
                 return true;
             }
             Ok(0) => {
@@ -264,7 +269,7 @@ impl Caller {
                 // (A Unix socket closed with bytes unread resets its peer, after what was
                 // queued for it: the bridge read no more of this caller.)
                 trace.push(format!("caller {} read failed: {e}", self.id));
-                self.on_bridge_closed(ran);
+                self.on_bridge_closed(ran, true);
                 return true;
             }
             Err(e) => {
@@ -289,8 +294,9 @@ impl Caller {
     /// answered request must come before every unanswered one, and no unanswered request may
     /// have run on a worker. (A taken request lost while still in a backlog, with nothing
     /// after it taken, looks like one never read: the engine's own invariants are what guard
-    /// that case.) On a drain, the notice must have come first, unless this caller never read.
-    fn on_bridge_closed(&mut self, ran: &HashSet<(usize, u64)>) {
+    /// that case.) On a drain, the notice must have come first, unless the connection was
+    /// `reset` before any frame came (then it may never have been accepted).
+    fn on_bridge_closed(&mut self, ran: &HashSet<(usize, u64)>, reset: bool) {
         assert!(
             self.input.is_empty(),
             "caller {}: the bridge ended the connection in the middle of a frame ({} bytes of it \
@@ -299,7 +305,10 @@ impl Caller {
             self.input.len()
         );
         self.check_nothing_taken_is_lost(ran, "at the end of the connection");
-        if self.stop == Some(Stop::Drain) {
+        let had_frames = self.replies > 0 || !self.errors.is_empty();
+        if self.stop == Some(Stop::Drain) && !self.drain_notice && reset && !had_frames {
+            self.maybe_never_accepted = true;
+        } else if self.stop == Some(Stop::Drain) {
             assert!(
                 self.drain_notice,
                 "caller {}: a drain ended the connection without the drain notice",

@@ -137,6 +137,8 @@ struct Sim {
     ran: HashSet<(usize, u64)>,
     /// The stop delivered to every core, if one was.
     stop_sent: Option<Stop>,
+    /// Connections the dropped cores had accepted.
+    accepted: u64,
     injected: Vec<Injected>,
     trace: Vec<String>,
     step: u32,
@@ -185,6 +187,7 @@ impl Sim {
             guesses: 0,
             ran: HashSet::new(),
             stop_sent: None,
+            accepted: 0,
             injected: Vec::new(),
             trace,
             step: 0,

@@ -1,6 +1,6 @@
 //! Stops: mid-traffic, the seed sends every core a graceful stop (`Msg::Shutdown { now:
 //! false }`, SIGTERM) or a binary upgrade's drain (`Msg::Drain`), the way the control thread
-//! does (`control::Control::on_stop_signal`, `control::upgrade`): `Shared::shutdown` first,
+//! does (`control::Control::on_stop_signal`, `Control::begin_drain`): `Shared::shutdown` first,
 //! then the message through `Shared::send` (the inbox and a write to the core's eventfd).
 //!
 //! Why: a stop is where a core's tables must empty on their own (every request answered,
@@ -86,6 +86,7 @@ impl Sim {
                 "core {c} finished with connection ops in flight"
             );
             scenario::core_coverage(sim_core, &mut self.coverage_kept);
+            self.accepted += sim_core.ring.accepted();
         }
         let stopped = match self.stop_sent {
             Some(Stop::Shutdown) => "stopped_gracefully",
