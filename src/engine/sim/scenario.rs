@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use super::caller::Behaviour;
-use super::Sim;
+use super::{Sim, SimCore};
 use crate::config::Config;
 use crate::engine::index::ServiceSlot;
 use crate::engine::io::sim::Rng;
@@ -21,7 +21,7 @@ const DIRECT_SIZES: [usize; 4] = [4096, 5000, 8191, 8192];
 
 /// Paths 300 seeds must reach (see `Coverage`): the engine's hand-offs, the ring's hard
 /// outcomes, and every fault label a worker model can provoke on its own.
-pub(super) const REQUIRED_COVERAGE: [&str; 25] = [
+pub(super) const REQUIRED_COVERAGE: [&str; 32] = [
     "replies",
     "requests_read_into_slot",
     "replies_sent_from_slot",
@@ -47,11 +47,33 @@ pub(super) const REQUIRED_COVERAGE: [&str; 25] = [
     "in_slot_with_payload",
     "control_socket",
     "early_answer",
+    // Two cores: a request run on the other core's worker, a connection accepted by one core
+    // and served by the other.
+    "requests_forwarded",
+    "connections_handed_over",
+    // Stops: every core finished after each kind, drain notices sent and read, and requests
+    // answered `shutting down`.
+    "stopped_gracefully",
+    "stopped_by_drain",
+    "connections_drained",
+    "drain_notices_read",
+    "error_shutting_down",
 ];
+
+/// A stop the control thread sends every core mid-traffic (`super::stop`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Stop {
+    /// `Msg::Shutdown { now: false }`: SIGTERM.
+    Shutdown,
+    /// `Msg::Drain`: a binary upgrade's new bridge has taken over.
+    Drain,
+}
 
 /// What one seed sets up.
 #[derive(Debug)]
 pub(super) struct Scenario {
+    /// Cores (each its own ring, spawner and shard of the pool).
+    pub(super) cores: usize,
     pub(super) faults: bool,
     /// Every worker guesses (`Fault::Guess`) and requests are sized for direct reads: the
     /// race of an answer with a caller's payload still arriving in the worker's slot.
@@ -59,18 +81,23 @@ pub(super) struct Scenario {
     pub(super) queue_depth: u32,
     pub(super) ondemand: bool,
     pub(super) provided_buffers: u32,
+    /// A stop sent to every core, and the step it is sent at.
+    pub(super) stop: Option<(Stop, u32)>,
     /// Callers: the step they connect at, their payload sizes, how they behave.
     pub(super) callers: Vec<(u32, Vec<usize>, Behaviour)>,
 }
 
 impl Scenario {
     pub(super) fn new(rng: &mut Rng) -> Scenario {
+        // Mostly two: one core is the plain case, which the two-core runs cover too except for
+        // what `cores == 1` skips (placement, rebalancing, published counts).
+        let cores = if rng.chance(80) { 2 } else { 1 };
         let faults = rng.chance(75);
-        let guessers = faults && rng.chance(15);
+        let guessers = faults && rng.chance(35);
         let queue_depth = if rng.chance(30) { 2 } else { 1 };
         let ondemand = rng.chance(40);
         let provided_buffers = [0, 4, 64][rng.below(3) as usize];
-        let callers = (0..1 + rng.below(5))
+        let callers: Vec<(u32, Vec<usize>, Behaviour)> = (0..1 + rng.below(5))
             .map(|_| {
                 let arrives = rng.below(200) as u32;
                 let sizes: Vec<usize> = (0..1 + rng.below(8))
@@ -83,17 +110,33 @@ impl Scenario {
                 let behaviour = match (faults, rng.below(10)) {
                     (true, 0) => Behaviour::LeavesAt(rng.below(bytes as u64) as usize),
                     (true, 1) => Behaviour::StopsReading(1 + rng.below(300) as u32),
+                    (_, 2 | 3) => Behaviour::Lingers(1 + rng.below(200) as u32),
+                    (_, 4) => Behaviour::Trickles,
                     _ => Behaviour::Polite,
                 };
                 (arrives, sizes, behaviour)
             })
             .collect();
+        // Mid-traffic: between the first caller's arrival and a little after the last's.
+        let arrivals = callers.iter().map(|(arrives, _, _)| *arrives);
+        let (first, last) = (arrivals.clone().min(), arrivals.max());
+        let (first, last) = (first.unwrap_or(0), last.unwrap_or(0));
+        let stop = rng.chance(35).then(|| {
+            let stop = if rng.chance(50) {
+                Stop::Shutdown
+            } else {
+                Stop::Drain
+            };
+            (stop, first + rng.below((last - first + 60) as u64) as u32)
+        });
         Scenario {
+            cores,
             faults,
             guessers,
             queue_depth,
             ondemand,
             provided_buffers,
+            stop,
             callers,
         }
     }
@@ -122,32 +165,51 @@ pub(super) type Coverage = std::collections::BTreeMap<&'static str, u64>;
 
 impl Sim {
     pub(super) fn coverage(&self, into: &mut Coverage) {
-        let counters = &self.core.counters;
-        let service = self.core.sim_service_counters(ServiceSlot::new(0));
+        for (name, n) in &self.coverage_kept {
+            *into.entry(name).or_default() += n;
+        }
         let mut add = |name: &'static str, n: u64| *into.entry(name).or_default() += n;
         add("replies", self.callers.iter().map(|c| c.replies).sum());
-        add("requests_read_into_slot", counters.requests_read_into_slot);
-        add("replies_sent_from_slot", counters.replies_sent_from_slot);
-        add("slot_sends_spilled", counters.slot_sends_spilled);
-        add(
-            "provided_buffers_ran_out",
-            counters.provided_buffers_ran_out,
-        );
-        add("requests_abandoned", counters.requests_abandoned);
-        add("requests_requeued", counters.requests_requeued);
-        add("copy_path", service.copy_path);
-        add("error_worker_failed", service.errors[4]);
-        add("error_timed_out", service.errors[5]);
-        add("error_service_error", service.errors[8]);
         add(
             "callers_left",
             self.callers.iter().filter(|c| c.left).count() as u64,
         );
-        for (label, count) in service.faults() {
-            add(label, count);
+        add(
+            "drain_notices_read",
+            self.callers.iter().filter(|c| c.drain_notice).count() as u64,
+        );
+        for sim_core in &self.cores {
+            core_coverage(sim_core, into);
         }
-        for (kind, count) in self.ring.completions_by_kind() {
-            add(kind, count);
-        }
+    }
+}
+
+/// What one core's counters and ring add to the coverage.
+pub(super) fn core_coverage(sim_core: &SimCore, into: &mut Coverage) {
+    let mut add = |name: &'static str, n: u64| *into.entry(name).or_default() += n;
+    let counters = &sim_core.core.counters;
+    let service = sim_core.core.sim_service_counters(ServiceSlot::new(0));
+    add("requests_read_into_slot", counters.requests_read_into_slot);
+    add("replies_sent_from_slot", counters.replies_sent_from_slot);
+    add("slot_sends_spilled", counters.slot_sends_spilled);
+    add(
+        "provided_buffers_ran_out",
+        counters.provided_buffers_ran_out,
+    );
+    add("requests_abandoned", counters.requests_abandoned);
+    add("requests_requeued", counters.requests_requeued);
+    add("requests_forwarded", counters.requests_forwarded);
+    add("connections_handed_over", counters.connections_handed_over);
+    add("connections_drained", counters.connections_drained);
+    add("copy_path", service.copy_path);
+    add("error_worker_failed", service.errors[4]);
+    add("error_timed_out", service.errors[5]);
+    add("error_shutting_down", service.errors[6]);
+    add("error_service_error", service.errors[8]);
+    for (label, count) in service.faults() {
+        add(label, count);
+    }
+    for (kind, count) in sim_core.ring.completions_by_kind() {
+        add(kind, count);
     }
 }

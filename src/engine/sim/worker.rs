@@ -113,6 +113,10 @@ pub(super) struct Worker {
     pub(super) fault_reported: bool,
     /// The highest job sequence it has seen.
     pub(super) last_sequence: u64,
+    /// Requests (caller, request id) whose payload it has taken, not yet collected by the
+    /// simulation (from their first two bytes: `caller::payload_byte`; shorter ones are not
+    /// told apart).
+    pub(super) ran: Vec<(usize, u64)>,
     /// The engine sent it SIGTERM or closed its control socket: it is being stopped.
     pub(super) stopped: bool,
     pub(super) dead: bool,
@@ -146,6 +150,7 @@ impl Worker {
             fault_done: false,
             fault_reported: false,
             last_sequence: 0,
+            ran: Vec::new(),
             stopped: false,
             dead: false,
         }
@@ -386,6 +391,9 @@ impl Worker {
                 None => job.inline.clone().expect("an inline job's payload"),
             }
         };
+        if let [caller, request_id, ..] = request[..] {
+            self.ran.push((caller as usize, request_id as u64));
+        }
         let mut sequence = job.sequence;
         if self.fault == Some(Fault::WrongJob) && !self.fault_done {
             self.fault_done = true;

@@ -173,6 +173,8 @@ struct State {
     closed: bool,
     /// Ops carried out, and completions by how they came out (for the coverage summary).
     completed: u64,
+    /// Connections its accepts took from a listener.
+    accepted: u64,
     outcomes: std::collections::BTreeMap<&'static str, u64>,
 }
 
@@ -417,6 +419,11 @@ impl SimHandle {
     /// Ops completed so far.
     pub fn completed(&self) -> u64 {
         self.state.borrow().completed
+    }
+
+    /// Connections accepted so far (what is left in a listener's queue never was).
+    pub fn accepted(&self) -> u64 {
+        self.state.borrow().accepted
     }
 }
 

@@ -149,11 +149,14 @@ impl State {
                 };
                 match syscall_result(fd as isize) {
                     None => Outcome::NotYet,
-                    Some(result) => Outcome::Done {
-                        more: result.is_ok(),
-                        flags: if result.is_ok() { CQE_F_MORE } else { 0 },
-                        result,
-                    },
+                    Some(result) => {
+                        self.accepted += u64::from(result.is_ok());
+                        Outcome::Done {
+                            more: result.is_ok(),
+                            flags: if result.is_ok() { CQE_F_MORE } else { 0 },
+                            result,
+                        }
+                    }
                 }
             }
             Op::Recv { target, buf, len } => self.receive(target, buf, rng.length(len, short)),

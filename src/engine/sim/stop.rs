@@ -1,0 +1,100 @@
+//! Stops: mid-traffic, the seed sends every core a graceful stop (`Msg::Shutdown { now:
+//! false }`, SIGTERM) or a binary upgrade's drain (`Msg::Drain`), the way the control thread
+//! does (`control::Control::on_stop_signal`, `Control::begin_drain`): `Shared::shutdown` first,
+//! then the message through `Shared::send` (the inbox and a write to the core's eventfd).
+//!
+//! Why: a stop is where a core's tables must empty on their own (every request answered,
+//! every worker stopped and reaped, every connection closed once flushed) while requests are
+//! still being forwarded between cores and answers are still queued; and a drain adds a last
+//! frame (the notice) that must come after every answer and before the end of the connection.
+//!
+//! What is checked (besides everything a run without a stop checks): each caller, when the
+//! bridge ends its connection or sends the drain notice, that every request the bridge took is
+//! answered and none that ran is not (`Caller::on_bridge_closed`); on a drain, that the notice
+//! came, last; and each core's turn must eventually say it finished, with no connection,
+//! request, worker, registered file, connection op or provided buffer left. Then the cores are
+//! dropped, as the engine's threads drop theirs: their listeners close, and a caller still
+//! waiting in the listen queue is reset.
+
+use std::sync::atomic::Ordering;
+
+use super::scenario::{self, Stop};
+use super::Sim;
+use crate::engine::index::TypedIndex;
+use crate::engine::shared::Msg;
+
+impl Sim {
+    /// Send the scenario's stop once its step has come. Callers that have not connected yet
+    /// never will (the bridge no longer accepts; a new bridge would serve them).
+    pub(super) fn stop_if_due(&mut self) {
+        let Some((stop, at)) = self.scenario.stop else {
+            return;
+        };
+        if self.stop_sent.is_some() || self.step < at {
+            return;
+        }
+        self.log(format!("the control thread sends {stop:?} to every core"));
+        // As the control thread: the flag before any core hears (see `shared`).
+        self.shared.shutdown.store(true, Ordering::SeqCst);
+        for core in 0..self.cores.len() {
+            let msg = match stop {
+                Stop::Shutdown => Msg::Shutdown { now: false },
+                Stop::Drain => Msg::Drain,
+            };
+            self.shared
+                .send(crate::engine::index::CoreIndex::from_usize(core), msg);
+        }
+        self.stop_sent = Some(stop);
+        self.scenario.callers.truncate(self.callers.len());
+        for caller in &mut self.callers {
+            caller.stop = Some(stop);
+        }
+    }
+
+    /// Called after each turn of a stopping run: once every core's turn has said it finished,
+    /// check that nothing is left on any, keep their coverage, and drop them.
+    pub(super) fn drop_cores_once_finished(&mut self) {
+        if self.cores.is_empty() || !self.cores.iter().all(|c| c.finished) {
+            return;
+        }
+        for (c, sim_core) in self.cores.iter().enumerate() {
+            assert_eq!(
+                sim_core.core.sim_table_sizes(),
+                (0, 0, 0),
+                "core {c} finished holding connections, workers or requests"
+            );
+            let ring = &sim_core.ring;
+            assert_eq!(
+                ring.files_registered(),
+                0,
+                "core {c} finished with registered files"
+            );
+            if self.scenario.provided_buffers > 0 {
+                assert_eq!(
+                    ring.provided_free(),
+                    self.scenario.provided_buffers as usize,
+                    "core {c} finished without every provided buffer back"
+                );
+            }
+            let conn_ops = ring
+                .pending_kinds()
+                .into_iter()
+                .filter(|kind| format!("{kind:?}").starts_with("Conn"))
+                .count();
+            assert_eq!(
+                conn_ops, 0,
+                "core {c} finished with connection ops in flight"
+            );
+            scenario::core_coverage(sim_core, &mut self.coverage_kept);
+            self.accepted += sim_core.ring.accepted();
+        }
+        let stopped = match self.stop_sent {
+            Some(Stop::Shutdown) => "stopped_gracefully",
+            Some(Stop::Drain) => "stopped_by_drain",
+            None => unreachable!("cores finish only when asked to stop"),
+        };
+        *self.coverage_kept.entry(stopped).or_default() += 1;
+        self.log("every core finished: their threads end".into());
+        self.cores.clear();
+    }
+}
