@@ -9,8 +9,10 @@ impl Core {
     pub(in crate::engine::core) fn handle_frames(&mut self, index: ConnHandle) {
         let max = self.config.max_payload_bytes;
         loop {
-            // Handling a frame can close and free this very connection (a reply that overflows
-            // its queue): look it up afresh every time.
+            // Each frame's handler needs the whole core, so the connection is borrowed anew
+            // for the next (answers are settled after this handler, so a frame can end its
+            // reading, Error 7 or a direct read, but not free it; `get_mut` keeps that an
+            // early return rather than a panic should a future handler close it).
             let Some(conn) = self.conns.get_mut(index) else {
                 return;
             };
