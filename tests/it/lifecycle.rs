@@ -189,3 +189,40 @@ pub fn sigint_after_the_shutdown_timeout_answers_hung_requests_then_exits_zero()
     assert!(status.success(), "{status}");
     bridge.wait_log("shutdown timeout passed");
 }
+
+#[test]
+pub fn a_second_signal_answers_hung_requests_at_once_then_exits_zero() {
+    // Proves the second signal: with a shutdown timeout far away, a request that will never
+    // finish is answered `shutting down` as soon as a second SIGTERM comes, its worker is
+    // killed, and the bridge exits 0 without waiting for the timeout.
+    let mut spec = ServiceSpec::faulty().workers(1, 1);
+    spec.extra = "request_timeout_ms = 0\nkill_grace_ms = 100\n".into();
+    let mut bridge = bridge()
+        .top("shutdown_timeout_ms = 60000")
+        .service(spec)
+        .start();
+    let mut client = bridge.client();
+    let hung = client.send(3, b"hang").unwrap();
+    let ping = client.send_frame(Kind::Ping, 0, b"").unwrap();
+    assert_eq!(client.receive().unwrap().header.request_id, ping);
+    let started = std::time::Instant::now();
+    bridge.signal(libc::SIGTERM);
+    // Two signals sent at once may merge into one: the second goes once the first is seen.
+    bridge.wait_log("stopping: finishing requests in flight");
+    bridge.signal(libc::SIGTERM);
+    let answer = client.receive().unwrap();
+    assert_eq!(answer.header.request_id, hung);
+    assert_eq!(
+        answer.header.error_code(),
+        Some(acgi_bridge::proto::ErrorCode::ShuttingDown)
+    );
+    let status = bridge
+        .wait_exit(std::time::Duration::from_secs(20))
+        .expect("exits long before its 60 s shutdown timeout");
+    assert!(status.success(), "{status}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+}
