@@ -41,10 +41,11 @@
 //!
 //! Left out: TCP and TLS callers (the TLS threads' hand-over is `Msg::Connection` too, from
 //! outside the cores); reloads and operator commands (`Msg::Reload`, `Msg::Admin`), reports;
-//! a second stop signal (`Shutdown { now: true }`), and the forced end after
-//! `shutdown_timeout_ms` (30 s, more than a seed's workers hold a request: not aimed at); more
-//! than two cores, or more than one service; the kernel's own timeouts (accept retries) and
-//! the `PidfdPoll` reaping mode.
+//! the forced end after `shutdown_timeout_ms` (30 s, more than a seed's workers hold a
+//! request: not aimed at; a second signal, `Shutdown { now: true }`, which forces the same end
+//! at once, is simulated: half the graceful stops send one); more than two cores, or more
+//! than one service; the kernel's own timeouts (accept retries) and the `PidfdPoll` reaping
+//! mode.
 //!
 //! Run: `cargo test -p acgi-bridge --lib engine::sim` (`ACGI_SIM_SEEDS=N` seeds from 0,
 //! default 300; `ACGI_SIM_SEED=N` just one, printing its trace).
@@ -137,6 +138,10 @@ struct Sim {
     ran: HashSet<(usize, u64)>,
     /// The stop delivered to every core, if one was.
     stop_sent: Option<Stop>,
+    /// After a graceful stop, the step a second signal (`Shutdown { now: true }`) is sent at,
+    /// if this seed sends one (`stop::second_signal_if_due`).
+    second_signal_at: Option<u32>,
+    second_signal_sent: bool,
     /// Connections the dropped cores had accepted.
     accepted: u64,
     injected: Vec<Injected>,
@@ -187,6 +192,8 @@ impl Sim {
             guesses: 0,
             ran: HashSet::new(),
             stop_sent: None,
+            second_signal_at: None,
+            second_signal_sent: false,
             accepted: 0,
             injected: Vec::new(),
             trace,
@@ -208,6 +215,7 @@ impl Sim {
                 "stuck: {STEPS_MAX} steps without finishing"
             );
             self.stop_if_due();
+            self.second_signal_if_due();
             self.connect_arrivals();
             let mut progressed = self.models_act(60);
             for _ in 0..self.rng.below(4 * self.cores.len() as u64) {

@@ -21,7 +21,7 @@ const DIRECT_SIZES: [usize; 4] = [4096, 5000, 8191, 8192];
 
 /// Paths 300 seeds must reach (see `Coverage`): the engine's hand-offs, the ring's hard
 /// outcomes, and every fault label a worker model can provoke on its own.
-pub(super) const REQUIRED_COVERAGE: [&str; 32] = [
+pub(super) const REQUIRED_COVERAGE: [&str; 33] = [
     "replies",
     "requests_read_into_slot",
     "replies_sent_from_slot",
@@ -58,6 +58,7 @@ pub(super) const REQUIRED_COVERAGE: [&str; 32] = [
     "connections_drained",
     "drain_notices_read",
     "error_shutting_down",
+    "stopped_by_second_signal",
 ];
 
 /// A stop the control thread sends every core mid-traffic (`super::stop`).

@@ -21,7 +21,13 @@ use std::sync::atomic::Ordering;
 use super::scenario::{self, Stop};
 use super::Sim;
 use crate::engine::index::TypedIndex;
+use crate::engine::io::sim::Rng;
 use crate::engine::shared::Msg;
+
+/// Mixed into the seed for the second signal's own draws.
+const SECOND_SIGNAL_STREAM: u64 = 0x5ec0_d516_4a10_0001;
+/// Of the seeds that stop gracefully, those that also send a second signal.
+const SECOND_SIGNAL_PERCENT: u64 = 50;
 
 impl Sim {
     /// Send the scenario's stop once its step has come. Callers that have not connected yet
@@ -45,10 +51,41 @@ impl Sim {
                 .send(crate::engine::index::CoreIndex::from_usize(core), msg);
         }
         self.stop_sent = Some(stop);
+        if stop == Stop::Shutdown {
+            // Drawn from a stream of its own, so that the seeds' other draws (and the
+            // regression seeds) stay what they were.
+            let mut own = Rng::new(self.seed ^ SECOND_SIGNAL_STREAM);
+            if own.chance(SECOND_SIGNAL_PERCENT) {
+                self.second_signal_at = Some(self.step + own.below(60) as u32);
+            }
+        }
         self.scenario.callers.truncate(self.callers.len());
         for caller in &mut self.callers {
             caller.stop = Some(stop);
         }
+    }
+
+    /// A second SIGTERM, as the control thread sends it: `Shutdown { now: true }` to every
+    /// core, which stops waiting for what is in flight (fails it, kills the workers) and closes
+    /// every connection after `SHUTDOWN_FLUSH_GRACE`, read or not.
+    pub(super) fn second_signal_if_due(&mut self) {
+        let Some(at) = self.second_signal_at else {
+            return;
+        };
+        if self.step < at || self.cores.is_empty() {
+            return;
+        }
+        self.second_signal_at = None;
+        self.log("the control thread sends Shutdown { now: true } to every core".into());
+        for core in 0..self.cores.len() {
+            let msg = Msg::Shutdown { now: true };
+            self.shared
+                .send(crate::engine::index::CoreIndex::from_usize(core), msg);
+        }
+        // The callers' checks stay as they are: a request that ran is still answered (with
+        // `shutting down` or `worker failed`), and a caller that reads is not closed on
+        // before the flush grace, which the clock reaches only once no model acts.
+        self.second_signal_sent = true;
     }
 
     /// Called after each turn of a stopping run: once every core's turn has said it finished,
@@ -89,6 +126,7 @@ impl Sim {
             self.accepted += sim_core.ring.accepted();
         }
         let stopped = match self.stop_sent {
+            Some(Stop::Shutdown) if self.second_signal_sent => "stopped_by_second_signal",
             Some(Stop::Shutdown) => "stopped_gracefully",
             Some(Stop::Drain) => "stopped_by_drain",
             None => unreachable!("cores finish only when asked to stop"),
