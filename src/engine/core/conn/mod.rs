@@ -289,7 +289,7 @@ impl Core {
         self.conn_touched(index);
     }
 
-    /// Answers were queued for `index`: it is settled (`settle_conn`) once the current
+    /// Answers were queued for `index`: it is settled (`settle_touched_conns`) once the current
     /// handler is done (`Core::run_effects`), so that no handler closes a caller's connection
     /// in the middle of another owner's work (a reply over `write_queue_max_bytes`, the
     /// answer budget), and the answers one completion queues for a caller go out in one send.
@@ -300,20 +300,14 @@ impl Core {
     }
 
     /// Settle every connection answers were queued for (called by `run_effects` only).
+    /// (Settling one can queue another answer, the Error 7 of a frame cut short: it is pushed
+    /// and settled in turn.)
     pub(in crate::engine::core) fn settle_touched_conns(&mut self) {
-        while !self.conns_touched.is_empty() {
-            let mut touched = std::mem::take(&mut self.conns_touched);
-            for &index in &touched {
-                // Closed (or gone) since: its answers are dropped with it.
-                if self.live_conn(index).is_some() {
-                    self.after_queueing(index);
-                    self.close_conn_if_finished(index);
-                }
-            }
-            touched.clear();
-            if self.conns_touched.is_empty() {
-                // (Keep its capacity.)
-                self.conns_touched = touched;
+        while let Some(index) = self.conns_touched.pop() {
+            // Closed (or gone) since: its answers are dropped with it.
+            if self.live_conn(index).is_some() {
+                self.after_queueing(index);
+                self.close_conn_if_finished(index);
             }
         }
     }
