@@ -131,23 +131,8 @@ impl Sim {
                 (0, 0),
                 "core {c}: connections and requests left at the end"
             );
+            self.check_connections_released(c, "at the end");
             let ring = &sim_core.ring;
-            if self.scenario.provided_buffers > 0 {
-                assert_eq!(
-                    ring.provided_free(),
-                    self.scenario.provided_buffers as usize,
-                    "core {c}: provided buffers not handed back"
-                );
-            }
-            let conn_ops = ring
-                .pending_kinds()
-                .into_iter()
-                .filter(|kind| format!("{kind:?}").starts_with("Conn"))
-                .count();
-            assert_eq!(
-                conn_ops, 0,
-                "core {c}: connection ops in flight with no connection"
-            );
             assert!(
                 ring.files_registered() <= workers,
                 "core {c}: registered files left beyond the workers' ({} for {workers})",
@@ -168,5 +153,27 @@ impl Sim {
             self.workers.len()
         );
         self.trace.push(line);
+    }
+
+    /// With no connection left on core `c` (`when`, for the message): every provided buffer
+    /// is back in its ring and no connection op is in flight.
+    pub(super) fn check_connections_released(&self, c: usize, when: &str) {
+        let ring = &self.cores[c].ring;
+        if self.scenario.provided_buffers > 0 {
+            assert_eq!(
+                ring.provided_free(),
+                self.scenario.provided_buffers as usize,
+                "core {c} {when}: provided buffers not handed back"
+            );
+        }
+        let conn_ops = ring
+            .pending_kinds()
+            .into_iter()
+            .filter(|kind| format!("{kind:?}").starts_with("Conn"))
+            .count();
+        assert_eq!(
+            conn_ops, 0,
+            "core {c} {when}: connection ops in flight with no connection"
+        );
     }
 }

@@ -138,10 +138,9 @@ struct Sim {
     ran: HashSet<(usize, u64)>,
     /// The stop delivered to every core, if one was.
     stop_sent: Option<Stop>,
-    /// After a graceful stop, the step a second signal (`Shutdown { now: true }`) is sent at,
-    /// if this seed sends one (`stop::second_signal_if_due`).
-    second_signal_at: Option<u32>,
-    second_signal_sent: bool,
+    /// A second signal (`Shutdown { now: true }`) after a graceful stop, if this seed sends
+    /// one (`stop::second_signal_if_due`).
+    second_signal: stop::SecondSignal,
     /// Connections the dropped cores had accepted.
     accepted: u64,
     injected: Vec<Injected>,
@@ -192,8 +191,7 @@ impl Sim {
             guesses: 0,
             ran: HashSet::new(),
             stop_sent: None,
-            second_signal_at: None,
-            second_signal_sent: false,
+            second_signal: stop::SecondSignal::No,
             accepted: 0,
             injected: Vec::new(),
             trace,

@@ -29,6 +29,16 @@ const SECOND_SIGNAL_STREAM: u64 = 0x5ec0_d516_4a10_0001;
 /// Of the seeds that stop gracefully, those that also send a second signal.
 const SECOND_SIGNAL_PERCENT: u64 = 50;
 
+/// A second stop signal after a graceful stop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum SecondSignal {
+    /// This seed sends none (or has not stopped yet).
+    No,
+    /// To be sent at this step (if the cores have not all finished by then).
+    DueAt(u32),
+    Sent,
+}
+
 impl Sim {
     /// Send the scenario's stop once its step has come. Callers that have not connected yet
     /// never will (the bridge no longer accepts; a new bridge would serve them).
@@ -56,7 +66,7 @@ impl Sim {
             // regression seeds) stay what they were.
             let mut own = Rng::new(self.seed ^ SECOND_SIGNAL_STREAM);
             if own.chance(SECOND_SIGNAL_PERCENT) {
-                self.second_signal_at = Some(self.step + own.below(60) as u32);
+                self.second_signal = SecondSignal::DueAt(self.step + own.below(60) as u32);
             }
         }
         self.scenario.callers.truncate(self.callers.len());
@@ -69,13 +79,12 @@ impl Sim {
     /// core, which stops waiting for what is in flight (fails it, kills the workers) and closes
     /// every connection after `SHUTDOWN_FLUSH_GRACE`, read or not.
     pub(super) fn second_signal_if_due(&mut self) {
-        let Some(at) = self.second_signal_at else {
+        let SecondSignal::DueAt(at) = self.second_signal else {
             return;
         };
         if self.step < at || self.cores.is_empty() {
             return;
         }
-        self.second_signal_at = None;
         self.log("the control thread sends Shutdown { now: true } to every core".into());
         for core in 0..self.cores.len() {
             let msg = Msg::Shutdown { now: true };
@@ -85,7 +94,7 @@ impl Sim {
         // The callers' checks stay as they are: a request that ran is still answered (with
         // `shutting down` or `worker failed`), and a caller that reads is not closed on
         // before the flush grace, which the clock reaches only once no model acts.
-        self.second_signal_sent = true;
+        self.second_signal = SecondSignal::Sent;
     }
 
     /// Called after each turn of a stopping run: once every core's turn has said it finished,
@@ -100,33 +109,19 @@ impl Sim {
                 (0, 0, 0),
                 "core {c} finished holding connections, workers or requests"
             );
-            let ring = &sim_core.ring;
             assert_eq!(
-                ring.files_registered(),
+                sim_core.ring.files_registered(),
                 0,
                 "core {c} finished with registered files"
             );
-            if self.scenario.provided_buffers > 0 {
-                assert_eq!(
-                    ring.provided_free(),
-                    self.scenario.provided_buffers as usize,
-                    "core {c} finished without every provided buffer back"
-                );
-            }
-            let conn_ops = ring
-                .pending_kinds()
-                .into_iter()
-                .filter(|kind| format!("{kind:?}").starts_with("Conn"))
-                .count();
-            assert_eq!(
-                conn_ops, 0,
-                "core {c} finished with connection ops in flight"
-            );
+            self.check_connections_released(c, "finished");
             scenario::core_coverage(sim_core, &mut self.coverage_kept);
             self.accepted += sim_core.ring.accepted();
         }
         let stopped = match self.stop_sent {
-            Some(Stop::Shutdown) if self.second_signal_sent => "stopped_by_second_signal",
+            Some(Stop::Shutdown) if self.second_signal == SecondSignal::Sent => {
+                "stopped_by_second_signal"
+            }
             Some(Stop::Shutdown) => "stopped_gracefully",
             Some(Stop::Drain) => "stopped_by_drain",
             None => unreachable!("cores finish only when asked to stop"),
