@@ -2,9 +2,10 @@
 
 use std::collections::HashSet;
 
+use acgi_bridge::client::BlockingClient;
 use acgi_bridge::proto::Kind;
 
-use crate::common::{bridge, children_of, ServiceSpec};
+use crate::common::{bridge, children_of, Bridge, ServiceSpec};
 
 #[test]
 pub fn sigterm_answers_requests_in_flight_then_exits_zero() {
@@ -159,29 +160,42 @@ fn workers_never_outlive_a_killed_bridge() {
     }
 }
 
-#[test]
-pub fn sigint_after_the_shutdown_timeout_answers_hung_requests_then_exits_zero() {
-    // Proves the shutdown timeout: a request that will never finish is answered `shutting
-    // down` when shutdown_timeout_ms passes, its worker is killed, and the bridge exits 0
-    // (SIGINT behaves as SIGTERM).
+/// A bridge with `shutdown_timeout_ms` whose one worker holds a request that never finishes
+/// (and is not timed out): the bridge, the caller, the hung request's id. A Ping answered
+/// after it shows the request was taken.
+fn with_a_hung_request(shutdown_timeout_ms: u64) -> (Bridge, BlockingClient, u64) {
     let mut spec = ServiceSpec::faulty().workers(1, 1);
     spec.extra = "request_timeout_ms = 0\nkill_grace_ms = 100\n".into();
-    let mut bridge = bridge()
-        .top("shutdown_timeout_ms = 300")
+    let bridge = bridge()
+        .top(&format!("shutdown_timeout_ms = {shutdown_timeout_ms}"))
         .service(spec)
         .start();
     let mut client = bridge.client();
     let hung = client.send(3, b"hang").unwrap();
     let ping = client.send_frame(Kind::Ping, 0, b"").unwrap();
     assert_eq!(client.receive().unwrap().header.request_id, ping);
-    let started = std::time::Instant::now();
-    bridge.signal(libc::SIGINT);
+    (bridge, client, hung)
+}
+
+/// The next answer is the hung request's, failed with `shutting down`.
+fn assert_shutting_down(client: &mut BlockingClient, hung: u64) {
     let answer = client.receive().unwrap();
     assert_eq!(answer.header.request_id, hung);
     assert_eq!(
         answer.header.error_code(),
         Some(acgi_bridge::proto::ErrorCode::ShuttingDown)
     );
+}
+
+#[test]
+pub fn sigint_after_the_shutdown_timeout_answers_hung_requests_then_exits_zero() {
+    // Proves the shutdown timeout: a request that will never finish is answered `shutting
+    // down` when shutdown_timeout_ms passes, its worker is killed, and the bridge exits 0
+    // (SIGINT behaves as SIGTERM).
+    let (mut bridge, mut client, hung) = with_a_hung_request(300);
+    let started = std::time::Instant::now();
+    bridge.signal(libc::SIGINT);
+    assert_shutting_down(&mut client, hung);
     assert!(started.elapsed() >= std::time::Duration::from_millis(300));
     let status = bridge
         .wait_exit(std::time::Duration::from_secs(10))
@@ -195,27 +209,13 @@ pub fn a_second_signal_answers_hung_requests_at_once_then_exits_zero() {
     // Proves the second signal: with a shutdown timeout far away, a request that will never
     // finish is answered `shutting down` as soon as a second SIGTERM comes, its worker is
     // killed, and the bridge exits 0 without waiting for the timeout.
-    let mut spec = ServiceSpec::faulty().workers(1, 1);
-    spec.extra = "request_timeout_ms = 0\nkill_grace_ms = 100\n".into();
-    let mut bridge = bridge()
-        .top("shutdown_timeout_ms = 60000")
-        .service(spec)
-        .start();
-    let mut client = bridge.client();
-    let hung = client.send(3, b"hang").unwrap();
-    let ping = client.send_frame(Kind::Ping, 0, b"").unwrap();
-    assert_eq!(client.receive().unwrap().header.request_id, ping);
+    let (mut bridge, mut client, hung) = with_a_hung_request(60_000);
     let started = std::time::Instant::now();
     bridge.signal(libc::SIGTERM);
     // Two signals sent at once may merge into one: the second goes once the first is seen.
     bridge.wait_log("stopping: finishing requests in flight");
     bridge.signal(libc::SIGTERM);
-    let answer = client.receive().unwrap();
-    assert_eq!(answer.header.request_id, hung);
-    assert_eq!(
-        answer.header.error_code(),
-        Some(acgi_bridge::proto::ErrorCode::ShuttingDown)
-    );
+    assert_shutting_down(&mut client, hung);
     let status = bridge
         .wait_exit(std::time::Duration::from_secs(20))
         .expect("exits long before its 60 s shutdown timeout");
