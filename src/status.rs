@@ -235,22 +235,8 @@ impl Status {
                 s.exits_shutdown,
                 s.exits_admin_killed
             );
-            if !s.worker_faults.is_empty() {
-                let faults: Vec<String> = s
-                    .worker_faults
-                    .iter()
-                    .map(|(name, n)| format!("{name} {n}"))
-                    .collect();
-                let _ = writeln!(out, "  faults    {}", faults.join(", "));
-            }
-            if !s.spawn_failures.is_empty() {
-                let reasons: Vec<String> = s
-                    .spawn_failures
-                    .iter()
-                    .map(|(name, n)| format!("{name} {n}"))
-                    .collect();
-                let _ = writeln!(out, "  spawn failures {}", reasons.join(", "));
-            }
+            render_counts(&mut out, "faults   ", &s.worker_faults);
+            render_counts(&mut out, "spawn failures", &s.spawn_failures);
             render_workers(&mut out, &s.workers);
             for (label, latency) in [
                 ("last interval", &s.latency_last_interval),
@@ -275,6 +261,18 @@ impl Status {
 }
 
 /// The per-worker table of a service.
+/// One line of counts by label (`  LABEL name n, name n`), if there are any.
+fn render_counts(out: &mut String, label: &str, counts: &std::collections::BTreeMap<String, u64>) {
+    if counts.is_empty() {
+        return;
+    }
+    let counts: Vec<String> = counts
+        .iter()
+        .map(|(name, n)| format!("{name} {n}"))
+        .collect();
+    let _ = writeln!(out, "  {label} {}", counts.join(", "));
+}
+
 fn render_workers(out: &mut String, workers: &[WorkerStatus]) {
     if workers.is_empty() {
         return;

@@ -401,18 +401,8 @@ pub(super) fn status(config: &Config, report: &CoreReport, uptime: Duration) -> 
                 exits_timed_out: stats.exits_timed_out,
                 exits_killed: stats.exits_killed,
                 exits_shutdown: stats.exits_shutdown,
-                worker_faults: shard
-                    .counters
-                    .faults()
-                    .filter(|(_, count)| *count > 0)
-                    .map(|(fault, count)| (fault.to_string(), count))
-                    .collect(),
-                spawn_failures: shard
-                    .counters
-                    .spawn_failure_counts()
-                    .filter(|(_, count)| *count > 0)
-                    .map(|(reason, count)| (reason.to_string(), count))
-                    .collect(),
+                worker_faults: seen(shard.counters.faults()),
+                spawn_failures: seen(shard.counters.spawn_failure_counts()),
                 spawn_rate: shard.spawn_rate,
                 pids: shard.pids.clone(),
                 latency_since_start: latency_summary(&shard.latency),
@@ -440,6 +430,16 @@ pub(super) fn status(config: &Config, report: &CoreReport, uptime: Duration) -> 
 
 /// A service's state in status: failing (the breaker), else what the operator made of it
 /// (paused, draining), else ok.
+/// The labels counted at least once, with their counts (what `status` shows).
+fn seen<'a>(
+    counts: impl Iterator<Item = (&'a str, u64)>,
+) -> std::collections::BTreeMap<String, u64> {
+    counts
+        .filter(|(_, count)| *count > 0)
+        .map(|(label, count)| (label.to_string(), count))
+        .collect()
+}
+
 fn status_state(shard: &ShardReport) -> &'static str {
     use crate::pool::Intake;
     match shard.intake {
